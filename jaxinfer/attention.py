@@ -1,0 +1,142 @@
+"""The attention dispatch point: every model's attention over the paged KV cache goes through here.
+
+A step's tokens are *flattened*: ``T`` tokens from up to ``B`` sequences, each sequence's tokens
+contiguous (a prefill chunk, or one decode token), padded to a bucketed ``T``. ``AttentionBatch`` says
+where each token sits; it is built on the host by ``build_batch`` and is a pytree of int32 arrays.
+
+Token ``t`` of sequence ``b = seq_ids[t]`` at position ``positions[t]`` attends every cached key of ``b``
+at positions ``<= positions[t]`` (causal, with the cached prefix). The reference path below is plain
+JAX; ``paged_attention`` picks a Pallas kernel on GPU when one applies.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.kv_cache import NULL_PAGE, is_fp8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionBatch:
+  positions: jax.Array      # [T] position of each token in its sequence
+  seq_ids: jax.Array        # [T] row of page_table holding each token's sequence
+  slots: jax.Array          # [T] flat cache slot each token's K/V is written to (null page for padding)
+  page_table: jax.Array     # [B, P] pages of each sequence
+  seq_lens: jax.Array       # [B] cached length of each sequence after this step (0 for padding rows)
+  query_start: jax.Array    # [B + 1] first flat token of each sequence; query_start[B] = real tokens
+  logit_indices: jax.Array  # [B] flat index of each sequence's last token this step
+
+  @property
+  def num_tokens(self) -> int:
+    return self.positions.shape[0]
+
+  @property
+  def num_seqs(self) -> int:
+    return self.page_table.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqChunk:
+  """One sequence's share of a step: ``num_tokens`` new tokens starting at position ``start``."""
+  pages: Sequence[int]
+  start: int
+  num_tokens: int
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+  """Smallest power of two >= max(n, minimum): bounds the number of compiled shapes."""
+  b = minimum
+  while b < n:
+    b *= 2
+  return b
+
+
+def build_batch(chunks: Sequence[SeqChunk], page_size: int, *, num_tokens: int, num_seqs: int,
+                pages_per_seq: int) -> AttentionBatch:
+  """Host-side builder of an AttentionBatch padded to (num_tokens, num_seqs, pages_per_seq)."""
+  total = sum(c.num_tokens for c in chunks)
+  if total > num_tokens or len(chunks) > num_seqs:
+    raise ValueError(f"{total} tokens / {len(chunks)} seqs exceed the step's {num_tokens} / {num_seqs}")
+  positions = np.zeros(num_tokens, np.int32)
+  seq_ids = np.zeros(num_tokens, np.int32)
+  slots = np.full(num_tokens, NULL_PAGE * page_size, np.int32)
+  page_table = np.full((num_seqs, pages_per_seq), NULL_PAGE, np.int32)
+  seq_lens = np.zeros(num_seqs, np.int32)
+  query_start = np.full(num_seqs + 1, total, np.int32)
+  logit_indices = np.zeros(num_seqs, np.int32)
+  t = 0
+  for b, c in enumerate(chunks):
+    end = c.start + c.num_tokens
+    if -(-end // page_size) > min(len(c.pages), pages_per_seq):
+      raise ValueError(f"sequence {b} needs {-(-end // page_size)} pages, has {len(c.pages)}")
+    page_table[b, :len(c.pages)] = c.pages
+    pos = np.arange(c.start, end, dtype=np.int32)
+    positions[t:t + c.num_tokens] = pos
+    seq_ids[t:t + c.num_tokens] = b
+    slots[t:t + c.num_tokens] = page_table[b, pos // page_size] * page_size + pos % page_size
+    seq_lens[b] = end
+    query_start[b] = t
+    t += c.num_tokens
+    logit_indices[b] = t - 1
+  return AttentionBatch(*(jnp.asarray(a) for a in (positions, seq_ids, slots, page_table, seq_lens,
+                                                   query_start, logit_indices)))
+
+
+def _dequant(pages: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  if is_fp8(pages.dtype):
+    return (pages.astype(jnp.float32) * scale).astype(dtype)
+  return pages.astype(dtype)
+
+
+def reference_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                              batch: AttentionBatch, *, scale: float, k_scale=1.0, v_scale=1.0,
+                              logits_soft_cap: float | None = None) -> jax.Array:
+  """Plain-JAX paged attention. q [T, H, D]; pages [N, page, KV, Dk/Dv] -> [T, H, Dv].
+
+  Gathers each sequence's keys (``[B, S, KV, D]``); then either gathers them again per token or scores
+  every token against every sequence, whichever materialises fewer elements for these static shapes.
+  """
+  T, H, D = q.shape
+  _, page_size, KV, _ = k_pages.shape
+  B, P = batch.page_table.shape
+  S = P * page_size
+  G = H // KV
+  k = _dequant(k_pages, k_scale, q.dtype)[batch.page_table].reshape(B, S, KV, -1)
+  v = _dequant(v_pages, v_scale, q.dtype)[batch.page_table].reshape(B, S, KV, -1)
+  qg = q.reshape(T, KV, G, D).astype(jnp.float32) * scale
+  key_pos = jnp.arange(S)
+  causal = key_pos[None, :] <= batch.positions[:, None]                    # [T, S]
+  if T * S * KV * D <= T * B * S * H:  # per-token gather
+    kt, vt = k[batch.seq_ids], v[batch.seq_ids]                            # [T, S, KV, D]
+    s = jnp.einsum("tkgd,tskd->tkgs", qg, kt.astype(jnp.float32))
+    s = _soft_cap(s, logits_soft_cap)
+    s = jnp.where(causal[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("tkgs,tskd->tkgd", p, vt.astype(jnp.float32))
+  else:  # score against all sequences, mask the others
+    s = jnp.einsum("tkgd,bskd->tkgbs", qg, k.astype(jnp.float32))
+    s = _soft_cap(s, logits_soft_cap)
+    mine = batch.seq_ids[:, None] == jnp.arange(B)[None, :]                # [T, B]
+    mask = mine[:, :, None] & causal[:, None, :]                           # [T, B, S]
+    s = jnp.where(mask[:, None, None], s, -jnp.inf).reshape(T, KV, G, B * S)
+    p = jax.nn.softmax(s, axis=-1).reshape(T, KV, G, B, S)
+    o = jnp.einsum("tkgbs,bskd->tkgd", p, v.astype(jnp.float32))
+  return o.reshape(T, H, -1).astype(q.dtype)
+
+
+def _soft_cap(s, cap):
+  return s if cap is None else cap * jnp.tanh(s / cap)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: AttentionBatch, *,
+                    scale: float, k_scale=1.0, v_scale=1.0, impl: str = "auto") -> jax.Array:
+  """Causal attention of flattened queries over the paged cache. ``impl``: auto | reference."""
+  if impl not in ("auto", "reference"):
+    raise ValueError(f"unknown attention impl {impl!r}")
+  return reference_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
+                                   v_scale=v_scale)

@@ -1,0 +1,1 @@
+"""Model definitions: functional (params pytree in, arrays out, KV cache passed explicitly)."""
