@@ -1,0 +1,216 @@
+"""Paged decode attention (XQA-like) in Pallas Triton: GQA-grouped, split-K, bf16 or FP8 KV.
+
+Layout (``jaxinfer.kv_cache`` / ``jaxinfer.attention``):
+  q [T, H, D]                       flattened tokens; sequence b owns rows query_start[b] ..
+                                    query_start[b+1]-1 (1 token for decode, a few for speculative use)
+  k_pages, v_pages [N, page, KV, D] bf16, or E4M3 with scalar k_scale / v_scale (stored = value/scale)
+  page_table [B, P], seq_lens [B]   token s of b is slot page_table[b, s // page] * page + s % page
+  out [T, H, D]                     in q's dtype; query row i of b sits at position
+                                    seq_lens[b] - q_len_b + i and attends keys <= its position.
+
+Tiling: grid (KV, splits, B). One program owns one (sequence, KV head, split): its query rows are the
+G = H/KV heads of that KV head times the sequence's query tokens (padded to >= 16 rows for the tensor
+cores), so every K/V page is read from HBM exactly once for all query heads sharing it. The program
+streams ``block_k``-token K/V tiles (gathered through the page table, any page size that divides or
+is a multiple of block_k) with an online softmax; FP8 tiles are upcast to bf16 in registers, their
+scales folded into the query and output scaling. With few sequences the key range is split across
+``splits`` programs (split-K) and a small JAX combine merges their (acc, max, sum) partials.
+
+Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
+read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.36 ms; FP8 0.18 ms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxinfer.errors import ShapeError
+from jaxinfer.kv_cache import is_fp8
+
+_LOG2E = math.log2(math.e)
+_MASK = -1e30
+_MIN_ROWS = 16  # smallest M of a tensor-core dot in Triton
+_NUM_SMS = 132  # H100 SXM
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTiles:
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+  splits: int | None = None   # None: enough programs to fill the SMs twice
+
+
+def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref,
+                   acc_ref, m_ref, l_ref, *, group: int, max_q: int, rows: int, block_k: int,
+                   page_size: int, pages_per_seq: int, sm_scale: float, kv_upcast, splits: int):
+  kvh = pl.program_id(0)
+  split = pl.program_id(1)
+  b = pl.program_id(2)
+  q_start = qs_ref[b]
+  q_len = qs_ref[b + 1] - q_start
+  seq_len = lens_ref[b]
+  r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+  tok = lax.div(r, group)
+  head = kvh * group + lax.rem(r, group)
+  row_ok = (r < max_q * group) & (tok < q_len)
+  q_pos = seq_len - q_len + tok
+  d = lax.broadcasted_iota(jnp.int32, (1, q_ref.shape[-1]), 1)
+  # All-array indexing (a gather) rather than mixing arrays and slices: interpret mode needs it.
+  q = plgpu.load(q_ref.at[(q_start + tok)[:, None], head[:, None], d], mask=row_ok[:, None],
+                 other=0.0)
+  score_scale = sm_scale * _LOG2E
+  if kv_upcast is not None:
+    score_scale = score_scale * ksc_ref[0]
+
+  num_blocks = lax.div(seq_len + block_k - 1, block_k)
+  per_split = lax.div(num_blocks + splits - 1, splits)
+  first = split * per_split
+  last = jnp.minimum(first + per_split, num_blocks)
+
+  def body(kb, carry):
+    acc, m_prev, l_prev = carry
+    keys = kb * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    key_ok = keys < seq_len
+    page = plgpu.load(pt_ref.at[b, lax.div(keys, page_size)],
+                      mask=keys < pages_per_seq * page_size, other=0)
+    slots = page * page_size + lax.rem(keys, page_size)
+    k = plgpu.load(k_ref.at[slots[:, None], kvh, d], mask=key_ok[:, None], other=0.0)
+    v = plgpu.load(v_ref.at[slots[:, None], kvh, d], mask=key_ok[:, None], other=0.0)
+    if kv_upcast is not None:
+      k = k.astype(kv_upcast)
+      v = v.astype(kv_upcast)
+    s = plgpu.dot(q, k, trans_b=True) * score_scale
+    s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    correction = jnp.exp2(m_prev - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_new = l_prev * correction + jnp.sum(p, axis=1)
+    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l_new
+
+  carry = (jnp.zeros((rows, acc_ref.shape[-1]), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  acc, m, l = lax.fori_loop(first, last, body, carry)
+  if kv_upcast is not None:
+    acc = acc * vsc_ref[0]
+  acc_ref[b, kvh, split, :, :] = acc
+  m_ref[b, kvh, split, :] = m
+  l_ref[b, kvh, split, :] = l
+
+
+def check_page_table(page_table: jax.Array, num_pages: int) -> None:
+  """Raises ShapeError if a (concrete) page table points outside the cache; traced tables pass."""
+  if isinstance(page_table, jax.core.Tracer):
+    return
+  lo, hi = int(jnp.min(page_table)), int(jnp.max(page_table))
+  if lo < 0 or hi >= num_pages:
+    raise ShapeError(f"page table entries span [{lo}, {hi}], outside the cache's {num_pages} pages")
+
+
+def check_decode_shapes(q, k_pages, v_pages, page_table, seq_lens, query_start) -> None:
+  if q.ndim != 3 or k_pages.ndim != 4:
+    raise ShapeError(f"expected q [T,H,D], pages [N,page,KV,D]; got {q.shape}, {k_pages.shape}")
+  if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
+    raise ShapeError(f"k_pages {k_pages.shape} {k_pages.dtype} != v_pages {v_pages.shape} "
+                     f"{v_pages.dtype}")
+  T, H, D = q.shape
+  KV = k_pages.shape[2]
+  if k_pages.shape[3] != D or H % KV:
+    raise ShapeError(f"q {q.shape} does not fit pages {k_pages.shape}")
+  if D < 16 or D & (D - 1):
+    raise ShapeError(f"head_dim must be a power of two >= 16, got {D}")
+  B = page_table.shape[0]
+  if page_table.ndim != 2 or seq_lens.shape != (B,) or query_start.shape != (B + 1,):
+    raise ShapeError(f"page_table {page_table.shape}, seq_lens {seq_lens.shape}, query_start "
+                     f"{query_start.shape} disagree")
+
+
+def default_splits(num_seqs: int, kv_heads: int, max_blocks: int) -> int:
+  want = pl.cdiv(2 * _NUM_SMS, num_seqs * kv_heads)
+  return max(1, min(want, max_blocks, 64))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "max_q", "tiles", "interpret"))
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           page_table: jax.Array, seq_lens: jax.Array, query_start: jax.Array, *,
+                           scale: float, k_scale=1.0, v_scale=1.0, max_q: int = 1,
+                           tiles: DecodeTiles = DecodeTiles(), interpret: bool = False) -> jax.Array:
+  """Attention of <= ``max_q`` query tokens per sequence over the paged cache -> [T, H, D]."""
+  check_decode_shapes(q, k_pages, v_pages, page_table, seq_lens, query_start)
+  T, H, D = q.shape
+  N, page_size, KV, _ = k_pages.shape
+  B, P = page_table.shape
+  G = H // KV
+  block_k = tiles.block_k
+  if block_k % page_size and page_size % block_k:
+    raise ShapeError(f"block_k {block_k} and page size {page_size} must divide one another")
+  rows = max(_MIN_ROWS, 1 << (max_q * G - 1).bit_length())
+  max_blocks = pl.cdiv(P * page_size, block_k)
+  splits = tiles.splits or default_splits(B, KV, max_blocks)
+  kv_upcast = jnp.bfloat16 if is_fp8(k_pages.dtype) else None
+  if kv_upcast is not None and q.dtype != jnp.bfloat16:
+    q = q.astype(jnp.bfloat16)
+  kernel = functools.partial(
+      _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
+      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits)
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid=(KV, splits, B),
+      out_shape=(jax.ShapeDtypeStruct((B, KV, splits, rows, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, KV, splits, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((B, KV, splits, rows), jnp.float32)),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="paged_decode_attention",
+  )(query_start.astype(jnp.int32), seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q,
+    k_pages.reshape(N * page_size, KV, D), v_pages.reshape(N * page_size, KV, D),
+    jnp.asarray(k_scale, jnp.float32).reshape(1), jnp.asarray(v_scale, jnp.float32).reshape(1))
+  out = combine_splits(acc, m, l)                                    # [B, KV, rows, D]
+  out = out[:, :, :max_q * G].reshape(B, KV, max_q, G, D).transpose(0, 2, 1, 3, 4)
+  out = out.reshape(B, max_q, H, D)
+  t = jnp.arange(T)
+  seq = jnp.clip(jnp.searchsorted(query_start, t, side="right") - 1, 0, B - 1)
+  idx = t - query_start[seq]
+  valid = (t < query_start[B]) & (idx < max_q)
+  res = out[seq, jnp.clip(idx, 0, max_q - 1)]
+  return jnp.where(valid[:, None, None], res, 0.0).astype(q.dtype)
+
+
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+  """Merges split-K partials [..., splits, rows(, D)] (base-2 maxima) into [..., rows, D]."""
+  m_max = jnp.max(m, axis=-2, keepdims=True)
+  m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
+  w = jnp.exp2(m - m_max)                                            # 0 for empty splits
+  total = jnp.sum(l * w, axis=-2)
+  out = jnp.sum(acc * w[..., None], axis=-3)
+  return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def reference_paged_decode(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
+                           k_scale=1.0, v_scale=1.0) -> jax.Array:
+  """Plain-JAX float32 reference: same semantics as the kernel, every query row of every sequence."""
+  T, H, D = q.shape
+  N, page_size, KV, _ = k_pages.shape
+  B, P = page_table.shape
+  S = P * page_size
+  G = H // KV
+  k = (k_pages.astype(jnp.float32) * k_scale)[page_table].reshape(B, S, KV, D)
+  v = (v_pages.astype(jnp.float32) * v_scale)[page_table].reshape(B, S, KV, D)
+  t = jnp.arange(T)
+  seq = jnp.clip(jnp.searchsorted(query_start, t, side="right") - 1, 0, B - 1)
+  q_len = query_start[seq + 1] - query_start[seq]
+  pos = seq_lens[seq] - q_len + t - query_start[seq]
+  s = jnp.einsum("thd,tshd->ths", q.astype(jnp.float32), jnp.repeat(k[seq], G, axis=2)) * scale
+  s = jnp.where((jnp.arange(S)[None, :] <= pos[:, None])[:, None, :], s, -jnp.inf)
+  o = jnp.einsum("ths,tshd->thd", jax.nn.softmax(s, axis=-1), jnp.repeat(v[seq], G, axis=2))
+  valid = t < query_start[B]
+  return jnp.where(valid[:, None, None], o, 0.0)
