@@ -31,3 +31,7 @@ class RequestCancelledError(JaxinferError):
 
 class ShapeError(JaxinferError, ValueError):
   """Arrays passed to a kernel or op have inconsistent shapes, dtypes or layouts."""
+
+
+class EngineUnavailableError(JaxinferError):
+  """The engine is not accepting requests (shutting down, or stopped after an internal failure)."""

@@ -7,11 +7,14 @@ import jax
 import jax.numpy as jnp
 
 
-def linear(x: jax.Array, w) -> jax.Array:
-  """x [..., K] @ w [K, N]. Quantized weight types (kernels/quant) carry their own ``linear``."""
+def linear(x: jax.Array, w, out_dtype=None) -> jax.Array:
+  """x [..., K] @ w [K, N], accumulated in float32, returned in ``out_dtype`` (default x's dtype).
+  Quantized weight types (kernels/quant) carry their own ``linear``."""
+  out_dtype = out_dtype or x.dtype
   if hasattr(w, "linear"):
-    return w.linear(x)
-  return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
+    return w.linear(x).astype(out_dtype)
+  return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype),
+                    preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -159,7 +159,7 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention.
   if not all_logits:
     x = x[batch.logit_indices]
   lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  logits = linear(x, lm_head).astype(jnp.float32)
+  logits = linear(x, lm_head, out_dtype=jnp.float32)
   return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
 
 
