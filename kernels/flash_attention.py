@@ -6,8 +6,9 @@ Layout (the flattened-token layout of ``jaxinfer.attention``):
   query_start [B+1], kv_lens [B]        query row i of b sits at position kv_lens[b] - q_len_b + i
   out [T, H, Dv]           rows of no sequence (padding past query_start[B]) are left unwritten here
                            and zeroed by the public op.
-Optional MLA-style rope part: q_rope [T, H, Dr], k_rope [B, S, KVr, Dr] adds q_rope.k_rope to the
-scores (DeepSeek context MLA: Dk=128 nope + Dr=64 rope shared by all heads, KVr=1).
+Optional MLA-style rope part: q_rope [T, H, Dr], k_rope [B, S, KVr, Dr] (bf16, unscaled) adds
+q_rope.k_rope to the scores (DeepSeek context MLA: Dk=128 nope + Dr=64 rope shared by all heads,
+KVr=1); in FP8 mode only the nope part and V are FP8.
 
 Precision modes, picked from the dtypes:
   * bf16/f16 q, k, v: bf16 tensor-core dots, f32 softmax and accumulator.
@@ -99,14 +100,13 @@ def _prefill_kernel(qs_ref, kvlen_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, qsc_
         k = k_ref[b, pl.ds(k0, block_k), kvh, :]
       if kv_upcast is not None:
         k = k.astype(kv_upcast)
-      s = plgpu.dot(q, k, trans_b=True)
+      s = plgpu.dot(q, k, trans_b=True) * score_scale
       if qr is not None:
         if masked:
           kr = plgpu.load(kr_ref.at[b, pl.ds(k0, block_k), krh, :], mask=key_ok[:, None], other=0.0)
         else:
           kr = kr_ref[b, pl.ds(k0, block_k), krh, :]
-        s = s + plgpu.dot(qr, kr.astype(qr.dtype), trans_b=True)
-      s = s * score_scale
+        s = s + plgpu.dot(qr, kr.astype(qr.dtype), trans_b=True) * (sm_scale * _LOG2E)
       if masked:
         s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -173,6 +173,8 @@ def check_prefill_shapes(q, k, v, query_start, kv_lens, q_rope=None, k_rope=None
   if q_rope is not None:
     if q_rope.shape[:2] != (T, H) or k_rope.shape[:2] != (B, S) or H % k_rope.shape[2]:
       raise ShapeError(f"q_rope {q_rope.shape} / k_rope {k_rope.shape} do not match q/k")
+    if is_fp8(q_rope.dtype) or is_fp8(k_rope.dtype):
+      raise ShapeError("the rope part (q_rope, k_rope) must be bf16/f16/f32, not FP8")
   if is_fp8(q.dtype) and not (is_fp8(k.dtype) and is_fp8(v.dtype)):
     raise ShapeError("FP8 queries need FP8 keys and values")
 
