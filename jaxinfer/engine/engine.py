@@ -1,0 +1,313 @@
+"""The serving engine: requests in, one jitted step per call of ``step()``, outputs out.
+
+``LLMEngine`` is synchronous and single-threaded (a notebook can drive it directly); ``EngineLoop``
+(engine_loop.py) runs it on a background thread for the server. Each ``step()``:
+  1. the scheduler picks decode tokens and prefill chunks within the token/sequence budgets,
+     allocating pages and preempting (recompute) when pages run out;
+  2. one jitted forward + sample over the bucketed, flattened batch;
+  3. each request whose chunk reached its last known token gets the sampled token; stop ids, stop
+     strings, max_tokens and the context length finish requests, which free their pages at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.engine.block_allocator import BlockAllocator
+from jaxinfer.engine.metrics import EngineMetrics
+from jaxinfer.engine.request import FinishReason, Request, RequestOutput, RequestStatus
+from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.step import LlamaForward, StepBuckets, build_host_batch, step_jit
+from jaxinfer.errors import InvalidRequestError, PromptTooLongError
+from jaxinfer.kv_cache import KVCache
+from jaxinfer.models import llama
+from jaxinfer.sampling import SamplingBatch, SamplingParams
+
+
+class TokenizerLike(Protocol):
+  eos_token_ids: tuple[int, ...]
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  num_pages: int = 2048                 # KV-cache pages, including the null page 0
+  page_size: int = 16
+  max_num_seqs: int = 64                # max batch: sequences per step
+  max_num_batched_tokens: int = 512     # token budget of a step
+  chunk_size: int = 256                 # max prefill tokens of one request in one step
+  max_model_len: int | None = None      # None: the model's max_position_embeddings
+  kv_dtype: Any = jnp.bfloat16          # jnp.float8_e4m3fn for an FP8 cache
+  max_queued_requests: int = 4096       # beyond this, submissions get ResourceExhaustedError
+  min_token_bucket: int = 8
+  min_seq_bucket: int = 8
+  min_page_bucket: int = 8
+
+
+class LLMEngine:
+
+  def __init__(self, params, forward: Callable, cache: KVCache, *, vocab_size: int,
+               max_model_len: int, tokenizer: TokenizerLike | None = None,
+               config: EngineConfig = EngineConfig(), metrics: EngineMetrics | None = None,
+               clock: Callable[[], float] = time.monotonic):
+    self.params = params
+    self.forward = forward
+    self.cache = cache
+    self.tokenizer = tokenizer
+    self.config = config
+    self.vocab_size = vocab_size
+    self.page_size = cache.page_size
+    self.max_model_len = max_model_len
+    self.allocator = BlockAllocator(cache.num_pages)
+    self.scheduler = Scheduler(self.allocator, page_size=cache.page_size,
+                               max_num_seqs=config.max_num_seqs,
+                               max_num_batched_tokens=config.max_num_batched_tokens,
+                               chunk_size=config.chunk_size)
+    self.buckets = StepBuckets.create(
+        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+        max_pages_per_seq=min(-(-max_model_len // cache.page_size), cache.num_pages - 1),
+        min_tokens=config.min_token_bucket, min_seqs=config.min_seq_bucket,
+        min_pages=config.min_page_bucket)
+    self.metrics = metrics if metrics is not None else EngineMetrics()
+    self.metrics.kv_pages_total.set(self.allocator.capacity)
+    self.clock = clock
+    self._requests: dict[str, Request] = {}
+    self._eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
+    self.num_steps = 0
+    self.compiled_shapes: set[tuple[int, int, int]] = set()
+
+  @classmethod
+  def from_llama(cls, cfg: llama.LlamaConfig, params, *, tokenizer: TokenizerLike | None = None,
+                 config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
+    cache = llama.create_cache(cfg, num_pages=config.num_pages, page_size=config.page_size,
+                               dtype=config.kv_dtype)
+    return cls(params, LlamaForward(cfg), cache, vocab_size=cfg.vocab_size,
+               max_model_len=config.max_model_len or cfg.max_position_embeddings,
+               tokenizer=tokenizer, config=config, **kw)
+
+  @classmethod
+  def from_loaded(cls, model, config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
+    """From ``jaxinfer.loader.load_model(...)``'s LoadedModel (config, params, tokenizer, forward)."""
+    cfg = model.config
+    cache = model.create_cache(config.num_pages, config.page_size, config.kv_dtype)
+    forward = LlamaForward(cfg) if isinstance(cfg, llama.LlamaConfig) else model.forward
+    return cls(model.params, forward, cache, vocab_size=cfg.vocab_size,
+               max_model_len=config.max_model_len or cfg.max_position_embeddings,
+               tokenizer=model.tokenizer, config=config, **kw)
+
+  # ---- requests ---------------------------------------------------------------------------------
+
+  def make_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                   request_id: str | None = None) -> Request:
+    """Validates and tokenizes a request without touching engine state (safe from any thread)."""
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+      raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params)}")
+    if isinstance(prompt, str):
+      if not prompt:
+        raise InvalidRequestError("prompt is empty")
+      if self.tokenizer is None:
+        raise InvalidRequestError("this engine has no tokenizer: pass prompt token ids")
+      ids = list(self.tokenizer.encode(prompt))
+    else:
+      ids = [int(t) for t in prompt]
+    if not ids:
+      raise InvalidRequestError("prompt is empty")
+    bad = [t for t in ids if not 0 <= t < self.vocab_size]
+    if bad:
+      raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                f"[0, {self.vocab_size})")
+    if len(ids) >= self.max_model_len:
+      raise PromptTooLongError(f"prompt has {len(ids)} tokens; the model's context is "
+                               f"{self.max_model_len} and must leave room for one generated token")
+    if self.scheduler.pages_for(len(ids) + 1) > self.allocator.capacity:
+      raise PromptTooLongError(
+          f"prompt has {len(ids)} tokens; the KV cache holds at most "
+          f"{self.allocator.capacity * self.page_size} tokens of one sequence")
+    stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
+    return Request(request_id or uuid.uuid4().hex, ids, params, self.clock(),
+                   max_output_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
+                   stop_token_ids=stop_ids)
+
+  def add_request(self, request: Request | str | Sequence[int],
+                  params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    if not isinstance(request, Request):
+      request = self.make_request(request, params, request_id)
+    if request.request_id in self._requests:
+      raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+    self._requests[request.request_id] = request
+    self.scheduler.add(request)
+    self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+    self._update_gauges()
+    return request.request_id
+
+  def abort(self, request_id: str) -> bool:
+    """Cancels a request; its pages are free when this returns. False if it is not in the engine."""
+    req = self._requests.pop(request_id, None)
+    if req is None:
+      return False
+    self.scheduler.remove(req)
+    req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.CANCELLED
+    self.metrics.finished.labels(FinishReason.CANCELLED.value).inc()
+    self._update_gauges()
+    return True
+
+  def has_unfinished(self) -> bool:
+    return bool(self._requests)
+
+  @property
+  def num_unfinished(self) -> int:
+    return len(self._requests)
+
+  # ---- the step ---------------------------------------------------------------------------------
+
+  def step(self) -> list[RequestOutput]:
+    t0 = time.perf_counter()
+    plan = self.scheduler.schedule()
+    outputs = [self._finish(r, r.finish_reason) for r in plan.finished]
+    if plan.preempted:
+      self.metrics.preemptions.inc(len(plan.preempted))
+    if plan.chunks:
+      outputs += self._run(plan.chunks)
+    self._update_gauges()
+    self.metrics.step_time.observe(time.perf_counter() - t0)
+    return outputs
+
+  def _run(self, chunks) -> list[RequestOutput]:
+    completes = [c.completes for c in chunks]
+    host = [(c.request.tokens(c.start, c.start + c.num_tokens), c.request.pages, c.start)
+            for c in chunks]
+    shape = self.buckets.shape_for(sum(c.num_tokens for c in chunks), len(chunks),
+                                   max(len(c.request.pages) for c in chunks))
+    hb = build_host_batch(host, self.page_size, shape)
+    sb = SamplingBatch.from_params(
+        [c.request.params if done else None for c, done in zip(chunks, completes)],
+        [len(c.request.output_token_ids) for c in chunks], shape[1])
+    self.compiled_shapes.add(shape)
+    tokens, logprobs, self.cache = step_jit(self.params, hb.tokens, self.cache, hb.batch, sb,
+                                            forward=self.forward)
+    tokens, logprobs = jax.device_get((tokens, logprobs))
+    self.num_steps += 1
+    now = self.clock()
+    outputs = []
+    for b, (c, done) in enumerate(zip(chunks, completes)):
+      req = c.request
+      req.num_computed += c.num_tokens
+      if not done:
+        continue
+      out = self._append(req, int(tokens[b]), float(logprobs[b]), now)
+      if out is not None:
+        outputs.append(out)
+    return outputs
+
+  def _append(self, req: Request, token: int, logprob: float, now: float) -> RequestOutput | None:
+    req.output_token_ids.append(token)
+    req.output_logprobs.append(logprob)
+    self.metrics.generated_tokens.inc()
+    if req.first_token_time is None:
+      req.first_token_time = now
+      self.metrics.ttft.observe(now - req.arrival_time)
+    req.last_token_time = now
+    if token in req.stop_token_ids:
+      self._detokenize(req, len(req.output_token_ids) - 1)
+      return self._finish(req, FinishReason.STOP)
+    if self._detokenize(req, len(req.output_token_ids)):
+      return self._finish(req, FinishReason.STOP)
+    if len(req.output_token_ids) >= req.max_output_tokens:
+      return self._finish(req, FinishReason.LENGTH)
+    return self._delta(req, final=False)
+
+  def _detokenize(self, req: Request, num_ids: int) -> bool:
+    """Updates ``req.text`` from the first ``num_ids`` output ids; True when a stop string ended it."""
+    if self.tokenizer is None:
+      return False
+    prev = len(req.text)
+    req.text = self.tokenizer.decode(req.output_token_ids[:num_ids])
+    stops = req.params.stop
+    if not stops:
+      return False
+    search_from = max(0, prev - max(len(s) for s in stops))
+    hits = [i for i in (req.text.find(s, search_from) for s in stops) if i >= 0]
+    if hits:
+      req.text = req.text[:min(hits)]
+      return True
+    return False
+
+  def _stable_text_len(self, req: Request) -> int:
+    """Text that can be streamed now: no trailing partial UTF-8 char, no possible stop-string start."""
+    text = req.text
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+      n -= 1
+    for s in req.params.stop:
+      for k in range(min(len(s) - 1, n), 0, -1):
+        if text[n - k:n] == s[:k]:
+          n -= k
+          break
+    return max(n, req.num_text_sent)
+
+  def _delta(self, req: Request, final: bool) -> RequestOutput | None:
+    ids = tuple(req.output_token_ids[req.num_tokens_sent:])
+    text_end = len(req.text) if final else self._stable_text_len(req)
+    new_text = req.text[req.num_text_sent:text_end]
+    if not ids and not new_text and not final:
+      return None
+    lps = tuple(req.output_logprobs[req.num_tokens_sent:]) if req.params.logprobs else None
+    req.num_tokens_sent = len(req.output_token_ids)
+    req.num_text_sent = text_end
+    if not final:
+      return RequestOutput(req.request_id, ids, lps, new_text, False,
+                           num_prompt_tokens=len(req.prompt_token_ids))
+    return RequestOutput(
+        req.request_id, ids, lps, new_text, True, req.finish_reason,
+        token_ids=tuple(req.output_token_ids), text=req.text,
+        logprobs=tuple(req.output_logprobs) if req.params.logprobs else None,
+        num_prompt_tokens=len(req.prompt_token_ids))
+
+  def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
+    if req.status is not RequestStatus.FINISHED:
+      self.scheduler.remove(req)
+    req.status, req.finish_reason = RequestStatus.FINISHED, reason
+    self._requests.pop(req.request_id, None)
+    self.metrics.finished.labels(reason.value).inc()
+    n = len(req.output_token_ids)
+    if n > 1:
+      self.metrics.tpot.observe((req.last_token_time - req.first_token_time) / (n - 1))
+    return self._delta(req, final=True)
+
+  def _update_gauges(self) -> None:
+    self.metrics.queue_length.set(len(self.scheduler.waiting))
+    self.metrics.running.set(len(self.scheduler.running))
+    self.metrics.kv_pages_used.set(self.allocator.num_used)
+
+  # ---- convenience ------------------------------------------------------------------------------
+
+  def run_to_completion(self) -> dict[str, RequestOutput]:
+    """Steps until every request has finished; returns each request's final output."""
+    finals = {}
+    while self.has_unfinished():
+      for out in self.step():
+        if out.finished:
+          finals[out.request_id] = out
+    return finals
+
+  def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> None:
+    """Compiles the step for ``shapes`` (default: every bucket combination) with a throwaway batch
+    that writes only the null page."""
+    for T, B, P in (shapes or self.buckets.all_shapes()):
+      hb = build_host_batch([], self.page_size, (T, B, P))
+      sb = SamplingBatch.from_params([], [], B)
+      _, _, self.cache = step_jit(self.params, hb.tokens, self.cache, hb.batch, sb,
+                                  forward=self.forward)
+      self.compiled_shapes.add((T, B, P))
+    jax.block_until_ready(self.cache)

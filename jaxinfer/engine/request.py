@@ -1,0 +1,75 @@
+"""A generation request's state inside the engine, and the outputs the engine reports for it."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from jaxinfer.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+  WAITING = "waiting"      # queued, or preempted and waiting to recompute
+  RUNNING = "running"      # owns KV pages and is scheduled every step
+  FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+  STOP = "stop"            # a stop token id, EOS or stop string
+  LENGTH = "length"        # max_tokens, the model's context, or the whole KV cache
+  CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  request_id: str
+  prompt_token_ids: list[int]
+  params: SamplingParams
+  arrival_time: float
+  max_output_tokens: int            # params.max_tokens clipped to the model's context
+  stop_token_ids: frozenset[int]    # params.stop_token_ids plus EOS unless ignore_eos
+  output_token_ids: list[int] = dataclasses.field(default_factory=list)
+  output_logprobs: list[float] = dataclasses.field(default_factory=list)
+  pages: list[int] = dataclasses.field(default_factory=list)
+  num_computed: int = 0             # tokens whose K/V are in the cache
+  status: RequestStatus = RequestStatus.WAITING
+  finish_reason: FinishReason | None = None
+  num_preemptions: int = 0
+  first_token_time: float | None = None
+  last_token_time: float | None = None
+  text: str = ""                    # detokenized output (stop string excluded), when a tokenizer is set
+  num_text_sent: int = 0            # chars of ``text`` already streamed
+  num_tokens_sent: int = 0          # output tokens already streamed
+
+  @property
+  def num_tokens(self) -> int:
+    return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+  def token_at(self, i: int) -> int:
+    n = len(self.prompt_token_ids)
+    return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+  def tokens(self, start: int, stop: int) -> list[int]:
+    n = len(self.prompt_token_ids)
+    if stop <= n:
+      return self.prompt_token_ids[start:stop]
+    return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+
+  @property
+  def finished(self) -> bool:
+    return self.status is RequestStatus.FINISHED
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+  """What one step produced for one request: the tokens (and text) new since the last output, and
+  once ``finished``, the reason. ``token_ids``/``text`` of a finished output are the whole output."""
+  request_id: str
+  new_token_ids: tuple[int, ...]
+  new_logprobs: tuple[float, ...] | None
+  new_text: str
+  finished: bool
+  finish_reason: FinishReason | None = None
+  token_ids: tuple[int, ...] = ()
+  text: str = ""
+  logprobs: tuple[float, ...] | None = None
+  num_prompt_tokens: int = 0
