@@ -48,9 +48,11 @@ class Tokenizer:
     if kind != "gpt2":
       raise UnsupportedModelError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level "
                                   "BPE, tokenizer.ggml.model == 'gpt2')")
-    tokens = fields["tokenizer.ggml.tokens"]
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not tokens:
+      raise CheckpointError("GGUF has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
     bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
     backend = tokenizers.Tokenizer(bpe)
     backend.pre_tokenizer = _byte_level_pre_tokenizer(fields.get("tokenizer.ggml.pre", "gpt2"))

@@ -1,0 +1,99 @@
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.attention import SeqChunk, build_batch
+from jaxinfer.errors import UnsupportedModelError
+from jaxinfer.models import llama
+from llama_fixtures import TINY, random_params
+
+PAGE = 4
+
+
+def _run(cfg, params, cache, chunks, token_lists, num_tokens=32, num_seqs=4, pages_per_seq=8,
+         all_logits=False):
+  batch = build_batch(chunks, PAGE, num_tokens=num_tokens, num_seqs=num_seqs,
+                      pages_per_seq=pages_per_seq)
+  flat = np.zeros(num_tokens, np.int32)
+  ids = [t for ts in token_lists for t in ts]
+  flat[:len(ids)] = ids
+  return llama.forward_jit(params, jnp.asarray(flat), cache, batch, cfg=cfg, all_logits=all_logits)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
+def test_chunked_prefill_and_decode_match_one_prefill(kv_heads):
+  cfg = TINY.__class__(**{**TINY.__dict__, "num_kv_heads": kv_heads})
+  params = random_params(cfg, seed=kv_heads)
+  rng = np.random.default_rng(kv_heads)
+  toks = rng.integers(0, cfg.vocab_size, 13).tolist()
+  cache = llama.create_cache(cfg, num_pages=32, page_size=PAGE, dtype=jnp.float32)
+  full, _ = _run(cfg, params, cache, [SeqChunk([3, 9, 4, 7], 0, 13)], [toks], all_logits=True)
+
+  # Same tokens in a shuffled page list: a 5-token chunk, a 6-token chunk, then two decode steps.
+  pages = [12, 2, 30, 17]
+  cache = llama.create_cache(cfg, num_pages=32, page_size=PAGE, dtype=jnp.float32)
+  got, start = [], 0
+  for n in (5, 6, 1, 1):
+    logits, cache = _run(cfg, params, cache, [SeqChunk(pages, start, n)], [toks[start:start + n]])
+    got.append(np.asarray(logits[0]))
+    start += n
+  want = np.asarray(full)[[4, 10, 11, 12]]
+  np.testing.assert_allclose(np.stack(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_batched_rows_are_independent():
+  params = random_params(TINY, seed=7)
+  rng = np.random.default_rng(7)
+  a, b = rng.integers(0, 256, 9).tolist(), rng.integers(0, 256, 4).tolist()
+  cache = llama.create_cache(TINY, num_pages=32, page_size=PAGE, dtype=jnp.float32)
+  both, _ = _run(TINY, params, cache, [SeqChunk([1, 2, 3], 0, 9), SeqChunk([5, 6], 0, 4)], [a, b])
+  cache = llama.create_cache(TINY, num_pages=32, page_size=PAGE, dtype=jnp.float32)
+  only_b, _ = _run(TINY, params, cache, [SeqChunk([8, 9], 0, 4)], [b])
+  np.testing.assert_allclose(np.asarray(both[1]), np.asarray(only_b[0]), rtol=2e-5, atol=2e-5)
+
+
+def test_fp8_kv_cache_close_to_f32():
+  params = random_params(TINY, seed=3)
+  toks = np.random.default_rng(3).integers(0, 256, 12).tolist()
+  outs = []
+  for dtype in (jnp.float32, jnp.float8_e4m3fn):
+    cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=dtype)
+    logits, cache = _run(TINY, params, cache, [SeqChunk([1, 2, 3], 0, 12)], [toks], all_logits=True)
+    assert cache.k[0].dtype == dtype
+    outs.append(np.asarray(logits))
+  rel = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+  assert rel < 0.05, rel  # E4M3 keeps 3 mantissa bits: a few percent on K/V, less on logits
+
+
+def test_decode_step_hlo_has_no_per_layer_weight_copy():
+  """Layers are separate arrays in a Python loop: the compiled decode step must not copy (or loop
+  over slices of) any weight. BASELINES.md: a scan over stacked weights copied each layer."""
+  cfg = TINY.__class__(**{**TINY.__dict__, "num_layers": 4})
+  params = llama.init_params(cfg, jax.random.key(0), jnp.bfloat16)
+  cache = llama.create_cache(cfg, num_pages=16, page_size=PAGE)
+  batch = build_batch([SeqChunk([1, 2], 3, 1)] * 4, PAGE, num_tokens=4, num_seqs=4, pages_per_seq=2)
+  hlo = llama.forward_jit.lower(params, jnp.zeros(4, jnp.int32), cache, batch,
+                                cfg=cfg).compile().as_text()
+  weight_shapes = {",".join(map(str, w.shape)) for w in jax.tree.leaves(params) if w.ndim == 2}
+  copies = re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} copy\(", hlo)
+  assert not [c for c in copies if c in weight_shapes], copies
+  assert " while(" not in hlo
+
+
+def test_config_from_hf_and_errors():
+  hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100,
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+  cfg = llama.LlamaConfig.from_hf(hf)
+  assert cfg.head_dim == 16 and cfg.rope_scaling.factor == 8.0 and cfg.num_kv_heads == 2
+  with pytest.raises(UnsupportedModelError, match="MistralForCausalLM"):
+    llama.LlamaConfig.from_hf({**hf, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+  with pytest.raises(UnsupportedModelError, match="multiple of num_kv_heads"):
+    llama.LlamaConfig.from_hf({**hf, "num_key_value_heads": 3})
+  with pytest.raises(UnsupportedModelError, match="rope scaling"):
+    llama.LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
