@@ -1,0 +1,112 @@
+"""Public low-bit GEMM ops: pick a Pallas kernel by backend and shape, plain JAX on CPU.
+
+  nvfp4_matmul(x [M, K], NVFP4Weight)                 -> [M, N]   (W4A16)
+  nvfp4_w4a4_matmul(x [M, K], NVFP4Weight)            -> [M, N]   (x quantized to NVFP4 first)
+  quantize_nvfp4_activations(x [M, K], global_scale)  -> (packed [M, K/2], scales [M, K/16])
+  fp8_block_matmul(x [M, K], FP8BlockWeight)          -> [M, N]
+  grouped_matmul(x [T, K], w, group_sizes [E])        -> [T, N]   (jax.lax.ragged_dot semantics;
+      w: float [E, K, N], GroupedNVFP4Weight or GroupedFP8BlockWeight)
+
+Outputs are in x's dtype. On GPU the kernels in kernels/{nvfp4,fp8_block,grouped}_matmul.py run
+(Pallas Triton lowering, compute capability >= 8.9 for the fp8 conversions); elsewhere the plain-JAX
+references. W4A16 at large M (>= PREFILL_DEQUANT_M rows) dequantizes the weight to bf16 once and
+calls XLA's dot when that measured faster (see benchmarks/gemm.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.errors import ShapeError
+from kernels import fp8_block_matmul as fp8_kernels
+from kernels import grouped_matmul as grouped_kernels
+from kernels import nvfp4_matmul as nvfp4_kernels
+from kernels.quant import nvfp4
+from kernels.quant.weights import (FP8BlockWeight, GroupedFP8BlockWeight, GroupedNVFP4Weight,
+                                   NVFP4Weight)
+
+# Rows from which W4A16 uses "dequantize to bf16 once + XLA dot" instead of the fused kernel on GPU.
+# None: always the fused kernel. Set from the H100 benchmark (benchmarks/gemm.md).
+PREFILL_DEQUANT_M: int | None = None
+
+
+def _gpu_capability() -> float | None:
+  """Compute capability (e.g. 9.0) when the default backend is a CUDA GPU, else None."""
+  if jax.default_backend() != "gpu":
+    return None
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return float(cc)
+  except (TypeError, ValueError):
+    return None
+
+
+def _use_kernels() -> bool:
+  cc = _gpu_capability()
+  return cc is not None and cc >= 8.9
+
+
+def nvfp4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
+  if x.ndim != 2 or x.shape[1] != w.k:
+    raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
+  if not _use_kernels():
+    return nvfp4_kernels.w4a16_reference(x, w.packed, w.scale, w.global_scale)
+  if PREFILL_DEQUANT_M is not None and x.shape[0] >= PREFILL_DEQUANT_M:
+    wd = nvfp4.dequantize(w.packed, w.scale, w.global_scale, x.dtype)
+    return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+  return nvfp4_kernels.w4a16_matmul(x, w.packed, w.scale, w.global_scale)
+
+
+def quantize_nvfp4_activations(x: jax.Array, global_scale: jax.Array
+                               ) -> tuple[jax.Array, jax.Array]:
+  if _use_kernels():
+    return nvfp4_kernels.quantize_activations(x, global_scale)
+  return nvfp4_kernels.quantize_activations_reference(x, global_scale)
+
+
+def nvfp4_w4a4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
+  """W4A4: x quantized with the weight's calibrated ``input_scale`` (amax(x)/2688 if absent)."""
+  if x.ndim != 2 or x.shape[1] != w.k:
+    raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
+  x_gs = w.input_scale if w.input_scale is not None else nvfp4.global_scale_for(x)
+  xq, xs = quantize_nvfp4_activations(x, x_gs)
+  cc = _gpu_capability()
+  if cc is not None and cc >= 10.0:
+    return nvfp4_kernels.w4a4_blackwell(xq, xs, x_gs, w.packed, w.scale, w.global_scale,
+                                        out_dtype=x.dtype)
+  if _use_kernels():
+    return nvfp4_kernels.w4a4_matmul(xq, xs, x_gs, w.packed, w.scale, w.global_scale,
+                                     out_dtype=x.dtype)
+  return nvfp4_kernels.w4a4_reference(xq, xs, x_gs, w.packed, w.scale, w.global_scale,
+                                      out_dtype=x.dtype)
+
+
+def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
+  if x.ndim != 2 or x.shape[1] != w.k:
+    raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
+  if _use_kernels():
+    return fp8_kernels.fp8_block_matmul(x, w.weight, w.scale_inv)
+  return fp8_kernels.fp8_block_reference(x, w.weight, w.scale_inv)
+
+
+def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
+  """ragged_dot(x [T, K], w, group_sizes [E]) -> [T, N] in x's dtype; rows past the total are 0."""
+  gpu = _use_kernels()
+  if isinstance(w, GroupedNVFP4Weight):
+    if gpu:
+      return grouped_kernels.grouped_matmul_nvfp4(x, w.packed, w.scale, w.global_scale,
+                                                  group_sizes)
+    return grouped_kernels.grouped_nvfp4_reference(x, w.packed, w.scale, w.global_scale,
+                                                   group_sizes)
+  if isinstance(w, GroupedFP8BlockWeight):
+    if gpu:
+      return grouped_kernels.grouped_matmul_fp8(x, w.weight, w.scale_inv, group_sizes)
+    return grouped_kernels.grouped_fp8_reference(x, w.weight, w.scale_inv, group_sizes)
+  w = jnp.asarray(w)
+  if w.ndim != 3 or not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ShapeError(f"grouped weight must be float [E, K, N] or a grouped quantized weight, "
+                     f"got {w.dtype}{list(w.shape)}")
+  if gpu:
+    return grouped_kernels.grouped_matmul_dense(x, w, group_sizes)
+  return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
+                            preferred_element_type=jnp.float32).astype(x.dtype)

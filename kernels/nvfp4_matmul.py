@@ -1,0 +1,276 @@
+"""NVFP4 GEMMs in Pallas (Triton lowering): W4A16, W4A4 (emulated on Hopper), activation quantizer.
+
+Computes y[M, N] = x[M, K] @ dequant(W)^T with W in ModelOpt layout (see kernels/quant/nvfp4.py):
+packed uint8 [N, K/2] (K contiguous), block scales e4m3 [N, K/16], f32 global scale.
+
+Kernel (W4A16). Grid (cdiv(M, bm), N / bn, split_k). Each program streams its [bn, bk/2] byte tile
+and [bn, bk/16] scale tile over its K range, dequantizes in registers and feeds bf16 MMA
+(wgmma on Hopper via Triton) with an f32 accumulator:
+  * E2M1 -> f32 without a table: the 3 magnitude bits shifted into an f16's exponent/mantissa give
+    value * 2^-14 exactly (subnormals included, and f16->f32 conversion is exact), the 2^14 is
+    folded into the block scale; E2M1 x E4M3 is exact in bf16, so the only rounding is the MMA's.
+  * Low/high nibbles are joined (tt.join) and reshaped to the natural K order, as jax's own int4
+    loads do.
+  * The global scale multiplies the f32 accumulator once at the end.
+  * Split-K (decode, few N tiles): partial f32 sums [split, M, N] reduced by XLA.
+Rows past M are masked on load and store; N tiles past N are masked; K must be a multiple of 16 and
+bk is the largest power of two <= the requested bk that divides K.
+
+Target roofline (H100, 3.0 TB/s measured read, ~670-800 TFLOP/s bf16):
+  decode (M <= 64): bytes = N*K/2 + N*K/16 (+ x, y) -> (4096 x 14336): 33 MB -> ~11 us at 3 TB/s,
+    i.e. ~3.5x under the bf16 weight read (117 MB).
+  prefill (M = 8192, K = N = 8192): 1.1 PFLOP -> ~1.4-1.6 ms at the bf16 MMA rate; the dequant ALU
+    work is amortized over bm rows.
+
+W4A4 on Hopper: both operands dequantized to bf16 in registers (exact), bf16 MMA, both global
+scales applied to the accumulator. On Blackwell (compute capability >= 10) ``w4a4_blackwell`` calls
+jax.nn.scaled_matmul, which XLA lowers to the block-scaled tensor-core path; untested on hardware.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxinfer.errors import ShapeError
+from kernels.quant import nvfp4
+
+_F16_TO_E2M1_SCALE = 2.0 ** 14
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  block_m: int = 16
+  block_n: int = 64
+  block_k: int = 256
+  split_k: int = 1
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+def _pow2_divisor(n: int, at_most: int, at_least: int = 16) -> int:
+  b = at_most
+  while b > at_least and n % b:
+    b //= 2
+  return b
+
+
+def default_tiling(m: int, n: int, k: int, num_sms: int = 132) -> Tiling:
+  """Small M: thin N tiles plus split-K until the grid covers the SMs twice; large M: 128x128."""
+  if m <= 64:
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    bn = 64 if n >= 64 * num_sms else 32
+    bk = _pow2_divisor(k, 256)
+    tiles = -(-m // bm) * -(-n // bn)
+    split = 1
+    while tiles * split < 2 * num_sms and (k // bk) % (split * 2) == 0 and k // bk >= split * 4:
+      split *= 2
+    return Tiling(bm, bn, bk, split, 4, 4)
+  return Tiling(128, 128, _pow2_divisor(k, 64), 1, 8, 3)
+
+
+def _e2m1_f16_bits_to_f32(bits_u16: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(bits_u16, jnp.float16).astype(jnp.float32)
+
+
+def dequant_tile(packed: jax.Array, scale: jax.Array) -> jax.Array:
+  """[rows, bk/2] uint8 and [rows, bk/16] e4m3 -> [rows, bk] bf16 (global scale not applied)."""
+  b = packed.astype(jnp.uint16)
+  lo = _e2m1_f16_bits_to_f32(((b & 0x8) << 12) | ((b & 0x7) << 9))
+  hi = _e2m1_f16_bits_to_f32(((b & 0x80) << 8) | ((b & 0x70) << 5))
+  rows, groups = scale.shape
+  s = scale.astype(jnp.float32) * _F16_TO_E2M1_SCALE
+  s = jnp.broadcast_to(s.reshape(rows, groups, 1), (rows, groups, 8)).reshape(rows, groups * 8)
+  w = jnp.stack([(lo * s).astype(jnp.bfloat16), (hi * s).astype(jnp.bfloat16)], axis=-1)
+  return w.reshape(rows, groups * 16)
+
+
+def _matmul_kernel(*refs, m, n, bm, bn, bk, k_steps, act_fp4, split):
+  if act_fp4:
+    xq_ref, xs_ref, xgs_ref, wq_ref, ws_ref, wgs_ref, o_ref = refs
+  else:
+    x_ref, wq_ref, ws_ref, wgs_ref, o_ref = refs
+  pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  m0, n0 = pid_m * bm, pid_n * bn
+  row_ok = (m0 + jnp.arange(bm)) < m
+  col_ok = (n0 + jnp.arange(bn)) < n
+  k_base = pid_s * (k_steps * bk)
+
+  def body(i, acc):
+    k0 = pl.multiple_of(k_base + i * bk, bk)
+    kp, ks = pl.multiple_of(k0 // 2, bk // 2), k0 // 16
+    if act_fp4:
+      xq = plgpu.load(xq_ref.at[pl.ds(m0, bm), pl.ds(kp, bk // 2)], mask=row_ok[:, None], other=0)
+      xs = plgpu.load(xs_ref.at[pl.ds(m0, bm), pl.ds(ks, bk // 16)], mask=row_ok[:, None], other=0)
+      x = dequant_tile(xq, xs)
+    else:
+      x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=row_ok[:, None], other=0)
+      x = x.astype(jnp.bfloat16)
+    if n % bn:
+      wq = plgpu.load(wq_ref.at[pl.ds(n0, bn), pl.ds(kp, bk // 2)], mask=col_ok[:, None], other=0)
+      ws = plgpu.load(ws_ref.at[pl.ds(n0, bn), pl.ds(ks, bk // 16)], mask=col_ok[:, None], other=0)
+    else:
+      wq = wq_ref[pl.ds(n0, bn), pl.ds(kp, bk // 2)]
+      ws = ws_ref[pl.ds(n0, bn), pl.ds(ks, bk // 16)]
+    w = dequant_tile(wq, ws)
+    return acc + plgpu.dot(x, w, trans_b=True)
+
+  acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bm, bn), jnp.float32))
+  scale = wgs_ref[0] * xgs_ref[0] if act_fp4 else wgs_ref[0]
+  acc = acc * scale
+  mask = row_ok[:, None] & col_ok[None, :]
+  if split > 1:
+    plgpu.store(o_ref.at[pid_s, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
+  else:
+    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=mask)
+
+
+def _check_weight(packed, scale, global_scale, k: int) -> None:
+  nvfp4.check_layout(packed, scale)
+  if packed.ndim != 2:
+    raise ShapeError(f"NVFP4 weight must be [N, K/2], got {packed.shape}")
+  if packed.shape[1] * 2 != k:
+    raise ShapeError(f"x has K={k} but the NVFP4 weight has K={packed.shape[1] * 2}")
+  if jnp.size(global_scale) != 1:
+    raise ShapeError(f"NVFP4 global scale must be a scalar, got shape {jnp.shape(global_scale)}")
+
+
+def _call(operands, m, n, k, out_dtype, tiling: Tiling, act_fp4: bool, interpret: bool):
+  t = tiling
+  bk = _pow2_divisor(k, t.block_k)
+  steps = k // bk
+  split = t.split_k if steps % t.split_k == 0 else 1
+  grid = (pl.cdiv(m, t.block_m), pl.cdiv(n, t.block_n), split)
+  out_shape = (jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1
+               else jax.ShapeDtypeStruct((m, n), out_dtype))
+  kernel = functools.partial(_matmul_kernel, m=m, n=n, bm=t.block_m, bn=t.block_n, bk=bk,
+                             k_steps=steps // split, act_fp4=act_fp4, split=split)
+  out = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+      name="nvfp4_w4a4" if act_fp4 else "nvfp4_w4a16",
+  )(*operands)
+  return out.sum(0).astype(out_dtype) if split > 1 else out
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def w4a16_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, global_scale: jax.Array,
+                 *, tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+  """x [M, K] (bf16/f16/f32) @ NVFP4 W [N, K]^T -> [M, N] in x's dtype."""
+  if x.ndim != 2:
+    raise ShapeError(f"x must be [M, K], got {x.shape}")
+  m, k = x.shape
+  _check_weight(packed, scale, global_scale, k)
+  n = packed.shape[0]
+  tiling = tiling or default_tiling(m, n, k)
+  gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
+  return _call((x, packed, scale, gs), m, n, k, x.dtype, tiling, False, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiling", "interpret"))
+def w4a4_matmul(x_packed: jax.Array, x_scale: jax.Array, x_global_scale: jax.Array,
+                packed: jax.Array, scale: jax.Array, global_scale: jax.Array, *,
+                out_dtype=jnp.bfloat16, tiling: Tiling | None = None,
+                interpret: bool = False) -> jax.Array:
+  """NVFP4 x [M, K/2] (+ scales) @ NVFP4 W [N, K/2]^T -> [M, N]; Hopper emulation via bf16 MMA."""
+  nvfp4.check_layout(x_packed, x_scale)
+  if x_packed.ndim != 2:
+    raise ShapeError(f"x must be [M, K/2], got {x_packed.shape}")
+  m, k = x_packed.shape[0], x_packed.shape[1] * 2
+  _check_weight(packed, scale, global_scale, k)
+  n = packed.shape[0]
+  tiling = tiling or default_tiling(m, n, k)
+  xgs = jnp.asarray(x_global_scale, jnp.float32).reshape(1)
+  gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
+  return _call((x_packed, x_scale, xgs, packed, scale, gs), m, n, k, out_dtype, tiling, True,
+               interpret)
+
+
+def e2m1_round(q: jax.Array) -> jax.Array:
+  """f32 (already scaled) -> E2M1 code 0..15 as int32; round-to-nearest-even, saturating at 6."""
+  a = jnp.abs(q)
+  mag = ((a > 0.25).astype(jnp.int32) + (a >= 0.75).astype(jnp.int32)
+         + (a > 1.25).astype(jnp.int32) + (a >= 1.75).astype(jnp.int32)
+         + (a > 2.5).astype(jnp.int32) + (a >= 3.5).astype(jnp.int32)
+         + (a > 5.0).astype(jnp.int32))
+  return mag + jnp.where(q < 0, 8, 0)
+
+
+def _quantize_kernel(x_ref, gs_ref, q_ref, s_ref, *, m, bm, bk):
+  pid_m, pid_k = pl.program_id(0), pl.program_id(1)
+  m0, k0 = pid_m * bm, pid_k * bk
+  row_ok = ((m0 + jnp.arange(bm)) < m)[:, None]
+  x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=row_ok, other=0).astype(jnp.float32)
+  gs = gs_ref[0]
+  g = bk // nvfp4.BLOCK_SIZE
+  blocks = x.reshape(bm, g, nvfp4.BLOCK_SIZE)
+  amax = jnp.max(jnp.abs(blocks), axis=-1)
+  scale = jnp.clip(amax / (nvfp4.E2M1_MAX * gs), 0.0, nvfp4.E4M3_MAX).astype(jnp.float8_e4m3fn)
+  denom = scale.astype(jnp.float32) * gs
+  safe = jnp.where(denom > 0, denom, 1.0)
+  q = jnp.where(denom > 0, 1.0, 0.0).reshape(bm, g, 1) * (blocks / safe.reshape(bm, g, 1))
+  codes = e2m1_round(q).reshape(bm, bk // 2, 2)
+  weight = 1 + 15 * jax.lax.broadcasted_iota(jnp.int32, (bm, bk // 2, 2), 2)
+  packed = jnp.sum(codes * weight, axis=-1).astype(jnp.uint8)
+  plgpu.store(q_ref.at[pl.ds(m0, bm), pl.ds(k0 // 2, bk // 2)], packed, mask=row_ok)
+  plgpu.store(s_ref.at[pl.ds(m0, bm), pl.ds(k0 // 16, g)], scale, mask=row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "interpret"))
+def quantize_activations(x: jax.Array, global_scale: jax.Array, *, block_m: int = 16,
+                         block_k: int = 256, interpret: bool = False
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Fused bf16 -> NVFP4: x [M, K] -> (packed uint8 [M, K/2], scales e4m3 [M, K/16]).
+
+  ``global_scale`` is the calibrated per-tensor ``input_scale`` (amax / (6 * 448)).
+  """
+  if x.ndim != 2:
+    raise ShapeError(f"x must be [M, K], got {x.shape}")
+  m, k = x.shape
+  nvfp4.check_k(k)
+  bk = _pow2_divisor(k, block_k)
+  gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
+  return pl.pallas_call(
+      functools.partial(_quantize_kernel, m=m, bm=block_m, bk=bk),
+      out_shape=(jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
+                 jax.ShapeDtypeStruct((m, k // 16), jnp.float8_e4m3fn)),
+      grid=(pl.cdiv(m, block_m), k // bk), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      name="nvfp4_quantize",
+  )(x, gs)
+
+
+def w4a4_blackwell(x_packed, x_scale, x_global_scale, packed, scale, global_scale,
+                   out_dtype=jnp.bfloat16) -> jax.Array:
+  """Blackwell block-scaled tensor-core path (jax.nn.scaled_matmul, nvfp4). UNTESTED on hardware."""
+  lhs = jax.lax.bitcast_convert_type(nvfp4.unpack_nibbles(x_packed).astype(jnp.uint4),
+                                     jnp.float4_e2m1fn)
+  rhs = jax.lax.bitcast_convert_type(nvfp4.unpack_nibbles(packed).astype(jnp.uint4),
+                                     jnp.float4_e2m1fn)
+  y = jax.nn.scaled_matmul(lhs[None], rhs[None], x_scale[None], scale[None],
+                           preferred_element_type=jnp.float32)[0]
+  return (y * (jnp.asarray(x_global_scale, jnp.float32) * global_scale)).astype(out_dtype)
+
+
+# ----- plain-JAX references (also the CPU fallback of kernels/gemm.py) -----
+
+def w4a16_reference(x, packed, scale, global_scale) -> jax.Array:
+  w = nvfp4.dequantize(packed, scale, global_scale, jnp.float32)        # [N, K]
+  y = jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w, precision="highest")
+  return y.astype(x.dtype)
+
+
+def w4a4_reference(x_packed, x_scale, x_global_scale, packed, scale, global_scale,
+                   out_dtype=jnp.bfloat16) -> jax.Array:
+  x = nvfp4.dequantize(x_packed, x_scale, x_global_scale, jnp.float32)
+  w = nvfp4.dequantize(packed, scale, global_scale, jnp.float32)
+  return jnp.einsum("mk,nk->mn", x, w, precision="highest").astype(out_dtype)
+
+
+def quantize_activations_reference(x, global_scale) -> tuple[jax.Array, jax.Array]:
+  packed, scale, _ = nvfp4.quantize(x, global_scale)
+  return packed, scale
