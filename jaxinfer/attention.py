@@ -135,8 +135,51 @@ def _soft_cap(s, cap):
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: AttentionBatch, *,
                     scale: float, k_scale=1.0, v_scale=1.0, impl: str = "auto") -> jax.Array:
-  """Causal attention of flattened queries over the paged cache. ``impl``: auto | reference."""
-  if impl not in ("auto", "reference"):
+  """Causal attention of flattened queries over the paged cache. ``impl``: auto | pallas | reference.
+
+  auto: the reference on CPU; on GPU the Pallas kernels (``pallas`` forces them, in interpret mode
+  off GPU). Batches whose sequences all have <= ``max_q`` new tokens (decode, speculative) take the
+  paged decode kernel; others gather each sequence's pages and run the prefill kernel (chunked
+  prefill over the cached prefix). The choice between the two is a runtime ``lax.cond`` on the
+  longest chunk, since the shapes alone do not tell. The kernels place query token i of sequence b
+  at position ``seq_lens[b] - q_len_b + i`` (what ``build_batch`` produces) and return zeros for
+  padding tokens.
+  """
+  if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown attention impl {impl!r}")
-  return reference_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
-                                   v_scale=v_scale)
+  on_gpu = jax.default_backend() == "gpu"
+  if impl == "reference" or (impl == "auto" and not on_gpu):
+    return reference_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
+                                     v_scale=v_scale)
+  return _pallas_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
+                                 v_scale=v_scale, interpret=not on_gpu)
+
+
+_MAX_DECODE_TOKENS = 8  # per sequence, for the decode kernel
+
+
+def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale, k_scale, v_scale,
+                            interpret: bool) -> jax.Array:
+  from kernels import flash_attention, paged_decode_attention as decode  # kernels import this module
+
+  decode.check_decode_shapes(q, k_pages, v_pages, batch.page_table, batch.seq_lens,
+                             batch.query_start)
+  decode.check_page_table(batch.page_table, k_pages.shape[0])
+  T, B = batch.num_tokens, batch.num_seqs
+  max_q = min(bucket(-(-T // B), 1), _MAX_DECODE_TOKENS)
+
+  def run_decode():
+    return decode.paged_decode_attention(
+        q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start, scale=scale,
+        k_scale=k_scale, v_scale=v_scale, max_q=max_q, interpret=interpret)
+
+  def run_prefill():
+    _, page_size, kv_heads, _ = k_pages.shape
+    k = k_pages[batch.page_table].reshape(B, -1, kv_heads, k_pages.shape[-1])
+    v = v_pages[batch.page_table].reshape(B, -1, kv_heads, v_pages.shape[-1])
+    return flash_attention.flash_prefill(
+        q, k, v, batch.query_start, batch.seq_lens, scale=scale, k_scale=k_scale,
+        v_scale=v_scale, interpret=interpret).astype(q.dtype)
+
+  longest = jnp.max(jnp.diff(batch.query_start))
+  return jax.lax.cond(longest <= max_q, run_decode, run_prefill)

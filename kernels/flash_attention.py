@@ -196,6 +196,14 @@ def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, query_start: jax.Arr
   T, H, _ = q.shape
   B, S, KV, _ = k.shape
   dv = v_shape[-1]
+  if S < tiles.block_k:  # a tile wider than the whole key range: pad (tiny) K/V up to one tile
+    pad = tiles.block_k - S
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, pad)) if v_transposed else
+                ((0, 0), (0, pad), (0, 0), (0, 0)))
+    if k_rope is not None:
+      k_rope = jnp.pad(k_rope, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    S = tiles.block_k
   full_fp8 = is_fp8(q.dtype)
   kv_upcast = q.dtype if (not full_fp8 and is_fp8(k.dtype)) else None
   out_dtype = jnp.bfloat16 if full_fp8 else q.dtype

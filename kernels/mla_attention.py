@@ -217,23 +217,31 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
                         impl: str = "auto") -> jax.Array:
   """Absorbed MLA over the paged latent cache -> [T, H, kv_lora_rank] in q_latent's dtype.
 
-  ``impl``: auto (the Pallas kernel on GPU when every sequence has <= 8 query tokens this step --
-  decided from the static shapes: T <= 8 * B -- else the reference) | pallas | reference.
-  Padding tokens (past ``query_start[B]``) get zeros from the kernel.
+  ``impl``: auto (the reference on CPU; on GPU the Pallas decode kernel when every sequence has <= 8
+  new tokens this step -- a runtime ``lax.cond`` on the longest chunk -- else the reference) |
+  pallas (the same choice, the kernel in interpret mode off GPU) | reference. The kernel places
+  token i of sequence b at position ``seq_lens[b] - q_len_b + i`` and returns zeros for padding
+  tokens.
   """
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown MLA impl {impl!r}")
   _check_mla_shapes(q_latent, q_rope, latent_pages, batch)
   check_page_table(batch.page_table, latent_pages.shape[0])
-  T, B = batch.num_tokens, batch.num_seqs
   on_gpu = jax.default_backend() == "gpu"
-  if impl == "reference" or (impl == "auto" and (not on_gpu or T > 8 * B)):
-    return reference_mla_paged_attention(q_latent, q_rope, latent_pages, batch, scale=scale,
-                                         latent_scale=latent_scale)
-  max_q = 1 if T <= B else 1 << (-(-T // B) - 1).bit_length()
-  return mla_decode_pallas(q_latent, q_rope, latent_pages, batch.page_table, batch.seq_lens,
-                           batch.query_start, scale=scale, latent_scale=latent_scale, max_q=max_q,
-                           interpret=not on_gpu)
+  reference = functools.partial(reference_mla_paged_attention, q_latent, q_rope, latent_pages,
+                                batch, scale=scale, latent_scale=latent_scale)
+  if impl == "reference" or (impl == "auto" and not on_gpu):
+    return reference()
+  T, B = batch.num_tokens, batch.num_seqs
+  max_q = min(1 << (-(-T // B) - 1).bit_length(), 8)
+
+  def run_kernel():
+    return mla_decode_pallas(q_latent, q_rope, latent_pages, batch.page_table, batch.seq_lens,
+                             batch.query_start, scale=scale, latent_scale=latent_scale,
+                             max_q=max_q, interpret=not on_gpu)
+
+  longest = jnp.max(jnp.diff(batch.query_start))
+  return lax.cond(longest <= max_q, run_kernel, reference)
 
 
 def mla_prefill_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array,

@@ -1,0 +1,138 @@
+"""Paged decode attention (kernels/paged_decode_attention.py) and the ``paged_attention`` dispatch,
+in Pallas interpret mode, against float64 NumPy on fresh random inputs.
+
+Interpret mode fills kernel outputs with NaN before the kernel runs (the poison); every check
+asserts finiteness, and padding tokens must come back as zeros.
+"""
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from jaxinfer.attention import SeqChunk, build_batch, paged_attention
+from jaxinfer.errors import ShapeError
+from kernels.paged_decode_attention import DecodeTiles, paged_decode_attention
+
+F8 = jnp.float8_e4m3fn
+
+
+def np_paged(q, k_pages, v_pages, page_table, seq_lens, query_start):
+  """float64; token i of sequence b at position seq_lens[b] - q_len + i, causal, scale D^-0.5."""
+  T, H, D = q.shape
+  _, ps, KV, _ = k_pages.shape
+  out = np.zeros((T, H, D))
+  for b in range(page_table.shape[0]):
+    k = k_pages[page_table[b]].reshape(-1, KV, D)
+    v = v_pages[page_table[b]].reshape(-1, KV, D)
+    q0, q1 = query_start[b], query_start[b + 1]
+    for t in range(q0, q1):
+      pos = seq_lens[b] - (q1 - q0) + (t - q0)
+      for h in range(H):
+        s = k[:pos + 1, h // (H // KV)] @ q[t, h] * D ** -0.5
+        p = np.exp(s - s.max())
+        out[t, h] = p @ v[:pos + 1, h // (H // KV)] / p.sum()
+  return out
+
+
+def make_case(rng, *, H, KV, D, page_size, chunks, num_tokens, num_pages=40, dtype=jnp.bfloat16):
+  """chunks: (start, num_tokens) per sequence; pages drawn from a shuffled pool (no null page)."""
+  pool = list(rng.permutation(np.arange(1, num_pages)))
+  seqs = []
+  for start, n in chunks:
+    need = -(-(start + n) // page_size)
+    seqs.append(SeqChunk([int(pool.pop()) for _ in range(need)], start, n))
+  pages_per_seq = max(len(c.pages) for c in seqs) + 1
+  batch = build_batch(seqs, page_size, num_tokens=num_tokens, num_seqs=len(seqs) + 1,
+                      pages_per_seq=pages_per_seq)
+  kp = jnp.asarray(rng.standard_normal((num_pages, page_size, KV, D)), dtype)
+  vp = jnp.asarray(rng.standard_normal((num_pages, page_size, KV, D)), dtype)
+  q = jnp.asarray(rng.standard_normal((num_tokens, H, D)), jnp.bfloat16)
+  return q, kp, vp, batch
+
+
+def f64(x):
+  return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+
+
+def check(out, ref, real_tokens, bound):
+  out = f64(out)
+  assert np.isfinite(out).all()
+  assert np.all(out[real_tokens:] == 0), "padding tokens must be zero"
+  err = np.linalg.norm(out[:real_tokens] - ref[:real_tokens]) / np.linalg.norm(ref[:real_tokens])
+  assert err < bound, err
+
+
+# (GQA ratio, page size, block_k, splits): page == block, block spanning 2 pages, page spanning
+# 2 blocks; one split, and split-K with uneven and empty splits.
+@pytest.mark.parametrize("H,KV,page_size,block_k,splits", [
+    (4, 4, 16, 16, 1), (8, 2, 8, 16, 3), (16, 2, 32, 16, 7)])
+def test_decode_bf16(H, KV, page_size, block_k, splits):
+  rng = np.random.default_rng(H + page_size)
+  D = 64
+  # lengths 1, odd, not a multiple of the page or block
+  q, kp, vp, batch = make_case(rng, H=H, KV=KV, D=D, page_size=page_size,
+                               chunks=[(36, 1), (0, 1), (80, 1)], num_tokens=4)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=D ** -0.5, tiles=DecodeTiles(block_k, splits=splits),
+                               interpret=True)
+  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 3, 1e-2)
+
+
+def test_decode_several_query_tokens():
+  """Speculative-style: up to 3 new tokens per sequence, causal among themselves."""
+  rng = np.random.default_rng(5)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16,
+                               chunks=[(20, 3), (0, 1), (45, 2)], num_tokens=8)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=32 ** -0.5, max_q=3, tiles=DecodeTiles(16, splits=2),
+                               interpret=True)
+  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 6, 1e-2)
+
+
+def test_decode_fp8_kv():
+  """E4M3 K/V with scalar scales: <= 1.5e-2 vs float64 on the dequantized cache."""
+  rng = np.random.default_rng(9)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=64, page_size=16,
+                               chunks=[(50, 1), (3, 1)], num_tokens=4, dtype=jnp.float32)
+  kp8, vp8 = (kp / 0.25).astype(F8), (vp / 3.0).astype(F8)
+  out = paged_decode_attention(q, kp8, vp8, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=0.125, k_scale=0.25, v_scale=3.0,
+                               tiles=DecodeTiles(16, splits=2), interpret=True)
+  ref = np_paged(f64(q), f64(kp8) * 0.25, f64(vp8) * 3.0, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 2, 1.5e-2)
+
+
+@pytest.mark.parametrize("chunks,num_tokens,real", [
+    ([(30, 1), (7, 1), (0, 1)], 4, 3),            # decode batch -> decode kernel
+    ([(20, 11), (0, 1), (0, 9)], 32, 21)])        # chunked prefill + decode -> prefill kernel
+def test_paged_attention_dispatch(chunks, num_tokens, real):
+  rng = np.random.default_rng(num_tokens)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16, chunks=chunks,
+                               num_tokens=num_tokens)
+  out = paged_attention(q, kp, vp, batch, scale=32 ** -0.5, impl="pallas")
+  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, real, 1e-2)
+
+
+def test_errors():
+  rng = np.random.default_rng(0)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16, chunks=[(5, 1)], num_tokens=2,
+                               num_pages=8)
+  args = (batch.page_table, batch.seq_lens, batch.query_start)
+  with pytest.raises(ShapeError, match="v_pages"):
+    paged_decode_attention(q, kp, vp[..., :16], *args, scale=1.0, interpret=True)
+  with pytest.raises(ShapeError, match="does not fit"):
+    paged_decode_attention(q[:, :7], kp, vp, *args, scale=1.0, interpret=True)
+  with pytest.raises(ShapeError, match="divide"):
+    paged_decode_attention(q, kp, vp, *args, scale=1.0, tiles=DecodeTiles(24), interpret=True)
+  with pytest.raises(ShapeError, match="outside the cache"):
+    bad = batch.page_table.at[0, 0].set(8)
+    paged_attention(q, kp, vp, batch.__class__(**{**batch.__dict__, "page_table": bad}),
+                    scale=1.0, impl="pallas")
+  with pytest.raises(ValueError, match="impl"):
+    paged_attention(q, kp, vp, batch, scale=1.0, impl="xqa")
