@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxinfer.engine.block_allocator import BlockAllocator
 from jaxinfer.engine.metrics import EngineMetrics
@@ -47,7 +45,7 @@ class EngineConfig:
   max_num_batched_tokens: int = 512     # token budget of a step
   chunk_size: int = 256                 # max prefill tokens of one request in one step
   max_model_len: int | None = None      # None: the model's max_position_embeddings
-  kv_dtype: Any = jnp.bfloat16          # jnp.float8_e4m3fn for an FP8 cache
+  kv_dtype: Any = None                  # None: the weights' dtype; jnp.float8_e4m3fn: FP8 cache
   max_queued_requests: int = 4096       # beyond this, submissions get ResourceExhaustedError
   min_token_bucket: int = 8
   min_seq_bucket: int = 8
@@ -90,7 +88,7 @@ class LLMEngine:
   def from_llama(cls, cfg: llama.LlamaConfig, params, *, tokenizer: TokenizerLike | None = None,
                  config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
     cache = llama.create_cache(cfg, num_pages=config.num_pages, page_size=config.page_size,
-                               dtype=config.kv_dtype)
+                               dtype=config.kv_dtype or params["final_norm"].dtype)
     return cls(params, LlamaForward(cfg), cache, vocab_size=cfg.vocab_size,
                max_model_len=config.max_model_len or cfg.max_position_embeddings,
                tokenizer=tokenizer, config=config, **kw)
