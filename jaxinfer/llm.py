@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from jaxinfer import generate as _generate
+from jaxinfer import generation
 from jaxinfer.compilation_cache import enable_compilation_cache
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.loader import LoadedModel, load_model
@@ -51,7 +51,7 @@ class LLM:
     ids = [self.encode_prompt(p) for p in prompts]
     eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not use_tqdm)
-    outputs = _generate.generate(
+    outputs = generation.generate(
         self.model, ids, list(sampling_params), page_size=self.page_size,
         prefill_chunk=self.prefill_chunk, eos_token_ids=eos,
         decode=self.tokenizer.decode if self.tokenizer else None, on_finish=lambda i: bar.update())
