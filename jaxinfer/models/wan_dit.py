@@ -1,0 +1,340 @@
+"""Wan2.1-style video DiT denoiser as pure functions of (params, latents, timestep, text).
+
+Layout: latents are channels-last ``[B, F, H, W, C]`` (diffusers uses ``[B, C, F, H, W]``); the
+patchified token sequence is ``[B, S, D]`` with tokens in (frame, row, column) order, S = F'·H'·W'.
+
+Per block, with h the token stream and (shift, scale, gate) × 2 from the time embedding (AdaLN):
+    a = LN(h)·(1+scale₁)+shift₁ ;  h = h + gate₁ · SelfAttn(RoPE3D(RMS(a Wq)), RoPE3D(RMS(a Wk)), a Wv) Wo
+    h = h + CrossAttn(LN_affine(h) Wq, text Wk, text Wv) Wo
+    m = LN(h)·(1+scale₂)+shift₂ ;  h = h + gate₂ · GELU_tanh(m W1) W2
+The modulation, the three LayerNorms and the residual adds run in float32 as in the reference.
+
+Weights are stored [in, out] and every matmul goes through ``jaxinfer.ops.linear`` so quantized weight
+types drop in; attention goes through ``attention`` below (one dispatch point). Matches diffusers'
+``WanTransformer3DModel`` (see tests/test_wan_dit.py and tests/goldens/wan/).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.errors import ShapeError, UnsupportedModelError
+from jaxinfer.ops import linear
+
+Params = dict[str, Any]
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class WanDiTConfig:
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  num_heads: int = 12
+  head_dim: int = 128
+  in_channels: int = 16
+  out_channels: int = 16
+  text_dim: int = 4096
+  freq_dim: int = 256
+  ffn_dim: int = 8960
+  num_layers: int = 30
+  cross_attn_norm: bool = True
+  eps: float = 1e-6
+  rope_max_seq_len: int = 1024
+  rope_theta: float = 10000.0
+
+  @property
+  def dim(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @classmethod
+  def wan21_1_3b(cls) -> WanDiTConfig:
+    return cls(num_heads=12, ffn_dim=8960, num_layers=30)
+
+  @classmethod
+  def wan21_14b(cls) -> WanDiTConfig:
+    return cls(num_heads=40, ffn_dim=13824, num_layers=40)
+
+  @classmethod
+  def from_diffusers(cls, cfg: dict) -> WanDiTConfig:
+    """From a diffusers ``transformer/config.json`` of a WanTransformer3DModel (text-to-video)."""
+    if cfg.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
+      raise UnsupportedModelError(f"unsupported class {cfg.get('_class_name')}")
+    if cfg.get("image_dim") or cfg.get("added_kv_proj_dim"):
+      raise UnsupportedModelError("image-to-video Wan (image_dim / added_kv_proj_dim) is not implemented")
+    if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+      raise UnsupportedModelError(f"unsupported qk_norm {cfg.get('qk_norm')}")
+    return cls(patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+               num_heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
+               in_channels=cfg["in_channels"], out_channels=cfg.get("out_channels") or cfg["in_channels"],
+               text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"], ffn_dim=cfg["ffn_dim"],
+               num_layers=cfg["num_layers"], cross_attn_norm=cfg.get("cross_attn_norm", True),
+               eps=cfg.get("eps", 1e-6), rope_max_seq_len=cfg.get("rope_max_seq_len", 1024))
+
+
+def param_shapes(cfg: WanDiTConfig) -> Params:
+  D, P = cfg.dim, math.prod(cfg.patch_size)
+  attn = {"wq": (D, D), "bq": (D,), "wk": (D, D), "bk": (D,), "wv": (D, D), "bv": (D,),
+          "wo": (D, D), "bo": (D,), "norm_q": (D,), "norm_k": (D,)}
+  block = {"modulation": (6, D), "self_attn": dict(attn), "cross_attn": dict(attn),
+           "ffn_w1": (D, cfg.ffn_dim), "ffn_b1": (cfg.ffn_dim,), "ffn_w2": (cfg.ffn_dim, D),
+           "ffn_b2": (D,)}
+  if cfg.cross_attn_norm:
+    block |= {"norm2_w": (D,), "norm2_b": (D,)}
+  return {
+      "patch_w": (P * cfg.in_channels, D), "patch_b": (D,),
+      "time_w1": (cfg.freq_dim, D), "time_b1": (D,), "time_w2": (D, D), "time_b2": (D,),
+      "time_proj_w": (D, 6 * D), "time_proj_b": (6 * D,),
+      "text_w1": (cfg.text_dim, D), "text_b1": (D,), "text_w2": (D, D), "text_b2": (D,),
+      "blocks": [dict(block, self_attn=dict(attn), cross_attn=dict(attn))
+                 for _ in range(cfg.num_layers)],
+      "out_modulation": (2, D), "proj_out_w": (D, P * cfg.out_channels),
+      "proj_out_b": (P * cfg.out_channels,),
+  }
+
+
+_ONE_INIT = ("norm_q", "norm_k", "norm2_w")
+
+
+def init_params(cfg: WanDiTConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+  """Random weights for tests and benchmarks: N(0, 1/fan_in) matrices, small biases, unit norms."""
+  shapes = param_shapes(cfg)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  keys = jax.random.split(key, len(paths))
+  out = []
+  for k, (path, shape) in zip(keys, paths):
+    name = str(path[-1].key)
+    if name in _ONE_INIT:
+      out.append(jnp.ones(shape, dtype))
+    elif name in ("modulation", "out_modulation"):
+      out.append((jax.random.normal(k, shape) / math.sqrt(shape[-1])).astype(dtype))
+    elif len(shape) == 1:
+      out.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
+    else:
+      out.append((jax.random.normal(k, shape) / math.sqrt(shape[0])).astype(dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention dispatch
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
+  """Non-causal multi-head attention, q [B, Sq, N, Dh], k/v [B, Sk, N, Dh] -> [B, Sq, N, Dh].
+
+  ``impl``: "xla" (jax.nn.dot_product_attention, lets XLA pick), "cudnn" (cuDNN flash attention),
+  "flash" (kernels.flash_attention when it exists).
+  """
+  if impl == "xla":
+    return jax.nn.dot_product_attention(q, k, v)
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  if impl == "flash":
+    try:
+      from kernels import flash_attention  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise UnsupportedModelError("kernels.flash_attention is not available") from e
+    return flash_attention.flash_attention(q, k, v, causal=False)
+  raise UnsupportedModelError(f"unknown attention impl {impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding [B, dim] as cat(cos, sin) (diffusers Timesteps, flip_sin_to_cos=True)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope_3d(cfg: WanDiTConfig, grid: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """cos/sin [S, head_dim/2] for tokens of a (F', H', W') grid, computed on the host in float64.
+
+  The head dim splits into frame / row / column parts (t = Dh - 2·2⌊Dh/6⌋, h = w = 2⌊Dh/6⌋); each part
+  rotates adjacent channel pairs (2i, 2i+1) by position · θ^(-2i/part).
+  """
+  f, h, w = grid
+  if max(grid) > cfg.rope_max_seq_len:
+    raise ShapeError(f"latent grid {grid} exceeds rope_max_seq_len {cfg.rope_max_seq_len}")
+  hd = wd = 2 * (cfg.head_dim // 6)
+  td = cfg.head_dim - hd - wd
+  parts = []
+  for size, n, axis in ((td, f, 0), (hd, h, 1), (wd, w, 2)):
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, size, 2, dtype=np.float64)[: size // 2] / size)
+    ang = np.arange(n, dtype=np.float64)[:, None] * inv[None]          # [n, size/2]
+    shape = [1, 1, 1, size // 2]
+    shape[axis] = n
+    parts.append(np.broadcast_to(ang.reshape(shape), (f, h, w, size // 2)))
+  ang = np.concatenate(parts, axis=-1).reshape(f * h * w, cfg.head_dim // 2)
+  return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Interleaved-pair RoPE on x [B, S, N, Dh] with cos/sin [S, Dh/2], in float32."""
+  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  x1, x2 = x32[..., 0], x32[..., 1]
+  c, s = cos[None, :, None], sin[None, :, None]
+  out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def _layer_norm(x: jax.Array, eps: float, weight=None, bias=None) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  mu = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+  out = (x32 - mu) * jax.lax.rsqrt(var + eps)
+  if weight is not None:
+    out = out * weight.astype(jnp.float32) + bias.astype(jnp.float32)
+  return out
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  out = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (out * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def _dense(x, w, b):
+  return linear(x, w) + b.astype(x.dtype)
+
+
+def patchify(latents: jax.Array, cfg: WanDiTConfig) -> tuple[jax.Array, tuple[int, int, int]]:
+  """[B, F, H, W, C] -> patches [B, S, pt·ph·pw·C] (patch-major, channel-minor) and the grid."""
+  B, F, H, W, C = latents.shape
+  pt, ph, pw = cfg.patch_size
+  if C != cfg.in_channels:
+    raise ShapeError(f"latents have {C} channels, the model takes {cfg.in_channels}")
+  if F % pt or H % ph or W % pw:
+    raise ShapeError(f"latent frames/height/width {(F, H, W)} must be multiples of the patch size "
+                     f"{cfg.patch_size}")
+  grid = (F // pt, H // ph, W // pw)
+  x = latents.reshape(B, grid[0], pt, grid[1], ph, grid[2], pw, C)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(B, math.prod(grid), pt * ph * pw * C), grid
+
+
+def unpatchify(tokens: jax.Array, grid: tuple[int, int, int], cfg: WanDiTConfig) -> jax.Array:
+  """[B, S, pt·ph·pw·C_out] -> [B, F, H, W, C_out]."""
+  B = tokens.shape[0]
+  pt, ph, pw = cfg.patch_size
+  x = tokens.reshape(B, *grid, pt, ph, pw, cfg.out_channels)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(B, grid[0] * pt, grid[1] * ph, grid[2] * pw, cfg.out_channels)
+
+
+def condition(params: Params, timestep: jax.Array, text: jax.Array, cfg: WanDiTConfig, dtype):
+  """Time embedding temb [B, D] (f32), its 6-way projection [B, 6, D] (f32), text tokens [B, L, D]."""
+  t = timestep_embedding(timestep, cfg.freq_dim)
+  temb = _dense(jax.nn.silu(_dense(t, params["time_w1"], params["time_b1"])),
+                params["time_w2"], params["time_b2"])
+  temb = temb.astype(dtype).astype(jnp.float32)
+  tproj = _dense(jax.nn.silu(temb), params["time_proj_w"], params["time_proj_b"])
+  tproj = tproj.astype(dtype).astype(jnp.float32).reshape(-1, 6, cfg.dim)
+  ctx = text.astype(dtype)
+  ctx = _dense(jax.nn.gelu(_dense(ctx, params["text_w1"], params["text_b1"]), approximate=True),
+               params["text_w2"], params["text_b2"])
+  return temb, tproj, ctx
+
+
+def _attention_layer(p: Params, x, ctx, cos, sin, cfg: WanDiTConfig, attn_fn: AttentionFn):
+  B, S, _ = x.shape
+  N, Dh = cfg.num_heads, cfg.head_dim
+  kv_in = x if ctx is None else ctx
+  q = _rms_norm(_dense(x, p["wq"], p["bq"]), p["norm_q"], cfg.eps).reshape(B, S, N, Dh)
+  k = _rms_norm(_dense(kv_in, p["wk"], p["bk"]), p["norm_k"], cfg.eps).reshape(B, -1, N, Dh)
+  v = _dense(kv_in, p["wv"], p["bv"]).reshape(B, -1, N, Dh)
+  if cos is not None:
+    q, k = apply_rope_pairs(q, cos, sin), apply_rope_pairs(k, cos, sin)
+  o = attn_fn(q, k, v).astype(x.dtype).reshape(B, S, N * Dh)
+  return _dense(o, p["wo"], p["bo"])
+
+
+def block_forward(p: Params, x: jax.Array, ctx: jax.Array, tproj: jax.Array, cos, sin,
+                  cfg: WanDiTConfig, self_attn_fn: AttentionFn, cross_attn_fn: AttentionFn):
+  """One transformer block on tokens x [B, S, D]; tproj [B, 6, D] float32."""
+  mod = p["modulation"].astype(jnp.float32)[None] + tproj                  # [B, 6, D]
+  shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, i, None] for i in range(6))
+  dtype = x.dtype
+  a = (_layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(dtype)
+  x = (x.astype(jnp.float32) + _attention_layer(p["self_attn"], a, None, cos, sin, cfg, self_attn_fn)
+       * gate1).astype(dtype)
+  c = (_layer_norm(x, cfg.eps, p["norm2_w"], p["norm2_b"]) if cfg.cross_attn_norm
+       else x).astype(dtype)
+  x = x + _attention_layer(p["cross_attn"], c, ctx, None, None, cfg, cross_attn_fn)
+  m = (_layer_norm(x, cfg.eps) * (1 + scale2) + shift2).astype(dtype)
+  ff = _dense(jax.nn.gelu(_dense(m, p["ffn_w1"], p["ffn_b1"]), approximate=True),
+              p["ffn_w2"], p["ffn_b2"])
+  return (x.astype(jnp.float32) + ff.astype(jnp.float32) * gate2).astype(dtype)
+
+
+def head(params: Params, x: jax.Array, temb: jax.Array, cfg: WanDiTConfig) -> jax.Array:
+  """Final AdaLN + projection to patch values [B, S, pt·ph·pw·C_out]."""
+  mod = params["out_modulation"].astype(jnp.float32)[None] + temb[:, None]
+  shift, scale = mod[:, 0, None], mod[:, 1, None]
+  x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(x.dtype)
+  return _dense(x, params["proj_out_w"], params["proj_out_b"])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCache:
+  """First-block cache: the residual the blocks after the first added on the last full step."""
+  residual: jax.Array        # [B, S, D]
+
+
+def embed(params: Params, latents: jax.Array, timestep: jax.Array, text: jax.Array,
+          cfg: WanDiTConfig, dtype=jnp.bfloat16):
+  """Everything before the blocks: tokens [B, S, D], temb, tproj, text ctx, grid, rope cos/sin."""
+  patches, grid = patchify(latents.astype(dtype), cfg)
+  x = _dense(patches, params["patch_w"], params["patch_b"])
+  temb, tproj, ctx = condition(params, timestep, text, cfg, dtype)
+  cos, sin = rope_3d(cfg, grid)
+  return x, temb, tproj, ctx, grid, jnp.asarray(cos), jnp.asarray(sin)
+
+
+def blocks_forward(params: Params, x, ctx, tproj, cos, sin, cfg: WanDiTConfig, *,
+                   self_attn_fn: AttentionFn, cross_attn_fn: AttentionFn,
+                   cache: StepCache | None = None, layer_hook=None):
+  """Runs the blocks. With ``cache`` only block 0 runs and the cached deeper residual is added.
+
+  Returns (tokens, residual of blocks 1.. for a new StepCache). ``layer_hook(p)`` maps each block's
+  params before use (the FSDP all-gather under sequence parallelism)."""
+  hook = layer_hook or (lambda p: p)
+  blocks = params["blocks"]
+  x = block_forward(hook(blocks[0]), x, ctx, tproj, cos, sin, cfg, self_attn_fn, cross_attn_fn)
+  if cache is not None:
+    return (x.astype(jnp.float32) + cache.residual).astype(x.dtype), cache.residual
+  first = x
+  for p in blocks[1:]:
+    x = block_forward(hook(p), x, ctx, tproj, cos, sin, cfg, self_attn_fn, cross_attn_fn)
+  return x, x.astype(jnp.float32) - first.astype(jnp.float32)
+
+
+def forward(params: Params, latents: jax.Array, timestep: jax.Array, text: jax.Array,
+            cfg: WanDiTConfig, *, attn_impl: str = "xla", dtype=jnp.bfloat16,
+            cache: StepCache | None = None, return_cache: bool = False):
+  """Flow velocity [B, F, H, W, C_out] for latents [B, F, H, W, C_in], timestep [B] (0..1000) and
+  text embeddings [B, L, text_dim]. With ``return_cache`` also returns a StepCache for later steps."""
+  if text.ndim != 3 or text.shape[-1] != cfg.text_dim:
+    raise ShapeError(f"text embeddings must be [B, L, {cfg.text_dim}], got {text.shape}")
+  if timestep.shape != (latents.shape[0],):
+    raise ShapeError(f"timestep must be [B={latents.shape[0]}], got {timestep.shape}")
+  x, temb, tproj, ctx, grid, cos, sin = embed(params, latents, timestep, text, cfg, dtype)
+  attn_fn = lambda q, k, v: attention(q, k, v, attn_impl)
+  x, residual = blocks_forward(params, x, ctx, tproj, cos, sin, cfg, self_attn_fn=attn_fn,
+                               cross_attn_fn=attn_fn, cache=cache)
+  out = unpatchify(head(params, x, temb, cfg), grid, cfg).astype(jnp.float32)
+  return (out, StepCache(residual)) if return_cache else out
+
+
+def step_flops(cfg: WanDiTConfig, seq_len: int, text_len: int = 512, batch: int = 1) -> dict[str, float]:
+  """Matmul FLOPs of one forward, split into linear layers and attention (QKᵀ + PV)."""
+  D, L = cfg.dim, cfg.num_layers
+  per_tok = 2 * (4 * D * D + 2 * D * D + 2 * D * cfg.ffn_dim)   # self qkvo, cross q+o, ffn
+  gemm = batch * L * (seq_len * per_tok + text_len * 2 * 2 * D * D)
+  attn = batch * L * (4 * seq_len * seq_len * D + 4 * seq_len * text_len * D)
+  return {"gemm": float(gemm), "attention": float(attn)}

@@ -1,0 +1,215 @@
+"""Wan2.1 causal 3D VAE decoder (latents -> frames), channels-last [B, T, H, W, C].
+
+Structure (diffusers ``AutoencoderKLWan`` decoder, dims = base·[4, 4, 4, 2, 1] for dim_mult [1, 2, 4, 4]):
+    z -> post_quant 1³ conv -> conv_in 3³ -> mid (res, single-head spatial attention, res)
+      -> up blocks (num_res_blocks+1 residual blocks each, then 2x upsampling: the first two also
+         upsample time) -> RMS norm -> SiLU -> conv_out 3³ -> clamp to [-1, 1].
+Every 3D conv is causal in time (2 zero frames in front, none behind). The reference decodes one latent
+frame at a time with a cache of the last two frames per conv; that equals one causal conv over the
+whole sequence, except that time upsampling leaves frame 0 alone and doubles only frames 1.. — so T
+latent frames give 1 + 4(T-1) video frames. Here the whole sequence runs at once.
+
+Params are a flat dict keyed by the diffusers module names (``decoder.up_blocks.0.resnets.1.conv1``)
+with conv kernels in [kt, kh, kw, in, out] layout; ``checkpoints/diffusers_wan.py`` converts them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.errors import ShapeError
+
+Params = dict[str, Any]
+
+WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVAEConfig:
+  base_dim: int = 96
+  z_dim: int = 16
+  dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+  num_res_blocks: int = 2
+  temporal_upsample: tuple[bool, ...] = (True, True, False)   # reversed temperal_downsample
+  out_channels: int = 3
+  latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+  latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+
+  @classmethod
+  def from_diffusers(cls, cfg: dict) -> WanVAEConfig:
+    from jaxinfer.errors import UnsupportedModelError  # pylint: disable=import-outside-toplevel
+    if cfg.get("is_residual") or cfg.get("patch_size") or cfg.get("attn_scales"):
+      raise UnsupportedModelError("only the Wan2.1 VAE (no residual blocks / patching / attn_scales)")
+    base = cfg.get("decoder_base_dim") or cfg.get("base_dim", 96)
+    return cls(base_dim=base, z_dim=cfg.get("z_dim", 16),
+               dim_mult=tuple(cfg.get("dim_mult", (1, 2, 4, 4))),
+               num_res_blocks=cfg.get("num_res_blocks", 2),
+               temporal_upsample=tuple(cfg.get("temperal_downsample", (False, True, True)))[::-1],
+               out_channels=cfg.get("out_channels", 3),
+               latents_mean=tuple(cfg.get("latents_mean", WAN21_LATENTS_MEAN)),
+               latents_std=tuple(cfg.get("latents_std", WAN21_LATENTS_STD)))
+
+  @property
+  def spatial_factor(self) -> int:
+    return 2 ** (len(self.dim_mult) - 1)
+
+  def num_frames(self, latent_frames: int) -> int:
+    return 1 + 2 ** sum(self.temporal_upsample) * (latent_frames - 1)
+
+
+def _up_blocks(cfg: WanVAEConfig):
+  """(in_dim, out_dim, upsample mode or None) of each up block."""
+  dims = [cfg.base_dim * u for u in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+  out = []
+  for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
+    if i > 0:
+      din //= 2
+    mode = None
+    if i != len(cfg.dim_mult) - 1:
+      mode = "upsample3d" if cfg.temporal_upsample[i] else "upsample2d"
+    out.append((din, dout, mode))
+  return dims, out
+
+
+def param_shapes(cfg: WanVAEConfig) -> dict[str, tuple[int, ...]]:
+  """Every decoder weight's shape (conv kernels [kt, kh, kw, in, out] / [kh, kw, in, out])."""
+  shapes: dict[str, tuple[int, ...]] = {}
+
+  def conv3(name, i, o, k):
+    shapes[f"{name}.weight"] = (k, k, k, i, o)
+    shapes[f"{name}.bias"] = (o,)
+
+  def res(name, i, o):
+    shapes[f"{name}.norm1.gamma"] = (i,)
+    conv3(f"{name}.conv1", i, o, 3)
+    shapes[f"{name}.norm2.gamma"] = (o,)
+    conv3(f"{name}.conv2", o, o, 3)
+    if i != o:
+      conv3(f"{name}.conv_shortcut", i, o, 1)
+
+  dims, blocks = _up_blocks(cfg)
+  conv3("post_quant_conv", cfg.z_dim, cfg.z_dim, 1)
+  conv3("decoder.conv_in", cfg.z_dim, dims[0], 3)
+  res("decoder.mid_block.resnets.0", dims[0], dims[0])
+  res("decoder.mid_block.resnets.1", dims[0], dims[0])
+  a = "decoder.mid_block.attentions.0"
+  shapes |= {f"{a}.norm.gamma": (dims[0],), f"{a}.to_qkv.weight": (dims[0], 3 * dims[0]),
+             f"{a}.to_qkv.bias": (3 * dims[0],), f"{a}.proj.weight": (dims[0], dims[0]),
+             f"{a}.proj.bias": (dims[0],)}
+  for b, (din, dout, mode) in enumerate(blocks):
+    for r in range(cfg.num_res_blocks + 1):
+      res(f"decoder.up_blocks.{b}.resnets.{r}", din if r == 0 else dout, dout)
+    if mode:
+      u = f"decoder.up_blocks.{b}.upsamplers.0"
+      shapes[f"{u}.resample.1.weight"] = (3, 3, dout, dout // 2)
+      shapes[f"{u}.resample.1.bias"] = (dout // 2,)
+      if mode == "upsample3d":
+        shapes[f"{u}.time_conv.weight"] = (3, 1, 1, dout, 2 * dout)
+        shapes[f"{u}.time_conv.bias"] = (2 * dout,)
+  shapes["decoder.norm_out.gamma"] = (dims[-1],)
+  conv3("decoder.conv_out", dims[-1], cfg.out_channels, 3)
+  return shapes
+
+
+def init_params(cfg: WanVAEConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+  """Random weights (fan-in scaled kernels, unit gains) for tests and benchmarks."""
+  shapes = param_shapes(cfg)
+  keys = jax.random.split(key, len(shapes))
+  out = {}
+  for k, (name, s) in zip(keys, shapes.items()):
+    if name.endswith("gamma"):
+      out[name] = jnp.ones(s, dtype)
+    elif name.endswith("bias"):
+      out[name] = jnp.zeros(s, dtype)
+    else:
+      out[name] = (jax.random.normal(k, s) / np.sqrt(np.prod(s[:-1]))).astype(dtype)
+  return out
+
+
+def causal_conv3d(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """x [B, T, H, W, I], w [kt, kh, kw, I, O]: zero pad kt-1 frames in front, (k-1)/2 spatially."""
+  kt, kh, kw = w.shape[:3]
+  x = jnp.pad(x, ((0, 0), (kt - 1, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1, 1), "VALID",
+                                   dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                   preferred_element_type=jnp.float32)
+  return (y + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, gamma: jax.Array) -> jax.Array:
+  """F.normalize over channels (eps 1e-12) · √C · γ, in float32."""
+  x32 = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+  out = x32 / jnp.maximum(norm, 1e-12) * np.sqrt(x.shape[-1]) * gamma.astype(jnp.float32)
+  return out.astype(x.dtype)
+
+
+def _resblock(p: Params, name: str, x: jax.Array) -> jax.Array:
+  h = causal_conv3d(x, p[f"{name}.conv_shortcut.weight"], p[f"{name}.conv_shortcut.bias"]) \
+      if f"{name}.conv_shortcut.weight" in p else x
+  x = jax.nn.silu(_rms_norm(x, p[f"{name}.norm1.gamma"]))
+  x = causal_conv3d(x, p[f"{name}.conv1.weight"], p[f"{name}.conv1.bias"])
+  x = jax.nn.silu(_rms_norm(x, p[f"{name}.norm2.gamma"]))
+  x = causal_conv3d(x, p[f"{name}.conv2.weight"], p[f"{name}.conv2.bias"])
+  return x + h
+
+
+def _spatial_attention(p: Params, name: str, x: jax.Array) -> jax.Array:
+  """Single-head attention among the pixels of each frame."""
+  B, T, H, W, C = x.shape
+  h = _rms_norm(x, p[f"{name}.norm.gamma"]).reshape(B * T, H * W, C)
+  qkv = jnp.einsum("bsc,cd->bsd", h, p[f"{name}.to_qkv.weight"].astype(x.dtype)) + \
+      p[f"{name}.to_qkv.bias"].astype(x.dtype)
+  q, k, v = (a[:, :, None] for a in jnp.split(qkv, 3, axis=-1))
+  o = jax.nn.dot_product_attention(q, k, v)[:, :, 0]
+  o = jnp.einsum("bsc,cd->bsd", o, p[f"{name}.proj.weight"].astype(x.dtype)) + \
+      p[f"{name}.proj.bias"].astype(x.dtype)
+  return x + o.reshape(B, T, H, W, C)
+
+
+def _upsample(p: Params, name: str, x: jax.Array, mode: str) -> jax.Array:
+  B, T, H, W, C = x.shape
+  if mode == "upsample3d" and T > 1:
+    y = causal_conv3d(x[:, 1:], p[f"{name}.time_conv.weight"], p[f"{name}.time_conv.bias"])
+    y = y.reshape(B, T - 1, H, W, 2, C).transpose(0, 1, 4, 2, 3, 5)   # channel halves -> 2 frames
+    x = jnp.concatenate([x[:, :1], y.reshape(B, 2 * (T - 1), H, W, C)], axis=1)
+    T = x.shape[1]
+  x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+  w = p[f"{name}.resample.1.weight"][None]                       # [1, 3, 3, C, C/2]
+  return causal_conv3d(x, w, p[f"{name}.resample.1.bias"])
+
+
+def decode_raw(params: Params, z: jax.Array, cfg: WanVAEConfig) -> jax.Array:
+  """Unnormalized latents z [B, T, h, w, z_dim] -> frames [B, 1+4(T-1), 8h, 8w, 3] in [-1, 1]."""
+  if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
+    raise ShapeError(f"latents must be [B, T, H, W, {cfg.z_dim}], got {z.shape}")
+  p = params
+  x = causal_conv3d(z, p["post_quant_conv.weight"], p["post_quant_conv.bias"])
+  x = causal_conv3d(x, p["decoder.conv_in.weight"], p["decoder.conv_in.bias"])
+  x = _resblock(p, "decoder.mid_block.resnets.0", x)
+  x = _spatial_attention(p, "decoder.mid_block.attentions.0", x)
+  x = _resblock(p, "decoder.mid_block.resnets.1", x)
+  _, blocks = _up_blocks(cfg)
+  for b, (_, _, mode) in enumerate(blocks):
+    for r in range(cfg.num_res_blocks + 1):
+      x = _resblock(p, f"decoder.up_blocks.{b}.resnets.{r}", x)
+    if mode:
+      x = _upsample(p, f"decoder.up_blocks.{b}.upsamplers.0", x, mode)
+  x = jax.nn.silu(_rms_norm(x, p["decoder.norm_out.gamma"]))
+  x = causal_conv3d(x, p["decoder.conv_out.weight"], p["decoder.conv_out.bias"])
+  return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
+
+
+def decode(params: Params, latents: jax.Array, cfg: WanVAEConfig) -> jax.Array:
+  """Normalized (denoiser-space) latents -> frames in [-1, 1]: z = latents·std + mean, then decode."""
+  mean = jnp.asarray(cfg.latents_mean, jnp.float32)
+  std = jnp.asarray(cfg.latents_std, jnp.float32)
+  z = latents.astype(jnp.float32) * std + mean
+  return decode_raw(params, z.astype(latents.dtype), cfg)
