@@ -64,10 +64,10 @@ def _kernel(xq_ref, xs_ref, w_ref, ws_ref, o_ref, *, m, n, bm, bn, k_steps):
 
   def body(i, acc):
     k0 = pl.multiple_of(i * BK, BK)
-    a = plgpu.load(xq_ref.at[pl.ds(m0, bm), pl.ds(k0, BK)], mask=row_ok[:, None], other=0)
+    a = plgpu.load(xq_ref.at[pl.ds(m0, bm), pl.ds(k0, BK)], mask=row_ok[:, None])
     a_s = plgpu.load(xs_ref.at[pl.ds(m0, bm), i], mask=row_ok, other=0)
     if n % bn:
-      b = plgpu.load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, BK)], mask=col_ok[:, None], other=0)
+      b = plgpu.load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, BK)], mask=col_ok[:, None])
     else:
       b = w_ref[pl.ds(n0, bn), pl.ds(k0, BK)]
     b_s = weight_scale_row(lambda j, c: ws_ref[pl.ds(j, c), i], n0, bn, n)

@@ -96,7 +96,10 @@ def _kernel(sched_ref, *refs, fmt, e, n, bm, bn, bk, k_steps):
   def load_w(ref, idx, rows_are_n):
     if masked_n:
       mask = col_ok[:, None] if rows_are_n else col_ok[None, :]
-      return plgpu.load(ref.at[idx], mask=mask, other=0)
+      # fp8 loads take no `other` (Triton cannot splat an int into f8); masked lanes only
+      # feed output columns that are never stored.
+      other = None if jnp.issubdtype(ref.dtype, jnp.floating) and ref.dtype.itemsize == 1 else 0
+      return plgpu.load(ref.at[idx], mask=mask, other=other)
     return ref[idx]
 
   @pl.when((g >= 0) & (g < e))
@@ -104,7 +107,7 @@ def _kernel(sched_ref, *refs, fmt, e, n, bm, bn, bk, k_steps):
     def body(i, acc):
       k0 = pl.multiple_of(i * bk, bk)
       if fmt == "fp8":
-        a = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=row_ok[:, None], other=0)
+        a = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=row_ok[:, None])
         a_s = plgpu.load(xs_ref.at[pl.ds(r0, bm), i], mask=row_ok, other=0)
         b = load_w(w_ref, (g, pl.ds(n0, bn), pl.ds(k0, bk)), True)
         b_s = fp8_block_matmul.weight_scale_row(

@@ -1,0 +1,436 @@
+"""Correctness on GPU and timings of the low-bit GEMM kernels against XLA peers, in one run.
+
+Peers: XLA bf16 ``jnp.dot`` (weights as separate arrays), ``jax.lax.ragged_dot`` (bf16),
+``jax.nn.scaled_dot_general`` (nvfp4 config). Ceilings (read bandwidth, bf16 and fp8 GEMM rates)
+are measured in the same run. Timing: R independent weight sets (more bytes than L2) applied in
+one jit, that jit dispatched back-to-back `iters` times, wall time / (iters * R); median of reps.
+
+  PYTHONPATH=. python3 experiments/bench_gemm.py --out=$OUT/gemm.json [--sections=...]
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+import traceback
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import fp8_block_matmul as fp8k
+from kernels import grouped_matmul as gk
+from kernels import nvfp4_matmul as nk
+from kernels.quant import fp8_block, nvfp4
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "/tmp/gemm.json", "JSON results path")
+flags.DEFINE_list("sections", ["ceil", "check", "decode", "grouped", "fp8", "prefill"],
+                  "which sections to run")
+flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
+flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
+flags.DEFINE_float("budget_s", 420.0, "skip remaining work after this many seconds")
+flags.DEFINE_integer("shrink", 1, "divide the big dims by this (CPU dry runs, with --interpret)")
+flags.DEFINE_bool("interpret", False, "run Pallas kernels in interpret mode (CPU dry run)")
+
+RESULTS: list[dict] = []
+CEIL = {"read_tbs": 3.0, "bf16_tflops": 700.0, "fp8_tflops": 820.0}
+T0 = time.time()
+
+
+def D(x: int) -> int:
+  return max(16, x // FLAGS.shrink)
+
+
+def over_budget() -> bool:
+  return time.time() - T0 > FLAGS.budget_s
+
+
+def bench(fn, argsets) -> float:
+  """Seconds per call of fn(*args), averaged over the R argsets in one jit; median of reps."""
+  f = jax.jit(lambda sets: [fn(*a) for a in sets])
+  jax.block_until_ready(f(argsets))
+  t = time.perf_counter()
+  jax.block_until_ready(f(argsets))
+  one = time.perf_counter() - t
+  iters = int(min(50, max(2, math.ceil(FLAGS.rep_seconds / max(one, 1e-6)))))
+  times = []
+  for _ in range(FLAGS.reps):
+    t = time.perf_counter()
+    out = None
+    for _ in range(iters):
+      out = f(argsets)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t) / (iters * len(argsets)))
+  return statistics.median(times)
+
+
+def rel_err(y, ref) -> float:
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  if not np.all(np.isfinite(y)):
+    return float("nan")
+  return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def record(section, name, shape, impl, seconds=None, bytes_=0, flops=0, err=None, note="",
+           error=None):
+  r = {"section": section, "name": name, "shape": shape, "impl": impl, "note": note}
+  if seconds is not None:
+    r["us"] = seconds * 1e6
+    r["tbs"] = bytes_ / seconds / 1e12 if bytes_ else None
+    r["tflops"] = flops / seconds / 1e12 if flops else None
+    floor = max(bytes_ / (CEIL["read_tbs"] * 1e12),
+                flops / (CEIL["fp8_tflops" if "fp8" in impl else "bf16_tflops"] * 1e12))
+    r["roofline_frac"] = floor / seconds if floor else None
+  if err is not None:
+    r["rel_err"] = err
+  if error is not None:
+    r["error"] = error
+  RESULTS.append(r)
+  us = f"{r['us']:9.1f}" if "us" in r else "        -"
+  print(f"[{section}] {name:28s} {impl:34s} {us} us  "
+        f"tbs={r.get('tbs') or 0:5.2f} tflops={r.get('tflops') or 0:6.1f} "
+        f"roof={r.get('roofline_frac') or 0:4.2f} err={err if err is not None else '-'} "
+        f"{note} {('ERROR ' + error) if error else ''}", flush=True)
+  save()
+  return r
+
+
+def save():
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": CEIL,
+               "results": RESULTS}, f, indent=1)
+
+
+def attempt(section, name, shape, impl, fn, argsets, bytes_=0, flops=0, ref=None, note=""):
+  """Check fn(*argsets[0]) against ref (if given), then time it; record errors, never raise."""
+  if over_budget():
+    return record(section, name, shape, impl, note="skipped (budget)")
+  try:
+    err = None
+    if ref is not None:
+      err = rel_err(jax.jit(fn)(*argsets[0]), ref() if callable(ref) else ref)
+    s = bench(fn, argsets)
+    return record(section, name, shape, impl, s, bytes_, flops, err, note)
+  except Exception as e:  # noqa: BLE001 - a failing variant must not end the run
+    msg = f"{type(e).__name__}: {e}"[:600]
+    traceback.print_exc(limit=2)
+    return record(section, name, shape, impl, note=note, error=msg)
+
+
+def keys(n):
+  return jax.random.split(jax.random.key(int(time.time() * 1e3) % 2**31), n)
+
+
+def nvfp4_sets(r, n, k, key):
+  """R independent NVFP4 weights [N, K/2] (random normal, quantized on device)."""
+  out = []
+  for kk in jax.random.split(key, r):
+    p, s, g = jax.jit(nvfp4.quantize)(jax.random.normal(kk, (n, k), jnp.float32))
+    out.append((p, s, g))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def sec_ceil():
+  x = jax.random.normal(jax.random.key(1), (D(256 * 1024 * 1024),), jnp.float32)  # 1 GiB
+  s = bench(lambda a: jnp.sum(a), [(x,)])
+  CEIL["read_tbs"] = x.nbytes / s / 1e12
+  record("ceil", "read stream 1GiB f32", "", "xla sum", s, x.nbytes)
+  del x
+  n = D(8192)
+  a = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(3), (n, n), jnp.bfloat16)
+  s = bench(lambda a, b: a @ b, [(a, b)])
+  CEIL["bf16_tflops"] = 2 * n**3 / s / 1e12
+  record("ceil", "bf16 gemm 8192^3", "", "xla dot", s, 0, 2 * n**3)
+  a8, b8 = a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e4m3fn)
+  s = bench(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
+            [(a8, b8)])
+  CEIL["fp8_tflops"] = 2 * n**3 / s / 1e12
+  record("ceil", "fp8 gemm 8192^3 (per-tensor)", "", "xla fp8 dot", s, 0, 2 * n**3)
+
+
+def sec_check():
+  """Small odd shapes: every kernel against its f32 reference on fresh random inputs."""
+  ks = iter(keys(64))
+  for m, n, k in [(1, 96, 48), (5, 200, 1040), (64, 256, 512), (100, 384, 2048), (257, 512, 768)]:
+    x = jax.random.normal(next(ks), (m, k), jnp.bfloat16)
+    p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))
+    y = nk.w4a16_matmul(x, p, s, g)
+    record("check", f"w4a16 m{m} n{n} k{k}", "", "ours",
+           err=rel_err(y, nk.w4a16_reference(x.astype(jnp.float32), p, s, g)))
+    gx = nvfp4.global_scale_for(x)
+    xq, xs = nk.quantize_activations(x, gx)
+    rq, rs = nk.quantize_activations_reference(x, gx)
+    dq = nvfp4.dequantize(xq, xs, gx)
+    dr = nvfp4.dequantize(rq, rs, gx)
+    mism = float(jnp.mean((dq != dr).astype(jnp.float32)))
+    record("check", f"nvfp4 quant m{m} k{k}", "", "ours", err=rel_err(dq, dr),
+           note=f"mismatch_frac={mism:.2e}")
+    y4 = nk.w4a4_matmul(xq, xs, gx, p, s, g)
+    record("check", f"w4a4 m{m} n{n} k{k}", "", "ours",
+           err=rel_err(y4, nk.w4a4_reference(xq, xs, gx, p, s, g, out_dtype=jnp.float32)))
+    if k % 128 == 0:
+      wq, wsi = fp8_block.quantize_weight(jax.random.normal(next(ks), (n, k)))
+      for t in [None, fp8k.Tiling(64, 256, 4, 3)] if n % 256 == 0 else [None]:
+        yf = fp8k.fp8_block_matmul(x, wq, wsi, tiling=t)
+        record("check", f"fp8 m{m} n{n} k{k} {t and t.block_n}", "", "ours",
+               err=rel_err(yf, fp8k.fp8_block_reference(x.astype(jnp.float32), wq, wsi)))
+  for t_rows, e, k, n, sizes in [(64, 8, 256, 128, [9, 0, 30, 0, 1, 20, 0, 0]),
+                                 (100, 4, 384, 200, [0, 50, 3, 40]),
+                                 (8, 3, 128, 64, [0, 0, 0])]:
+    x = jax.random.normal(next(ks), (t_rows, k), jnp.bfloat16)
+    w = jax.random.normal(next(ks), (e, k, n), jnp.float32)
+    gs = jnp.array(sizes, jnp.int32)
+    y = gk.grouped_matmul_dense(x, w.astype(jnp.bfloat16), gs)
+    record("check", f"grouped bf16 t{t_rows} e{e}", "", "ours",
+           err=rel_err(y, gk.grouped_reference(x.astype(jnp.float32), w.astype(jnp.bfloat16), gs)))
+    p, s, g = jax.vmap(lambda a: nvfp4.quantize(a.T))(w)
+    y = gk.grouped_matmul_nvfp4(x, p, s, g, gs)
+    record("check", f"grouped nvfp4 t{t_rows} e{e}", "", "ours",
+           err=rel_err(y, gk.grouped_nvfp4_reference(x.astype(jnp.float32), p, s, g, gs)))
+    wq, wsi = fp8_block.quantize_weight(jnp.swapaxes(w, 1, 2))
+    y = gk.grouped_matmul_fp8(x, wq, wsi, gs)
+    record("check", f"grouped fp8 t{t_rows} e{e}", "", "ours",
+           err=rel_err(y, gk.grouped_fp8_reference(x.astype(jnp.float32), wq, wsi, gs)))
+
+
+def _decode_tilings(m, n, k):
+  base = nk.default_tiling(m, n, k)
+  out = {"default": base}
+  for label, bn, bk in [("bn128bk128", 128, 128), ("bn32bk512", 32, 512)]:
+    t = nk.default_tiling(m, n, k)
+    bm = t.block_m
+    tiles = -(-m // bm) * (n // bn)
+    split = 1
+    while tiles * split < 264 and (k // bk) % (split * 2) == 0 and k // bk >= split * 4:
+      split *= 2
+    out[label] = nk.Tiling(bm, bn, bk, split, 4, 4)
+  out["nosplit"] = nk.Tiling(base.block_m, base.block_n, base.block_k, 1, 4, 4)
+  return out
+
+
+def sec_decode():
+  r = 16
+  for k, n in [(D(4096), D(14336)), (D(14336), D(4096))]:
+    key_w, key_x = keys(2)
+    wsets = nvfp4_sets(r, n, k, key_w)
+    bf16_w = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(key_w, r)]
+    wq_bytes = n * k // 2 + n * k // 16
+    for m in [1, 8, 32, 64]:
+      xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(key_x, r)]
+      io = m * k * 2 + m * n * 2
+      shape = f"M{m} K{k} N{n}"
+      base = attempt("decode", shape, shape, "xla bf16 dot", lambda x, w: x @ w,
+                     list(zip(xs, bf16_w)), n * k * 2 + io, 2 * m * n * k)
+      ref = nk.w4a16_reference(xs[0].astype(jnp.float32), *wsets[0])
+      best = None
+      for label, t in _decode_tilings(m, n, k).items():
+        res = attempt("decode", shape, shape, f"ours w4a16 {label}",
+                      lambda x, p, s, g, t=t: nk.w4a16_matmul(x, p, s, g, tiling=t),
+                      [(x, *w) for x, w in zip(xs, wsets)], wq_bytes + io, 2 * m * n * k, ref=ref,
+                      note=f"{t}")
+        if "us" in res and (best is None or res["us"] < best["us"]):
+          best = res
+      if best is not None and "us" in base:
+        record("decode", shape, shape, "SPEEDUP best/xla",
+               note=f"{base['us'] / best['us']:.2f}x ({best['impl']}); "
+                    f"{best['tbs'] / CEIL['read_tbs']:.0%} of read bw")
+      if m == 32 and k == D(4096):
+        gx = [nvfp4.global_scale_for(x) for x in xs]
+        q = [nk.quantize_activations(x, g) for x, g in zip(xs, gx)]
+        attempt("decode", shape, shape, "ours w4a4 (quantized x)",
+                lambda xq, xsc, xg, p, s, g: nk.w4a4_matmul(xq, xsc, xg, p, s, g),
+                [(*qq, xg, *w) for qq, xg, w in zip(q, gx, wsets)], wq_bytes + io, 2 * m * n * k)
+        cfg = jax.nn.get_scaled_dot_general_config("nvfp4")
+        attempt("decode", shape, shape, "jax.nn.scaled_dot_general nvfp4",
+                lambda x, w: jax.nn.scaled_dot_general(
+                    x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16,
+                    configs=[cfg, cfg]),
+                list(zip(xs, bf16_w))[:2], n * k * 2 + io, 2 * m * n * k)
+        attempt("decode", shape, shape, "ours nvfp4 act quant",
+                lambda x, g: nk.quantize_activations(x, g), list(zip(xs, gx)),
+                m * k * 2 + m * k // 2 + m * k // 16)
+    del wsets, bf16_w
+
+
+def sec_prefill():
+  m = k = n = D(8192)
+  key_w, key_x = keys(2)
+  wsets = nvfp4_sets(2, n, k, key_w)
+  xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(key_x, 2)]
+  bf16_w = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(key_w, 2)]
+  flops = 2 * m * n * k
+  shape = "M8192 K8192 N8192"
+  base = attempt("prefill", shape, shape, "xla bf16 dot", lambda x, w: x @ w,
+                 list(zip(xs, bf16_w)), 0, flops)
+  ref = nk.w4a16_reference(xs[0][:256].astype(jnp.float32), *wsets[0])
+  for label, t in [("128x128x64 w8 s3", nk.Tiling(128, 128, 64, 1, 8, 3)),
+                   ("128x256x64 w8 s3", nk.Tiling(128, 256, 64, 1, 8, 3)),
+                   ("128x128x128 w8 s3", nk.Tiling(128, 128, 128, 1, 8, 3)),
+                   ("128x128x64 w4 s4", nk.Tiling(128, 128, 64, 1, 4, 4))]:
+    res = attempt("prefill", shape, shape, f"ours w4a16 {label}",
+                  lambda x, p, s, g, t=t: nk.w4a16_matmul(x, p, s, g, tiling=t),
+                  [(x, *w) for x, w in zip(xs, wsets)], 0, flops, note=str(t))
+    if "us" in res:
+      y = nk.w4a16_matmul(xs[0][:256], *wsets[0], tiling=t)
+      record("prefill", shape, shape, f"check {label} (first 256 rows)", err=rel_err(y, ref))
+  attempt("prefill", shape, shape, "dequant->bf16 + xla dot",
+          lambda x, p, s, g: x @ nvfp4.dequantize(p, s, g, jnp.bfloat16).T,
+          [(x, *w) for x, w in zip(xs, wsets)], 0, flops)
+  gx = [nvfp4.global_scale_for(x) for x in xs]
+  attempt("prefill", shape, shape, "ours nvfp4 act quant",
+          lambda x, g: nk.quantize_activations(x, g), list(zip(xs, gx)),
+          m * k * 2 + m * k // 2 + m * k // 16)
+  q = [nk.quantize_activations(x, g) for x, g in zip(xs, gx)]
+  attempt("prefill", shape, shape, "ours w4a4 128x128x64",
+          lambda xq, xsc, xg, p, s, g: nk.w4a4_matmul(xq, xsc, xg, p, s, g,
+                                                       tiling=nk.Tiling(128, 128, 64, 1, 8, 3)),
+          [(*qq, xg, *w) for qq, xg, w in zip(q, gx, wsets)], 0, flops)
+  del base
+
+
+def _routing(t_rows, e, skewed):
+  if not skewed:
+    return jnp.full((e,), t_rows // e, jnp.int32)
+  sizes = np.zeros(e, np.int64)
+  probs = 1.0 / np.arange(1, e + 1) ** 1.2
+  rng = np.random.default_rng(0)
+  sizes[:] = rng.multinomial(t_rows, probs / probs.sum())
+  return jnp.asarray(rng.permutation(sizes), jnp.int32)
+
+
+def sec_grouped():
+  e, k, n = 32, D(7168), D(2048)
+  key_w, key_x = keys(2)
+  r_nv = 3
+  nv = []
+  for kk in jax.random.split(key_w, r_nv):
+    p, s, g = jax.jit(jax.vmap(lambda w: nvfp4.quantize(w)))(
+        jax.random.normal(kk, (e, n, k), jnp.float32).astype(jnp.bfloat16))
+    nv.append((p, s, g))
+  bf = [jax.random.normal(kk, (e, k, n), jnp.bfloat16) for kk in jax.random.split(key_w, 2)]
+  f8 = [jax.jit(fp8_block.quantize_weight)(jnp.swapaxes(b, 1, 2)) for b in bf]
+  for t_rows, skew in [(64, False), (64, True), (D(8192) * 2, False)]:
+    gs = _routing(t_rows, e, skew)
+    active = int(jnp.sum(gs > 0))
+    xs = [jax.random.normal(kk, (t_rows, k), jnp.bfloat16) for kk in jax.random.split(key_x, 3)]
+    io = t_rows * k * 2 + t_rows * n * 2
+    flops = 2 * t_rows * k * n
+    shape = f"T{t_rows} E{e} K{k} N{n} {'skewed' if skew else 'uniform'}"
+    base = attempt("grouped", shape, shape, "jax.lax.ragged_dot bf16",
+                   lambda x, w: jax.lax.ragged_dot(x, w, gs), list(zip(xs, bf)),
+                   active * k * n * 2 + io, flops, note=f"active={active}")
+    ref_rows = min(t_rows, 512)
+    gs_ref = gs if t_rows <= 512 else jnp.minimum(jnp.cumsum(gs), ref_rows) - jnp.minimum(
+        jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(gs)[:-1]]), ref_rows)
+    tilings = ([gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(16, 128, 128, 4, 4),
+                gk.Tiling(16, 32, 512, 4, 4)] if t_rows <= 512 else
+               [gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(128, 256, 64, 8, 3),
+                gk.Tiling(64, 128, 64, 4, 4)])
+    ref = gk.grouped_nvfp4_reference(xs[0][:ref_rows].astype(jnp.float32), *nv[0], gs_ref)
+    best = None
+    for t in tilings:
+      res = attempt("grouped", shape, shape, f"ours nvfp4 {t.block_m}x{t.block_n}x{t.block_k}",
+                    lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4(x, p, s, g, gs, tiling=t),
+                    [(x, *w) for x, w in zip(xs, nv)], active * k * n * 9 // 16 + io, flops,
+                    note=str(t))
+      if "us" in res:
+        y = gk.grouped_matmul_nvfp4(xs[0], *nv[0], gs, tiling=t)[:ref_rows]
+        record("grouped", shape, shape, f"check nvfp4 {t.block_m}x{t.block_n}", err=rel_err(y, ref))
+        if best is None or res["us"] < best["us"]:
+          best = res
+    if best is not None and "us" in base:
+      record("grouped", shape, shape, "SPEEDUP best nvfp4/ragged_dot",
+             note=f"{base['us'] / best['us']:.2f}x ({best['impl']})")
+    t_bf = gk.default_tiling(t_rows, n, e, "dense")
+    attempt("grouped", shape, shape, "ours bf16 grouped",
+            lambda x, w: gk.grouped_matmul_dense(x, w, gs, tiling=t_bf), list(zip(xs, bf)),
+            active * k * n * 2 + io, flops,
+            ref=(lambda: gk.grouped_reference(xs[0].astype(jnp.float32), bf[0], gs))
+            if t_rows <= 512 else None)
+    attempt("grouped", shape, shape, "ours fp8 grouped",
+            lambda x, w, s: gk.grouped_matmul_fp8(x, w, s, gs), [(x, *w) for x, w in zip(xs, f8)],
+            active * k * n + io, flops,
+            ref=(lambda: gk.grouped_fp8_reference(xs[0].astype(jnp.float32), *f8[0], gs))
+            if t_rows <= 512 else None)
+
+
+def sec_fp8():
+  m = n = k = D(8192)
+  key_w, key_x = keys(2)
+  xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(key_x, 2)]
+  ws = [jax.jit(fp8_block.quantize_weight)(jax.random.normal(kk, (n, k), jnp.float32))
+        for kk in jax.random.split(key_w, 2)]
+  flops = 2 * m * n * k
+  shape = "M8192 K8192 N8192"
+  ref = fp8k.fp8_block_reference(xs[0][:256].astype(jnp.float32), *ws[0])
+  for t in [fp8k.Tiling(128, 128, 8, 4), fp8k.Tiling(128, 256, 8, 3), fp8k.Tiling(128, 128, 4, 4),
+            fp8k.Tiling(64, 256, 4, 4)]:
+    res = attempt("fp8", shape, shape, f"ours fp8 block {t.block_m}x{t.block_n} w{t.num_warps}",
+                  lambda x, w, s, t=t: fp8k.fp8_block_matmul(x, w, s, tiling=t),
+                  [(x, *w) for x, w in zip(xs, ws)], 0, flops, note=str(t))
+    if "us" in res:
+      y = fp8k.fp8_block_matmul(xs[0][:256], *ws[0], tiling=t)
+      record("fp8", shape, shape, f"check {t.block_m}x{t.block_n}", err=rel_err(y, ref))
+  attempt("fp8", shape, shape, "fp8 act quant 1x128 (xla)",
+          lambda x: fp8_block.quantize_activations(x), [(x,) for x in xs], m * k * 3 + m * k // 32)
+  for m_dec in [1, 64]:
+    shp = f"M{m_dec} K{k} N{n}"
+    attempt("fp8", shp, shp, "ours fp8 block (decode)",
+            lambda x, w, s: fp8k.fp8_block_matmul(x, w, s), [(x[:m_dec], *w) for x, w in
+                                                             zip(xs, ws)],
+            n * k + n * k // 16384 * 4, 2 * m_dec * n * k,
+            ref=lambda: fp8k.fp8_block_reference(xs[0][:m_dec].astype(jnp.float32), *ws[0]))
+
+
+def main(argv):
+  del argv
+  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+  if FLAGS.interpret:
+    from jax.experimental import pallas as pl
+    original = pl.pallas_call
+
+    def forced_interpret(*args, **kwargs):
+      kwargs["interpret"] = True
+      return original(*args, **kwargs)
+    pl.pallas_call = forced_interpret
+  sections = {"ceil": sec_ceil, "check": sec_check, "decode": sec_decode,
+              "prefill": sec_prefill, "grouped": sec_grouped, "fp8": sec_fp8}
+  for name in FLAGS.sections:
+    if name not in sections:
+      continue
+    if over_budget():
+      print("budget exhausted before", name)
+      break
+    print(f"=== {name} ({time.time() - T0:.0f}s)", flush=True)
+    try:
+      sections[name]()
+    except Exception:  # noqa: BLE001
+      traceback.print_exc()
+  print("\n==== summary ====")
+  for r in RESULTS:
+    if r["section"] in ("check",) and "rel_err" in r and (r["rel_err"] != r["rel_err"]
+                                                          or r["rel_err"] > 2e-2):
+      print("BAD CHECK", r["name"], r["rel_err"])
+  for r in RESULTS:
+    if r["section"] == "check":
+      continue
+    print(f"{r['section']:8s} {r['shape']:34s} {r['impl']:38s} "
+          f"{r.get('us', float('nan')):9.1f}us tbs={r.get('tbs') or 0:5.2f} "
+          f"tf={r.get('tflops') or 0:6.1f} roof={r.get('roofline_frac') or 0:4.2f} "
+          f"err={r.get('rel_err', '-')} {r['note'] if 'SPEEDUP' in r['impl'] else ''}"
+          f"{' ERR ' + r['error'][:150] if 'error' in r else ''}")
+  print(f"total {time.time() - T0:.0f}s")
+
+
+if __name__ == "__main__":
+  app.run(main)
