@@ -38,10 +38,10 @@ def _generate() -> None:
 
   if not FLAGS.prompt:
     raise app.UsageError("--prompt is required")
-  llm = LLM(FLAGS.model, dtype=FLAGS.dtype and getattr(jnp, FLAGS.dtype))
   params = SamplingParams(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
                           top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
                           stop=tuple(FLAGS.stop))
+  llm = LLM(FLAGS.model, dtype=FLAGS.dtype and getattr(jnp, FLAGS.dtype))
   prompts = [[{"role": "user", "content": p}] for p in FLAGS.prompt] if FLAGS.chat else FLAGS.prompt
   start = time.perf_counter()
   outputs = llm.generate(prompts, params, use_tqdm=False)
