@@ -1,0 +1,458 @@
+"""Benchmark + on-GPU correctness of the attention kernels against cuDNN, XLA and jax's bundled Pallas ops.
+
+One run does everything (device time is scarce): measures the ceilings (read bandwidth, bf16/fp8 GEMM),
+checks every kernel against a float32 reference on the GPU, then times the issue's cases with a few
+tile variants each. Prints a table at the end and writes JSON to --out.
+
+  PYTHONPATH=. python3 experiments/bench_attention.py --out=$OUT/attention.json
+  PYTHONPATH=. JAX_PLATFORMS=cpu python3 experiments/bench_attention.py --smoke   # logic check, CPU
+
+Inputs are fresh normal draws (never zeros); page tables are shuffled. Every timed working set is larger
+than the 50 MB L2 (prefill q/k/v 268 MB, decode KV 1.07 GB / 134 MB, MLA latents 151-302 MB), so no
+input rotation is needed. Times are medians over repetitions of back-to-back calls (async dispatch,
+one sync per repetition), after a warm-up call that compiles.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import time
+import traceback
+
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.attention import SeqChunk, build_batch, paged_attention, reference_paged_attention
+from kernels.flash_attention import PrefillTiles, flash_prefill, reference_prefill
+from kernels.mla_attention import MLATiles, mla_decode_pallas, reference_mla_paged_attention
+from kernels.paged_decode_attention import DecodeTiles, paged_decode_attention
+
+_SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode, no peers: checks the script")
+_OUT = flags.DEFINE_string("out", "", "JSON output path")
+_ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,decode,decode_long,mla")
+
+F8 = jnp.float8_e4m3fn
+RESULTS: dict = {"rows": [], "checks": [], "errors": []}
+
+
+def _save():
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(RESULTS, f, indent=1)
+
+
+def bench(fn, *args, reps: int = 7, iters: int = 10) -> float:
+  """Median seconds per call; fewer calls per repetition for slow functions (~50 ms each)."""
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  iters = max(1, min(iters, int(0.05 / (time.perf_counter() - t0))))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / iters)
+  return statistics.median(times)
+
+
+def record(case: str, impl: str, fn, args, *, flops=None, nbytes=None, roof=None, **extra):
+  try:
+    reps, iters = (1, 1) if _SMOKE.value else (7, 10)
+    t = bench(fn, *args, reps=reps, iters=iters)
+  except Exception as e:  # a peer or variant failing must not end the run
+    msg = f"{case} / {impl}: {type(e).__name__}: {str(e)[-600:]}"
+    print("FAILED", msg)
+    RESULTS["errors"].append(msg)
+    _save()
+    return None
+  row = {"case": case, "impl": impl, "ms": t * 1e3, **extra}
+  if flops:
+    row["tflops"] = flops / t / 1e12
+    if roof:
+      row["of_roof"] = row["tflops"] / roof
+  if nbytes:
+    row["tbps"] = nbytes / t / 1e12
+    if roof:
+      row["of_roof"] = row["tbps"] / roof
+  RESULTS["rows"].append(row)
+  print(f"{case:28s} {impl:44s} {t * 1e3:9.3f} ms  " +
+        (f"{row['tflops']:7.1f} TFLOP/s " if flops else "") +
+        (f"{row['tbps']:6.2f} TB/s " if nbytes else "") +
+        (f"({row['of_roof'] * 100:5.1f}% of roof)" if "of_roof" in row else ""), flush=True)
+  _save()
+  return t
+
+
+def rel(a, b) -> float:
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def check(name: str, err: float, bound: float):
+  ok = bool(np.isfinite(err) and err < bound)
+  RESULTS["checks"].append({"name": name, "rel_err": err, "bound": bound, "ok": ok})
+  print(f"CHECK {name:50s} rel_err={err:.2e} bound={bound:.0e} {'ok' if ok else 'FAIL'}", flush=True)
+  _save()
+
+
+def guarded(fn):
+  @functools.wraps(fn)
+  def wrapped(*a, **k):
+    try:
+      return fn(*a, **k)
+    except Exception:
+      msg = f"{fn.__name__}: {traceback.format_exc()[-1500:]}"
+      print("SECTION FAILED", msg, flush=True)
+      RESULTS["errors"].append(msg)
+      _save()
+  return wrapped
+
+
+def normal(key, shape, dtype=jnp.bfloat16):
+  return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+
+
+def paged_cache(key, *, B, ctx, page_size, KV, D, dtype):
+  """Shuffled page table for B sequences of length ctx; pages [N, page, KV, D] (page 0 = null)."""
+  pps = -(-ctx // page_size)
+  n = B * pps + 1
+  perm = np.random.default_rng(key).permutation(np.arange(1, n)).reshape(B, pps)
+  kp = normal(key + 1, (n, page_size, KV, D), dtype)
+  vp = normal(key + 2, (n, page_size, KV, D), dtype)
+  return kp, vp, jnp.asarray(perm, jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------- ceilings
+@guarded
+def ceilings():
+  n = (1 << 30) if not _SMOKE.value else (1 << 16)
+  x = normal(0, (n,), jnp.float32)
+  t = record("ceiling", "read: sum over f32 array", jax.jit(jnp.sum), (x,), nbytes=4 * n)
+  RESULTS["read_tbps"] = 4 * n / t / 1e12 if t else 3.0
+  del x
+  m = 8192 if not _SMOKE.value else 128
+  a, b = normal(1, (m, m)), normal(2, (m, m))
+  t = record("ceiling", "bf16 GEMM (XLA)", jax.jit(jnp.dot), (a, b), flops=2 * m ** 3)
+  RESULTS["bf16_tflops"] = 2 * m ** 3 / t / 1e12 if t else 670.0
+  fp8_dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  t = record("ceiling", "fp8 GEMM (XLA, f32 out)", fp8_dot, (a.astype(F8), b.T.astype(F8).T),
+             flops=2 * m ** 3)
+  RESULTS["fp8_tflops"] = 2 * m ** 3 / t / 1e12 if t else 820.0
+
+
+# --------------------------------------------------------------------------------- correctness
+@guarded
+def gpu_checks():
+  """Small ragged shapes on the compiled kernels vs the float32 references."""
+  interp = _SMOKE.value
+  HQ, HKV, HM = (8, 2, 16) if interp else (32, 8, 128)   # smoke: fewer heads, same logic
+  rng = np.random.default_rng(0)
+  # prefill: ragged, chunked, GQA 4, D 128 / 64
+  for D in (128, 64):
+    q_lens, kv_lens = [300, 1, 77, 128], [1000, 513, 77, 200]
+    qs = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    T, S = 512, 1024
+    q, k, v = normal(1, (T, HQ, D)), normal(2, (4, S, HKV, D)), normal(3, (4, S, HKV, D))
+    lens = jnp.asarray(kv_lens, jnp.int32)
+    ref = reference_prefill(q, k, v, qs, lens, scale=D ** -0.5)
+    for tiles in (PrefillTiles(), PrefillTiles(128, 128, 8, 2)):
+      out = flash_prefill(q, k, v, qs, lens, scale=D ** -0.5, tiles=tiles, interpret=interp)
+      check(f"prefill bf16 D{D} {tiles.block_q}x{tiles.block_k}", rel(out, ref), 1e-2)
+    qsc = jnp.full((HQ,), 0.5)
+    ksc = jnp.asarray(rng.uniform(0.5, 2, HKV), jnp.float32)
+    q8, k8, v8 = (q / 0.5).astype(F8), (k / ksc[:, None]).astype(F8), (v / 2).astype(F8)
+    ref8 = reference_prefill(q8, k8, v8, qs, lens, scale=D ** -0.5, q_scale=qsc, k_scale=ksc,
+                             v_scale=2.0)
+    for vt in (False, True):
+      v_in = jnp.transpose(v8, (0, 2, 3, 1)) if vt else v8
+      out = flash_prefill(q8, k8, v_in, qs, lens, scale=D ** -0.5, q_scale=qsc, k_scale=ksc,
+                          v_scale=2.0, v_transposed=vt, interpret=interp)
+      check(f"prefill fp8 D{D} v_transposed={vt} (vs dequantized)", rel(out, ref8), 3e-2)
+    out = flash_prefill(q, k8, v8, qs, lens, scale=D ** -0.5, k_scale=ksc, v_scale=2.0,
+                        interpret=interp)
+    ref_kv8 = reference_prefill(q, k8, v8, qs, lens, scale=D ** -0.5, k_scale=ksc, v_scale=2.0)
+    check(f"prefill bf16 q / fp8 kv D{D}", rel(out, ref_kv8), 1.5e-2)
+  # paged decode + dispatcher: ragged, shuffled pages, 1..3 tokens, page sizes 16/64
+  for page_size in (16, 64):
+    kp, vp, _ = paged_cache(10, B=1, ctx=4096, page_size=page_size, KV=HKV, D=128,
+                            dtype=jnp.bfloat16)
+    pool = list(np.random.default_rng(page_size).permutation(np.arange(1, kp.shape[0])))
+    for chunks, T in (([(1000, 1), (0, 1), (2047, 1), (63, 1)], 4),
+                      ([(1000, 3), (0, 1), (2047, 2), (63, 1)], 8),
+                      ([(700, 300), (0, 1), (1500, 77)], 512) if not interp else
+                      ([(70, 30), (0, 1), (150, 7)], 64)):
+      seqs = [SeqChunk([int(pool[(i * 40 + j) % len(pool)]) for j in range(-(-(s + n) // page_size))],
+                       s, n) for i, (s, n) in enumerate(chunks)]
+      batch = build_batch(seqs, page_size, num_tokens=T, num_seqs=len(seqs) + 1,
+                          pages_per_seq=-(-2048 // page_size) + 1)
+      q = normal(T, (T, HQ, 128))
+      real = int(batch.query_start[-1])
+      ref = reference_paged_attention(q, kp, vp, batch, scale=128 ** -0.5)[:real]
+      out = paged_attention(q, kp, vp, batch, scale=128 ** -0.5, impl="pallas")[:real]
+      check(f"paged_attention dispatch page{page_size} T{T}", rel(out, ref), 1e-2)
+      if T == 4:
+        k8, v8 = (kp / 0.5).astype(F8), (vp / 0.5).astype(F8)
+        ref8 = reference_paged_attention(q, k8, v8, batch, scale=128 ** -0.5, k_scale=0.5,
+                                         v_scale=0.5)[:real]
+        out = paged_decode_attention(q, k8, v8, batch.page_table, batch.seq_lens,
+                                     batch.query_start, scale=128 ** -0.5, k_scale=0.5,
+                                     v_scale=0.5, tiles=DecodeTiles(splits=4), interpret=interp)
+        check(f"decode fp8 kv page{page_size} split4", rel(out[:real], ref8), 1.5e-2)
+  # MLA decode
+  lat = normal(20, (200, 64, 576))
+  pool = list(np.random.default_rng(3).permutation(np.arange(1, 200)))
+  chunks = [(1000, 1), (0, 1), (777, 2), (64, 1)]
+  seqs = [SeqChunk([int(pool.pop()) for _ in range(-(-(s + n) // 64))], s, n) for s, n in chunks]
+  batch = build_batch(seqs, 64, num_tokens=8, num_seqs=5, pages_per_seq=20)
+  ql, qr = normal(21, (8, HM, 512)), normal(22, (8, HM, 64))
+  real = int(batch.query_start[-1])
+  for lat_in, sc, name in ((lat, 1.0, "bf16"), ((lat / 0.25).astype(F8), 0.25, "fp8")):
+    ref = reference_mla_paged_attention(ql, qr, lat_in, batch, scale=0.07, latent_scale=sc)[:real]
+    for tiles in (MLATiles(), MLATiles(16, 32, 4, 2), MLATiles(64, 32, 8, 2)):
+      out = mla_decode_pallas(ql, qr, lat_in, batch.page_table, batch.seq_lens, batch.query_start,
+                              scale=0.07, latent_scale=sc, max_q=2, tiles=tiles, interpret=interp)
+      check(f"mla decode {name} bh{tiles.block_h} bk{tiles.block_k}", rel(out[:real], ref), 1e-2)
+
+
+# ------------------------------------------------------------------------------------- prefill
+@guarded
+def prefill():
+  B, S, H, KV, D = (4, 4096, 32, 8, 128) if not _SMOKE.value else (1, 256, 4, 2, 64)
+  case = f"prefill B{B} S{S} H{H}/{KV} D{D}"
+  flops = 4 * B * S * S * H * D / 2
+  q, k, v = normal(1, (B, S, H, D)), normal(2, (B, S, KV, D)), normal(3, (B, S, KV, D))
+  bf16_roof, fp8_roof = RESULTS.get("bf16_tflops"), RESULTS.get("fp8_tflops")
+  scale = D ** -0.5
+  qs = jnp.arange(B + 1, dtype=jnp.int32) * S
+  lens = jnp.full((B,), S, jnp.int32)
+  qf = q.reshape(B * S, H, D)
+  interp = _SMOKE.value
+  cudnn_out = None
+  if not _SMOKE.value:
+    cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=scale,
+                                      implementation="cudnn"))
+    record(case, "cuDNN bf16 (jax.nn.dot_product_attention)", cudnn, (q, k, v), flops=flops,
+           roof=bf16_roof)
+    try:
+      cudnn_out = cudnn(q, k, v)
+    except Exception:
+      pass
+    xla = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=scale,
+                                    implementation="xla"))
+    record(case, "XLA bf16 (jax.nn.dot_product_attention)", xla, (q, k, v), flops=flops,
+           roof=bf16_roof)
+    try:
+      from jax.experimental.pallas.ops.gpu import attention_mgpu
+      cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                        causal=True)
+      mgpu = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, cfg))
+      record(case, "jax attention_mgpu bf16 (bundled)", mgpu, (q, k, v), flops=flops,
+             roof=bf16_roof)
+    except Exception as e:
+      RESULTS["errors"].append(f"attention_mgpu: {e!r}"[:600])
+  variants = [PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 2), PrefillTiles(128, 64, 4, 3),
+              PrefillTiles(64, 64, 4, 3)]
+  if _SMOKE.value:
+    variants = [PrefillTiles(64, 64, 4, 2)]
+  for tiles in variants:
+    fn = jax.jit(functools.partial(flash_prefill, scale=scale, tiles=tiles, interpret=interp))
+    record(case, f"ours bf16 q{tiles.block_q} k{tiles.block_k} w{tiles.num_warps} "
+           f"s{tiles.num_stages}", fn, (qf, k, v, qs, lens), flops=flops, roof=bf16_roof)
+  if cudnn_out is not None:
+    out = flash_prefill(qf, k, v, qs, lens, scale=scale)
+    check("prefill bf16 bench shape vs cuDNN", rel(out, cudnn_out.reshape(B * S, H, D)), 1e-2)
+  # FP8: per-head scales from the absolute maxima (E4M3 max 448)
+  amax = lambda x, axes: jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes) / 448.0
+  qsc, ksc, vsc = amax(qf, (0, 2)), amax(k, (0, 1, 3)), amax(v, (0, 1, 3))
+  q8 = (qf / qsc[:, None]).astype(F8)
+  k8, v8 = (k / ksc[:, None]).astype(F8), (v / vsc[:, None]).astype(F8)
+  v8t = jnp.transpose(v8, (0, 2, 3, 1))
+  fp8_variants = [(PrefillTiles(128, 64, 8, 3), False), (PrefillTiles(128, 64, 8, 3), True),
+                  (PrefillTiles(128, 128, 8, 3), True), (PrefillTiles(128, 128, 8, 2), False)]
+  if _SMOKE.value:
+    fp8_variants = [(PrefillTiles(64, 64, 4, 2), True)]
+  for tiles, vt in fp8_variants:
+    fn = jax.jit(lambda q, k, v, qs, lens, a, b, c, tiles=tiles, vt=vt: flash_prefill(
+        q, k, v, qs, lens, scale=scale, q_scale=a, k_scale=b, v_scale=c, tiles=tiles,
+        interpret=interp, v_transposed=vt))
+    record(case, f"ours fp8 q{tiles.block_q} k{tiles.block_k} w{tiles.num_warps} "
+           f"s{tiles.num_stages}{' vT' if vt else ''}", fn,
+           (q8, k8, v8t if vt else v8, qs, lens, qsc, ksc, vsc), flops=flops, roof=fp8_roof)
+  if cudnn_out is not None:
+    out = flash_prefill(q8, k8, v8t, qs, lens, scale=scale, q_scale=qsc, k_scale=ksc, v_scale=vsc,
+                        v_transposed=True)
+    check("prefill fp8 bench shape vs cuDNN bf16", rel(out, cudnn_out.reshape(B * S, H, D)), 5e-2)
+
+
+# -------------------------------------------------------------------------------------- decode
+def _decode_case(B, ctx, page_size, variants, label, split_variants=()):
+  H, KV, D = 32, 8, 128
+  kp, vp, pt = paged_cache(B + ctx, B=B, ctx=ctx, page_size=page_size, KV=KV, D=D,
+                           dtype=jnp.bfloat16)
+  q = normal(5, (B, H, D))
+  lens = jnp.full((B,), ctx, jnp.int32)
+  qs = jnp.arange(B + 1, dtype=jnp.int32)
+  scale = D ** -0.5
+  read = RESULTS.get("read_tbps", 3.0)
+  nbytes = 2 * B * ctx * KV * D * 2
+  case = f"{label} B{B} ctx{ctx} page{page_size}"
+  interp = _SMOKE.value
+  if not _SMOKE.value:
+    kc = kp[pt].reshape(B, ctx, KV, D)
+    vc = vp[pt].reshape(B, ctx, KV, D)
+    xla = jax.jit(lambda q, k, v: jnp.einsum(
+        "bkgs,bskd->bkgd", jax.nn.softmax(jnp.einsum(
+            "bkgd,bskd->bkgs", q.reshape(B, KV, H // KV, D), k,
+            preferred_element_type=jnp.float32) * scale, axis=-1).astype(v.dtype), v).reshape(B, H, D))
+    record(case, "XLA einsum, contiguous KV bf16", xla, (q, kc, vc), nbytes=nbytes, roof=read)
+    ref = xla(q, kc, vc)
+    try:
+      from jax.experimental.pallas.ops.gpu import decode_attention
+      gqa = jax.jit(functools.partial(decode_attention.gqa, sm_scale=scale))
+      record(case, "jax decode_attention.gqa (bundled, contiguous)", gqa, (q, kc, vc),
+             nbytes=nbytes, roof=read)
+    except Exception as e:
+      RESULTS["errors"].append(f"decode_attention.gqa: {e!r}"[:600])
+    del kc, vc
+    try:
+      from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+      kt, vt = jnp.transpose(kp, (2, 0, 1, 3)), jnp.transpose(vp, (2, 0, 1, 3))
+      for ppcb, ks in ((max(1, 128 // page_size), 16), (max(1, 64 // page_size), 8)):
+        if pt.shape[1] % ks or (pt.shape[1] // ks) % ppcb:
+          continue
+        fn = jax.jit(functools.partial(jpa.paged_attention, pages_per_compute_block=ppcb,
+                                       k_splits=ks))
+        record(case, f"jax paged_attention (bundled) ppcb{ppcb} splits{ks}", fn,
+               (q, kt, vt, pt, lens), nbytes=nbytes, roof=read)
+      del kt, vt
+    except Exception as e:
+      RESULTS["errors"].append(f"bundled paged_attention: {e!r}"[:600])
+  best = None
+  for tiles in variants:
+    fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, tiles=tiles,
+                                   interpret=interp))
+    t = record(case, f"ours bf16 bk{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages} "
+               f"splits{tiles.splits or 'auto'}", fn, (q, kp, vp, pt, lens, qs), nbytes=nbytes,
+               roof=read)
+    if t and (best is None or t < best[0]):
+      best = (t, tiles)
+  if not _SMOKE.value and best:
+    check(f"{case} ours bf16 vs XLA", rel(paged_decode_attention(
+        q, kp, vp, pt, lens, qs, scale=scale, tiles=best[1]), ref), 1e-2)
+  kp8, vp8 = kp.astype(F8), vp.astype(F8)
+  best8 = None
+  for tiles in variants:
+    fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, tiles=tiles,
+                                   interpret=interp))
+    t = record(case, f"ours fp8 KV bk{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages} "
+               f"splits{tiles.splits or 'auto'}", fn, (q, kp8, vp8, pt, lens, qs),
+               nbytes=nbytes // 2, roof=read)
+    if t and (best8 is None or t < best8[0]):
+      best8 = (t, tiles)
+  if best and best8:
+    RESULTS.setdefault("derived", {})[f"{case} fp8/bf16 step time"] = best8[0] / best[0]
+    print(f"{case}: best fp8 step / best bf16 step = {best8[0] / best[0]:.3f}")
+
+
+@guarded
+def decode():
+  if _SMOKE.value:
+    return _decode_case(4, 256, 64, [DecodeTiles(64, 4, 2)], "decode")
+  variants = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(64, 8, 4),
+              DecodeTiles(32, 4, 4)]
+  _decode_case(64, 4096, 64, variants, "decode")
+  _decode_case(64, 4096, 16, variants[:1], "decode")
+
+
+@guarded
+def decode_long():
+  if _SMOKE.value:
+    return _decode_case(1, 1024, 64, [DecodeTiles(64, 4, 2, splits=4)], "decode split-K")
+  _decode_case(1, 32768, 64, [DecodeTiles(64, 4, 3), DecodeTiles(64, 4, 3, splits=16),
+                              DecodeTiles(128, 4, 3, splits=64), DecodeTiles(64, 4, 3, splits=64)],
+               "decode split-K")
+
+
+# ---------------------------------------------------------------------------------------- MLA
+@guarded
+def mla():
+  B, ctx, H, R, Dr, ps = (64, 4096, 128, 512, 64, 64) if not _SMOKE.value else (2, 256, 16, 64,
+                                                                                  16, 64)
+  pps = ctx // ps
+  lat = normal(30, (B * pps + 1, ps, R + Dr))
+  pt = jnp.asarray(np.random.default_rng(1).permutation(np.arange(1, B * pps + 1)).reshape(B, pps),
+                   jnp.int32)
+  ql, qr = normal(31, (B, H, R)), normal(32, (B, H, Dr))
+  lens = jnp.full((B,), ctx, jnp.int32)
+  qs = jnp.arange(B + 1, dtype=jnp.int32)
+  read = RESULTS.get("read_tbps", 3.0)
+  interp = _SMOKE.value
+  variants = [MLATiles(32, 32, 8, 2), MLATiles(16, 32, 4, 2), MLATiles(64, 32, 8, 2),
+              MLATiles(32, 64, 8, 2), MLATiles(128, 16, 8, 2)]
+  if _SMOKE.value:
+    variants = [MLATiles(16, 32, 4, 2)]
+  batch = build_batch([SeqChunk(list(np.asarray(pt[b])), ctx - 1, 1) for b in range(B)], ps,
+                      num_tokens=B, num_seqs=B, pages_per_seq=pps)
+  for lat_in, sc, name in ((lat.astype(F8), 0.5, "fp8"), (lat, 1.0, "bf16")):
+    case = f"MLA decode {name} B{B} ctx{ctx} H{H}"
+    nbytes = B * ctx * (R + Dr) * lat_in.dtype.itemsize
+    if not _SMOKE.value:
+      ref_fn = jax.jit(functools.partial(reference_mla_paged_attention, scale=0.07,
+                                         latent_scale=sc))
+      record(case, "XLA reference (gather + einsum, f32)", ref_fn, (ql, qr, lat_in, batch),
+             nbytes=nbytes, roof=read)
+    best = None
+    for tiles in (variants if name == "fp8" else variants[:2]):
+      fn = jax.jit(functools.partial(mla_decode_pallas, scale=0.07, latent_scale=sc, tiles=tiles,
+                                     interpret=interp))
+      t = record(case, f"ours bh{tiles.block_h} bk{tiles.block_k} w{tiles.num_warps} "
+                 f"s{tiles.num_stages}", fn, (ql, qr, lat_in, pt, lens, qs), nbytes=nbytes,
+                 roof=read)
+      if t and (best is None or t < best[0]):
+        best = (t, tiles)
+    if best and not _SMOKE.value:
+      out = mla_decode_pallas(ql, qr, lat_in, pt, lens, qs, scale=0.07, latent_scale=sc,
+                              tiles=best[1])
+      check(f"{case} ours vs reference", rel(out, ref_fn(ql, qr, lat_in, batch)), 1e-2)
+
+
+SECTIONS = {"ceilings": ceilings, "check": gpu_checks, "prefill": prefill, "decode": decode,
+            "decode_long": decode_long, "mla": mla}
+
+
+def main(argv):
+  del argv
+  RESULTS["device"] = str(jax.devices()[0].device_kind)
+  RESULTS["jax"] = jax.__version__
+  RESULTS["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  print(RESULTS["device"], RESULTS["jax"], RESULTS["date"], flush=True)
+  for name, fn in SECTIONS.items():
+    if not _ONLY.value or name in _ONLY.value:
+      t0 = time.time()
+      fn()
+      print(f"-- section {name} took {time.time() - t0:.0f} s", flush=True)
+  print("\n== summary ==")
+  for r in RESULTS["rows"]:
+    perf = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r.get('tbps', 0):.2f} TB/s"
+    roof = f" {r['of_roof'] * 100:.0f}%" if "of_roof" in r else ""
+    print(f"{r['case']:30s} {r['impl']:46s} {r['ms']:8.3f} ms {perf}{roof}")
+  bad = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
+  print(f"checks: {len(RESULTS['checks']) - len(bad)} ok, failed: {bad}")
+  print(f"errors: {len(RESULTS['errors'])}")
+  for e in RESULTS["errors"]:
+    print("  ", e[-400:].replace("\n", " | "))
+  print("derived:", RESULTS.get("derived"))
+  _save()
+
+
+if __name__ == "__main__":
+  app.run(main)
