@@ -13,6 +13,7 @@ from jaxinfer.errors import CheckpointError, ShapeError
 from jaxinfer.models import wan_dit
 
 GOLDEN = Path(__file__).parent / "goldens" / "wan" / "dit.npz"
+_forward = jax.jit(wan_dit.forward, static_argnums=4, static_argnames=("dtype", "return_cache"))
 
 
 def _golden():
@@ -41,7 +42,7 @@ def test_matches_diffusers_float32(tmp_path):
   assert cfg.num_layers == 2 and cfg.head_dim == 12
   latents = jnp.asarray(z["hidden_states"].transpose(0, 2, 3, 4, 1))      # -> [B, F, H, W, C]
   out = jnp.full(latents.shape, jnp.nan)
-  out = wan_dit.forward(params, latents, jnp.asarray(z["timestep"]), jnp.asarray(z["encoder_hidden_states"]),
+  out = _forward(params, latents, jnp.asarray(z["timestep"]), jnp.asarray(z["encoder_hidden_states"]),
                         cfg, dtype=jnp.float32)
   ref = z["output"].transpose(0, 2, 3, 4, 1)
   assert np.isfinite(np.asarray(out)).all()
@@ -53,7 +54,7 @@ def test_bf16_close_to_float32():
   cfg = wan_dit.WanDiTConfig.from_diffusers(hf_cfg)
   params = diffusers_wan.convert_dit(state.__getitem__, cfg, jnp.bfloat16)
   latents = jnp.asarray(z["hidden_states"].transpose(0, 2, 3, 4, 1))
-  out = wan_dit.forward(params, latents, jnp.asarray(z["timestep"]), jnp.asarray(z["encoder_hidden_states"]),
+  out = _forward(params, latents, jnp.asarray(z["timestep"]), jnp.asarray(z["encoder_hidden_states"]),
                         cfg, dtype=jnp.bfloat16)
   assert _rel(out, z["output"].transpose(0, 2, 3, 4, 1)) < 3e-2
 
@@ -67,10 +68,10 @@ def test_step_cache_reuses_deep_residual():
   lat = jax.random.normal(k1, (1, 2, 4, 4, 4))
   text = jax.random.normal(k2, (1, 3, 8))
   t = jnp.array([500.0])
-  full, cache = wan_dit.forward(params, lat, t, text, cfg, dtype=jnp.float32, return_cache=True)
-  cached = wan_dit.forward(params, lat, t, text, cfg, dtype=jnp.float32, cache=cache)
+  full, cache = _forward(params, lat, t, text, cfg, dtype=jnp.float32, return_cache=True)
+  cached = _forward(params, lat, t, text, cfg, dtype=jnp.float32, cache=cache)
   assert _rel(cached, full) < 1e-5
-  other = wan_dit.forward(params, lat, jnp.array([100.0]), text, cfg, dtype=jnp.float32, cache=cache)
+  other = _forward(params, lat, jnp.array([100.0]), text, cfg, dtype=jnp.float32, cache=cache)
   assert _rel(other, full) > 1e-3      # the cache does not make the step ignore its inputs
 
 

@@ -70,9 +70,8 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_dist
   buckets = (rel > 0).astype(np.int64) * half
   rel = np.abs(rel)
   max_exact = half // 2
-  with np.errstate(divide="ignore"):
-    large = max_exact + (np.log(rel.astype(np.float32) / max_exact) / math.log(max_distance / max_exact)
-                         * (half - max_exact)).astype(np.int64)
+  log_ratio = np.log(np.maximum(rel, 1).astype(np.float32) / max_exact) / math.log(max_distance / max_exact)
+  large = max_exact + (log_ratio * (half - max_exact)).astype(np.int64)
   large = np.minimum(large, half - 1)
   return (buckets + np.where(rel < max_exact, rel, large)).astype(np.int32)
 

@@ -280,6 +280,7 @@ def head(params: Params, x: jax.Array, temb: jax.Array, cfg: WanDiTConfig) -> ja
   return _dense(x, params["proj_out_w"], params["proj_out_b"])
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepCache:
   """First-block cache: the residual the blocks after the first added on the last full step."""
