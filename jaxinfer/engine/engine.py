@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 import uuid
@@ -27,6 +28,18 @@ from jaxinfer.errors import InvalidRequestError, PromptTooLongError
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.models import llama
 from jaxinfer.sampling import SamplingBatch, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+  shape: tuple[int, int, int]   # bucketed (tokens, sequences, pages per sequence)
+  num_seqs: int
+  num_tokens: int
+  num_decode: int               # sequences that took a single decode token
+
+  @property
+  def decode_only(self) -> bool:
+    return self.num_decode == self.num_seqs
 
 
 class TokenizerLike(Protocol):
@@ -50,6 +63,7 @@ class EngineConfig:
   min_token_bucket: int = 8
   min_seq_bucket: int = 8
   min_page_bucket: int = 8
+  token_buckets: tuple[int, ...] | None = None  # explicit step-token ladder (last = the budget)
 
 
 class LLMEngine:
@@ -76,12 +90,17 @@ class LLMEngine:
         max_pages_per_seq=min(-(-max_model_len // cache.page_size), cache.num_pages - 1),
         min_tokens=config.min_token_bucket, min_seqs=config.min_seq_bucket,
         min_pages=config.min_page_bucket)
+    if config.token_buckets:
+      if max(config.token_buckets) != config.max_num_batched_tokens:
+        raise ValueError("token_buckets must end at max_num_batched_tokens")
+      self.buckets = dataclasses.replace(self.buckets, tokens=tuple(sorted(config.token_buckets)))
     self.metrics = metrics if metrics is not None else EngineMetrics()
     self.metrics.kv_pages_total.set(self.allocator.capacity)
     self.clock = clock
     self._requests: dict[str, Request] = {}
     self._eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
     self.num_steps = 0
+    self.last_step: StepStats | None = None
     self.compiled_shapes: set[tuple[int, int, int]] = set()
 
   @classmethod
@@ -192,6 +211,9 @@ class LLMEngine:
         [c.request.params if done else None for c, done in zip(chunks, completes)],
         [len(c.request.output_token_ids) for c in chunks], shape[1])
     self.compiled_shapes.add(shape)
+    self.last_step = StepStats(shape, len(chunks),
+                               sum(c.num_tokens for c in chunks),
+                               sum(1 for c in chunks if c.num_tokens == 1 and c.completes))
     tokens, logprobs, self.cache = step_jit(self.params, hb.tokens, self.cache, hb.batch, sb,
                                             forward=self.forward)
     tokens, logprobs = jax.device_get((tokens, logprobs))
@@ -299,13 +321,22 @@ class LLMEngine:
           finals[out.request_id] = out
     return finals
 
-  def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> None:
-    """Compiles the step for ``shapes`` (default: every bucket combination) with a throwaway batch
-    that writes only the null page."""
-    for T, B, P in (shapes or self.buckets.all_shapes()):
-      hb = build_host_batch([], self.page_size, (T, B, P))
-      sb = SamplingBatch.from_params([], [], B)
-      _, _, self.cache = step_jit(self.params, hb.tokens, self.cache, hb.batch, sb,
-                                  forward=self.forward)
-      self.compiled_shapes.add((T, B, P))
-    jax.block_until_ready(self.cache)
+  def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None,
+             num_threads: int = 1) -> None:
+    """Compiles the step for ``shapes`` (default: every bucket combination) ahead of time; with
+    ``num_threads`` > 1 the XLA compilations run concurrently. The compiled executables land in
+    the jit cache, so serving then never compiles for these shapes."""
+    shapes = list(shapes or self.buckets.all_shapes())
+
+    def compile_one(shape):
+      hb = build_host_batch([], self.page_size, shape)
+      sb = SamplingBatch.from_params([], [], shape[1])
+      step_jit.lower(self.params, hb.tokens, self.cache, hb.batch, sb,
+                     forward=self.forward).compile()
+      return shape
+
+    if num_threads > 1:
+      with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        self.compiled_shapes.update(pool.map(compile_one, shapes))
+    else:
+      self.compiled_shapes.update(map(compile_one, shapes))
