@@ -231,7 +231,7 @@ def run_jax() -> dict:
   result["compiled_shapes"] = [s for _, s in shapes]
   logging.info("compiled %d shapes in %.1fs", len(shapes), result["compile_s"])
   if _WAIT_FOR.value:
-    deadline = time.perf_counter() + 180
+    deadline = time.perf_counter() + 100
     while not os.path.exists(_WAIT_FOR.value) and time.perf_counter() < deadline:
       time.sleep(0.5)
     result["waited_for_peer_s"] = time.perf_counter() - t - result["compile_s"]
