@@ -1,10 +1,15 @@
 """Serving benchmark: concurrency sweep and Poisson arrivals through the jaxinfer engine, and the same
 closed-loop sweep through HF transformers (static cache) as the peer.
 
-  # on the GPU machine, one process per framework (they would fight over GPU memory), then the report:
+  # on the GPU machine: one process per framework, one after the other (never overlapped: each
+  # would contend for the GPU and the host cores of the other), then the report:
   python3 experiments/bench_serving.py --engine=hf  --out=$OUT/hf.json
   python3 experiments/bench_serving.py --engine=jax --out=$OUT/jax.json
   python3 experiments/bench_serving.py --engine=report --jax_json=... --hf_json=... --out=...
+
+HF transformers auto-compiles the decode step when given a static cache; --hf_compile=false (the
+default) passes ``disable_compile=True`` so the timed runs are eager and compile-free; with
+--hf_compile the warm-up uses the timed lengths so the compiled graphs are reused.
 
 Closed loop at concurrency c: c users, each sends its next request when the previous one finishes,
 until ``requests_per_user * c`` requests are done. Poisson: open-loop arrivals at --poisson_rate.
@@ -46,8 +51,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed")
 _OUT = flags.DEFINE_string("out", "/tmp/bench_serving.json", "JSON output (report: .md/.png prefix)")
 _JAX_JSON = flags.DEFINE_string("jax_json", None, "report: the jax run's JSON")
 _HF_JSON = flags.DEFINE_string("hf_json", None, "report: the HF run's JSON")
-_WAIT_FOR = flags.DEFINE_string("wait_for", None, "jax: after compiling, wait (bounded) for this file "
-                                "before timing, so a peer running meanwhile is done with the GPU")
+_HF_COMPILE = flags.DEFINE_bool("hf_compile", False, "let transformers torch.compile the decode step")
 
 T_START = time.perf_counter()
 
@@ -114,10 +118,10 @@ def measure_device_ceilings() -> dict:
   add = jax.jit(lambda x: x + 1)
   jax.block_until_ready([add(b) for b in bufs])
   times = []
-  for i in range(30):
+  for _ in range(5):  # 10 back-to-back launches per sample: the host sync is amortised
     t = time.perf_counter()
-    jax.block_until_ready(add(bufs[i % 3]))
-    times.append(time.perf_counter() - t)
+    jax.block_until_ready([add(bufs[i % 3]) for i in range(10)])
+    times.append((time.perf_counter() - t) / 10)
   bw = 2 * n * 2 / float(np.median(times))
   del bufs
   m = 8192
@@ -126,10 +130,10 @@ def measure_device_ceilings() -> dict:
   mm = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(mm(a, b))
   times = []
-  for _ in range(10):
+  for _ in range(5):
     t = time.perf_counter()
-    jax.block_until_ready(mm(a, b))
-    times.append(time.perf_counter() - t)
+    jax.block_until_ready([mm(a, b) for _ in range(10)])
+    times.append((time.perf_counter() - t) / 10)
   return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": 2 * m ** 3 / float(np.median(times))}
 
 
@@ -230,11 +234,6 @@ def run_jax() -> dict:
   result["compile_s"] = time.perf_counter() - t
   result["compiled_shapes"] = [s for _, s in shapes]
   logging.info("compiled %d shapes in %.1fs", len(shapes), result["compile_s"])
-  if _WAIT_FOR.value:
-    deadline = time.perf_counter() + 100
-    while not os.path.exists(_WAIT_FOR.value) and time.perf_counter() < deadline:
-      time.sleep(0.5)
-    result["waited_for_peer_s"] = time.perf_counter() - t - result["compile_s"]
   if on_gpu:
     result["ceilings"] = measure_device_ceilings()
     logging.info("ceilings %s", result["ceilings"])
@@ -296,7 +295,7 @@ def run_hf() -> dict:
             "torch_version": torch.__version__,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "model": _MODEL.value, "input_len": _INPUT.value, "output_len": _OUTPUT.value,
-            "cache": "static", "torch_compile": False, "levels": {}}
+            "cache": "static", "torch_compile": _HF_COMPILE.value, "levels": {}}
   rng = np.random.default_rng(_SEED.value)
 
   def gen(ids, n):
@@ -305,7 +304,7 @@ def run_hf() -> dict:
     with torch.inference_mode():
       out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                            min_new_tokens=n, do_sample=False, cache_implementation="static",
-                           pad_token_id=0)
+                           pad_token_id=0, disable_compile=not _HF_COMPILE.value)
     sync()
     assert out.shape[1] == ids.shape[1] + n
     return time.perf_counter() - t
@@ -316,7 +315,8 @@ def run_hf() -> dict:
       result.setdefault("skipped_levels", []).append(c)
       continue
     ids = torch.tensor(rng.integers(1, shape["vocab_size"], (c, _INPUT.value)), device=device)
-    gen(ids, 4)                                 # warm-up
+    gen(ids, 1)                                 # warm-up (with --hf_compile: compiles these lengths)
+    gen(ids, _OUTPUT.value)
     ttft = gen(ids, 1)
     total = gen(ids, _OUTPUT.value)
     tpot = (total - ttft) / (_OUTPUT.value - 1)

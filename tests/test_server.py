@@ -212,7 +212,7 @@ def test_jaxinfer_serve_binary_serves_and_shuts_down_on_sigterm():
   proc = subprocess.Popen(
       [sys.executable, "-m", "jaxinfer.server.main", "--model=toy", f"--port={port}",
        "--max_batch=8", "--max_num_batched_tokens=32", "--chunk_size=16", "--kv_pages=64",
-       "--page_size=8"],
+       "--page_size=8", "--max_model_len=64"],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   try:
     lines = []
