@@ -9,6 +9,7 @@ one jit, that jit dispatched back-to-back `iters` times, wall time / (iters * R)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,16 +29,18 @@ from kernels.quant import fp8_block, nvfp4
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/gemm.json", "JSON results path")
-flags.DEFINE_list("sections", ["ceil", "check", "decode", "grouped", "fp8", "prefill"],
+flags.DEFINE_list("sections", ["ceil", "check", "decode", "fp8", "prefill", "grouped"],
                   "which sections to run")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
 flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
 flags.DEFINE_float("budget_s", 420.0, "skip remaining work after this many seconds")
 flags.DEFINE_integer("shrink", 1, "divide the big dims by this (CPU dry runs, with --interpret)")
+flags.DEFINE_bool("short", False, "fewer shapes and variants (second, shorter device run)")
 flags.DEFINE_bool("interpret", False, "run Pallas kernels in interpret mode (CPU dry run)")
 
 RESULTS: list[dict] = []
-CEIL = {"read_tbs": 3.0, "bf16_tflops": 700.0, "fp8_tflops": 820.0}
+# Overwritten by the "ceil" section; defaults are run 1's measurements on the H100 (2026-11-23).
+CEIL = {"read_tbs": 3.05, "bf16_tflops": 707.0, "fp8_tflops": 1247.0}
 T0 = time.time()
 
 
@@ -161,7 +164,8 @@ def sec_ceil():
 def sec_check():
   """Small odd shapes: every kernel against its f32 reference on fresh random inputs."""
   ks = iter(keys(64))
-  for m, n, k in [(1, 96, 48), (5, 200, 1040), (64, 256, 512), (100, 384, 2048), (257, 512, 768)]:
+  shapes = [(1, 96, 48), (5, 200, 1040), (64, 256, 512), (100, 384, 2048), (257, 512, 768)]
+  for m, n, k in shapes[:2] if FLAGS.short else shapes:
     x = jax.random.normal(next(ks), (m, k), jnp.bfloat16)
     p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))
     y = nk.w4a16_matmul(x, p, s, g)
@@ -186,7 +190,7 @@ def sec_check():
                err=rel_err(yf, fp8k.fp8_block_reference(x.astype(jnp.float32), wq, wsi)))
   for t_rows, e, k, n, sizes in [(64, 8, 256, 128, [9, 0, 30, 0, 1, 20, 0, 0]),
                                  (100, 4, 384, 200, [0, 50, 3, 40]),
-                                 (8, 3, 128, 64, [0, 0, 0])]:
+                                 (8, 3, 128, 64, [0, 0, 0])][:1 if FLAGS.short else 3]:
     x = jax.random.normal(next(ks), (t_rows, k), jnp.bfloat16)
     w = jax.random.normal(next(ks), (e, k, n), jnp.float32)
     gs = jnp.array(sizes, jnp.int32)
@@ -215,6 +219,11 @@ def _decode_tilings(m, n, k):
       split *= 2
     out[label] = nk.Tiling(bm, bn, bk, split, 4, 4)
   out["nosplit"] = nk.Tiling(base.block_m, base.block_n, base.block_k, 1, 4, 4)
+  out = {**out, **{f"{name} even/odd": dataclasses.replace(t, x_even_odd=True)
+                   for name, t in out.items()}}
+  if FLAGS.short:
+    out = {name: out[name] for name in ["default", "default even/odd", "bn128bk128 even/odd",
+                                        "nosplit even/odd"]}
   return out
 
 
@@ -225,7 +234,7 @@ def sec_decode():
     wsets = nvfp4_sets(r, n, k, key_w)
     bf16_w = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(key_w, r)]
     wq_bytes = n * k // 2 + n * k // 16
-    for m in [1, 8, 32, 64]:
+    for m in ([1, 64] if k == D(4096) else [32]) if FLAGS.short else [1, 8, 32, 64]:
       xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(key_x, r)]
       io = m * k * 2 + m * n * 2
       shape = f"M{m} K{k} N{n}"
@@ -244,7 +253,7 @@ def sec_decode():
         record("decode", shape, shape, "SPEEDUP best/xla",
                note=f"{base['us'] / best['us']:.2f}x ({best['impl']}); "
                     f"{best['tbs'] / CEIL['read_tbs']:.0%} of read bw")
-      if m == 32 and k == D(4096):
+      if m == 32 and k == D(4096) and not FLAGS.short:
         gx = [nvfp4.global_scale_for(x) for x in xs]
         q = [nk.quantize_activations(x, g) for x, g in zip(xs, gx)]
         attempt("decode", shape, shape, "ours w4a4 (quantized x)",
@@ -273,10 +282,11 @@ def sec_prefill():
   base = attempt("prefill", shape, shape, "xla bf16 dot", lambda x, w: x @ w,
                  list(zip(xs, bf16_w)), 0, flops)
   ref = nk.w4a16_reference(xs[0][:256].astype(jnp.float32), *wsets[0])
-  for label, t in [("128x128x64 w8 s3", nk.Tiling(128, 128, 64, 1, 8, 3)),
-                   ("128x256x64 w8 s3", nk.Tiling(128, 256, 64, 1, 8, 3)),
-                   ("128x128x128 w8 s3", nk.Tiling(128, 128, 128, 1, 8, 3)),
-                   ("128x128x64 w4 s4", nk.Tiling(128, 128, 64, 1, 4, 4))]:
+  tilings = [("128x128x64 w8 s3", nk.Tiling(128, 128, 64, 1, 8, 3)),
+             ("128x256x64 w8 s3", nk.Tiling(128, 256, 64, 1, 8, 3)),
+             ("128x128x128 w8 s3", nk.Tiling(128, 128, 128, 1, 8, 3)),
+             ("128x128x64 w4 s4", nk.Tiling(128, 128, 64, 1, 4, 4))]
+  for label, t in tilings[:2] if FLAGS.short else tilings:
     res = attempt("prefill", shape, shape, f"ours w4a16 {label}",
                   lambda x, p, s, g, t=t: nk.w4a16_matmul(x, p, s, g, tiling=t),
                   [(x, *w) for x, w in zip(xs, wsets)], 0, flops, note=str(t))
@@ -287,6 +297,8 @@ def sec_prefill():
           lambda x, p, s, g: x @ nvfp4.dequantize(p, s, g, jnp.bfloat16).T,
           [(x, *w) for x, w in zip(xs, wsets)], 0, flops)
   gx = [nvfp4.global_scale_for(x) for x in xs]
+  if FLAGS.short:
+    return
   attempt("prefill", shape, shape, "ours nvfp4 act quant",
           lambda x, g: nk.quantize_activations(x, g), list(zip(xs, gx)),
           m * k * 2 + m * k // 2 + m * k // 16)
@@ -319,7 +331,8 @@ def sec_grouped():
     nv.append((p, s, g))
   bf = [jax.random.normal(kk, (e, k, n), jnp.bfloat16) for kk in jax.random.split(key_w, 2)]
   f8 = [jax.jit(fp8_block.quantize_weight)(jnp.swapaxes(b, 1, 2)) for b in bf]
-  for t_rows, skew in [(64, False), (64, True), (D(8192) * 2, False)]:
+  cases = [(64, False), (64, True), (D(8192), False)]
+  for t_rows, skew in cases[1:] if FLAGS.short else cases:
     gs = _routing(t_rows, e, skew)
     active = int(jnp.sum(gs > 0))
     xs = [jax.random.normal(kk, (t_rows, k), jnp.bfloat16) for kk in jax.random.split(key_x, 3)]
@@ -332,14 +345,14 @@ def sec_grouped():
     ref_rows = min(t_rows, 512)
     gs_ref = gs if t_rows <= 512 else jnp.minimum(jnp.cumsum(gs), ref_rows) - jnp.minimum(
         jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(gs)[:-1]]), ref_rows)
-    tilings = ([gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(16, 128, 128, 4, 4),
-                gk.Tiling(16, 32, 512, 4, 4)] if t_rows <= 512 else
-               [gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(128, 256, 64, 8, 3),
-                gk.Tiling(64, 128, 64, 4, 4)])
+    tilings = ([gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(16, 64, 256, 4, 4, True),
+                gk.Tiling(16, 128, 128, 4, 4, True)] if t_rows <= 512 else
+               [gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(128, 256, 64, 8, 3)])
     ref = gk.grouped_nvfp4_reference(xs[0][:ref_rows].astype(jnp.float32), *nv[0], gs_ref)
     best = None
     for t in tilings:
-      res = attempt("grouped", shape, shape, f"ours nvfp4 {t.block_m}x{t.block_n}x{t.block_k}",
+      res = attempt("grouped", shape, shape, f"ours nvfp4 {t.block_m}x{t.block_n}x{t.block_k}"
+                    f"{' eo' if t.x_even_odd else ''}",
                     lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4(x, p, s, g, gs, tiling=t),
                     [(x, *w) for x, w in zip(xs, nv)], active * k * n * 9 // 16 + io, flops,
                     note=str(t))
@@ -373,8 +386,9 @@ def sec_fp8():
   flops = 2 * m * n * k
   shape = "M8192 K8192 N8192"
   ref = fp8k.fp8_block_reference(xs[0][:256].astype(jnp.float32), *ws[0])
-  for t in [fp8k.Tiling(128, 128, 8, 4), fp8k.Tiling(128, 256, 8, 3), fp8k.Tiling(128, 128, 4, 4),
-            fp8k.Tiling(64, 256, 4, 4)]:
+  tilings = [fp8k.Tiling(128, 128, 8, 4), fp8k.Tiling(128, 256, 8, 3), fp8k.Tiling(128, 128, 4, 4),
+             fp8k.Tiling(64, 256, 4, 4)]
+  for t in tilings[:2] if FLAGS.short else tilings:
     res = attempt("fp8", shape, shape, f"ours fp8 block {t.block_m}x{t.block_n} w{t.num_warps}",
                   lambda x, w, s, t=t: fp8k.fp8_block_matmul(x, w, s, tiling=t),
                   [(x, *w) for x, w in zip(xs, ws)], 0, flops, note=str(t))

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul
-from kernels.nvfp4_matmul import _pow2_divisor, dequant_tile
+from kernels.nvfp4_matmul import dequant_halves, dequant_tile, even_odd_columns, k_block
 from kernels.quant import fp8_block, nvfp4
 
 
@@ -41,6 +41,7 @@ class Tiling:
   block_k: int = 128
   num_warps: int = 4
   num_stages: int = 3
+  x_even_odd: bool = False   # NVFP4 only: see kernels/nvfp4_matmul.Tiling
 
 
 def default_tiling(t: int, n: int, num_groups: int, fmt: str) -> Tiling:
@@ -76,7 +77,7 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Ar
   return jnp.stack([group, jnp.where(valid, row_start, 0), jnp.where(valid, ends_all[gc], 0)])
 
 
-def _kernel(sched_ref, *refs, fmt, e, n, bm, bn, bk, k_steps):
+def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_odd):
   if fmt == "nvfp4":
     x_ref, wq_ref, ws_ref, gs_ref, o_ref = refs
   elif fmt == "fp8":
@@ -91,16 +92,19 @@ def _kernel(sched_ref, *refs, fmt, e, n, bm, bn, bk, k_steps):
   row_ok = (r0 + jnp.arange(bm)) < r1
   col_ok = (n0 + jnp.arange(bn)) < n
   out_mask = row_ok[:, None] & col_ok[None, :]
-  masked_n = n % bn != 0
 
-  def load_w(ref, idx, rows_are_n):
-    if masked_n:
-      mask = col_ok[:, None] if rows_are_n else col_ok[None, :]
-      # fp8 loads take no `other` (Triton cannot splat an int into f8); masked lanes only
-      # feed output columns that are never stored.
-      other = None if jnp.issubdtype(ref.dtype, jnp.floating) and ref.dtype.itemsize == 1 else 0
-      return plgpu.load(ref.at[idx], mask=mask, other=other)
-    return ref[idx]
+  def both(a, b):
+    return a[:, None] if b is None else a[:, None] & b[None, :]
+
+  def load_w(ref, idx, mask):
+    """Weight tile; fp8 loads take no fill value (Triton cannot splat an int into f8): their
+    masked lanes only reach output columns that are never stored, or scales zeroed later."""
+    if mask is None:
+      return ref[idx]
+    other = None if jnp.issubdtype(ref.dtype, jnp.floating) and ref.dtype.itemsize == 1 else 0
+    return plgpu.load(ref.at[idx], mask=mask, other=other)
+
+  masked_n = n % bn != 0
 
   @pl.when((g >= 0) & (g < e))
   def _compute():
@@ -109,17 +113,34 @@ def _kernel(sched_ref, *refs, fmt, e, n, bm, bn, bk, k_steps):
       if fmt == "fp8":
         a = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=row_ok[:, None])
         a_s = plgpu.load(xs_ref.at[pl.ds(r0, bm), i], mask=row_ok, other=0)
-        b = load_w(w_ref, (g, pl.ds(n0, bn), pl.ds(k0, bk)), True)
+        b = load_w(w_ref, (g, pl.ds(n0, bn), pl.ds(k0, bk)), col_ok[:, None] if masked_n else None)
         b_s = fp8_block_matmul.weight_scale_row(
             lambda j, c: ws_ref[g, pl.ds(j, c), i], n0, bn, n)
         return acc + plgpu.dot(a, b, trans_b=True) * (a_s[:, None] * b_s[None, :])
-      x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=row_ok[:, None], other=0)
-      if fmt == "nvfp4":
-        wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)), True)
-        ws = load_w(ws_ref, (g, pl.ds(n0, bn), pl.ds(k0 // 16, bk // 16)), True)
-        return acc + plgpu.dot(x.astype(jnp.bfloat16), dequant_tile(wq, ws), trans_b=True)
-      w = load_w(w_ref, (g, pl.ds(k0, bk), pl.ds(n0, bn)), False)
-      return acc + plgpu.dot(x, w)
+      if fmt == "dense":
+        kx_ok = ((k0 + jnp.arange(bk)) < k) if mask_k else None
+        x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
+        wmask = None
+        if masked_n or mask_k:
+          wmask = both(kx_ok if mask_k else jnp.full((bk,), True), col_ok)
+        w = load_w(w_ref, (g, pl.ds(k0, bk), pl.ds(n0, bn)), wmask)
+        return acc + plgpu.dot(x, w)
+      kp, ks = pl.multiple_of(k0 // 2, bk // 2), k0 // 16
+      kp_ok = ((kp + jnp.arange(bk // 2)) < k // 2) if mask_k else None
+      ks_ok = ((ks + jnp.arange(bk // 16)) < k // 16) if mask_k else None
+      need = masked_n or mask_k
+      wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(kp, bk // 2)),
+                  both(col_ok, kp_ok) if need else None)
+      ws = load_w(ws_ref, (g, pl.ds(n0, bn), pl.ds(ks, bk // 16)),
+                  both(col_ok, ks_ok) if need else None)
+      kx_ok = ((k0 + jnp.arange(bk)) < k) if mask_k else None
+      if x_even_odd:
+        x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
+        x_lo, x_hi = even_odd_columns(x.astype(jnp.bfloat16))
+        w_lo, w_hi = dequant_halves(wq, ws, ks_ok)
+        return (acc + plgpu.dot(x_lo, w_lo, trans_b=True)) + plgpu.dot(x_hi, w_hi, trans_b=True)
+      x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
+      return acc + plgpu.dot(x.astype(jnp.bfloat16), dequant_tile(wq, ws, ks_ok), trans_b=True)
 
     acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bm, bn), jnp.float32))
     if fmt == "nvfp4":
@@ -141,15 +162,20 @@ def _check_common(x: jax.Array, group_sizes: jax.Array, e: int) -> None:
     raise ShapeError(f"group_sizes must be integer, got {group_sizes.dtype}")
 
 
-def _run(fmt, operands, x, group_sizes, e, n, k, bk, tiling, interpret, out_dtype):
+def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
   t_rows = x.shape[0]
   t = tiling or default_tiling(t_rows, n, e, fmt)
+  if fmt == "fp8":
+    bk, mask_k = fp8_block.BLOCK, False
+  else:
+    bk, mask_k = k_block(k, t.block_k)
   if fmt == "fp8":
     if n % t.block_n and t.block_n > fp8_block.BLOCK:
       raise ShapeError(f"block_n {t.block_n} > 128 needs N % block_n == 0 (N={n})")
   sched = make_schedule(group_sizes, t_rows, t.block_m)
-  kernel = functools.partial(_kernel, fmt=fmt, e=e, n=n, bm=t.block_m, bn=t.block_n, bk=bk,
-                             k_steps=k // bk)
+  kernel = functools.partial(_kernel, fmt=fmt, e=e, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
+                             k_steps=-(-k // bk), mask_k=mask_k,
+                             x_even_odd=t.x_even_odd and fmt == "nvfp4")
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((t_rows, n), out_dtype),
       grid=(sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
@@ -168,9 +194,8 @@ def grouped_matmul_dense(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   _check_common(x, group_sizes, e)
   if x.shape[1] != k:
     raise ShapeError(f"x has K={x.shape[1]} but the weight has K={k}")
-  t = tiling or default_tiling(x.shape[0], n, e, "dense")
-  bk = _pow2_divisor(k, t.block_k)
-  return _run("dense", (x, w.astype(x.dtype)), x, group_sizes, e, n, k, bk, t, interpret, x.dtype)
+  return _run("dense", (x, w.astype(x.dtype)), x, group_sizes, e, n, k, tiling, interpret,
+              x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -187,10 +212,8 @@ def grouped_matmul_nvfp4(x: jax.Array, packed: jax.Array, scale: jax.Array,
     raise ShapeError(f"x has K={x.shape[1]} but the weight has K={k}")
   if global_scale.shape != (e,):
     raise ShapeError(f"global_scale must be [E={e}], got {global_scale.shape}")
-  t = tiling or default_tiling(x.shape[0], n, e, "nvfp4")
-  bk = _pow2_divisor(k, t.block_k)
   return _run("nvfp4", (x, packed, scale, global_scale.astype(jnp.float32)), x, group_sizes, e, n,
-              k, bk, t, interpret, x.dtype)
+              k, tiling, interpret, x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -202,8 +225,8 @@ def grouped_matmul_fp8(x: jax.Array, weight: jax.Array, scale_inv: jax.Array,
   e, n, k = weight.shape
   _check_common(x, group_sizes, e)
   xq, xs = fp8_block.quantize_activations(x)
-  return _run("fp8", (xq, xs, weight, scale_inv), x, group_sizes, e, n, k, fp8_block.BLOCK,
-              tiling, interpret, x.dtype)
+  return _run("fp8", (xq, xs, weight, scale_inv), x, group_sizes, e, n, k, tiling, interpret,
+              x.dtype)
 
 
 # ----- plain-JAX references (also the CPU fallback of kernels/gemm.py) -----

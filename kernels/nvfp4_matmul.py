@@ -51,9 +51,20 @@ class Tiling:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  # Dot x's even / odd K columns (strided loads) with the low / high nibbles instead of
+  # interleaving the dequantized weight (saves the in-register join + reshape).
+  x_even_odd: bool = False
+
+
+def k_block(k: int, block_k: int) -> tuple[int, bool]:
+  """(bk, masked): the largest power of two <= block_k dividing K, never below 32 (Triton's dot
+  needs K-tiles of >= 16 per half); when none divides, bk = 32 and the K tail is masked."""
+  bk = _pow2_divisor(k, max(block_k, 32), at_least=32)
+  return (bk, False) if k % bk == 0 else (32, True)
 
 
 def _pow2_divisor(n: int, at_most: int, at_least: int = 16) -> int:
+  """Largest power of two in [at_least, at_most] dividing n (at_least when none does)."""
   b = at_most
   while b > at_least and n % b:
     b //= 2
@@ -65,32 +76,54 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132) -> Tiling:
   if m <= 64:
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     bn = 64 if n >= 64 * num_sms else 32
-    bk = _pow2_divisor(k, 256)
+    bk = k_block(k, 256)[0]
     tiles = -(-m // bm) * -(-n // bn)
     split = 1
     while tiles * split < 2 * num_sms and (k // bk) % (split * 2) == 0 and k // bk >= split * 4:
       split *= 2
     return Tiling(bm, bn, bk, split, 4, 4)
-  return Tiling(128, 128, _pow2_divisor(k, 64), 1, 8, 3)
+  return Tiling(128, 128, 64, 1, 8, 3)
 
 
 def _e2m1_f16_bits_to_f32(bits_u16: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits_u16, jnp.float16).astype(jnp.float32)
 
 
-def dequant_tile(packed: jax.Array, scale: jax.Array) -> jax.Array:
-  """[rows, bk/2] uint8 and [rows, bk/16] e4m3 -> [rows, bk] bf16 (global scale not applied)."""
+def dequant_halves(packed: jax.Array, scale: jax.Array, groups_ok: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """[rows, bk/2] uint8, [rows, bk/16] e4m3 -> (even-k, odd-k) bf16 halves [rows, bk/2] each.
+
+  The global scale is not applied. ``groups_ok`` [bk/16] zeroes scale groups past K (their
+  masked loads are undefined).
+  """
   b = packed.astype(jnp.uint16)
   lo = _e2m1_f16_bits_to_f32(((b & 0x8) << 12) | ((b & 0x7) << 9))
   hi = _e2m1_f16_bits_to_f32(((b & 0x80) << 8) | ((b & 0x70) << 5))
   rows, groups = scale.shape
   s = scale.astype(jnp.float32) * _F16_TO_E2M1_SCALE
+  if groups_ok is not None:
+    s = jnp.where(groups_ok[None, :], s, 0.0)
   s = jnp.broadcast_to(s.reshape(rows, groups, 1), (rows, groups, 8)).reshape(rows, groups * 8)
-  w = jnp.stack([(lo * s).astype(jnp.bfloat16), (hi * s).astype(jnp.bfloat16)], axis=-1)
-  return w.reshape(rows, groups * 16)
+  return (lo * s).astype(jnp.bfloat16), (hi * s).astype(jnp.bfloat16)
 
 
-def _matmul_kernel(*refs, m, n, bm, bn, bk, k_steps, act_fp4, split):
+def even_odd_columns(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[rows, bk] -> (x[:, 0::2], x[:, 1::2]) via an in-register split (strided loads do not
+  interpret)."""
+  rows, cols = x.shape
+  lo, hi = jnp.split(x.reshape(rows, cols // 2, 2), 2, axis=2)
+  return lo.reshape(rows, cols // 2), hi.reshape(rows, cols // 2)
+
+
+def dequant_tile(packed: jax.Array, scale: jax.Array, groups_ok: jax.Array | None = None
+                 ) -> jax.Array:
+  """[rows, bk/2] uint8 and [rows, bk/16] e4m3 -> [rows, bk] bf16 in K order (no global scale)."""
+  lo, hi = dequant_halves(packed, scale, groups_ok)
+  rows, half = lo.shape
+  return jnp.stack([lo, hi], axis=-1).reshape(rows, half * 2)
+
+
+def _matmul_kernel(*refs, m, n, k, bm, bn, bk, k_steps, act_fp4, split, mask_k, x_even_odd):
   if act_fp4:
     xq_ref, xs_ref, xgs_ref, wq_ref, ws_ref, wgs_ref, o_ref = refs
   else:
@@ -104,21 +137,36 @@ def _matmul_kernel(*refs, m, n, bm, bn, bk, k_steps, act_fp4, split):
   def body(i, acc):
     k0 = pl.multiple_of(k_base + i * bk, bk)
     kp, ks = pl.multiple_of(k0 // 2, bk // 2), k0 // 16
-    if act_fp4:
-      xq = plgpu.load(xq_ref.at[pl.ds(m0, bm), pl.ds(kp, bk // 2)], mask=row_ok[:, None], other=0)
-      xs = plgpu.load(xs_ref.at[pl.ds(m0, bm), pl.ds(ks, bk // 16)], mask=row_ok[:, None])
-      x = dequant_tile(xq, xs)
+    if mask_k:
+      kp_ok = (kp + jnp.arange(bk // 2)) < k // 2
+      ks_ok = (ks + jnp.arange(bk // 16)) < k // 16
+      kx_ok = (k0 + jnp.arange(bk)) < k
     else:
-      x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=row_ok[:, None], other=0)
-      x = x.astype(jnp.bfloat16)
-    if n % bn:
-      wq = plgpu.load(wq_ref.at[pl.ds(n0, bn), pl.ds(kp, bk // 2)], mask=col_ok[:, None], other=0)
-      ws = plgpu.load(ws_ref.at[pl.ds(n0, bn), pl.ds(ks, bk // 16)], mask=col_ok[:, None])
+      kp_ok = ks_ok = kx_ok = None
+
+    def both(a, b):
+      return a[:, None] if b is None else a[:, None] & b[None, :]
+
+    if n % bn or mask_k:
+      wq = plgpu.load(wq_ref.at[pl.ds(n0, bn), pl.ds(kp, bk // 2)], mask=both(col_ok, kp_ok),
+                      other=0)
+      ws = plgpu.load(ws_ref.at[pl.ds(n0, bn), pl.ds(ks, bk // 16)], mask=both(col_ok, ks_ok))
     else:
       wq = wq_ref[pl.ds(n0, bn), pl.ds(kp, bk // 2)]
       ws = ws_ref[pl.ds(n0, bn), pl.ds(ks, bk // 16)]
-    w = dequant_tile(wq, ws)
-    return acc + plgpu.dot(x, w, trans_b=True)
+    if act_fp4:
+      xq = plgpu.load(xq_ref.at[pl.ds(m0, bm), pl.ds(kp, bk // 2)], mask=both(row_ok, kp_ok),
+                      other=0)
+      xs = plgpu.load(xs_ref.at[pl.ds(m0, bm), pl.ds(ks, bk // 16)], mask=both(row_ok, ks_ok))
+      x_lo, x_hi = dequant_halves(xq, xs, ks_ok)
+    elif x_even_odd:
+      x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
+      x_lo, x_hi = even_odd_columns(x.astype(jnp.bfloat16))
+    else:
+      x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
+      return acc + plgpu.dot(x.astype(jnp.bfloat16), dequant_tile(wq, ws, ks_ok), trans_b=True)
+    w_lo, w_hi = dequant_halves(wq, ws, ks_ok)
+    return (acc + plgpu.dot(x_lo, w_lo, trans_b=True)) + plgpu.dot(x_hi, w_hi, trans_b=True)
 
   acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bm, bn), jnp.float32))
   scale = wgs_ref[0] * xgs_ref[0] if act_fp4 else wgs_ref[0]
@@ -142,14 +190,15 @@ def _check_weight(packed, scale, global_scale, k: int) -> None:
 
 def _call(operands, m, n, k, out_dtype, tiling: Tiling, act_fp4: bool, interpret: bool):
   t = tiling
-  bk = _pow2_divisor(k, t.block_k)
-  steps = k // bk
-  split = t.split_k if steps % t.split_k == 0 else 1
+  bk, mask_k = k_block(k, t.block_k)
+  steps = -(-k // bk)
+  split = t.split_k if steps % t.split_k == 0 and not mask_k else 1
   grid = (pl.cdiv(m, t.block_m), pl.cdiv(n, t.block_n), split)
   out_shape = (jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1
                else jax.ShapeDtypeStruct((m, n), out_dtype))
-  kernel = functools.partial(_matmul_kernel, m=m, n=n, bm=t.block_m, bn=t.block_n, bk=bk,
-                             k_steps=steps // split, act_fp4=act_fp4, split=split)
+  kernel = functools.partial(_matmul_kernel, m=m, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
+                             k_steps=steps // split, act_fp4=act_fp4, split=split, mask_k=mask_k,
+                             x_even_odd=t.x_even_odd)
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),

@@ -11,6 +11,8 @@ Plain JAX (XLA) only; the GEMMs live in ``kernels/fp8_block_matmul.py``.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +26,7 @@ def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+@jax.jit
 def quantize_weight(w_nk: jax.Array) -> tuple[jax.Array, jax.Array]:
   """w [..., N, K] -> (float8_e4m3fn [..., N, K], scale_inv f32 [..., ceil(N/128), ceil(K/128)])."""
   *lead, n, k = w_nk.shape
@@ -38,6 +41,7 @@ def quantize_weight(w_nk: jax.Array) -> tuple[jax.Array, jax.Array]:
   return q, scale.astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize_weight(w: jax.Array, scale_inv: jax.Array, dtype=jnp.float32) -> jax.Array:
   check_weight_layout(w, scale_inv)
   *lead, n, k = w.shape
@@ -45,6 +49,7 @@ def dequantize_weight(w: jax.Array, scale_inv: jax.Array, dtype=jnp.float32) -> 
   return (w.astype(jnp.float32) * s).astype(dtype)
 
 
+@jax.jit
 def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """x [..., K] (K % 128 == 0) -> (float8_e4m3fn [..., K], f32 scales [..., K/128])."""
   k = x.shape[-1]
@@ -57,6 +62,7 @@ def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return q, scale
 
 
+@jax.jit
 def dequantize_activations(q: jax.Array, scale: jax.Array) -> jax.Array:
   k = q.shape[-1]
   return (q.astype(jnp.float32).reshape(*q.shape[:-1], k // BLOCK, BLOCK)

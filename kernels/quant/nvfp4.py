@@ -21,6 +21,8 @@ Everything here is plain JAX (XLA); the fused Pallas activation quantizer lives 
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -66,6 +68,7 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
   return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+@jax.jit
 def quantize(x: jax.Array, global_scale: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Quantize x [..., K] along its last axis.
@@ -87,6 +90,7 @@ def quantize(x: jax.Array, global_scale: jax.Array | None = None
   return pack_nibbles(codes), scale, global_scale
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(packed: jax.Array, scale: jax.Array, global_scale: jax.Array,
                dtype=jnp.float32) -> jax.Array:
   """Inverse of :func:`quantize`: [..., K/2] uint8, [..., K/16] e4m3, f32 scalar -> [..., K]."""

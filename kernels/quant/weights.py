@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.errors import ShapeError
 from kernels.quant import fp8_block, nvfp4
@@ -20,6 +21,9 @@ from kernels.quant import fp8_block, nvfp4
 
 def _as_f32_scale(s, shape: tuple[int, ...], name: str) -> jax.Array:
   """Checkpoint scalars come as [] or [1]; accept any shape of the right size."""
+  dtype = s.dtype if hasattr(s, "dtype") else np.asarray(s).dtype
+  if dtype != np.float32:
+    raise ShapeError(f"{name} must be float32, got {dtype}")
   s = jnp.asarray(s)
   if s.dtype != jnp.float32:
     raise ShapeError(f"{name} must be float32, got {s.dtype}")

@@ -1,0 +1,123 @@
+"""kernels/nvfp4_matmul: W4A16 / W4A4 Pallas kernels and the activation quantizer, interpret mode.
+
+Interpret mode fills float outputs with NaN before the kernel runs (checked below), so every
+"all finite and close to the float64 reference" assertion also proves each element was written.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from jaxinfer.errors import ShapeError
+from kernels import nvfp4_matmul as nk
+from kernels.quant import nvfp4
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float64)
+
+
+@pytest.fixture
+def rng():
+  seed = np.random.SeedSequence().entropy
+  print("seed", seed)
+  return np.random.default_rng(seed)
+
+
+def np_dequant(packed, scale, gs):
+  p = np.asarray(packed)
+  codes = np.stack([p & 0xF, p >> 4], axis=-1).reshape(p.shape[0], -1)
+  return E2M1[codes] * np.repeat(np.asarray(jnp.asarray(scale, jnp.float32), np.float64), 16, 1) * float(gs)
+
+
+def random_nvfp4(rng, n, k):
+  packed = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+  scale = rng.uniform(0.05, 400, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+  return jnp.asarray(packed), jnp.asarray(scale), jnp.float32(rng.uniform(1e-3, 1e-2))
+
+
+def rel_err(y, ref):
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  assert np.all(np.isfinite(y)), "unwritten (NaN-poisoned) or non-finite output"
+  return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def test_interpret_mode_poisons_outputs():
+  def writes_nothing(x_ref, o_ref):
+    del x_ref, o_ref
+  out = pl.pallas_call(writes_nothing, out_shape=jax.ShapeDtypeStruct((8, 8), jnp.bfloat16),
+                       interpret=True)(jnp.ones((8, 8)))
+  assert np.all(np.isnan(np.asarray(out, np.float32)))
+
+
+def test_dequant_tile_covers_every_byte_and_scale():
+  """The f16-bit E2M1 decode matches the table for all 256 bytes and a spread of E4M3 scales."""
+  packed = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  scale = np.array([2.0**-9, 0.013671875, 1.0, 448.0] * 8, ml_dtypes.float8_e4m3fn).reshape(16, 2)
+  got = np.asarray(nk.dequant_tile(jnp.asarray(packed), jnp.asarray(scale)), np.float64)
+  np.testing.assert_array_equal(got, np_dequant(packed, scale, 1.0))   # exact in bf16
+
+
+def test_e2m1_round_matches_ml_dtypes(rng):
+  ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 100.0])
+  q = np.concatenate([ties, -ties, rng.uniform(-7, 7, 2000)]).astype(np.float32)
+  got = E2M1[np.asarray(nk.e2m1_round(jnp.asarray(q)))]
+  want = np.clip(q, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float64)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m,n,k,tiling", [
+    (1, 64, 48, nk.Tiling(16, 32, 64, 1, 4, 2, x_even_odd=True)),   # M=1, K % 32 != 0 (masked K)
+    (37, 80, 512, nk.Tiling(16, 32, 128, 2, 4, 2)),                 # M, N tails; split-K
+    (70, 64, 1040, nk.Tiling(32, 64, 256, 1, 4, 2)),                # K = 16 * 65
+])
+def test_w4a16_matches_float64(rng, m, n, k, tiling):
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  packed, scale, gs = random_nvfp4(rng, n, k)
+  y = nk.w4a16_matmul(x, packed, scale, gs, tiling=tiling, interpret=True)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  ref = np.asarray(x.astype(jnp.float32), np.float64) @ np_dequant(packed, scale, gs).T
+  assert rel_err(y, ref) < 5e-3   # bf16 output rounding ~2e-3
+
+
+@pytest.mark.parametrize("m,k", [(1, 48), (19, 256)])
+def test_quantize_activations_kernel_matches_reference(rng, m, k):
+  x = jnp.asarray(rng.standard_normal((m, k)) * np.exp(rng.standard_normal((m, 1))), jnp.bfloat16)
+  gs = nvfp4.global_scale_for(x)
+  q, s = nk.quantize_activations(x, gs, interpret=True)
+  rq, rs = nk.quantize_activations_reference(x, gs)
+  np.testing.assert_array_equal(np.asarray(s).view(np.uint8), np.asarray(rs).view(np.uint8))
+  np.testing.assert_array_equal(np_dequant(q, s, gs), np_dequant(rq, rs, gs))   # +-0 equal
+  # And the quantization error bound against the float64 input.
+  x64 = np.asarray(x.astype(jnp.float32), np.float64)
+  amax = np.repeat(np.abs(x64).reshape(m, -1, 16).max(-1), 16, 1)
+  assert np.all(np.abs(np_dequant(q, s, gs) - x64) <= amax / 6 * (1 + 1 / 16) + 1e-12)
+
+
+def test_w4a4_matches_float64(rng):
+  m, n, k = 21, 64, 512
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  xgs = nvfp4.global_scale_for(x)
+  xq, xs = nk.quantize_activations_reference(x, xgs)
+  packed, scale, gs = random_nvfp4(rng, n, k)
+  y = nk.w4a4_matmul(xq, xs, xgs, packed, scale, gs, out_dtype=jnp.float32,
+                     tiling=nk.Tiling(16, 32, 128, 1, 4, 2), interpret=True)
+  ref = np_dequant(xq, xs, xgs) @ np_dequant(packed, scale, gs).T
+  assert rel_err(y, ref) < 1e-5   # exact bf16 operands, f32 accumulation
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, s, g: nk.w4a16_matmul(jnp.ones((2, 64), jnp.bfloat16), p, s, g),   # K mismatch
+    lambda p, s, g: nk.w4a16_matmul(jnp.ones((2, 2, 128), jnp.bfloat16), p, s, g),  # x not 2-D
+    lambda p, s, g: nk.w4a16_matmul(jnp.ones((2, 128), jnp.bfloat16), p.astype(jnp.int8), s, g),
+    lambda p, s, g: nk.w4a16_matmul(jnp.ones((2, 128), jnp.bfloat16), p, s[:, :4], g),
+    lambda p, s, g: nk.w4a16_matmul(jnp.ones((2, 128), jnp.bfloat16), p, s, jnp.ones(2)),
+    lambda p, s, g: nk.w4a16_matmul(jnp.ones((2, 24), jnp.bfloat16), p[:, :12], s[:, :1], g),
+    lambda p, s, g: nk.quantize_activations(jnp.ones((2, 40)), g),
+])
+def test_bad_inputs_raise_shape_error(rng, make):
+  packed, scale, gs = random_nvfp4(rng, 32, 128)
+  with pytest.raises(ShapeError):
+    make(packed, scale, gs)
