@@ -101,7 +101,7 @@ BAD_UTF8 = b"\x12\x02\xff\xfe"                                            # text
     (req(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     (req(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 9999])), grpc.StatusCode.INVALID_ARGUMENT,
-     "vocabulary"),
+     "token ids must be in"),
     (UNKNOWN_FIELD, grpc.StatusCode.INVALID_ARGUMENT, "unknown fields"),
     (BAD_UTF8, grpc.StatusCode.INVALID_ARGUMENT, "UTF-8"),
 ])
@@ -165,7 +165,7 @@ def test_300_concurrent_grpc_requests_all_answered_once(served):
   for rid, (r, f) in futures.items():
     resp = f.result()
     ids.append(resp.request_id)
-    assert 1 <= len(resp.token_ids) <= r.sampling.max_tokens
+    assert len(resp.token_ids) <= r.sampling.max_tokens  # 0 when EOS comes first
     assert len(resp.logprobs) == (len(resp.token_ids) if r.sampling.logprobs else 0)
   assert sorted(ids) == sorted(futures)                          # every request, none duplicated
   assert_idle_and_free(served)

@@ -132,18 +132,18 @@ class LLMEngine:
       raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params)}")
     if isinstance(prompt, str):
       if not prompt:
-        raise InvalidRequestError("prompt is empty")
+        raise InvalidRequestError("empty prompt")
       if self.tokenizer is None:
         raise InvalidRequestError("this engine has no tokenizer: pass prompt token ids")
       ids = list(self.tokenizer.encode(prompt))
     else:
       ids = [int(t) for t in prompt]
     if not ids:
-      raise InvalidRequestError("prompt is empty")
+      raise InvalidRequestError("empty prompt")
     bad = [t for t in ids if not 0 <= t < self.vocab_size]
     if bad:
-      raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                                f"[0, {self.vocab_size})")
+      raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size}) "
+                                f"(the vocabulary); got {bad[:5]}")
     if len(ids) >= self.max_model_len:
       raise PromptTooLongError(f"prompt has {len(ids)} tokens; the model's context is "
                                f"{self.max_model_len} and must leave room for one generated token")
@@ -231,16 +231,15 @@ class LLMEngine:
     return outputs
 
   def _append(self, req: Request, token: int, logprob: float, now: float) -> RequestOutput | None:
-    req.output_token_ids.append(token)
-    req.output_logprobs.append(logprob)
-    self.metrics.generated_tokens.inc()
     if req.first_token_time is None:
       req.first_token_time = now
       self.metrics.ttft.observe(now - req.arrival_time)
     req.last_token_time = now
-    if token in req.stop_token_ids:
-      self._detokenize(req, len(req.output_token_ids) - 1)
+    if token in req.stop_token_ids:  # a stop id (or EOS) ends the output and is not part of it
       return self._finish(req, FinishReason.STOP)
+    req.output_token_ids.append(token)
+    req.output_logprobs.append(logprob)
+    self.metrics.generated_tokens.inc()
     if self._detokenize(req, len(req.output_token_ids)):
       return self._finish(req, FinishReason.STOP)
     if len(req.output_token_ids) >= req.max_output_tokens:

@@ -14,7 +14,7 @@ class RequestStatus(enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-  STOP = "stop"            # a stop token id, EOS or stop string
+  STOP = "stop"            # a stop token id or EOS (not included in the output), or a stop string
   LENGTH = "length"        # max_tokens, the model's context, or the whole KV cache
   CANCELLED = "cancelled"
 
