@@ -27,7 +27,7 @@ from jaxinfer.engine.step import LlamaForward, StepBuckets, build_host_batch, st
 from jaxinfer.errors import InvalidRequestError, PromptTooLongError
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.models import llama
-from jaxinfer.sampling import SamplingBatch, SamplingParams
+from jaxinfer.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,16 +206,14 @@ class LLMEngine:
             for c in chunks]
     shape = self.buckets.shape_for(sum(c.num_tokens for c in chunks), len(chunks),
                                    max(len(c.request.pages) for c in chunks))
-    hb = build_host_batch(host, self.page_size, shape)
-    sb = SamplingBatch.from_params(
-        [c.request.params if done else None for c, done in zip(chunks, completes)],
-        [len(c.request.output_token_ids) for c in chunks], shape[1])
+    hb = build_host_batch(host, self.page_size, shape, [
+        (c.request.params if done else None, len(c.request.output_token_ids))
+        for c, done in zip(chunks, completes)])
     self.compiled_shapes.add(shape)
-    self.last_step = StepStats(shape, len(chunks),
-                               sum(c.num_tokens for c in chunks),
-                               sum(1 for c in chunks if c.num_tokens == 1 and c.completes))
-    tokens, logprobs, self.cache = step_jit(self.params, hb.tokens, self.cache, hb.batch, sb,
-                                            forward=self.forward)
+    self.last_step = StepStats(shape, len(chunks), sum(c.num_tokens for c in chunks),
+                               sum(1 for c, done in zip(chunks, completes) if done and c.num_tokens == 1))
+    tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, self.cache,
+                                            forward=self.forward, shape=shape)
     tokens, logprobs = jax.device_get((tokens, logprobs))
     self.num_steps += 1
     now = self.clock()
@@ -329,9 +327,8 @@ class LLMEngine:
 
     def compile_one(shape):
       hb = build_host_batch([], self.page_size, shape)
-      sb = SamplingBatch.from_params([], [], shape[1])
-      step_jit.lower(self.params, hb.tokens, self.cache, hb.batch, sb,
-                     forward=self.forward).compile()
+      step_jit.lower(self.params, hb.ints, hb.floats, self.cache, forward=self.forward,
+                     shape=shape).compile()
       return shape
 
     if num_threads > 1:

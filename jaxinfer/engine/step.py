@@ -67,24 +67,61 @@ class StepBuckets:
     return [(t, b, p) for t in self.tokens for b in self.seqs if b <= t for p in self.pages]
 
 
+def _layout(shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
+  """Offsets of each int32 field in the packed step input (one host-to-device copy per step)."""
+  T, B, P = shape
+  sizes = [("tokens", T), ("positions", T), ("seq_ids", T), ("slots", T), ("page_table", B * P),
+           ("seq_lens", B), ("query_start", B + 1), ("logit_indices", B), ("top_k", B),
+           ("seeds", B), ("steps", B)]
+  out, o = {}, 0
+  for name, n in sizes:
+    out[name] = (o, o + n)
+    o += n
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class HostBatch:
-  """The numpy inputs of one step (moved to the device by the jitted call)."""
-  tokens: np.ndarray
-  batch: attention.AttentionBatch
+  """The host inputs of one step, packed: every int32 field in ``ints`` (see ``_layout``), the
+  per-row temperature and top_p in ``floats`` [2, B]."""
+  shape: tuple[int, int, int]
+  ints: np.ndarray
+  floats: np.ndarray
+
+  def field(self, name: str) -> np.ndarray:
+    a, b = _layout(self.shape)[name]
+    out = self.ints[a:b]
+    return out.reshape(self.shape[1], self.shape[2]) if name == "page_table" else out
+
+  @property
+  def tokens(self) -> np.ndarray:
+    return self.field("tokens")
+
+  @property
+  def batch(self) -> attention.AttentionBatch:
+    return attention.AttentionBatch(*(self.field(n) for n in (
+        "positions", "seq_ids", "slots", "page_table", "seq_lens", "query_start", "logit_indices")))
 
 
 def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]], page_size: int,
-                     shape: tuple[int, int, int]) -> HostBatch:
-  """``chunks``: (token ids, pages, start position) per sequence. Vectorised equivalent of
-  ``attention.build_batch`` (that one is per-chunk Python; a 256-sequence decode step notices)."""
+                     shape: tuple[int, int, int],
+                     sampling_rows: Sequence[tuple[sampling.SamplingParams | None, int]] = ()
+                     ) -> HostBatch:
+  """``chunks``: (token ids, pages, start position) per sequence; ``sampling_rows``: (params or
+  None for a row whose logits are not used, output tokens so far) per sequence. Vectorised
+  equivalent of ``attention.build_batch`` (that one is per-chunk Python; a 256-sequence decode step
+  notices) plus ``SamplingBatch.from_params``, packed into two arrays."""
   T, B, P = shape
   lens = np.fromiter((len(c[0]) for c in chunks), np.int32, len(chunks))
   total = int(lens.sum())
   if total > T or len(chunks) > B:
     raise ValueError(f"{total} tokens / {len(chunks)} seqs exceed the step's {T} / {B}")
-  tokens = np.zeros(T, np.int32)
-  page_table = np.full((B, P), NULL_PAGE, np.int32)
+  layout = _layout(shape)
+  ints = np.zeros(layout["steps"][1], np.int32)
+  view = lambda name: ints[layout[name][0]:layout[name][1]]
+  tokens, positions, seq_ids, slots = (view(n) for n in ("tokens", "positions", "seq_ids", "slots"))
+  page_table = view("page_table").reshape(B, P)
+  page_table[:] = NULL_PAGE
   starts = np.zeros(B, np.int32)
   for b, (ids, pages, start) in enumerate(chunks):
     if len(pages) > P:
@@ -95,22 +132,28 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
     tokens[:total] = np.concatenate([np.asarray(c[0], np.int32) for c in chunks])
   n = len(chunks)
   ends = np.cumsum(lens)
-  seq_ids = np.zeros(T, np.int32)
   seq_ids[:total] = np.repeat(np.arange(n, dtype=np.int32), lens)
-  positions = np.zeros(T, np.int32)
   positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(ends - lens, lens) + \
       np.repeat(starts[:n], lens)
-  slots = np.full(T, NULL_PAGE * page_size, np.int32)
+  slots[:] = NULL_PAGE * page_size
   slots[:total] = page_table[seq_ids[:total], positions[:total] // page_size] * page_size + \
       positions[:total] % page_size
-  seq_lens = np.zeros(B, np.int32)
-  seq_lens[:n] = starts[:n] + lens
-  query_start = np.full(B + 1, total, np.int32)
+  view("seq_lens")[:n] = starts[:n] + lens
+  query_start = view("query_start")
+  query_start[:] = total
   query_start[:n] = ends - lens
-  logit_indices = np.zeros(B, np.int32)
-  logit_indices[:n] = ends - 1
-  return HostBatch(tokens, attention.AttentionBatch(positions, seq_ids, slots, page_table, seq_lens,
-                                                    query_start, logit_indices))
+  view("logit_indices")[:n] = ends - 1
+  floats = np.zeros((2, B), np.float32)
+  floats[1] = 1.0                                       # top_p of padding / greedy rows
+  top_k, seeds, steps = view("top_k"), view("seeds"), view("steps")
+  for i, (p, step) in enumerate(sampling_rows):
+    if p is None:
+      continue
+    floats[0, i], floats[1, i], top_k[i] = p.temperature, p.top_p, p.top_k
+    seed = p.seed if p.seed is not None else np.random.randint(0, 2**31)
+    seeds[i] = np.uint32(seed & 0xFFFFFFFF).view(np.int32)
+    steps[i] = step
+  return HostBatch(shape, ints, floats)
 
 
 def _greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -119,13 +162,23 @@ def _greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   return tokens, logprobs[:, 0]
 
 
-def _step(params, tokens, cache, batch, sampling_batch, *, forward):
-  logits, cache = forward(params, tokens, cache, batch)
+def _step(params, ints, floats, cache, *, forward, shape):
+  layout = _layout(shape)
+  f = lambda name: ints[layout[name][0]:layout[name][1]]
+  B, P = shape[1], shape[2]
+  batch = attention.AttentionBatch(f("positions"), f("seq_ids"), f("slots"),
+                                   f("page_table").reshape(B, P), f("seq_lens"), f("query_start"),
+                                   f("logit_indices"))
+  logits, cache = forward(params, f("tokens"), cache, batch)
   logits = logits.astype(jnp.float32)
+  seeds = jax.lax.bitcast_convert_type(f("seeds"), jnp.uint32)
+  keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(
+      seeds, f("steps").astype(jnp.uint32))
+  sb = sampling.SamplingBatch(floats[0], f("top_k"), floats[1], keys)
   # An all-greedy batch skips the sampler's full-vocabulary sort (ms at a 128k vocabulary).
-  next_tokens, logprobs = jax.lax.cond(jnp.all(sampling_batch.temperature == 0), _greedy,
-                                       lambda l: sampling.sample(l, sampling_batch), logits)
+  next_tokens, logprobs = jax.lax.cond(jnp.all(sb.temperature == 0), _greedy,
+                                       lambda l: sampling.sample(l, sb), logits)
   return next_tokens, logprobs, cache
 
 
-step_jit = jax.jit(_step, static_argnames=("forward",), donate_argnames=("cache",))
+step_jit = jax.jit(_step, static_argnames=("forward", "shape"), donate_argnames=("cache",))
