@@ -35,6 +35,8 @@ from kernels.paged_decode_attention import DecodeTiles, paged_decode_attention
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode, no peers: checks the script")
 _OUT = flags.DEFINE_string("out", "", "JSON output path")
+_CHECK_DIMS = flags.DEFINE_integer("check_dims", 2, "how many head dims (128, 64) the checks cover")
+_PEERS = flags.DEFINE_integer("decode_peer_configs", 2, "bundled paged_attention configs per case")
 _ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,decode,decode_long,mla")
 
 F8 = jnp.float8_e4m3fn
@@ -139,6 +141,8 @@ def ceilings():
   t = record("ceiling", "read: sum over f32 array", jax.jit(jnp.sum), (x,), nbytes=4 * n)
   RESULTS["read_tbps"] = 4 * n / t / 1e12 if t else 3.0
   del x
+  if _ONLY.value and "prefill" not in _ONLY.value:
+    return
   m = 8192 if not _SMOKE.value else 128
   a, b = normal(1, (m, m)), normal(2, (m, m))
   t = record("ceiling", "bf16 GEMM (XLA)", jax.jit(jnp.dot), (a, b), flops=2 * m ** 3)
@@ -157,7 +161,7 @@ def gpu_checks():
   HQ, HKV, HM = (8, 2, 16) if interp else (32, 8, 128)   # smoke: fewer heads, same logic
   rng = np.random.default_rng(0)
   # prefill: ragged, chunked, GQA 4, D 128 / 64
-  for D in (128, 64):
+  for D in (128, 64)[:_CHECK_DIMS.value]:
     q_lens, kv_lens = [300, 1, 77, 128], [1000, 513, 77, 200]
     qs = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     T, S = 512, 1024
@@ -217,7 +221,7 @@ def gpu_checks():
   real = int(batch.query_start[-1])
   for lat_in, sc, name in ((lat, 1.0, "bf16"), ((lat / 0.25).astype(F8), 0.25, "fp8")):
     ref = reference_mla_paged_attention(ql, qr, lat_in, batch, scale=0.07, latent_scale=sc)[:real]
-    for tiles in (MLATiles(), MLATiles(16, 32, 4, 2), MLATiles(64, 32, 8, 2)):
+    for tiles in (MLATiles(), MLATiles(16, 32, 4, 2), MLATiles(64, 32, 8, 2)):  # bh64 -> 32 (2 tokens)
       out = mla_decode_pallas(ql, qr, lat_in, batch.page_table, batch.seq_lens, batch.query_start,
                               scale=0.07, latent_scale=sc, max_q=2, tiles=tiles, interpret=interp)
       check(f"mla decode {name} bh{tiles.block_h} bk{tiles.block_k}", rel(out[:real], ref), 1e-2)
@@ -326,7 +330,7 @@ def _decode_case(B, ctx, page_size, variants, label, split_variants=()):
     try:
       from jax.experimental.pallas.ops.gpu import paged_attention as jpa
       kt, vt = jnp.transpose(kp, (2, 0, 1, 3)), jnp.transpose(vp, (2, 0, 1, 3))
-      for ppcb, ks in ((max(1, 128 // page_size), 16), (max(1, 64 // page_size), 8)):
+      for ppcb, ks in ((max(1, 128 // page_size), 16), (max(1, 64 // page_size), 8))[:_PEERS.value]:
         if pt.shape[1] % ks or (pt.shape[1] // ks) % ppcb:
           continue
         fn = jax.jit(functools.partial(jpa.paged_attention, pages_per_compute_block=ppcb,
@@ -367,18 +371,19 @@ def _decode_case(B, ctx, page_size, variants, label, split_variants=()):
 def decode():
   if _SMOKE.value:
     return _decode_case(4, 256, 64, [DecodeTiles(64, 4, 2)], "decode")
-  variants = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(64, 8, 4),
-              DecodeTiles(32, 4, 4)]
+  variants = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3), DecodeTiles(32, 4, 4, splits=2),
+              DecodeTiles(64, 4, 4, splits=2), DecodeTiles(16, 4, 5)]
   _decode_case(64, 4096, 64, variants, "decode")
-  _decode_case(64, 4096, 16, variants[:1], "decode")
+  _decode_case(64, 4096, 16, variants[:2], "decode")
 
 
 @guarded
 def decode_long():
   if _SMOKE.value:
     return _decode_case(1, 1024, 64, [DecodeTiles(64, 4, 2, splits=4)], "decode split-K")
-  _decode_case(1, 32768, 64, [DecodeTiles(64, 4, 3), DecodeTiles(64, 4, 3, splits=16),
-                              DecodeTiles(128, 4, 3, splits=64), DecodeTiles(64, 4, 3, splits=64)],
+  _decode_case(1, 32768, 64, [DecodeTiles(64, 4, 3), DecodeTiles(64, 4, 3, splits=32),
+                              DecodeTiles(64, 4, 3, splits=64), DecodeTiles(128, 4, 3, splits=32),
+                              DecodeTiles(32, 4, 4, splits=128)],
                "decode split-K")
 
 
@@ -396,8 +401,9 @@ def mla():
   qs = jnp.arange(B + 1, dtype=jnp.int32)
   read = RESULTS.get("read_tbps", 3.0)
   interp = _SMOKE.value
-  variants = [MLATiles(32, 32, 8, 2), MLATiles(16, 32, 4, 2), MLATiles(64, 32, 8, 2),
-              MLATiles(32, 64, 8, 2), MLATiles(128, 16, 8, 2)]
+  variants = [MLATiles(64, 32, 8, 2), MLATiles(64, 16, 8, 3), MLATiles(64, 64, 8, 2),
+              MLATiles(16, 32, 4, 3), MLATiles(16, 64, 4, 2), MLATiles(32, 16, 4, 3),
+              MLATiles(32, 32, 8, 2)]
   if _SMOKE.value:
     variants = [MLATiles(16, 32, 4, 2)]
   batch = build_batch([SeqChunk(list(np.asarray(pt[b])), ctx - 1, 1) for b in range(B)], ps,
@@ -411,7 +417,7 @@ def mla():
       record(case, "XLA reference (gather + einsum, f32)", ref_fn, (ql, qr, lat_in, batch),
              nbytes=nbytes, roof=read)
     best = None
-    for tiles in (variants if name == "fp8" else variants[:2]):
+    for tiles in (variants if name == "fp8" else variants[:1] + variants[3:5]):
       fn = jax.jit(functools.partial(mla_decode_pallas, scale=0.07, latent_scale=sc, tiles=tiles,
                                      interpret=interp))
       t = record(case, f"ours bh{tiles.block_h} bk{tiles.block_k} w{tiles.num_warps} "

@@ -16,7 +16,8 @@ reading the same latent tiles run together and share them through L2: a program 
 heads x the sequence's query tokens as rows, streams ``block_k``-slot latent tiles gathered through
 the page table (FP8 upcast to bf16 in registers, the scale folded into scores and output), computes
 ``q_latent.c^T + q_rope.k_rope^T`` and accumulates ``p.c`` into a [rows, kv_lora_rank] f32 tile.
-Split-K partials merge as in ``paged_decode_attention.combine_splits``.
+FP8 tiles are upcast to f16 (one cvt per pair on Hopper). One split writes rows straight into the
+output; split-K partials merge in ``paged_decode_attention``'s combine kernel.
 
 Target roofline: the latent cache is read once per step (ideally; H/block_h reads hit L2):
 B=64, 4096 context, 576 entries: 302 MB bf16 / 151 MB FP8 -> 0.10 / 0.05 ms at ~3.0 TB/s.
@@ -40,8 +41,8 @@ from jaxinfer.attention import AttentionBatch
 from jaxinfer.errors import ShapeError
 from jaxinfer.kv_cache import is_fp8
 from kernels.flash_attention import PrefillTiles, flash_prefill
-from kernels.paged_decode_attention import (check_page_table, combine_splits, default_splits,
-                                            _MASK, _LOG2E)
+from kernels.paged_decode_attention import (_LOG2E, _MASK, check_page_table, default_splits,
+                                            finish_splits, row_map, split_outputs, write_partials)
 
 
 def _check_mla_shapes(q_latent, q_rope, latent_pages, batch: AttentionBatch) -> None:
@@ -98,20 +99,17 @@ class MLATiles:
   splits: int | None = None
 
 
-def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref, acc_ref, m_ref,
-                       l_ref, *, block_h: int, max_q: int, rows: int, block_k: int, page_size: int,
-                       pages_per_seq: int, rank: int, rope_dim: int, sm_scale: float, upcast,
-                       splits: int):
+def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref, o_init_ref,
+                       *out_refs, block_h: int, max_q: int, rows: int, block_k: int,
+                       page_size: int, pages_per_seq: int, rank: int, rope_dim: int,
+                       sm_scale: float, upcast, splits: int):
+  del o_init_ref  # aliased with the output: zeros for the rows no program writes
   hb = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
-  q_start = qs_ref[b]
-  q_len = qs_ref[b + 1] - q_start
+  q_start, q_len, tok, head, row_ok = row_map(qs_ref, b, hb, group=block_h, max_q=max_q,
+                                              rows=rows)
   seq_len = lens_ref[b]
-  r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
-  tok = lax.div(r, block_h)
-  head = hb * block_h + lax.rem(r, block_h)
-  row_ok = (tok < max_q) & (tok < q_len)
   q_pos = seq_len - q_len + tok
   dr = lax.broadcasted_iota(jnp.int32, (1, rank), 1)
   de = lax.broadcasted_iota(jnp.int32, (1, rope_dim), 1)
@@ -153,9 +151,7 @@ def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref
   acc, m, l = lax.fori_loop(first, last, body, carry)
   if upcast is not None:
     acc = acc * sc_ref[0]
-  acc_ref[b, hb, split, :, :] = acc
-  m_ref[b, hb, split, :] = m
-  l_ref[b, hb, split, :] = l
+  write_partials(out_refs, b, hb, split, q_start, tok, head, row_ok, acc, m, l)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "max_q", "tiles", "interpret"))
@@ -168,7 +164,9 @@ def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.
   Dr = q_rope.shape[-1]
   N, page_size, C = latent_pages.shape
   B, P = page_table.shape
-  bh = min(tiles.block_h, H)
+  # rows = block_h x query tokens; past 64 rows the [rows, 512] f32 accumulator and the shared-memory
+  # tiles no longer fit (seen: 256 KB requested for 128 rows), so block_h shrinks for several tokens.
+  bh = min(tiles.block_h, H, max(1, 64 // max_q))
   if H % bh:
     raise ShapeError(f"heads {H} not a multiple of block_h {bh}")
   for d in (R, Dr):
@@ -179,37 +177,32 @@ def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.
   rows = max(16, 1 << (max_q * bh - 1).bit_length())
   nhb = H // bh
   splits = tiles.splits or default_splits(B, nhb, pl.cdiv(P * page_size, tiles.block_k))
-  upcast = jnp.bfloat16 if is_fp8(latent_pages.dtype) else None
+  upcast = jnp.float16 if is_fp8(latent_pages.dtype) else None
+  out_dtype = q_latent.dtype
   if upcast is not None:
     q_latent, q_rope = q_latent.astype(upcast), q_rope.astype(upcast)
   else:
     q_rope = q_rope.astype(q_latent.dtype)
+  qs = query_start.astype(jnp.int32)
+  o_init = jnp.zeros((T, H, R), out_dtype)
   kernel = functools.partial(
       _mla_decode_kernel, block_h=bh, max_q=max_q, rows=rows, block_k=tiles.block_k,
       page_size=page_size, pages_per_seq=P, rank=R, rope_dim=Dr, sm_scale=scale, upcast=upcast,
       splits=splits)
-  acc, m, l = pl.pallas_call(
+  results = pl.pallas_call(
       kernel,
       grid=(nhb, splits, B),
-      out_shape=(jax.ShapeDtypeStruct((B, nhb, splits, rows, R), jnp.float32),
-                 jax.ShapeDtypeStruct((B, nhb, splits, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((B, nhb, splits, rows), jnp.float32)),
+      out_shape=split_outputs(B, nhb, splits, rows, R, jax.ShapeDtypeStruct((T, H, R), out_dtype)),
+      input_output_aliases={7: 0} if splits == 1 else {},
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="mla_decode",
-  )(query_start.astype(jnp.int32), seq_lens.astype(jnp.int32), page_table.astype(jnp.int32),
-    q_latent, q_rope, latent_pages.reshape(N * page_size, C),
-    jnp.asarray(latent_scale, jnp.float32).reshape(1))
-  out = combine_splits(acc, m, l)                                   # [B, nhb, rows, R]
-  out = out[:, :, :max_q * bh].reshape(B, nhb, max_q, bh, R).transpose(0, 2, 1, 3, 4)
-  out = out.reshape(B, max_q, H, R)
-  t = jnp.arange(T)
-  seq = jnp.clip(jnp.searchsorted(query_start, t, side="right") - 1, 0, B - 1)
-  idx = t - query_start[seq]
-  valid = (t < query_start[B]) & (idx < max_q)
-  res = out[seq, jnp.clip(idx, 0, max_q - 1)]
-  return jnp.where(valid[:, None, None], res, 0.0).astype(q_latent.dtype)
+  )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q_latent, q_rope,
+    latent_pages.reshape(N * page_size, C), jnp.asarray(latent_scale, jnp.float32).reshape(1),
+    o_init)
+  return finish_splits(results, qs, o_init, group=bh, max_q=max_q, rows=rows,
+                       interpret=interpret)
 
 
 def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,

@@ -12,9 +12,11 @@ Tiling: grid (KV, splits, B). One program owns one (sequence, KV head, split): i
 G = H/KV heads of that KV head times the sequence's query tokens (padded to >= 16 rows for the tensor
 cores), so every K/V page is read from HBM exactly once for all query heads sharing it. The program
 streams ``block_k``-token K/V tiles (gathered through the page table, any page size that divides or
-is a multiple of block_k) with an online softmax; FP8 tiles are upcast to bf16 in registers, their
-scales folded into the query and output scaling. With few sequences the key range is split across
-``splits`` programs (split-K) and a small JAX combine merges their (acc, max, sum) partials.
+is a multiple of block_k) with an online softmax; FP8 tiles are upcast to f16 in registers (one
+cvt per pair on Hopper), their scales folded into the query and output scaling. With one split the
+program normalises and scatters its rows straight into out; with few sequences the key range is
+split across ``splits`` programs (split-K) writing (acc, max, sum) partials that a small Pallas
+combine kernel merges into out. Rows of no query (padding) stay zero (out is aliased to zeros).
 
 Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
 read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.36 ms; FP8 0.18 ms.
@@ -48,19 +50,33 @@ class DecodeTiles:
   splits: int | None = None   # None: enough programs to fill the SMs twice
 
 
-def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref,
-                   acc_ref, m_ref, l_ref, *, group: int, max_q: int, rows: int, block_k: int,
-                   page_size: int, pages_per_seq: int, sm_scale: float, kv_upcast, splits: int):
+def row_map(qs_ref, b, blk, *, group: int, max_q: int, rows: int):
+  """Row r of a program's tile is query token r // group of sequence b, head blk*group + r % group."""
+  q_start = qs_ref[b]
+  q_len = qs_ref[b + 1] - q_start
+  r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+  tok = lax.div(r, group)
+  head = blk * group + lax.rem(r, group)
+  row_ok = (r < max_q * group) & (tok < q_len)
+  return q_start, q_len, tok, head, row_ok
+
+
+def store_rows(o_ref, q_start, tok, head, row_ok, val):
+  """Scatters a [rows, D] tile into o [T, H, D] (all-array indexing: interpret mode needs it)."""
+  d = lax.broadcasted_iota(jnp.int32, (1, o_ref.shape[-1]), 1)
+  plgpu.store(o_ref.at[(q_start + tok)[:, None], head[:, None], d], val.astype(o_ref.dtype),
+              mask=row_ok[:, None])
+
+
+def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_init_ref,
+                   *out_refs, group: int, max_q: int, rows: int, block_k: int, page_size: int,
+                   pages_per_seq: int, sm_scale: float, kv_upcast, splits: int):
+  del o_init_ref  # aliased with the output: zeros for the rows no program writes
   kvh = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
-  q_start = qs_ref[b]
-  q_len = qs_ref[b + 1] - q_start
+  q_start, q_len, tok, head, row_ok = row_map(qs_ref, b, kvh, group=group, max_q=max_q, rows=rows)
   seq_len = lens_ref[b]
-  r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
-  tok = lax.div(r, group)
-  head = kvh * group + lax.rem(r, group)
-  row_ok = (r < max_q * group) & (tok < q_len)
   q_pos = seq_len - q_len + tok
   d = lax.broadcasted_iota(jnp.int32, (1, q_ref.shape[-1]), 1)
   # All-array indexing (a gather) rather than mixing arrays and slices: interpret mode needs it.
@@ -96,14 +112,70 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
     acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_new, l_new
 
-  carry = (jnp.zeros((rows, acc_ref.shape[-1]), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-           jnp.zeros((rows,), jnp.float32))
+  carry = (jnp.zeros((rows, q_ref.shape[-1]), jnp.float32),
+           jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
   acc, m, l = lax.fori_loop(first, last, body, carry)
   if kv_upcast is not None:
     acc = acc * vsc_ref[0]
-  acc_ref[b, kvh, split, :, :] = acc
-  m_ref[b, kvh, split, :] = m
-  l_ref[b, kvh, split, :] = l
+  write_partials(out_refs, b, kvh, split, q_start, tok, head, row_ok, acc, m, l)
+
+
+def write_partials(out_refs, b, blk, split, q_start, tok, head, row_ok, acc, m, l):
+  """One split: normalise and write the rows straight into o. Several: keep (acc, m, l) partials."""
+  if len(out_refs) == 1:
+    store_rows(out_refs[0], q_start, tok, head, row_ok, acc / jnp.where(l > 0, l, 1.0)[:, None])
+  else:
+    acc_ref, m_ref, l_ref = out_refs
+    acc_ref[b, blk, split, :, :] = acc
+    m_ref[b, blk, split, :] = m
+    l_ref[b, blk, split, :] = l
+
+
+def _combine_kernel(qs_ref, acc_ref, m_ref, l_ref, o_init_ref, o_ref, *, group: int, max_q: int,
+                    rows: int, splits: int):
+  del o_init_ref
+  blk = pl.program_id(0)
+  b = pl.program_id(1)
+  q_start, _, tok, head, row_ok = row_map(qs_ref, b, blk, group=group, max_q=max_q, rows=rows)
+  m_max = lax.fori_loop(0, splits, lambda s, mx: jnp.maximum(mx, m_ref[b, blk, s, :]),
+                        jnp.full((rows,), -jnp.inf, jnp.float32))
+  m_max = jnp.where(m_max > -jnp.inf, m_max, 0.0)   # rows no split saw
+
+  def body(s, carry):
+    out, total = carry
+    w = jnp.exp2(m_ref[b, blk, s, :] - m_max)       # 0 for empty splits (m = -inf)
+    return out + acc_ref[b, blk, s, :, :] * w[:, None], total + l_ref[b, blk, s, :] * w
+
+  out, total = lax.fori_loop(0, splits, body, (jnp.zeros(acc_ref.shape[-2:], jnp.float32),
+                                               jnp.zeros((rows,), jnp.float32)))
+  store_rows(o_ref, q_start, tok, head, row_ok, out / jnp.where(total > 0, total, 1.0)[:, None])
+
+
+def split_outputs(B: int, blocks: int, splits: int, rows: int, d: int, out):
+  """out_shape of a split-K kernel: the output itself for one split, else the partials."""
+  if splits == 1:
+    return (out,)
+  return (jax.ShapeDtypeStruct((B, blocks, splits, rows, d), jnp.float32),
+          jax.ShapeDtypeStruct((B, blocks, splits, rows), jnp.float32),
+          jax.ShapeDtypeStruct((B, blocks, splits, rows), jnp.float32))
+
+
+def finish_splits(results, query_start, o_init, *, group: int, max_q: int, rows: int,
+                  interpret: bool) -> jax.Array:
+  """The output for one split; else merges the partials with a small Pallas kernel into o_init."""
+  if len(results) == 1:
+    return results[0]
+  acc, m, l = results
+  B, blocks, splits = acc.shape[:3]
+  return pl.pallas_call(
+      functools.partial(_combine_kernel, group=group, max_q=max_q, rows=rows, splits=splits),
+      grid=(blocks, B),
+      out_shape=jax.ShapeDtypeStruct(o_init.shape, o_init.dtype),
+      input_output_aliases={4: 0},
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="combine_splits",
+  )(query_start, acc, m, l, o_init)
 
 
 def check_page_table(page_table: jax.Array, num_pages: int) -> None:
@@ -155,44 +227,31 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   rows = max(_MIN_ROWS, 1 << (max_q * G - 1).bit_length())
   max_blocks = pl.cdiv(P * page_size, block_k)
   splits = tiles.splits or default_splits(B, KV, max_blocks)
-  kv_upcast = jnp.bfloat16 if is_fp8(k_pages.dtype) else None
-  if kv_upcast is not None and q.dtype != jnp.bfloat16:
-    q = q.astype(jnp.bfloat16)
+  # e4m3 -> f16 is one conversion instruction on Hopper (-> bf16 takes three), and f16 holds
+  # every e4m3 value; queries are cast to f16 for the tensor-core dot.
+  kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None
+  out_dtype = q.dtype
+  if kv_upcast is not None:
+    q = q.astype(kv_upcast)
+  qs = query_start.astype(jnp.int32)
+  o_init = jnp.zeros((T, H, D), out_dtype)
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits)
-  acc, m, l = pl.pallas_call(
+  results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),
-      out_shape=(jax.ShapeDtypeStruct((B, KV, splits, rows, D), jnp.float32),
-                 jax.ShapeDtypeStruct((B, KV, splits, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((B, KV, splits, rows), jnp.float32)),
+      out_shape=split_outputs(B, KV, splits, rows, D, jax.ShapeDtypeStruct((T, H, D), out_dtype)),
+      input_output_aliases={8: 0} if splits == 1 else {},
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="paged_decode_attention",
-  )(query_start.astype(jnp.int32), seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q,
+  )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q,
     k_pages.reshape(N * page_size, KV, D), v_pages.reshape(N * page_size, KV, D),
-    jnp.asarray(k_scale, jnp.float32).reshape(1), jnp.asarray(v_scale, jnp.float32).reshape(1))
-  out = combine_splits(acc, m, l)                                    # [B, KV, rows, D]
-  out = out[:, :, :max_q * G].reshape(B, KV, max_q, G, D).transpose(0, 2, 1, 3, 4)
-  out = out.reshape(B, max_q, H, D)
-  t = jnp.arange(T)
-  seq = jnp.clip(jnp.searchsorted(query_start, t, side="right") - 1, 0, B - 1)
-  idx = t - query_start[seq]
-  valid = (t < query_start[B]) & (idx < max_q)
-  res = out[seq, jnp.clip(idx, 0, max_q - 1)]
-  return jnp.where(valid[:, None, None], res, 0.0).astype(q.dtype)
-
-
-def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-  """Merges split-K partials [..., splits, rows(, D)] (base-2 maxima) into [..., rows, D]."""
-  m_max = jnp.max(m, axis=-2, keepdims=True)
-  m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-  w = jnp.exp2(m - m_max)                                            # 0 for empty splits
-  total = jnp.sum(l * w, axis=-2)
-  out = jnp.sum(acc * w[..., None], axis=-3)
-  return out / jnp.where(total > 0, total, 1.0)[..., None]
+    jnp.asarray(k_scale, jnp.float32).reshape(1), jnp.asarray(v_scale, jnp.float32).reshape(1),
+    o_init)
+  return finish_splits(results, qs, o_init, group=G, max_q=max_q, rows=rows, interpret=interpret)
 
 
 def reference_paged_decode(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
