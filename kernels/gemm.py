@@ -9,8 +9,8 @@
 
 Outputs are in x's dtype. On GPU the kernels in kernels/{nvfp4,fp8_block,grouped}_matmul.py run
 (Pallas Triton lowering, compute capability >= 8.9 for the fp8 conversions); elsewhere the plain-JAX
-references. W4A16 at large M (>= PREFILL_DEQUANT_M rows) dequantizes the weight to bf16 once and
-calls XLA's dot when that measured faster (see benchmarks/gemm.md).
+references. The dense NVFP4 / FP8 ops at M >= PREFILL_DEQUANT_M rows dequantize the weight to x's
+dtype and call XLA's dot, which measured faster than the fused kernels (benchmarks/gemm.md).
 """
 from __future__ import annotations
 
@@ -21,13 +21,16 @@ from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul as fp8_kernels
 from kernels import grouped_matmul as grouped_kernels
 from kernels import nvfp4_matmul as nvfp4_kernels
-from kernels.quant import nvfp4
+from kernels.quant import fp8_block, nvfp4
 from kernels.quant.weights import (FP8BlockWeight, GroupedFP8BlockWeight, GroupedNVFP4Weight,
                                    NVFP4Weight)
 
-# Rows from which W4A16 uses "dequantize to bf16 once + XLA dot" instead of the fused kernel on GPU.
-# None: always the fused kernel. Set from the H100 benchmark (benchmarks/gemm.md).
-PREFILL_DEQUANT_M: int | None = None
+# Rows from which the dense ops dequantize the weight to x's dtype once and call XLA's dot instead
+# of the fused kernel (GPU only). From the H100 run (benchmarks/gemm.md): at M=8192 the fused
+# kernels reached 317 (NVFP4) / 288 (FP8) TFLOP/s, dequantize+dot 688 vs 741 for the bf16 dot;
+# the dequantization costs ~90 us per 4096x14336 weight, so the crossover is a few hundred rows.
+# None: always the fused kernel.
+PREFILL_DEQUANT_M: int | None = 512
 
 
 def _gpu_capability() -> float | None:
@@ -84,9 +87,13 @@ def nvfp4_w4a4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
 def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
   if x.ndim != 2 or x.shape[1] != w.k:
     raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
-  if _use_kernels():
-    return fp8_kernels.fp8_block_matmul(x, w.weight, w.scale_inv)
-  return fp8_kernels.fp8_block_reference(x, w.weight, w.scale_inv)
+  if not _use_kernels():
+    return fp8_kernels.fp8_block_reference(x, w.weight, w.scale_inv)
+  if PREFILL_DEQUANT_M is not None and x.shape[0] >= PREFILL_DEQUANT_M:
+    # No activation quantization on this path: x stays in its own precision (more accurate).
+    wd = fp8_block.dequantize_weight(w.weight, w.scale_inv, x.dtype)
+    return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+  return fp8_kernels.fp8_block_matmul(x, w.weight, w.scale_inv)
 
 
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:

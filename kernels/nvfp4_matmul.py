@@ -72,17 +72,26 @@ def _pow2_divisor(n: int, at_most: int, at_least: int = 16) -> int:
 
 
 def default_tiling(m: int, n: int, k: int, num_sms: int = 132) -> Tiling:
-  """Small M: thin N tiles plus split-K until the grid covers the SMs twice; large M: 128x128."""
-  if m <= 64:
-    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    bn = 64 if n >= 64 * num_sms else 32
-    bk = k_block(k, 256)[0]
-    tiles = -(-m // bm) * -(-n // bn)
-    split = 1
-    while tiles * split < 2 * num_sms and (k // bk) % (split * 2) == 0 and k // bk >= split * 4:
-      split *= 2
-    return Tiling(bm, bn, bk, split, 4, 4)
-  return Tiling(128, 128, 64, 1, 8, 3)
+  """Chosen from the H100 sweep (benchmarks/gemm.md).
+
+  Small M: wide-N matrices (>= 2 waves of 64-column tiles) stream bn=64, bk=256 without split-K
+  up to M=32; narrow N splits K until the grid covers the SMs twice; M in (32, 64] (and M > 16 on
+  narrow N) uses bn=128, bk=128 with the even/odd x split. Large M: 128x128x64 (but see
+  kernels/gemm.PREFILL_DEQUANT_M: XLA's dot on a dequantized weight was faster there).
+  """
+  if m > 64:
+    return Tiling(128, 128, 64, 1, 8, 3)
+  bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+  wide = -(-n // 64) >= num_sms
+  if wide and m <= 32:
+    return Tiling(bm, 64, k_block(k, 256)[0], 1, 4, 4)
+  bn, bk_req, even_odd = (32, 256, False) if m <= 16 else (128, 128, True)
+  bk = k_block(k, bk_req)[0]
+  tiles = -(-m // bm) * -(-n // bn)
+  split = 1
+  while tiles * split < 2 * num_sms and (k // bk) % (split * 2) == 0 and k // bk >= split * 4:
+    split *= 2
+  return Tiling(bm, bn, bk, split, 4, 4, x_even_odd=even_odd)
 
 
 def _e2m1_f16_bits_to_f32(bits_u16: jax.Array) -> jax.Array:
@@ -250,13 +259,20 @@ def e2m1_round(q: jax.Array) -> jax.Array:
   return mag + jnp.where(q < 0, 8, 0)
 
 
-def _quantize_kernel(x_ref, gs_ref, q_ref, s_ref, *, m, bm, bk):
+def _quantize_kernel(x_ref, gs_ref, q_ref, s_ref, *, m, k, bm, bk, mask_k):
   pid_m, pid_k = pl.program_id(0), pl.program_id(1)
   m0, k0 = pid_m * bm, pid_k * bk
-  row_ok = ((m0 + jnp.arange(bm)) < m)[:, None]
-  x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=row_ok, other=0).astype(jnp.float32)
-  gs = gs_ref[0]
+  row_ok = (m0 + jnp.arange(bm)) < m
   g = bk // nvfp4.BLOCK_SIZE
+
+  def mask(width):
+    if not mask_k:
+      return row_ok[:, None]
+    return row_ok[:, None] & ((k0 * width // bk + jnp.arange(width)) < k * width // bk)[None, :]
+
+  x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=mask(bk), other=0)
+  x = x.astype(jnp.float32)
+  gs = gs_ref[0]
   blocks = x.reshape(bm, g, nvfp4.BLOCK_SIZE)
   amax = jnp.max(jnp.abs(blocks), axis=-1)
   scale = jnp.clip(amax / (nvfp4.E2M1_MAX * gs), 0.0, nvfp4.E4M3_MAX).astype(jnp.float8_e4m3fn)
@@ -266,8 +282,8 @@ def _quantize_kernel(x_ref, gs_ref, q_ref, s_ref, *, m, bm, bk):
   codes = e2m1_round(q).reshape(bm, bk // 2, 2)
   weight = 1 + 15 * jax.lax.broadcasted_iota(jnp.int32, (bm, bk // 2, 2), 2)
   packed = jnp.sum(codes * weight, axis=-1).astype(jnp.uint8)
-  plgpu.store(q_ref.at[pl.ds(m0, bm), pl.ds(k0 // 2, bk // 2)], packed, mask=row_ok)
-  plgpu.store(s_ref.at[pl.ds(m0, bm), pl.ds(k0 // 16, g)], scale, mask=row_ok)
+  plgpu.store(q_ref.at[pl.ds(m0, bm), pl.ds(k0 // 2, bk // 2)], packed, mask=mask(bk // 2))
+  plgpu.store(s_ref.at[pl.ds(m0, bm), pl.ds(k0 // 16, g)], scale, mask=mask(g))
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_k", "interpret"))
@@ -282,13 +298,13 @@ def quantize_activations(x: jax.Array, global_scale: jax.Array, *, block_m: int 
     raise ShapeError(f"x must be [M, K], got {x.shape}")
   m, k = x.shape
   nvfp4.check_k(k)
-  bk = _pow2_divisor(k, block_k)
+  bk, mask_k = k_block(k, block_k)
   gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
   return pl.pallas_call(
-      functools.partial(_quantize_kernel, m=m, bm=block_m, bk=bk),
+      functools.partial(_quantize_kernel, m=m, k=k, bm=block_m, bk=bk, mask_k=mask_k),
       out_shape=(jax.ShapeDtypeStruct((m, k // 2), jnp.uint8),
                  jax.ShapeDtypeStruct((m, k // 16), jnp.float8_e4m3fn)),
-      grid=(pl.cdiv(m, block_m), k // bk), interpret=interpret,
+      grid=(pl.cdiv(m, block_m), pl.cdiv(k, bk)), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       name="nvfp4_quantize",
   )(x, gs)

@@ -1,0 +1,91 @@
+"""kernels/gemm: public low-bit ops on CPU (plain-JAX fallbacks) against float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import ops
+from jaxinfer.errors import ShapeError
+from kernels import gemm
+from kernels.quant import (FP8BlockWeight, GroupedFP8BlockWeight, GroupedNVFP4Weight, NVFP4Weight,
+                           fp8_block, nvfp4)
+
+
+@pytest.fixture
+def rng():
+  seed = np.random.SeedSequence().entropy
+  print("seed", seed)
+  return np.random.default_rng(seed)
+
+
+def f64(a):
+  return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def rel(y, ref):
+  y = f64(y)
+  assert np.all(np.isfinite(y))
+  return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def np_ragged(x, w_ekn, sizes):
+  out = np.zeros((x.shape[0], w_ekn.shape[2]))
+  start = 0
+  for g, size in enumerate(sizes):
+    out[start:start + size] = x[start:start + size] @ w_ekn[g]
+    start += size
+  return out
+
+
+def test_cpu_uses_reference_path():
+  assert jax.default_backend() == "cpu" and not gemm._use_kernels()
+
+
+def test_dense_ops_match_float64(rng):
+  k, n = 256, 96
+  w_kn = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((4, k)), jnp.bfloat16)
+  w4 = NVFP4Weight.from_dense(w_kn)
+  assert rel(jax.jit(gemm.nvfp4_matmul)(x, w4), f64(x) @ f64(w4.dequantize())) < 5e-3
+  w8 = FP8BlockWeight.from_dense(w_kn)
+  xq, xs = fp8_block.quantize_activations(x)
+  x_deq = f64(fp8_block.dequantize_activations(xq, xs))
+  assert rel(ops.linear(x, w8), x_deq @ f64(w8.dequantize())) < 5e-3
+
+
+def test_w4a4_op_quantizes_with_input_scale(rng):
+  k, n = 128, 64
+  x = jnp.asarray(rng.standard_normal((3, k)), jnp.float32)
+  w = NVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((k, n)), jnp.float32))
+  w = NVFP4Weight(w.packed, w.scale, w.global_scale, nvfp4.global_scale_for(x) * 2)
+  y = gemm.nvfp4_w4a4_matmul(x, w)
+  xq, xs = gemm.quantize_nvfp4_activations(x, w.input_scale)
+  ref = f64(nvfp4.dequantize(xq, xs, w.input_scale)) @ f64(w.dequantize())
+  assert rel(y, ref) < 1e-6
+  assert rel(y, f64(x) @ f64(w.dequantize())) < 0.2   # W4A4 is a coarse approximation of W4A16
+
+
+def test_grouped_ops_match_float64(rng):
+  t, e, k, n = 30, 4, 256, 48
+  sizes = [10, 0, 15, 2]                                  # 3 trailing rows past the total
+  gs = jnp.asarray(sizes, jnp.int32)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((e, k, n)), jnp.float32)
+  y = gemm.grouped_matmul(x, w.astype(jnp.bfloat16), gs)
+  assert y.dtype == jnp.bfloat16 and y.shape == (t, n)
+  assert rel(y, np_ragged(f64(x), f64(w.astype(jnp.bfloat16)), sizes)) < 5e-3
+  assert np.all(f64(y)[27:] == 0)
+  g4 = GroupedNVFP4Weight.from_dense(w)
+  assert rel(gemm.grouped_matmul(x, g4, gs), np_ragged(f64(x), f64(g4.dequantize()), sizes)) < 5e-3
+  g8 = GroupedFP8BlockWeight.from_dense(w)
+  xq, xs = fp8_block.quantize_activations(x)
+  x_deq = f64(fp8_block.dequantize_activations(xq, xs))
+  assert rel(gemm.grouped_matmul(x, g8, gs), np_ragged(x_deq, f64(g8.dequantize()), sizes)) < 5e-3
+
+
+def test_bad_weights_raise_shape_error(rng):
+  x = jnp.ones((4, 128), jnp.bfloat16)
+  with pytest.raises(ShapeError):
+    gemm.grouped_matmul(x, jnp.ones((2, 128, 8), jnp.int32), jnp.ones((2,), jnp.int32))
+  with pytest.raises(ShapeError):
+    gemm.nvfp4_matmul(jnp.ones((4, 64)), NVFP4Weight.from_dense(jnp.ones((128, 16))))

@@ -1,0 +1,128 @@
+"""kernels/grouped_matmul: ragged_dot-semantics grouped GEMM (bf16 / NVFP4 / FP8), interpret mode.
+
+Interpret mode fills float outputs with NaN first, so finite outputs prove full coverage; rows past
+sum(group_sizes) must come back exactly zero, as jax.lax.ragged_dot returns them.
+"""
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxinfer.errors import ShapeError
+from kernels import grouped_matmul as gk
+from kernels.quant import fp8_block
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float64)
+
+
+@pytest.fixture
+def rng():
+  seed = np.random.SeedSequence().entropy
+  print("seed", seed)
+  return np.random.default_rng(seed)
+
+
+def f64(a):
+  return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def np_ragged(x, w_ekn, sizes):
+  out = np.zeros((x.shape[0], w_ekn.shape[2]))
+  start = 0
+  for g, size in enumerate(sizes):
+    out[start:start + size] = x[start:start + size] @ w_ekn[g]
+    start += size
+  return out
+
+
+def check(y, ref, sizes):
+  y = f64(y)
+  assert np.all(np.isfinite(y)), "unwritten (NaN-poisoned) output"
+  total = int(np.sum(sizes))
+  assert np.all(y[total:] == 0)
+  if total:
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 5e-3
+
+
+@pytest.mark.parametrize("sizes", [[0, 0], [0, 17, 0, 30, 1, 0, 9, 0]])
+def test_schedule_covers_every_row_once(rng, sizes):
+  t, bm = 64, 16
+  sched = np.asarray(gk.make_schedule(jnp.asarray(sizes, jnp.int32), t, bm))
+  ends = np.cumsum(sizes)
+  cover = np.zeros(t, int)
+  for g, r0, r1 in sched.T:
+    if g < 0:
+      continue
+    assert r0 < r1   # a used tile has rows; it covers [r0, min(r0 + bm, r1))
+    rows = np.arange(r0, min(r0 + bm, r1))
+    cover[rows] += 1
+    if g < len(sizes):
+      assert ends[g] - sizes[g] <= r0 and r1 == ends[g]
+    else:
+      assert r0 >= ends[-1]
+  np.testing.assert_array_equal(cover, 1)
+
+
+def test_grouped_bf16_skewed_and_empty_groups(rng):
+  t, e, k, n = 64, 6, 256, 40                          # N not a multiple of the tile
+  sizes = [0, 50, 0, 3, 0, 7]                          # sum 60 < T: 4 trailing zero rows
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((e, k, n)), jnp.bfloat16)
+  y = gk.grouped_matmul_dense(x, w, jnp.asarray(sizes, jnp.int32),
+                              tiling=gk.Tiling(16, 32, 128, 4, 2), interpret=True)
+  assert y.shape == (t, n) and y.dtype == jnp.bfloat16
+  check(y, np_ragged(f64(x), f64(w), sizes), sizes)
+
+
+@pytest.mark.parametrize("k,tiling", [
+    (256, gk.Tiling(16, 32, 128, 4, 2, x_even_odd=True)),
+    (48, gk.Tiling(16, 64, 64, 4, 2)),                  # K % 32 != 0: masked K tail
+])
+def test_grouped_nvfp4_matches_float64(rng, k, tiling):
+  t, e, n = 37, 5, 64
+  sizes = [9, 0, 20, 0, 8]
+  packed = rng.integers(0, 256, (e, n, k // 2), dtype=np.uint8)
+  scale = rng.uniform(0.05, 400, (e, n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+  gs = rng.uniform(1e-3, 1e-2, e).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  y = gk.grouped_matmul_nvfp4(x, jnp.asarray(packed), jnp.asarray(scale), jnp.asarray(gs),
+                              jnp.asarray(sizes, jnp.int32), tiling=tiling, interpret=True)
+  codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(e, n, k)
+  w_enk = E2M1[codes] * np.repeat(f64(scale), 16, -1) * gs[:, None, None].astype(np.float64)
+  check(y, np_ragged(f64(x), np.swapaxes(w_enk, 1, 2), sizes), sizes)
+
+
+def test_grouped_fp8_matches_float64(rng):
+  t, e, k, n = 40, 3, 256, 192
+  sizes = [0, 25, 13]
+  w = rng.standard_normal((e, n, k)).astype(ml_dtypes.float8_e4m3fn)
+  s = rng.uniform(0.01, 2, (e, 2, 2)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  y = gk.grouped_matmul_fp8(x, jnp.asarray(w), jnp.asarray(s), jnp.asarray(sizes, jnp.int32),
+                            tiling=gk.Tiling(16, 64, 128, 4, 2), interpret=True)
+  xq, xs = fp8_block.quantize_activations(x)
+  x_deq = f64(xq) * np.repeat(np.asarray(xs, np.float64), 128, 1)
+  w_deq = f64(w) * np.repeat(np.repeat(s.astype(np.float64), 128, 1), 128, 2)[:, :n, :k]
+  check(y, np_ragged(x_deq, np.swapaxes(w_deq, 1, 2), sizes), sizes)
+
+
+def test_all_groups_empty_gives_zeros(rng):
+  x = jnp.asarray(rng.standard_normal((8, 128)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 128, 64)), jnp.bfloat16)
+  y = gk.grouped_matmul_dense(x, w, jnp.zeros((3,), jnp.int32), interpret=True)
+  np.testing.assert_array_equal(f64(y), 0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x, w: gk.grouped_matmul_dense(x, w, jnp.ones((4,), jnp.int32)),         # E mismatch
+    lambda x, w: gk.grouped_matmul_dense(x, w, jnp.ones((3,), jnp.float32)),       # float sizes
+    lambda x, w: gk.grouped_matmul_dense(x[:, :64], w, jnp.ones((3,), jnp.int32)),  # K mismatch
+    lambda x, w: gk.grouped_matmul_dense(x, w[0], jnp.ones((3,), jnp.int32)),      # 2-D weight
+    lambda x, w: gk.grouped_matmul_fp8(x, w.astype(jnp.float8_e4m3fn), jnp.ones((3, 1, 1)),
+                                       jnp.ones((3,), jnp.int32)),                 # scale dtype
+])
+def test_bad_inputs_raise_shape_error(rng, make):
+  x = jnp.asarray(rng.standard_normal((8, 128)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 128, 64)), jnp.bfloat16)
+  with pytest.raises(ShapeError):
+    make(x, w)
