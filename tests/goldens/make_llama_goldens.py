@@ -74,6 +74,56 @@ TOKENIZER_TEXTS = (
 )
 
 
+def _numpy_llama_logits(out_dir: pathlib.Path, input_ids: np.ndarray) -> np.ndarray:
+  """Float64 NumPy forward straight from the committed files: a cross-check that transformers read
+  config.json (rope scaling, GQA, tying) the way the formulas say."""
+  from safetensors.numpy import load_file
+  hf = json.loads((out_dir / "config.json").read_text())
+  w = {k: v.astype(np.float64) for k, v in load_file(out_dir / "model.safetensors").items()}
+  rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  theta = hf.get("rope_theta") or rope["rope_theta"]
+  nh, nkv, d, eps = (hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"],
+                     hf["rms_norm_eps"])
+  inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+  if rope.get("rope_type") == "llama3":
+    wavelen = 2 * np.pi / inv
+    old = rope["original_max_position_embeddings"]
+    lo, hi = old / rope["low_freq_factor"], old / rope["high_freq_factor"]
+    smooth = (old / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] -
+                                                          rope["low_freq_factor"])
+    inv = np.where(wavelen > lo, inv / rope["factor"],
+                   np.where(wavelen < hi, inv, (1 - smooth) * inv / rope["factor"] + smooth * inv))
+  B, T = input_ids.shape
+  ang = np.arange(T)[:, None] * inv[None]
+  cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+  def rot(x):  # x [B, T, heads, d], HF rotate_half convention
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos[None, :, None] + np.concatenate([-x2, x1], -1) * sin[None, :, None]
+
+  def norm(x, g):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+  h = w["model.embed_tokens.weight"][input_ids]
+  mask = np.triu(np.full((T, T), -np.inf), 1)
+  for l in range(hf["num_hidden_layers"]):
+    p = lambda n: w[f"model.layers.{l}.{n}.weight"]
+    a = norm(h, p("input_layernorm"))
+    q = rot((a @ p("self_attn.q_proj").T).reshape(B, T, nh, d))
+    k = rot((a @ p("self_attn.k_proj").T).reshape(B, T, nkv, d))
+    v = (a @ p("self_attn.v_proj").T).reshape(B, T, nkv, d)
+    k, v = np.repeat(k, nh // nkv, 2), np.repeat(v, nh // nkv, 2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d) + mask
+    s = np.exp(s - s.max(-1, keepdims=True))
+    o = np.einsum("bhqk,bkhd->bqhd", s / s.sum(-1, keepdims=True), v).reshape(B, T, nh * d)
+    h = h + o @ p("self_attn.o_proj").T
+    m = norm(h, p("post_attention_layernorm"))
+    gate = m @ p("mlp.gate_proj").T
+    h = h + (gate / (1 + np.exp(-gate)) * (m @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+  lm = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+  return norm(h, w["model.norm.weight"]) @ lm.T
+
+
 def _random_model(name: str, cfg_kwargs: dict, seed: int, out_dir: pathlib.Path) -> None:
   torch.manual_seed(seed)
   cfg = LlamaConfig(**cfg_kwargs, bos_token_id=1, eos_token_id=2, pad_token_id=None,
@@ -112,10 +162,14 @@ def _random_model(name: str, cfg_kwargs: dict, seed: int, out_dir: pathlib.Path)
   with torch.no_grad():
     logits = model(torch.from_numpy(input_ids), use_cache=False).logits.float().numpy()
   np.testing.assert_array_equal(logits, in_memory)
+  ref = _numpy_llama_logits(out_dir, input_ids)
+  err = np.abs(logits - ref).max()
+  assert err < 1e-4, f"{name}: transformers vs float64 NumPy max |diff| {err}"
   assert logits.shape == (*RANDOM_SEQ, cfg.vocab_size) and np.isfinite(logits).all()
   np.savez(out_dir / "logits.npz", input_ids=input_ids.astype(np.int32),
            logits=logits.astype(np.float32))
   print(f"{name}: logits std {logits.std():.3f}, |max| {np.abs(logits).max():.2f}, "
+        f"max |HF - NumPy f64| {err:.2e}, "
         f"files {sorted(p.name for p in out_dir.iterdir())}")
 
 
@@ -199,8 +253,20 @@ def _smollm2(out_path: pathlib.Path) -> None:
   g["generation_eos_token_ids"] = np.array(np.atleast_1d(model.generation_config.eos_token_id),
                                            np.int32)
   g["first_tokens"] = np.array(tok.convert_ids_to_tokens(list(range(17))))
+  # Dequantized (and, for q/k, un-permuted) weights in HF layout [out, in], to check an importer
+  # without running the model: embedding (Q8_0) rows, the first two heads of layer 0's q_proj and
+  # k_proj (Q4_1, rows reordered by transformers' reverse permutation), down_proj rows, norms.
+  sd = model.state_dict()
+  g["w_embed_row_ids"] = np.array([0, 1, 2, 504, 49151], np.int32)
+  g["w_embed_rows"] = sd["model.embed_tokens.weight"][g["w_embed_row_ids"]].numpy()
+  g["w_l0_q_proj_rows128"] = sd["model.layers.0.self_attn.q_proj.weight"][:128].numpy()
+  g["w_l0_k_proj_rows128"] = sd["model.layers.0.self_attn.k_proj.weight"][:128].numpy()
+  g["w_l0_down_proj_rows16"] = sd["model.layers.0.mlp.down_proj.weight"][:16].numpy()
+  g["w_l0_input_layernorm"] = sd["model.layers.0.input_layernorm.weight"].numpy()
+  g["w_final_norm"] = sd["model.norm.weight"].numpy()
   cfg = model.config.to_dict()
-  cfg.pop("quantization_config", None)
+  for machine_specific in ("quantization_config", "_name_or_path"):
+    cfg.pop(machine_specific, None)
   g["hf_config_json"] = s(json.dumps(cfg, sort_keys=True))
   g["versions"] = s(json.dumps({"torch": torch.__version__, "transformers":
                                 transformers.__version__, "numpy": np.__version__}))
