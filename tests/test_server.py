@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import grpc
 import portpicker
@@ -207,12 +208,12 @@ def test_status_code_mapping():
 
 
 def test_jaxinfer_serve_binary_serves_and_shuts_down_on_sigterm():
-  port = portpicker.pick_unused_port()
+  port, metrics_port = portpicker.pick_unused_port(), portpicker.pick_unused_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   proc = subprocess.Popen(
       [sys.executable, "-m", "jaxinfer.server.main", "--model=toy", f"--port={port}",
        "--max_batch=8", "--max_num_batched_tokens=32", "--chunk_size=16", "--kv_pages=64",
-       "--page_size=8", "--max_model_len=64"],
+       "--page_size=8", "--max_model_len=64", f"--metrics_port={metrics_port}"],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   try:
     lines = []
@@ -226,6 +227,9 @@ def test_jaxinfer_serve_binary_serves_and_shuts_down_on_sigterm():
       assert stub.Health(pb.HealthRequest()).status == pb.HealthResponse.SERVING
       r = stub.Generate(req("hi", max_tokens=4, ignore_eos=True))
       assert len(r.token_ids) == 4
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=60) as resp:
+      text = resp.read().decode()
+    assert 'jaxinfer_requests_finished_total{reason="length"} 1.0' in text
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
   finally:

@@ -27,8 +27,9 @@ class ByteTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return bytes(i - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET).decode("utf-8", errors="replace")
 
-  def apply_chat_template(self, messages) -> str:
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + "assistant: " if add_generation_prompt else text
 
 
 def toy_config(max_position_embeddings: int = 512) -> llama.LlamaConfig:

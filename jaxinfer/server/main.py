@@ -9,6 +9,7 @@ SIGTERM/SIGINT shut down gracefully: new RPCs are refused, those in flight get -
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -35,7 +36,8 @@ _MAX_LEN = flags.DEFINE_integer("max_model_len", 0, "context limit (0: the model
 _MAX_QUEUED = flags.DEFINE_integer("max_queued", 4096, "requests in flight before "
                                    "RESOURCE_EXHAUSTED")
 _GRACE = flags.DEFINE_float("grace_s", 10.0, "seconds in-flight RPCs get at shutdown")
-_WARMUP = flags.DEFINE_bool("warmup", False, "compile every step shape before serving")
+_WARMUP = flags.DEFINE_bool("warmup", False, "compile every step-shape bucket combination before "
+                            "serving (concurrently; many shapes with the default ladders)")
 
 
 def build_engine(model: str, config: EngineConfig) -> tuple[LLMEngine, str]:
@@ -57,7 +59,7 @@ def main(argv) -> None:
                         kv_dtype=kv_dtype, max_queued_requests=_MAX_QUEUED.value)
   engine, name = build_engine(_MODEL.value, config)
   if _WARMUP.value:
-    engine.warmup()
+    engine.warmup(num_threads=os.cpu_count() or 1)
   loop = EngineLoop(engine).start()
   server = ServerThread(InferenceService(loop, model_name=name), host=_HOST.value,
                         port=_PORT.value).start()
