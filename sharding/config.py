@@ -1,0 +1,135 @@
+"""ParallelConfig: how a model is laid out over devices, validated, and the named mesh it builds.
+
+Mesh axes, outermost first (``tp`` innermost so tensor-parallel collectives stay on the fastest links):
+
+    dp  full-model replicas, each with its own sequences and KV cache pages
+    pp  pipeline stages (consecutive blocks of layers), activations passed with ppermute
+    ep  expert parallelism; for attention this axis is either more tensor parallelism
+        (``attention_dp=False``: heads split over ep x tp) or data parallelism
+        (``attention_dp=True``: each ep rank runs attention on its own tokens and KV pages,
+        which is how MLA avoids duplicating its head-less latent cache)
+    tp  tensor parallelism (Megatron: heads / MLP columns, and each expert's intermediate dim)
+
+Devices used: dp * pp * ep * tp (the first that many of ``jax.devices()``). The configurations of the
+issue on 8 devices: TP8 = (tp=8); EP8 = (ep=8) [attention TP8]; TP+EP = (ep=4, tp=2) [attention TP8,
+experts 4-way, each expert 2-way TP]; ADP8+EP8 = (ep=8, attention_dp=True); PP4xTP2 = (pp=4, tp=2);
+DP2xTP4 = (dp=2, tp=4).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxinfer.errors import UnsupportedModelError
+
+MESH_AXES = ("dp", "pp", "ep", "tp")
+
+
+class ParallelConfigError(UnsupportedModelError, ValueError):
+  """A ParallelConfig does not fit the devices or the model; the message names the constraint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  dp: int = 1
+  pp: int = 1
+  tp: int = 1
+  ep: int = 1
+  attention_dp: bool = False
+  # MoE dispatch/combine: "auto" (message-size model), "all_to_all" or "allgather" (AG/RS).
+  moe_comm: str = "auto"
+  # Payload of the MoE dispatch all-to-all: "bf16" (the activations' dtype), "fp8" or "nvfp4".
+  moe_dispatch_dtype: str = "bf16"
+  microbatches: int = 0  # pipeline microbatches per step; 0: pp
+
+  def __post_init__(self):
+    for name in ("dp", "pp", "tp", "ep"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ParallelConfigError(f"{name} must be a positive integer, got {v!r}")
+    if self.attention_dp and self.ep == 1:
+      raise ParallelConfigError("attention_dp=True runs attention data parallel over the ep axis: "
+                                "it needs ep > 1")
+    if self.moe_comm not in ("auto", "all_to_all", "allgather"):
+      raise ParallelConfigError(f"moe_comm must be auto | all_to_all | allgather, got {self.moe_comm!r}")
+    if self.moe_dispatch_dtype not in ("bf16", "fp8", "nvfp4"):
+      raise ParallelConfigError(
+          f"moe_dispatch_dtype must be bf16 | fp8 | nvfp4, got {self.moe_dispatch_dtype!r}")
+    if self.microbatches < 0:
+      raise ParallelConfigError(f"microbatches must be >= 0, got {self.microbatches}")
+
+  @property
+  def num_devices(self) -> int:
+    return self.dp * self.pp * self.ep * self.tp
+
+  @property
+  def attention_tp(self) -> int:
+    """Ways each attention layer's heads are split."""
+    return self.tp if self.attention_dp else self.ep * self.tp
+
+  @property
+  def attention_tp_axes(self) -> tuple[str, ...]:
+    return ("tp",) if self.attention_dp else ("ep", "tp")
+
+  @property
+  def num_microbatches(self) -> int:
+    return self.microbatches or self.pp
+
+  def describe(self) -> str:
+    parts = [f"{k}{getattr(self, k)}" for k in ("dp", "pp", "tp", "ep") if getattr(self, k) > 1]
+    if self.attention_dp:
+      parts.append(f"adp{self.ep}")
+    return "+".join(parts) or "single"
+
+  def validate(self, model_config: Any = None, num_devices: int | None = None) -> None:
+    """Raises ParallelConfigError naming the first violated constraint."""
+    available = jax.device_count() if num_devices is None else num_devices
+    if self.num_devices > available:
+      raise ParallelConfigError(
+          f"dp*pp*ep*tp = {self.dp}*{self.pp}*{self.ep}*{self.tp} = {self.num_devices} devices "
+          f"needed, but only {available} are available")
+    if model_config is not None:
+      check_model(self, model_config)
+
+  def make_mesh(self, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else list(devices)
+    self.validate(num_devices=len(devices))
+    grid = np.asarray(devices[:self.num_devices], dtype=object).reshape(
+        self.dp, self.pp, self.ep, self.tp)
+    return Mesh(grid, MESH_AXES)
+
+
+def _divides(what: str, n: int, name: str, ways: int) -> None:
+  if n % ways:
+    raise ParallelConfigError(f"{what} ({n}) must be divisible by {name} ({ways})")
+
+
+def check_model(parallel: ParallelConfig, cfg: Any) -> None:
+  """Model-shape constraints: heads by the attention TP, experts by ep, layers by pp, ..."""
+  atp = parallel.attention_tp
+  atp_name = "tp" if parallel.attention_dp else "ep*tp (attention tensor parallelism)"
+  num_layers = cfg.num_layers
+  _divides("num_layers", num_layers, "pp", parallel.pp)
+  _divides("num_heads", cfg.num_heads, atp_name, atp)
+  kv_heads = getattr(cfg, "num_kv_heads", None)
+  if kv_heads is not None and not getattr(cfg, "kv_lora_rank", None):
+    if kv_heads % atp and atp % kv_heads:  # fewer KV heads than ranks: they are replicated
+      raise ParallelConfigError(f"num_kv_heads ({kv_heads}) must be divisible by {atp_name} ({atp}) "
+                                f"or divide it (KV heads are then replicated)")
+  dense_mlp = getattr(cfg, "intermediate_size", None)
+  if dense_mlp:
+    _divides("intermediate_size", dense_mlp, atp_name, atp)
+  experts = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None)
+  if parallel.ep > 1 and not experts:
+    raise ParallelConfigError(
+        f"ep={parallel.ep} shards experts, but this model ({type(cfg).__name__}) has none; "
+        "use tp for a dense model")
+  if experts:
+    _divides("the number of routed experts", experts, "ep", parallel.ep)
+    moe_mlp = getattr(cfg, "moe_intermediate_size", None)
+    if moe_mlp:
+      _divides("moe_intermediate_size", moe_mlp, "tp", parallel.tp)
