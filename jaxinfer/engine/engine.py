@@ -245,27 +245,48 @@ class LLMEngine:
     return self._delta(req, final=False)
 
   def _detokenize(self, req: Request, num_ids: int) -> bool:
-    """Updates ``req.text`` from the first ``num_ids`` output ids; True when a stop string ended it."""
+    """Extends ``req.text`` with the text of the newest output ids; True when a stop string ended it.
+
+    Incremental (vLLM's prefix/read offsets): each call decodes a short window, not the whole output,
+    and decodes it with a few tokens of left context so tokenizers whose decoding depends on the
+    previous token (leading-space markers) give the same text as a whole-sequence decode. Text
+    ending in an incomplete UTF-8 character (U+FFFD) waits for the next token.
+    """
     if self.tokenizer is None:
       return False
+    ids = req.output_token_ids[:num_ids]
+    prefix_text = self.tokenizer.decode(ids[req.prefix_offset:req.read_offset])
+    new_text = self.tokenizer.decode(ids[req.prefix_offset:])
+    if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+      return False
     prev = len(req.text)
-    req.text = self.tokenizer.decode(req.output_token_ids[:num_ids])
+    req.text += new_text[len(prefix_text):]
+    req.prefix_offset, req.read_offset = req.read_offset, len(ids)
     stops = req.params.stop
     if not stops:
       return False
-    search_from = max(0, prev - max(len(s) for s in stops))
+    search_from = max(0, prev - max(len(s) for s in stops) + 1)
     hits = [i for i in (req.text.find(s, search_from) for s in stops) if i >= 0]
     if hits:
       req.text = req.text[:min(hits)]
+      req.text_final = True
       return True
     return False
 
+  def _flush_text(self, req: Request) -> None:
+    """At the end: whatever text is still held back (an incomplete character) is appended."""
+    if self.tokenizer is None or req.text_final:
+      return
+    ids = req.output_token_ids
+    prefix_text = self.tokenizer.decode(ids[req.prefix_offset:req.read_offset])
+    new_text = self.tokenizer.decode(ids[req.prefix_offset:])
+    req.text += new_text[len(prefix_text):]
+    req.prefix_offset = req.read_offset = len(ids)
+
   def _stable_text_len(self, req: Request) -> int:
-    """Text that can be streamed now: no trailing partial UTF-8 char, no possible stop-string start."""
+    """Text that can be streamed now: nothing that could be the start of a stop string."""
     text = req.text
     n = len(text)
-    while n and text[n - 1] == "\ufffd":
-      n -= 1
     for s in req.params.stop:
       for k in range(min(len(s) - 1, n), 0, -1):
         if text[n - k:n] == s[:k]:
@@ -295,6 +316,7 @@ class LLMEngine:
     if req.status is not RequestStatus.FINISHED:
       self.scheduler.remove(req)
     req.status, req.finish_reason = RequestStatus.FINISHED, reason
+    self._flush_text(req)
     self._requests.pop(req.request_id, None)
     self.metrics.finished.labels(reason.value).inc()
     n = len(req.output_token_ids)

@@ -38,6 +38,9 @@ class Request:
   last_token_time: float | None = None
   text: str = ""                    # detokenized output (stop string excluded), when a tokenizer is set
   num_text_sent: int = 0            # chars of ``text`` already streamed
+  prefix_offset: int = 0            # incremental detokenization window (see LLMEngine._detokenize)
+  read_offset: int = 0
+  text_final: bool = False          # a stop string cut ``text``: nothing more is appended
   num_tokens_sent: int = 0          # output tokens already streamed
 
   @property
@@ -52,7 +55,9 @@ class Request:
     n = len(self.prompt_token_ids)
     if stop <= n:
       return self.prompt_token_ids[start:stop]
-    return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+    if start >= n:
+      return self.output_token_ids[start - n:stop - n]
+    return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n]
 
   @property
   def finished(self) -> bool:
