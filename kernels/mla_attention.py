@@ -19,8 +19,12 @@ the page table (FP8 upcast to bf16 in registers, the scale folded into scores an
 FP8 tiles are upcast to f16 (one cvt per pair on Hopper). One split writes rows straight into the
 output; split-K partials merge in ``paged_decode_attention``'s combine kernel.
 
-Target roofline: the latent cache is read once per step (ideally; H/block_h reads hit L2):
-B=64, 4096 context, 576 entries: 302 MB bf16 / 151 MB FP8 -> 0.10 / 0.05 ms at ~3.0 TB/s.
+Target roofline (B=64, 4096 context, 128 heads, 512+64): the latent cache is read once per step
+(the H/block_h programs of one tile share it through L2): 302 MB bf16 / 151 MB FP8 -> 0.097 / 0.049 ms
+at the measured 3.1 TB/s. But the step is also 73 GFLOP (2*576 + 2*512 per head and key), 0.093 ms at
+the measured 783 TFLOP/s bf16 dense: at this batch and head count MLA decode is compute-bound, and
+the FP8 "70% of read bandwidth" mark (0.070 ms) would need > 1 PFLOP/s. Measured (H100, 2026-11-23):
+bf16 0.48 ms, FP8 0.85 ms -- see benchmarks/attention.md for where the time goes.
 
 Context (prefill) MLA in the non-absorbed form is ``mla_prefill_attention``: ``flash_prefill`` with a
 128-dim nope part (bf16 or FP8) plus a 64-dim rope part shared by all heads.
@@ -99,6 +103,11 @@ class MLATiles:
   splits: int | None = None
 
 
+# Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 128 heads.
+BF16_TILES = MLATiles(block_h=16, block_k=64, num_warps=4, num_stages=2)
+FP8_TILES = MLATiles(block_h=64, block_k=32, num_warps=8, num_stages=2)
+
+
 def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref, o_init_ref,
                        *out_refs, block_h: int, max_q: int, rows: int, block_k: int,
                        page_size: int, pages_per_seq: int, rank: int, rope_dim: int,
@@ -157,9 +166,11 @@ def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref
 @functools.partial(jax.jit, static_argnames=("scale", "max_q", "tiles", "interpret"))
 def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
                       page_table: jax.Array, seq_lens: jax.Array, query_start: jax.Array, *,
-                      scale: float, latent_scale=1.0, max_q: int = 1, tiles: MLATiles = MLATiles(),
-                      interpret: bool = False) -> jax.Array:
+                      scale: float, latent_scale=1.0, max_q: int = 1,
+                      tiles: MLATiles | None = None, interpret: bool = False) -> jax.Array:
   """The Pallas kernel for <= ``max_q`` query tokens per sequence -> [T, H, kv_lora_rank]."""
+  if tiles is None:
+    tiles = FP8_TILES if is_fp8(latent_pages.dtype) else BF16_TILES
   T, H, R = q_latent.shape
   Dr = q_rope.shape[-1]
   N, page_size, C = latent_pages.shape

@@ -19,7 +19,9 @@ split across ``splits`` programs (split-K) writing (acc, max, sum) partials that
 combine kernel merges into out. Rows of no query (padding) stay zero (out is aliased to zeros).
 
 Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
-read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.36 ms; FP8 0.18 ms.
+read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.35 ms; FP8 0.17 ms.
+Measured (H100, 2026-11-23, benchmarks/attention.md): bf16 0.394 ms (88% of the measured 3.1 TB/s),
+FP8 0.277 ms (0.70x of bf16; the per-element f16 upcast and shared-memory shuffle cost the rest).
 """
 from __future__ import annotations
 
@@ -44,9 +46,10 @@ _NUM_SMS = 132  # H100 SXM
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTiles:
-  block_k: int = 64
+  # Best bf16 variant on the H100 (benchmarks/attention.md): 32-token tiles, 4 warps, 4 stages.
+  block_k: int = 32
   num_warps: int = 4
-  num_stages: int = 3
+  num_stages: int = 4
   splits: int | None = None   # None: enough programs to fill the SMs twice
 
 
