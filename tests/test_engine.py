@@ -279,3 +279,31 @@ def test_300_concurrent_requests_through_the_engine_loop():
                "jaxinfer_time_per_output_token_seconds_bucket"):
     assert name in text
   assert "jaxinfer_kv_pages_used 0.0" in text
+
+
+class _SentencePieceLikeTokenizer:
+  """Decoding depends on context: a whole decode drops the leading space of its first piece, as
+  SentencePiece's does, so decoding only the newest token would lose spaces."""
+  eos_token_ids = (2,)
+
+  def encode(self, text, add_special_tokens=True):
+    return [1] + [3 + (ord(c) % 200) for c in text]
+
+  def decode(self, ids):
+    pieces = [("\u2581" if i % 3 == 0 else "") + chr(0x41 + i % 26) for i in ids if i >= 3]
+    return "".join(pieces).replace("\u2581", " ").lstrip(" ")
+
+
+def test_incremental_detokenization_matches_a_whole_decode():
+  tok = _SentencePieceLikeTokenizer()
+  eng = LLMEngine.from_llama(CFG, PARAMS, tokenizer=tok, config=BASE)
+  params = SamplingParams(max_tokens=20, temperature=1.0, seed=9, ignore_eos=True)
+  ids = [eng.add_request(p, params) for p in ("ab", "cde", "f")]
+  deltas = {i: [] for i in ids}
+  while eng.has_unfinished():
+    for out in eng.step():
+      deltas[out.request_id].append(out)
+  for i in ids:
+    final = deltas[i][-1]
+    assert final.text == tok.decode(final.token_ids) and " " in final.text
+    assert "".join(d.new_text for d in deltas[i]) == final.text
