@@ -59,7 +59,9 @@ def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   amax = jnp.max(jnp.abs(blocks), axis=-1)
   scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
   q = (blocks / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(x.shape)
-  return q, scale
+  # Keeps XLA:GPU from eliding the e4m3 rounding when a caller's jit widens q again
+  # (it folds convert(convert(v, narrow), wide), openxla/xla#41605).
+  return jax.lax.optimization_barrier((q, scale))
 
 
 @jax.jit

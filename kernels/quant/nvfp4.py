@@ -84,7 +84,9 @@ def quantize(x: jax.Array, global_scale: jax.Array | None = None
   blocks = x32.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
   amax = jnp.max(jnp.abs(blocks), axis=-1)
   scale = jnp.clip(amax / (E2M1_MAX * global_scale), 0.0, E4M3_MAX).astype(jnp.float8_e4m3fn)
-  denom = scale.astype(jnp.float32)[..., None] * global_scale
+  # The barrier keeps XLA:GPU from folding convert(convert(v, e4m3), f32) into v (it elides
+  # narrowing casts, openxla/xla#41605), which would divide by the unrounded scale.
+  denom = jax.lax.optimization_barrier(scale).astype(jnp.float32)[..., None] * global_scale
   q = jnp.where(denom > 0, blocks / jnp.where(denom > 0, denom, 1.0), 0.0)
   codes = e2m1_codes(q).reshape(x.shape)
   return pack_nibbles(codes), scale, global_scale
