@@ -1,5 +1,5 @@
 """gRPC server tests: a tiny random model served on loopback (free port), real gRPC clients."""
-import concurrent.futures
+import dataclasses
 import os
 import random
 import signal
@@ -30,7 +30,6 @@ LONG = 100   # max_tokens of requests that must still be running when the test a
 
 class Served:
   def __init__(self, **overrides):
-    import dataclasses
     self.engine = LLMEngine.from_llama(CFG, PARAMS, tokenizer=ByteTokenizer(),
                                        config=dataclasses.replace(BASE, **overrides))
     self.loop = EngineLoop(self.engine).start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import threading
 from collections.abc import AsyncIterator
 
@@ -28,7 +27,6 @@ from jaxinfer.server import jaxinfer_pb2 as pb
 
 SERVICE_NAME = "jaxinfer.v1.Inference"
 DEFAULT_MAX_TOKENS = 64
-log = logging.getLogger(__name__)
 
 _FINISH = {FinishReason.STOP: pb.STOP, FinishReason.LENGTH: pb.LENGTH}
 
