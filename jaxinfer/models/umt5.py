@@ -56,10 +56,10 @@ def param_shapes(cfg: UMT5Config) -> Params:
 def init_params(cfg: UMT5Config, key: jax.Array, dtype=jnp.bfloat16) -> Params:
   shapes = param_shapes(cfg)
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-  keys = jax.random.split(key, len(leaves))
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
   out = [jnp.ones(s, dtype) if len(s) == 1 else
-         (jax.random.normal(k, s) / math.sqrt(s[0] if s[0] != cfg.vocab_size else 1)).astype(dtype)
-         for k, s in zip(keys, leaves)]
+         jnp.asarray(rng.standard_normal(s, np.float32) / math.sqrt(s[0] if s[0] != cfg.vocab_size else 1),
+                     dtype) for s in leaves]
   return jax.tree.unflatten(treedef, out)
 
 

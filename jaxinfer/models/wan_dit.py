@@ -16,6 +16,7 @@ types drop in; attention goes through ``attention`` below (one dispatch point). 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -100,23 +101,49 @@ def param_shapes(cfg: WanDiTConfig) -> Params:
 _ONE_INIT = ("norm_q", "norm_k", "norm2_w")
 
 
+def _init_leaf(name: str, shape: tuple[int, ...], normal, xp=np):
+  if name in _ONE_INIT:
+    return xp.ones(shape, xp.float32)
+  if name in ("modulation", "out_modulation"):
+    return normal(shape) / math.sqrt(shape[-1])
+  if len(shape) == 1:
+    return 0.02 * normal(shape)
+  return normal(shape) / math.sqrt(shape[0])
+
+
 def init_params(cfg: WanDiTConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
-  """Random weights for tests and benchmarks: N(0, 1/fan_in) matrices, small biases, unit norms."""
+  """Random weights for tests: N(0, 1/fan_in) matrices, small biases, unit norm gains. Drawn on the
+  host with NumPy (seeded from ``key``): one eager jax.random call per shape compiles too much on CPU."""
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  normal = lambda s: rng.standard_normal(s, dtype=np.float32)
   shapes = param_shapes(cfg)
   paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
-  keys = jax.random.split(key, len(paths))
-  out = []
-  for k, (path, shape) in zip(keys, paths):
-    name = str(path[-1].key)
-    if name in _ONE_INIT:
-      out.append(jnp.ones(shape, dtype))
-    elif name in ("modulation", "out_modulation"):
-      out.append((jax.random.normal(k, shape) / math.sqrt(shape[-1])).astype(dtype))
-    elif len(shape) == 1:
-      out.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
-    else:
-      out.append((jax.random.normal(k, shape) / math.sqrt(shape[0])).astype(dtype))
+  out = [jnp.asarray(_init_leaf(str(path[-1].key), shape, normal), dtype) for path, shape in paths]
   return jax.tree.unflatten(treedef, out)
+
+
+def init_params_on_device(cfg: WanDiTConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+  """The same distribution drawn on the default device, one compiled draw for all blocks: for
+  benchmarks of the full-size shapes, where host generation and transfer would dominate."""
+  shapes = param_shapes(cfg)
+
+  def drawer(tree_shapes):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree_shapes,
+                                                          is_leaf=lambda s: isinstance(s, tuple))
+
+    def draw(k):
+      keys = jax.random.split(k, len(paths))
+      leaves = [_init_leaf(str(path[-1].key), shape,
+                           lambda s, kk=kk: jax.random.normal(kk, s, jnp.float32),
+                           xp=jnp).astype(dtype) for kk, (path, shape) in zip(keys, paths)]
+      return jax.tree.unflatten(treedef, leaves)
+    return jax.jit(draw)
+
+  keys = jax.random.split(key, cfg.num_layers + 1)
+  out = drawer({k: v for k, v in shapes.items() if k != "blocks"})(keys[0])
+  draw_block = drawer(shapes["blocks"][0])
+  out["blocks"] = [draw_block(keys[i + 1]) for i in range(cfg.num_layers)]
+  return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Text-to-video: flow-matching samplers, the CFG denoising pipeline, step caching, video files."""
