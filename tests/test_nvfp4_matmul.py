@@ -3,7 +3,6 @@
 Interpret mode fills float outputs with NaN before the kernel runs (checked below), so every
 "all finite and close to the float64 reference" assertion also proves each element was written.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
