@@ -253,8 +253,11 @@ def run_jax() -> dict:
     run_closed_loop(engine, prompts, c, c)
     summary, steps = run_closed_loop(engine, prompts, c, _PER_USER.value * c)
     cache = engine.cache
-    decode_steps = [dt for dt, st in steps if st is not None and st.decode_only]
-    summary["decode_step_s"] = percentiles(decode_steps)
+    decode_steps = [(dt, st) for dt, st in steps if st is not None and st.decode_only]
+    summary["decode_step_s"] = percentiles([dt for dt, _ in decode_steps])
+    # host part (schedule, batch build, dispatch) vs. waiting for the device, per decode step
+    summary["decode_step_host_s"] = percentiles([st.host_s for _, st in decode_steps])
+    summary["decode_step_wait_s"] = percentiles([st.wait_s for _, st in decode_steps])
     summary["steps"] = len(steps)
     result["levels"][str(c)] = summary
     logging.info("c=%d %s", c, json.dumps(summary))

@@ -36,6 +36,8 @@ class StepStats:
   num_seqs: int
   num_tokens: int
   num_decode: int               # sequences that took a single decode token
+  host_s: float = 0.0           # schedule + batch build + dispatch (device work is asynchronous)
+  wait_s: float = 0.0           # from dispatch until the sampled tokens are on the host
 
   @property
   def decode_only(self) -> bool:
@@ -195,12 +197,12 @@ class LLMEngine:
     if plan.preempted:
       self.metrics.preemptions.inc(len(plan.preempted))
     if plan.chunks:
-      outputs += self._run(plan.chunks)
+      outputs += self._run(plan.chunks, t0)
     self._update_gauges()
     self.metrics.step_time.observe(time.perf_counter() - t0)
     return outputs
 
-  def _run(self, chunks) -> list[RequestOutput]:
+  def _run(self, chunks, t_start: float) -> list[RequestOutput]:
     completes = [c.completes for c in chunks]
     host = [(c.request.tokens(c.start, c.start + c.num_tokens), c.request.pages, c.start)
             for c in chunks]
@@ -210,11 +212,14 @@ class LLMEngine:
         (c.request.params if done else None, len(c.request.output_token_ids))
         for c, done in zip(chunks, completes)])
     self.compiled_shapes.add(shape)
-    self.last_step = StepStats(shape, len(chunks), sum(c.num_tokens for c in chunks),
-                               sum(1 for c, done in zip(chunks, completes) if done and c.num_tokens == 1))
     tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, self.cache,
                                             forward=self.forward, shape=shape)
+    t_dispatched = time.perf_counter()
     tokens, logprobs = jax.device_get((tokens, logprobs))
+    num_decode = sum(1 for c, done in zip(chunks, completes) if done and c.num_tokens == 1)
+    self.last_step = StepStats(shape, len(chunks), sum(c.num_tokens for c in chunks), num_decode,
+                               host_s=t_dispatched - t_start,
+                               wait_s=time.perf_counter() - t_dispatched)
     self.num_steps += 1
     now = self.clock()
     outputs = []
