@@ -348,8 +348,12 @@ def mla_prefill_attention(q_nope: jax.Array, q_rope: jax.Array, latent_pages: ja
   k_rope = jnp.broadcast_to(lat[..., None, R:], (*k_nope.shape[:3], cfg.qk_rope_head_dim))
   k = jnp.concatenate([k_nope, k_rope], axis=-1)
   q = jnp.concatenate([q_nope, q_rope], axis=-1)
+  # The paged kernels want one power-of-two head size for q, k and v: zero padding is exact.
+  d = 1 << (max(cfg.qk_head_dim, cfg.v_head_dim) - 1).bit_length()
+  pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, d - a.shape[-1])])
   own_pages = dataclasses.replace(batch, page_table=jnp.arange(B * P, dtype=jnp.int32).reshape(B, P))
-  return attention.paged_attention(q, k, v, own_pages, scale=cfg.softmax_scale)
+  o = attention.paged_attention(pad(q), pad(k), pad(v), own_pages, scale=cfg.softmax_scale)
+  return o[..., :cfg.v_head_dim]
 
 
 def mla_absorbed_attention(q_nope: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
