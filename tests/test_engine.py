@@ -307,3 +307,19 @@ def test_incremental_detokenization_matches_a_whole_decode():
     final = deltas[i][-1]
     assert final.text == tok.decode(final.token_ids) and " " in final.text
     assert "".join(d.new_text for d in deltas[i]) == final.text
+
+
+def test_engine_loop_survives_a_failing_callback():
+  eng = make_engine()
+  loop = EngineLoop(eng).start()
+  results = []
+
+  def broken(item):
+    raise RuntimeError("consumer bug")
+
+  loop.submit([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True), broken)
+  loop.submit([8, 9], SamplingParams(max_tokens=5, ignore_eos=True), results.append)
+  assert loop.wait_idle(timeout=60)
+  assert loop.healthy and results[-1].finished and len(results[-1].token_ids) == 5
+  assert eng.allocator.num_used == 0 and not eng.has_unfinished()
+  loop.shutdown()

@@ -96,7 +96,21 @@ class EngineLoop:
       self._num_active -= 1
       self._cv.notify_all()
     if cb is not None:
-      cb(item)
+      try:
+        cb(item)
+      except Exception:  # a consumer's bug must not stop the engine for everyone else
+        log.exception("callback of request %s failed", request_id)
+
+  def _deliver(self, out: RequestOutput) -> None:
+    cb = self._callbacks.get(out.request_id)
+    if cb is None:
+      return
+    try:
+      cb(out)
+    except Exception:
+      log.exception("callback of request %s failed; cancelling it", out.request_id)
+      self.engine.abort(out.request_id)
+      self._done(out.request_id, RequestCancelledError("the request's consumer failed"))
 
   def _run(self) -> None:
     engine = self.engine
@@ -138,6 +152,4 @@ class EngineLoop:
         if out.finished:
           self._done(out.request_id, out)
         else:
-          cb = self._callbacks.get(out.request_id)
-          if cb is not None:
-            cb(out)
+          self._deliver(out)
