@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import os
 import statistics
 import time
 import traceback

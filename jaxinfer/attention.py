@@ -137,8 +137,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
                     scale: float, k_scale=1.0, v_scale=1.0, impl: str = "auto") -> jax.Array:
   """Causal attention of flattened queries over the paged cache. ``impl``: auto | pallas | reference.
 
-  auto: the reference on CPU; on GPU the Pallas kernels (``pallas`` forces them, in interpret mode
-  off GPU). Batches whose sequences all have <= ``max_q`` new tokens (decode, speculative) take the
+  auto: the reference on CPU, and on GPU for inputs the kernels do not take (q not bf16/f16, a
+  power-of-two head_dim, cache of q's dtype or FP8); else the Pallas kernels (``pallas`` forces
+  them, in interpret mode off GPU). Batches whose sequences all have <= ``max_q`` new tokens (decode, speculative) take the
   paged decode kernel; others gather each sequence's pages and run the prefill kernel (chunked
   prefill over the cached prefix). The choice between the two is a runtime ``lax.cond`` on the
   longest chunk, since the shapes alone do not tell. The kernels place query token i of sequence b
@@ -148,6 +149,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown attention impl {impl!r}")
   on_gpu = jax.default_backend() == "gpu"
+  if impl == "auto" and on_gpu:
+    from kernels.paged_decode_attention import kernel_supports  # kernels import jaxinfer
+    if not kernel_supports(q, k_pages):
+      impl = "reference"
   if impl == "reference" or (impl == "auto" and not on_gpu):
     return reference_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
                                      v_scale=v_scale)
@@ -160,7 +165,7 @@ _MAX_DECODE_TOKENS = 8  # per sequence, for the decode kernel
 
 def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale, k_scale, v_scale,
                             interpret: bool) -> jax.Array:
-  from kernels import flash_attention, paged_decode_attention as decode  # kernels import this module
+  from kernels import flash_attention, paged_decode_attention as decode  # kernels import jaxinfer
 
   decode.check_decode_shapes(q, k_pages, v_pages, batch.page_table, batch.seq_lens,
                              batch.query_start)

@@ -180,6 +180,8 @@ def check_prefill_shapes(q, k, v, query_start, kv_lens, q_rope=None, k_rope=None
       raise ShapeError("the rope part (q_rope, k_rope) must be bf16/f16/f32, not FP8")
   if is_fp8(q.dtype) and not (is_fp8(k.dtype) and is_fp8(v.dtype)):
     raise ShapeError("FP8 queries need FP8 keys and values")
+  if not is_fp8(k.dtype) and not (q.dtype == k.dtype == v.dtype):
+    raise ShapeError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ (only FP8 K/V may)")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret", "v_transposed"))

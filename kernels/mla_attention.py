@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +187,9 @@ def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.
   rows = max(16, 1 << (max_q * bh - 1).bit_length())
   nhb = H // bh
   splits = tiles.splits or default_splits(B, nhb, pl.cdiv(P * page_size, tiles.block_k))
+  if not is_fp8(latent_pages.dtype) and latent_pages.dtype != q_latent.dtype:
+    raise ShapeError(f"q_latent dtype {q_latent.dtype} must match the {latent_pages.dtype} latent "
+                     "cache (or the cache be FP8)")
   upcast = jnp.float16 if is_fp8(latent_pages.dtype) else None
   out_dtype = q_latent.dtype
   if upcast is not None:
@@ -221,11 +223,12 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
                         impl: str = "auto") -> jax.Array:
   """Absorbed MLA over the paged latent cache -> [T, H, kv_lora_rank] in q_latent's dtype.
 
-  ``impl``: auto (the reference on CPU; on GPU the Pallas decode kernel when every sequence has <= 8
-  new tokens this step -- a runtime ``lax.cond`` on the longest chunk -- else the reference) |
-  pallas (the same choice, the kernel in interpret mode off GPU) | reference. The kernel places
-  token i of sequence b at position ``seq_lens[b] - q_len_b + i`` and returns zeros for padding
-  tokens.
+  ``impl``: auto | pallas | reference. auto: the reference on CPU and for inputs the kernel does
+  not take (q not bf16/f16, dims not powers of two, latents neither q's dtype nor FP8); else the
+  Pallas decode kernel when every sequence has <= 8 new tokens this step (a runtime ``lax.cond`` on
+  the longest chunk) and the reference otherwise. pallas: the same choice without the input check,
+  the kernel in interpret mode off GPU. The kernel places token i of sequence b at position
+  ``seq_lens[b] - q_len_b + i`` and returns zeros for padding tokens.
   """
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown MLA impl {impl!r}")
@@ -234,7 +237,11 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
   on_gpu = jax.default_backend() == "gpu"
   reference = functools.partial(reference_mla_paged_attention, q_latent, q_rope, latent_pages,
                                 batch, scale=scale, latent_scale=latent_scale)
-  if impl == "reference" or (impl == "auto" and not on_gpu):
+  R, Dr = q_latent.shape[-1], q_rope.shape[-1]
+  supported = (q_latent.dtype in (jnp.bfloat16, jnp.float16) and R >= 16 and not R & (R - 1)
+               and Dr >= 16 and not Dr & (Dr - 1)
+               and (is_fp8(latent_pages.dtype) or latent_pages.dtype == q_latent.dtype))
+  if impl == "reference" or (impl == "auto" and not (on_gpu and supported)):
     return reference()
   T, B = batch.num_tokens, batch.num_seqs
   max_q = min(1 << (-(-T // B) - 1).bit_length(), 8)

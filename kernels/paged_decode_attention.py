@@ -202,10 +202,19 @@ def check_decode_shapes(q, k_pages, v_pages, page_table, seq_lens, query_start) 
     raise ShapeError(f"q {q.shape} does not fit pages {k_pages.shape}")
   if D < 16 or D & (D - 1):
     raise ShapeError(f"head_dim must be a power of two >= 16, got {D}")
+  if not is_fp8(k_pages.dtype) and q.dtype != k_pages.dtype:
+    raise ShapeError(f"q dtype {q.dtype} must match the {k_pages.dtype} cache (or the cache be FP8)")
   B = page_table.shape[0]
   if page_table.ndim != 2 or seq_lens.shape != (B,) or query_start.shape != (B + 1,):
     raise ShapeError(f"page_table {page_table.shape}, seq_lens {seq_lens.shape}, query_start "
                      f"{query_start.shape} disagree")
+
+
+def kernel_supports(q: jax.Array, k_pages: jax.Array) -> bool:
+  """Whether the Pallas kernels take these inputs (else callers fall back to the reference)."""
+  d = q.shape[-1]
+  return (q.dtype in (jnp.bfloat16, jnp.float16) and d >= 16 and not d & (d - 1)
+          and (is_fp8(k_pages.dtype) or k_pages.dtype == q.dtype))
 
 
 def default_splits(num_seqs: int, kv_heads: int, max_blocks: int) -> int:

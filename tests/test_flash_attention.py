@@ -109,5 +109,7 @@ def test_shape_errors():
     flash_prefill(q, k, k, jnp.asarray([0, 8]), lens, scale=1.0, interpret=True)
   with pytest.raises(ShapeError, match="FP8 queries"):
     flash_prefill(q.astype(F8), k, k, qs, lens, scale=1.0, interpret=True)
+  with pytest.raises(ShapeError, match="dtypes"):
+    flash_prefill(q.astype(jnp.float32), k, k, qs, lens, scale=1.0, interpret=True)
   with pytest.raises(ShapeError, match="powers of two"):
     flash_prefill(q[..., :48], k[..., :48], k[..., :48], qs, lens, scale=1.0, interpret=True)

@@ -137,6 +137,9 @@ def test_errors():
     mla_paged_attention(ql, qr[:, :4], lat, batch, scale=0.1)
   with pytest.raises(ShapeError, match="tokens"):
     mla_paged_attention(ql[:1], qr[:1], lat, batch, scale=0.1)
+  with pytest.raises(ShapeError, match="dtype"):
+    mla_decode_pallas(ql, qr, lat.astype(jnp.float32), batch.page_table, batch.seq_lens,
+                      batch.query_start, scale=0.1, interpret=True)
   with pytest.raises(ShapeError, match="outside the cache"):
     bad = batch.page_table.at[0, 0].set(-1)
     mla_paged_attention(ql, qr, lat, batch.__class__(**{**batch.__dict__, "page_table": bad}),

@@ -128,6 +128,8 @@ def test_errors():
     paged_decode_attention(q, kp, vp[..., :16], *args, scale=1.0, interpret=True)
   with pytest.raises(ShapeError, match="does not fit"):
     paged_decode_attention(q[:, :7], kp, vp, *args, scale=1.0, interpret=True)
+  with pytest.raises(ShapeError, match="dtype"):
+    paged_decode_attention(q.astype(jnp.float32), kp, vp, *args, scale=1.0, interpret=True)
   with pytest.raises(ShapeError, match="divide"):
     paged_decode_attention(q, kp, vp, *args, scale=1.0, tiles=DecodeTiles(24), interpret=True)
   with pytest.raises(ShapeError, match="outside the cache"):
