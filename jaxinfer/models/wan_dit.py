@@ -152,19 +152,13 @@ def init_params_on_device(cfg: WanDiTConfig, key: jax.Array, dtype=jnp.bfloat16)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
   """Non-causal multi-head attention, q [B, Sq, N, Dh], k/v [B, Sk, N, Dh] -> [B, Sq, N, Dh].
 
-  ``impl``: "xla" (jax.nn.dot_product_attention, lets XLA pick), "cudnn" (cuDNN flash attention),
-  "flash" (kernels.flash_attention when it exists).
+  ``impl``: "xla" (jax.nn.dot_product_attention, lets XLA pick) or "cudnn" (cuDNN flash attention).
+  kernels/flash_attention.py is causal-only (ragged LLM prefill), so it is not wired here yet.
   """
   if impl == "xla":
     return jax.nn.dot_product_attention(q, k, v)
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  if impl == "flash":
-    try:
-      from kernels import flash_attention  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise UnsupportedModelError("kernels.flash_attention is not available") from e
-    return flash_attention.flash_attention(q, k, v, causal=False)
   raise UnsupportedModelError(f"unknown attention impl {impl!r}")
 
 
