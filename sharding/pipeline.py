@@ -60,10 +60,11 @@ def stage_params(params: dict, pp: int) -> dict:
   return out
 
 
-def staged_param_specs(staged: dict, parallel: ParallelConfig) -> dict:
+def staged_param_specs(staged: dict, parallel: ParallelConfig,
+                       layer_axes: dict = llama.LAYER_AXES) -> dict:
   top = {k: v for k, v in staged.items() if k != "stages"}
   specs = rules.param_specs(top, llama.PARAM_AXES, parallel)
-  specs["stages"] = {k: rules.spec_for(("stage", None) + llama.LAYER_AXES[k], tuple(w.shape), parallel)
+  specs["stages"] = {k: rules.spec_for(("stage", None) + layer_axes[k], tuple(w.shape), parallel)
                      for k, w in staged["stages"].items()}
   return specs
 

@@ -83,11 +83,6 @@ def param_specs(params: Any, axes: Any, parallel: ParallelConfig, prefix: tuple 
   return P()
 
 
-def llama_param_axes(model_module) -> dict:
-  """The axes tree of a Llama-layout model module (``PARAM_AXES`` + ``LAYER_AXES`` per layer)."""
-  return {**model_module.PARAM_AXES, "layers": model_module.LAYER_AXES}
-
-
 def named(mesh: Mesh, specs: Any) -> Any:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 

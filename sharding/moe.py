@@ -1,0 +1,243 @@
+"""MoE expert parallelism with shard_map: all-to-all vs all-gather/reduce-scatter dispatch and combine.
+
+Experts ``w_gate, w_up [E, H, I]``, ``w_down [E, I, H]`` (SwiGLU) are split over ``ep`` (logical
+"experts") and each expert's intermediate dim over ``tp`` ("moe_mlp"). Routing (``topk_idx [T, k]``,
+``topk_weight [T, k]``) comes from the model's router; this module only moves tokens.
+
+Token layout at entry: either replicated over ``ep`` (attention ran tensor-parallel, so every rank has
+every token; each ep rank then takes its 1/ep share) or split over ``ep`` (attention-DP: each rank
+has its own tokens). The output has the entry layout.
+
+all_to_all (``comm="all_to_all"``): each rank packs its T·k (token, expert) pairs into a
+``[ep, C, H]`` buffer by destination rank, ``all_to_all`` sends row block r to rank r, the rank runs
+its local experts as one grouped GEMM (``lax.ragged_dot`` over rows sorted by local expert),
+partial sums over ``tp`` are reduced, a second ``all_to_all`` returns the rows, and the sender
+scales by the routing weight and sums over k. ``C`` is T·k (dropless) unless ``capacity_factor``
+bounds it to ceil(cf·T·k/ep) (pairs past capacity are dropped).
+
+allgather (``comm="allgather"``): tokens are all-gathered over ``ep`` (skipped when already
+replicated), each rank computes its experts' weighted contribution for every token, and a
+reduce-scatter over ``ep`` (an all-reduce when the entry layout is replicated) sums them.
+
+Message-size model per rank, T tokens per rank, hidden H (elements):
+    AG/RS       = (ep - 1) · T · H              (gather in, scatter out)
+    all-to-all  = (ep - 1) / ep · top_k · T · H (each pair leaves its rank with prob. (ep-1)/ep)
+so all-to-all wins when top_k < ep; at top_k = ep they tie and AG/RS (no packing, no sort) is taken.
+Dispatch payloads can be quantized (``dispatch_dtype``): "fp8" (e4m3 with one f32 scale per 1x128
+block, as the FP8 GEMMs take it) or "nvfp4" (e2m1 codes packed two per byte, e4m3 scale per 16,
+f32 per-tensor scale per sender: the kernels' format); the combine stays in the activations' dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxinfer.errors import ShapeError
+from sharding.config import ParallelConfig, ParallelConfigError
+
+MOE_AXES = {"w_gate": ("experts", "embed", "moe_mlp"), "w_up": ("experts", "embed", "moe_mlp"),
+            "w_down": ("experts", "moe_mlp", "embed")}
+
+
+def message_elements(comm: str, ep: int, tokens_per_rank: int, hidden: int, top_k: int) -> float:
+  """Elements each rank sends for dispatch + combine under the message-size model."""
+  if comm == "allgather":
+    return (ep - 1) * tokens_per_rank * hidden
+  if comm == "all_to_all":
+    return (ep - 1) / ep * top_k * tokens_per_rank * hidden
+  raise ParallelConfigError(f"unknown MoE comm {comm!r}")
+
+
+def choose_comm(ep: int, top_k: int, tokens_per_rank: int = 1, hidden: int = 1,
+                override: str = "auto") -> str:
+  """The message-size model's pick (``override`` other than "auto" wins)."""
+  if override != "auto":
+    if override not in ("all_to_all", "allgather"):
+      raise ParallelConfigError(f"moe_comm must be auto | all_to_all | allgather, got {override!r}")
+    return override
+  a2a = message_elements("all_to_all", ep, tokens_per_rank, hidden, top_k)
+  agrs = message_elements("allgather", ep, tokens_per_rank, hidden, top_k)
+  return "all_to_all" if a2a < agrs else "allgather"
+
+
+def topk_router(x: jax.Array, w_router: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+  """Softmax-then-top-k routing (weights renormalised): ([T, k] int32, [T, k] float32)."""
+  probs = jax.nn.softmax(jnp.einsum("th,he->te", x.astype(jnp.float32), w_router.astype(jnp.float32)))
+  w, idx = jax.lax.top_k(probs, top_k)
+  return idx.astype(jnp.int32), w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def experts_reference(x, topk_idx, topk_weight, weights: dict) -> jax.Array:
+  """Dense reference: every expert on every token, then the routed weighted sum (float32)."""
+  x32 = x.astype(jnp.float32)
+  g = jnp.einsum("th,ehi->eti", x32, weights["w_gate"].astype(jnp.float32))
+  u = jnp.einsum("th,ehi->eti", x32, weights["w_up"].astype(jnp.float32))
+  y = jnp.einsum("eti,eih->eth", jax.nn.silu(g) * u, weights["w_down"].astype(jnp.float32))
+  picked = y[topk_idx, jnp.arange(x.shape[0])[:, None]]                 # [T, k, H]
+  return jnp.einsum("tkh,tk->th", picked, topk_weight.astype(jnp.float32))
+
+
+# ---- dispatch payload quantization -----------------------------------------------------------
+
+def _quantize(x: jax.Array, dtype: str):
+  if dtype == "bf16":
+    return (x,)
+  if dtype == "fp8":
+    from kernels.quant import fp8_block
+    return fp8_block.quantize_activations(x)
+  from kernels.quant import nvfp4
+  packed, scale, global_scale = nvfp4.quantize(x)
+  return packed, scale, global_scale
+
+
+def _dequantize(parts, dtype: str, out_dtype):
+  if dtype == "bf16":
+    return parts[0]
+  if dtype == "fp8":
+    from kernels.quant import fp8_block
+    return fp8_block.dequantize_activations(*parts).astype(out_dtype)
+  from kernels.quant import nvfp4
+  packed, scale, global_scale = parts
+  return nvfp4.dequantize(packed, scale, global_scale[..., None, None], dtype=out_dtype)
+
+
+def _check_payload(hidden: int, dtype: str) -> None:
+  if dtype == "fp8" and hidden % 128:
+    raise ShapeError(f"FP8 dispatch needs hidden % 128 == 0 (1x128 scale blocks), got {hidden}")
+  if dtype == "nvfp4" and hidden % 16:
+    raise ShapeError(f"NVFP4 dispatch needs hidden % 16 == 0, got {hidden}")
+
+
+# ---- local expert compute --------------------------------------------------------------------
+
+def _grouped_swiglu(rows: jax.Array, local_expert: jax.Array, weights: dict) -> jax.Array:
+  """rows [R, H], local_expert [R] (-1: empty row) -> [R, H] partial over the local I slice."""
+  num_local = weights["w_gate"].shape[0]
+  key = jnp.where(local_expert < 0, num_local, local_expert)
+  order = jnp.argsort(key, stable=True)
+  sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
+  xs = rows[order]
+  dot = functools.partial(jax.lax.ragged_dot, group_sizes=sizes,
+                          preferred_element_type=jnp.float32)
+  h = jax.nn.silu(dot(xs, weights["w_gate"])) * dot(xs, weights["w_up"])
+  y = dot(h.astype(rows.dtype), weights["w_down"])
+  y = jnp.where((key[order] < num_local)[:, None], y, 0.0)
+  return jnp.zeros_like(y).at[order].set(y)
+
+
+# ---- the two schemes (inside shard_map over ep, tp) ---------------------------------------------
+
+def _all_to_all_local(x, idx, w, weights, *, ep: int, tp: int, capacity: int, dispatch_dtype: str):
+  T, H = x.shape
+  k = idx.shape[1]
+  num_local = weights["w_gate"].shape[0]
+  flat_e = idx.reshape(-1)
+  dest = flat_e // num_local
+  onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
+  pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, dest[:, None], axis=1)[:, 0]
+  keep = pos < capacity
+  pos_c = jnp.where(keep, pos, capacity)  # out of range: dropped by mode="drop"
+  src_rows = x[jnp.arange(T * k) // k]
+  send = jnp.zeros((ep, capacity, H), x.dtype).at[dest, pos_c].set(src_rows, mode="drop")
+  send_e = jnp.full((ep, capacity), -1, jnp.int32).at[dest, pos_c].set(flat_e % num_local,
+                                                                         mode="drop")
+  a2a = lambda a: jax.lax.all_to_all(a, "ep", 0, 0, tiled=True)
+  parts = _quantize(send, dispatch_dtype)
+  if dispatch_dtype == "nvfp4":  # the per-tensor scale travels by all-gather (one f32 per sender)
+    recv_parts = (a2a(parts[0]), a2a(parts[1]), jax.lax.all_gather(parts[2], "ep"))
+  else:
+    recv_parts = tuple(a2a(p) for p in parts)
+  recv = _dequantize(recv_parts, dispatch_dtype, x.dtype)
+  recv_e = a2a(send_e)
+  y = _grouped_swiglu(recv.reshape(ep * capacity, H), recv_e.reshape(-1), weights)
+  if tp > 1:
+    y = jax.lax.psum(y, "tp")
+  back = a2a(y.astype(x.dtype).reshape(ep, capacity, H))
+  got = jnp.where(keep[:, None], back[dest, jnp.minimum(pos_c, capacity - 1)], 0)
+  return jnp.einsum("tkh,tk->th", got.reshape(T, k, H).astype(jnp.float32),
+                    w.astype(jnp.float32)).astype(x.dtype)
+
+
+def _allgather_local(x, idx, w, weights, *, ep: int, tp: int, gathered: bool, dispatch_dtype: str):
+  num_local = weights["w_gate"].shape[0]
+  if not gathered and ep > 1:
+    parts = _quantize(x, dispatch_dtype)
+    parts = tuple(jax.lax.all_gather(p, "ep", tiled=p.ndim > 0) for p in parts)
+    x = _dequantize(parts, dispatch_dtype, x.dtype) if dispatch_dtype != "nvfp4" else \
+        _dequantize_gathered_nvfp4(parts, ep, x.dtype)
+    idx = jax.lax.all_gather(idx, "ep", tiled=True)
+    w = jax.lax.all_gather(w, "ep", tiled=True)
+  T, k = idx.shape
+  me = jax.lax.axis_index("ep")
+  local = jnp.where(idx // num_local == me, idx % num_local, -1).reshape(-1)
+  y = _grouped_swiglu(x[jnp.arange(T * k) // k], local, weights)
+  y = jnp.einsum("tkh,tk->th", y.reshape(T, k, -1), w.astype(jnp.float32))
+  if gathered:  # replicated entry layout: all-reduce over the whole MoE group
+    axes = tuple(a for a, n in (("ep", ep), ("tp", tp)) if n > 1)
+    return (jax.lax.psum(y, axes) if axes else y).astype(x.dtype)
+  if tp > 1:
+    y = jax.lax.psum(y, "tp")
+  return jax.lax.psum_scatter(y, "ep", scatter_dimension=0, tiled=True).astype(x.dtype)
+
+
+def _dequantize_gathered_nvfp4(parts, ep: int, out_dtype):
+  from kernels.quant import nvfp4
+  packed, scale, global_scale = parts             # [T, H/2], [T, H/16], [ep]
+  rows = packed.shape[0] // ep
+  gs = jnp.repeat(global_scale, rows)[:, None, None]
+  return nvfp4.dequantize(packed, scale, gs, dtype=out_dtype)
+
+
+def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, weights: dict,
+                parallel: ParallelConfig, mesh: Mesh, *, tokens_split: bool | None = None,
+                comm: str | None = None, capacity_factor: float | None = None) -> jax.Array:
+  """Routed-expert output [T, H] for tokens x [T, H] (global view; call inside or outside jit).
+
+  ``tokens_split``: tokens enter split over ep (default: ``parallel.attention_dp``) instead of
+  replicated. ``comm`` overrides ``parallel.moe_comm``; "auto" asks the message-size model.
+  """
+  ep, tp = parallel.ep, parallel.tp
+  T, H = x.shape
+  num_experts, top_k = weights["w_gate"].shape[0], topk_idx.shape[1]
+  if num_experts % ep:
+    raise ParallelConfigError(f"the number of routed experts ({num_experts}) must be divisible by "
+                              f"ep ({ep})")
+  if weights["w_gate"].shape[2] % tp:
+    raise ParallelConfigError(f"moe_intermediate_size ({weights['w_gate'].shape[2]}) must be "
+                              f"divisible by tp ({tp})")
+  if T % ep:
+    raise ShapeError(f"MoE token count ({T}) must be divisible by ep ({ep}); pad the step")
+  _check_payload(H, parallel.moe_dispatch_dtype)
+  tokens_split = parallel.attention_dp if tokens_split is None else tokens_split
+  comm = choose_comm(ep, top_k, T // ep, H, comm or parallel.moe_comm)
+  tokens_per_rank = T // ep
+  if capacity_factor is None:
+    capacity = tokens_per_rank * top_k
+  else:
+    capacity = min(tokens_per_rank * top_k,
+                   max(1, math.ceil(capacity_factor * tokens_per_rank * top_k / ep)))
+  dispatch = parallel.moe_dispatch_dtype
+
+  def local(x, idx, w, weights):
+    if not tokens_split and comm == "all_to_all" and ep > 1:
+      r = jax.lax.axis_index("ep")
+      share = lambda a: jax.lax.dynamic_slice_in_dim(a, r * tokens_per_rank, tokens_per_rank, 0)
+      out = _all_to_all_local(share(x), share(idx), share(w), weights, ep=ep, tp=tp,
+                              capacity=capacity, dispatch_dtype=dispatch)
+      return jax.lax.all_gather(out, "ep", tiled=True)
+    if comm == "all_to_all":
+      return _all_to_all_local(x, idx, w, weights, ep=ep, tp=tp, capacity=capacity,
+                               dispatch_dtype=dispatch)
+    return _allgather_local(x, idx, w, weights, ep=ep, tp=tp, gathered=not tokens_split,
+                            dispatch_dtype=dispatch)
+
+  tok = P("ep") if tokens_split else P()
+  w_specs = {"w_gate": P("ep", None, "tp"), "w_up": P("ep", None, "tp"),
+             "w_down": P("ep", "tp", None)}
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_specs), out_specs=tok,
+                     axis_names={"ep", "tp"}, check_vma=False)
+  return fn(x, topk_idx, topk_weight, {k: weights[k] for k in w_specs})
