@@ -323,3 +323,11 @@ def test_engine_loop_survives_a_failing_callback():
   assert loop.healthy and results[-1].finished and len(results[-1].token_ids) == 5
   assert eng.allocator.num_used == 0 and not eng.has_unfinished()
   loop.shutdown()
+
+
+def test_engine_loop_rejects_a_duplicate_request_id():
+  loop = EngineLoop(make_engine())        # not started: nothing runs, so "x" stays in flight
+  loop.submit([5], SamplingParams(), lambda item: None, request_id="x")
+  with pytest.raises(InvalidRequestError, match="already in use"):
+    loop.submit([6], SamplingParams(), lambda item: None, request_id="x")
+  assert loop.num_active == 1

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from jaxinfer.engine.engine import LLMEngine
 from jaxinfer.engine.request import RequestOutput
-from jaxinfer.errors import (EngineUnavailableError, RequestCancelledError,
+from jaxinfer.errors import (EngineUnavailableError, InvalidRequestError, RequestCancelledError,
                              ResourceExhaustedError)
 from jaxinfer.sampling import SamplingParams
 
@@ -28,7 +28,7 @@ class EngineLoop:
     self._adds: list = []
     self._aborts: list[str] = []
     self._callbacks: dict[str, Callback] = {}
-    self._num_active = 0          # submitted and not yet finished (guarded by _cv)
+    self._active: set[str] = set()  # ids submitted and not yet finished (guarded by _cv)
     self._accepting = True
     self._stopping = False
     self.failure: Exception | None = None
@@ -45,7 +45,7 @@ class EngineLoop:
   @property
   def num_active(self) -> int:
     with self._cv:
-      return self._num_active
+      return len(self._active)
 
   def submit(self, prompt: str | Sequence[int], params: SamplingParams | None,
              callback: Callback, request_id: str | None = None) -> str:
@@ -56,11 +56,13 @@ class EngineLoop:
     with self._cv:
       if not self._accepting or self.failure is not None:
         raise EngineUnavailableError("the engine is not accepting requests (shutting down)")
-      if self._num_active >= self.engine.config.max_queued_requests:
+      if len(self._active) >= self.engine.config.max_queued_requests:
         raise ResourceExhaustedError(
-            f"{self._num_active} requests in flight; the limit is "
+            f"{len(self._active)} requests in flight; the limit is "
             f"{self.engine.config.max_queued_requests}")
-      self._num_active += 1
+      if req.request_id in self._active:
+        raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+      self._active.add(req.request_id)
       self._adds.append((req, callback))
       self._cv.notify_all()
     return req.request_id
@@ -73,7 +75,7 @@ class EngineLoop:
   def wait_idle(self, timeout: float | None = None) -> bool:
     """Blocks until no request is in flight (``timeout`` is a safety bound); True if idle."""
     with self._cv:
-      return self._cv.wait_for(lambda: self._num_active == 0, timeout)
+      return self._cv.wait_for(lambda: not self._active, timeout)
 
   def drain(self, timeout: float | None = None) -> bool:
     """Stops accepting requests and waits for those in flight to finish."""
@@ -93,7 +95,7 @@ class EngineLoop:
   def _done(self, request_id: str, item: RequestOutput | Exception) -> None:
     cb = self._callbacks.pop(request_id, None)
     with self._cv:
-      self._num_active -= 1
+      self._active.discard(request_id)
       self._cv.notify_all()
     if cb is not None:
       try:
@@ -123,10 +125,7 @@ class EngineLoop:
         stopping = self._stopping
       for req, cb in adds:
         self._callbacks[req.request_id] = cb
-        try:
-          engine.add_request(req)
-        except Exception as e:  # a duplicate id: the only error left after make_request
-          self._done(req.request_id, e)
+        engine.add_request(req)
       for rid in aborts:
         if engine.abort(rid):
           self._done(rid, RequestCancelledError(f"request {rid} was cancelled"))
