@@ -126,6 +126,7 @@ def test_request_that_never_fits_errors_and_outgrowing_the_cache_stops_at_length
     ([], None, InvalidRequestError),
     ([3, CFG.vocab_size], None, InvalidRequestError),
     ("hi", "not params", InvalidRequestError),
+    (["a", "b"], None, InvalidRequestError),
 ])
 def test_bad_requests_raise_typed_errors(prompt, params, error):
   with pytest.raises(error):

@@ -139,7 +139,10 @@ class LLMEngine:
         raise InvalidRequestError("this engine has no tokenizer: pass prompt token ids")
       ids = list(self.tokenizer.encode(prompt))
     else:
-      ids = [int(t) for t in prompt]
+      try:
+        ids = [int(t) for t in prompt]
+      except (TypeError, ValueError) as e:
+        raise InvalidRequestError(f"a prompt is a string or a sequence of token ids: {e}") from None
     if not ids:
       raise InvalidRequestError("empty prompt")
     bad = [t for t in ids if not 0 <= t < self.vocab_size]
