@@ -40,6 +40,7 @@ _CONTEXT = flags.DEFINE_integer("context", 2048, "cached tokens per decode seque
 _PREFILL = flags.DEFINE_integer("prefill", 4096, "prefill tokens (one sequence)")
 _ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement")
 _TINY = flags.DEFINE_bool("tiny", False, "small shapes, for a CPU smoke run of this script")
+_ONLY = flags.DEFINE_string("only", "", "run only the cases whose label contains this")
 _PAGE = 64
 
 CFG = ds.DeepseekV3Config(
@@ -193,6 +194,7 @@ def main(_):
                                                         "decode B=64 nvfp4-experts")]
   cases += [(b, 1, _CONTEXT.value, f"decode B={b} bf16") for b in batches if b != 64]
   cases.append((1, _PREFILL.value, _PREFILL.value, f"prefill {_PREFILL.value} bf16"))
+  cases = [c for c in cases if _ONLY.value in c[3]]
   for num_seqs, per_seq, context, label in cases:
     try:
       if "nvfp4" in label:

@@ -36,6 +36,7 @@ from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import is_fp8, write_kv
 from jaxinfer.models import moe
 from jaxinfer.ops import apply_rope, linear, rms_norm, rope_cos_sin
+from kernels import flash_attention
 from kernels.mla_attention import mla_paged_attention
 
 Params = dict[str, Any]
@@ -337,23 +338,23 @@ def _dequant_latent(pages: jax.Array, scale: jax.Array, dtype) -> jax.Array:
 def mla_prefill_attention(q_nope: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
                           latent_scale: jax.Array, wkv_b: jax.Array, batch: attention.AttentionBatch,
                           cfg: DeepseekV3Config) -> jax.Array:
-  """Decompressed form: each sequence's cached latents -> per-head K/V, then ordinary paged attention.
-  q_nope [T, H, nope], q_rope [T, H, rope] -> [T, H, v_head_dim]."""
+  """Decompressed form: each sequence's cached latents -> per-head K/V, then flash attention with the
+  shared rope key as a separate score term (kernels/flash_attention's MLA mode; its plain-JAX reference
+  off GPU). q_nope [T, H, nope], q_rope [T, H, rope] -> [T, H, v_head_dim]."""
   B, P = batch.page_table.shape
   R, nH = cfg.kv_lora_rank, cfg.num_heads
-  lat = _dequant_latent(latent_pages[batch.page_table.reshape(-1)], latent_scale, q_nope.dtype)
-  kv = jnp.einsum("npr,rhd->nphd", lat[..., :R],
-                  wkv_b.reshape(R, nH, -1).astype(q_nope.dtype))             # [B*P, page, H, nope+v]
+  lat = _dequant_latent(latent_pages[batch.page_table], latent_scale, q_nope.dtype)
+  lat = lat.reshape(B, -1, lat.shape[-1])                                     # [B, S, R + rope]
+  kv = jnp.einsum("bsr,rhd->bshd", lat[..., :R], wkv_b.reshape(R, nH, -1).astype(q_nope.dtype),
+                  preferred_element_type=jnp.float32).astype(q_nope.dtype)    # [B, S, H, nope+v]
   k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
-  k_rope = jnp.broadcast_to(lat[..., None, R:], (*k_nope.shape[:3], cfg.qk_rope_head_dim))
-  k = jnp.concatenate([k_nope, k_rope], axis=-1)
-  q = jnp.concatenate([q_nope, q_rope], axis=-1)
-  # The paged kernels want one power-of-two head size for q, k and v: zero padding is exact.
-  d = 1 << (max(cfg.qk_head_dim, cfg.v_head_dim) - 1).bit_length()
-  pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, d - a.shape[-1])])
-  own_pages = dataclasses.replace(batch, page_table=jnp.arange(B * P, dtype=jnp.int32).reshape(B, P))
-  o = attention.paged_attention(pad(q), pad(k), pad(v), own_pages, scale=cfg.softmax_scale)
-  return o[..., :cfg.v_head_dim]
+  k_rope = lat[..., None, R:]                                                 # [B, S, 1, rope]
+  if jax.default_backend() == "gpu":
+    return flash_attention.flash_prefill(q_nope, k_nope, v, batch.query_start, batch.seq_lens,
+                                         scale=cfg.softmax_scale, q_rope=q_rope, k_rope=k_rope)
+  return flash_attention.reference_prefill(q_nope, k_nope, v, batch.query_start, batch.seq_lens,
+                                           scale=cfg.softmax_scale, q_rope=q_rope,
+                                           k_rope=k_rope).astype(q_nope.dtype)
 
 
 def mla_absorbed_attention(q_nope: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
