@@ -192,6 +192,51 @@ def _dequantize_gathered_nvfp4(parts, ep: int, out_dtype):
   return nvfp4.dequantize(packed, scale, gs, dtype=out_dtype)
 
 
+def local_capacity(tokens_per_rank: int, top_k: int, ep: int, capacity_factor: float | None) -> int:
+  if capacity_factor is None:
+    return tokens_per_rank * top_k
+  return min(tokens_per_rank * top_k, max(1, math.ceil(capacity_factor * tokens_per_rank * top_k / ep)))
+
+
+def moe_local(x, idx, w, weights: dict, *, ep: int, tp: int, comm: str, tokens_split: bool,
+              dispatch_dtype: str = "bf16", capacity_factor: float | None = None) -> jax.Array:
+  """The per-device body (inside a shard_map manual over "ep", and over "tp" when ``tp`` > 1;
+  with ``tp=1`` a "tp" axis left automatic splits the expert GEMMs by GSPMD instead). x, idx, w are
+  this rank's tokens (``tokens_split``) or all tokens (replicated); weights its local experts."""
+  top_k = idx.shape[1]
+  if not tokens_split and comm == "all_to_all" and ep > 1:
+    share_len = x.shape[0] // ep
+    r = jax.lax.axis_index("ep")
+    share = lambda a: jax.lax.dynamic_slice_in_dim(a, r * share_len, share_len, 0)
+    out = _all_to_all_local(share(x), share(idx), share(w), weights, ep=ep, tp=tp,
+                            capacity=local_capacity(share_len, top_k, ep, capacity_factor),
+                            dispatch_dtype=dispatch_dtype)
+    return jax.lax.all_gather(out, "ep", tiled=True)
+  if comm == "all_to_all":
+    return _all_to_all_local(x, idx, w, weights, ep=ep, tp=tp,
+                             capacity=local_capacity(x.shape[0], top_k, ep, capacity_factor),
+                             dispatch_dtype=dispatch_dtype)
+  return _allgather_local(x, idx, w, weights, ep=ep, tp=tp, gathered=not tokens_split,
+                          dispatch_dtype=dispatch_dtype)
+
+
+def check_moe(num_tokens: int, hidden: int, weights: dict, parallel: ParallelConfig) -> None:
+  ep, tp = parallel.ep, parallel.tp
+  num_experts = weights["w_gate"].shape[0]
+  if num_experts % ep:
+    raise ParallelConfigError(f"the number of routed experts ({num_experts}) must be divisible by "
+                              f"ep ({ep})")
+  if weights["w_gate"].shape[2] % tp:
+    raise ParallelConfigError(f"moe_intermediate_size ({weights['w_gate'].shape[2]}) must be "
+                              f"divisible by tp ({tp})")
+  if num_tokens % ep:
+    raise ShapeError(f"MoE token count ({num_tokens}) must be divisible by ep ({ep}); pad the step")
+  _check_payload(hidden, parallel.moe_dispatch_dtype)
+
+
+W_SPECS = {"w_gate": P("ep", None, "tp"), "w_up": P("ep", None, "tp"), "w_down": P("ep", "tp", None)}
+
+
 def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, weights: dict,
                 parallel: ParallelConfig, mesh: Mesh, *, tokens_split: bool | None = None,
                 comm: str | None = None, capacity_factor: float | None = None) -> jax.Array:
@@ -200,44 +245,14 @@ def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, weigh
   ``tokens_split``: tokens enter split over ep (default: ``parallel.attention_dp``) instead of
   replicated. ``comm`` overrides ``parallel.moe_comm``; "auto" asks the message-size model.
   """
-  ep, tp = parallel.ep, parallel.tp
   T, H = x.shape
-  num_experts, top_k = weights["w_gate"].shape[0], topk_idx.shape[1]
-  if num_experts % ep:
-    raise ParallelConfigError(f"the number of routed experts ({num_experts}) must be divisible by "
-                              f"ep ({ep})")
-  if weights["w_gate"].shape[2] % tp:
-    raise ParallelConfigError(f"moe_intermediate_size ({weights['w_gate'].shape[2]}) must be "
-                              f"divisible by tp ({tp})")
-  if T % ep:
-    raise ShapeError(f"MoE token count ({T}) must be divisible by ep ({ep}); pad the step")
-  _check_payload(H, parallel.moe_dispatch_dtype)
+  check_moe(T, H, weights, parallel)
   tokens_split = parallel.attention_dp if tokens_split is None else tokens_split
-  comm = choose_comm(ep, top_k, T // ep, H, comm or parallel.moe_comm)
-  tokens_per_rank = T // ep
-  if capacity_factor is None:
-    capacity = tokens_per_rank * top_k
-  else:
-    capacity = min(tokens_per_rank * top_k,
-                   max(1, math.ceil(capacity_factor * tokens_per_rank * top_k / ep)))
-  dispatch = parallel.moe_dispatch_dtype
-
-  def local(x, idx, w, weights):
-    if not tokens_split and comm == "all_to_all" and ep > 1:
-      r = jax.lax.axis_index("ep")
-      share = lambda a: jax.lax.dynamic_slice_in_dim(a, r * tokens_per_rank, tokens_per_rank, 0)
-      out = _all_to_all_local(share(x), share(idx), share(w), weights, ep=ep, tp=tp,
-                              capacity=capacity, dispatch_dtype=dispatch)
-      return jax.lax.all_gather(out, "ep", tiled=True)
-    if comm == "all_to_all":
-      return _all_to_all_local(x, idx, w, weights, ep=ep, tp=tp, capacity=capacity,
-                               dispatch_dtype=dispatch)
-    return _allgather_local(x, idx, w, weights, ep=ep, tp=tp, gathered=not tokens_split,
-                            dispatch_dtype=dispatch)
-
+  comm = choose_comm(parallel.ep, topk_idx.shape[1], T // parallel.ep, H, comm or parallel.moe_comm)
+  body = functools.partial(moe_local, ep=parallel.ep, tp=parallel.tp, comm=comm,
+                           tokens_split=tokens_split, dispatch_dtype=parallel.moe_dispatch_dtype,
+                           capacity_factor=capacity_factor)
   tok = P("ep") if tokens_split else P()
-  w_specs = {"w_gate": P("ep", None, "tp"), "w_up": P("ep", None, "tp"),
-             "w_down": P("ep", "tp", None)}
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_specs), out_specs=tok,
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, W_SPECS), out_specs=tok,
                      axis_names={"ep", "tp"}, check_vma=False)
-  return fn(x, topk_idx, topk_weight, {k: weights[k] for k in w_specs})
+  return fn(x, topk_idx, topk_weight, {k: weights[k] for k in W_SPECS})

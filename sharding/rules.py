@@ -11,7 +11,9 @@ Models declare beside their weights which logical axis each dimension is (``llam
     kv_heads       ep,tp  (tp with attention_dp)  Wk/Wv columns and the KV cache's head dim
     mlp            ep,tp  (tp with attention_dp)  dense MLP: column-parallel gate/up, row-parallel down
     experts        ep                             routed experts
-    moe_mlp        tp                             each expert's intermediate dim (TP inside EP)
+    moe_mlp        tp                             each expert's intermediate dim (TP inside EP);
+                                                  "mlp" in a weight that also has "experts" means this
+    q_lora,kv_lora -                              MLA's low-rank projections stay whole
     stage          pp                             the stacked per-stage layer dim of pipeline params
     pages          dp (+ep with attention_dp)     KV cache pages: each replica owns its own pages
     tokens         dp (+ep with attention_dp)     flattened tokens of a step
@@ -39,6 +41,7 @@ def logical_rules(parallel: ParallelConfig) -> dict[str, tuple[str, ...]]:
   return {
       "vocab": ("tp",), "embed": (), "q_heads": attn, "kv_heads": attn, "mlp": attn,
       "experts": ("ep",), "moe_mlp": ("tp",), "stage": ("pp",), "pages": data, "tokens": data,
+      "q_lora": (), "kv_lora": (),
   }
 
 
@@ -50,6 +53,8 @@ def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...],
              parallel: ParallelConfig) -> P:
   """PartitionSpec of an array with these logical axes; size-1 mesh axes are left out."""
   rules = logical_rules(parallel)
+  if "experts" in logical:  # an expert's own intermediate dim: TP inside EP, never over ep again
+    logical = tuple("moe_mlp" if a == "mlp" else a for a in logical)
   if len(logical) != len(shape):
     raise ParallelConfigError(f"logical axes {logical} do not match shape {shape}")
   out = []
