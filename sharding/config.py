@@ -111,7 +111,8 @@ def _divides(what: str, n: int, name: str, ways: int) -> None:
 def check_model(parallel: ParallelConfig, cfg: Any) -> None:
   """Model-shape constraints: heads by the attention TP, experts by ep, layers by pp, ..."""
   atp = parallel.attention_tp
-  atp_name = "tp" if parallel.attention_dp else "ep*tp (attention tensor parallelism)"
+  atp_name = ("tp" if parallel.attention_dp or parallel.ep == 1 else
+              "ep*tp (attention is tensor parallel over ep and tp without attention_dp)")
   num_layers = cfg.num_layers
   _divides("num_layers", num_layers, "pp", parallel.pp)
   _divides("num_heads", cfg.num_heads, atp_name, atp)

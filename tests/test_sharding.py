@@ -135,7 +135,7 @@ def test_single_device_step_has_no_collectives(model, reference):
 
 @pytest.mark.parametrize("parallel, constraint", [
     (ParallelConfig(tp=16), "only 8 are available"),
-    (ParallelConfig(tp=8), "num_heads (4) must be divisible by ep*tp"),
+    (ParallelConfig(tp=8), "num_heads (4) must be divisible by tp (8)"),
     (ParallelConfig(pp=4), "num_layers (2) must be divisible by pp (4)"),
     (ParallelConfig(ep=2), "has none; use tp for a dense model"),
 ], ids=["devices", "heads", "layers", "ep-dense"])
