@@ -9,6 +9,7 @@ Also reports, for a checkpoint model, import time vs restore time from jaxinfer'
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import statistics
 import tempfile
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from jaxinfer import attention
 from jaxinfer.attention import SeqChunk, build_batch
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.models import llama
@@ -33,6 +35,8 @@ flags.DEFINE_integer("decode_steps", 32, "timed decode steps")
 flags.DEFINE_integer("page_size", 16, "KV page size")
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "default: bf16 on GPU, f32 on CPU")
 flags.DEFINE_string("out", None, "write results JSON here")
+flags.DEFINE_list("attention", ["auto"], "attention impls to time: auto (Pallas on GPU) and/or "
+                  "reference (plain JAX)")
 
 LLAMA3_8B = llama.LlamaConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
                               num_kv_heads=8, head_dim=128, intermediate_size=14336,
@@ -40,8 +44,9 @@ LLAMA3_8B = llama.LlamaConfig(vocab_size=128256, hidden_size=4096, num_layers=32
 
 
 def read_bandwidth() -> float:
-  """Bytes/s of a read-only reduction over 2 GiB (f32), median of 10."""
-  x = jax.random.normal(jax.random.key(0), (512 * 1024 * 1024 // 4 * 4,), jnp.float32)
+  """Bytes/s of a read-only reduction over 4 GiB (f32), median of 10 (as in BASELINES.md; a 2 GiB
+  probe read only 2.45 TB/s on the H100 where 4 GiB reads 3.0)."""
+  x = jax.random.normal(jax.random.key(0), (1024 * 1024 * 1024,), jnp.float32)
   f = jax.jit(jnp.sum)
   f(x).block_until_ready()
   times = []
@@ -148,17 +153,27 @@ def main(argv):
     params = llama.init_params(LLAMA3_8B, jax.random.key(0), dtype)
     model = LoadedModel("llama", LLAMA3_8B, params, None, "random llama3_8b")
   bandwidth = read_bandwidth() if jax.default_backend() == "gpu" else None
-  for b in FLAGS.batch_sizes:
-    r = bench_model(model, int(b), bandwidth)
-    report["runs"].append(r)
-    print(json.dumps(r))
+  dispatch = attention.paged_attention
+  for impl in FLAGS.attention:
+    attention.paged_attention = functools.partial(dispatch, impl=impl)
+    for b in FLAGS.batch_sizes:
+      try:
+        r = {"attention": impl, **bench_model(model, int(b), bandwidth)}
+      except Exception as e:  # record and go on: one failing variant must not lose the run
+        r = {"attention": impl, "batch": int(b), "error": f"{type(e).__name__}: {e}"[:2000]}
+      report["runs"].append(r)
+      print(json.dumps(r), flush=True)
+  attention.paged_attention = dispatch
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(report, f, indent=1)
-  print(f"\n{'batch':>5} {'TTFT ms':>8} {'prefill tok/s':>13} {'step ms':>8} {'decode tok/s':>12} "
+  print(f"\n{'attn':>9} {'batch':>5} {'TTFT ms':>8} {'prefill tok/s':>13} {'step ms':>8} {'decode tok/s':>12} "
         f"{'x roofline':>10}")
   for r in report["runs"]:
-    print(f"{r['batch']:>5} {r['ttft_s'] * 1e3:8.1f} {r['prefill_tokens_per_s']:13.0f} "
+    if "error" in r:
+      print(f"{r['attention']:>9} {r['batch']:>5} error: {r['error'][:200]}")
+      continue
+    print(f"{r['attention']:>9} {r['batch']:>5} {r['ttft_s'] * 1e3:8.1f} {r['prefill_tokens_per_s']:13.0f} "
           f"{r['decode_step_s'] * 1e3:8.2f} {r['decode_tokens_per_s']:12.1f} "
           f"{r.get('decode_over_roofline', float('nan')):10.2f}")
 

@@ -17,8 +17,6 @@ from absl import logging
 
 from checkpoints import orbax_store
 from checkpoints.default_model import default_model_path
-from checkpoints.gguf_llama import load_gguf_llama
-from checkpoints.safetensors_llama import load_safetensors_llama, read_hf_config
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.models import llama
@@ -64,11 +62,13 @@ def load_model(spec: str | Path | None = None, dtype=None, progress: bool = True
   if path.is_file():
     if path.suffix != ".gguf":
       raise CheckpointError(f"{path}: unknown checkpoint file type (expected .gguf or a folder)")
+    from checkpoints.gguf_llama import load_gguf_llama  # importers load only when used
     cfg, params, tok = load_gguf_llama(path, dtype, progress)
     model = LoadedModel("llama", cfg, params, tok, str(path))
   elif orbax_store.is_orbax_checkpoint(path):
     model = _load_orbax(path, dtype)
   elif (path / "config.json").is_file():
+    from checkpoints.safetensors_llama import load_safetensors_llama, read_hf_config
     hf = read_hf_config(path)
     if hf.get("model_type") != "llama":
       raise UnsupportedModelError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
