@@ -89,3 +89,17 @@ def test_quality_metrics():
   b = a + rng.normal(size=a.shape) * 0.02
   assert 38 < quality.psnr(a, b) < 42       # mse 4e-4 on range 2 -> 40 dB
   assert quality.ssim(a, b) < quality.ssim(a, a + (b - a) * 0.1) < 1
+
+
+def test_fp8_weight_linear_close_to_float64():
+  from jaxinfer.ops import linear
+  from jaxinfer.video.low_precision import XlaFP8Weight
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 16, 64)).astype(np.float32)
+  w = (rng.normal(size=(64, 32)) / 8).astype(np.float32)
+  out = np.full((2, 16, 32), np.nan, np.float32)
+  out = np.asarray(linear(jnp.asarray(x, jnp.bfloat16), XlaFP8Weight.from_dense(jnp.asarray(w))),
+                   np.float64)
+  ref = x.astype(np.float64) @ w
+  err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+  assert np.isfinite(out).all() and err < 6e-2, err      # two E4M3 operands: ~2^-4 each, random signs

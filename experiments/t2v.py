@@ -1,0 +1,144 @@
+"""Wan text-to-video from the command line, with real (diffusers folder) or random weights.
+
+  # real weights (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers downloaded to a folder):
+  PYTHONPATH=. python3 experiments/t2v.py --checkpoint=/path/Wan2.1-T2V-1.3B-Diffusers \\
+      --prompt="a cat surfing" --frames=81 --height=480 --width=832 --steps=50 --out=cat.mp4
+  # tiny random model on CPU, plus the quality cost of the step cache and of low-precision GEMMs:
+  PYTHONPATH=. python3 experiments/t2v.py --size=tiny --frames=9 --height=64 --width=64 --steps=8 \\
+      --out=/tmp/t2v.gif --compare_cache --compare_precision
+
+Quality comparisons decode both runs (same seed) and report PSNR / SSIM of the frames against the
+plain bf16 run without cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.models import umt5, wan_dit, wan_vae
+from jaxinfer.video import pipeline, quality, writer
+from jaxinfer.video.low_precision import quantize_block
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "", "diffusers-layout Wan T2V folder; empty: random weights")
+flags.DEFINE_enum("size", "tiny", ["tiny", "1.3b", "14b"], "random-weight model size")
+flags.DEFINE_string("prompt", "a red fox running through snow", "prompt")
+flags.DEFINE_string("negative_prompt", "", "negative prompt (CFG unconditional branch)")
+flags.DEFINE_integer("frames", 9, "frames (1 + 4k; 1 = text-to-image)")
+flags.DEFINE_integer("height", 64, "pixels (multiple of 16)")
+flags.DEFINE_integer("width", 64, "pixels (multiple of 16)")
+flags.DEFINE_integer("steps", 8, "denoising steps")
+flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale")
+flags.DEFINE_float("shift", 3.0, "flow shift (3 at 480p, 5 at 720p)")
+flags.DEFINE_enum("scheduler", "unipc", ["unipc", "euler"], "sampler")
+flags.DEFINE_integer("cache_interval", 1, "step cache: full step every k steps (1 = off)")
+flags.DEFINE_integer("seed", 0, "noise seed")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "DiT activation dtype")
+flags.DEFINE_string("attn", "xla", "attention impl (xla | cudnn)")
+flags.DEFINE_string("out", "/tmp/t2v.gif", "output video (.gif, .mp4; .png for one frame)")
+flags.DEFINE_bool("compare_cache", False, "also run with cache_interval=2 and report PSNR/SSIM")
+flags.DEFINE_bool("compare_precision", False, "also run FP8 / NVFP4 GEMM variants, report PSNR/SSIM")
+flags.DEFINE_string("json", "", "write the measurements here")
+
+TEXT_LEN = 512
+
+
+def random_models(size: str):
+  if size == "tiny":
+    dit_cfg = wan_dit.WanDiTConfig(num_heads=2, head_dim=64, text_dim=64, freq_dim=32, ffn_dim=256,
+                                   num_layers=4)
+    vae_cfg = wan_vae.WanVAEConfig(base_dim=16, num_res_blocks=1)
+  else:
+    dit_cfg = {"1.3b": wan_dit.WanDiTConfig.wan21_1_3b(), "14b": wan_dit.WanDiTConfig.wan21_14b()}[size]
+    vae_cfg = wan_vae.WanVAEConfig()
+  k1, k2 = jax.random.split(jax.random.key(1234))
+  init = wan_dit.init_params if size == "tiny" else wan_dit.init_params_on_device
+  return dit_cfg, init(dit_cfg, k1, jnp.bfloat16), vae_cfg, wan_vae.init_params(vae_cfg, k2)
+
+
+def random_text(prompt: str, dim: int) -> jax.Array:
+  """Stand-in prompt embedding for random weights: deterministic in the prompt, zero-padded to 512."""
+  seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
+  n = min(TEXT_LEN, max(1, len(prompt.split())))
+  emb = np.zeros((1, TEXT_LEN, dim), np.float32)
+  emb[0, :n] = np.random.default_rng(seed).standard_normal((n, dim))
+  return jnp.asarray(emb)
+
+
+def real_text(folder: Path, prompts: list[str]):
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  from checkpoints import diffusers_wan  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer.from_file(str(folder / "tokenizer" / "tokenizer.json"))
+  cfg, params = diffusers_wan.load_text_encoder(folder)
+  out = []
+  for p in prompts:
+    ids = tok.encode(p).ids[:TEXT_LEN]
+    mask = np.zeros((1, TEXT_LEN), np.int32)
+    mask[0, :len(ids)] = 1
+    arr = np.zeros((1, TEXT_LEN), np.int32)
+    arr[0, :len(ids)] = ids
+    out.append(umt5.encode_prompts(params, jnp.asarray(arr), jnp.asarray(mask), cfg))
+  return out
+
+
+def quantized(params, kind: str):
+  if kind == "bf16":
+    return params
+  return dict(params, blocks=[quantize_block(b, kind) for b in params["blocks"]])
+
+
+def main(_):
+  if FLAGS.checkpoint:
+    from checkpoints import diffusers_wan  # pylint: disable=import-outside-toplevel
+    folder = Path(FLAGS.checkpoint)
+    dit_cfg, dit_p = diffusers_wan.load_dit(folder)
+    vae_cfg, vae_p = diffusers_wan.load_vae(folder)
+    text, neg = real_text(folder, [FLAGS.prompt, FLAGS.negative_prompt])
+  else:
+    dit_cfg, dit_p, vae_cfg, vae_p = random_models(FLAGS.size)
+    text, neg = random_text(FLAGS.prompt, dit_cfg.text_dim), random_text(FLAGS.negative_prompt,
+                                                                          dit_cfg.text_dim)
+  t2v = pipeline.T2VConfig(num_frames=FLAGS.frames, height=FLAGS.height, width=FLAGS.width,
+                           num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance, shift=FLAGS.shift,
+                           scheduler=FLAGS.scheduler, cache_interval=FLAGS.cache_interval,
+                           seed=FLAGS.seed)
+  dtype = jnp.dtype(FLAGS.dtype)
+
+  def run(t2v_, params):
+    t0 = time.perf_counter()
+    frames = pipeline.generate(params, dit_cfg, vae_p, vae_cfg, text, neg, t2v_,
+                               attn_impl=FLAGS.attn, dtype=dtype)
+    return frames, time.perf_counter() - t0
+
+  frames, secs = run(t2v, dit_p)
+  path = writer.write_video(frames, FLAGS.out, fps=16)
+  print(f"wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} in {secs:.1f}s "
+        "(incl. compile)")
+  results = {"frames": list(frames.shape), "seconds": secs, "steps": FLAGS.steps,
+             "size": FLAGS.checkpoint or FLAGS.size, "comparisons": {}}
+  variants = []
+  if FLAGS.compare_cache:
+    variants.append(("cache_interval=2", dataclasses.replace(t2v, cache_interval=2, cache_warmup=2),
+                     dit_p))
+  if FLAGS.compare_precision:
+    variants += [(k, t2v, quantized(dit_p, k)) for k in ("fp8xla", "fp8block", "nvfp4")]
+  for name, t2v_, params in variants:
+    other, s = run(t2v_, params)
+    row = {"psnr_db": quality.psnr(other, frames), "ssim": quality.ssim(other, frames), "seconds": s}
+    results["comparisons"][name] = row
+    print(f"{name:18s} PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  ({s:.1f}s incl. compile)")
+  if FLAGS.json:
+    Path(FLAGS.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
