@@ -41,7 +41,6 @@ def test_matches_diffusers_float32(tmp_path):
   cfg, params = diffusers_wan.load_dit(tmp_path, dtype=jnp.float32)
   assert cfg.num_layers == 2 and cfg.head_dim == 12
   latents = jnp.asarray(z["hidden_states"].transpose(0, 2, 3, 4, 1))      # -> [B, F, H, W, C]
-  out = jnp.full(latents.shape, jnp.nan)
   out = _forward(params, latents, jnp.asarray(z["timestep"]), jnp.asarray(z["encoder_hidden_states"]),
                         cfg, dtype=jnp.float32)
   ref = z["output"].transpose(0, 2, 3, 4, 1)

@@ -97,7 +97,6 @@ def test_fp8_weight_linear_close_to_float64():
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 16, 64)).astype(np.float32)
   w = (rng.normal(size=(64, 32)) / 8).astype(np.float32)
-  out = np.full((2, 16, 32), np.nan, np.float32)
   out = np.asarray(linear(jnp.asarray(x, jnp.bfloat16), XlaFP8Weight.from_dense(jnp.asarray(w))),
                    np.float64)
   ref = x.astype(np.float64) @ w

@@ -16,7 +16,6 @@ types drop in; attention goes through ``attention`` below (one dispatch point). 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
