@@ -44,6 +44,7 @@ flags.DEFINE_integer("cache_interval", 1, "step cache: full step every k steps (
 flags.DEFINE_integer("seed", 0, "noise seed")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "DiT activation dtype")
 flags.DEFINE_string("attn", "xla", "attention impl (xla | cudnn)")
+flags.DEFINE_integer("vae_chunk", 0, "decode this many latent frames at a time (0: all at once)")
 flags.DEFINE_string("out", "/tmp/t2v.gif", "output video (.gif, .mp4; .png for one frame)")
 flags.DEFINE_bool("compare_cache", False, "also run with cache_interval=2 and report PSNR/SSIM")
 flags.DEFINE_bool("compare_precision", False, "also run FP8 / NVFP4 GEMM variants, report PSNR/SSIM")
@@ -115,8 +116,8 @@ def main(_):
 
   def run(t2v_, params):
     t0 = time.perf_counter()
-    frames = pipeline.generate(params, dit_cfg, vae_p, vae_cfg, text, neg, t2v_,
-                               attn_impl=FLAGS.attn, dtype=dtype)
+    frames = pipeline.generate(params, dit_cfg, vae_p, vae_cfg, text, neg, t2v_, attn_impl=FLAGS.attn,
+                               dtype=dtype, vae_chunk=FLAGS.vae_chunk or None)
     return frames, time.perf_counter() - t0
 
   frames, secs = run(t2v, dit_p)

@@ -26,6 +26,10 @@ def test_decoder_matches_diffusers():
   assert np.isfinite(np.asarray(out)).all()
   err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
   assert err < 1e-5, err
+  # frame-chunked decoding (frame 0 alone, then two latent frames with the carried conv caches)
+  # equals the whole-sequence decode
+  outc = wan_vae.decode_raw_chunked(params, latents, CFG, chunk=2)
+  assert np.abs(np.asarray(outc) - np.asarray(out)).max() < 1e-5
   # denormalization: decode(latents) == decode_raw(latents·std + mean)
   normed = (latents - jnp.asarray(CFG.latents_mean)) / jnp.asarray(CFG.latents_std)
   out2 = jax.jit(wan_vae.decode, static_argnums=2)(params, normed, CFG)

@@ -7,7 +7,9 @@ Structure (diffusers ``AutoencoderKLWan`` decoder, dims = base·[4, 4, 4, 2, 1] 
 Every 3D conv is causal in time (2 zero frames in front, none behind). The reference decodes one latent
 frame at a time with a cache of the last two frames per conv; that equals one causal conv over the
 whole sequence, except that time upsampling leaves frame 0 alone and doubles only frames 1.. — so T
-latent frames give 1 + 4(T-1) video frames. Here the whole sequence runs at once.
+latent frames give 1 + 4(T-1) video frames. ``decode_raw`` runs the whole sequence at once;
+``decode_raw_chunked`` carries each temporal conv's last input frames between chunks of latent frames
+(same result, activation memory of one chunk: use it for 480p/720p × 81 frames).
 
 Params are a flat dict keyed by the diffusers module names (``decoder.up_blocks.0.resnets.1.conv1``)
 with conv kernels in [kt, kh, kw, in, out] layout; ``checkpoints/diffusers_wan.py`` converts them.
@@ -132,14 +134,44 @@ def init_params(cfg: WanVAEConfig, key: jax.Array, dtype=jnp.float32) -> Params:
   return out
 
 
-def causal_conv3d(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-  """x [B, T, H, W, I], w [kt, kh, kw, I, O]: zero pad kt-1 frames in front, (k-1)/2 spatially."""
-  kt, kh, kw = w.shape[:3]
-  x = jnp.pad(x, ((0, 0), (kt - 1, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+def _conv_time_valid(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  kh, kw = w.shape[1:3]
+  x = jnp.pad(x, ((0, 0), (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
   y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1, 1), "VALID",
                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
                                    preferred_element_type=jnp.float32)
   return (y + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def causal_conv3d(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """x [B, T, H, W, I], w [kt, kh, kw, I, O]: zero pad kt-1 frames in front, (k-1)/2 spatially."""
+  x = jnp.pad(x, ((0, 0), (w.shape[0] - 1, 0), (0, 0), (0, 0), (0, 0)))
+  return _conv_time_valid(x, w, b)
+
+
+class _TimeCache:
+  """The last kt-1 input frames of every temporal conv, in call order, carried between chunks of
+  latent frames (None: the first chunk, zeros — the causal padding)."""
+
+  def __init__(self, old: list[jax.Array] | None):
+    self.old, self.new = old, []
+
+  def _prev(self, x, n):
+    if self.old is None:
+      return jnp.zeros((x.shape[0], n, *x.shape[2:]), x.dtype)
+    return self.old[len(self.new)].astype(x.dtype)
+
+  def conv(self, x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    kt = w.shape[0]
+    if kt == 1:
+      return _conv_time_valid(x, w, b)
+    xx = jnp.concatenate([self._prev(x, kt - 1), x], axis=1)
+    self.new.append(xx[:, -(kt - 1):])
+    return _conv_time_valid(xx, w, b)
+
+  def skip(self, x: jax.Array, n: int) -> None:
+    """A conv that sees no frames this chunk: its cache passes through."""
+    self.new.append(self._prev(x, n))
 
 
 def _rms_norm(x: jax.Array, gamma: jax.Array) -> jax.Array:
@@ -150,13 +182,13 @@ def _rms_norm(x: jax.Array, gamma: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def _resblock(p: Params, name: str, x: jax.Array) -> jax.Array:
-  h = causal_conv3d(x, p[f"{name}.conv_shortcut.weight"], p[f"{name}.conv_shortcut.bias"]) \
+def _resblock(p: Params, name: str, x: jax.Array, tc: _TimeCache) -> jax.Array:
+  h = tc.conv(x, p[f"{name}.conv_shortcut.weight"], p[f"{name}.conv_shortcut.bias"]) \
       if f"{name}.conv_shortcut.weight" in p else x
   x = jax.nn.silu(_rms_norm(x, p[f"{name}.norm1.gamma"]))
-  x = causal_conv3d(x, p[f"{name}.conv1.weight"], p[f"{name}.conv1.bias"])
+  x = tc.conv(x, p[f"{name}.conv1.weight"], p[f"{name}.conv1.bias"])
   x = jax.nn.silu(_rms_norm(x, p[f"{name}.norm2.gamma"]))
-  x = causal_conv3d(x, p[f"{name}.conv2.weight"], p[f"{name}.conv2.bias"])
+  x = tc.conv(x, p[f"{name}.conv2.weight"], p[f"{name}.conv2.bias"])
   return x + h
 
 
@@ -173,42 +205,77 @@ def _spatial_attention(p: Params, name: str, x: jax.Array) -> jax.Array:
   return x + o.reshape(B, T, H, W, C)
 
 
-def _upsample(p: Params, name: str, x: jax.Array, mode: str) -> jax.Array:
+def _upsample(p: Params, name: str, x: jax.Array, mode: str, tc: _TimeCache, first: bool
+              ) -> jax.Array:
+  """2x spatial; upsample3d also doubles time, except frame 0 of the video (``first`` chunk)."""
   B, T, H, W, C = x.shape
-  if mode == "upsample3d" and T > 1:
-    y = causal_conv3d(x[:, 1:], p[f"{name}.time_conv.weight"], p[f"{name}.time_conv.bias"])
-    y = y.reshape(B, T - 1, H, W, 2, C).transpose(0, 1, 4, 2, 3, 5)   # channel halves -> 2 frames
-    x = jnp.concatenate([x[:, :1], y.reshape(B, 2 * (T - 1), H, W, C)], axis=1)
-    T = x.shape[1]
+  if mode == "upsample3d":
+    keep, rest = (x[:, :1], x[:, 1:]) if first else (x[:, :0], x)
+    if rest.shape[1] == 0:
+      tc.skip(x, 2)
+    else:
+      y = tc.conv(rest, p[f"{name}.time_conv.weight"], p[f"{name}.time_conv.bias"])
+      n = rest.shape[1]
+      y = y.reshape(B, n, H, W, 2, C).transpose(0, 1, 4, 2, 3, 5)   # channel halves -> 2 frames
+      x = jnp.concatenate([keep, y.reshape(B, 2 * n, H, W, C)], axis=1)
   x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
   w = p[f"{name}.resample.1.weight"][None]                       # [1, 3, 3, C, C/2]
-  return causal_conv3d(x, w, p[f"{name}.resample.1.bias"])
+  return _conv_time_valid(x, w, p[f"{name}.resample.1.bias"])
+
+
+def decode_chunk(params: Params, z: jax.Array, cfg: WanVAEConfig, caches: list | None, first: bool
+                 ) -> tuple[jax.Array, list]:
+  """Decodes latent frames z that follow the ones ``caches`` came from (None and ``first``: the
+  video's start). Returns the chunk's frames (unclamped) and the caches for the next chunk."""
+  if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
+    raise ShapeError(f"latents must be [B, T, H, W, {cfg.z_dim}], got {z.shape}")
+  p, tc = params, _TimeCache(caches)
+  x = tc.conv(z, p["post_quant_conv.weight"], p["post_quant_conv.bias"])
+  x = tc.conv(x, p["decoder.conv_in.weight"], p["decoder.conv_in.bias"])
+  x = _resblock(p, "decoder.mid_block.resnets.0", x, tc)
+  x = _spatial_attention(p, "decoder.mid_block.attentions.0", x)
+  x = _resblock(p, "decoder.mid_block.resnets.1", x, tc)
+  _, blocks = _up_blocks(cfg)
+  for b, (_, _, mode) in enumerate(blocks):
+    for r in range(cfg.num_res_blocks + 1):
+      x = _resblock(p, f"decoder.up_blocks.{b}.resnets.{r}", x, tc)
+    if mode:
+      x = _upsample(p, f"decoder.up_blocks.{b}.upsamplers.0", x, mode, tc, first)
+  x = jax.nn.silu(_rms_norm(x, p["decoder.norm_out.gamma"]))
+  x = tc.conv(x, p["decoder.conv_out.weight"], p["decoder.conv_out.bias"])
+  return x, tc.new
 
 
 def decode_raw(params: Params, z: jax.Array, cfg: WanVAEConfig) -> jax.Array:
   """Unnormalized latents z [B, T, h, w, z_dim] -> frames [B, 1+4(T-1), 8h, 8w, 3] in [-1, 1]."""
-  if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
-    raise ShapeError(f"latents must be [B, T, H, W, {cfg.z_dim}], got {z.shape}")
-  p = params
-  x = causal_conv3d(z, p["post_quant_conv.weight"], p["post_quant_conv.bias"])
-  x = causal_conv3d(x, p["decoder.conv_in.weight"], p["decoder.conv_in.bias"])
-  x = _resblock(p, "decoder.mid_block.resnets.0", x)
-  x = _spatial_attention(p, "decoder.mid_block.attentions.0", x)
-  x = _resblock(p, "decoder.mid_block.resnets.1", x)
-  _, blocks = _up_blocks(cfg)
-  for b, (_, _, mode) in enumerate(blocks):
-    for r in range(cfg.num_res_blocks + 1):
-      x = _resblock(p, f"decoder.up_blocks.{b}.resnets.{r}", x)
-    if mode:
-      x = _upsample(p, f"decoder.up_blocks.{b}.upsamplers.0", x, mode)
-  x = jax.nn.silu(_rms_norm(x, p["decoder.norm_out.gamma"]))
-  x = causal_conv3d(x, p["decoder.conv_out.weight"], p["decoder.conv_out.bias"])
+  x, _ = decode_chunk(params, z, cfg, None, True)
   return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
 
 
-def decode(params: Params, latents: jax.Array, cfg: WanVAEConfig) -> jax.Array:
-  """Normalized (denoiser-space) latents -> frames in [-1, 1]: z = latents·std + mean, then decode."""
+_decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("cfg", "first"))
+
+
+def decode_raw_chunked(params: Params, z: jax.Array, cfg: WanVAEConfig, chunk: int = 1) -> jax.Array:
+  """``decode_raw`` over ``chunk`` latent frames at a time (frame 0 alone first, as the reference):
+  the same result with activation memory for 4·chunk video frames instead of the whole video."""
+  outs, caches = [], None
+  starts = [0, 1] + list(range(1 + chunk, z.shape[1], chunk))
+  for i, s in enumerate(starts):
+    if s >= z.shape[1]:
+      break
+    e = starts[i + 1] if i + 1 < len(starts) else z.shape[1]
+    x, caches = _decode_chunk_jit(params, z[:, s:e], cfg=cfg, caches=caches, first=(s == 0))
+    outs.append(x)
+  return jnp.clip(jnp.concatenate(outs, axis=1).astype(jnp.float32), -1.0, 1.0)
+
+
+def denormalize(latents: jax.Array, cfg: WanVAEConfig) -> jax.Array:
+  """Denoiser-space latents -> VAE latents: z = latents·std + mean."""
   mean = jnp.asarray(cfg.latents_mean, jnp.float32)
   std = jnp.asarray(cfg.latents_std, jnp.float32)
-  z = latents.astype(jnp.float32) * std + mean
-  return decode_raw(params, z.astype(latents.dtype), cfg)
+  return (latents.astype(jnp.float32) * std + mean).astype(latents.dtype)
+
+
+def decode(params: Params, latents: jax.Array, cfg: WanVAEConfig) -> jax.Array:
+  """Normalized (denoiser-space) latents -> frames in [-1, 1]."""
+  return decode_raw(params, denormalize(latents, cfg), cfg)

@@ -111,11 +111,17 @@ def denoise(params: wan_dit.Params, dit_cfg: wan_dit.WanDiTConfig, text: jax.Arr
 
 def generate(dit_params: wan_dit.Params, dit_cfg: wan_dit.WanDiTConfig, vae_params: wan_vae.Params,
              vae_cfg: wan_vae.WanVAEConfig, text: jax.Array, neg_text: jax.Array | None,
-             t2v: T2VConfig, *, attn_impl: str = "xla", dtype=jnp.bfloat16) -> np.ndarray:
-  """Prompt embeddings [1, L, text_dim] (and the negative prompt's) -> frames [T, H, W, 3] in [-1, 1]."""
+             t2v: T2VConfig, *, attn_impl: str = "xla", dtype=jnp.bfloat16,
+             vae_chunk: int | None = None) -> np.ndarray:
+  """Prompt embeddings [1, L, text_dim] (and the negative prompt's) -> frames [T, H, W, 3] in [-1, 1].
+  ``vae_chunk``: decode that many latent frames at a time (bounded memory) instead of all at once."""
   if text.ndim != 3 or text.shape[0] != 1:
     raise InvalidRequestError(f"text embeddings must be [1, L, text_dim], got {text.shape}")
   shape = latent_shape(t2v, dit_cfg, vae_cfg)
   latents = denoise(dit_params, dit_cfg, text, neg_text, shape, t2v, attn_impl=attn_impl, dtype=dtype)
-  frames = jax.jit(wan_vae.decode, static_argnums=2)(vae_params, latents, vae_cfg)
+  if vae_chunk:
+    frames = wan_vae.decode_raw_chunked(vae_params, wan_vae.denormalize(latents, vae_cfg), vae_cfg,
+                                        chunk=vae_chunk)
+  else:
+    frames = jax.jit(wan_vae.decode, static_argnums=2)(vae_params, latents, vae_cfg)
   return np.asarray(frames[0])
