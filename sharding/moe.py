@@ -131,7 +131,8 @@ def _grouped_swiglu(rows: jax.Array, local_expert: jax.Array, weights: dict) -> 
 
 # ---- the two schemes (inside shard_map over ep, tp) ---------------------------------------------
 
-def _all_to_all_local(x, idx, w, weights, *, ep: int, tp: int, capacity: int, dispatch_dtype: str):
+def _all_to_all_local(x, idx, w, weights, *, ep: int, tp: int, capacity: int, dispatch_dtype: str,
+                      grouped_fn=None):
   T, H = x.shape
   k = idx.shape[1]
   num_local = weights["w_gate"].shape[0]
@@ -153,16 +154,18 @@ def _all_to_all_local(x, idx, w, weights, *, ep: int, tp: int, capacity: int, di
     recv_parts = tuple(a2a(p) for p in parts)
   recv = _dequantize(recv_parts, dispatch_dtype, x.dtype)
   recv_e = a2a(send_e)
-  y = _grouped_swiglu(recv.reshape(ep * capacity, H), recv_e.reshape(-1), weights)
+  y = (grouped_fn or _grouped_swiglu)(recv.reshape(ep * capacity, H), recv_e.reshape(-1), weights)
+  y = y.astype(_reduce_dtype(x.dtype))  # combine in the activations' dtype
   if tp > 1:
     y = jax.lax.psum(y, "tp")
-  back = a2a(y.astype(x.dtype).reshape(ep, capacity, H))
+  back = a2a(y.reshape(ep, capacity, H))
   got = jnp.where(keep[:, None], back[dest, jnp.minimum(pos_c, capacity - 1)], 0)
   return jnp.einsum("tkh,tk->th", got.reshape(T, k, H).astype(jnp.float32),
                     w.astype(jnp.float32)).astype(x.dtype)
 
 
-def _allgather_local(x, idx, w, weights, *, ep: int, tp: int, gathered: bool, dispatch_dtype: str):
+def _allgather_local(x, idx, w, weights, *, ep: int, tp: int, gathered: bool, dispatch_dtype: str,
+                     grouped_fn=None):
   num_local = weights["w_gate"].shape[0]
   if not gathered and ep > 1:
     parts = _quantize(x, dispatch_dtype)
@@ -174,14 +177,24 @@ def _allgather_local(x, idx, w, weights, *, ep: int, tp: int, gathered: bool, di
   T, k = idx.shape
   me = jax.lax.axis_index("ep")
   local = jnp.where(idx // num_local == me, idx % num_local, -1).reshape(-1)
-  y = _grouped_swiglu(x[jnp.arange(T * k) // k], local, weights)
+  y = (grouped_fn or _grouped_swiglu)(x[jnp.arange(T * k) // k], local, weights)
   y = jnp.einsum("tkh,tk->th", y.reshape(T, k, -1), w.astype(jnp.float32))
   if gathered:  # replicated entry layout: all-reduce over the whole MoE group
     axes = tuple(a for a, n in (("ep", ep), ("tp", tp)) if n > 1)
+    y = y.astype(_reduce_dtype(x.dtype))  # combine in the activations' dtype
     return (jax.lax.psum(y, axes) if axes else y).astype(x.dtype)
+  y = y.astype(_reduce_dtype(x.dtype))
   if tp > 1:
     y = jax.lax.psum(y, "tp")
   return jax.lax.psum_scatter(y, "ep", scatter_dimension=0, tiled=True).astype(x.dtype)
+
+
+def _reduce_dtype(dtype):
+  """The activations' dtype, except float32 for 16-bit floats on CPU, where XLA's
+  AllReducePromotion pass aborts on bf16 reductions (jax 0.11.2)."""
+  if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
+    return jnp.float32
+  return dtype
 
 
 def _dequantize_gathered_nvfp4(parts, ep: int, out_dtype):
@@ -199,10 +212,13 @@ def local_capacity(tokens_per_rank: int, top_k: int, ep: int, capacity_factor: f
 
 
 def moe_local(x, idx, w, weights: dict, *, ep: int, tp: int, comm: str, tokens_split: bool,
-              dispatch_dtype: str = "bf16", capacity_factor: float | None = None) -> jax.Array:
+              dispatch_dtype: str = "bf16", capacity_factor: float | None = None,
+              grouped_fn=None) -> jax.Array:
   """The per-device body (inside a shard_map manual over "ep", and over "tp" when ``tp`` > 1;
   with ``tp=1`` a "tp" axis left automatic splits the expert GEMMs by GSPMD instead). x, idx, w are
-  this rank's tokens (``tokens_split``) or all tokens (replicated); weights its local experts."""
+  this rank's tokens (``tokens_split``) or all tokens (replicated); weights its local experts.
+  ``grouped_fn(rows, local_expert, weights)`` replaces the expert GEMMs (benchmarks time the
+  communication alone with an identity)."""
   top_k = idx.shape[1]
   if not tokens_split and comm == "all_to_all" and ep > 1:
     share_len = x.shape[0] // ep
@@ -210,14 +226,14 @@ def moe_local(x, idx, w, weights: dict, *, ep: int, tp: int, comm: str, tokens_s
     share = lambda a: jax.lax.dynamic_slice_in_dim(a, r * share_len, share_len, 0)
     out = _all_to_all_local(share(x), share(idx), share(w), weights, ep=ep, tp=tp,
                             capacity=local_capacity(share_len, top_k, ep, capacity_factor),
-                            dispatch_dtype=dispatch_dtype)
+                            dispatch_dtype=dispatch_dtype, grouped_fn=grouped_fn)
     return jax.lax.all_gather(out, "ep", tiled=True)
   if comm == "all_to_all":
     return _all_to_all_local(x, idx, w, weights, ep=ep, tp=tp,
                              capacity=local_capacity(x.shape[0], top_k, ep, capacity_factor),
-                             dispatch_dtype=dispatch_dtype)
+                             dispatch_dtype=dispatch_dtype, grouped_fn=grouped_fn)
   return _allgather_local(x, idx, w, weights, ep=ep, tp=tp, gathered=not tokens_split,
-                          dispatch_dtype=dispatch_dtype)
+                          dispatch_dtype=dispatch_dtype, grouped_fn=grouped_fn)
 
 
 def check_moe(num_tokens: int, hidden: int, weights: dict, parallel: ParallelConfig) -> None:
@@ -239,7 +255,8 @@ W_SPECS = {"w_gate": P("ep", None, "tp"), "w_up": P("ep", None, "tp"), "w_down":
 
 def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, weights: dict,
                 parallel: ParallelConfig, mesh: Mesh, *, tokens_split: bool | None = None,
-                comm: str | None = None, capacity_factor: float | None = None) -> jax.Array:
+                comm: str | None = None, capacity_factor: float | None = None,
+                grouped_fn=None) -> jax.Array:
   """Routed-expert output [T, H] for tokens x [T, H] (global view; call inside or outside jit).
 
   ``tokens_split``: tokens enter split over ep (default: ``parallel.attention_dp``) instead of
@@ -251,7 +268,7 @@ def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, weigh
   comm = choose_comm(parallel.ep, topk_idx.shape[1], T // parallel.ep, H, comm or parallel.moe_comm)
   body = functools.partial(moe_local, ep=parallel.ep, tp=parallel.tp, comm=comm,
                            tokens_split=tokens_split, dispatch_dtype=parallel.moe_dispatch_dtype,
-                           capacity_factor=capacity_factor)
+                           capacity_factor=capacity_factor, grouped_fn=grouped_fn)
   tok = P("ep") if tokens_split else P()
   fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, W_SPECS), out_specs=tok,
                      axis_names={"ep", "tp"}, check_vma=False)
