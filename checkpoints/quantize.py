@@ -69,8 +69,11 @@ def _check(path: str, w, fmt: str) -> None:
     raise ShapeError(f"{path}: NVFP4 needs K % 16 == 0, got K={k}")
 
 
-def quantize_params(params, rules: Sequence[tuple[str, str]]) -> tuple[dict, dict[str, str]]:
-  """Returns (params with the chosen weights quantized, {path: format} of those quantized)."""
+def quantize_params(params, rules: Sequence[tuple[str, str]], skip_incompatible: bool = False
+                    ) -> tuple[dict, dict[str, str]]:
+  """Returns (params with the chosen weights quantized, {path: format} of those quantized).
+  A matched weight whose K the format cannot take raises ShapeError, or stays dense when
+  ``skip_incompatible``."""
   chosen: dict[str, str] = {}
 
   def one(path, w):
@@ -78,7 +81,12 @@ def quantize_params(params, rules: Sequence[tuple[str, str]]) -> tuple[dict, dic
     fmt = format_for(p, rules) if getattr(w, "ndim", 0) >= 2 else "none"
     if fmt == "none":
       return w
-    _check(p, w, fmt)
+    try:
+      _check(p, w, fmt)
+    except ShapeError:
+      if skip_incompatible:
+        return w
+      raise
     chosen[p] = fmt
     return _TYPES[(fmt, w.ndim)].from_dense(w)
 
