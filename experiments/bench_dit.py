@@ -47,6 +47,8 @@ flags.DEFINE_list("variants", ["bf16", "fp8xla", "fp8attn", "fp8", "fp8block", "
 flags.DEFINE_string("bf16_attn", "cudnn", "attention impl for bf16 (cudnn | xla)")
 flags.DEFINE_bool("ceilings", True, "measure the bf16 / fp8 matmul ceilings first")
 flags.DEFINE_string("out", "", "JSON path (default $OUT/dit.json)")
+flags.DEFINE_list("sp", [], "Ulysses axis sizes to time a one-layer bf16 forward on (e.g. 2,4,8); "
+                  "needs that many devices")
 
 VARIANTS = {  # name: (linear kind, attention kind)
     "bf16": ("bf16", "bf16"), "fp8xla": ("fp8xla", "bf16"), "fp8attn": ("bf16", "fp8"),
@@ -76,6 +78,39 @@ def ceilings(iters):
                                     preferred_element_type=jnp.float32).astype(jnp.bfloat16))
   t_fp8, _ = bench(f8, (a8, b8), iters)
   return {"bf16_tflops": 2 * n ** 3 / t_bf16 / 1e12, "fp8_tflops": 2 * n ** 3 / t_fp8 / 1e12}
+
+
+def ulysses_scaling(cfg, grid, text_len, sizes):
+  """One-layer bf16 forward on 1 device vs Ulysses over n devices; efficiency = t1 / (n · t_n)."""
+  from sharding import ulysses  # pylint: disable=import-outside-toplevel
+  one = dataclasses.replace(cfg, num_layers=1)
+  params = wan_dit.init_params_on_device(one, jax.random.key(0), jnp.bfloat16)
+  lat = jax.random.normal(jax.random.key(4), (1, *[g * p for g, p in zip(grid, cfg.patch_size)],
+                                              cfg.in_channels), jnp.bfloat16)
+  text = jax.random.normal(jax.random.key(5), (1, text_len, cfg.text_dim), jnp.bfloat16)
+  t = jnp.array([500.0])
+  attn = FLAGS.bf16_attn
+  t1, ref = bench(jax.jit(lambda p, *a: wan_dit.forward(p, *a, one, attn_impl=attn)),
+                  (params, lat, t, text), FLAGS.iters)
+  rows = {"1": {"ms": t1 * 1e3, "efficiency": 1.0}}
+  for n in sizes:
+    if n > len(jax.devices()):
+      rows[str(n)] = {"error": f"needs {n} devices, have {len(jax.devices())}"}
+      continue
+    mesh = jax.make_mesh((n,), ("sp",), devices=jax.devices()[:n])
+    try:
+      sharded = ulysses.shard_params(params, mesh, "sp", fsdp=False)
+      fn = jax.jit(lambda p, *a: ulysses.forward(p, *a, one, mesh, attn_impl=attn))
+      tn, out = bench(fn, (sharded, lat, t, text), FLAGS.iters)
+    except Exception as e:  # pylint: disable=broad-except
+      rows[str(n)] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+      continue
+    err = float(np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref, np.float32)) /
+                np.linalg.norm(np.asarray(ref, np.float32)))
+    rows[str(n)] = {"ms": tn * 1e3, "efficiency": t1 / (n * tn), "rel_err_vs_1": err}
+  for n, r in rows.items():
+    print(f"ulysses sp={n}: {r}", flush=True)
+  return rows
 
 
 def main(_):
@@ -172,6 +207,9 @@ def main(_):
       row["psnr_vs_bf16_db"] = float("inf") if mse == 0 else 10 * math.log10(rng ** 2 / mse)
     result["variants"][name] = row
     print(name, {k: round(v, 4) for k, v in row.items()}, flush=True)
+
+  if FLAGS.sp:
+    result["ulysses"] = ulysses_scaling(cfg, grid, L_text, [int(n) for n in FLAGS.sp])
 
   base = result["variants"].get("bf16", {}).get("step_ms")
   print(f"\n{'variant':10s} {'step ms':>9s} {'block':>7s} {'gemm':>7s} {'attn':>7s} {'rest':>7s} "
