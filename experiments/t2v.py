@@ -44,6 +44,8 @@ flags.DEFINE_integer("cache_interval", 1, "step cache: full step every k steps (
 flags.DEFINE_integer("seed", 0, "noise seed")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "DiT activation dtype")
 flags.DEFINE_string("attn", "xla", "attention impl (xla | cudnn)")
+flags.DEFINE_integer("sp", 1, "Ulysses sequence-parallel over this many devices (1: off)")
+flags.DEFINE_bool("fsdp", False, "with --sp: FSDP-shard the DiT blocks over the same devices")
 flags.DEFINE_integer("vae_chunk", 0, "decode this many latent frames at a time (0: all at once)")
 flags.DEFINE_string("out", "/tmp/t2v.gif", "output video (.gif, .mp4; .png for one frame)")
 flags.DEFINE_bool("compare_cache", False, "also run with cache_interval=2 and report PSNR/SSIM")
@@ -113,11 +115,17 @@ def main(_):
                            scheduler=FLAGS.scheduler, cache_interval=FLAGS.cache_interval,
                            seed=FLAGS.seed)
   dtype = jnp.dtype(FLAGS.dtype)
+  mesh = None
+  if FLAGS.sp > 1:
+    from sharding import ulysses  # pylint: disable=import-outside-toplevel
+    mesh = jax.make_mesh((FLAGS.sp,), ("sp",), devices=jax.devices()[:FLAGS.sp])
+    dit_p = ulysses.shard_params(dit_p, mesh, "sp", FLAGS.fsdp)
 
   def run(t2v_, params):
     t0 = time.perf_counter()
     frames = pipeline.generate(params, dit_cfg, vae_p, vae_cfg, text, neg, t2v_, attn_impl=FLAGS.attn,
-                               dtype=dtype, vae_chunk=FLAGS.vae_chunk or None)
+                               dtype=dtype, vae_chunk=FLAGS.vae_chunk or None, mesh=mesh,
+                               fsdp=FLAGS.fsdp)
     return frames, time.perf_counter() - t0
 
   frames, secs = run(t2v, dit_p)

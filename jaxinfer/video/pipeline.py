@@ -90,13 +90,18 @@ def _combine(v, guidance):
 
 def denoise(params: wan_dit.Params, dit_cfg: wan_dit.WanDiTConfig, text: jax.Array,
             neg_text: jax.Array | None, latent_shape_: tuple[int, ...], t2v: T2VConfig, *,
-            attn_impl: str = "xla", dtype=jnp.bfloat16) -> jax.Array:
-  """Noise -> clean latents [1, T, h, w, C] (denoiser space) for one prompt."""
+            attn_impl: str = "xla", dtype=jnp.bfloat16, mesh=None, fsdp: bool = False) -> jax.Array:
+  """Noise -> clean latents [1, T, h, w, C] (denoiser space) for one prompt.
+
+  With ``mesh`` (one axis named "sp") the DiT runs Ulysses sequence-parallel over it
+  (sharding/ulysses.py; params placed with ``ulysses.shard_params``); no step cache then."""
   sched, timesteps = schedulers.make_scheduler(t2v.scheduler, t2v.num_steps, t2v.shift)
   guided = neg_text is not None and t2v.guidance_scale != 1.0
   ctx = jnp.concatenate([text, neg_text]) if guided else text
   g = float(t2v.guidance_scale) if guided else 1.0
   x = jax.random.normal(jax.random.key(t2v.seed), (1, *latent_shape_), jnp.float32)
+  if mesh is not None:
+    return _denoise_sp(params, dit_cfg, ctx, g, x, sched, timesteps, t2v, attn_impl, dtype, mesh, fsdp)
   cache = None
   kw = dict(cfg=dit_cfg, attn_impl=attn_impl, dtype=dtype, guidance=g)
   for i, (t, full) in enumerate(zip(timesteps, full_steps(t2v.num_steps, t2v.cache_interval,
@@ -109,16 +114,33 @@ def denoise(params: wan_dit.Params, dit_cfg: wan_dit.WanDiTConfig, text: jax.Arr
   return x
 
 
+def _denoise_sp(params, dit_cfg, ctx, g, x, sched, timesteps, t2v, attn_impl, dtype, mesh, fsdp):
+  from sharding import ulysses  # pylint: disable=import-outside-toplevel
+  if t2v.cache_interval != 1:
+    raise InvalidRequestError("the step cache is not supported with sequence parallelism yet")
+
+  @jax.jit
+  def step(params, x, t, ctx):
+    v = ulysses.forward(params, *_cfg_batch(x, t, ctx, g), dit_cfg, mesh, fsdp=fsdp,
+                        attn_impl=attn_impl, dtype=dtype)
+    return _combine(v, g)
+
+  for i, t in enumerate(timesteps):
+    x = sched.step(step(params, x, float(t), ctx), x, i)
+  return x
+
+
 def generate(dit_params: wan_dit.Params, dit_cfg: wan_dit.WanDiTConfig, vae_params: wan_vae.Params,
              vae_cfg: wan_vae.WanVAEConfig, text: jax.Array, neg_text: jax.Array | None,
              t2v: T2VConfig, *, attn_impl: str = "xla", dtype=jnp.bfloat16,
-             vae_chunk: int | None = None) -> np.ndarray:
+             vae_chunk: int | None = None, mesh=None, fsdp: bool = False) -> np.ndarray:
   """Prompt embeddings [1, L, text_dim] (and the negative prompt's) -> frames [T, H, W, 3] in [-1, 1].
   ``vae_chunk``: decode that many latent frames at a time (bounded memory) instead of all at once."""
   if text.ndim != 3 or text.shape[0] != 1:
     raise InvalidRequestError(f"text embeddings must be [1, L, text_dim], got {text.shape}")
   shape = latent_shape(t2v, dit_cfg, vae_cfg)
-  latents = denoise(dit_params, dit_cfg, text, neg_text, shape, t2v, attn_impl=attn_impl, dtype=dtype)
+  latents = denoise(dit_params, dit_cfg, text, neg_text, shape, t2v, attn_impl=attn_impl, dtype=dtype,
+                    mesh=mesh, fsdp=fsdp)
   if vae_chunk:
     frames = wan_vae.decode_raw_chunked(vae_params, wan_vae.denormalize(latents, vae_cfg), vae_cfg,
                                         chunk=vae_chunk)
