@@ -37,6 +37,22 @@ class StagedKVCache:
   k_scale: jax.Array  # [pp, L/pp]
   v_scale: jax.Array
 
+  @property
+  def num_layers(self) -> int:
+    return self.k.shape[0] * self.k.shape[1]
+
+  @property
+  def num_pages(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def page_size(self) -> int:
+    return self.k.shape[3]
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return self.k.dtype
+
   @classmethod
   def from_cache(cls, cache: KVCache, pp: int) -> StagedKVCache:
     stage = lambda xs: jnp.stack(xs).reshape(pp, len(xs) // pp, *xs[0].shape)

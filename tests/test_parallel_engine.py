@@ -1,0 +1,65 @@
+"""A sharded Llama through the Python API (``LLM``, TP2) and the serving engine (TP2, PP2) gives the
+same greedy tokens as the unsharded model, so ``shard_model`` slots into both without changing them."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.engine.engine import EngineConfig, LLMEngine
+from jaxinfer.engine.toy_model import ByteTokenizer, toy_config
+from jaxinfer.llm import LLM
+from jaxinfer.loader import LoadedModel
+from jaxinfer.sampling import SamplingParams
+from llama_fixtures import random_params
+from sharding.config import ParallelConfig
+from sharding.model import shard_model
+
+CFG = toy_config(max_position_embeddings=128)
+ENGINE = EngineConfig(num_pages=33, page_size=4, max_num_seqs=8, max_num_batched_tokens=32,
+                      chunk_size=8, min_token_bucket=32, min_seq_bucket=8, min_page_bucket=32)
+PROMPTS = [[int(t) for t in np.random.RandomState(i).randint(3, CFG.vocab_size, 5 + 7 * i)]
+           for i in range(3)]
+GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
+PARALLEL = [ParallelConfig(tp=2), ParallelConfig(pp=2)]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return LoadedModel("llama", CFG, random_params(CFG, 5), None, "random")
+
+
+def _engine(params, forward, cache):
+  return LLMEngine(params, forward, cache, vocab_size=CFG.vocab_size, max_model_len=128,
+                   tokenizer=ByteTokenizer(), config=ENGINE)
+
+
+def _engine_tokens(engine):
+  ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+  finals = engine.run_to_completion()
+  return [list(finals[i].token_ids) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+  llm_tokens = [o.token_ids for o in LLM(model=model).generate(PROMPTS, GREEDY, use_tqdm=False)]
+  from jaxinfer.engine.step import LlamaForward
+  engine = _engine(model.params, LlamaForward(CFG),
+                   model.create_cache(ENGINE.num_pages, ENGINE.page_size, jnp.float32))
+  return llm_tokens, _engine_tokens(engine)
+
+
+def test_sharded_model_through_llm(model, reference):
+  sharded = shard_model(model, ParallelConfig(tp=2))
+  llm_tokens = [o.token_ids for o in LLM(model=sharded).generate(PROMPTS, GREEDY, use_tqdm=False)]
+  ref_llm, _ = reference
+  assert all(len(t) == GREEDY.max_tokens for t in ref_llm)
+  assert [list(t) for t in llm_tokens] == [list(t) for t in ref_llm]
+
+
+@pytest.mark.parametrize("parallel", PARALLEL, ids=[p.describe() for p in PARALLEL])
+def test_sharded_model_through_engine(model, reference, parallel):
+  sharded = shard_model(model, parallel)
+  engine = _engine(sharded.params, sharded.step_forward,
+                   sharded.create_cache(ENGINE.num_pages, ENGINE.page_size))
+  tokens = _engine_tokens(engine)
+  assert all(len(t) == GREEDY.max_tokens for t in tokens)
+  assert tokens == reference[1]
