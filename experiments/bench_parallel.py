@@ -23,9 +23,7 @@ CPU smoke run (tiny shapes, 8 virtual devices; the numbers mean nothing):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import statistics
 import time
 import traceback
@@ -33,7 +31,6 @@ import traceback
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxinfer import attention
@@ -221,7 +218,6 @@ def section_deepseek():
         t, _ = time_calls(step, cache)
         record(section="deepseek", layout=name, layers=cfg.num_layers, batch=B, ctx=ctx, seconds=t,
                per_layer_ms=t / cfg.num_layers * 1e3)
-        del params, cache
       except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         record(section="deepseek", layout=name, batch=B, error=repr(e)[:300])
@@ -260,11 +256,10 @@ def section_llama():
         cache = model.create_cache(max(pages, 2), page)
         fwd = model.forward
         t, _ = time_calls(lambda c: fwd(model.params, tokens, c, batch)[1], cache)
-        single.setdefault(name, t) if tp == 1 else None
+        if tp == 1:
+          single[name] = t
         eff = single[name] / (tp * t) if name in single else None
         record(section="llama", tp=tp, case=name, seconds=t, scaling_efficiency=eff)
-        del cache
-      del model
     except Exception as e:  # noqa: BLE001
       traceback.print_exc()
       record(section="llama", tp=tp, error=repr(e)[:300])

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxinfer import attention
 from jaxinfer.models import deepseek_v3 as ds
 from jaxinfer.models import moe as model_moe
 from jaxinfer.ops import linear, rms_norm, rope_cos_sin

@@ -1,6 +1,5 @@
 """Sharded Llama on 8 virtual CPU devices: every mesh gives the single-device logits and greedy tokens;
 the compiled HLO holds the collectives the config implies; invalid configs name their constraint."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
