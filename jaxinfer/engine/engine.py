@@ -119,7 +119,9 @@ class LLMEngine:
     """From ``jaxinfer.loader.load_model(...)``'s LoadedModel (config, params, tokenizer, forward)."""
     cfg = model.config
     cache = model.create_cache(config.num_pages, config.page_size, config.kv_dtype)
-    forward = LlamaForward(cfg) if isinstance(cfg, llama.LlamaConfig) else model.forward
+    # A sharded model (sharding.model.ShardedModel) brings its own hashable step forward.
+    forward = getattr(model, "step_forward", None) or (
+        LlamaForward(cfg) if isinstance(cfg, llama.LlamaConfig) else model.forward)
     return cls(model.params, forward, cache, vocab_size=cfg.vocab_size,
                max_model_len=config.max_model_len or cfg.max_position_embeddings,
                tokenizer=model.tokenizer, config=config, **kw)
