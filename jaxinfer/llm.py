@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 from tqdm import tqdm
@@ -16,6 +17,9 @@ from jaxinfer.errors import InvalidRequestError
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.outputs import GenerationOutput
 from jaxinfer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+  from sharding.config import ParallelConfig
 
 _CPU_KV_BYTES = 128 << 20
 _GPU_KV_FRACTION = 0.5   # of the device memory free after loading the weights
@@ -28,13 +32,18 @@ class LLM:
   ``prefill_chunk`` is the step's token budget (prefill chunks and decode tokens together),
   ``max_batch`` the most sequences in one step. The KV cache takes ``kv_cache_bytes`` (default: half
   the free accelerator memory, 128 MiB on CPU); ``engine_config`` overrides all of these.
+  ``parallel`` places the model on a device mesh (tensor/pipeline/expert parallel; see sharding/).
   """
 
   def __init__(self, model: str | LoadedModel | None = None, *, dtype=None, page_size: int = 16,
                prefill_chunk: int = 512, max_batch: int = 64, kv_dtype=None,
-               kv_cache_bytes: int | None = None, engine_config: EngineConfig | None = None):
+               kv_cache_bytes: int | None = None, engine_config: EngineConfig | None = None,
+               parallel: ParallelConfig | None = None):
     enable_compilation_cache()
     self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
+    if parallel is not None:
+      from sharding.model import shard_model
+      self.model = shard_model(self.model, parallel)
     self.tokenizer = self.model.tokenizer
     self.page_size = page_size
     self.prefill_chunk = prefill_chunk

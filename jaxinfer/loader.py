@@ -31,7 +31,7 @@ class LoadedModel:
   tokenizer: Tokenizer | None
   source: str
 
-  @property
+  @functools.cached_property
   def forward(self) -> Callable:
     """(params, tokens [T], cache, batch) -> (logits [B, V] float32, cache); jitted, cache donated."""
     return functools.partial(llama.forward_jit, cfg=self.config)

@@ -1,4 +1,4 @@
-"""Static-batch generation through the LLM API on the random HF golden model (no tokenizer: prompts
+"""Generation through the LLM API (on the serving engine) on the random HF golden model (no tokenizer: prompts
 are token ids), and its errors."""
 from pathlib import Path
 

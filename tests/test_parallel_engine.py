@@ -48,8 +48,10 @@ def reference(model):
 
 
 def test_sharded_model_through_llm(model, reference):
-  sharded = shard_model(model, ParallelConfig(tp=2))
-  llm_tokens = [o.token_ids for o in LLM(model=sharded).generate(PROMPTS, GREEDY, use_tqdm=False)]
+  llm = LLM(model=model, parallel=ParallelConfig(tp=2))
+  wq = llm.model.params["layers"][0]["wq"]
+  assert len(wq.sharding.device_set) == 2 and not wq.sharding.is_fully_replicated
+  llm_tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
   ref_llm, _ = reference
   assert all(len(t) == GREEDY.max_tokens for t in ref_llm)
   assert [list(t) for t in llm_tokens] == [list(t) for t in ref_llm]
