@@ -60,9 +60,7 @@ class LLM:
     self._inbox: dict[str, collections.deque[RequestOutput]] = {}
 
   def _num_pages(self, page_size: int, kv_dtype, kv_cache_bytes: int | None) -> int:
-    cfg = self.model.config
-    itemsize = jax.numpy.dtype(kv_dtype or self.model.params["final_norm"].dtype).itemsize
-    page_bytes = page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    page_bytes = page_size * self.model.create_cache(2, page_size, kv_dtype).nbytes_per_token()
     if kv_cache_bytes is None:
       stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
       kv_cache_bytes = (_CPU_KV_BYTES if not stats else

@@ -18,31 +18,40 @@ from absl import logging
 from checkpoints import orbax_store
 from checkpoints.default_model import default_model_path
 from jaxinfer.errors import CheckpointError, UnsupportedModelError
-from jaxinfer.kv_cache import KVCache
-from jaxinfer.models import llama
+from jaxinfer.models import deepseek_v3, llama
 from jaxinfer.tokenizer import Tokenizer
+
+
+ARCHITECTURES = {"llama": llama, "deepseek_v3": deepseek_v3}
 
 
 @dataclasses.dataclass
 class LoadedModel:
   architecture: str
-  config: llama.LlamaConfig
+  config: llama.LlamaConfig | deepseek_v3.DeepseekV3Config
   params: dict
   tokenizer: Tokenizer | None
   source: str
 
+  @property
+  def module(self):
+    """The model module: ``forward``, ``forward_jit`` and ``create_cache`` of this architecture."""
+    return ARCHITECTURES[self.architecture]
+
   @functools.cached_property
   def forward(self) -> Callable:
     """(params, tokens [T], cache, batch) -> (logits [B, V] float32, cache); jitted, cache donated."""
-    return functools.partial(llama.forward_jit, cfg=self.config)
+    return functools.partial(self.module.forward_jit, cfg=self.config)
 
   @property
   def max_context(self) -> int:
     return self.config.max_position_embeddings
 
-  def create_cache(self, num_pages: int, page_size: int, dtype=None) -> KVCache:
+  def create_cache(self, num_pages: int, page_size: int, dtype=None):
+    """The paged cache of this architecture (KVCache for Llama, LatentCache for DeepSeek-V3)."""
     dtype = dtype or self.params["final_norm"].dtype
-    return llama.create_cache(self.config, num_pages=num_pages, page_size=page_size, dtype=dtype)
+    return self.module.create_cache(self.config, num_pages=num_pages, page_size=page_size,
+                                    dtype=dtype)
 
   def save(self, folder: str | Path) -> None:
     orbax_store.save(folder, self.architecture, self.config, self.params, self.tokenizer)
@@ -68,19 +77,28 @@ def load_model(spec: str | Path | None = None, dtype=None, progress: bool = True
   elif orbax_store.is_orbax_checkpoint(path):
     model = _load_orbax(path, dtype)
   elif (path / "config.json").is_file():
-    from checkpoints.safetensors_llama import load_safetensors_llama, read_hf_config
-    hf = read_hf_config(path)
-    if hf.get("model_type") != "llama":
-      raise UnsupportedModelError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
-                                  "by this loader (expected 'llama')")
-    cfg, params = load_safetensors_llama(path, dtype, progress)
-    tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
-    model = LoadedModel("llama", cfg, params, tok, str(path))
+    model = _load_hf(path, dtype, progress)
   else:
     raise CheckpointError(f"{path}: neither a GGUF file, a HF checkpoint folder (config.json) nor a "
                           "jaxinfer checkpoint (jaxinfer.json)")
   logging.info("loaded %s in %.2fs", path, time.perf_counter() - start)
   return model
+
+
+def _load_hf(path: Path, dtype, progress: bool) -> LoadedModel:
+  from checkpoints.safetensors_llama import read_hf_config
+  model_type = read_hf_config(path).get("model_type")
+  if model_type == "llama":
+    from checkpoints.safetensors_llama import load_safetensors_llama
+    cfg, params = load_safetensors_llama(path, dtype, progress)
+  elif model_type == "deepseek_v3":
+    from checkpoints.deepseek_v3 import load_safetensors_deepseek_v3
+    cfg, params = load_safetensors_deepseek_v3(path, dtype, progress)
+  else:
+    raise UnsupportedModelError(f"{path}: model_type {model_type!r} is not supported (expected one "
+                                f"of {sorted(ARCHITECTURES)})")
+  tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+  return LoadedModel(model_type, cfg, params, tok, str(path))
 
 
 def _load_orbax(path: Path, dtype) -> LoadedModel:
