@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints.safetensors_llama import read_hf_config
+from checkpoints.hf_config import read_hf_config
 from jaxinfer.errors import CheckpointError, JaxinferError
 from jaxinfer.models.deepseek_v3 import DeepseekV3Config, param_shapes
 from kernels.quant import FP8BlockWeight, GroupedFP8BlockWeight, GroupedNVFP4Weight, NVFP4Weight

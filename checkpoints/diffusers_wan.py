@@ -11,7 +11,6 @@ more than one tensor. The converters take any ``get(name) -> np.ndarray`` so tes
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from checkpoints.hf_config import read_hf_config
 from jaxinfer.errors import CheckpointError
 from jaxinfer.models import umt5, wan_dit, wan_vae
 
@@ -54,16 +54,6 @@ class SafetensorsFolder:
     if f not in self._open:
       self._open[f] = safe_open(f, framework="numpy")
     return self._open[f].get_tensor(name)
-
-
-def read_config(folder: Path) -> dict:
-  path = Path(folder) / "config.json"
-  if not path.is_file():
-    raise CheckpointError(f"{folder}: no config.json")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 def _checked(get: Getter, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -165,17 +155,17 @@ def convert_umt5(get: Getter, cfg: umt5.UMT5Config, dtype=jnp.bfloat16) -> umt5.
 
 def load_dit(folder: Path, dtype=jnp.bfloat16) -> tuple[wan_dit.WanDiTConfig, wan_dit.Params]:
   folder = Path(folder) / "transformer" if (Path(folder) / "transformer").is_dir() else Path(folder)
-  cfg = wan_dit.WanDiTConfig.from_diffusers(read_config(folder))
+  cfg = wan_dit.WanDiTConfig.from_diffusers(read_hf_config(folder))
   return cfg, convert_dit(SafetensorsFolder(folder), cfg, dtype)
 
 
 def load_vae(folder: Path, dtype=jnp.float32) -> tuple[wan_vae.WanVAEConfig, wan_vae.Params]:
   folder = Path(folder) / "vae" if (Path(folder) / "vae").is_dir() else Path(folder)
-  cfg = wan_vae.WanVAEConfig.from_diffusers(read_config(folder))
+  cfg = wan_vae.WanVAEConfig.from_diffusers(read_hf_config(folder))
   return cfg, convert_vae(SafetensorsFolder(folder), cfg, dtype)
 
 
 def load_text_encoder(folder: Path, dtype=jnp.bfloat16) -> tuple[umt5.UMT5Config, umt5.Params]:
   folder = Path(folder) / "text_encoder" if (Path(folder) / "text_encoder").is_dir() else Path(folder)
-  cfg = umt5.UMT5Config.from_hf(read_config(folder))
+  cfg = umt5.UMT5Config.from_hf(read_hf_config(folder))
   return cfg, convert_umt5(SafetensorsFolder(folder), cfg, dtype)

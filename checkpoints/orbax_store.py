@@ -13,7 +13,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 import tokenizers
 

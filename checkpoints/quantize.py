@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from checkpoints import orbax_store
 from jaxinfer.errors import CheckpointError, ShapeError

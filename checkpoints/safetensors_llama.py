@@ -5,7 +5,6 @@ file is never held in memory twice. HF stores Linear weights [out, in]; we store
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from checkpoints.hf_config import read_hf_config
 from jaxinfer.errors import CheckpointError
 from jaxinfer.models.llama import LlamaConfig, param_shapes
 
@@ -21,16 +21,6 @@ _LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "wq", "self_
                 "self_attn.v_proj": "wv", "self_attn.o_proj": "wo",
                 "post_attention_layernorm": "mlp_norm", "mlp.gate_proj": "w_gate",
                 "mlp.up_proj": "w_up", "mlp.down_proj": "w_down"}
-
-
-def read_hf_config(folder: Path) -> dict:
-  path = folder / "config.json"
-  if not path.is_file():
-    raise CheckpointError(f"{folder}: no config.json")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 def tensor_index(folder: Path) -> dict[str, Path]:

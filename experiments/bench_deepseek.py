@@ -25,7 +25,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from jaxinfer.attention import SeqChunk, build_batch

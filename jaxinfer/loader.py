@@ -86,7 +86,7 @@ def load_model(spec: str | Path | None = None, dtype=None, progress: bool = True
 
 
 def _load_hf(path: Path, dtype, progress: bool) -> LoadedModel:
-  from checkpoints.safetensors_llama import read_hf_config
+  from checkpoints.hf_config import read_hf_config
   model_type = read_hf_config(path).get("model_type")
   if model_type == "llama":
     from checkpoints.safetensors_llama import load_safetensors_llama

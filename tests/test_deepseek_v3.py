@@ -5,7 +5,6 @@ import math
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
