@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF folder or jaxinfer orbax folder (default: embedded "
@@ -50,7 +50,7 @@ def _generate() -> None:
     print(f"--- {prompt!r}\n{out.text}\n")
   n = sum(len(o.token_ids) for o in outputs)
   print(f"[{n} tokens in {elapsed:.2f}s = {n / elapsed:.1f} tokens/s, including compilation on a "
-        "cold cache]", file=sys.stderr)
+        "]", file=sys.stderr)
 
 
 def _convert() -> None:
@@ -68,6 +68,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"usage: jaxinfer {{{'|'.join(COMMANDS)}}} [flags]")
   if len(argv) > 2:
     raise app.UsageError(f"unexpected arguments {argv[2:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the generated text, not backend chatter
   from jaxinfer.errors import JaxinferError
   try:
     {"generate": _generate, "convert": _convert}[argv[1]]()
@@ -77,7 +79,6 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  flags.FLAGS.set_default("verbosity", -1)  # warnings and errors only, unless --verbosity is given
   app.run(main)
 
 
