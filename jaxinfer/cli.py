@@ -49,8 +49,8 @@ def _generate() -> None:
   for prompt, out in zip(FLAGS.prompt, outputs):
     print(f"--- {prompt!r}\n{out.text}\n")
   n = sum(len(o.token_ids) for o in outputs)
-  print(f"[{n} tokens in {elapsed:.2f}s = {n / elapsed:.1f} tokens/s, including compilation on a "
-        "]", file=sys.stderr)
+  print(f"[{n} tokens in {elapsed:.2f}s = {n / elapsed:.1f} tokens/s, including any "
+        "compilation]", file=sys.stderr)
 
 
 def _convert() -> None:
