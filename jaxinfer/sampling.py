@@ -47,6 +47,10 @@ class SamplingParams:
   def greedy(self) -> bool:
     return self.temperature == 0.0
 
+  def resolved_seed(self) -> int:
+    """The request's uint32 seed; a fresh random one when it set none."""
+    return (self.seed if self.seed is not None else np.random.randint(0, 2**31)) & 0xFFFFFFFF
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -71,25 +75,37 @@ class SamplingBatch:
       if p is None:
         continue
       temp[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-      seeds[i] = (p.seed if p.seed is not None else np.random.randint(0, 2**31)) & 0xFFFFFFFF
+      seeds[i] = p.resolved_seed()
       step_arr[i] = s
-    keys = _row_keys(jnp.asarray(seeds), jnp.asarray(step_arr))
+    keys = _row_keys_jit(jnp.asarray(seeds), jnp.asarray(step_arr))
     return cls(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), keys)
 
 
-@jax.jit
-def _row_keys(seeds, steps):
+def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+  """Per-row PRNG keys fold_in(key(seed), step) from uint32 [B] seeds and steps."""
   return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+
+
+_row_keys_jit = jax.jit(row_keys)
 
 
 def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
   """logits [B, V] float32 -> (tokens [B] int32, logprobs of the chosen tokens [B]).
 
   Logprobs are of the model's distribution (before temperature and truncation), as vLLM reports them.
+  An all-greedy batch skips the full-vocabulary sort (milliseconds at a 128k vocabulary).
   """
   logits = logits.astype(jnp.float32)
+  greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy_tok,
+                        lambda: _draw(logits, sb, greedy_tok))
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens, logprobs
+
+
+def _draw(logits: jax.Array, sb: SamplingBatch, greedy_tok: jax.Array) -> jax.Array:
+  """Temperature / top-k / top-p draws per row; greedy rows keep ``greedy_tok``."""
   V = logits.shape[-1]
-  greedy_tok = jnp.argmax(logits, axis=-1)
   t = jnp.where(sb.temperature > 0, sb.temperature, 1.0)[:, None]
   scaled = logits / t
   sorted_desc = -jnp.sort(-scaled, axis=-1)
@@ -101,9 +117,7 @@ def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
   pth = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
   masked = jnp.where((scaled >= kth) & (scaled >= pth), scaled, -jnp.inf)
   drawn = jax.vmap(jax.random.categorical)(sb.keys, masked)
-  tokens = jnp.where(sb.temperature > 0, drawn, greedy_tok).astype(jnp.int32)
-  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-  return tokens, logprobs
+  return jnp.where(sb.temperature > 0, drawn, greedy_tok).astype(jnp.int32)
 
 
 sample_jit = jax.jit(sample)

@@ -150,16 +150,9 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
     if p is None:
       continue
     floats[0, i], floats[1, i], top_k[i] = p.temperature, p.top_p, p.top_k
-    seed = p.seed if p.seed is not None else np.random.randint(0, 2**31)
-    seeds[i] = np.uint32(seed & 0xFFFFFFFF).view(np.int32)
+    seeds[i] = np.uint32(p.resolved_seed()).view(np.int32)
     steps[i] = step
   return HostBatch(shape, ints, floats)
-
-
-def _greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)
-  return tokens, logprobs[:, 0]
 
 
 def _step(params, ints, floats, cache, *, forward, shape):
@@ -172,12 +165,9 @@ def _step(params, ints, floats, cache, *, forward, shape):
   logits, cache = forward(params, f("tokens"), cache, batch)
   logits = logits.astype(jnp.float32)
   seeds = jax.lax.bitcast_convert_type(f("seeds"), jnp.uint32)
-  keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(
-      seeds, f("steps").astype(jnp.uint32))
+  keys = sampling.row_keys(seeds, f("steps").astype(jnp.uint32))
   sb = sampling.SamplingBatch(floats[0], f("top_k"), floats[1], keys)
-  # An all-greedy batch skips the sampler's full-vocabulary sort (ms at a 128k vocabulary).
-  next_tokens, logprobs = jax.lax.cond(jnp.all(sb.temperature == 0), _greedy,
-                                       lambda l: sampling.sample(l, sb), logits)
+  next_tokens, logprobs = sampling.sample(logits, sb)
   return next_tokens, logprobs, cache
 
 
