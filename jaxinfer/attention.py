@@ -56,35 +56,54 @@ def bucket(n: int, minimum: int = 8) -> int:
   return b
 
 
+def build_batch_arrays(lens: Sequence[int], starts: Sequence[int], pages: Sequence[Sequence[int]],
+                       page_size: int, *, num_tokens: int, num_seqs: int,
+                       pages_per_seq: int) -> dict[str, np.ndarray]:
+  """Host-side AttentionBatch fields (NumPy, vectorised over tokens) for sequences b with
+  ``lens[b]`` new tokens from position ``starts[b]`` in pages ``pages[b]``, padded to
+  (num_tokens, num_seqs, pages_per_seq)."""
+  n = len(lens)
+  lens = np.asarray(lens, np.int32).reshape(n)
+  starts = np.asarray(starts, np.int32).reshape(n)
+  total = int(lens.sum())
+  if total > num_tokens or n > num_seqs:
+    raise ValueError(f"{total} tokens / {n} seqs exceed the step's {num_tokens} / {num_seqs}")
+  page_table = np.full((num_seqs, pages_per_seq), NULL_PAGE, np.int32)
+  for b, seq_pages in enumerate(pages):
+    if len(seq_pages) > pages_per_seq:
+      raise ValueError(f"sequence {b} has {len(seq_pages)} pages, the step allows {pages_per_seq}")
+    page_table[b, :len(seq_pages)] = seq_pages
+  ends = starts + lens
+  needed = -(-ends // page_size)
+  have = np.fromiter((len(p) for p in pages), np.int32, n)
+  if (short := np.flatnonzero(needed > have)).size:
+    b = int(short[0])
+    raise ValueError(f"sequence {b} needs {needed[b]} pages, has {have[b]}")
+  seq_ids = np.zeros(num_tokens, np.int32)
+  positions = np.zeros(num_tokens, np.int32)
+  slots = np.full(num_tokens, NULL_PAGE * page_size, np.int32)
+  first = np.cumsum(lens) - lens                                   # flat index of each seq's start
+  seq_ids[:total] = np.repeat(np.arange(n, dtype=np.int32), lens)
+  positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(first - starts, lens)
+  slots[:total] = (page_table[seq_ids[:total], positions[:total] // page_size] * page_size
+                   + positions[:total] % page_size)
+  seq_lens = np.zeros(num_seqs, np.int32)
+  seq_lens[:n] = ends
+  query_start = np.full(num_seqs + 1, total, np.int32)
+  query_start[:n] = first
+  logit_indices = np.zeros(num_seqs, np.int32)
+  logit_indices[:n] = first + lens - 1
+  return {"positions": positions, "seq_ids": seq_ids, "slots": slots, "page_table": page_table,
+          "seq_lens": seq_lens, "query_start": query_start, "logit_indices": logit_indices}
+
+
 def build_batch(chunks: Sequence[SeqChunk], page_size: int, *, num_tokens: int, num_seqs: int,
                 pages_per_seq: int) -> AttentionBatch:
-  """Host-side builder of an AttentionBatch padded to (num_tokens, num_seqs, pages_per_seq)."""
-  total = sum(c.num_tokens for c in chunks)
-  if total > num_tokens or len(chunks) > num_seqs:
-    raise ValueError(f"{total} tokens / {len(chunks)} seqs exceed the step's {num_tokens} / {num_seqs}")
-  positions = np.zeros(num_tokens, np.int32)
-  seq_ids = np.zeros(num_tokens, np.int32)
-  slots = np.full(num_tokens, NULL_PAGE * page_size, np.int32)
-  page_table = np.full((num_seqs, pages_per_seq), NULL_PAGE, np.int32)
-  seq_lens = np.zeros(num_seqs, np.int32)
-  query_start = np.full(num_seqs + 1, total, np.int32)
-  logit_indices = np.zeros(num_seqs, np.int32)
-  t = 0
-  for b, c in enumerate(chunks):
-    end = c.start + c.num_tokens
-    if -(-end // page_size) > min(len(c.pages), pages_per_seq):
-      raise ValueError(f"sequence {b} needs {-(-end // page_size)} pages, has {len(c.pages)}")
-    page_table[b, :len(c.pages)] = c.pages
-    pos = np.arange(c.start, end, dtype=np.int32)
-    positions[t:t + c.num_tokens] = pos
-    seq_ids[t:t + c.num_tokens] = b
-    slots[t:t + c.num_tokens] = page_table[b, pos // page_size] * page_size + pos % page_size
-    seq_lens[b] = end
-    query_start[b] = t
-    t += c.num_tokens
-    logit_indices[b] = t - 1
-  return AttentionBatch(*(jnp.asarray(a) for a in (positions, seq_ids, slots, page_table, seq_lens,
-                                                   query_start, logit_indices)))
+  """An AttentionBatch padded to (num_tokens, num_seqs, pages_per_seq), on device."""
+  arrays = build_batch_arrays([c.num_tokens for c in chunks], [c.start for c in chunks],
+                              [c.pages for c in chunks], page_size, num_tokens=num_tokens,
+                              num_seqs=num_seqs, pages_per_seq=pages_per_seq)
+  return AttentionBatch(**{name: jnp.asarray(a) for name, a in arrays.items()})
 
 
 def _dequant(pages: jax.Array, scale: jax.Array, dtype) -> jax.Array:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention, sampling
-from jaxinfer.kv_cache import NULL_PAGE, KVCache
+from jaxinfer.kv_cache import KVCache
 from jaxinfer.models import llama
 
 ForwardFn = Callable[..., tuple[jax.Array, KVCache]]
@@ -108,41 +108,20 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
                      sampling_rows: Sequence[tuple[sampling.SamplingParams | None, int]] = ()
                      ) -> HostBatch:
   """``chunks``: (token ids, pages, start position) per sequence; ``sampling_rows``: (params or
-  None for a row whose logits are not used, output tokens so far) per sequence. Vectorised
-  equivalent of ``attention.build_batch`` (that one is per-chunk Python; a 256-sequence decode step
-  notices) plus ``SamplingBatch.from_params``, packed into two arrays."""
+  None for a row whose logits are not used, output tokens so far) per sequence. The fields of
+  ``attention.build_batch_arrays`` plus those of ``SamplingBatch.from_params``, packed into two
+  arrays."""
   T, B, P = shape
-  lens = np.fromiter((len(c[0]) for c in chunks), np.int32, len(chunks))
-  total = int(lens.sum())
-  if total > T or len(chunks) > B:
-    raise ValueError(f"{total} tokens / {len(chunks)} seqs exceed the step's {T} / {B}")
+  lens = [len(c[0]) for c in chunks]
+  arrays = attention.build_batch_arrays(lens, [c[2] for c in chunks], [c[1] for c in chunks],
+                                        page_size, num_tokens=T, num_seqs=B, pages_per_seq=P)
   layout = _layout(shape)
   ints = np.zeros(layout["steps"][1], np.int32)
   view = lambda name: ints[layout[name][0]:layout[name][1]]
-  tokens, positions, seq_ids, slots = (view(n) for n in ("tokens", "positions", "seq_ids", "slots"))
-  page_table = view("page_table").reshape(B, P)
-  page_table[:] = NULL_PAGE
-  starts = np.zeros(B, np.int32)
-  for b, (ids, pages, start) in enumerate(chunks):
-    if len(pages) > P:
-      raise ValueError(f"sequence {b} has {len(pages)} pages, step allows {P}")
-    page_table[b, :len(pages)] = pages
-    starts[b] = start
-  if total:
-    tokens[:total] = np.concatenate([np.asarray(c[0], np.int32) for c in chunks])
-  n = len(chunks)
-  ends = np.cumsum(lens)
-  seq_ids[:total] = np.repeat(np.arange(n, dtype=np.int32), lens)
-  positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(ends - lens, lens) + \
-      np.repeat(starts[:n], lens)
-  slots[:] = NULL_PAGE * page_size
-  slots[:total] = page_table[seq_ids[:total], positions[:total] // page_size] * page_size + \
-      positions[:total] % page_size
-  view("seq_lens")[:n] = starts[:n] + lens
-  query_start = view("query_start")
-  query_start[:] = total
-  query_start[:n] = ends - lens
-  view("logit_indices")[:n] = ends - 1
+  for name, a in arrays.items():
+    view(name)[:] = a.reshape(-1)
+  if chunks:
+    view("tokens")[:sum(lens)] = np.concatenate([np.asarray(c[0], np.int32) for c in chunks])
   floats = np.zeros((2, B), np.float32)
   floats[1] = 1.0                                       # top_p of padding / greedy rows
   top_k, seeds, steps = view("top_k"), view("seeds"), view("steps")
