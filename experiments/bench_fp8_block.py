@@ -1,0 +1,211 @@
+"""FP8 block-scaled GEMM (DeepSeek 1x128 / 128x128 scales) on the GPU: Mosaic GPU kernel vs peers.
+
+One run times, side by side: XLA's bf16 dot and XLA's per-tensor-scaled FP8 dot at M=N=K=size,
+the Mosaic GPU kernel (kernels/fp8_block_matmul_mgpu.py) per tiling config, kernel alone (x already
+quantized) and end to end (bf16 x, 1x128 quantization included), and the Triton kernel
+(kernels/fp8_block_matmul.py). Correctness first: every config is checked on GPU against the f32
+reference on a small odd shape and on 256 rows of the big product.
+
+Timing: the jitted op dispatched back-to-back `iters` times (>= rep_seconds of work), wall time /
+iters; median of `reps` repetitions. The single weight (64 MiB at 8192^2) exceeds the 50 MiB L2.
+
+  PYTHONPATH=. python3 experiments/bench_fp8_block.py --out=$RES/fp8_block.json \
+      --md=$RES/fp8_block.md [--configs=a,b] [--budget_s=50]
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+import time
+import traceback
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import fp8_block_matmul as triton_fp8
+from kernels import fp8_block_matmul_mgpu as mgpu_fp8
+from kernels.quant import fp8_block
+
+C = mgpu_fp8.Config
+CONFIGS = {  # per-consumer tile, consumer split (wg M/N), promotion, K blocks per step, stages
+    "m64n128_wgM_s4": C(64, 128, "m", 4),
+    "m128n128_wgN_s3": C(128, 128, "n", 3),
+    "m128n128_wgN_rescale_s3": C(128, 128, "n", 3, promote="rescale"),
+    "m64n128_wgM_k2_s2": C(64, 128, "m", 2, k_sub=2),
+    "m128n128_wgM_s3": C(128, 128, "m", 3),
+    "m128n128_wgM_rescale_s3": C(128, 128, "m", 3, promote="rescale"),
+    "m64n128_wgN_s4": C(64, 128, "n", 4),
+    "m64n128_wgM_s5": C(64, 128, "m", 5),
+    "m64n128_wgM_s4_snakeM": C(64, 128, "m", 4, grid_minor="m"),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "/tmp/fp8_block.json", "JSON results path")
+flags.DEFINE_string("md", "", "markdown table path (optional)")
+flags.DEFINE_list("configs", list(CONFIGS), "Mosaic configs to time, in order")
+flags.DEFINE_integer("size", 8192, "M = N = K")
+flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
+flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
+flags.DEFINE_float("budget_s", 50.0, "skip remaining work after this many seconds")
+flags.DEFINE_bool("triton", True, "also time the Triton kernel")
+flags.DEFINE_list("e2e_configs", ["m64n128_wgM_s4"],
+                  "configs also timed end to end (bf16 x, quantization included)")
+flags.DEFINE_list("check_configs", ["m64n128_wgM_s4"],
+                  "configs also checked on a small odd shape (M=200, N=512, K=1024)")
+
+T0 = time.time()
+RESULTS: list[dict] = []
+META: dict = {}
+
+
+def over_budget() -> bool:
+  return time.time() - T0 > FLAGS.budget_s
+
+
+def bench(f, *args) -> float:
+  """Median over reps of the wall time per call of f(*args), called back to back."""
+  jax.block_until_ready(f(*args))                      # compile + warm up
+  t = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  calls = int(min(100, max(2, math.ceil(FLAGS.rep_seconds / max(time.perf_counter() - t, 1e-6)))))
+  per_call = []
+  for _ in range(FLAGS.reps):
+    t, last = time.perf_counter(), None
+    for _ in range(calls):
+      last = f(*args)                                  # async dispatch; only the last is kept
+    jax.block_until_ready(last)
+    per_call.append((time.perf_counter() - t) / calls)
+  return statistics.median(per_call)
+
+
+def rel_err(y, ref) -> float:
+  """||y - ref|| / ||ref|| in float64 (nan if y has a non-finite element)."""
+  d = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  r = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  return float(np.linalg.norm(d - r) / max(np.linalg.norm(r), 1e-30)) if np.isfinite(d).all() \
+      else float("nan")
+
+
+def save() -> None:
+  with open(FLAGS.out, "w") as f:
+    json.dump({"meta": META, "results": RESULTS}, f, indent=1)
+  if FLAGS.md:
+    with open(FLAGS.md, "w") as f:
+      f.write(markdown())
+
+
+def record(section: str, impl: str, seconds: float | None = None, flops: float = 0.0,
+           err: float | None = None, note: str = "") -> None:
+  r = {"section": section, "impl": impl, "t_us": None if seconds is None else seconds * 1e6,
+       "tflops": None if not seconds or not flops else flops / seconds / 1e12, "rel_err": err,
+       "note": note, "at_s": round(time.time() - T0, 1)}
+  RESULTS.append(r)
+  tf = "" if r["tflops"] is None else f"{r['tflops']:.0f} TFLOP/s"
+  tu = "" if r["t_us"] is None else f"{r['t_us']:.0f} us"
+  print(f"[{r['at_s']:6.1f}s] {section:6s} {impl:44s} {tu:>10s} {tf:>14s} "
+        f"{'' if err is None else f'err={err:.2e}'} {note}", flush=True)
+  save()
+
+
+def attempt(section: str, impl: str, fn) -> None:
+  if over_budget():
+    record(section, impl, note="skipped: over budget")
+    return
+  try:
+    fn()
+  except Exception as e:  # noqa: BLE001 - a failing config is a result, not a crash
+    traceback.print_exc()
+    record(section, impl, note=f"FAILED: {type(e).__name__}: {str(e)[:300]}")
+
+
+def markdown() -> str:
+  bf16 = next((r["tflops"] for r in RESULTS if r["impl"] == "xla bf16 dot"), None)
+  lines = [f"FP8 block-scaled GEMM, M=N=K={META.get('size')} ({META.get('device')}, "
+           f"{META.get('date')}, jax {META.get('jax')})", "",
+           "| section | impl | time (us) | TFLOP/s | x XLA bf16 | rel err | note |",
+           "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+  for r in RESULTS:
+    ratio = "" if not (bf16 and r["tflops"]) else f"{r['tflops'] / bf16:.2f}"
+    lines.append(f"| {r['section']} | {r['impl']} | "
+                 f"{'' if r['t_us'] is None else f'{r['t_us']:.0f}'} | "
+                 f"{'' if r['tflops'] is None else f'{r['tflops']:.0f}'} | {ratio} | "
+                 f"{'' if r['rel_err'] is None else f'{r['rel_err']:.1e}'} | {r['note']} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(_) -> None:
+  dev = jax.devices()[0]
+  META.update(device=dev.device_kind, date=datetime.datetime.now(datetime.UTC).isoformat(
+      timespec="seconds"), jax=jax.__version__, size=FLAGS.size,
+      sms=getattr(dev, "core_count", None))
+  print(META, flush=True)
+  n = FLAGS.size
+  flops = 2.0 * n**3
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+
+  # Small odd shape first: lowering + correctness of each config (M not a tile multiple).
+  xs_ = jax.random.normal(next(keys), (200, 1024), jnp.float32) * 3
+  wq_, ws_ = fp8_block.quantize_weight(jax.random.normal(next(keys), (512, 1024), jnp.float32))
+  ws_ = ws_ * jnp.exp(jax.random.normal(next(keys), ws_.shape))
+  ref_ = mgpu_fp8.fp8_block_reference(xs_, wq_, ws_)
+  for name in FLAGS.check_configs:
+    cfg = CONFIGS[name]
+
+    def check(cfg=cfg, name=name):
+      y = mgpu_fp8.fp8_block_matmul(xs_, wq_, ws_, config=cfg)
+      record("check", f"mosaic {name} m200 n512 k1024", err=rel_err(y, ref_))
+    attempt("check", f"mosaic {name}", check)
+
+  a = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
+  b = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
+  attempt("peer", "xla bf16 dot", lambda: record(
+      "peer", "xla bf16 dot", bench(jax.jit(lambda a, b: a @ b.T), a, b), flops))
+  a8, b8 = a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e4m3fn)
+  fp8_dot = jax.jit(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32)
+                    .astype(jnp.bfloat16))
+  attempt("peer", "xla fp8 dot (per-tensor)", lambda: record(
+      "peer", "xla fp8 dot (per-tensor)", bench(fp8_dot, a8, b8), flops))
+  del a8, b8
+
+  x = a
+  wq, wsi = jax.jit(fp8_block.quantize_weight)(b.astype(jnp.float32))
+  del b
+  xq, xsc = jax.jit(fp8_block.quantize_activations)(x)
+  quant = jax.jit(fp8_block.quantize_activations)
+  attempt("peer", "xla 1x128 act quant alone", lambda: record(
+      "peer", "xla 1x128 act quant alone", bench(quant, x), note="bf16 x -> e4m3 + scales"))
+  ref_rows = jax.jit(lambda x: mgpu_fp8.fp8_block_reference(x, wq, wsi))(x[:256].astype(
+      jnp.float32))
+
+  for name in FLAGS.configs:
+    cfg = CONFIGS[name]
+    if not mgpu_fp8.supported(n, n, n, cfg):
+      record("mosaic", name, note="shape unsupported by config")
+      continue
+
+    def run(cfg=cfg, name=name):
+      f = jax.jit(lambda xq, xsc: mgpu_fp8.quantized_matmul(xq, xsc, wq, wsi, config=cfg))
+      y = f(xq, xsc)
+      err = rel_err(y[:256], ref_rows)
+      record("mosaic", f"{name} kernel", bench(f, xq, xsc), flops, err)
+      if name in FLAGS.e2e_configs:
+        g = jax.jit(lambda x: mgpu_fp8.fp8_block_matmul(x, wq, wsi, config=cfg))
+        record("mosaic", f"{name} e2e (incl. act quant)", bench(g, x), flops)
+    attempt("mosaic", name, run)
+
+  if FLAGS.triton:
+    def run_triton():
+      g = jax.jit(lambda x: triton_fp8.fp8_block_matmul(x, wq, wsi))
+      err = rel_err(g(x)[:256], ref_rows)
+      record("triton", "triton fp8 block e2e", bench(g, x), flops, err)
+    attempt("triton", "triton fp8 block e2e", run_triton)
+  print(f"done in {time.time() - T0:.1f}s", flush=True)
+  print(markdown(), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
