@@ -34,12 +34,14 @@ C = mgpu_fp8.Config
 CONFIGS = {  # per-consumer tile, consumer split (wg M/N), promotion, K blocks per step, stages
     "m64n128_wgM_s4": C(64, 128, "m", 4),
     "m128n128_wgN_s3": C(128, 128, "n", 3),
-    "m128n128_wgN_rescale_s3": C(128, 128, "n", 3, promote="rescale"),
     "m64n128_wgM_k2_s2": C(64, 128, "m", 2, k_sub=2),
+    "m128n128_wgN_rescale_s3": C(128, 128, "n", 3, promote="rescale"),
+    "m64n128_wgM_s4_lane": C(64, 128, "m", 4, lane=True),
     "m128n128_wgM_s3": C(128, 128, "m", 3),
-    "m128n128_wgM_rescale_s3": C(128, 128, "m", 3, promote="rescale"),
+    "m128n128_wgN_s3_lane": C(128, 128, "n", 3, lane=True),
     "m64n128_wgN_s4": C(64, 128, "n", 4),
     "m64n128_wgM_s5": C(64, 128, "m", 5),
+    "m128n128_wgM_rescale_s3": C(128, 128, "m", 3, promote="rescale"),
     "m64n128_wgM_s4_snakeM": C(64, 128, "m", 4, grid_minor="m"),
 }
 
@@ -115,6 +117,7 @@ def attempt(section: str, impl: str, fn) -> None:
   if over_budget():
     record(section, impl, note="skipped: over budget")
     return
+  print(f"[{time.time() - T0:6.1f}s] start {section} {impl}", flush=True)
   try:
     fn()
   except Exception as e:  # noqa: BLE001 - a failing config is a result, not a crash

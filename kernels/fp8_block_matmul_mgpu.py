@@ -6,8 +6,8 @@ Layouts (kernels/quant/fp8_block.py): x is quantized on the fly into 1x128 block
 x_scale f32 [M, K/128]); weight e4m3 [N, K] (K contiguous: the K-major B operand that FP8 wgmma
 requires, so the checkpoint layout is used as is) with weight_scale_inv f32 [N/128, K/128].
 The kernel takes the scales transposed, K-block major: x_scale^T [K/128, M] (one TMA row of
-cta_m scales per K step) and w_scale_inv^T [K/128, NBP] (NBP = N/128 rounded up to 4 so a row is
-16-byte aligned; the whole row, <= 256 blocks, is one TMA box per K step).
+cta_m scales per K step) and w_scale_inv^T [K/128, NBP] (NBP = N/128 rounded up to 32, i.e.
+128-byte rows; the whole row, <= 256 blocks, is one TMA box per K step).
 
 Structure (DeepGEMM's): a persistent grid of one CTA per SM walks the (M, N) output tiles in a
 planar snake; per tile, a warp-specialized pipeline (plgpu.emit_pipeline_warp_specialized) has a
@@ -72,6 +72,7 @@ class Config:
   promote: str = "tmp"
   k_sub: int = 1             # "tmp" only: 128-wide K blocks per pipeline step; with 2 the second
                              # block's wgmma runs while the first block is promoted
+  lane: bool = False         # Mosaic GPU lowering semantics: Lane (True) or Warpgroup (False)
 
   @property
   def cta_m(self) -> int:
@@ -95,8 +96,10 @@ def supported(m: int, n: int, k: int, cfg: Config | None = None) -> bool:
 
 
 def _scale_row_width(n: int) -> int:
+  # Rounded up to 32 f32 = 128 bytes: 16-byte aligned rows for TMA, and a copy size divisible by
+  # the warpgroup's 128 threads (Lane semantics requires that).
   nb = -(-n // BK)
-  return -(-nb // 4) * 4
+  return -(-nb // 32) * 32
 
 
 def _num_sms() -> int:
@@ -255,6 +258,9 @@ def _call(xq, xs_t, weight, ws_t, *, m_pad, cfg: Config, out_dtype, interpret):
       num_threads=3,
       thread_name="wg",
       kernel_name="fp8_block_matmul_mgpu",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Lane if cfg.lane
+          else plgpu.LoweringSemantics.Warpgroup),
       **kw,
   )
   return f(xq, xs_t, weight, ws_t)
