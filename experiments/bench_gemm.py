@@ -37,6 +37,12 @@ flags.DEFINE_float("budget_s", 420.0, "skip remaining work after this many secon
 flags.DEFINE_integer("shrink", 1, "divide the big dims by this (CPU dry runs, with --interpret)")
 flags.DEFINE_bool("short", False, "fewer shapes and variants (second, shorter device run)")
 flags.DEFINE_bool("interpret", False, "run Pallas kernels in interpret mode (CPU dry run)")
+flags.DEFINE_enum("variant_set", "all", ["all", "new", "final"],
+                  "decode/grouped NVFP4 variants: all (tiling sweep of the bf16-MMA kernel), new "
+                  "(E4M3/f16 dequant routes and weight-as-A), final (default + the best few)")
+flags.DEFINE_list("decode_ms", ["1", "8", "32", "64"], "decode M values")
+flags.DEFINE_list("decode_kn", ["4096x14336", "14336x4096"], "decode (K, N) shapes")
+flags.DEFINE_list("grouped_cases", ["64u", "64s", "8192u"], "grouped T + u(niform)/s(kewed)")
 
 RESULTS: list[dict] = []
 # Overwritten by the "ceil" section; defaults are run 1's measurements on the H100 (2026-11-23).
@@ -52,10 +58,14 @@ def over_budget() -> bool:
   return time.time() - T0 > FLAGS.budget_s
 
 
-def bench(fn, argsets) -> float:
-  """Seconds per call of fn(*args), averaged over the R argsets in one jit; median of reps."""
+def bench(fn, argsets, first_out=None) -> float:
+  """Seconds per call of fn(*args), averaged over the R argsets in one jit; median of reps.
+  ``first_out`` (a list) receives fn(*argsets[0]) from the first (compiling) call."""
   f = jax.jit(lambda sets: [fn(*a) for a in sets])
-  jax.block_until_ready(f(argsets))
+  outs = jax.block_until_ready(f(argsets))
+  if first_out is not None:
+    first_out.append(outs[0])
+  del outs
   t = time.perf_counter()
   jax.block_until_ready(f(argsets))
   one = time.perf_counter() - t
@@ -117,9 +127,11 @@ def attempt(section, name, shape, impl, fn, argsets, bytes_=0, flops=0, ref=None
     return record(section, name, shape, impl, note="skipped (budget)")
   try:
     err = None
-    if ref is not None:
-      err = rel_err(jax.jit(fn)(*argsets[0]), ref() if callable(ref) else ref)
-    s = bench(fn, argsets)
+    first = []
+    s = bench(fn, argsets, first)
+    if ref is not None:   # checked on the timed jit's own first output (saves a compile)
+      err = rel_err(first[0], ref() if callable(ref) else ref)
+    del first
     return record(section, name, shape, impl, s, bytes_, flops, err, note)
   except Exception as e:  # noqa: BLE001 - a failing variant must not end the run
     msg = f"{type(e).__name__}: {e}"[:600]
@@ -207,17 +219,43 @@ def sec_check():
            err=rel_err(y, gk.grouped_fp8_reference(x.astype(jnp.float32), wq, wsi, gs)))
 
 
+def _split_for(tiles: int, k: int, bk: int, programs: int = 264) -> int:
+  split = 1
+  while tiles * split < programs and (k // bk) % (split * 2) == 0 and k // bk >= split * 4:
+    split *= 2
+  return split
+
+
+def _new_tilings(m, n, k):
+  """f16 dequant routes (jnp and inline PTX), the weight as the MMA's A operand, 3-D loads."""
+  base = nk.default_tiling(m, n, k)
+  bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+  bk = 256 if m <= 16 else 128
+  split = _split_for(-(-m // bm) * -(-n // 64), k, bk)
+  a64 = nk.Tiling(bm, 64, bk, split, 4, 4, dequant="asm", w_as_a=True)
+  return {"default": base,
+          "e4m3": dataclasses.replace(base, dequant="e4m3"),
+          "asm": dataclasses.replace(base, dequant="asm"),
+          "asm_f16": dataclasses.replace(base, dequant="asm_f16"),
+          "asm A bn64": a64,
+          "asm A bn64 eo": dataclasses.replace(a64, x_even_odd=True),
+          "asm A bn64 3d": dataclasses.replace(a64, load_3d=True),
+          "asm A bn64 xs": dataclasses.replace(a64, x_scale=True),
+          "asm_f16 A bn64": dataclasses.replace(a64, dequant="asm_f16")}
+
+
 def _decode_tilings(m, n, k):
+  if FLAGS.variant_set == "new":
+    return _new_tilings(m, n, k)
+  if FLAGS.variant_set == "final":
+    new = _new_tilings(m, n, k)
+    return {name: new[name] for name in FINAL_DECODE}
   base = nk.default_tiling(m, n, k)
   out = {"default": base}
   for label, bn, bk in [("bn128bk128", 128, 128), ("bn32bk512", 32, 512)]:
     t = nk.default_tiling(m, n, k)
     bm = t.block_m
-    tiles = -(-m // bm) * (n // bn)
-    split = 1
-    while tiles * split < 264 and (k // bk) % (split * 2) == 0 and k // bk >= split * 4:
-      split *= 2
-    out[label] = nk.Tiling(bm, bn, bk, split, 4, 4)
+    out[label] = nk.Tiling(bm, bn, bk, _split_for(-(-m // bm) * (n // bn), k, bk), 4, 4)
   out["nosplit"] = nk.Tiling(base.block_m, base.block_n, base.block_k, 1, 4, 4)
   out = {**out, **{f"{name} even/odd": dataclasses.replace(t, x_even_odd=True)
                    for name, t in out.items()}}
@@ -227,14 +265,18 @@ def _decode_tilings(m, n, k):
   return out
 
 
+# Variants timed by --variant_set=final (chosen from the window-1 run).
+FINAL_DECODE = ["default", "asm", "asm A bn64", "asm A bn64 eo"]
+
+
 def sec_decode():
   r = 16
-  for k, n in [(D(4096), D(14336)), (D(14336), D(4096))]:
+  for k, n in [tuple(D(int(v)) for v in kn.split("x")) for kn in FLAGS.decode_kn]:
     key_w, key_x = keys(2)
     wsets = nvfp4_sets(r, n, k, key_w)
     bf16_w = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(key_w, r)]
     wq_bytes = n * k // 2 + n * k // 16
-    for m in ([1, 64] if k == D(4096) else [32]) if FLAGS.short else [1, 8, 32, 64]:
+    for m in ([1, 64] if k == D(4096) else [32]) if FLAGS.short else map(int, FLAGS.decode_ms):
       xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(key_x, r)]
       io = m * k * 2 + m * n * 2
       shape = f"M{m} K{k} N{n}"
@@ -253,7 +295,7 @@ def sec_decode():
         record("decode", shape, shape, "SPEEDUP best/xla",
                note=f"{base['us'] / best['us']:.2f}x ({best['impl']}); "
                     f"{best['tbs'] / CEIL['read_tbs']:.0%} of read bw")
-      if m == 32 and k == D(4096) and not FLAGS.short:
+      if m == 32 and k == D(4096) and not FLAGS.short and FLAGS.variant_set == "all":
         gx = [nvfp4.global_scale_for(x) for x in xs]
         q = [nk.quantize_activations(x, g) for x, g in zip(xs, gx)]
         attempt("decode", shape, shape, "ours w4a4 (quantized x)",
@@ -320,6 +362,9 @@ def _routing(t_rows, e, skewed):
   return jnp.asarray(rng.permutation(sizes), jnp.int32)
 
 
+FINAL_GROUPED = [0, 1, 2]   # indices into the asm grouped tilings (window-1 choice)
+
+
 def sec_grouped():
   e, k, n = 32, D(7168), D(2048)
   key_w, key_x = keys(2)
@@ -332,7 +377,7 @@ def sec_grouped():
   bf = [jax.random.normal(kk, (e, k, n), jnp.bfloat16) for kk in jax.random.split(key_w, 2)]
   f8 = [] if FLAGS.short else [jax.jit(fp8_block.quantize_weight)(jnp.swapaxes(b, 1, 2))
                                for b in bf]
-  cases = [(64, False), (64, True), (D(8192), False)]
+  cases = [(64 if c[:-1] == "64" else D(int(c[:-1])), c[-1] == "s") for c in FLAGS.grouped_cases]
   for t_rows, skew in cases[1:] if FLAGS.short else cases:
     gs = _routing(t_rows, e, skew)
     active = int(jnp.sum(gs > 0))
@@ -349,25 +394,35 @@ def sec_grouped():
     tilings = ([gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(16, 64, 256, 4, 4, True),
                 gk.Tiling(16, 128, 128, 4, 4, True)] if t_rows <= 512 else
                [gk.default_tiling(t_rows, n, e, "nvfp4"), gk.Tiling(128, 256, 64, 8, 3)])
+    if t_rows <= 512 and FLAGS.variant_set != "all":
+      asm = [gk.Tiling(16, 64, 256, 4, 4, dequant="asm"),
+             gk.Tiling(16, 64, 256, 4, 4, dequant="asm", w_as_a=True),
+             gk.Tiling(16, 64, 256, 4, 4, True, dequant="asm", w_as_a=True),
+             gk.Tiling(16, 128, 128, 8, 4, dequant="asm", w_as_a=True),
+             gk.Tiling(16, 64, 256, 4, 4, dequant="asm", w_as_a=True, x_scale=True),
+             gk.Tiling(16, 64, 256, 4, 4, dequant="asm_f16", w_as_a=True)]
+      tilings = tilings[:1] + (asm if FLAGS.variant_set == "new" else
+                               [asm[i] for i in FINAL_GROUPED])
     ref = gk.grouped_nvfp4_reference(xs[0][:ref_rows].astype(jnp.float32), *nv[0], gs_ref)
     best = None
     if FLAGS.short:
       tilings = tilings[:2] if t_rows <= 512 else tilings[:1]
     for t in tilings:
       res = attempt("grouped", shape, shape, f"ours nvfp4 {t.block_m}x{t.block_n}x{t.block_k}"
-                    f"{' eo' if t.x_even_odd else ''}",
+                    f"{' eo' if t.x_even_odd else ''} {t.dequant}{' A' if t.w_as_a else ''}"
+                    f"{' xs' if t.x_scale else ''}",
                     lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4(x, p, s, g, gs, tiling=t),
                     [(x, *w) for x, w in zip(xs, nv)], active * k * n * 9 // 16 + io, flops,
                     note=str(t))
       if "us" in res:
         y = gk.grouped_matmul_nvfp4(xs[0], *nv[0], gs, tiling=t)[:ref_rows]
-        record("grouped", shape, shape, f"check nvfp4 {t.block_m}x{t.block_n}", err=rel_err(y, ref))
+        record("grouped", shape, shape, f"check {res['impl']}", err=rel_err(y, ref))
         if best is None or res["us"] < best["us"]:
           best = res
     if best is not None and "us" in base:
       record("grouped", shape, shape, "SPEEDUP best nvfp4/ragged_dot",
              note=f"{base['us'] / best['us']:.2f}x ({best['impl']})")
-    if FLAGS.short:
+    if FLAGS.short or FLAGS.variant_set == "new":
       continue
     t_bf = gk.default_tiling(t_rows, n, e, "dense")
     attempt("grouped", shape, shape, "ours bf16 grouped",
@@ -422,6 +477,8 @@ def main(argv):
       kwargs["interpret"] = True
       return original(*args, **kwargs)
     pl.pallas_call = forced_interpret
+    real_mode_for = nk.mode_for   # inline PTX cannot run on the CPU: use its jnp twin
+    nk.mode_for = gk.mode_for = lambda dequant, interpret: real_mode_for(dequant, True)
   sections = {"ceil": sec_ceil, "check": sec_check, "decode": sec_decode,
               "prefill": sec_prefill, "grouped": sec_grouped, "fp8": sec_fp8}
   for name in FLAGS.sections:

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul
-from kernels.nvfp4_matmul import dequant_halves, dequant_tile, even_odd_columns, k_block
+from kernels.nvfp4_matmul import global_factor, k_block, mode_for, row_scales, tile_dot
 from kernels.quant import fp8_block, nvfp4
 
 
@@ -42,6 +42,9 @@ class Tiling:
   num_warps: int = 4
   num_stages: int = 3
   x_even_odd: bool = False   # NVFP4 only: see kernels/nvfp4_matmul.Tiling
+  dequant: str = "f32"       # NVFP4 only: kernels/nvfp4_matmul.DEQUANT_MODES
+  w_as_a: bool = False       # NVFP4 only: weight tile as the MMA's A operand (y^T = W x^T)
+  x_scale: bool = False      # NVFP4 f16 routes only: per-row power-of-two prescale of x
 
 
 def default_tiling(t: int, n: int, num_groups: int, fmt: str) -> Tiling:
@@ -77,8 +80,12 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Ar
   return jnp.stack([group, jnp.where(valid, row_start, 0), jnp.where(valid, ends_all[gc], 0)])
 
 
-def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_odd):
-  if fmt == "nvfp4":
+def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_odd, mode,
+            w_as_a, x_scale):
+  xinv_ref = xmul_ref = None
+  if fmt == "nvfp4" and x_scale:
+    x_ref, xinv_ref, xmul_ref, wq_ref, ws_ref, gs_ref, o_ref = refs
+  elif fmt == "nvfp4":
     x_ref, wq_ref, ws_ref, gs_ref, o_ref = refs
   elif fmt == "fp8":
     xq_ref, xs_ref, w_ref, ws_ref, o_ref = refs
@@ -108,6 +115,11 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
 
   @pl.when((g >= 0) & (g < e))
   def _compute():
+    x_inv = x_mul = None
+    if xinv_ref is not None:
+      x_inv = plgpu.load(xinv_ref.at[pl.ds(r0, bm)], mask=row_ok, other=1.0)
+      x_mul = plgpu.load(xmul_ref.at[pl.ds(r0, bm)], mask=row_ok, other=1.0)
+
     def body(i, acc):
       k0 = pl.multiple_of(i * bk, bk)
       if fmt == "fp8":
@@ -134,17 +146,17 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
       ws = load_w(ws_ref, (g, pl.ds(n0, bn), pl.ds(ks, bk // 16)),
                   both(col_ok, ks_ok) if need else None)
       kx_ok = ((k0 + jnp.arange(bk)) < k) if mask_k else None
-      if x_even_odd:
-        x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
-        x_lo, x_hi = even_odd_columns(x.astype(jnp.bfloat16))
-        w_lo, w_hi = dequant_halves(wq, ws, ks_ok)
-        return (acc + plgpu.dot(x_lo, w_lo, trans_b=True)) + plgpu.dot(x_hi, w_hi, trans_b=True)
       x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
-      return acc + plgpu.dot(x.astype(jnp.bfloat16), dequant_tile(wq, ws, ks_ok), trans_b=True)
+      return tile_dot(acc, x, wq, ws, ks_ok, mode, x_even_odd, w_as_a, x_inv)
 
-    acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bm, bn), jnp.float32))
+    acc_shape = (bn, bm) if w_as_a else (bm, bn)
+    acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros(acc_shape, jnp.float32))
     if fmt == "nvfp4":
-      acc = acc * gs_ref[g]
+      acc = acc * (gs_ref[g] * global_factor(mode))
+    if x_mul is not None:
+      acc = acc * (x_mul[None, :] if w_as_a else x_mul[:, None])
+    if w_as_a:
+      acc = acc.T
     plgpu.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=out_mask)
 
   @pl.when(g == e)
@@ -173,9 +185,14 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
     if n % t.block_n and t.block_n > fp8_block.BLOCK:
       raise ShapeError(f"block_n {t.block_n} > 128 needs N % block_n == 0 (N={n})")
   sched = make_schedule(group_sizes, t_rows, t.block_m)
+  mode = mode_for(t.dequant, interpret) if fmt == "nvfp4" else "f32"
+  x_scale = t.x_scale and mode != "f32"
+  if x_scale:
+    operands = (operands[0], *row_scales(operands[0]), *operands[1:])
   kernel = functools.partial(_kernel, fmt=fmt, e=e, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
                              k_steps=-(-k // bk), mask_k=mask_k,
-                             x_even_odd=t.x_even_odd and fmt == "nvfp4")
+                             x_even_odd=t.x_even_odd and fmt == "nvfp4",
+                             mode=mode, w_as_a=t.w_as_a and fmt == "nvfp4", x_scale=x_scale)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((t_rows, n), out_dtype),
       grid=(sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,

@@ -54,6 +54,18 @@ class Tiling:
   # Dot x's even / odd K columns (strided loads) with the low / high nibbles instead of
   # interleaving the dequantized weight (saves the in-register join + reshape).
   x_even_odd: bool = False
+  # Weight dequantization (see DEQUANT_MODES): "f32" (bf16 MMA), "e4m3" / "asm" (f16 MMA).
+  dequant: str = "f32"
+  # Compute y^T = W x^T: the dequantized weight tile is the MMA's A operand (which Hopper's
+  # wgmma may take from registers) and x^T the B operand (bm >= 16 columns).
+  w_as_a: bool = False
+  # Load the packed weight as [bn, bk/16, 8] (one row of 8 bytes per scale group) so the block
+  # scale broadcasts along a new axis instead of through a [bn, bk/16, 8] -> [bn, bk/2] reshape.
+  load_3d: bool = False
+  # f16 routes: scale each row of x by a power of two 2^-e (max |x| of the row -> [2^14, 2^15))
+  # before the f16 cast and the output row by 2^e: exact, and removes the f16 range limit (costs
+  # one XLA reduction over x per call).
+  x_scale: bool = False
 
 
 def k_block(k: int, block_k: int) -> tuple[int, bool]:
@@ -94,6 +106,119 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132) -> Tiling:
   return Tiling(bm, bn, bk, split, 4, 4, x_even_odd=even_odd)
 
 
+# Weight dequantization routes (Tiling.dequant):
+#   "f32":  nibble -> f16 bits (value * 2^-14) -> f32, times the f32 block scale -> bf16; bf16 MMA
+#           (the original route: ~10 ALU/convert instructions per element).
+#   "e4m3": nibble -> E4M3 byte (value * 2^-6, exact incl. subnormals: the E2M1 bits s e1 e0 m
+#           placed as s<<7 | (e1 e0 m)<<2) -> f16 (Hopper's packed cvt.rn.f16x2.e4m3x2), times the
+#           E4M3 block scale in f16 (exact: <= 6 significant bits, magnitudes in [2^-16, 42]);
+#           f16 MMA with x cast to f16, global scale * 2^6 on the accumulator. Plain jnp.
+#   "asm":  the "e4m3" function as one PTX block on packed 32-bit words (8 nibbles: and/shift/or
+#           on 4 bytes at once, 4 cvt.rn.f16x2.e4m3x2, 4 mul.f16x2), via elementwise_inline_asm.
+#   "f16":  nibble -> f16 bits s<<15 | (e1 e0 m)<<9 (value * 2^-14, exact incl. subnormals),
+#           times the E4M3 block scale in f16: exact too (products are multiples of 2^-24, the
+#           smallest f16 subnormal, and below 0.17); f16 MMA, global scale * 2^14. Plain jnp.
+#   "asm_f16": the "f16" function in PTX without any convert instruction: prmt spreads two bytes
+#           into the two 16-bit lanes of a word, and/shift/or build two f16 per instruction.
+# Interpret mode runs each PTX route's jnp twin, which computes the identical values.
+# The f16 routes need |x| <= 65504 (F16_MAX; larger activations become inf) and lose precision
+# for |x| < 2^-14 (f16 subnormals); the kernels do not check x (that would cost a pass over it).
+DEQUANT_MODES = ("f32", "e4m3", "asm", "f16", "asm_f16")
+_JNP_TWIN = {"asm": "e4m3", "asm_f16": "f16"}
+_GLOBAL_FACTOR = {"f32": 1.0, "e4m3": 2.0 ** 6, "asm": 2.0 ** 6, "f16": 2.0 ** 14,
+                  "asm_f16": 2.0 ** 14}
+F16_MAX = 65504.0
+
+# $0..$3: out lo (2 x f16x2), hi (2 x f16x2); $4: 4 packed bytes; $5, $6: 4 f16 scales.
+# Inputs are copied first so that no output register may clobber an input still to be read.
+_ASM_HEAD = """{
+.reg .b32 w, s0, s1, lo, hi, t, a0, a1, b0, b1;
+.reg .b16 l0, l1, h0, h1;
+mov.b32 w, $4;
+mov.b32 s0, $5;
+mov.b32 s1, $6;
+"""
+_ASM_TAIL = """mul.rn.f16x2 $0, a0, s0;
+mul.rn.f16x2 $1, a1, s1;
+mul.rn.f16x2 $2, b0, s0;
+mul.rn.f16x2 $3, b1, s1;
+}"""
+_ASM = {
+    "asm": _ASM_HEAD + """and.b32 lo, w, 0x07070707;
+shl.b32 lo, lo, 2;
+and.b32 t, w, 0x08080808;
+shl.b32 t, t, 4;
+or.b32 lo, lo, t;
+shr.b32 hi, w, 2;
+and.b32 hi, hi, 0x1C1C1C1C;
+and.b32 t, w, 0x80808080;
+or.b32 hi, hi, t;
+mov.b32 {l0, l1}, lo;
+mov.b32 {h0, h1}, hi;
+cvt.rn.f16x2.e4m3x2 a0, l0;
+cvt.rn.f16x2.e4m3x2 a1, l1;
+cvt.rn.f16x2.e4m3x2 b0, h0;
+cvt.rn.f16x2.e4m3x2 b1, h1;
+""" + _ASM_TAIL,
+    # lo = bytes (0, 1) in the low bytes of the two lanes, hi = bytes (2, 3); per lane:
+    # low nibble -> ((v & 7) << 9) | ((v & 8) << 12), high nibble -> ((v & 0x70) << 5) | ((v & 0x80) << 8)
+    "asm_f16": _ASM_HEAD + "prmt.b32 lo, w, 0, 0x4140;\nprmt.b32 hi, w, 0, 0x4342;\n" + "".join(
+        f"and.b32 {d}, {src}, {m1};\nshl.b32 {d}, {d}, {s1};\n"
+        f"and.b32 t, {src}, {m2};\nshl.b32 t, t, {s2};\nor.b32 {d}, {d}, t;\n"
+        for d, src, m1, s1, m2, s2 in [
+            ("a0", "lo", "0x00070007", 9, "0x00080008", 12),
+            ("a1", "hi", "0x00070007", 9, "0x00080008", 12),
+            ("b0", "lo", "0x00700070", 5, "0x00800080", 8),
+            ("b1", "hi", "0x00700070", 5, "0x00800080", 8)]) + _ASM_TAIL,
+}
+
+
+def e2m1_to_e4m3_bytes(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """uint8 (two E2M1 codes) -> (low-nibble, high-nibble) uint8 E4M3 bit patterns whose values are
+  exactly the E2M1 values * 2^-6."""
+  b = packed.astype(jnp.uint8)
+  lo = ((b & 0x07) << 2) | ((b & 0x08) << 4)
+  hi = ((b >> 2) & 0x1C) | (b & 0x80)
+  return lo, hi
+
+
+def _e4m3_bits_to_f16(bits: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn).astype(jnp.float16)
+
+
+def _e2m1_f16_bits(nibble_bits_u16: jax.Array) -> jax.Array:
+  """uint16 holding an E2M1 code in bits 0..3 -> f16 bit pattern of value * 2^-14."""
+  return ((nibble_bits_u16 & 0x8) << 12) | ((nibble_bits_u16 & 0x7) << 9)
+
+
+def dequant_halves_f16(packed: jax.Array, scale: jax.Array, groups_ok: jax.Array | None = None,
+                       *, mode: str = "e4m3") -> tuple[jax.Array, jax.Array]:
+  """[rows, bk/2] uint8, [rows, bk/16] e4m3 -> (even-k, odd-k) f16 halves equal to
+  value * scale / global_factor(mode), exactly (no rounding), for the f16 modes."""
+  rows, groups = scale.shape
+  s = scale.astype(jnp.float16)
+  if groups_ok is not None:
+    s = jnp.where(groups_ok[None, :], s, jnp.zeros_like(s))
+  s = jnp.broadcast_to(s.reshape(rows, groups, 1), (rows, groups, 8))
+  if packed.ndim == 2:    # else packed is [rows, groups, 8] (Tiling.load_3d)
+    s = s.reshape(rows, groups * 8)
+  if mode in _ASM:
+    out = jax.ShapeDtypeStruct(packed.shape, jnp.float16)
+    lo, hi = plgpu.elementwise_inline_asm(
+        _ASM[mode], args=[packed, s], constraints="=r,=r,=r,=r,r,r,r", pack=4,
+        result_shape_dtypes=[out, out])
+  elif mode == "e4m3":
+    lo, hi = e2m1_to_e4m3_bytes(packed)
+    lo, hi = _e4m3_bits_to_f16(lo) * s, _e4m3_bits_to_f16(hi) * s
+  elif mode == "f16":
+    b = packed.astype(jnp.uint16)
+    lo = jax.lax.bitcast_convert_type(_e2m1_f16_bits(b), jnp.float16) * s
+    hi = jax.lax.bitcast_convert_type(_e2m1_f16_bits(b >> 4), jnp.float16) * s
+  else:
+    raise ValueError(f"not an f16 dequant mode: {mode!r}")
+  return lo.reshape(rows, groups * 8), hi.reshape(rows, groups * 8)
+
+
 def _e2m1_f16_bits_to_f32(bits_u16: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits_u16, jnp.float16).astype(jnp.float32)
 
@@ -106,7 +231,7 @@ def dequant_halves(packed: jax.Array, scale: jax.Array, groups_ok: jax.Array | N
   masked loads are undefined).
   """
   b = packed.astype(jnp.uint16)
-  lo = _e2m1_f16_bits_to_f32(((b & 0x8) << 12) | ((b & 0x7) << 9))
+  lo = _e2m1_f16_bits_to_f32(_e2m1_f16_bits(b))
   hi = _e2m1_f16_bits_to_f32(((b & 0x80) << 8) | ((b & 0x70) << 5))
   rows, groups = scale.shape
   s = scale.astype(jnp.float32) * _F16_TO_E2M1_SCALE
@@ -127,14 +252,78 @@ def even_odd_columns(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def dequant_tile(packed: jax.Array, scale: jax.Array, groups_ok: jax.Array | None = None
                  ) -> jax.Array:
   """[rows, bk/2] uint8 and [rows, bk/16] e4m3 -> [rows, bk] bf16 in K order (no global scale)."""
-  lo, hi = dequant_halves(packed, scale, groups_ok)
+  return interleave(*dequant_halves(packed, scale, groups_ok))
+
+
+def interleave(lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """(even-k, odd-k) halves [rows, bk/2] -> [rows, bk] in K order."""
   rows, half = lo.shape
   return jnp.stack([lo, hi], axis=-1).reshape(rows, half * 2)
 
 
-def _matmul_kernel(*refs, m, n, k, bm, bn, bk, k_steps, act_fp4, split, mask_k, x_even_odd):
+def mode_for(dequant: str, interpret: bool) -> str:
+  """The dequant mode that runs: a PTX route falls back to its identical jnp twin when
+  interpreting (inline PTX cannot run on the CPU)."""
+  if dequant not in DEQUANT_MODES:
+    raise ValueError(f"dequant must be one of {DEQUANT_MODES}, got {dequant!r}")
+  return _JNP_TWIN.get(dequant, dequant) if interpret else dequant
+
+
+def weight_halves(wq: jax.Array, ws: jax.Array, groups_ok: jax.Array | None, mode: str
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Dequantized (even-k, odd-k) weight halves in the MMA dtype of ``mode`` (bf16 for "f32",
+  f16 * 2^-6 otherwise; see global_factor)."""
+  if mode == "f32":
+    return dequant_halves(wq.reshape(wq.shape[0], -1), ws, groups_ok)
+  return dequant_halves_f16(wq, ws, groups_ok, mode=mode)
+
+
+def mma_dtype(mode: str):
+  return jnp.bfloat16 if mode == "f32" else jnp.float16
+
+
+def global_factor(mode: str) -> float:
+  """What the accumulator must be multiplied by (besides the global scale) for ``mode``."""
+  return _GLOBAL_FACTOR[mode]
+
+
+def row_scales(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(2^-e, 2^e), each f32 [M]: per row of x, e such that max|x_row| * 2^-e lies in
+  [2^14, 2^15); e is clipped to [-100, 113] (2^113 covers bf16's largest finite values; rows
+  below 2^-86 just keep fewer bits; rows of zeros get 2^100 / 2^-100, harmless)."""
+  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
+  biased = (jax.lax.bitcast_convert_type(amax, jnp.uint32) >> 23).astype(jnp.int32)
+  e = jnp.clip(biased - (127 + 14), -100, 113)
+  return jnp.ldexp(jnp.float32(1), -e), jnp.ldexp(jnp.float32(1), e)
+
+
+def tile_dot(acc: jax.Array, x: jax.Array, wq: jax.Array, ws: jax.Array,
+             groups_ok: jax.Array | None, mode: str, x_even_odd: bool, w_as_a: bool,
+             x_inv: jax.Array | None = None) -> jax.Array:
+  """acc += x [bm, bk] @ dequant(W tile [bn, bk])^T ([bm, bn]; [bn, bm] when ``w_as_a``).
+
+  ``x_inv`` [bm] (Tiling.x_scale): per-row power-of-two factors applied to x before its cast."""
+  if x_inv is not None:
+    x = x.astype(jnp.float32) * x_inv[:, None]
+  x = x.astype(mma_dtype(mode))
+  w_lo, w_hi = weight_halves(wq, ws, groups_ok, mode)
+
+  def mm(xt, wt):
+    return plgpu.dot(wt, xt, trans_b=True) if w_as_a else plgpu.dot(xt, wt, trans_b=True)
+
+  if x_even_odd:
+    x_lo, x_hi = even_odd_columns(x)
+    return (acc + mm(x_lo, w_lo)) + mm(x_hi, w_hi)
+  return acc + mm(x, interleave(w_lo, w_hi))
+
+
+def _matmul_kernel(*refs, m, n, k, bm, bn, bk, k_steps, act_fp4, split, mask_k, x_even_odd,
+                   mode, w_as_a, load_3d, x_scale):
+  xinv_ref = xmul_ref = None
   if act_fp4:
     xq_ref, xs_ref, xgs_ref, wq_ref, ws_ref, wgs_ref, o_ref = refs
+  elif x_scale:
+    x_ref, xinv_ref, xmul_ref, wq_ref, ws_ref, wgs_ref, o_ref = refs
   else:
     x_ref, wq_ref, ws_ref, wgs_ref, o_ref = refs
   pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -142,6 +331,10 @@ def _matmul_kernel(*refs, m, n, k, bm, bn, bk, k_steps, act_fp4, split, mask_k, 
   row_ok = (m0 + jnp.arange(bm)) < m
   col_ok = (n0 + jnp.arange(bn)) < n
   k_base = pid_s * (k_steps * bk)
+  x_inv = x_mul = None
+  if xinv_ref is not None:
+    x_inv = plgpu.load(xinv_ref.at[pl.ds(m0, bm)], mask=row_ok, other=1.0)
+    x_mul = plgpu.load(xmul_ref.at[pl.ds(m0, bm)], mask=row_ok, other=1.0)
 
   def body(i, acc):
     k0 = pl.multiple_of(k_base + i * bk, bk)
@@ -156,30 +349,37 @@ def _matmul_kernel(*refs, m, n, k, bm, bn, bk, k_steps, act_fp4, split, mask_k, 
     def both(a, b):
       return a[:, None] if b is None else a[:, None] & b[None, :]
 
+    if load_3d:   # wq_ref is [N, K/16, 8]
+      wq_idx = (pl.ds(n0, bn), pl.ds(ks, bk // 16), slice(None))
+      wq_mask = (None if not (n % bn or mask_k) else
+                 jnp.broadcast_to(both(col_ok, ks_ok)[:, :, None], (bn, bk // 16, 8)))
+    else:
+      wq_idx = (pl.ds(n0, bn), pl.ds(kp, bk // 2))
+      wq_mask = both(col_ok, kp_ok) if (n % bn or mask_k) else None
     if n % bn or mask_k:
-      wq = plgpu.load(wq_ref.at[pl.ds(n0, bn), pl.ds(kp, bk // 2)], mask=both(col_ok, kp_ok),
-                      other=0)
+      wq = plgpu.load(wq_ref.at[wq_idx], mask=wq_mask, other=0)
       ws = plgpu.load(ws_ref.at[pl.ds(n0, bn), pl.ds(ks, bk // 16)], mask=both(col_ok, ks_ok))
     else:
-      wq = wq_ref[pl.ds(n0, bn), pl.ds(kp, bk // 2)]
+      wq = wq_ref[wq_idx]
       ws = ws_ref[pl.ds(n0, bn), pl.ds(ks, bk // 16)]
     if act_fp4:
       xq = plgpu.load(xq_ref.at[pl.ds(m0, bm), pl.ds(kp, bk // 2)], mask=both(row_ok, kp_ok),
                       other=0)
       xs = plgpu.load(xs_ref.at[pl.ds(m0, bm), pl.ds(ks, bk // 16)], mask=both(row_ok, ks_ok))
       x_lo, x_hi = dequant_halves(xq, xs, ks_ok)
-    elif x_even_odd:
-      x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
-      x_lo, x_hi = even_odd_columns(x.astype(jnp.bfloat16))
-    else:
-      x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
-      return acc + plgpu.dot(x.astype(jnp.bfloat16), dequant_tile(wq, ws, ks_ok), trans_b=True)
-    w_lo, w_hi = dequant_halves(wq, ws, ks_ok)
-    return (acc + plgpu.dot(x_lo, w_lo, trans_b=True)) + plgpu.dot(x_hi, w_hi, trans_b=True)
+      w_lo, w_hi = dequant_halves(wq, ws, ks_ok)
+      return (acc + plgpu.dot(x_lo, w_lo, trans_b=True)) + plgpu.dot(x_hi, w_hi, trans_b=True)
+    x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=both(row_ok, kx_ok), other=0)
+    return tile_dot(acc, x, wq, ws, ks_ok, mode, x_even_odd, w_as_a, x_inv)
 
-  acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros((bm, bn), jnp.float32))
-  scale = wgs_ref[0] * xgs_ref[0] if act_fp4 else wgs_ref[0]
+  acc_shape = (bn, bm) if w_as_a else (bm, bn)
+  acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros(acc_shape, jnp.float32))
+  scale = wgs_ref[0] * xgs_ref[0] if act_fp4 else wgs_ref[0] * global_factor(mode)
   acc = acc * scale
+  if x_mul is not None:
+    acc = acc * (x_mul[None, :] if w_as_a else x_mul[:, None])
+  if w_as_a:
+    acc = acc.T
   mask = row_ok[:, None] & col_ok[None, :]
   if split > 1:
     plgpu.store(o_ref.at[pid_s, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
@@ -205,9 +405,17 @@ def _call(operands, m, n, k, out_dtype, tiling: Tiling, act_fp4: bool, interpret
   grid = (pl.cdiv(m, t.block_m), pl.cdiv(n, t.block_n), split)
   out_shape = (jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1
                else jax.ShapeDtypeStruct((m, n), out_dtype))
+  mode = "f32" if act_fp4 else mode_for(t.dequant, interpret)
+  load_3d = t.load_3d and not act_fp4
+  if load_3d:
+    operands = (operands[0], operands[1].reshape(n, k // 16, 8), *operands[2:])
+  x_scale = t.x_scale and mode != "f32"
+  if x_scale:
+    operands = (operands[0], *row_scales(operands[0]), *operands[1:])
   kernel = functools.partial(_matmul_kernel, m=m, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
                              k_steps=steps // split, act_fp4=act_fp4, split=split, mask_k=mask_k,
-                             x_even_odd=t.x_even_odd)
+                             x_even_odd=t.x_even_odd, mode=mode, w_as_a=t.w_as_a and not act_fp4,
+                             load_3d=load_3d, x_scale=x_scale)
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),

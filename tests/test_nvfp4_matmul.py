@@ -59,6 +59,41 @@ def test_dequant_tile_covers_every_byte_and_scale():
   np.testing.assert_array_equal(got, np_dequant(packed, scale, 1.0))   # exact in bf16
 
 
+@pytest.mark.parametrize("mode", ["e4m3", "f16"])
+def test_f16_dequant_is_exact_for_every_byte_and_every_scale(mode):
+  """The f16 decodes (nibble -> E4M3 byte = value * 2^-6, or f16 bits = value * 2^-14, times the
+  E4M3 block scale in f16) equal the plain-JAX dequantize bit for bit, for all 256 bytes x all
+  254 finite E4M3 scales (the PTX routes compute these same functions on packed words)."""
+  scales = np.arange(256, dtype=np.uint8)
+  scales = scales[(scales & 0x7F) != 0x7F].view(ml_dtypes.float8_e4m3fn)        # drop the NaNs
+  packed = np.tile(np.arange(256, dtype=np.uint8), (scales.size, 1))            # [254, 256]
+  scale = np.repeat(scales[:, None], 32, axis=1)                                # [254, 32]
+  lo, hi = nk.dequant_halves_f16(jnp.asarray(packed), jnp.asarray(scale), mode=mode)
+  assert lo.dtype == hi.dtype == jnp.float16
+  got = np.asarray(nk.interleave(lo, hi), np.float64) * nk.global_factor(mode)
+  want = np.asarray(nvfp4.dequantize(jnp.asarray(packed), jnp.asarray(scale), 1.0), np.float64)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.signbit(got), np.signbit(want))             # -0 stays -0
+  np.testing.assert_array_equal(got, np_dequant(packed, scale, 1.0))
+
+
+def test_e2m1_to_e4m3_bytes_bit_patterns():
+  """Low / high nibble s e1 e0 m -> E4M3 byte s<<7 | (e1 e0 m)<<2 for every byte."""
+  b = np.arange(256, dtype=np.uint8)
+  lo, hi = nk.e2m1_to_e4m3_bytes(jnp.asarray(b))
+  want = lambda nib: ((nib & 8) << 4) | ((nib & 7) << 2)   # noqa: E731
+  np.testing.assert_array_equal(np.asarray(lo), want(b & 0xF))
+  np.testing.assert_array_equal(np.asarray(hi), want(b >> 4))
+
+
+def test_dequant_modes_interpret_twins():
+  assert [nk.mode_for(m, interpret=True) for m in nk.DEQUANT_MODES] == [
+      "f32", "e4m3", "e4m3", "f16", "f16"]
+  assert [nk.mode_for(m, interpret=False) for m in nk.DEQUANT_MODES] == list(nk.DEQUANT_MODES)
+  with pytest.raises(ValueError, match="dequant"):
+    nk.mode_for("int8", interpret=True)
+
+
 def test_e2m1_round_matches_ml_dtypes(rng):
   ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 100.0])
   q = np.concatenate([ties, -ties, rng.uniform(-7, 7, 2000)]).astype(np.float32)
@@ -71,6 +106,12 @@ def test_e2m1_round_matches_ml_dtypes(rng):
     (1, 64, 48, nk.Tiling(16, 32, 64, 1, 4, 2, x_even_odd=True)),   # M=1, K % 32 != 0 (masked K)
     (37, 80, 512, nk.Tiling(16, 32, 128, 2, 4, 2)),                 # M, N tails; split-K
     (70, 64, 1040, nk.Tiling(32, 64, 256, 1, 4, 2)),                # K = 16 * 65
+    # f16 routes ("asm" interprets as the identical "e4m3" jnp route), weight as MMA A operand
+    (3, 80, 1040, nk.Tiling(16, 32, 256, 1, 4, 2, dequant="e4m3")),
+    (1, 64, 48, nk.Tiling(16, 32, 64, 1, 4, 2, x_even_odd=True, dequant="asm", w_as_a=True)),
+    (37, 80, 512, nk.Tiling(16, 32, 128, 2, 4, 2, dequant="asm", w_as_a=True)),
+    (20, 64, 1040, nk.Tiling(16, 64, 256, 1, 4, 2, x_even_odd=True, dequant="asm_f16")),
+    (17, 80, 1040, nk.Tiling(16, 32, 256, 1, 4, 2, dequant="asm", w_as_a=True, load_3d=True)),
 ])
 def test_w4a16_matches_float64(rng, m, n, k, tiling):
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -79,6 +120,38 @@ def test_w4a16_matches_float64(rng, m, n, k, tiling):
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
   ref = np.asarray(x.astype(jnp.float32), np.float64) @ np_dequant(packed, scale, gs).T
   assert rel_err(y, ref) < 5e-3   # bf16 output rounding ~2e-3
+
+
+@pytest.mark.parametrize("w_as_a", [False, True])
+def test_w4a16_f16_route_x_scale_handles_any_bf16_range(rng, w_as_a):
+  """x_scale: rows at 1e30, 1e6 (> f16 max), 1e-30 (< f16 subnormals), zeros and O(1) rows all
+  come out right through the f16 MMA (the plain f16 cast gives inf / zeros on the first three)."""
+  m, n, k = 6, 32, 256
+  mags = np.array([1e30, 1e6, 1.0, 1e-30, 0.0, 3e4])[:, None]
+  x = jnp.asarray(rng.standard_normal((m, k)) * mags, jnp.bfloat16)
+  packed, scale, gs = random_nvfp4(rng, n, k)
+  t = nk.Tiling(16, 32, 128, 1, 4, 2, dequant="asm", w_as_a=w_as_a, x_scale=True)
+  y = np.asarray(nk.w4a16_matmul(x.astype(jnp.float32), packed, scale, gs, tiling=t,
+                                 interpret=True), np.float64)
+  ref = np.asarray(x.astype(jnp.float32), np.float64) @ np_dequant(packed, scale, gs).T
+  assert np.all(np.isfinite(y))
+  np.testing.assert_array_equal(y[4], 0.0)
+  for r in [0, 1, 2, 3, 5]:
+    assert np.linalg.norm(y[r] - ref[r]) <= 1e-5 * np.linalg.norm(ref[r]), r
+  plain = nk.w4a16_matmul(x, packed, scale, gs, interpret=True,
+                          tiling=nk.Tiling(16, 32, 128, 1, 4, 2, dequant="asm"))
+  assert not np.all(np.isfinite(np.asarray(plain, np.float32)[:2]))   # the limit x_scale removes
+
+
+def test_w4a16_f16_route_f32_output_is_tight(rng):
+  """With f32 x / output the f16 route's only errors are x's f16 rounding and f32 accumulation."""
+  m, n, k = 5, 32, 256
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32).astype(jnp.float16).astype(jnp.float32)
+  packed, scale, gs = random_nvfp4(rng, n, k)
+  y = nk.w4a16_matmul(x, packed, scale, gs, interpret=True,
+                      tiling=nk.Tiling(16, 32, 128, 1, 4, 2, dequant="asm", w_as_a=True))
+  ref = np.asarray(x, np.float64) @ np_dequant(packed, scale, gs).T
+  assert y.dtype == jnp.float32 and rel_err(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("m,k", [(1, 48), (19, 256)])
