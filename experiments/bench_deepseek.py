@@ -40,6 +40,8 @@ _PREFILL = flags.DEFINE_integer("prefill", 4096, "prefill tokens (one sequence)"
 _ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement")
 _TINY = flags.DEFINE_bool("tiny", False, "small shapes, for a CPU smoke run of this script")
 _ONLY = flags.DEFINE_string("only", "", "run only the cases whose label contains this")
+_PARTS = flags.DEFINE_list("parts", ["layer", "attention", "routing", "moe_gemms", "moe_block"],
+                           "which parts to time (rest is derived only when all four are timed)")
 _PAGE = 64
 
 CFG = ds.DeepseekV3Config(
@@ -142,14 +144,21 @@ def measure(layer, num_seqs, tokens_per_seq, context, key, label):
   pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
   full, attn, routing, gemms, moe_block = layer_fns(form)
   r = {"label": label, "tokens": T, "seqs": num_seqs, "context": context, "mla_form": form}
-  r["layer_ms"] = 1e3 * timeit(lambda p: full(p, layer, x, batch), pages, donate_first_out=True)
-  pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
-  r["attention_ms"] = 1e3 * timeit(lambda p: attn(p, layer, x, batch), pages, donate_first_out=True)
-  r["routing_ms"] = 1e3 * timeit(routing, layer, x)
+  parts = set(_PARTS.value)
+  if "layer" in parts:
+    r["layer_ms"] = 1e3 * timeit(lambda p: full(p, layer, x, batch), pages, donate_first_out=True)
+  if "attention" in parts:
+    pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
+    r["attention_ms"] = 1e3 * timeit(lambda p: attn(p, layer, x, batch), pages,
+                                     donate_first_out=True)
+  if "routing" in parts:
+    r["routing_ms"] = 1e3 * timeit(routing, layer, x)
   xs, sizes, _, _ = routing(layer, x)
   r["moe_gemms_ms"] = 1e3 * timeit(gemms, layer, xs, sizes)
-  r["moe_block_ms"] = 1e3 * timeit(moe_block, layer, x)
-  r["rest_ms"] = r["layer_ms"] - r["attention_ms"] - r["routing_ms"] - r["moe_gemms_ms"]
+  if "moe_block" in parts:
+    r["moe_block_ms"] = 1e3 * timeit(moe_block, layer, x)
+  if {"layer", "attention", "routing"} <= parts:
+    r["rest_ms"] = r["layer_ms"] - r["attention_ms"] - r["routing_ms"] - r["moe_gemms_ms"]
   active = int(jnp.sum(sizes > 0))
   bytes_per_expert = 3 * CFG.hidden_size * CFG.moe_intermediate_size
   wbytes = active * bytes_per_expert * (0.5 + 1 / 16 if "nvfp4" in label else 2)
@@ -214,16 +223,17 @@ def main(_):
   if "decode B=64 bf16" in by and "decode B=64 nvfp4-experts" in by:
     bf, nv = by["decode B=64 bf16"], by["decode B=64 nvfp4-experts"]
     results["nvfp4_speedup_B64"] = {k: bf[k] / nv[k] for k in ("layer_ms", "moe_block_ms",
-                                                              "moe_gemms_ms")}
+                                                              "moe_gemms_ms") if k in bf}
   save()
   print(json.dumps({"peaks": results["peaks"], "speedup": results.get("nvfp4_speedup_B64"),
                     "errors": results["errors"]}, indent=1))
   print(f"{'case':28s} {'layer':>8s} {'attn':>8s} {'route':>8s} {'gemms':>8s} {'rest':>8s} "
         f"{'moe':>8s} {'TB/s':>6s}")
+  nan = float("nan")
   for r in results["runs"]:
-    print(f"{r['label']:28s} {r['layer_ms']:8.3f} {r['attention_ms']:8.3f} {r['routing_ms']:8.3f} "
-          f"{r['moe_gemms_ms']:8.3f} {r['rest_ms']:8.3f} {r['moe_block_ms']:8.3f} "
-          f"{r['moe_gemm_weight_TBps']:6.2f}")
+    print(f"{r['label']:28s} {r.get('layer_ms', nan):8.3f} {r.get('attention_ms', nan):8.3f} "
+          f"{r.get('routing_ms', nan):8.3f} {r['moe_gemms_ms']:8.3f} {r.get('rest_ms', nan):8.3f} "
+          f"{r.get('moe_block_ms', nan):8.3f} {r['moe_gemm_weight_TBps']:6.2f}")
 
 
 if __name__ == "__main__":

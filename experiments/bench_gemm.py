@@ -30,7 +30,7 @@ from kernels.quant import fp8_block, nvfp4
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/gemm.json", "JSON results path")
 flags.DEFINE_list("sections", ["ceil", "check", "decode", "fp8", "prefill", "grouped"],
-                  "which sections to run")
+                  "which sections to run, in order; decode:KxN runs one decode shape")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
 flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
 flags.DEFINE_float("budget_s", 420.0, "skip remaining work after this many seconds")
@@ -269,9 +269,9 @@ def _decode_tilings(m, n, k):
 FINAL_DECODE = ["default", "asm", "asm A bn64", "asm A bn64 eo"]
 
 
-def sec_decode():
+def sec_decode(kn_list=None):
   r = 16
-  for k, n in [tuple(D(int(v)) for v in kn.split("x")) for kn in FLAGS.decode_kn]:
+  for k, n in [tuple(D(int(v)) for v in kn.split("x")) for kn in kn_list or FLAGS.decode_kn]:
     key_w, key_x = keys(2)
     wsets = nvfp4_sets(r, n, k, key_w)
     bf16_w = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(key_w, r)]
@@ -413,8 +413,8 @@ def sec_grouped():
                     f"{' xs' if t.x_scale else ''}",
                     lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4(x, p, s, g, gs, tiling=t),
                     [(x, *w) for x, w in zip(xs, nv)], active * k * n * 9 // 16 + io, flops,
-                    note=str(t))
-      if "us" in res:
+                    note=str(t), ref=ref if ref_rows == t_rows else None)
+      if "us" in res and ref_rows < t_rows:
         y = gk.grouped_matmul_nvfp4(xs[0], *nv[0], gs, tiling=t)[:ref_rows]
         record("grouped", shape, shape, f"check {res['impl']}", err=rel_err(y, ref))
         if best is None or res["us"] < best["us"]:
@@ -482,6 +482,7 @@ def main(argv):
   sections = {"ceil": sec_ceil, "check": sec_check, "decode": sec_decode,
               "prefill": sec_prefill, "grouped": sec_grouped, "fp8": sec_fp8}
   for name in FLAGS.sections:
+    name, _, arg = name.partition(":")   # "decode:KxN" runs one decode shape
     if name not in sections:
       continue
     if over_budget():
@@ -489,7 +490,7 @@ def main(argv):
       break
     print(f"=== {name} ({time.time() - T0:.0f}s)", flush=True)
     try:
-      sections[name]()
+      sections[name](*([[arg]] if arg else []))
     except Exception:  # noqa: BLE001
       traceback.print_exc()
   print("\n==== summary ====")

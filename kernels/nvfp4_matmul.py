@@ -4,13 +4,24 @@ Computes y[M, N] = x[M, K] @ dequant(W)^T with W in ModelOpt layout (see kernels
 packed uint8 [N, K/2] (K contiguous), block scales e4m3 [N, K/16], f32 global scale.
 
 Kernel (W4A16). Grid (cdiv(M, bm), N / bn, split_k). Each program streams its [bn, bk/2] byte tile
-and [bn, bk/16] scale tile over its K range, dequantizes in registers and feeds bf16 MMA
-(wgmma on Hopper via Triton) with an f32 accumulator:
-  * E2M1 -> f32 without a table: the 3 magnitude bits shifted into an f16's exponent/mantissa give
-    value * 2^-14 exactly (subnormals included, and f16->f32 conversion is exact), the 2^14 is
-    folded into the block scale; E2M1 x E4M3 is exact in bf16, so the only rounding is the MMA's.
+and [bn, bk/16] scale tile over its K range, dequantizes in registers and feeds the MMA
+(wgmma / mma.sync on Hopper via Triton) with an f32 accumulator. Dequantization routes
+(``Tiling.dequant``, details at DEQUANT_MODES below); every route is exact, so the only rounding
+is the MMA's (and, on the f16 routes, x's cast to f16):
+  * "f32" (bf16 MMA): the 3 magnitude bits shifted into an f16's exponent/mantissa give
+    value * 2^-14 exactly (subnormals included), -> f32, times the f32 block scale, -> bf16.
+    ~10 ALU/convert instructions per element: this route plateaued at ~1 TB/s of NVFP4 bytes.
+  * "e4m3" / "asm" (f16 MMA): the nibble placed as an E4M3 byte is value * 2^-6; Hopper converts
+    two E4M3 to two f16 per instruction and the block scale multiplies two f16 per instruction.
+    "asm" is that in inline PTX on 32-bit words (8 nibbles per ~17 instructions).
+  * "f16" / "asm_f16" (f16 MMA): f16 bits assembled directly (value * 2^-14), no convert at all.
+  * f16 routes cast x to f16: |x| must stay <= 65504 unless ``Tiling.x_scale`` pre-scales each
+    row by a power of two (exact; one XLA reduction over x per call).
+  * ``Tiling.w_as_a`` computes y^T = W x^T so the dequantized tile is the MMA's A operand, which
+    wgmma can read from registers (B must come from shared memory); ``load_3d`` loads the bytes
+    as [bn, bk/16, 8] so each block scale broadcasts along its own axis.
   * Low/high nibbles are joined (tt.join) and reshaped to the natural K order, as jax's own int4
-    loads do.
+    loads do, or (``x_even_odd``) dotted with x's even / odd columns.
   * The global scale multiplies the f32 accumulator once at the end.
   * Split-K (decode, few N tiles): partial f32 sums [split, M, N] reduced by XLA.
 Rows past M are masked on load and store (fp8/e4m3 loads without a fill value: masked lanes only
