@@ -45,7 +45,8 @@ from jaxinfer.errors import ShapeError
 from jaxinfer.kv_cache import is_fp8
 from kernels.flash_attention import PrefillTiles, flash_prefill
 from kernels.paged_decode_attention import (_LOG2E, _MASK, check_page_table, default_splits,
-                                            finish_splits, row_map, split_outputs, write_partials)
+                                            finish_splits, key_tile, load_rows, row_map,
+                                            split_outputs, split_range, tile_cols, write_partials)
 
 
 def _check_mla_shapes(q_latent, q_rope, latent_pages, batch: AttentionBatch) -> None:
@@ -115,33 +116,24 @@ def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref
   hb = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
-  q_start, q_len, tok, head, row_ok = row_map(qs_ref, b, hb, group=block_h, max_q=max_q,
-                                              rows=rows)
+  rm = row_map(qs_ref, b, hb, group=block_h, max_q=max_q, rows=rows)
   seq_len = lens_ref[b]
-  q_pos = seq_len - q_len + tok
-  dr = lax.broadcasted_iota(jnp.int32, (1, rank), 1)
-  de = lax.broadcasted_iota(jnp.int32, (1, rope_dim), 1)
-  ql = plgpu.load(ql_ref.at[(q_start + tok)[:, None], head[:, None], dr], mask=row_ok[:, None],
-                  other=0.0)
-  qr = plgpu.load(qr_ref.at[(q_start + tok)[:, None], head[:, None], de], mask=row_ok[:, None],
-                  other=0.0)
+  q_pos = seq_len - rm.q_len + rm.tok
   score_scale = sm_scale * _LOG2E
   if upcast is not None:
     score_scale = score_scale * sc_ref[0]
-  num_blocks = lax.div(seq_len + block_k - 1, block_k)
-  per_split = lax.div(num_blocks + splits - 1, splits)
-  first = split * per_split
-  last = jnp.minimum(first + per_split, num_blocks)
+  ql = load_rows(ql_ref, rm, 0, rank)
+  qr = load_rows(qr_ref, rm, 0, rope_dim)
+  first, last = split_range(seq_len, block_k, split, splits)
 
   def body(kb, carry):
     acc, m_prev, l_prev = carry
-    keys = kb * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    keys, rows = key_tile(pt_ref, b, kb, block_k=block_k, page_size=page_size,
+                          pages_per_seq=pages_per_seq)
     key_ok = keys < seq_len
-    page = plgpu.load(pt_ref.at[b, lax.div(keys, page_size)],
-                      mask=keys < pages_per_seq * page_size, other=0)
-    slots = (page * page_size + lax.rem(keys, page_size))[:, None]
-    c = plgpu.load(lat_ref.at[slots, dr], mask=key_ok[:, None], other=0.0)
-    kr = plgpu.load(lat_ref.at[slots, rank + de], mask=key_ok[:, None], other=0.0)
+    c = plgpu.load(lat_ref.at[rows, tile_cols(rows, 0, rank)], mask=key_ok[:, None], other=0.0)
+    kr = plgpu.load(lat_ref.at[rows, tile_cols(rows, rank, rope_dim)], mask=key_ok[:, None],
+                    other=0.0)
     if upcast is not None:
       c = c.astype(upcast)
       kr = kr.astype(upcast)
@@ -159,7 +151,7 @@ def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref
   acc, m, l = lax.fori_loop(first, last, body, carry)
   if upcast is not None:
     acc = acc * sc_ref[0]
-  write_partials(out_refs, b, hb, split, q_start, tok, head, row_ok, acc, m, l)
+  write_partials(out_refs, b, hb, split, rm, acc, m, l)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "max_q", "tiles", "interpret"))

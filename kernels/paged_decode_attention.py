@@ -11,12 +11,19 @@ Layout (``jaxinfer.kv_cache`` / ``jaxinfer.attention``):
 Tiling: grid (KV, splits, B). One program owns one (sequence, KV head, split): its query rows are the
 G = H/KV heads of that KV head times the sequence's query tokens (padded to >= 16 rows for the tensor
 cores), so every K/V page is read from HBM exactly once for all query heads sharing it. The program
-streams ``block_k``-token K/V tiles (gathered through the page table, any page size that divides or
-is a multiple of block_k) with an online softmax; FP8 tiles are upcast to f16 in registers (one
-cvt per pair on Hopper), their scales folded into the query and output scaling. With one split the
-program normalises and scatters its rows straight into out; with few sequences the key range is
-split across ``splits`` programs (split-K) writing (acc, max, sum) partials that a small Pallas
-combine kernel merges into out. Rows of no query (padding) stay zero (out is aliased to zeros).
+streams ``block_k``-token K/V tiles with an online softmax. When the page size is a multiple of
+block_k a tile lies inside one page: one scalar page-table read and base-plus-constant addresses
+(``key_tile``); smaller pages are gathered slot by slot. FP8 tiles are upcast to f16 in registers
+(one cvt per pair on Hopper), their scales folded into the query and output scaling.
+``DecodeTiles.keys_m`` transposes the products (S^T = K q^T, O^T += V^T P^T) so the keys are the MMA
+M dimension: block_k >= 64 then runs warpgroup MMAs (wgmma) without padding the few query rows, and
+with an FP8 cache the scores are E4M3 MMAs on K as stored (``split_fp8`` queries), so only V is
+upcast. Query rows are loaded and written as one block when they are one token's consecutive heads,
+else gathered. With one split the program normalises and writes its rows straight into out; with few
+sequences the key range is split across ``splits`` programs (split-K) writing (acc, max, sum)
+partials that a small Pallas combine kernel merges into out. Rows of no query (padding) stay zero
+(out is aliased to zeros). ``key_tile``, ``split_range``, ``row_map``/``load_rows``/``store_rows``
+and the split-K epilogue are shared with the MLA decode kernel (kernels/mla_attention.py).
 
 Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
 read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.35 ms; FP8 0.17 ms.
@@ -28,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,82 +59,158 @@ class DecodeTiles:
   num_warps: int = 4
   num_stages: int = 4
   splits: int | None = None   # None: enough programs to fill the SMs twice
+  # Keys as the MMA M dimension: S^T = K q^T [block_k, rows] and O^T += V^T P^T, so block_k >= 64
+  # gives warpgroup MMAs (wgmma) without padding the few query rows to 16. With an FP8 cache the
+  # scores use E4M3 MMAs on K as stored (q split into hi + lo/16 E4M3 parts with a per-row scale:
+  # ~2^-8 relative error, like bf16), so only V is dequantised.
+  keys_m: bool = False
 
 
-def row_map(qs_ref, b, blk, *, group: int, max_q: int, rows: int):
+class RowMap(NamedTuple):
   """Row r of a program's tile is query token r // group of sequence b, head blk*group + r % group."""
+  q_start: jax.Array
+  q_len: jax.Array
+  tok: jax.Array      # [rows]
+  head: jax.Array     # [rows]
+  row_ok: jax.Array   # [rows] a real query row
+  first_head: jax.Array
+  contiguous: bool    # one token and rows == group: the tile is heads first_head.. of one token
+
+
+def row_map(qs_ref, b, blk, *, group: int, max_q: int, rows: int) -> RowMap:
   q_start = qs_ref[b]
   q_len = qs_ref[b + 1] - q_start
   r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
   tok = lax.div(r, group)
   head = blk * group + lax.rem(r, group)
   row_ok = (r < max_q * group) & (tok < q_len)
-  return q_start, q_len, tok, head, row_ok
+  return RowMap(q_start, q_len, tok, head, row_ok, blk * group, max_q == 1 and rows == group)
 
 
-def store_rows(o_ref, q_start, tok, head, row_ok, val):
-  """Scatters a [rows, D] tile into o [T, H, D] (all-array indexing: interpret mode needs it)."""
-  d = lax.broadcasted_iota(jnp.int32, (1, o_ref.shape[-1]), 1)
-  plgpu.store(o_ref.at[(q_start + tok)[:, None], head[:, None], d], val.astype(o_ref.dtype),
-              mask=row_ok[:, None])
+def _row_index(rm: RowMap, rows: int, start: int, width: int):
+  """Index of the tile's rows x columns start..start+width of a [T, H, width'] array: a block
+  (base-plus-constant addresses) when contiguous, else an all-array gather (interpret mode needs
+  arrays not to be mixed with slices)."""
+  if rm.contiguous:
+    return rm.q_start, pl.ds(rm.first_head, rows), pl.ds(start, width)
+  d = start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+  return (rm.q_start + rm.tok)[:, None], rm.head[:, None], d
 
 
-def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_init_ref,
-                   *out_refs, group: int, max_q: int, rows: int, block_k: int, page_size: int,
-                   pages_per_seq: int, sm_scale: float, kv_upcast, splits: int):
+def load_rows(ref, rm: RowMap, start: int, width: int) -> jax.Array:
+  """The program's query rows of ref [T, H, *] (columns start..start+width), zeros for padding."""
+  idx = _row_index(rm, rm.tok.shape[0], start, width)
+  return plgpu.load(ref.at[idx], mask=rm.row_ok[:, None], other=0.0)
+
+
+def store_rows(o_ref, rm: RowMap, val):
+  """Writes a [rows, D] tile into its rows of o [T, H, D]."""
+  idx = _row_index(rm, val.shape[0], 0, o_ref.shape[-1])
+  plgpu.store(o_ref.at[idx], val.astype(o_ref.dtype), mask=rm.row_ok[:, None])
+
+
+def split_range(seq_len, block_k: int, split, splits: int):
+  """Key tiles [first, last) that program ``split`` of ``splits`` streams for ``seq_len`` keys."""
+  num_blocks = lax.div(seq_len + block_k - 1, block_k)
+  per_split = lax.div(num_blocks + splits - 1, splits)
+  first = split * per_split
+  return first, jnp.minimum(first + per_split, num_blocks)
+
+
+def key_tile(pt_ref, b, kb, *, block_k: int, page_size: int, pages_per_seq: int):
+  """Keys ``kb*block_k ..`` of sequence b -> (keys [block_k], rows of the flat [N*page, ...] cache).
+
+  A tile inside one page (page_size a multiple of block_k) is a contiguous ``pl.ds`` of rows: one
+  scalar page-table read and base-plus-constant addresses. Otherwise rows is a [block_k, 1] gather
+  of slots through the page table. Index the cache with ``tile_cols(rows, ...)`` for the columns.
+  """
+  keys = kb * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  if page_size % block_k == 0:
+    start = kb * block_k
+    page = pt_ref[b, jnp.minimum(lax.div(start, page_size), pages_per_seq - 1)]
+    row0 = pl.multiple_of(page * page_size + lax.rem(start, page_size), block_k)
+    return keys, pl.ds(row0, block_k)
+  page = plgpu.load(pt_ref.at[b, lax.div(keys, page_size)],
+                    mask=keys < pages_per_seq * page_size, other=0)
+  return keys, (page * page_size + lax.rem(keys, page_size))[:, None]
+
+
+def tile_cols(rows, start: int, width: int):
+  """Columns start .. start+width in the form ``key_tile``'s rows need (slice, or iota for a gather)."""
+  if isinstance(rows, pl.Slice):
+    return pl.ds(start, width)
+  return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+
+def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, qsc_ref, k_ref, v_ref, ksc_ref, vsc_ref,
+                   o_init_ref, *out_refs, group: int, max_q: int, rows: int, block_k: int,
+                   page_size: int, pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
+                   keys_m: bool):
   del o_init_ref  # aliased with the output: zeros for the rows no program writes
   kvh = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
-  q_start, q_len, tok, head, row_ok = row_map(qs_ref, b, kvh, group=group, max_q=max_q, rows=rows)
+  rm = row_map(qs_ref, b, kvh, group=group, max_q=max_q, rows=rows)
   seq_len = lens_ref[b]
-  q_pos = seq_len - q_len + tok
-  d = lax.broadcasted_iota(jnp.int32, (1, q_ref.shape[-1]), 1)
-  # All-array indexing (a gather) rather than mixing arrays and slices: interpret mode needs it.
-  q = plgpu.load(q_ref.at[(q_start + tok)[:, None], head[:, None], d], mask=row_ok[:, None],
-                 other=0.0)
+  q_pos = seq_len - rm.q_len + rm.tok
+  D = k_ref.shape[-1]
   score_scale = sm_scale * _LOG2E
   if kv_upcast is not None:
     score_scale = score_scale * ksc_ref[0]
-
-  num_blocks = lax.div(seq_len + block_k - 1, block_k)
-  per_split = lax.div(num_blocks + splits - 1, splits)
-  first = split * per_split
-  last = jnp.minimum(first + per_split, num_blocks)
+  fp8_scores = keys_m and kv_upcast is not None
+  if fp8_scores:   # q_ref [T, H, 2D]: E4M3 hi | lo parts; qsc_ref [T, H, 1] row scales
+    q, q_lo = load_rows(q_ref, rm, 0, D), load_rows(q_ref, rm, D, D)
+    score_scale = jnp.sum(load_rows(qsc_ref, rm, 0, 1), axis=1) * score_scale   # [rows]
+  else:
+    q = load_rows(q_ref, rm, 0, D)
+    score_scale = jnp.full((rows,), score_scale, jnp.float32)
+  # The key axis of the score tile: 1 for s [rows, block_k], 0 for s^T [block_k, rows] (keys_m).
+  ax = 0 if keys_m else 1
+  per_row = (lambda x: x[None, :]) if keys_m else (lambda x: x[:, None])
+  per_key = (lambda x: x[:, None]) if keys_m else (lambda x: x[None, :])
 
   def body(kb, carry):
     acc, m_prev, l_prev = carry
-    keys = kb * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    key_ok = keys < seq_len
-    page = plgpu.load(pt_ref.at[b, lax.div(keys, page_size)],
-                      mask=keys < pages_per_seq * page_size, other=0)
-    slots = page * page_size + lax.rem(keys, page_size)
-    k = plgpu.load(k_ref.at[slots[:, None], kvh, d], mask=key_ok[:, None], other=0.0)
-    v = plgpu.load(v_ref.at[slots[:, None], kvh, d], mask=key_ok[:, None], other=0.0)
+    keys, rows_ix = key_tile(pt_ref, b, kb, block_k=block_k, page_size=page_size,
+                             pages_per_seq=pages_per_seq)
+    cols = tile_cols(rows_ix, 0, D)
+    key_ok = (keys < seq_len)[:, None]
+    k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
+    v = plgpu.load(v_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
     if kv_upcast is not None:
-      k = k.astype(kv_upcast)
       v = v.astype(kv_upcast)
-    s = plgpu.dot(q, k, trans_b=True) * score_scale
-    s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      if not fp8_scores:
+        k = k.astype(kv_upcast)
+    if fp8_scores:   # E4M3 MMAs on K as stored
+      s = plgpu.dot(k, q, trans_b=True) + plgpu.dot(k, q_lo, trans_b=True) * (1 / 16)
+    elif keys_m:
+      s = plgpu.dot(k, q, trans_b=True)
+    else:
+      s = plgpu.dot(q, k, trans_b=True)
+    s = jnp.where(per_key(keys) <= per_row(q_pos), s * per_row(score_scale), _MASK)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=ax))
     correction = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_new = l_prev * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
-    return acc, m_new, l_new
+    p = jnp.exp2(s - per_row(m_new))
+    l_new = l_prev * correction + jnp.sum(p, axis=ax)
+    p = p.astype(v.dtype)
+    pv = plgpu.dot(v, p, trans_a=True) if keys_m else plgpu.dot(p, v)   # O^T [D, rows] / O
+    return acc * per_row(correction) + pv, m_new, l_new
 
-  carry = (jnp.zeros((rows, q_ref.shape[-1]), jnp.float32),
+  carry = (jnp.zeros((D, rows) if keys_m else (rows, D), jnp.float32),
            jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  first, last = split_range(seq_len, block_k, split, splits)
   acc, m, l = lax.fori_loop(first, last, body, carry)
+  if keys_m:
+    acc = acc.T
   if kv_upcast is not None:
     acc = acc * vsc_ref[0]
-  write_partials(out_refs, b, kvh, split, q_start, tok, head, row_ok, acc, m, l)
+  write_partials(out_refs, b, kvh, split, rm, acc, m, l)
 
 
-def write_partials(out_refs, b, blk, split, q_start, tok, head, row_ok, acc, m, l):
+def write_partials(out_refs, b, blk, split, rm: RowMap, acc, m, l):
   """One split: normalise and write the rows straight into o. Several: keep (acc, m, l) partials."""
   if len(out_refs) == 1:
-    store_rows(out_refs[0], q_start, tok, head, row_ok, acc / jnp.where(l > 0, l, 1.0)[:, None])
+    store_rows(out_refs[0], rm, acc / jnp.where(l > 0, l, 1.0)[:, None])
   else:
     acc_ref, m_ref, l_ref = out_refs
     acc_ref[b, blk, split, :, :] = acc
@@ -139,7 +223,7 @@ def _combine_kernel(qs_ref, acc_ref, m_ref, l_ref, o_init_ref, o_ref, *, group: 
   del o_init_ref
   blk = pl.program_id(0)
   b = pl.program_id(1)
-  q_start, _, tok, head, row_ok = row_map(qs_ref, b, blk, group=group, max_q=max_q, rows=rows)
+  rm = row_map(qs_ref, b, blk, group=group, max_q=max_q, rows=rows)
   m_max = lax.fori_loop(0, splits, lambda s, mx: jnp.maximum(mx, m_ref[b, blk, s, :]),
                         jnp.full((rows,), -jnp.inf, jnp.float32))
   m_max = jnp.where(m_max > -jnp.inf, m_max, 0.0)   # rows no split saw
@@ -151,7 +235,7 @@ def _combine_kernel(qs_ref, acc_ref, m_ref, l_ref, o_init_ref, o_ref, *, group: 
 
   out, total = lax.fori_loop(0, splits, body, (jnp.zeros(acc_ref.shape[-2:], jnp.float32),
                                                jnp.zeros((rows,), jnp.float32)))
-  store_rows(o_ref, q_start, tok, head, row_ok, out / jnp.where(total > 0, total, 1.0)[:, None])
+  store_rows(o_ref, rm, out / jnp.where(total > 0, total, 1.0)[:, None])
 
 
 def split_outputs(B: int, blocks: int, splits: int, rows: int, d: int, out):
@@ -217,6 +301,19 @@ def kernel_supports(q: jax.Array, k_pages: jax.Array) -> bool:
           and (is_fp8(k_pages.dtype) or k_pages.dtype == q.dtype))
 
 
+def split_fp8(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """x [T, H, D] -> ([T, H, 2D] in ``dtype`` (E4M3): hi | lo parts, [T, H, 1] f32 row scales) with
+  x ~= (hi + lo / 16) * scale: hi carries 4 significant bits, lo the next 4, so the pair keeps
+  ~2^-8 relative precision (bf16's) for E4M3 tensor-core products."""
+  xf = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+  scale = jnp.where(amax > 0, amax / 448.0, 1.0)
+  xs = xf / scale
+  hi = xs.astype(dtype)
+  lo = ((xs - hi.astype(jnp.float32)) * 16.0).astype(dtype)
+  return jnp.concatenate([hi, lo], axis=-1), scale
+
+
 def default_splits(num_seqs: int, kv_heads: int, max_blocks: int) -> int:
   want = pl.cdiv(2 * _NUM_SMS, num_seqs * kv_heads)
   return max(1, min(want, max_blocks, 64))
@@ -243,23 +340,27 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   # every e4m3 value; queries are cast to f16 for the tensor-core dot.
   kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None
   out_dtype = q.dtype
-  if kv_upcast is not None:
-    q = q.astype(kv_upcast)
+  if tiles.keys_m and kv_upcast is not None:
+    q, q_scale = split_fp8(q, k_pages.dtype)
+  else:
+    q_scale = jnp.ones((T, H, 1), jnp.float32)
+    if kv_upcast is not None:
+      q = q.astype(kv_upcast)
   qs = query_start.astype(jnp.int32)
   o_init = jnp.zeros((T, H, D), out_dtype)
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
-      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits)
+      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, keys_m=tiles.keys_m)
   results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),
       out_shape=split_outputs(B, KV, splits, rows, D, jax.ShapeDtypeStruct((T, H, D), out_dtype)),
-      input_output_aliases={8: 0} if splits == 1 else {},
+      input_output_aliases={9: 0} if splits == 1 else {},
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="paged_decode_attention",
-  )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q,
+  )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q, q_scale,
     k_pages.reshape(N * page_size, KV, D), v_pages.reshape(N * page_size, KV, D),
     jnp.asarray(k_scale, jnp.float32).reshape(1), jnp.asarray(v_scale, jnp.float32).reshape(1),
     o_init)
