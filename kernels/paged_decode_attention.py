@@ -66,6 +66,11 @@ class DecodeTiles:
   keys_m: bool = False
 
 
+# Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 32/8 heads, D=128.
+BF16_TILES = DecodeTiles()
+FP8_TILES = DecodeTiles()
+
+
 class RowMap(NamedTuple):
   """Row r of a program's tile is query token r // group of sequence b, head blk*group + r % group."""
   q_start: jax.Array
@@ -323,9 +328,13 @@ def default_splits(num_seqs: int, kv_heads: int, max_blocks: int) -> int:
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            page_table: jax.Array, seq_lens: jax.Array, query_start: jax.Array, *,
                            scale: float, k_scale=1.0, v_scale=1.0, max_q: int = 1,
-                           tiles: DecodeTiles = DecodeTiles(), interpret: bool = False) -> jax.Array:
-  """Attention of <= ``max_q`` query tokens per sequence over the paged cache -> [T, H, D]."""
+                           tiles: DecodeTiles | None = None,
+                           interpret: bool = False) -> jax.Array:
+  """Attention of <= ``max_q`` query tokens per sequence over the paged cache -> [T, H, D].
+  ``tiles`` None: the measured best for the cache dtype (BF16_TILES / FP8_TILES)."""
   check_decode_shapes(q, k_pages, v_pages, page_table, seq_lens, query_start)
+  if tiles is None:
+    tiles = FP8_TILES if is_fp8(k_pages.dtype) else BF16_TILES
   T, H, D = q.shape
   N, page_size, KV, _ = k_pages.shape
   B, P = page_table.shape
