@@ -36,6 +36,7 @@ flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
 flags.DEFINE_float("budget_s", 420.0, "skip remaining work after this many seconds")
 flags.DEFINE_integer("shrink", 1, "divide the big dims by this (CPU dry runs, with --interpret)")
 flags.DEFINE_bool("short", False, "fewer shapes and variants (second, shorter device run)")
+flags.DEFINE_bool("check_short", False, "the check section on its first shapes only")
 flags.DEFINE_bool("interpret", False, "run Pallas kernels in interpret mode (CPU dry run)")
 flags.DEFINE_enum("variant_set", "all", ["all", "new", "final"],
                   "decode/grouped NVFP4 variants: all (tiling sweep of the bf16-MMA kernel), new "
@@ -177,7 +178,8 @@ def sec_check():
   """Small odd shapes: every kernel against its f32 reference on fresh random inputs."""
   ks = iter(keys(64))
   shapes = [(1, 96, 48), (5, 200, 1040), (64, 256, 512), (100, 384, 2048), (257, 512, 768)]
-  for m, n, k in shapes[:2] if FLAGS.short else shapes:
+  short = FLAGS.short or FLAGS.check_short
+  for m, n, k in shapes[:2] if short else shapes:
     x = jax.random.normal(next(ks), (m, k), jnp.bfloat16)
     p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))
     y = nk.w4a16_matmul(x, p, s, g)
@@ -202,7 +204,7 @@ def sec_check():
                err=rel_err(yf, fp8k.fp8_block_reference(x.astype(jnp.float32), wq, wsi)))
   for t_rows, e, k, n, sizes in [(64, 8, 256, 128, [9, 0, 30, 0, 1, 20, 0, 0]),
                                  (100, 4, 384, 200, [0, 50, 3, 40]),
-                                 (8, 3, 128, 64, [0, 0, 0])][:1 if FLAGS.short else 3]:
+                                 (8, 3, 128, 64, [0, 0, 0])][:1 if short else 3]:
     x = jax.random.normal(next(ks), (t_rows, k), jnp.bfloat16)
     w = jax.random.normal(next(ks), (e, k, n), jnp.float32)
     gs = jnp.array(sizes, jnp.int32)
@@ -422,7 +424,7 @@ def sec_grouped():
     if best is not None and "us" in base:
       record("grouped", shape, shape, "SPEEDUP best nvfp4/ragged_dot",
              note=f"{base['us'] / best['us']:.2f}x ({best['impl']})")
-    if FLAGS.short or FLAGS.variant_set == "new":
+    if FLAGS.short or FLAGS.variant_set != "all":
       continue
     t_bf = gk.default_tiling(t_rows, n, e, "dense")
     attempt("grouped", shape, shape, "ours bf16 grouped",
