@@ -244,7 +244,8 @@ def _new_tilings(m, n, k):
           "asm A bn64 3d": dataclasses.replace(a64, load_3d=True),
           "asm A bn64 xs": dataclasses.replace(a64, x_scale=True),
           "asm_f16 A bn64": dataclasses.replace(a64, dequant="asm_f16"),
-          "e4m3 A bn64": dataclasses.replace(a64, dequant="e4m3")}
+          "e4m3 A bn64": dataclasses.replace(a64, dequant="e4m3"),
+          **({"asm A bn64 nosplit": dataclasses.replace(a64, split_k=1)} if split > 1 else {})}
 
 
 def _decode_tilings(m, n, k):
