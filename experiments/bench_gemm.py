@@ -30,7 +30,7 @@ from kernels.quant import fp8_block, nvfp4
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/gemm.json", "JSON results path")
 flags.DEFINE_list("sections", ["ceil", "check", "decode", "fp8", "prefill", "grouped"],
-                  "which sections to run, in order; decode:KxN runs one decode shape")
+                  "which sections to run, in order; decode:KxN[@M1/M2] runs one decode shape")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
 flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
 flags.DEFINE_float("budget_s", 420.0, "skip remaining work after this many seconds")
@@ -274,13 +274,24 @@ FINAL_DECODE = ["default", "asm", "asm A bn64", "asm A bn64 eo"]
 
 
 def sec_decode(kn_list=None):
+  """kn_list: ["KxN"] or ["KxN@M1/M2"] (one shape, optionally its own M values)."""
   r = 16
+  ms_override = None
+  if kn_list and "@" in kn_list[0]:
+    kn_list[0], ms = kn_list[0].split("@")
+    ms_override = [int(v) for v in ms.split("/")]
   for k, n in [tuple(D(int(v)) for v in kn.split("x")) for kn in kn_list or FLAGS.decode_kn]:
     key_w, key_x = keys(2)
     wsets = nvfp4_sets(r, n, k, key_w)
     bf16_w = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(key_w, r)]
     wq_bytes = n * k // 2 + n * k // 16
-    for m in ([1, 64] if k == D(4096) else [32]) if FLAGS.short else map(int, FLAGS.decode_ms):
+    if ms_override:
+      ms = ms_override
+    elif FLAGS.short:
+      ms = [1, 64] if k == D(4096) else [32]
+    else:
+      ms = [int(v) for v in FLAGS.decode_ms]
+    for m in ms:
       xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(key_x, r)]
       io = m * k * 2 + m * n * 2
       shape = f"M{m} K{k} N{n}"
