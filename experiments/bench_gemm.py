@@ -415,7 +415,8 @@ def sec_grouped():
              gk.Tiling(16, 64, 256, 4, 4, True, dequant="asm", w_as_a=True),
              gk.Tiling(16, 128, 128, 8, 4, dequant="asm", w_as_a=True),
              gk.Tiling(16, 64, 256, 4, 4, dequant="asm", w_as_a=True, x_scale=True),
-             gk.Tiling(16, 64, 256, 4, 4, dequant="asm_f16", w_as_a=True)]
+             gk.Tiling(16, 64, 256, 4, 4, dequant="asm_f16", w_as_a=True),
+             gk.Tiling(16, 64, 256, 4, 4, dequant="asm", w_as_a=True, load_3d=True)]
       tilings = tilings[:1] + (asm if FLAGS.variant_set == "new" else
                                [asm[i] for i in FINAL_GROUPED])
     ref = gk.grouped_nvfp4_reference(xs[0][:ref_rows].astype(jnp.float32), *nv[0], gs_ref)
@@ -425,7 +426,7 @@ def sec_grouped():
     for t in tilings:
       res = attempt("grouped", shape, shape, f"ours nvfp4 {t.block_m}x{t.block_n}x{t.block_k}"
                     f"{' eo' if t.x_even_odd else ''} {t.dequant}{' A' if t.w_as_a else ''}"
-                    f"{' xs' if t.x_scale else ''}",
+                    f"{' xs' if t.x_scale else ''}{' 3d' if t.load_3d else ''}",
                     lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4(x, p, s, g, gs, tiling=t),
                     [(x, *w) for x, w in zip(xs, nv)], active * k * n * 9 // 16 + io, flops,
                     note=str(t), ref=ref if ref_rows == t_rows else None)

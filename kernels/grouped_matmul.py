@@ -45,6 +45,7 @@ class Tiling:
   dequant: str = "f32"       # NVFP4 only: kernels/nvfp4_matmul.DEQUANT_MODES
   w_as_a: bool = False       # NVFP4 only: weight tile as the MMA's A operand (y^T = W x^T)
   x_scale: bool = False      # NVFP4 f16 routes only: per-row power-of-two prescale of x
+  load_3d: bool = False      # NVFP4 only: bytes loaded as [bn, bk/16, 8] (nvfp4_matmul.Tiling)
 
 
 def default_tiling(t: int, n: int, num_groups: int, fmt: str) -> Tiling:
@@ -81,7 +82,7 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Ar
 
 
 def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_odd, mode,
-            w_as_a, x_scale):
+            w_as_a, x_scale, load_3d):
   xinv_ref = xmul_ref = None
   if fmt == "nvfp4" and x_scale:
     x_ref, xinv_ref, xmul_ref, wq_ref, ws_ref, gs_ref, o_ref = refs
@@ -141,8 +142,13 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
       kp_ok = ((kp + jnp.arange(bk // 2)) < k // 2) if mask_k else None
       ks_ok = ((ks + jnp.arange(bk // 16)) < k // 16) if mask_k else None
       need = masked_n or mask_k
-      wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(kp, bk // 2)),
-                  both(col_ok, kp_ok) if need else None)
+      if load_3d:   # wq_ref is [E, N, K/16, 8]
+        wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(ks, bk // 16), slice(None)),
+                    jnp.broadcast_to(both(col_ok, ks_ok)[:, :, None], (bn, bk // 16, 8))
+                    if need else None)
+      else:
+        wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(kp, bk // 2)),
+                    both(col_ok, kp_ok) if need else None)
       ws = load_w(ws_ref, (g, pl.ds(n0, bn), pl.ds(ks, bk // 16)),
                   both(col_ok, ks_ok) if need else None)
       kx_ok = ((k0 + jnp.arange(bk)) < k) if mask_k else None
@@ -189,10 +195,15 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
   x_scale = t.x_scale and mode != "f32"
   if x_scale:
     operands = (operands[0], *row_scales(operands[0]), *operands[1:])
+  load_3d = t.load_3d and fmt == "nvfp4"
+  if load_3d:
+    i = 3 if x_scale else 1
+    operands = (*operands[:i], operands[i].reshape(e, n, k // 16, 8), *operands[i + 1:])
   kernel = functools.partial(_kernel, fmt=fmt, e=e, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
                              k_steps=-(-k // bk), mask_k=mask_k,
                              x_even_odd=t.x_even_odd and fmt == "nvfp4",
-                             mode=mode, w_as_a=t.w_as_a and fmt == "nvfp4", x_scale=x_scale)
+                             mode=mode, w_as_a=t.w_as_a and fmt == "nvfp4", x_scale=x_scale,
+                             load_3d=load_3d)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((t_rows, n), out_dtype),
       grid=(sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,

@@ -81,6 +81,7 @@ def test_grouped_bf16_skewed_and_empty_groups(rng):
     (48, gk.Tiling(16, 64, 64, 4, 2, dequant="asm", w_as_a=True)),
     (256, gk.Tiling(16, 32, 128, 4, 2, x_even_odd=True, dequant="e4m3", w_as_a=True)),
     (256, gk.Tiling(16, 64, 128, 4, 2, dequant="asm_f16", w_as_a=True, x_scale=True)),
+    (48, gk.Tiling(16, 32, 64, 4, 2, dequant="asm", w_as_a=True, x_scale=True, load_3d=True)),
 ])
 def test_grouped_nvfp4_matches_float64(rng, k, tiling):
   t, e, n = 37, 5, 64
