@@ -1,19 +1,24 @@
 """One Wan DiT denoising step (one forward, batch 1) split into GEMM / attention / rest, per precision.
 
-The blocks are identical, so one block is compiled and timed and the step is L × block + embed/head
-(compiling the unrolled 30/40-layer forward per variant costs more than the whole device budget).
 Per variant three jitted functions run on the same random inputs: the whole block, only its matmuls
-(self q/k/v/o + cross q/o on S tokens, cross k/v on the text, FFN), and only its two attentions;
-rest = block - GEMM - attention (norms, modulation, RoPE, residuals, quantization passes).
+(as the block issues them: fused q/k/v where the variant fuses, FP8 inputs pre-quantized, raw dot
+outputs), and only its two attentions (FP8: the kernel on E4M3 codes); rest = block - GEMM - attention
+(norms, modulation, RoPE, residuals, scale/bias epilogues, quantization casts). Step = L × block +
+embed/head; with --full_step also a compiled full forward (blocks in a lax.scan) is timed.
 
 Variants (linear / attention):
   bf16          XLA bf16 dot / cuDNN flash attention bf16
-  fp8xla        per-tensor scaled E4M3 dot through XLA (cuBLASLt FP8; the scaled-dot pattern) / bf16
-  fp8attn       bf16 / cuDNN FP8 attention, SageAttention-style: K smoothed (mean over tokens
-                subtracted, softmax-invariant), per-tensor scaled E4M3 Q, K, V, P
-  fp8           fp8xla + fp8attn  (the issue's target: >= 1.4x bf16)
+  bf16fused     bf16 with q/k/v (and cross k/v) fused into one GEMM
+  fp8attn       bf16 / calibrated FP8 attention (cuDNN; static Q/K/V scales, delayed K mean)
+  fp8attn_dyn   bf16 / dynamic FP8 attention (K mean and amax every call: the first FP8 path)
+  fp8gemm       calibrated rowwise FP8 GEMM (E4M3 [N,K] per-channel weights, static per-tensor
+                activation scales, fused q/k/v) / bf16
+  fp8           fp8gemm + fp8attn  (the issue's target: >= 1.4x bf16)
+  fp8tok        FP8 GEMM with dynamic per-token activation scales + fp8attn
+  fp8xla        the first FP8 GEMM path (per-tensor amax + cast per linear) / bf16
   fp8block      kernels.quant FP8BlockWeight via ops.linear, as the project dispatches it
   nvfp4         kernels.quant NVFP4Weight (W4A16) via ops.linear, as the project dispatches it
+Calibration (fp8*) runs the observed bf16 block on a different random draw than the timed input.
 Quality: relative error and PSNR of the block output against the bf16 block on the same inputs.
 
   PYTHONPATH=. python3 experiments/bench_dit.py --config=1.3b --frames=81 --height=480 --width=832
@@ -34,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.models import wan_dit
-from jaxinfer.video.low_precision import fp8_cudnn_attention, quantize_block
+from jaxinfer.video import low_precision as lp
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "1.3b", ["1.3b", "14b", "tiny"], "DiT shape")
@@ -43,16 +48,21 @@ flags.DEFINE_integer("height", 480, "pixels")
 flags.DEFINE_integer("width", 832, "pixels")
 flags.DEFINE_integer("text_len", 512, "text tokens (Wan pads prompts to 512)")
 flags.DEFINE_integer("iters", 10, "timed iterations per function (median)")
-flags.DEFINE_list("variants", ["bf16", "fp8xla", "fp8attn", "fp8", "fp8block", "nvfp4"], "variants")
+flags.DEFINE_list("variants", ["bf16", "fp8attn", "fp8gemm", "fp8", "nvfp4"], "variants")
 flags.DEFINE_string("bf16_attn", "cudnn", "attention impl for bf16 (cudnn | xla)")
 flags.DEFINE_bool("ceilings", True, "measure the bf16 / fp8 matmul ceilings first")
+flags.DEFINE_bool("full_step", False, "also time a compiled full forward (lax.scan over L blocks)")
+flags.DEFINE_integer("full_iters", 3, "timed iterations of the full forward")
+flags.DEFINE_string("hlo_dir", "", "write the optimized HLO of each variant's block here")
 flags.DEFINE_string("out", "", "JSON path (default $OUT/dit.json)")
 flags.DEFINE_list("sp", [], "Ulysses axis sizes to time a one-layer bf16 forward on (e.g. 2,4,8); "
                   "needs that many devices")
 
 VARIANTS = {  # name: (linear kind, attention kind)
-    "bf16": ("bf16", "bf16"), "fp8xla": ("fp8xla", "bf16"), "fp8attn": ("bf16", "fp8"),
-    "fp8": ("fp8xla", "fp8"), "fp8block": ("fp8block", "bf16"), "nvfp4": ("nvfp4", "bf16")}
+    "bf16": ("bf16", "bf16"), "bf16fused": ("bf16fused", "bf16"), "fp8attn": ("bf16", "fp8"),
+    "fp8attn_dyn": ("bf16", "fp8dyn"), "fp8gemm": ("fp8", "bf16"), "fp8": ("fp8", "fp8"),
+    "fp8tok": ("fp8tok", "fp8"), "fp8xla": ("fp8xla", "bf16"), "fp8block": ("fp8block", "bf16"),
+    "nvfp4": ("nvfp4", "bf16")}
 
 
 def bench(fn, args, iters):
@@ -72,12 +82,55 @@ def ceilings(iters):
   a = jax.random.normal(k1, (n, n), jnp.bfloat16)
   b = jax.random.normal(k2, (n, n), jnp.bfloat16)
   t_bf16, _ = bench(jax.jit(lambda a, b: a @ b), (a, b), iters)
-  a8, b8 = a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e4m3fn)
-  one = jnp.ones((), jnp.bfloat16)
-  f8 = jax.jit(lambda a, b: jnp.dot(a.astype(jnp.bfloat16) * one, b.astype(jnp.bfloat16) * one,
-                                    preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  a8, b8 = a.astype(lp.F8), b.astype(lp.F8)                # b8 read as [N, K]
+  f8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                                preferred_element_type=jnp.bfloat16))
   t_fp8, _ = bench(f8, (a8, b8), iters)
   return {"bf16_tflops": 2 * n ** 3 / t_bf16 / 1e12, "fp8_tflops": 2 * n ** 3 / t_fp8 / 1e12}
+
+
+def make_block(block, lin_kind, attn_kind, stats):
+  """The variant's block params (quantized offline, outside the timed functions)."""
+  if lin_kind in ("fp8", "fp8tok"):
+    qb = jax.jit(lp.quantize_block, static_argnums=1)(block, "fp8",
+                                                      stats if lin_kind == "fp8" else None)
+  else:
+    qb = jax.jit(lp.quantize_block, static_argnums=1)(block, lin_kind)
+  if attn_kind == "fp8":
+    qb = lp.with_fp8_attention(qb, stats)
+  return qb
+
+
+def matrices(b):
+  """(path, weight) of every projection of a (possibly fused / quantized) block, in block order."""
+  out = []
+  for part in ("self_attn", "cross_attn"):
+    for n in ("wqkv", "wq", "wk", "wv", "wkv", "wo"):
+      if n in b[part]:
+        out.append((f"{part}.{n}", b[part][n]))
+  return out + [("ffn_w1", b["ffn_w1"]), ("ffn_w2", b["ffn_w2"])]
+
+
+def gemm_operands(b, x, h, ctx):
+  """Per matrix: (weight, its input as the block feeds it: E4M3 codes for ScaledFP8Weight)."""
+  ops = []
+  for path, w in matrices(b):
+    inp = h if path == "ffn_w2" else ctx if path.startswith("cross_attn.w") and path[-1] in "kv" else x
+    if isinstance(w, lp.ScaledFP8Weight):
+      inp = jax.jit(lambda w, a: w.quantize_input(a)[0])(w, inp)
+    ops.append((w, inp))
+  return ops
+
+
+def gemms(ops):
+  outs = []
+  for w, a in ops:
+    if isinstance(w, lp.ScaledFP8Weight):     # the raw FP8 dot (scales are applied by consumers)
+      outs.append(jax.lax.dot_general(a, w.w, (((a.ndim - 1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.bfloat16))
+    else:
+      outs.append(wan_dit.linear(a, w))
+  return outs
 
 
 def ulysses_scaling(cfg, grid, text_len, sizes):
@@ -123,8 +176,8 @@ def main(_):
   dev = jax.devices()[0]
   result = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
             "config": FLAGS.config, "dim": D, "layers": cfg.num_layers, "heads": N,
-            "frames": FLAGS.frames, "height": FLAGS.height, "width": FLAGS.width, "tokens": S,
-            "text_len": L_text, "variants": {}}
+            "ffn": cfg.ffn_dim, "frames": FLAGS.frames, "height": FLAGS.height, "width": FLAGS.width,
+            "tokens": S, "text_len": L_text, "variants": {}}
   print(f"{dev.device_kind} jax {jax.__version__}: {FLAGS.config} {FLAGS.frames}x{FLAGS.height}x"
         f"{FLAGS.width} -> S={S} tokens, D={D}, L={cfg.num_layers}", flush=True)
   if FLAGS.ceilings:
@@ -135,30 +188,49 @@ def main(_):
   one = dataclasses.replace(cfg, num_layers=1)
   params = wan_dit.init_params_on_device(one, jax.random.key(0), jnp.bfloat16)
   block = params["blocks"][0]
-  ks = jax.random.split(jax.random.key(1), 3)
+  ks = jax.random.split(jax.random.key(1), 5)
   x = jax.random.normal(ks[0], (1, S, D), jnp.bfloat16)
   ctx = jax.random.normal(ks[1], (1, L_text, D), jnp.bfloat16)
   tproj = 0.1 * jax.random.normal(ks[2], (1, 6, D), jnp.float32)
+  h = jax.random.normal(ks[3], (1, S, cfg.ffn_dim), jnp.bfloat16)
   cos, sin = (jnp.asarray(a) for a in wan_dit.rope_3d(cfg, grid))
-  bf16_attn = lambda q, k, v: wan_dit.attention(q, k, v, FLAGS.bf16_attn)
-  attn_fns = {"bf16": bf16_attn, "fp8": fp8_cudnn_attention}
+  bf16_attn = lambda q, k, v, quant=None: wan_dit.attention(q, k, v, FLAGS.bf16_attn, quant)
+  dyn_attn = lp.fp8_cudnn_attention
+  block_fn = lambda attn: jax.jit(lambda b, x, ctx, tp, c, s: wan_dit.block_forward(
+      b, x, ctx, tp, c, s, cfg, attn, attn))
 
-  def gemms(b, x, ctx):
-    sa, ca = b["self_attn"], b["cross_attn"]
-    lin = wan_dit.linear
-    outs = [lin(x, sa[n]) for n in ("wq", "wk", "wv", "wo")] + [lin(x, ca["wq"]), lin(x, ca["wo"])]
-    outs += [lin(ctx, ca["wk"]), lin(ctx, ca["wv"])]
-    h = lin(x, b["ffn_w1"])
-    outs.append(lin(h, b["ffn_w2"]))
-    return [o.sum(dtype=jnp.float32) for o in outs]           # keep every product live, tiny output
-
-  def attns(attn, q, k, v, kc, vc):
-    return attn(q, k, v), attn(q, kc, vc)
+  stats = None
+  if any(VARIANTS[v][0] == "fp8" or VARIANTS[v][1] == "fp8" for v in FLAGS.variants):
+    t0 = time.perf_counter()
+    x_cal = jax.random.normal(ks[4], (1, S, D), jnp.bfloat16)   # calibrate on another draw
+    cal = lp.calibrating(lambda b, *a: wan_dit.block_forward(b, *a, cfg, bf16_attn, bf16_attn))
+    _, rec = cal(lp.observe_block(block, FLAGS.bf16_attn), x_cal, ctx, tproj, cos, sin)
+    stats = lp.merge_stats([rec])
+    result["calibration_s"] = time.perf_counter() - t0
+    print(f"calibrated in {result['calibration_s']:.1f}s", flush=True)
 
   qkv = [jax.random.normal(k_, (1, S, N, cfg.head_dim), jnp.bfloat16)
          for k_ in jax.random.split(jax.random.key(2), 3)]
   kvc = [jax.random.normal(k_, (1, L_text, N, cfg.head_dim), jnp.bfloat16)
          for k_ in jax.random.split(jax.random.key(3), 2)]
+
+  def attention_only(kind):
+    if kind == "bf16":
+      fn = lambda q, k, v, kc, vc: (bf16_attn(q, k, v), bf16_attn(q, kc, vc))
+      return bench(jax.jit(fn), (*qkv, *kvc), FLAGS.iters)[0]
+    if kind == "fp8dyn":
+      fn = lambda q, k, v, kc, vc: (dyn_attn(q, k, v), dyn_attn(q, kc, vc))
+      return bench(jax.jit(fn), (*qkv, *kvc), FLAGS.iters)[0]
+    # calibrated: the kernel alone on E4M3 codes (quantization is fused into q/k/v's producers)
+    amax = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32))))
+    mk = lambda q, k, v: lp.FP8Attention.from_stats(
+        {"q_amax": amax(q), "k_amax": amax(k), "v_amax": amax(v),
+         "k_mean": np.zeros((N, cfg.head_dim), np.float32)})
+    a_s, a_c = mk(*qkv), mk(qkv[0], *kvc)
+    codes = (*a_s.quantize(*qkv), *a_c.quantize(qkv[0], *kvc))
+    fn = lambda a_s, a_c, q, k, v, q2, kc, vc: (a_s.attend_quantized(q, k, v),
+                                                a_c.attend_quantized(q2, kc, vc))
+    return bench(jax.jit(fn), (a_s, a_c, *codes), FLAGS.iters)[0]
 
   # Embedding + head: measured once (bf16), shared by every variant.
   lat = jax.random.normal(jax.random.key(4), (1, *[g * p for g, p in zip(grid, cfg.patch_size)],
@@ -177,26 +249,43 @@ def main(_):
   for name in FLAGS.variants:
     lin_kind, attn_kind = VARIANTS[name]
     try:
-      qb = jax.jit(quantize_block, static_argnums=1)(block, lin_kind)
-      attn = attn_fns[attn_kind]
-      blk = jax.jit(lambda b, x, ctx, tp, c, s: wan_dit.block_forward(
-          b, x, ctx, tp, c, s, cfg, attn, attn))
-      t_blk, out = bench(blk, (qb, x, ctx, tproj, cos, sin), FLAGS.iters)
+      qb = make_block(block, lin_kind, attn_kind, stats)
+      blk = block_fn(dyn_attn if attn_kind == "fp8dyn" else bf16_attn)
+      args = (qb, x, ctx, tproj, cos, sin)
+      if FLAGS.hlo_dir:                   # time the very executable whose HLO is written
+        blk = blk.lower(*args).compile()
+        os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.hlo_dir, f"{FLAGS.config}_{name}_block.hlo.txt"), "w") as f:
+          f.write(blk.as_text())
+      t_blk, out = bench(blk, args, FLAGS.iters)
       if lin_kind not in gemm_ms:
-        gemm_ms[lin_kind] = bench(jax.jit(gemms), (qb, x, ctx), FLAGS.iters)[0]
+        ops = gemm_operands(qb, x, h, ctx)
+        gemm_ms[lin_kind] = bench(jax.jit(gemms), (ops,), FLAGS.iters)[0]
+        del ops
       if attn_kind not in attn_ms:
-        attn_ms[attn_kind] = bench(jax.jit(lambda *a: attns(attn, *a)), (*qkv, *kvc), FLAGS.iters)[0]
+        attn_ms[attn_kind] = attention_only(attn_kind)
       t_gemm, t_attn = gemm_ms[lin_kind], attn_ms[attn_kind]
+      row = {"block_ms": t_blk * 1e3, "gemm_ms": t_gemm * 1e3, "attention_ms": t_attn * 1e3,
+             "rest_ms": (t_blk - t_gemm - t_attn) * 1e3,
+             "step_ms": (cfg.num_layers * t_blk + t_eh) * 1e3,
+             "gemm_tflops": flops["gemm"] / t_gemm / 1e12,
+             "attention_tflops": flops["attention"] / t_attn / 1e12}
+      if FLAGS.full_step:
+        stacked = dict(params, blocks=jax.tree.map(
+            lambda a: jnp.broadcast_to(a, (cfg.num_layers, *a.shape)), qb))
+        step = jax.jit(lambda p, lat, text: wan_dit.forward(
+            p, lat, jnp.array([500.0]), text, cfg,
+            attn_impl=dyn_attn if attn_kind == "fp8dyn" else bf16_attn))
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(stacked, lat, text))
+        row["full_step_compile_s"] = time.perf_counter() - t0
+        row["full_step_ms"] = bench(step, (stacked, lat, text), FLAGS.full_iters)[0] * 1e3
+        del stacked
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       result["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
       continue
     out = np.asarray(out, np.float32)
-    row = {"block_ms": t_blk * 1e3, "gemm_ms": t_gemm * 1e3, "attention_ms": t_attn * 1e3,
-           "rest_ms": (t_blk - t_gemm - t_attn) * 1e3,
-           "step_ms": (cfg.num_layers * t_blk + t_eh) * 1e3,
-           "gemm_tflops": flops["gemm"] / t_gemm / 1e12,
-           "attention_tflops": flops["attention"] / t_attn / 1e12}
     if ref_out is None and name == "bf16":
       ref_out = out
     if ref_out is not None:
@@ -211,18 +300,21 @@ def main(_):
   if FLAGS.sp:
     result["ulysses"] = ulysses_scaling(cfg, grid, L_text, [int(n) for n in FLAGS.sp])
 
-  base = result["variants"].get("bf16", {}).get("step_ms")
-  print(f"\n{'variant':10s} {'step ms':>9s} {'block':>7s} {'gemm':>7s} {'attn':>7s} {'rest':>7s} "
-        f"{'GEMM TF/s':>9s} {'attn TF/s':>9s} {'speedup':>7s} {'PSNR dB':>8s}")
+  base = result["variants"].get("bf16", {})
+  print(f"\n{'variant':11s} {'step ms':>9s} {'full ms':>8s} {'block':>7s} {'gemm':>7s} {'attn':>7s} "
+        f"{'rest':>7s} {'GEMM TF/s':>9s} {'attn TF/s':>9s} {'speedup':>7s} {'PSNR dB':>8s}")
   for name, r in result["variants"].items():
     if "error" in r:
-      print(f"{name:10s} failed: {r['error'][:80]}")
+      print(f"{name:11s} failed: {r['error'][:80]}")
       continue
-    sp = base / r["step_ms"] if base else float("nan")
-    r["speedup_vs_bf16"] = sp
-    print(f"{name:10s} {r['step_ms']:9.1f} {r['block_ms']:7.2f} {r['gemm_ms']:7.2f} "
-          f"{r['attention_ms']:7.2f} {r['rest_ms']:7.2f} {r['gemm_tflops']:9.0f} "
-          f"{r['attention_tflops']:9.0f} {sp:7.2f} {r.get('psnr_vs_bf16_db', float('nan')):8.1f}")
+    if base.get("step_ms"):
+      r["speedup_vs_bf16"] = base["step_ms"] / r["step_ms"]
+    if base.get("full_step_ms") and r.get("full_step_ms"):
+      r["full_step_speedup_vs_bf16"] = base["full_step_ms"] / r["full_step_ms"]
+    print(f"{name:11s} {r['step_ms']:9.1f} {r.get('full_step_ms', float('nan')):8.1f} "
+          f"{r['block_ms']:7.2f} {r['gemm_ms']:7.2f} {r['attention_ms']:7.2f} {r['rest_ms']:7.2f} "
+          f"{r['gemm_tflops']:9.0f} {r['attention_tflops']:9.0f} "
+          f"{r.get('speedup_vs_bf16', float('nan')):7.2f} {r.get('psnr_vs_bf16_db', float('nan')):8.1f}")
   path = FLAGS.out or os.path.join(os.environ.get("OUT", "."), "dit.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)

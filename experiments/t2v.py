@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxinfer.models import umt5, wan_dit, wan_vae
 from jaxinfer.video import pipeline, quality, writer
-from jaxinfer.video.low_precision import quantize_block
+from jaxinfer.video import low_precision
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "", "diffusers-layout Wan T2V folder; empty: random weights")
@@ -49,7 +49,11 @@ flags.DEFINE_bool("fsdp", False, "with --sp: FSDP-shard the DiT blocks over the 
 flags.DEFINE_integer("vae_chunk", 0, "decode this many latent frames at a time (0: all at once)")
 flags.DEFINE_string("out", "/tmp/t2v.gif", "output video (.gif, .mp4; .png for one frame)")
 flags.DEFINE_bool("compare_cache", False, "also run with cache_interval=2 and report PSNR/SSIM")
-flags.DEFINE_bool("compare_precision", False, "also run FP8 / NVFP4 GEMM variants, report PSNR/SSIM")
+flags.DEFINE_bool("compare_precision", False, "also run FP8 / NVFP4 GEMM and FP8 attention variants, "
+                  "report PSNR/SSIM")
+flags.DEFINE_list("precisions", ["fp8attn", "fp8gemm", "fp8", "fp8tok", "nvfp4", "fp8block"],
+                  "variants for --compare_precision (FP8 attention ones need cuDNN: GPU only)")
+flags.DEFINE_bool("scan", True, "run the DiT blocks in a lax.scan (one block compiled, not L)")
 flags.DEFINE_string("json", "", "write the measurements here")
 
 TEXT_LEN = 512
@@ -93,10 +97,23 @@ def real_text(folder: Path, prompts: list[str]):
   return out
 
 
-def quantized(params, kind: str):
-  if kind == "bf16":
-    return params
-  return dict(params, blocks=[quantize_block(b, kind) for b in params["blocks"]])
+PRECISIONS = {  # name: (linear kind, calibrated FP8 attention)
+    "fp8attn": ("bf16", True), "fp8gemm": ("fp8", False), "fp8": ("fp8", True),
+    "fp8tok": ("fp8tok", True), "nvfp4": ("nvfp4", False), "fp8block": ("fp8block", False),
+    "fp8xla": ("fp8xla", False)}
+
+
+def calibration_stats(params, dit_cfg, vae_cfg, t2v, text, neg, dtype):
+  """Per-block FP8 statistics from bf16 forwards on fresh noise (not the run's seed) at three of the
+  run's timesteps, with the CFG batch (prompt, negative prompt)."""
+  from jaxinfer.video import schedulers  # pylint: disable=import-outside-toplevel
+  _, timesteps = schedulers.make_scheduler(t2v.scheduler, t2v.num_steps, t2v.shift)
+  shape = pipeline.latent_shape(t2v, dit_cfg, vae_cfg)
+  ctx = jnp.concatenate([text, neg])
+  lat = jax.random.normal(jax.random.key(t2v.seed + 1), (ctx.shape[0], *shape), dtype)
+  picks = [float(timesteps[i]) for i in sorted({0, len(timesteps) // 2, len(timesteps) - 1})]
+  attn = "cudnn" if jax.default_backend() == "gpu" else None
+  return low_precision.calibrate_model(params, dit_cfg, lat, picks, ctx.astype(dtype), attn)
 
 
 def main(_):
@@ -121,30 +138,53 @@ def main(_):
     mesh = jax.make_mesh((FLAGS.sp,), ("sp",), devices=jax.devices()[:FLAGS.sp])
     dit_p = ulysses.shard_params(dit_p, mesh, "sp", FLAGS.fsdp)
 
+  stack = (lambda p: wan_dit.stack_blocks(p)) if FLAGS.scan and mesh is None else (lambda p: p)
+
   def run(t2v_, params):
     t0 = time.perf_counter()
-    frames = pipeline.generate(params, dit_cfg, vae_p, vae_cfg, text, neg, t2v_, attn_impl=FLAGS.attn,
-                               dtype=dtype, vae_chunk=FLAGS.vae_chunk or None, mesh=mesh,
-                               fsdp=FLAGS.fsdp)
+    frames = pipeline.generate(stack(params), dit_cfg, vae_p, vae_cfg, text, neg, t2v_,
+                               attn_impl=FLAGS.attn, dtype=dtype, vae_chunk=FLAGS.vae_chunk or None,
+                               mesh=mesh, fsdp=FLAGS.fsdp)
     return frames, time.perf_counter() - t0
 
   frames, secs = run(t2v, dit_p)
   path = writer.write_video(frames, FLAGS.out, fps=16)
   print(f"wrote {path}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} in {secs:.1f}s "
-        "(incl. compile)")
+        "(incl. compile)", flush=True)
   results = {"frames": list(frames.shape), "seconds": secs, "steps": FLAGS.steps,
-             "size": FLAGS.checkpoint or FLAGS.size, "comparisons": {}}
+             "size": FLAGS.checkpoint or FLAGS.size, "device": jax.devices()[0].device_kind,
+             "height": FLAGS.height, "width": FLAGS.width, "num_frames": FLAGS.frames,
+             "guidance": FLAGS.guidance, "scheduler": FLAGS.scheduler, "comparisons": {}}
   variants = []
   if FLAGS.compare_cache:
     variants.append(("cache_interval=2", dataclasses.replace(t2v, cache_interval=2, cache_warmup=2),
-                     dit_p))
+                     lambda: dit_p))
   if FLAGS.compare_precision:
-    variants += [(k, t2v, quantized(dit_p, k)) for k in ("fp8xla", "fp8block", "nvfp4")]
-  for name, t2v_, params in variants:
-    other, s = run(t2v_, params)
+    stats = []
+
+    def make(lin, fp8_attn):
+      if (lin == "fp8" or fp8_attn) and not stats:
+        t0 = time.perf_counter()
+        stats.extend(calibration_stats(dit_p, dit_cfg, vae_cfg, t2v, text, neg, dtype))
+        results["calibration_s"] = time.perf_counter() - t0
+      return low_precision.quantize_model(dit_p, lin, stats or None, fp8_attn)
+    for name in FLAGS.precisions:
+      lin, fp8_attn = PRECISIONS[name]
+      if fp8_attn and jax.default_backend() != "gpu":
+        print(f"{name}: skipped (cuDNN FP8 attention needs a GPU)")
+        continue
+      variants.append((name, t2v, lambda lin=lin, a=fp8_attn: make(lin, a)))
+  for name, t2v_, params_fn in variants:
+    try:
+      other, s = run(t2v_, params_fn())
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      results["comparisons"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      continue
     row = {"psnr_db": quality.psnr(other, frames), "ssim": quality.ssim(other, frames), "seconds": s}
     results["comparisons"][name] = row
-    print(f"{name:18s} PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  ({s:.1f}s incl. compile)")
+    print(f"{name:18s} PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  ({s:.1f}s incl. compile)",
+          flush=True)
   if FLAGS.json:
     Path(FLAGS.json).write_text(json.dumps(results, indent=1))
 

@@ -28,7 +28,7 @@ from jaxinfer.errors import ShapeError, UnsupportedModelError
 from jaxinfer.ops import linear
 
 Params = dict[str, Any]
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+AttentionFn = Callable[..., jax.Array]   # fn(q, k, v) or, for blocks with "attn_quant", fn(q, k, v, quant=)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,12 +148,16 @@ def init_params_on_device(cfg: WanDiTConfig, key: jax.Array, dtype=jnp.bfloat16)
 # ----------------------------------------------------------------------------------------------
 # Attention dispatch
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", quant=None) -> jax.Array:
   """Non-causal multi-head attention, q [B, Sq, N, Dh], k/v [B, Sk, N, Dh] -> [B, Sq, N, Dh].
 
   ``impl``: "xla" (jax.nn.dot_product_attention, lets XLA pick) or "cudnn" (cuDNN flash attention).
+  ``quant``: a quantized attention carried by the block params (``attn_quant``, e.g.
+  jaxinfer.video.low_precision.FP8Attention with calibrated scales); when given it runs instead.
   kernels/flash_attention.py is causal-only (ragged LLM prefill), so it is not wired here yet.
   """
+  if quant is not None:
+    return quant(q, k, v)
   if impl == "xla":
     return jax.nn.dot_product_attention(q, k, v)
   if impl == "cudnn":
@@ -262,16 +266,42 @@ def condition(params: Params, timestep: jax.Array, text: jax.Array, cfg: WanDiTC
 
 
 def _attention_layer(p: Params, x, ctx, cos, sin, cfg: WanDiTConfig, attn_fn: AttentionFn):
+  """Self- (ctx None) or cross-attention. Projections may be fused (``fuse_projections``): "wqkv"
+  [D, 3D] for self-attention, "wkv" [D, 2D] for the cross-attention's text keys/values; one GEMM
+  then reads (and a quantized weight quantizes) the shared input once."""
   B, S, _ = x.shape
   N, Dh = cfg.num_heads, cfg.head_dim
   kv_in = x if ctx is None else ctx
-  q = _rms_norm(_dense(x, p["wq"], p["bq"]), p["norm_q"], cfg.eps).reshape(B, S, N, Dh)
-  k = _rms_norm(_dense(kv_in, p["wk"], p["bk"]), p["norm_k"], cfg.eps).reshape(B, -1, N, Dh)
-  v = _dense(kv_in, p["wv"], p["bv"]).reshape(B, -1, N, Dh)
+  if "wqkv" in p:
+    q, k, v = jnp.split(_dense(x, p["wqkv"], p["bqkv"]), 3, axis=-1)
+  else:
+    q = _dense(x, p["wq"], p["bq"])
+    if "wkv" in p:
+      k, v = jnp.split(_dense(kv_in, p["wkv"], p["bkv"]), 2, axis=-1)
+    else:
+      k, v = _dense(kv_in, p["wk"], p["bk"]), _dense(kv_in, p["wv"], p["bv"])
+  q = _rms_norm(q, p["norm_q"], cfg.eps).reshape(B, S, N, Dh)
+  k = _rms_norm(k, p["norm_k"], cfg.eps).reshape(B, -1, N, Dh)
+  v = v.reshape(B, -1, N, Dh)
   if cos is not None:
     q, k = apply_rope_pairs(q, cos, sin), apply_rope_pairs(k, cos, sin)
-  o = attn_fn(q, k, v).astype(x.dtype).reshape(B, S, N * Dh)
+  quant = p.get("attn_quant")
+  o = attn_fn(q, k, v) if quant is None else attn_fn(q, k, v, quant=quant)
+  o = o.astype(x.dtype).reshape(B, S, N * Dh)
   return _dense(o, p["wo"], p["bo"])
+
+
+def fuse_projections(block: Params) -> Params:
+  """Block params with self-attention q/k/v fused into "wqkv" [D, 3D] (+ "bqkv") and the
+  cross-attention's k/v into "wkv" [D, 2D] (+ "bkv"): same math, one GEMM per shared input."""
+  sa, ca = dict(block["self_attn"]), dict(block["cross_attn"])
+  if "wqkv" not in sa:
+    sa["wqkv"] = jnp.concatenate([sa.pop("wq"), sa.pop("wk"), sa.pop("wv")], axis=1)
+    sa["bqkv"] = jnp.concatenate([sa.pop("bq"), sa.pop("bk"), sa.pop("bv")])
+  if "wkv" not in ca:
+    ca["wkv"] = jnp.concatenate([ca.pop("wk"), ca.pop("wv")], axis=1)
+    ca["bkv"] = jnp.concatenate([ca.pop("bk"), ca.pop("bv")])
+  return dict(block, self_attn=sa, cross_attn=ca)
 
 
 def block_forward(p: Params, x: jax.Array, ctx: jax.Array, tproj: jax.Array, cos, sin,
@@ -317,35 +347,55 @@ def embed(params: Params, latents: jax.Array, timestep: jax.Array, text: jax.Arr
   return x, temb, tproj, ctx, grid, jnp.asarray(cos), jnp.asarray(sin)
 
 
+def stack_blocks(params: Params) -> Params:
+  """``params`` with "blocks" as one pytree of [L, ...] leaves: blocks_forward then runs them in a
+  lax.scan, so a full forward compiles one block instead of L (quantized weight types stack too)."""
+  blocks = params["blocks"]
+  if not isinstance(blocks, (list, tuple)):
+    return params
+  return dict(params, blocks=jax.tree.map(lambda *a: jnp.stack(a), *blocks))
+
+
 def blocks_forward(params: Params, x, ctx, tproj, cos, sin, cfg: WanDiTConfig, *,
                    self_attn_fn: AttentionFn, cross_attn_fn: AttentionFn,
                    cache: StepCache | None = None, layer_hook=None):
-  """Runs the blocks. With ``cache`` only block 0 runs and the cached deeper residual is added.
+  """Runs the blocks (a list, or stacked by ``stack_blocks``: then a lax.scan over blocks 1..).
+  With ``cache`` only block 0 runs and the cached deeper residual is added.
 
   Returns (tokens, residual of blocks 1.. for a new StepCache). ``layer_hook(p)`` maps each block's
   params before use (the FSDP all-gather under sequence parallelism)."""
   hook = layer_hook or (lambda p: p)
   blocks = params["blocks"]
-  x = block_forward(hook(blocks[0]), x, ctx, tproj, cos, sin, cfg, self_attn_fn, cross_attn_fn)
+  stacked = not isinstance(blocks, (list, tuple))
+  run = lambda p, x: block_forward(hook(p), x, ctx, tproj, cos, sin, cfg, self_attn_fn, cross_attn_fn)
+  x = run(jax.tree.map(lambda a: a[0], blocks) if stacked else blocks[0], x)
   if cache is not None:
     return (x.astype(jnp.float32) + cache.residual).astype(x.dtype), cache.residual
   first = x
-  for p in blocks[1:]:
-    x = block_forward(hook(p), x, ctx, tproj, cos, sin, cfg, self_attn_fn, cross_attn_fn)
+  if stacked:
+    def body(x, i):
+      return run(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                              blocks), x), None
+    x, _ = jax.lax.scan(body, x, jnp.arange(1, jax.tree.leaves(blocks)[0].shape[0]))
+  else:
+    for p in blocks[1:]:
+      x = run(p, x)
   return x, x.astype(jnp.float32) - first.astype(jnp.float32)
 
 
 def forward(params: Params, latents: jax.Array, timestep: jax.Array, text: jax.Array,
-            cfg: WanDiTConfig, *, attn_impl: str = "xla", dtype=jnp.bfloat16,
+            cfg: WanDiTConfig, *, attn_impl: str | AttentionFn = "xla", dtype=jnp.bfloat16,
             cache: StepCache | None = None, return_cache: bool = False):
   """Flow velocity [B, F, H, W, C_out] for latents [B, F, H, W, C_in], timestep [B] (0..1000) and
-  text embeddings [B, L, text_dim]. With ``return_cache`` also returns a StepCache for later steps."""
+  text embeddings [B, L, text_dim]. With ``return_cache`` also returns a StepCache for later steps.
+  ``attn_impl``: a name for ``attention`` or an AttentionFn; blocks carrying "attn_quant" run that."""
   if text.ndim != 3 or text.shape[-1] != cfg.text_dim:
     raise ShapeError(f"text embeddings must be [B, L, {cfg.text_dim}], got {text.shape}")
   if timestep.shape != (latents.shape[0],):
     raise ShapeError(f"timestep must be [B={latents.shape[0]}], got {timestep.shape}")
   x, temb, tproj, ctx, grid, cos, sin = embed(params, latents, timestep, text, cfg, dtype)
-  attn_fn = lambda q, k, v: attention(q, k, v, attn_impl)
+  attn_fn = attn_impl if callable(attn_impl) else (
+      lambda q, k, v, quant=None: attention(q, k, v, attn_impl, quant))
   x, residual = blocks_forward(params, x, ctx, tproj, cos, sin, cfg, self_attn_fn=attn_fn,
                                cross_attn_fn=attn_fn, cache=cache)
   out = unpatchify(head(params, x, temb, cfg), grid, cfg).astype(jnp.float32)
