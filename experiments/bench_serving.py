@@ -30,7 +30,9 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-_ENGINE = flags.DEFINE_enum("engine", "jax", ["jax", "hf", "report"], "what to run")
+_ENGINE = flags.DEFINE_enum("engine", "jax", ["jax", "hf", "report", "profile"],
+                            "what to run; profile: the batch-1 decode step, timed in parts and "
+                            "broken down per GPU kernel")
 _MODEL = flags.DEFINE_enum("model", "llama3-8b", ["llama3-8b", "toy"], "model shape (random weights)")
 _CONC = flags.DEFINE_list("concurrency", ["1", "64"], "closed-loop levels run first, in order")
 _EXTRA_CONC = flags.DEFINE_list("extra_concurrency", ["16", "256"],
@@ -51,7 +53,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed")
 _OUT = flags.DEFINE_string("out", "/tmp/bench_serving.json", "JSON output (report: .md/.png prefix)")
 _JAX_JSON = flags.DEFINE_string("jax_json", None, "report: the jax run's JSON")
 _HF_JSON = flags.DEFINE_string("hf_json", None, "report: the HF run's JSON")
-_HF_COMPILE = flags.DEFINE_bool("hf_compile", False, "let transformers torch.compile the decode step")
+_HF_COMPILE = flags.DEFINE_bool("hf_compile", True, "let transformers torch.compile the decode step "
+                                "(its warm-up runs the timed shapes, so no compile is timed)")
+_HF_EAGER_TOO = flags.DEFINE_bool("hf_eager_too", False, "also time the eager HF run per level")
+_ASYNC = flags.DEFINE_bool("async_scheduling", True, "engine: schedule step n+1 before step n's "
+                            "tokens reach the host")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/jaxinfer_step_trace", "profile: trace folder")
 
 T_START = time.perf_counter()
 
@@ -111,19 +118,21 @@ def summarize(records: list[dict], wall: float) -> dict:
 
 
 def measure_device_ceilings() -> dict:
+  """HBM read bandwidth (a read-only reduction over 4 GiB, 10 launches back to back per sample, so
+  the host sync is amortised; a decode step reads its weights, it writes little) and bf16 matmul
+  FLOP/s, in the same process as the run they bound."""
   import jax
   import jax.numpy as jnp
-  n = 1 << 29  # 1 GiB of bf16 per buffer; rotate 3 buffers (> 50 MB L2)
-  bufs = [jax.random.normal(jax.random.key(i), (n,), jnp.bfloat16) for i in range(3)]
-  add = jax.jit(lambda x: x + 1)
-  jax.block_until_ready([add(b) for b in bufs])
+  x = jax.random.uniform(jax.random.key(0), (1 << 30,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
   times = []
-  for _ in range(5):  # 10 back-to-back launches per sample: the host sync is amortised
+  for _ in range(5):
     t = time.perf_counter()
-    jax.block_until_ready([add(bufs[i % 3]) for i in range(10)])
+    jax.block_until_ready([total(x) for _ in range(10)])
     times.append((time.perf_counter() - t) / 10)
-  bw = 2 * n * 2 / float(np.median(times))
-  del bufs
+  bw = x.nbytes / float(np.median(times))
+  del x
   m = 8192
   a = jax.random.normal(jax.random.key(7), (m, m), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(8), (m, m), jnp.bfloat16)
@@ -135,6 +144,19 @@ def measure_device_ceilings() -> dict:
     jax.block_until_ready([mm(a, b) for _ in range(10)])
     times.append((time.perf_counter() - t) / 10)
   return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": 2 * m ** 3 / float(np.median(times))}
+
+
+def engine_config(c: int, pages_per_seq: int, kv_dtype=None):
+  """Engine settings of concurrency level ``c``: max batch c, prompt-sized chunks, a step token
+  budget of min(--max_num_batched_tokens, c prompts) and two token buckets (c for decode-only steps,
+  the budget for steps that prefill), so each level compiles two step shapes."""
+  from jaxinfer.engine import EngineConfig
+  budget = max(c, min(_BUDGET.value, c * _INPUT.value))
+  return EngineConfig(num_pages=_KV_PAGES.value, page_size=_PAGE.value, max_num_seqs=c,
+                      max_num_batched_tokens=budget, chunk_size=_INPUT.value,
+                      max_model_len=pages_per_seq * _PAGE.value, min_seq_bucket=c,
+                      min_page_bucket=pages_per_seq, token_buckets=tuple(sorted({c, budget})),
+                      kv_dtype=kv_dtype, async_scheduling=_ASYNC.value)
 
 
 def run_closed_loop(engine, prompts, concurrency: int, num_requests: int) -> tuple[dict, list]:
@@ -189,7 +211,7 @@ def run_jax() -> dict:
   import jax
   import jax.numpy as jnp
 
-  from jaxinfer.engine import EngineConfig, LLMEngine
+  from jaxinfer.engine import LLMEngine
   from jaxinfer.engine.step import LlamaForward
   from jaxinfer.models import llama
 
@@ -213,13 +235,8 @@ def run_jax() -> dict:
   max_len = pages_per_seq * _PAGE.value
 
   def engine_for(c: int) -> LLMEngine:
-    budget = max(c, min(_BUDGET.value, c * _INPUT.value))
-    ec = EngineConfig(num_pages=_KV_PAGES.value, page_size=_PAGE.value, max_num_seqs=c,
-                      max_num_batched_tokens=budget, chunk_size=_INPUT.value,
-                      max_model_len=max_len, min_seq_bucket=c, min_page_bucket=pages_per_seq,
-                      token_buckets=tuple(sorted({c, budget})), kv_dtype=kv_dtype)
     return LLMEngine(params, LlamaForward(cfg), cache, vocab_size=cfg.vocab_size,
-                     max_model_len=max_len, config=ec)
+                     max_model_len=max_len, config=engine_config(c, pages_per_seq, kv_dtype))
 
   main_levels = [int(c) for c in _CONC.value]
   extra_levels = [int(c) for c in _EXTRA_CONC.value if int(c) not in main_levels]
@@ -274,10 +291,260 @@ def run_jax() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# profile: where the batch-1 decode step's time goes
+
+
+def kernel_category(name: str) -> str:
+  n = name.lower()
+  if any(k in n for k in ("paged_decode_attention", "combine_splits", "flash_prefill")):
+    return "attention"
+  if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "dot")):
+    return "gemm"
+  for k in ("sort", "scatter", "memcpy", "memset", "copy"):
+    if k in n:
+      return k
+  return "other"
+
+
+def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
+  """Per-kernel GPU time of a ``jax.profiler.trace`` folder, per step: totals by kernel name and by
+  category (gemm / attention / sort / scatter / copy / other), device busy time (union of kernel
+  intervals) and the wall span from the first kernel's start to the last one's end."""
+  import glob
+
+  from jax.profiler import ProfileData
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+  if not files:
+    return {"error": f"no xplane.pb under {trace_dir}"}
+  pd = ProfileData.from_file(files[-1])
+  kernels: dict[str, list] = {}
+  intervals, lines = [], []
+  for plane in pd.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      lines.append(line.name)
+      if not line.name.startswith("Stream"):
+        continue
+      for ev in line.events:
+        stats = dict(ev.stats)
+        key = str(stats.get("hlo_op") or ev.name)
+        k = kernels.setdefault(key, [0.0, 0, ev.name, str(stats.get("hlo_module", ""))])
+        k[0] += ev.duration_ns
+        k[1] += 1
+        intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+  if not intervals:
+    return {"error": "no GPU kernel events", "gpu_lines": lines}
+  intervals.sort()
+  busy, cur_s, cur_e = 0.0, *intervals[0]
+  for s, e in intervals[1:]:
+    if s > cur_e:
+      busy += cur_e - cur_s
+      cur_s, cur_e = s, e
+    else:
+      cur_e = max(cur_e, e)
+  busy += cur_e - cur_s
+  per_step_ms = lambda ns: ns / num_steps / 1e6
+  cats: dict[str, float] = {}
+  for key, (ns, _, name, _) in kernels.items():
+    c = kernel_category(name + " " + key)
+    cats[c] = cats.get(c, 0.0) + per_step_ms(ns)
+  top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+  return {"steps": num_steps, "gpu_lines": sorted(set(lines)),
+          "kernels_per_step": sum(k[1] for k in kernels.values()) / num_steps,
+          "kernel_sum_ms_per_step": per_step_ms(sum(k[0] for k in kernels.values())),
+          "busy_ms_per_step": per_step_ms(busy),
+          "span_ms_per_step": per_step_ms(intervals[-1][1] - intervals[0][0]),
+          "category_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+          "top_kernels": [{"op": key, "kernel": name[:120], "module": mod, "count": n,
+                           "ms_per_step": per_step_ms(ns)} for key, (ns, n, name, mod) in top]}
+
+
+def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
+  """Copy instructions of the optimized HLO that move >= min_bytes (a cache copied every step)."""
+  import re
+  sizes = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "f8e4m3fn": 1, "s8": 1, "u8": 1}
+  out = []
+  for line in hlo_text.splitlines():
+    if " copy(" not in line and "copy-start(" not in line:
+      continue
+    m = re.search(r"= (\w+)\[([\d,]*)\]", line)
+    if m and m.group(1) in sizes:
+      n = sizes[m.group(1)] * int(np.prod([int(d) for d in m.group(2).split(",") if d] or [1]))
+      if n >= min_bytes:
+        out.append(f"{n / 1e6:.1f} MB: {line.strip()[:200]}")
+  return out
+
+
+def time_calls(fn, n: int) -> dict:
+  """``fn()`` returns an array to wait on. Blocked: median of n calls each waited for; pipelined:
+  n calls back to back, one wait (device time when the host keeps ahead)."""
+  import jax
+  jax.block_until_ready(fn())
+  blocked = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    blocked.append(time.perf_counter() - t)
+  t = time.perf_counter()
+  outs = [fn() for _ in range(n)]
+  jax.block_until_ready(outs)
+  return {"blocked_s": percentiles(blocked), "pipelined_s": (time.perf_counter() - t) / n}
+
+
+def run_profile() -> dict:
+  """The batch-1 decode step of the Llama-3-8B shape at the serving benchmark's c=1 settings,
+  timed as (a) the bare forward (KV cache of the engine's size and of one sequence's pages), (b) the
+  engine's jitted forward + sample step, (c) ``LLMEngine.step()`` end to end; then one trace of (b)
+  and of (c) broken down per GPU kernel, and the step's large HLO copies."""
+  import gzip
+
+  import jax
+  import jax.numpy as jnp
+
+  from jaxinfer.engine import LLMEngine
+  from jaxinfer.engine.step import LlamaForward, build_host_batch, step_jit
+  from jaxinfer.models import llama
+  from jaxinfer.sampling import SamplingParams
+
+  from jaxinfer.compilation_cache import enable_compilation_cache
+  enable_compilation_cache()   # the AOT compile for the HLO text below then loads from disk
+  out_dir = os.path.dirname(os.path.abspath(_OUT.value))
+  result = {"device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": _MODEL.value}
+
+  def save():
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+  cfg = llama.LlamaConfig(**llama_shape(_MODEL.value))
+  params = llama.init_params(cfg, jax.random.key(_SEED.value), jnp.bfloat16)
+  result["decode_read_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params)) - (
+      0 if cfg.tie_word_embeddings else params["embed"].nbytes)
+  ps = _PAGE.value
+  P = -(-(_INPUT.value + _OUTPUT.value) // ps)
+  ctx = _INPUT.value + _OUTPUT.value // 2                     # mid-generation position
+  pages = list(range(1, P + 1))
+  shape = (1, 1, P)
+  hb = build_host_batch([([7], pages, ctx)], ps, shape, [(SamplingParams(), ctx - _INPUT.value)])
+  tokens = jnp.asarray(hb.tokens)
+  batch = jax.tree.map(jnp.asarray, hb.batch)
+  fwd = LlamaForward(cfg)
+  state = {}
+
+  def bare(key):
+    logits, state[key] = llama.forward_jit(params, tokens, state[key], batch, cfg=cfg)
+    return logits
+
+  for key, num_pages in (("forward_small_cache", P + 1), ("forward_engine_cache", _KV_PAGES.value)):
+    state[key] = llama.create_cache(cfg, num_pages=num_pages, page_size=ps, dtype=jnp.bfloat16)
+    t = time.perf_counter()
+    result[key] = {"num_pages": num_pages, **time_calls(lambda: bare(key), 30)}
+    result[key]["compile_and_time_s"] = time.perf_counter() - t
+    logging.info("%s %s", key, result[key])
+    if key == "forward_small_cache":
+      del state[key]
+    save()
+  state["step"] = state.pop("forward_engine_cache")
+  # the step as async decode runs it: its input token is the previous step's output, on device
+  hb_step = build_host_batch([([-1], pages, ctx)], ps, shape,
+                             [(SamplingParams(), ctx - _INPUT.value)])
+  ints, floats = jnp.asarray(hb_step.ints), jnp.asarray(hb_step.floats)
+  state["tok"] = jnp.asarray(hb.tokens[:1])
+
+  def step():
+    state["tok"], _, state["step"] = step_jit(params, ints, floats, state["tok"], state["step"],
+                                              forward=fwd, shape=shape)
+    return state["tok"]
+
+  result["step_jit"] = time_calls(step, 30)
+  logging.info("step_jit %s", result["step_jit"])
+  hlo = step_jit.lower(params, ints, floats, state["tok"], state["step"], forward=fwd,
+                       shape=shape).compile().as_text()
+  result["step_large_copies"] = large_copies(hlo)
+  with gzip.open(os.path.join(out_dir, "step_hlo.txt.gz"), "wt") as f:
+    f.write(hlo)
+  save()
+
+  jax.profiler.start_trace(os.path.join(_TRACE_DIR.value, "step"))
+  jax.block_until_ready([step() for _ in range(10)])
+  jax.profiler.stop_trace()
+  result["step_jit_kernels"] = gpu_kernel_breakdown(os.path.join(_TRACE_DIR.value, "step"), 10)
+  save()
+
+  # (c) the engine, at bench_serving's c=1 settings, one request at a time
+  engine = LLMEngine(params, fwd, state.pop("step"), vocab_size=cfg.vocab_size,
+                     max_model_len=P * ps, config=engine_config(1, P))
+  engine.warmup(num_threads=2)
+  prompt = np.random.default_rng(_SEED.value).integers(1, cfg.vocab_size, _INPUT.value).tolist()
+  sp = SamplingParams(max_tokens=_OUTPUT.value, ignore_eos=True)
+  engine_steps = []
+  for rep in range(3):
+    engine.add_request(prompt, sp)
+    if rep == 2:
+      jax.profiler.start_trace(os.path.join(_TRACE_DIR.value, "engine"))
+    n = 0
+    while engine.has_unfinished():
+      t = time.perf_counter()
+      engine.step()
+      st = engine.last_step
+      if rep > 0 and st is not None and st.decode_only:
+        engine_steps.append((time.perf_counter() - t, st.host_s, st.wait_s))
+      n += 1
+    if rep == 2:
+      jax.profiler.stop_trace()
+      result["engine_kernels"] = gpu_kernel_breakdown(os.path.join(_TRACE_DIR.value, "engine"), n)
+  arr = np.asarray(engine_steps)
+  result["engine_step"] = {"steps": len(arr), "step_s": percentiles(arr[:, 0]),
+                           "host_s": percentiles(arr[:, 1]), "wait_s": percentiles(arr[:, 2]),
+                           "async": getattr(engine.config, "async_scheduling", False)}
+  logging.info("engine %s", result["engine_step"])
+  save()
+  # the decode step of bench_serving's c=64 level (64 rows), as far as --time_budget_s allows
+  for b in [int(c) for c in _CONC.value if int(c) > 1]:
+    if time.perf_counter() - T_START > _TIME_BUDGET.value:
+      result.setdefault("skipped_batches", []).append(b)
+      continue
+    key = f"step_jit_b{b}"
+    cache = llama.create_cache(cfg, num_pages=max(_KV_PAGES.value, b * P + 1), page_size=ps,
+                               dtype=jnp.bfloat16)
+    rows = [([-(i + 1)], list(range(1 + i * P, 1 + (i + 1) * P)), ctx) for i in range(b)]
+    hb_b = build_host_batch(rows, ps, (b, b, P), [(SamplingParams(), ctx - _INPUT.value)] * b)
+    ints_b, floats_b = jnp.asarray(hb_b.ints), jnp.asarray(hb_b.floats)
+    state[key] = (jnp.asarray(np.random.default_rng(b).integers(1, 1000, b), jnp.int32), cache)
+
+    def step_b():
+      tok, _, c = step_jit(params, ints_b, floats_b, *state[key], forward=fwd, shape=(b, b, P))
+      state[key] = (tok, c)
+      return tok
+
+    result[key] = time_calls(step_b, 20)
+    jax.profiler.start_trace(os.path.join(_TRACE_DIR.value, key))
+    jax.block_until_ready([step_b() for _ in range(10)])
+    jax.profiler.stop_trace()
+    result[key]["kernels"] = gpu_kernel_breakdown(os.path.join(_TRACE_DIR.value, key), 10)
+    logging.info("%s %s", key, {k: v for k, v in result[key].items() if k != "kernels"})
+    del state[key], cache
+    save()
+  result["roofline_s"] = {"3.0TB/s": result["decode_read_bytes"] / 3.0e12}
+  if jax.default_backend() == "gpu":
+    result["ceilings"] = measure_device_ceilings()
+    result["roofline_s"]["measured_bw"] = (result["decode_read_bytes"]
+                                           / result["ceilings"]["hbm_bytes_per_s"])
+  save()
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
 # HF transformers peer
 
 
 def run_hf() -> dict:
+  """Each level: one batch of c prompts through ``generate`` (static cache, greedy, exactly
+  --output_len tokens). transformers compiles the decode step itself when the cache is static
+  (--hf_compile); the warm-up calls run the timed shapes (same batch, prompt and output lengths, so
+  the same static cache and compiled graph), so no compile is timed. A streamer stamps each new
+  token as it reaches the host (generate copies it there every step): TTFT, ITL, TPOT."""
   import torch
   import transformers
 
@@ -292,25 +559,56 @@ def run_hf() -> dict:
   torch.set_default_dtype(torch.bfloat16)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  t = time.perf_counter()
   with torch.device(device):
     model = transformers.LlamaForCausalLM(config).eval()
   result = {"engine": "hf-transformers", "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "model": _MODEL.value, "input_len": _INPUT.value, "output_len": _OUTPUT.value,
-            "cache": "static", "torch_compile": _HF_COMPILE.value, "levels": {}}
+            "cache": "static", "torch_compile": _HF_COMPILE.value,
+            "init_s": time.perf_counter() - t, "levels": {}}
   rng = np.random.default_rng(_SEED.value)
 
-  def gen(ids, n):
+  class Stamps:  # generate's streamer protocol: put(tokens) each step, end()
+    def __init__(self):
+      self.times = []
+
+    def put(self, value):
+      self.times.append(time.perf_counter())   # the first put is the prompt
+
+    def end(self):
+      pass
+
+  def gen(ids, compile_: bool):
+    stamps = Stamps()
     sync()
     t = time.perf_counter()
+    gc = transformers.GenerationConfig(
+        max_new_tokens=_OUTPUT.value, min_new_tokens=_OUTPUT.value, do_sample=False,
+        cache_implementation="static", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    gc.disable_compile = not compile_
     with torch.inference_mode():
-      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, cache_implementation="static",
-                           pad_token_id=0, disable_compile=not _HF_COMPILE.value)
+      out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc,
+                           streamer=stamps)
     sync()
-    assert out.shape[1] == ids.shape[1] + n
-    return time.perf_counter() - t
+    total = time.perf_counter() - t
+    if out.shape[1] != ids.shape[1] + _OUTPUT.value:
+      raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, not {_OUTPUT.value}")
+    token_times = stamps.times[1:]
+    itl = np.diff(token_times)
+    return {"requests": ids.shape[0], "output_tokens": ids.shape[0] * _OUTPUT.value,
+            "wall_s": total, "ttft_s": {"p50": token_times[0] - t},
+            "tpot_s": {"p50": (token_times[-1] - token_times[0]) / (len(token_times) - 1)},
+            "itl_s": {"p50": float(np.percentile(itl, 50)), "p99": float(np.percentile(itl, 99))},
+            "tokens_per_s_per_gpu": ids.shape[0] * _OUTPUT.value / total,
+            "tokens_per_s_per_user": (len(token_times) - 1) / (token_times[-1] - token_times[0])}
+
+  def save():
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
 
   levels = [int(c) for c in _CONC.value] + [int(c) for c in _EXTRA_CONC.value]
   for i, c in enumerate(levels):
@@ -318,16 +616,24 @@ def run_hf() -> dict:
       result.setdefault("skipped_levels", []).append(c)
       continue
     ids = torch.tensor(rng.integers(1, shape["vocab_size"], (c, _INPUT.value)), device=device)
-    gen(ids, 1)                                 # warm-up (with --hf_compile: compiles these lengths)
-    gen(ids, _OUTPUT.value)
-    ttft = gen(ids, 1)
-    total = gen(ids, _OUTPUT.value)
-    tpot = (total - ttft) / (_OUTPUT.value - 1)
-    result["levels"][str(c)] = {
-        "requests": c, "output_tokens": c * _OUTPUT.value, "wall_s": total,
-        "ttft_s": {"p50": ttft}, "tpot_s": {"p50": tpot},
-        "tokens_per_s_per_gpu": c * _OUTPUT.value / total, "tokens_per_s_per_user": 1.0 / tpot}
-    logging.info("hf c=%d %s", c, result["levels"][str(c)])
+    modes = ([False] if _HF_EAGER_TOO.value or not _HF_COMPILE.value else []) + (
+        [True] if _HF_COMPILE.value else [])
+    for compile_ in modes:
+      key = "levels" if compile_ == _HF_COMPILE.value else "levels_eager"
+      try:
+        t = time.perf_counter()
+        gen(ids, compile_)                       # compiles (static cache of the timed shape)
+        warmup_s = time.perf_counter() - t
+        gen(ids, compile_)                       # CUDA graphs are recorded on a later call
+        r = gen(ids, compile_) | {"warmup_s": warmup_s, "torch_compile": compile_}
+      except Exception as e:  # noqa: BLE001  (recorded: the eager run, if asked, still goes on)
+        r = {"error": f"{type(e).__name__}: {e}"[:1000], "torch_compile": compile_}
+      if "error" in r:
+        result.setdefault("errors", {})[f"{c}_{'compiled' if compile_ else 'eager'}"] = r
+      else:
+        result.setdefault(key, {})[str(c)] = r
+      logging.info("hf c=%d compile=%s %s", c, compile_, r)
+      save()
   result["total_s"] = time.perf_counter() - T_START
   return result
 
@@ -378,6 +684,14 @@ def main(argv) -> None:
   del argv
   if _ENGINE.value == "report":
     report()
+    return
+  if _ENGINE.value == "profile":
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    result = run_profile()
+    print(json.dumps({k: v for k, v in result.items() if k not in ("step_jit_kernels",
+                                                                   "engine_kernels")}, indent=1))
+    for k in ("step_jit_kernels", "engine_kernels"):
+      print(k, json.dumps({n: v for n, v in result.get(k, {}).items() if n != "top_kernels"}))
     return
   result = run_jax() if _ENGINE.value == "jax" else run_hf()
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

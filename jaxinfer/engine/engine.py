@@ -1,12 +1,20 @@
 """The serving engine: requests in, one jitted step per call of ``step()``, outputs out.
 
-``LLMEngine`` is synchronous and single-threaded (a notebook can drive it directly); ``EngineLoop``
-(engine_loop.py) runs it on a background thread for the server. Each ``step()``:
+``LLMEngine`` is single-threaded (a notebook can drive it directly); ``EngineLoop`` (engine_loop.py)
+runs it on a background thread for the server. Each ``step()``:
   1. the scheduler picks decode tokens and prefill chunks within the token/sequence budgets,
      allocating pages and preempting (recompute) when pages run out;
-  2. one jitted forward + sample over the bucketed, flattened batch;
-  3. each request whose chunk reached its last known token gets the sampled token; stop ids, stop
+  2. one jitted forward + sample over the bucketed, flattened batch is dispatched;
+  3. each request whose chunk reached its last token gets the sampled token; stop ids, stop
      strings, max_tokens and the context length finish requests, which free their pages at once.
+
+With ``async_scheduling`` (the default), step() dispatches step n+1 *before* waiting for step n's
+sampled tokens, so the host part of a step (scheduling, batch building, dispatch, detokenizing)
+overlaps the device's work instead of leaving the GPU idle (vLLM's and SGLang's async scheduling).
+Step n+1 is scheduled as if step n's tokens were known: a request that will get one counts it as a
+*pending* token, which step n+1 reads on device from step n's output. A request that step n
+finishes (stop id, stop string) has one wasted row in step n+1, ignored; one that max_tokens will
+finish is not scheduled again. Outputs are the same as synchronous stepping, one step later.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 
 from jaxinfer.engine.block_allocator import BlockAllocator
 from jaxinfer.engine.metrics import EngineMetrics
@@ -37,11 +46,23 @@ class StepStats:
   num_tokens: int
   num_decode: int               # sequences that took a single decode token
   host_s: float = 0.0           # schedule + batch build + dispatch (device work is asynchronous)
-  wait_s: float = 0.0           # from dispatch until the sampled tokens are on the host
+  wait_s: float = 0.0           # blocked waiting for the step's sampled tokens (with async
+                                # scheduling, while the next step was already dispatched)
 
   @property
   def decode_only(self) -> bool:
     return self.num_decode == self.num_seqs
+
+
+@dataclasses.dataclass
+class _InFlight:
+  """A dispatched step: its sampled tokens and logprobs (device arrays), and per row the request
+  that takes the token (None: a prefill chunk that does not reach the end of its prompt)."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  rows: list[Request | None]
+  stats: StepStats
+  t_dispatched: float
 
 
 class TokenizerLike(Protocol):
@@ -66,6 +87,7 @@ class EngineConfig:
   min_seq_bucket: int = 8
   min_page_bucket: int = 8
   token_buckets: tuple[int, ...] | None = None  # explicit step-token ladder (last = the budget)
+  async_scheduling: bool = True         # dispatch step n+1 before waiting for step n's tokens
 
 
 class LLMEngine:
@@ -104,6 +126,10 @@ class LLMEngine:
     self.num_steps = 0
     self.last_step: StepStats | None = None
     self.compiled_shapes: set[tuple[int, int, int]] = set()
+    # The previous step's sampled tokens stay on device ([largest seq bucket] int32) to feed the
+    # next step; _in_flight is the dispatched step whose tokens the host has not read yet.
+    self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32))
+    self._in_flight: _InFlight | None = None
 
   @classmethod
   def from_llama(cls, cfg: llama.LlamaConfig, params, *, tokenizer: TokenizerLike | None = None,
@@ -196,42 +222,64 @@ class LLMEngine:
   # ---- the step ---------------------------------------------------------------------------------
 
   def step(self) -> list[RequestOutput]:
+    """Schedules and dispatches one step; returns the outputs of the step whose tokens reached the
+    host during this call (with async scheduling, the previous one)."""
     t0 = time.perf_counter()
     plan = self.scheduler.schedule()
     outputs = [self._finish(r, r.finish_reason) for r in plan.finished]
     if plan.preempted:
       self.metrics.preemptions.inc(len(plan.preempted))
+    previous, self._in_flight = self._in_flight, None
     if plan.chunks:
-      outputs += self._run(plan.chunks, t0)
+      self._in_flight = self._dispatch(plan.chunks, previous, t0)
+    if previous is not None:
+      outputs += self._collect(previous)
+    if self._in_flight is not None and not self.config.async_scheduling:
+      outputs += self._collect(self._in_flight)
+      self._in_flight = None
     self._update_gauges()
     self.metrics.step_time.observe(time.perf_counter() - t0)
     return outputs
 
-  def _run(self, chunks, t_start: float) -> list[RequestOutput]:
+  def _dispatch(self, chunks, previous: _InFlight | None, t_start: float) -> _InFlight:
     completes = [c.completes for c in chunks]
     host = [(c.request.tokens(c.start, c.start + c.num_tokens), c.request.pages, c.start)
             for c in chunks]
     shape = self.buckets.shape_for(sum(c.num_tokens for c in chunks), len(chunks),
                                    max(len(c.request.pages) for c in chunks))
     hb = build_host_batch(host, self.page_size, shape, [
-        (c.request.params if done else None, len(c.request.output_token_ids))
+        (c.request.params if done else None, c.request.num_output_tokens)
         for c, done in zip(chunks, completes)])
     self.compiled_shapes.add(shape)
-    tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, self.cache,
-                                            forward=self.forward, shape=shape)
+    prev_tokens = previous.tokens if previous is not None else self._no_prev
+    tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, prev_tokens,
+                                            self.cache, forward=self.forward, shape=shape)
+    rows = []
+    for b, (c, done) in enumerate(zip(chunks, completes)):
+      c.request.num_computed += c.num_tokens
+      rows.append(c.request if done else None)
+      if done:
+        c.request.pending_rows.append(b)
     t_dispatched = time.perf_counter()
-    tokens, logprobs = jax.device_get((tokens, logprobs))
     num_decode = sum(1 for c, done in zip(chunks, completes) if done and c.num_tokens == 1)
-    self.last_step = StepStats(shape, len(chunks), sum(c.num_tokens for c in chunks), num_decode,
-                               host_s=t_dispatched - t_start,
-                               wait_s=time.perf_counter() - t_dispatched)
+    stats = StepStats(shape, len(chunks), sum(c.num_tokens for c in chunks), num_decode,
+                      host_s=t_dispatched - t_start)
     self.num_steps += 1
+    return _InFlight(tokens, logprobs, rows, stats, t_dispatched)
+
+  def _collect(self, step: _InFlight) -> list[RequestOutput]:
+    """Waits for a dispatched step's tokens and hands each to its request (unless the request
+    finished or was cancelled meanwhile: its row was wasted work)."""
+    t = time.perf_counter()
+    tokens, logprobs = jax.device_get((step.tokens, step.logprobs))
+    self.last_step = dataclasses.replace(step.stats, wait_s=time.perf_counter() - t)
     now = self.clock()
     outputs = []
-    for b, (c, done) in enumerate(zip(chunks, completes)):
-      req = c.request
-      req.num_computed += c.num_tokens
-      if not done:
+    for b, req in enumerate(step.rows):
+      if req is None:
+        continue
+      req.pending_rows.pop(0)
+      if req.finished:
         continue
       out = self._append(req, int(tokens[b]), float(logprobs[b]), now)
       if out is not None:
@@ -359,8 +407,8 @@ class LLMEngine:
 
     def compile_one(shape):
       hb = build_host_batch([], self.page_size, shape)
-      step_jit.lower(self.params, hb.ints, hb.floats, self.cache, forward=self.forward,
-                     shape=shape).compile()
+      step_jit.lower(self.params, hb.ints, hb.floats, self._no_prev, self.cache,
+                     forward=self.forward, shape=shape).compile()
       return shape
 
     if num_threads > 1:

@@ -42,22 +42,33 @@ class Request:
   read_offset: int = 0
   text_final: bool = False          # a stop string cut ``text``: nothing more is appended
   num_tokens_sent: int = 0          # output tokens already streamed
+  # Async scheduling: rows of the in-flight step whose sampled token (not yet on the host) is this
+  # request's next output token, oldest first. Counted in ``num_tokens``, so the scheduler schedules
+  # them; the step reads them from the previous step's device output (``step.PENDING``).
+  pending_rows: list[int] = dataclasses.field(default_factory=list)
 
   @property
   def num_tokens(self) -> int:
-    return len(self.prompt_token_ids) + len(self.output_token_ids)
+    """Known tokens (prompt and output) plus tokens sampled but not yet on the host."""
+    return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.pending_rows)
 
-  def token_at(self, i: int) -> int:
-    n = len(self.prompt_token_ids)
-    return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+  @property
+  def num_output_tokens(self) -> int:
+    """Output tokens, pending ones included (what ``max_output_tokens`` bounds)."""
+    return len(self.output_token_ids) + len(self.pending_rows)
 
   def tokens(self, start: int, stop: int) -> list[int]:
+    """Token ids of positions [start, stop); a pending token (sampled by row r of the in-flight
+    step) is given as ``-(r + 1)``."""
     n = len(self.prompt_token_ids)
     if stop <= n:
       return self.prompt_token_ids[start:stop]
-    if start >= n:
-      return self.output_token_ids[start - n:stop - n]
-    return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n]
+    known = n + len(self.output_token_ids)
+    ids = (self.prompt_token_ids[start:] + self.output_token_ids[:stop - n] if start < n
+           else self.output_token_ids[start - n:stop - n])
+    if stop > known:
+      ids += [-(r + 1) for r in self.pending_rows[max(start, known) - known:stop - known]]
+    return ids
 
   @property
   def finished(self) -> bool:

@@ -98,7 +98,11 @@ class Scheduler:
     while i < len(self.running) and budget > 0:
       req = self.running[i]
       n = min(req.num_tokens - req.num_computed, self.chunk_size, budget)
-      if self.pages_for(req.num_computed + n) > self.allocator.capacity:
+      outgrown = self.pages_for(req.num_computed + n) > self.allocator.capacity
+      if req.pending_rows and (outgrown or req.num_output_tokens >= req.max_output_tokens):
+        i += 1  # its last token is still on the device (async scheduling): it ends when that lands
+        continue
+      if outgrown:
         # Alone it would own the whole cache and still not fit: it can grow no further.
         self.running.pop(i)
         self._free(req)

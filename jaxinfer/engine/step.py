@@ -3,6 +3,11 @@
 Shapes are bucketed — tokens ``T``, sequences ``B``, pages per sequence ``P`` each rounded up to the
 next entry of a short ladder — so a steady state (the same ladder rungs step after step) never
 recompiles. Padding tokens write to the null page and padding rows sample greedily and are ignored.
+
+Host-to-device traffic per step is two small packed arrays (every int32 field in one, temperature and
+top_p in the other); weights and the donated KV cache stay on device. A token given as ``-(r + 1)``
+is row ``r`` of the previous step's sampled tokens, read on device: with async scheduling the engine
+dispatches step n+1 before step n's tokens reach the host.
 """
 from __future__ import annotations
 
@@ -70,7 +75,7 @@ class StepBuckets:
 def _layout(shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
   """Offsets of each int32 field in the packed step input (one host-to-device copy per step)."""
   T, B, P = shape
-  sizes = [("tokens", T), ("positions", T), ("seq_ids", T), ("slots", T), ("page_table", B * P),
+  sizes = [("tokens", T), ("token_src", T), ("positions", T), ("seq_ids", T), ("slots", T), ("page_table", B * P),
            ("seq_lens", B), ("query_start", B + 1), ("logit_indices", B), ("top_k", B),
            ("seeds", B), ("steps", B)]
   out, o = {}, 0
@@ -107,7 +112,8 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
                      shape: tuple[int, int, int],
                      sampling_rows: Sequence[tuple[sampling.SamplingParams | None, int]] = ()
                      ) -> HostBatch:
-  """``chunks``: (token ids, pages, start position) per sequence; ``sampling_rows``: (params or
+  """``chunks``: (token ids, pages, start position) per sequence, an id ``-(r + 1)`` standing for
+  row r of the previous step's sampled tokens; ``sampling_rows``: (params or
   None for a row whose logits are not used, output tokens so far) per sequence. The fields of
   ``attention.build_batch_arrays`` plus those of ``SamplingBatch.from_params``, packed into two
   arrays."""
@@ -120,8 +126,11 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   view = lambda name: ints[layout[name][0]:layout[name][1]]
   for name, a in arrays.items():
     view(name)[:] = a.reshape(-1)
+  view("token_src")[:] = -1
   if chunks:
-    view("tokens")[:sum(lens)] = np.concatenate([np.asarray(c[0], np.int32) for c in chunks])
+    ids = np.concatenate([np.asarray(c[0], np.int32) for c in chunks])
+    view("tokens")[:ids.size] = np.maximum(ids, 0)
+    view("token_src")[:ids.size] = np.where(ids < 0, -ids - 1, -1)   # pending: previous step's row
   floats = np.zeros((2, B), np.float32)
   floats[1] = 1.0                                       # top_p of padding / greedy rows
   top_k, seeds, steps = view("top_k"), view("seeds"), view("steps")
@@ -134,20 +143,25 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   return HostBatch(shape, ints, floats)
 
 
-def _step(params, ints, floats, cache, *, forward, shape):
+def _step(params, ints, floats, prev_tokens, cache, *, forward, shape):
+  """-> (sampled tokens [R] (rows past B are zero), their logprobs [B], the cache), R =
+  ``prev_tokens.shape[0]`` the engine's largest sequence bucket, so the output of one step can feed
+  the next whatever their shapes."""
   layout = _layout(shape)
   f = lambda name: ints[layout[name][0]:layout[name][1]]
   B, P = shape[1], shape[2]
   batch = attention.AttentionBatch(f("positions"), f("seq_ids"), f("slots"),
                                    f("page_table").reshape(B, P), f("seq_lens"), f("query_start"),
                                    f("logit_indices"))
-  logits, cache = forward(params, f("tokens"), cache, batch)
+  src = f("token_src")
+  tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f("tokens"))
+  logits, cache = forward(params, tokens, cache, batch)
   logits = logits.astype(jnp.float32)
   seeds = jax.lax.bitcast_convert_type(f("seeds"), jnp.uint32)
   keys = sampling.row_keys(seeds, f("steps").astype(jnp.uint32))
   sb = sampling.SamplingBatch(floats[0], f("top_k"), floats[1], keys)
   next_tokens, logprobs = sampling.sample(logits, sb)
-  return next_tokens, logprobs, cache
+  return jnp.zeros_like(prev_tokens).at[:B].set(next_tokens), logprobs, cache
 
 
 step_jit = jax.jit(_step, static_argnames=("forward", "shape"), donate_argnames=("cache",))
