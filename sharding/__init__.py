@@ -4,10 +4,10 @@
     rules.py     the one logical-axis -> mesh-axis rule table; param / cache / activation specs
     moe.py       expert parallelism with shard_map: all-to-all vs AG/RS, message-size model,
                  FP8 / NVFP4 dispatch payloads
-    pipeline.py  DP + PP Llama forward (stages over "pp", microbatches moved with ppermute,
-                 chunked pipeline prefill)
+    pipeline.py  DP + PP + attention-DP Llama forward (stages over "pp", microbatches moved with
+                 ppermute, chunked pipeline prefill; the GPipe schedule shared with DeepSeek)
     model.py     shard_model(LoadedModel, ParallelConfig) -> ShardedModel (Llama)
-    deepseek.py  DeepSeek-V3 forward under TP / EP / TP+EP / ADP+EP
+    deepseek.py  DeepSeek-V3 forward under TP / EP / TP+EP / ADP+EP, and PP (with TP / EP / DP)
 
 Typical use (one host)::
 

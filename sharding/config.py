@@ -13,7 +13,8 @@ Mesh axes, outermost first (``tp`` innermost so tensor-parallel collectives stay
 Devices used: dp * pp * ep * tp (the first that many of ``jax.devices()``). The configurations of the
 issue on 8 devices: TP8 = (tp=8); EP8 = (ep=8) [attention TP8]; TP+EP = (ep=4, tp=2) [attention TP8,
 experts 4-way, each expert 2-way TP]; ADP8+EP8 = (ep=8, attention_dp=True); PP4xTP2 = (pp=4, tp=2);
-DP2xTP4 = (dp=2, tp=4).
+DP2xTP4 = (dp=2, tp=4). A dense model (Llama) takes ep only with attention_dp: ADP4 + MLP TP4 =
+(ep=4, attention_dp=True, adp_mlp="tp").
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class ParallelConfig:
   # Payload of the MoE dispatch all-to-all: "bf16" (the activations' dtype), "fp8" or "nvfp4".
   moe_dispatch_dtype: str = "bf16"
   microbatches: int = 0  # pipeline microbatches per step; 0: pp
+  # With attention_dp, a dense MLP runs "dp" (weights replicated over ep, each rank its own tokens)
+  # or "tp" (split over ep*tp; tokens all-gathered over ep before it, reduce-scattered after).
+  adp_mlp: str = "dp"
 
   def __post_init__(self):
     for name in ("dp", "pp", "tp", "ep"):
@@ -59,6 +63,8 @@ class ParallelConfig:
     if self.moe_dispatch_dtype not in ("bf16", "fp8", "nvfp4"):
       raise ParallelConfigError(
           f"moe_dispatch_dtype must be bf16 | fp8 | nvfp4, got {self.moe_dispatch_dtype!r}")
+    if self.adp_mlp not in ("dp", "tp"):
+      raise ParallelConfigError(f"adp_mlp must be dp | tp, got {self.adp_mlp!r}")
     if self.microbatches < 0:
       raise ParallelConfigError(f"microbatches must be >= 0, got {self.microbatches}")
 
@@ -76,13 +82,24 @@ class ParallelConfig:
     return ("tp",) if self.attention_dp else ("ep", "tp")
 
   @property
+  def mlp_tp_axes(self) -> tuple[str, ...]:
+    """Mesh axes a dense MLP's intermediate dim is split over."""
+    return ("ep", "tp") if self.attention_dp and self.adp_mlp == "tp" else self.attention_tp_axes
+
+  @property
+  def num_ranks(self) -> int:
+    """Data-parallel ranks, each with its own sequences and KV pages: dp, times ep under
+    attention_dp."""
+    return self.dp * (self.ep if self.attention_dp else 1)
+
+  @property
   def num_microbatches(self) -> int:
     return self.microbatches or self.pp
 
   def describe(self) -> str:
     parts = [f"{k}{getattr(self, k)}" for k in ("dp", "pp", "tp", "ep") if getattr(self, k) > 1]
     if self.attention_dp:
-      parts.append(f"adp{self.ep}")
+      parts.append(f"adp{self.ep}" + ("-mlptp" if self.adp_mlp == "tp" else ""))
     return "+".join(parts) or "single"
 
   def validate(self, model_config: Any = None, num_devices: int | None = None) -> None:
@@ -114,7 +131,16 @@ def check_model(parallel: ParallelConfig, cfg: Any) -> None:
   atp_name = ("tp" if parallel.attention_dp or parallel.ep == 1 else
               "ep*tp (attention is tensor parallel over ep and tp without attention_dp)")
   num_layers = cfg.num_layers
-  _divides("num_layers", num_layers, "pp", parallel.pp)
+  dense_prefix = getattr(cfg, "first_k_dense_replace", 0) if parallel.pp > 1 else 0
+  if dense_prefix:  # DeepSeek: the dense layers run on stage 0, the MoE layers split over stages
+    num_moe = num_layers - min(dense_prefix, num_layers)
+    _divides("the number of MoE layers (num_layers - first_k_dense_replace)", num_moe, "pp",
+             parallel.pp)
+    if num_moe == 0:
+      raise ParallelConfigError(f"pp={parallel.pp} splits the MoE layers over stages, but this "
+                                "model has none")
+  else:
+    _divides("num_layers", num_layers, "pp", parallel.pp)
   _divides("num_heads", cfg.num_heads, atp_name, atp)
   kv_heads = getattr(cfg, "num_kv_heads", None)
   if kv_heads is not None and not getattr(cfg, "kv_lora_rank", None):
@@ -123,12 +149,13 @@ def check_model(parallel: ParallelConfig, cfg: Any) -> None:
                                 f"or divide it (KV heads are then replicated)")
   dense_mlp = getattr(cfg, "intermediate_size", None)
   if dense_mlp:
-    _divides("intermediate_size", dense_mlp, atp_name, atp)
+    mlp_ways = parallel.ep * parallel.tp if parallel.mlp_tp_axes == ("ep", "tp") else atp
+    _divides("intermediate_size", dense_mlp, "ep*tp" if mlp_ways != atp else atp_name, mlp_ways)
   experts = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None)
-  if parallel.ep > 1 and not experts:
+  if parallel.ep > 1 and not experts and not parallel.attention_dp:
     raise ParallelConfigError(
         f"ep={parallel.ep} shards experts, but this model ({type(cfg).__name__}) has none; "
-        "use tp for a dense model")
+        "use tp for a dense model (or attention_dp=True: attention data parallel over ep)")
   if experts:
     _divides("the number of routed experts", experts, "ep", parallel.ep)
     moe_mlp = getattr(cfg, "moe_intermediate_size", None)

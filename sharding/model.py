@@ -5,10 +5,11 @@ cache carry NamedShardings from the rule table, the forward is traced as is, and
 Megatron all-reduces (after Wo and W_down) and the vocab-parallel LM head's gather. The cache and
 logits are pinned with ``with_sharding_constraint`` so the step's outputs keep the input layout.
 
-PP (and DP, which needs one batch per replica) go through ``sharding.pipeline``: layer weights and
-cache are stacked per stage. The returned model's ``forward(params, tokens, cache, batch)`` keeps the
-single-batch signature the engine and ``generation`` call (dp == 1; the stages run one after another,
-M=1); ``pipeline_forward`` takes [dp, M] stacked microbatches for overlapped stages and replicas.
+PP, DP and attention-DP (which need one batch per rank) go through ``sharding.pipeline``: layer
+weights and cache are stacked per stage. The returned model's ``forward(params, tokens, cache,
+batch)`` keeps the single-batch signature the engine and ``generation`` call (one rank; the stages
+run one after another, M=1); ``pipeline_forward`` takes [R, M] stacked microbatches for overlapped
+stages and ranks. The engine serves dp > 1 as independent replicas (``sharding.replicas``).
 """
 from __future__ import annotations
 
@@ -26,16 +27,9 @@ from sharding import pipeline, rules
 from sharding.config import ParallelConfig, ParallelConfigError
 
 
-def llama_layer_axes(cfg: llama.LlamaConfig, parallel: ParallelConfig) -> dict:
-  layer_axes = dict(llama.LAYER_AXES)
-  if cfg.num_kv_heads % parallel.attention_tp:  # fewer KV heads than ranks: replicate Wk, Wv
-    layer_axes.update(wk=("embed", None), wv=("embed", None))
-  return layer_axes
-
-
 def llama_param_specs(cfg: llama.LlamaConfig, params: dict, parallel: ParallelConfig) -> dict:
-  return rules.param_specs(params, {**llama.PARAM_AXES, "layers": llama_layer_axes(cfg, parallel)},
-                           parallel)
+  return rules.param_specs(
+      params, {**llama.PARAM_AXES, "layers": pipeline.llama_layer_axes(cfg, parallel)}, parallel)
 
 
 def _cache_shardings(mesh: Mesh, parallel: ParallelConfig, cache: KVCache, kv_heads: int):
@@ -81,12 +75,18 @@ class ShardedModel(LoadedModel):
   mesh: Mesh | None = None
 
   @property
+  def staged(self) -> bool:
+    """Params and cache are stacked per stage (``sharding.pipeline``)."""
+    return _staged(self.parallel)
+
+  @property
   def step_forward(self):
     """The un-jitted, hashable forward for the engine's step (it jits the whole step itself)."""
-    if self.parallel.dp > 1:
+    if self.parallel.num_ranks > 1:
       raise ParallelConfigError(
-          f"dp={self.parallel.dp} needs one batch per replica: use pipeline_forward with stacked "
-          "batches (the single-batch engine step cannot feed replicas)")
+          f"{self.parallel.describe()} needs one batch per rank: use pipeline_forward with stacked "
+          "batches, or serve dp replicas with sharding.replicas (the single-batch engine step "
+          "cannot feed ranks)")
     cls = PipelineForward if self.parallel.pp > 1 else TensorParallelForward
     return cls(self.config, self.parallel, self.mesh)
 
@@ -95,15 +95,17 @@ class ShardedModel(LoadedModel):
     return _jit_forward(self.step_forward)
 
   def pipeline_forward(self, all_logits: bool = False):
-    """(params, tokens [dp, M, T], StagedKVCache, batches [dp, M, ...]) -> (logits [dp, M, B, V], cache)."""
+    """(params, tokens [R, M, T], StagedKVCache, batches [R, M, ...]) -> (logits [R, M, B, V], cache);
+    R = ``parallel.num_ranks``."""
     return pipeline.make_pipeline_forward(self.config, self.parallel, self.mesh, all_logits)
 
   def create_cache(self, num_pages: int, page_size: int, dtype=None):
     dtype = dtype or self.params["final_norm"].dtype
-    if self.parallel.pp > 1 or self.parallel.dp > 1:
-      if num_pages % self.parallel.dp:
-        raise ParallelConfigError(f"num_pages ({num_pages}) must be divisible by dp "
-                                  f"({self.parallel.dp}): each replica owns num_pages/dp pages")
+    if self.staged:
+      ranks = self.parallel.num_ranks
+      if num_pages % ranks:
+        raise ParallelConfigError(f"num_pages ({num_pages}) must be divisible by the data-parallel "
+                                  f"ranks ({ranks}): each owns num_pages/{ranks} pages")
       cache = pipeline.StagedKVCache.from_cache(
           llama.create_cache(self.config, num_pages=num_pages, page_size=page_size, dtype=dtype),
           self.parallel.pp)
@@ -115,6 +117,10 @@ class ShardedModel(LoadedModel):
 
   def save(self, folder) -> None:
     raise NotImplementedError("save the unsharded LoadedModel")
+
+
+def _staged(parallel: ParallelConfig) -> bool:
+  return parallel.pp > 1 or parallel.num_ranks > 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,9 +135,9 @@ def shard_model(model: LoadedModel, parallel: ParallelConfig, devices=None) -> S
   parallel.validate(model.config, None if devices is None else len(devices))
   mesh = parallel.make_mesh(devices)
   cfg = model.config
-  if parallel.pp > 1 or parallel.dp > 1:
+  if _staged(parallel):
     params = pipeline.stage_params(model.params, parallel.pp)
-    specs = pipeline.staged_param_specs(params, parallel, llama_layer_axes(cfg, parallel))
+    specs = pipeline.staged_param_specs(params, parallel, pipeline.llama_layer_axes(cfg, parallel))
   else:
     params, specs = model.params, llama_param_specs(cfg, model.params, parallel)
   params = jax.device_put(params, rules.named(mesh, specs))

@@ -155,7 +155,7 @@ def _all_to_all_local(x, idx, w, weights, *, ep: int, tp: int, capacity: int, di
   recv = _dequantize(recv_parts, dispatch_dtype, x.dtype)
   recv_e = a2a(send_e)
   y = (grouped_fn or _grouped_swiglu)(recv.reshape(ep * capacity, H), recv_e.reshape(-1), weights)
-  y = y.astype(_reduce_dtype(x.dtype))  # combine in the activations' dtype
+  y = y.astype(reduce_dtype(x.dtype))  # combine in the activations' dtype
   if tp > 1:
     y = jax.lax.psum(y, "tp")
   back = a2a(y.reshape(ep, capacity, H))
@@ -181,15 +181,15 @@ def _allgather_local(x, idx, w, weights, *, ep: int, tp: int, gathered: bool, di
   y = jnp.einsum("tkh,tk->th", y.reshape(T, k, -1), w.astype(jnp.float32))
   if gathered:  # replicated entry layout: all-reduce over the whole MoE group
     axes = tuple(a for a, n in (("ep", ep), ("tp", tp)) if n > 1)
-    y = y.astype(_reduce_dtype(x.dtype))  # combine in the activations' dtype
+    y = y.astype(reduce_dtype(x.dtype))  # combine in the activations' dtype
     return (jax.lax.psum(y, axes) if axes else y).astype(x.dtype)
-  y = y.astype(_reduce_dtype(x.dtype))
+  y = y.astype(reduce_dtype(x.dtype))
   if tp > 1:
     y = jax.lax.psum(y, "tp")
   return jax.lax.psum_scatter(y, "ep", scatter_dimension=0, tiled=True).astype(x.dtype)
 
 
-def _reduce_dtype(dtype):
+def reduce_dtype(dtype):
   """The activations' dtype, except float32 for 16-bit floats on CPU, where XLA's
   AllReducePromotion pass aborts on bf16 reductions (jax 0.11.2)."""
   if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
@@ -254,13 +254,14 @@ W_SPECS = {"w_gate": P("ep", None, "tp"), "w_up": P("ep", None, "tp"), "w_down":
 
 
 def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, weights: dict,
-                parallel: ParallelConfig, mesh: Mesh, *, tokens_split: bool | None = None,
+                parallel: ParallelConfig, mesh: Mesh | None, *, tokens_split: bool | None = None,
                 comm: str | None = None, capacity_factor: float | None = None,
                 grouped_fn=None) -> jax.Array:
   """Routed-expert output [T, H] for tokens x [T, H] (global view; call inside or outside jit).
 
   ``tokens_split``: tokens enter split over ep (default: ``parallel.attention_dp``) instead of
   replicated. ``comm`` overrides ``parallel.moe_comm``; "auto" asks the message-size model.
+  ``mesh=None``: the context mesh, as inside another shard_map (the pipeline's, manual over dp/pp).
   """
   T, H = x.shape
   check_moe(T, H, weights, parallel)
@@ -270,6 +271,6 @@ def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, weigh
                            tokens_split=tokens_split, dispatch_dtype=parallel.moe_dispatch_dtype,
                            capacity_factor=capacity_factor, grouped_fn=grouped_fn)
   tok = P("ep") if tokens_split else P()
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, W_SPECS), out_specs=tok,
+  fn = jax.shard_map(body, mesh=mesh if mesh is not None else jax.sharding.get_abstract_mesh(), in_specs=(tok, tok, tok, W_SPECS), out_specs=tok,
                      axis_names={"ep", "tp"}, check_vma=False)
   return fn(x, topk_idx, topk_weight, {k: weights[k] for k in W_SPECS})

@@ -9,7 +9,8 @@ Models declare beside their weights which logical axis each dimension is (``llam
     embed          -                              the residual stream stays whole
     q_heads        ep,tp  (tp with attention_dp)  Megatron column split of Wq, row split of Wo
     kv_heads       ep,tp  (tp with attention_dp)  Wk/Wv columns and the KV cache's head dim
-    mlp            ep,tp  (tp with attention_dp)  dense MLP: column-parallel gate/up, row-parallel down
+    mlp            ep,tp  (tp with attention_dp,  dense MLP: column-parallel gate/up, row-parallel down
+                   ep,tp again with adp_mlp="tp")
     experts        ep                             routed experts
     moe_mlp        tp                             each expert's intermediate dim (TP inside EP);
                                                   "mlp" in a weight that also has "experts" means this
@@ -39,7 +40,7 @@ def logical_rules(parallel: ParallelConfig) -> dict[str, tuple[str, ...]]:
   attn = parallel.attention_tp_axes
   data = ("dp", "ep") if parallel.attention_dp else ("dp",)
   return {
-      "vocab": ("tp",), "embed": (), "q_heads": attn, "kv_heads": attn, "mlp": attn,
+      "vocab": ("tp",), "embed": (), "q_heads": attn, "kv_heads": attn, "mlp": parallel.mlp_tp_axes,
       "experts": ("ep",), "moe_mlp": ("tp",), "stage": ("pp",), "pages": data, "tokens": data,
       "q_lora": (), "kv_lora": (),
   }

@@ -1,5 +1,7 @@
 """Sharded Llama on 8 virtual CPU devices: every mesh gives the single-device logits and greedy tokens;
 the compiled HLO holds the collectives the config implies; invalid configs name their constraint."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,8 +86,8 @@ def test_tp_params_and_cache_are_split_over_the_mesh(model):
   assert cache.k[0].addressable_shards[0].data.shape == (8, PAGE, CFG.num_kv_heads // 2, CFG.head_dim)
 
 
-def _pipeline_inputs(parallel, prompts, chunk):
-  """Replica r prefills prompts[r] as len/chunk microbatches (chunked pipeline prefill)."""
+def _pipeline_inputs(prompts, chunk):
+  """Rank r prefills prompts[r] as len/chunk microbatches (chunked pipeline prefill)."""
   toks, bats = [], []
   for p in prompts:
     toks.append([jnp.asarray(p[c:c + chunk]) for c in range(0, len(p), chunk)])
@@ -95,27 +97,49 @@ def _pipeline_inputs(parallel, prompts, chunk):
   return jnp.stack([jnp.stack(t) for t in toks]), pipeline.stack_batches(bats)
 
 
-@pytest.mark.parametrize("parallel", [ParallelConfig(dp=2, pp=2, tp=2, microbatches=4)],
-                         ids=lambda p: p.describe())
-def test_chunked_pipeline_prefill_and_data_parallel_match_single_device(model, parallel):
-  prompts = [PROMPTS[0][:8] + [9, 10, 11, 12, 13, 14, 15, 16], [7] * 4 + PROMPTS[1] + [30] * 6]
+# Ranks (dp, times ep under attention_dp) each prefill their own 16-token prompt in M chunks.
+# (config, collectives the compiled step must hold, collectives it must not)
+RANK_CASES = [
+    (ParallelConfig(dp=2, pp=2, tp=2, microbatches=4), {"collective-permute", "all-reduce"},
+     {"reduce-scatter", "all-to-all"}),
+    # attention-DP over ep=4 (attention TP2 inside each rank), MLP tensor parallel over ep*tp = 8
+    (ParallelConfig(ep=4, tp=2, attention_dp=True, adp_mlp="tp", microbatches=2),
+     {"all-gather", "reduce-scatter", "all-reduce"}, {"collective-permute", "all-to-all"}),
+    # attention-DP over ep=2 with a data-parallel MLP, 2 pipeline stages, TP2 inside
+    (ParallelConfig(ep=2, pp=2, tp=2, attention_dp=True, microbatches=2),
+     {"collective-permute", "all-reduce"}, {"reduce-scatter", "all-to-all"}),
+]
+
+
+@pytest.mark.parametrize("parallel, present, absent", RANK_CASES,
+                         ids=[c[0].describe() for c in RANK_CASES])
+def test_pipeline_and_data_parallel_ranks_match_single_device(model, parallel, present, absent):
+  prompts = [PROMPTS[0][:8] + [9, 10, 11, 12, 13, 14, 15, 16], [7] * 4 + PROMPTS[1] + [30] * 6,
+             PROMPTS[1] + PROMPTS[0][:10], [3, 1, 4, 1, 5, 9, 2, 6] + PROMPTS[0][3:11]]
+  ranks = parallel.num_ranks
   chunk = 16 // parallel.num_microbatches
   ref = []
-  for p in prompts:
+  for p in prompts[:ranks]:
     cache = model.create_cache(num_pages=4, page_size=PAGE)
     b = attention.build_batch([attention.SeqChunk([1, 2], 0, 16)], PAGE, num_tokens=16, num_seqs=1,
                               pages_per_seq=2)
     ref.append(np.asarray(llama.forward(model.params, jnp.asarray(p), cache, b, CFG,
                                         all_logits=True)[0]))
   sharded = shard_model(model, parallel)
-  cache = sharded.create_cache(num_pages=4 * parallel.dp, page_size=PAGE)
-  tokens, batches = _pipeline_inputs(parallel, prompts[:parallel.dp], chunk)
-  logits, cache = sharded.pipeline_forward(all_logits=True)(sharded.params, tokens, cache, batches)
-  logits = np.asarray(logits).reshape(parallel.dp, 16, -1)
-  for r in range(parallel.dp):
+  cache = sharded.create_cache(num_pages=4 * ranks, page_size=PAGE)
+  tokens, batches = _pipeline_inputs(prompts[:ranks], chunk)
+  forward = sharded.pipeline_forward(all_logits=True)
+  hlo = forward.lower(sharded.params, tokens, cache, batches).compile().as_text()
+  logits, cache = forward(sharded.params, tokens, cache, batches)
+  logits = np.asarray(logits).reshape(ranks, 16, -1)
+  for r in range(ranks):
     np.testing.assert_allclose(logits[r], ref[r], atol=ATOL, rtol=0)
   assert isinstance(cache, pipeline.StagedKVCache)
   assert cache.k.sharding.spec[0] == "pp"
+  # each rank holds only its own pages: no KV duplication across ranks
+  assert cache.k.addressable_shards[0].data.shape[2] == 4
+  assert all(c in hlo for c in present), present
+  assert not any(c in hlo for c in absent), absent
 
 
 def _decode_hlo(sharded):
@@ -137,11 +161,20 @@ def test_single_device_step_has_no_collectives(model, reference):
     (ParallelConfig(tp=8), "num_heads (4) must be divisible by tp (8)"),
     (ParallelConfig(pp=4), "num_layers (2) must be divisible by pp (4)"),
     (ParallelConfig(ep=2), "has none; use tp for a dense model"),
-], ids=["devices", "heads", "layers", "ep-dense"])
+    (ParallelConfig(ep=4, attention_dp=True, adp_mlp="tp", tp=4), "only 8 are available"),
+], ids=["devices", "heads", "layers", "ep-dense", "adp-devices"])
 def test_invalid_configs_name_the_constraint(model, parallel, constraint):
   with pytest.raises(ParallelConfigError, match=constraint.replace("(", r"\(").replace(")", r"\)")
                      .replace("*", r"\*")):
     shard_model(model, parallel)
+
+
+def test_attention_dp_mlp_split_names_its_constraint():
+  cfg = dataclasses.replace(CFG, intermediate_size=100)
+  ParallelConfig(ep=8, attention_dp=True).validate(cfg)  # data-parallel MLP: no constraint
+  with pytest.raises(ParallelConfigError, match=r"intermediate_size \(100\) must be divisible by "
+                                                r"ep\*tp \(8\)"):
+    ParallelConfig(ep=8, attention_dp=True, adp_mlp="tp").validate(cfg)
 
 
 @pytest.mark.parametrize("kwargs, constraint", [
@@ -149,6 +182,7 @@ def test_invalid_configs_name_the_constraint(model, parallel, constraint):
     (dict(attention_dp=True), "needs ep > 1"),
     (dict(moe_comm="ring"), "moe_comm must be"),
     (dict(moe_dispatch_dtype="int8"), "moe_dispatch_dtype must be"),
+    (dict(ep=2, attention_dp=True, adp_mlp="ep"), "adp_mlp must be dp | tp"),
 ])
 def test_invalid_fields_name_the_constraint(kwargs, constraint):
   with pytest.raises(ParallelConfigError, match=constraint):

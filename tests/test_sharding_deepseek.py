@@ -69,7 +69,8 @@ def reference(params):
 
 
 def _collectives(hlo):
-  return {c for c in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce") if c in hlo}
+  return {c for c in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+          if c in hlo}
 
 
 CASES = [  # (config, collectives the compiled decode step must hold)
@@ -126,3 +127,107 @@ def test_deepseek_invalid_configs_name_the_constraint():
                                    num_devices=64)
   with pytest.raises(ParallelConfigError, match=r"num_heads \(8\) must be divisible by ep\*tp"):
     ParallelConfig(ep=4, tp=4).validate(CFG, num_devices=16)
+
+
+# ---- pipeline parallel: 1 dense + 2 MoE layers; the MoE layers split over 2 stages -----------
+
+PP_CFG = dataclasses.replace(CFG, num_layers=3)
+PP_SEQS_PER_RANK, PP_PROMPT, PP_PAGES = 2, 16, 3   # pages per sequence: 16 prompt + decode tokens
+
+
+def _pp_batch(seqs, start, chunk, pages_base=0):
+  """One microbatch: ``chunk`` tokens of each sequence from ``start`` (or one decode token each at
+  its end when start is None), padded to a multiple of 8 tokens."""
+  pages = [[pages_base + 1 + PP_PAGES * i + j for j in range(PP_PAGES)] for i in range(len(seqs))]
+  if start is None:
+    chunks = [attention.SeqChunk(p, len(s) - 1, 1) for p, s in zip(pages, seqs)]
+    flat = [s[-1] for s in seqs]
+  else:
+    chunks = [attention.SeqChunk(p, start, chunk) for p in pages]
+    flat = sum((s[start:start + chunk] for s in seqs), [])
+  n = 8 * (-(-len(flat) // 8))
+  return (jnp.asarray(flat + [0] * (n - len(flat)), jnp.int32),
+          attention.build_batch(chunks, PAGE, num_tokens=n, num_seqs=len(seqs),
+                                pages_per_seq=PP_PAGES))
+
+
+def _pp_prompts(n):
+  return [list(np.random.RandomState(100 + i).randint(0, 128, PP_PROMPT)) for i in range(n)]
+
+
+def _stack(rows):
+  """[R][M] of (tokens, batch) -> (tokens [R, M, T], batches [R, M, ...])."""
+  tokens = jnp.stack([jnp.stack([t for t, _ in row]) for row in rows])
+  batches = jax.tree.map(lambda *a: jnp.stack(a).reshape(len(rows), len(rows[0]), *a[0].shape),
+                         *[b for row in rows for _, b in row])
+  return tokens, batches
+
+
+PP_CASES = [  # (config, collectives the compiled decode step must hold)
+    (ParallelConfig(pp=2, ep=4), {"collective-permute", "all-to-all"}),
+    (ParallelConfig(dp=2, pp=2, tp=2), {"collective-permute", "all-reduce"}),
+]
+
+
+@pytest.mark.parametrize("parallel, collectives", PP_CASES, ids=[c[0].describe() for c in PP_CASES])
+def test_deepseek_pipeline_matches_single_device(parallel, collectives):
+  params = jax.tree.map(lambda w: 5 * w if w.ndim >= 2 else w,
+                        ds.init_params(PP_CFG, jax.random.key(1), jnp.float32))
+  ranks, M = parallel.dp, 2
+  prompts = _pp_prompts(ranks * PP_SEQS_PER_RANK)
+  # single device: every sequence prefilled in one step, then greedy decode
+  ref_cache = ds.create_cache(PP_CFG, num_pages=PP_PAGES * len(prompts) + 1, page_size=PAGE,
+                              dtype=jnp.float32)
+  ref_seqs, ref_logits = [list(p) for p in prompts], []
+  for step in range(3):
+    tokens, batch = _pp_batch(ref_seqs, 0 if step == 0 else None, PP_PROMPT)
+    logits, ref_cache = ds.forward_jit(params, tokens, ref_cache, batch, cfg=PP_CFG)
+    ref_logits.append(np.asarray(logits))
+    for s, t in zip(ref_seqs, ref_logits[-1].argmax(-1)):
+      s.append(int(t))
+  # pipeline: each dp rank prefills its sequences in M chunks (chunked pipeline prefill), then
+  # decodes them as M microbatches of one sequence each, across the stages
+  mesh = parallel.make_mesh()
+  per_rank_pages = PP_PAGES * PP_SEQS_PER_RANK + 1
+  cache = ds.create_cache(PP_CFG, num_pages=per_rank_pages * ranks, page_size=PAGE,
+                          dtype=jnp.float32)
+  placed, cache = deepseek.place_pipeline(PP_CFG, params, cache, parallel, mesh)
+  forward = deepseek.make_pipeline_forward(PP_CFG, parallel, mesh)
+  seqs = [list(p) for p in prompts]
+  rank_seqs = lambda r: seqs[r * PP_SEQS_PER_RANK:(r + 1) * PP_SEQS_PER_RANK]
+  chunk = PP_PROMPT // M
+  prefill = _stack([[_pp_batch(rank_seqs(r), c * chunk, chunk) for c in range(M)]
+                    for r in range(ranks)])
+  logits, cache = forward(placed, *prefill[:1], cache, prefill[1])
+  got = [np.asarray(logits)[:, -1].reshape(len(seqs), -1)]      # the last chunk ends each prompt
+  for s, t in zip(seqs, got[-1].argmax(-1)):
+    s.append(int(t))
+  for step in range(2):
+    decode = _stack([[_pp_batch([s], None, 1, pages_base=PP_PAGES * i)
+                      for i, s in enumerate(rank_seqs(r))] for r in range(ranks)])
+    if step == 0:
+      hlo = forward.lower(placed, decode[0], cache, decode[1]).compile().as_text()
+    logits, cache = forward(placed, decode[0], cache, decode[1])
+    got.append(np.asarray(logits).reshape(len(seqs), -1))
+    for s, t in zip(seqs, got[-1].argmax(-1)):
+      s.append(int(t))
+  assert np.abs(ref_logits[0]).max() > 0.5
+  np.testing.assert_allclose(np.stack(got), np.stack(ref_logits), atol=ATOL, rtol=0)
+  assert seqs == ref_seqs
+  assert collectives <= _collectives(hlo), _collectives(hlo)
+  assert isinstance(cache, deepseek.StagedLatentCache) and cache.latent.sharding.spec[0] == "pp"
+  # stage-local experts: each device holds 1/pp of the MoE layers and 1/ep of their experts
+  w = placed["stages"]["experts_gate"]
+  assert w.addressable_shards[0].data.shape[:3] == (1, 1, CFG.n_routed_experts // parallel.ep)
+
+
+def test_deepseek_pipeline_invalid_configs_name_the_constraint():
+  with pytest.raises(ParallelConfigError, match=r"MoE layers \(num_layers - first_k_dense_replace\) "
+                                                r"\(1\) must be divisible by pp \(2\)"):
+    ParallelConfig(pp=2).validate(CFG)
+  with pytest.raises(ParallelConfigError, match="not implemented for DeepSeek"):
+    deepseek.make_pipeline_forward(PP_CFG, ParallelConfig(pp=2, ep=2, attention_dp=True),
+                                   ParallelConfig(pp=2, ep=2, attention_dp=True).make_mesh())
+  with pytest.raises(ParallelConfigError, match="adp_mlp='tp' is implemented for Llama only"):
+    deepseek.make_forward(CFG, ParallelConfig(ep=2, attention_dp=True, adp_mlp="tp"),
+                          ParallelConfig(ep=2, attention_dp=True).make_mesh())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,6 +41,9 @@ from kernels import flash_attention
 from kernels.mla_attention import mla_paged_attention
 
 Params = dict[str, Any]
+# Routed-expert compute: (normed h [T, H], expert ids [T, k], routing weights [T, k] float32,
+# {"w_gate", "w_up": [E, H, I], "w_down": [E, I, H]}) -> [T, H]. None: the local dropless dispatch.
+ExpertsFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,8 +382,20 @@ def choose_mla_form(num_tokens: int, num_seqs: int) -> str:
   return "prefill" if num_tokens >= 128 * num_seqs else "absorbed"
 
 
-def _attention_block(layer: Params, x, cos, sin, latent_pages, latent_scale,
-                     batch: attention.AttentionBatch, cfg: DeepseekV3Config, form: str):
+def rope_tables(cfg: DeepseekV3Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) of the step's token positions with YaRN's attention factor folded in, as
+  ``attention_block`` takes them."""
+  inv_freq, attention_factor = rope_parameters(cfg)
+  cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq))
+  return cos * attention_factor, sin * attention_factor
+
+
+def attention_block(layer: Params, x, cos, sin, latent_pages, latent_scale,
+                    batch: attention.AttentionBatch, cfg: DeepseekV3Config, form: str):
+  """One layer's MLA with its residual: x [T, H] -> (x + MLA(RMSNorm(x)) Wo, latent_pages with this
+  step's [latent, rope key] rows written at ``batch.slots``). ``form``: "prefill" | "absorbed"
+  (``choose_mla_form``). A building block: ``forward`` chains it with ``ffn_block`` per layer, and
+  sharding/ runs the same blocks per pipeline stage or per attention-data-parallel rank."""
   T, R = x.shape[0], cfg.kv_lora_rank
   h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
   q = _queries(layer, h, cfg)
@@ -395,17 +411,23 @@ def _attention_block(layer: Params, x, cos, sin, latent_pages, latent_scale,
   return x + linear(o.reshape(T, -1), layer["wo"]), latent_pages
 
 
-def _swiglu(h, w_gate, w_up, w_down):
+def swiglu(h, w_gate, w_up, w_down):
+  """(SiLU(h Wgate) * h Wup) Wdown: the dense MLP and the shared experts."""
   return linear(jax.nn.silu(linear(h, w_gate)) * linear(h, w_up), w_down)
 
 
-def moe_ffn(layer: Params, h: jax.Array, cfg: DeepseekV3Config, impl: str = "dispatch") -> jax.Array:
-  """Routed experts (+ shared experts) on normed h [T, H]. impl: dispatch | dense_reference."""
+def moe_ffn(layer: Params, h: jax.Array, cfg: DeepseekV3Config, impl: str = "dispatch",
+            experts_fn: ExpertsFn | None = None) -> jax.Array:
+  """Routed experts (+ shared experts) on normed h [T, H]. impl: dispatch | dense_reference.
+  ``experts_fn`` replaces the routed experts' compute (sharding.moe moves tokens between devices)."""
   weights, idx = moe.route(h, layer["router"], layer["router_bias"], top_k=cfg.num_experts_per_tok,
                            n_group=cfg.n_group, topk_group=cfg.topk_group,
                            norm_topk_prob=cfg.norm_topk_prob,
                            routed_scaling_factor=cfg.routed_scaling_factor)
-  if impl == "dispatch":
+  if experts_fn is not None:
+    y = experts_fn(h, idx, weights, {"w_gate": layer["experts_gate"], "w_up": layer["experts_up"],
+                                     "w_down": layer["experts_down"]}).astype(h.dtype)
+  elif impl == "dispatch":
     y = moe.dispatch_moe(h, weights, idx, layer["experts_gate"], layer["experts_up"],
                          layer["experts_down"], cfg.n_routed_experts)
   elif impl == "dense_reference":
@@ -414,45 +436,51 @@ def moe_ffn(layer: Params, h: jax.Array, cfg: DeepseekV3Config, impl: str = "dis
   else:
     raise ValueError(f"unknown MoE impl {impl!r}")
   if cfg.n_shared_experts:
-    y = y + _swiglu(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"])
+    y = y + swiglu(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"])
   return y
 
 
-def _ffn_block(layer: Params, x, cfg: DeepseekV3Config, moe_impl: str):
+def ffn_block(layer: Params, x, cfg: DeepseekV3Config, moe_impl: str = "dispatch",
+              experts_fn: ExpertsFn | None = None):
+  """One layer's FFN with its residual: x + FFN(RMSNorm(x)), a dense SwiGLU or ``moe_ffn``
+  (a building block, see ``attention_block``)."""
   h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
   if "router" in layer:
-    return x + moe_ffn(layer, h, cfg, moe_impl)
-  return x + _swiglu(h, layer["w_gate"], layer["w_up"], layer["w_down"])
+    return x + moe_ffn(layer, h, cfg, moe_impl, experts_fn)
+  return x + swiglu(h, layer["w_gate"], layer["w_up"], layer["w_down"])
 
 
 def forward(params: Params, tokens: jax.Array, cache: LatentCache, batch: attention.AttentionBatch,
             cfg: DeepseekV3Config, all_logits: bool = False, mla_form: str = "auto",
-            moe_impl: str = "dispatch") -> tuple[jax.Array, LatentCache]:
+            moe_impl: str = "dispatch",
+            experts_fn: ExpertsFn | None = None) -> tuple[jax.Array, LatentCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache.
 
   ``mla_form``: auto | prefill | absorbed (both exact; auto picks by tokens per sequence).
-  ``moe_impl``: dispatch | dense_reference (tests only)."""
+  ``moe_impl``: dispatch | dense_reference (tests only). ``experts_fn``: see ``ExpertsFn``."""
   if mla_form == "auto":
     mla_form = choose_mla_form(batch.num_tokens, batch.num_seqs)
   if mla_form not in ("prefill", "absorbed"):
     raise ValueError(f"unknown mla_form {mla_form!r}")
   x = params["embed"][tokens]
-  inv_freq, attention_factor = rope_parameters(cfg)
-  cos, sin = rope_cos_sin(batch.positions, jnp.asarray(inv_freq))
-  cos, sin = cos * attention_factor, sin * attention_factor
+  cos, sin = rope_tables(cfg, batch.positions)
   new_latent = []
   for i, layer in enumerate(params["layers"]):
-    x, pages = _attention_block(layer, x, cos, sin, cache.latent[i], cache.scale[i], batch, cfg,
-                                mla_form)
-    x = _ffn_block(layer, x, cfg, moe_impl)
+    x, pages = attention_block(layer, x, cos, sin, cache.latent[i], cache.scale[i], batch, cfg,
+                               mla_form)
+    x = ffn_block(layer, x, cfg, moe_impl, experts_fn)
     new_latent.append(pages)
-  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   if not all_logits:
     x = x[batch.logit_indices]
+  return lm_logits(params, x, cfg), dataclasses.replace(cache, latent=tuple(new_latent))
+
+
+def lm_logits(params: Params, x, cfg: DeepseekV3Config) -> jax.Array:
+  """Final RMSNorm and LM head on residual rows x [..., H] -> float32 logits [..., V]."""
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  logits = linear(x, lm_head).astype(jnp.float32)
-  return logits, dataclasses.replace(cache, latent=tuple(new_latent))
+  return linear(x, lm_head).astype(jnp.float32)
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "mla_form", "moe_impl"),
@@ -462,3 +490,9 @@ forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "mla_form",
 def num_params(cfg: DeepseekV3Config) -> int:
   return sum(int(np.prod(s)) for s in jax.tree.leaves(
       param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple)))
+
+
+# Old private names, still called by experiments/bench_deepseek.py (owned elsewhere): drop them once
+# it calls attention_block / ffn_block.
+_attention_block = attention_block
+_ffn_block = ffn_block

@@ -120,8 +120,12 @@ def create_cache(cfg: LlamaConfig, *, num_pages: int, page_size: int, dtype=jnp.
                         kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype)
 
 
-def _attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_scale,
-                     batch: attention.AttentionBatch, cfg: LlamaConfig):
+def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_scale,
+                    batch: attention.AttentionBatch, cfg: LlamaConfig):
+  """One layer's attention with its residual: x [T, H] -> (x + Attention(RMSNorm(x)) Wo, k_pages,
+  v_pages with this step's K/V written at ``batch.slots``). ``cos, sin`` come from ``rope_cos_sin``
+  of ``batch.positions``. A building block: ``forward`` chains it with ``mlp_block`` per layer, and
+  sharding/ runs the same blocks per pipeline stage or per attention-data-parallel rank."""
   T = x.shape[0]
   h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
   q = linear(h, layer["wq"]).reshape(T, cfg.num_heads, cfg.head_dim)
@@ -135,10 +139,19 @@ def _attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sc
   return x + linear(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
 
 
-def _mlp_block(layer: Params, x, cfg: LlamaConfig):
-  h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-  return x + linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]),
-                    layer["w_down"])
+def mlp(layer: Params, h):
+  """The SwiGLU on normed activations h [T, H] (no residual): (SiLU(h Wgate) * h Wup) Wdown."""
+  return linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
+
+
+def mlp_block(layer: Params, x, cfg: LlamaConfig):
+  """One layer's MLP with its residual: x [T, H] -> x + mlp(RMSNorm(x)) (a building block)."""
+  return x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))
+
+
+def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) of the step's token positions, as ``attention_block`` takes them."""
+  return rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
 
 def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention.AttentionBatch,
@@ -146,21 +159,24 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention.
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache."""
   x = params["embed"][tokens]
-  cos, sin = rope_cos_sin(batch.positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
-                                                         cfg.rope_scaling))
+  cos, sin = rope_tables(cfg, batch.positions)
   new_k, new_v = [], []
   for i, layer in enumerate(params["layers"]):
-    x, k_pages, v_pages = _attention_block(layer, x, cos, sin, cache.k[i], cache.v[i],
-                                           cache.k_scale[i], cache.v_scale[i], batch, cfg)
-    x = _mlp_block(layer, x, cfg)
+    x, k_pages, v_pages = attention_block(layer, x, cos, sin, cache.k[i], cache.v[i],
+                                          cache.k_scale[i], cache.v_scale[i], batch, cfg)
+    x = mlp_block(layer, x, cfg)
     new_k.append(k_pages)
     new_v.append(v_pages)
-  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   if not all_logits:
     x = x[batch.logit_indices]
+  return lm_logits(params, x, cfg), dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
+
+
+def lm_logits(params: Params, x, cfg: LlamaConfig) -> jax.Array:
+  """Final RMSNorm and LM head on residual rows x [..., H] -> float32 logits [..., V]."""
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  logits = linear(x, lm_head, out_dtype=jnp.float32)
-  return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
+  return linear(x, lm_head, out_dtype=jnp.float32)
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
