@@ -32,7 +32,9 @@ class LLM:
   ``prefill_chunk`` is the step's token budget (prefill chunks and decode tokens together),
   ``max_batch`` the most sequences in one step. The KV cache takes ``kv_cache_bytes`` (default: half
   the free accelerator memory, 128 MiB on CPU); ``engine_config`` overrides all of these.
-  ``parallel`` places the model on a device mesh (tensor/pipeline/expert parallel; see sharding/).
+  ``parallel`` places the model on a device mesh (tensor/pipeline/expert parallel; see sharding/);
+  with ``dp`` > 1 it serves dp independent replicas (``sharding.replicas``), each KV cache sized as
+  one engine's.
   """
 
   def __init__(self, model: str | LoadedModel | None = None, *, dtype=None, page_size: int = 16,
@@ -41,7 +43,12 @@ class LLM:
                parallel: ParallelConfig | None = None):
     enable_compilation_cache()
     self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
-    if parallel is not None:
+    replicas = None
+    if parallel is not None and parallel.dp > 1:  # dp independent engine replicas
+      from sharding.replicas import shard_replicas
+      replicas = shard_replicas(self.model, parallel)
+      self.model = replicas[0]
+    elif parallel is not None:
       from sharding.model import shard_model
       self.model = shard_model(self.model, parallel)
     self.tokenizer = self.model.tokenizer
@@ -56,7 +63,11 @@ class LLM:
           # shapes; the decode kernel skips pages past each sequence's length). On CPU the
           # reference attention pays for every page in the table, so the ladder starts small.
           min_page_bucket=8 if jax.default_backend() == "cpu" else max(8, 1024 // page_size))
-    self.engine = LLMEngine.from_loaded(self.model, engine_config)
+    if replicas is not None:
+      from sharding.replicas import DataParallelEngine
+      self.engine = DataParallelEngine.from_replicas(replicas, engine_config)
+    else:
+      self.engine = LLMEngine.from_loaded(self.model, engine_config)
     self._inbox: dict[str, collections.deque[RequestOutput]] = {}
 
   def _num_pages(self, page_size: int, kv_dtype, kv_cache_bytes: int | None) -> int:

@@ -1,5 +1,6 @@
-"""A sharded Llama through the Python API (``LLM``, TP2) and the serving engine (TP2, PP2) gives the
-same greedy tokens as the unsharded model, so ``shard_model`` slots into both without changing them."""
+"""A sharded Llama through the Python API (``LLM``: TP2, DP2xTP2) and the serving engine (TP2, PP2,
+DP2xPP2 replicas) gives the same greedy tokens as the unsharded model, so ``shard_model`` and
+``sharding.replicas`` slot into both without changing them."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from jaxinfer.sampling import SamplingParams
 from llama_fixtures import random_params
 from sharding.config import ParallelConfig
 from sharding.model import shard_model
+from sharding.replicas import DataParallelEngine, shard_replicas
 
 CFG = toy_config(max_position_embeddings=128)
 ENGINE = EngineConfig(num_pages=33, page_size=4, max_num_seqs=8, max_num_batched_tokens=32,
@@ -65,3 +67,30 @@ def test_sharded_model_through_engine(model, reference, parallel):
   tokens = _engine_tokens(engine)
   assert all(len(t) == GREEDY.max_tokens for t in tokens)
   assert tokens == reference[1]
+
+
+def _devices(model):
+  return frozenset(model.params["final_norm"].sharding.device_set)
+
+
+def test_data_parallel_replicas_through_llm(model, reference):
+  llm = LLM(model=model, parallel=ParallelConfig(dp=2, tp=2))
+  assert isinstance(llm.engine, DataParallelEngine) and len(llm.engine.engines) == 2
+  devices = [frozenset(e.params["final_norm"].sharding.device_set) for e in llm.engine.engines]
+  assert len(devices[0]) == len(devices[1]) == 2 and not devices[0] & devices[1]
+  llm_tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+  assert [list(t) for t in llm_tokens] == [list(t) for t in reference[0]]
+  assert all(e.num_steps > 0 for e in llm.engine.engines)  # both replicas served requests
+
+
+def test_data_parallel_pipeline_replicas_through_engine(model, reference):
+  replicas = shard_replicas(model, ParallelConfig(dp=2, pp=2))
+  assert _devices(replicas[0]).isdisjoint(_devices(replicas[1]))
+  engine = DataParallelEngine([
+      _engine(m.params, m.step_forward, m.create_cache(ENGINE.num_pages, ENGINE.page_size))
+      for m in replicas])
+  ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+  assert sorted({engine.replica_of(i) for i in ids}) == [0, 1]
+  finals = engine.run_to_completion()
+  assert [list(finals[i].token_ids) for i in ids] == reference[1]
+  assert not engine.has_unfinished() and engine.replica_of(ids[0]) is None
