@@ -93,10 +93,5 @@ class DataParallelEngine:
         self._owner.pop(out.request_id, None)
     return outputs
 
-  def run_to_completion(self) -> dict[str, RequestOutput]:
-    finals = {}
-    while self.has_unfinished():
-      for out in self.step():
-        if out.finished:
-          finals[out.request_id] = out
-    return finals
+  # Steps until every request has finished (only uses has_unfinished and step).
+  run_to_completion = LLMEngine.run_to_completion
