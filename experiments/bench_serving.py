@@ -247,7 +247,7 @@ def run_jax() -> dict:
   shapes = [(e, s) for e in warm for s in e.buckets.all_shapes()]
   import concurrent.futures
   with concurrent.futures.ThreadPoolExecutor(len(shapes)) as pool:
-    list(pool.map(lambda es: es[0].warmup([es[1]]), shapes))
+    list(pool.map(lambda es: es[0].warmup([es[1]], samplers=(True,)), shapes))
   result["compile_s"] = time.perf_counter() - t
   result["compiled_shapes"] = [s for _, s in shapes]
   logging.info("compiled %d shapes in %.1fs", len(shapes), result["compile_s"])
@@ -265,7 +265,7 @@ def run_jax() -> dict:
       continue
     engine = engine_for(c)
     if i >= len(main_levels):
-      engine.warmup(num_threads=4)
+      engine.warmup(num_threads=4, samplers=(True,))
     # one short untimed wave first (first-call dispatch costs), then the measured closed loop
     run_closed_loop(engine, prompts, c, c)
     summary, steps = run_closed_loop(engine, prompts, c, _PER_USER.value * c)
@@ -392,22 +392,39 @@ def time_calls(fn, n: int) -> dict:
   return {"blocked_s": percentiles(blocked), "pipelined_s": (time.perf_counter() - t) / n}
 
 
+def decode_only_attention(q, k_pages, v_pages, batch, *, scale, k_scale=1.0, v_scale=1.0,
+                          impl="auto"):
+  """Profile only: ``attention.paged_attention`` without its runtime decode/prefill ``lax.cond``
+  (valid for decode-only batches), to measure what that conditional costs on GPU."""
+  del impl
+  import jax
+
+  from kernels import paged_decode_attention as decode
+  return decode.paged_decode_attention(q, k_pages, v_pages, batch.page_table, batch.seq_lens,
+                                       batch.query_start, scale=scale, k_scale=k_scale,
+                                       v_scale=v_scale, max_q=1,
+                                       interpret=jax.default_backend() != "gpu")
+
+
 def run_profile() -> dict:
   """The batch-1 decode step of the Llama-3-8B shape at the serving benchmark's c=1 settings,
-  timed as (a) the bare forward (KV cache of the engine's size and of one sequence's pages), (b) the
-  engine's jitted forward + sample step, (c) ``LLMEngine.step()`` end to end; then one trace of (b)
-  and of (c) broken down per GPU kernel, and the step's large HLO copies."""
+  each part traced and broken down per GPU kernel: (b) the engine's jitted forward + sample step
+  (greedy), (b') the same step with attention's runtime conditional removed, (c)
+  ``LLMEngine.step()`` end to end (host and wait parts), (a) the bare forward (KV cache of the
+  engine's size, and of one sequence's pages); the step's large HLO copies; the c>1 decode steps
+  of --concurrency while --time_budget_s allows."""
   import gzip
 
   import jax
   import jax.numpy as jnp
 
-  from jaxinfer.engine import LLMEngine
+  from jaxinfer import attention
+  from jaxinfer.compilation_cache import enable_compilation_cache
+  from jaxinfer.engine import LLMEngine, step as step_mod
   from jaxinfer.engine.step import LlamaForward, build_host_batch, step_jit
   from jaxinfer.models import llama
   from jaxinfer.sampling import SamplingParams
 
-  from jaxinfer.compilation_cache import enable_compilation_cache
   enable_compilation_cache()   # the AOT compile for the HLO text below then loads from disk
   out_dir = os.path.dirname(os.path.abspath(_OUT.value))
   result = {"device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__,
@@ -416,6 +433,13 @@ def run_profile() -> dict:
   def save():
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)
+
+  def traced(key, fn, n=10):
+    folder = os.path.join(_TRACE_DIR.value, key)
+    jax.profiler.start_trace(folder)
+    jax.block_until_ready([fn() for _ in range(n)])
+    jax.profiler.stop_trace()
+    return gpu_kernel_breakdown(folder, n)
 
   cfg = llama.LlamaConfig(**llama_shape(_MODEL.value))
   params = llama.init_params(cfg, jax.random.key(_SEED.value), jnp.bfloat16)
@@ -426,56 +450,53 @@ def run_profile() -> dict:
   ctx = _INPUT.value + _OUTPUT.value // 2                     # mid-generation position
   pages = list(range(1, P + 1))
   shape = (1, 1, P)
-  hb = build_host_batch([([7], pages, ctx)], ps, shape, [(SamplingParams(), ctx - _INPUT.value)])
-  tokens = jnp.asarray(hb.tokens)
-  batch = jax.tree.map(jnp.asarray, hb.batch)
   fwd = LlamaForward(cfg)
-  state = {}
-
-  def bare(key):
-    logits, state[key] = llama.forward_jit(params, tokens, state[key], batch, cfg=cfg)
-    return logits
-
-  for key, num_pages in (("forward_small_cache", P + 1), ("forward_engine_cache", _KV_PAGES.value)):
-    state[key] = llama.create_cache(cfg, num_pages=num_pages, page_size=ps, dtype=jnp.bfloat16)
-    t = time.perf_counter()
-    result[key] = {"num_pages": num_pages, **time_calls(lambda: bare(key), 30)}
-    result[key]["compile_and_time_s"] = time.perf_counter() - t
-    logging.info("%s %s", key, result[key])
-    if key == "forward_small_cache":
-      del state[key]
-    save()
-  state["step"] = state.pop("forward_engine_cache")
+  state = {"cache": llama.create_cache(cfg, num_pages=_KV_PAGES.value, page_size=ps,
+                                       dtype=jnp.bfloat16),
+           "tok": jnp.asarray([7], jnp.int32)}
   # the step as async decode runs it: its input token is the previous step's output, on device
-  hb_step = build_host_batch([([-1], pages, ctx)], ps, shape,
-                             [(SamplingParams(), ctx - _INPUT.value)])
-  ints, floats = jnp.asarray(hb_step.ints), jnp.asarray(hb_step.floats)
-  state["tok"] = jnp.asarray(hb.tokens[:1])
+  hb = build_host_batch([([-1], pages, ctx)], ps, shape, [(SamplingParams(), ctx - _INPUT.value)])
+  ints, floats = jnp.asarray(hb.ints), jnp.asarray(hb.floats)
 
-  def step():
-    state["tok"], _, state["step"] = step_jit(params, ints, floats, state["tok"], state["step"],
-                                              forward=fwd, shape=shape)
-    return state["tok"]
+  def stepper(jitted):
+    def step():
+      state["tok"], _, state["cache"] = jitted(params, ints, floats, state["tok"], state["cache"],
+                                               forward=fwd, shape=shape, greedy=True)
+      return state["tok"]
+    return step
 
+  step = stepper(step_jit)
   result["step_jit"] = time_calls(step, 30)
   logging.info("step_jit %s", result["step_jit"])
-  hlo = step_jit.lower(params, ints, floats, state["tok"], state["step"], forward=fwd,
-                       shape=shape).compile().as_text()
+  result["step_jit"]["kernels"] = traced("step", step)
+  save()
+  hlo = step_jit.lower(params, ints, floats, state["tok"], state["cache"], forward=fwd,
+                       shape=shape, greedy=True).compile().as_text()
   result["step_large_copies"] = large_copies(hlo)
+  result["step_hlo_conditionals"] = hlo.count(" conditional(")
   with gzip.open(os.path.join(out_dir, "step_hlo.txt.gz"), "wt") as f:
     f.write(hlo)
   save()
 
-  jax.profiler.start_trace(os.path.join(_TRACE_DIR.value, "step"))
-  jax.block_until_ready([step() for _ in range(10)])
-  jax.profiler.stop_trace()
-  result["step_jit_kernels"] = gpu_kernel_breakdown(os.path.join(_TRACE_DIR.value, "step"), 10)
+  # (b') no runtime conditional in attention (measurement only: a trace-time substitution)
+  no_cond_jit = jax.jit(step_mod._step, static_argnames=("forward", "shape", "greedy"),
+                        donate_argnames=("cache",))
+  dispatch, attention.paged_attention = attention.paged_attention, decode_only_attention
+  try:
+    no_cond = stepper(no_cond_jit)
+    result["step_no_attention_cond"] = time_calls(no_cond, 30)
+  finally:
+    attention.paged_attention = dispatch
+  result["step_no_attention_cond"]["kernels"] = traced("no_cond", no_cond)
+  logging.info("step_no_attention_cond %s", {k: v for k, v in
+                                              result["step_no_attention_cond"].items()
+                                              if k != "kernels"})
   save()
 
   # (c) the engine, at bench_serving's c=1 settings, one request at a time
-  engine = LLMEngine(params, fwd, state.pop("step"), vocab_size=cfg.vocab_size,
+  engine = LLMEngine(params, fwd, state.pop("cache"), vocab_size=cfg.vocab_size,
                      max_model_len=P * ps, config=engine_config(1, P))
-  engine.warmup(num_threads=2)
+  engine.warmup(num_threads=2, samplers=(True,))
   prompt = np.random.default_rng(_SEED.value).integers(1, cfg.vocab_size, _INPUT.value).tolist()
   sp = SamplingParams(max_tokens=_OUTPUT.value, ignore_eos=True)
   engine_steps = []
@@ -497,9 +518,32 @@ def run_profile() -> dict:
   arr = np.asarray(engine_steps)
   result["engine_step"] = {"steps": len(arr), "step_s": percentiles(arr[:, 0]),
                            "host_s": percentiles(arr[:, 1]), "wait_s": percentiles(arr[:, 2]),
-                           "async": getattr(engine.config, "async_scheduling", False)}
+                           "async": engine.config.async_scheduling}
   logging.info("engine %s", result["engine_step"])
+  state["cache"] = engine.cache
+  del engine
   save()
+
+  # (a) the bare model forward (as bench_generate times it), engine-sized and one-sequence caches
+  base = build_host_batch([([7], pages, ctx)], ps, shape)
+  tokens, batch = jnp.asarray(base.tokens), jax.tree.map(jnp.asarray, base.batch)
+
+  def bare():
+    logits, state["cache"] = llama.forward_jit(params, tokens, state["cache"], batch, cfg=cfg)
+    return logits
+
+  for key, num_pages in (("forward_engine_cache", None), ("forward_small_cache", P + 1)):
+    if time.perf_counter() - T_START > _TIME_BUDGET.value:
+      result.setdefault("skipped", []).append(key)
+      continue
+    if num_pages:
+      state["cache"] = llama.create_cache(cfg, num_pages=num_pages, page_size=ps,
+                                          dtype=jnp.bfloat16)
+    result[key] = {"num_pages": state["cache"].num_pages, **time_calls(bare, 30)}
+    logging.info("%s %s", key, result[key])
+    save()
+  del state["cache"]
+
   # the decode step of bench_serving's c=64 level (64 rows), as far as --time_budget_s allows
   for b in [int(c) for c in _CONC.value if int(c) > 1]:
     if time.perf_counter() - T_START > _TIME_BUDGET.value:
@@ -514,15 +558,13 @@ def run_profile() -> dict:
     state[key] = (jnp.asarray(np.random.default_rng(b).integers(1, 1000, b), jnp.int32), cache)
 
     def step_b():
-      tok, _, c = step_jit(params, ints_b, floats_b, *state[key], forward=fwd, shape=(b, b, P))
+      tok, _, c = step_jit(params, ints_b, floats_b, *state[key], forward=fwd, shape=(b, b, P),
+                           greedy=True)
       state[key] = (tok, c)
       return tok
 
     result[key] = time_calls(step_b, 20)
-    jax.profiler.start_trace(os.path.join(_TRACE_DIR.value, key))
-    jax.block_until_ready([step_b() for _ in range(10)])
-    jax.profiler.stop_trace()
-    result[key]["kernels"] = gpu_kernel_breakdown(os.path.join(_TRACE_DIR.value, key), 10)
+    result[key]["kernels"] = traced(key, step_b)
     logging.info("%s %s", key, {k: v for k, v in result[key].items() if k != "kernels"})
     del state[key], cache
     save()
@@ -688,10 +730,16 @@ def main(argv) -> None:
   if _ENGINE.value == "profile":
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     result = run_profile()
-    print(json.dumps({k: v for k, v in result.items() if k not in ("step_jit_kernels",
-                                                                   "engine_kernels")}, indent=1))
-    for k in ("step_jit_kernels", "engine_kernels"):
-      print(k, json.dumps({n: v for n, v in result.get(k, {}).items() if n != "top_kernels"}))
+    for key, v in result.items():
+      if isinstance(v, dict) and "blocked_s" in v:
+        k = v.get("kernels", {})
+        print(f"{key:>24}: blocked p50 {1e3 * v['blocked_s']['p50']:.2f} ms, pipelined "
+              f"{1e3 * v['pipelined_s']:.2f} ms, GPU busy {k.get('busy_ms_per_step', 0):.2f} / span "
+              f"{k.get('span_ms_per_step', 0):.2f} ms, {k.get('category_ms_per_step')}")
+    print({k: v for k, v in result.items() if not isinstance(v, dict) or k in (
+        "engine_step", "roofline_s", "ceilings")})
+    print("engine kernels", {k: v for k, v in result.get("engine_kernels", {}).items()
+                             if k != "top_kernels"})
     return
   result = run_jax() if _ENGINE.value == "jax" else run_hf()
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

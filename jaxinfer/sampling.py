@@ -89,16 +89,21 @@ def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
 _row_keys_jit = jax.jit(row_keys)
 
 
-def sample(logits: jax.Array, sb: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+def sample(logits: jax.Array, sb: SamplingBatch | None) -> tuple[jax.Array, jax.Array]:
   """logits [B, V] float32 -> (tokens [B] int32, logprobs of the chosen tokens [B]).
 
   Logprobs are of the model's distribution (before temperature and truncation), as vLLM reports them.
-  An all-greedy batch skips the full-vocabulary sort (milliseconds at a 128k vocabulary).
+  An all-greedy batch skips the full-vocabulary sort (milliseconds at a 128k vocabulary): statically
+  when ``sb`` is None (the caller knows every row is greedy), else by a runtime ``lax.cond`` (on GPU
+  a conditional makes the host wait for the device to reach it: callers that know should say so).
   """
   logits = logits.astype(jnp.float32)
   greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy_tok,
-                        lambda: _draw(logits, sb, greedy_tok))
+  if sb is None:
+    tokens = greedy_tok
+  else:
+    tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy_tok,
+                          lambda: _draw(logits, sb, greedy_tok))
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
   return tokens, logprobs
 

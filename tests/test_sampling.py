@@ -20,6 +20,10 @@ def test_greedy_picks_argmax_and_reports_logprob():
   np.testing.assert_array_equal(np.asarray(tokens)[:5], logits.argmax(-1))
   ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   np.testing.assert_allclose(np.asarray(logprobs)[:5], ref[np.arange(5), logits.argmax(-1)], rtol=1e-5)
+  # the static all-greedy path (no SamplingBatch: no sort, no runtime branch) gives the same
+  tokens, logprobs = sample_jit(jnp.asarray(logits), None)
+  np.testing.assert_array_equal(np.asarray(tokens), logits.argmax(-1))
+  np.testing.assert_allclose(np.asarray(logprobs), ref[np.arange(5), logits.argmax(-1)], rtol=1e-5)
 
 
 def test_top_k_and_top_p_restrict_support():

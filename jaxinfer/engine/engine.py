@@ -252,8 +252,10 @@ class LLMEngine:
         for c, done in zip(chunks, completes)])
     self.compiled_shapes.add(shape)
     prev_tokens = previous.tokens if previous is not None else self._no_prev
+    greedy = all(c.request.params.greedy for c, done in zip(chunks, completes) if done)
     tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, prev_tokens,
-                                            self.cache, forward=self.forward, shape=shape)
+                                            self.cache, forward=self.forward, shape=shape,
+                                            greedy=greedy)
     rows = []
     for b, (c, done) in enumerate(zip(chunks, completes)):
       c.request.num_computed += c.num_tokens
@@ -399,20 +401,23 @@ class LLMEngine:
     return finals
 
   def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None,
-             num_threads: int = 1) -> None:
-    """Compiles the step for ``shapes`` (default: every bucket combination) ahead of time; with
-    ``num_threads`` > 1 the XLA compilations run concurrently. The compiled executables land in
-    the jit cache, so serving then never compiles for these shapes."""
+             num_threads: int = 1, samplers: Sequence[bool] = (True, False)) -> None:
+    """Compiles the step for ``shapes`` (default: every bucket combination) ahead of time, in the
+    all-greedy variant and/or the sampling one (``samplers``: greedy flags); with ``num_threads``
+    > 1 the XLA compilations run concurrently. The compiled executables land in the jit cache, so
+    serving then never compiles for these shapes."""
     shapes = list(shapes or self.buckets.all_shapes())
 
-    def compile_one(shape):
+    def compile_one(variant):
+      shape, greedy = variant
       hb = build_host_batch([], self.page_size, shape)
       step_jit.lower(self.params, hb.ints, hb.floats, self._no_prev, self.cache,
-                     forward=self.forward, shape=shape).compile()
+                     forward=self.forward, shape=shape, greedy=greedy).compile()
       return shape
 
+    variants = [(s, g) for s in shapes for g in samplers]
     if num_threads > 1:
       with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        self.compiled_shapes.update(pool.map(compile_one, shapes))
+        self.compiled_shapes.update(pool.map(compile_one, variants))
     else:
-      self.compiled_shapes.update(map(compile_one, shapes))
+      self.compiled_shapes.update(map(compile_one, variants))

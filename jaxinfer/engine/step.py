@@ -143,10 +143,11 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   return HostBatch(shape, ints, floats)
 
 
-def _step(params, ints, floats, prev_tokens, cache, *, forward, shape):
+def _step(params, ints, floats, prev_tokens, cache, *, forward, shape, greedy=False):
   """-> (sampled tokens [R] (rows past B are zero), their logprobs [B], the cache), R =
   ``prev_tokens.shape[0]`` the engine's largest sequence bucket, so the output of one step can feed
-  the next whatever their shapes."""
+  the next whatever their shapes. ``greedy``: every row is greedy (static: no sort, no device-side
+  branch)."""
   layout = _layout(shape)
   f = lambda name: ints[layout[name][0]:layout[name][1]]
   B, P = shape[1], shape[2]
@@ -157,11 +158,14 @@ def _step(params, ints, floats, prev_tokens, cache, *, forward, shape):
   tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f("tokens"))
   logits, cache = forward(params, tokens, cache, batch)
   logits = logits.astype(jnp.float32)
-  seeds = jax.lax.bitcast_convert_type(f("seeds"), jnp.uint32)
-  keys = sampling.row_keys(seeds, f("steps").astype(jnp.uint32))
-  sb = sampling.SamplingBatch(floats[0], f("top_k"), floats[1], keys)
+  sb = None
+  if not greedy:
+    seeds = jax.lax.bitcast_convert_type(f("seeds"), jnp.uint32)
+    keys = sampling.row_keys(seeds, f("steps").astype(jnp.uint32))
+    sb = sampling.SamplingBatch(floats[0], f("top_k"), floats[1], keys)
   next_tokens, logprobs = sampling.sample(logits, sb)
   return jnp.zeros_like(prev_tokens).at[:B].set(next_tokens), logprobs, cache
 
 
-step_jit = jax.jit(_step, static_argnames=("forward", "shape"), donate_argnames=("cache",))
+step_jit = jax.jit(_step, static_argnames=("forward", "shape", "greedy"),
+                   donate_argnames=("cache",))
