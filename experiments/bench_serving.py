@@ -319,12 +319,12 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
   pd = ProfileData.from_file(files[-1])
   kernels: dict[str, list] = {}
   intervals, lines = [], []
-  for plane in pd.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
+  gpu_planes = [p for p in pd.planes if p.name.startswith("/device:GPU")]
+  streams_only = any(ln.name.startswith("Stream") for p in gpu_planes for ln in p.lines)
+  for plane in gpu_planes:
     for line in plane.lines:
       lines.append(line.name)
-      if not line.name.startswith("Stream"):
+      if streams_only and not line.name.startswith("Stream"):
         continue
       for ev in line.events:
         stats = dict(ev.stats)
