@@ -684,17 +684,54 @@ def run_hf() -> dict:
 # report
 
 
+def report_series(runs: list[dict]) -> list[tuple[str, dict]]:
+  """(label, {concurrency: level summary}) per engine run, HF's eager levels as their own series."""
+  series = []
+  for run in runs:
+    compiled = run.get("torch_compile")
+    label = run["engine"] + ("" if compiled is None else " (torch.compile)" if compiled else
+                             " (eager)")
+    series.append((label, run.get("levels", {})))
+    if run.get("levels_eager"):
+      series.append((run["engine"] + " (eager)", run["levels_eager"]))
+  return [(label, lv) for label, lv in series if lv]
+
+
+def targets(jax_run: dict | None, hf_run: dict | None) -> dict:
+  """The issue's two targets from the runs' own numbers: output tokens/s against HF at c=64
+  (>= 3x; against the compiled peer when it ran, else eager, labelled), and the batch-1 decode
+  step against the weight-read roofline (<= 1.3x; at the in-run read bandwidth and at 3.0 TB/s)."""
+  out = {}
+  if jax_run and hf_run:
+    jl = jax_run.get("levels", {}).get("64")
+    for key, label in (("levels", "hf"), ("levels_eager", "hf_eager")):
+      hl = hf_run.get(key, {}).get("64")
+      if jl and hl:
+        name = label if key == "levels_eager" or not hf_run.get("torch_compile") else "hf_compiled"
+        out[f"c64_tokens_per_s_vs_{name}"] = (jl["tokens_per_s_per_gpu"]
+                                              / hl["tokens_per_s_per_gpu"])
+  if jax_run and "batch1_decode" in jax_run:
+    b1 = jax_run["batch1_decode"]
+    out["batch1_step_over_roofline"] = b1["ratio"]
+    out["batch1_step_over_roofline_3TBps"] = b1["step_s_p50"] / (jax_run["decode_read_bytes"]
+                                                                 / 3.0e12)
+  return out
+
+
 def report() -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  runs = [json.load(open(p)) for p in (_JAX_JSON.value, _HF_JSON.value) if p and os.path.exists(p)]
+  load = lambda p: json.load(open(p)) if p and os.path.exists(p) else None
+  jax_run, hf_run = load(_JAX_JSON.value), load(_HF_JSON.value)
+  runs = [r for r in (jax_run, hf_run) if r]
+  series = report_series(runs)
   fig, ax = plt.subplots(figsize=(6, 4.5))
-  for run in runs:
-    pts = sorted((int(c), v) for c, v in run["levels"].items())
+  for label, levels in series:
+    pts = sorted((int(c), v) for c, v in levels.items())
     x = [v["tokens_per_s_per_user"] for _, v in pts]
     y = [v["tokens_per_s_per_gpu"] for _, v in pts]
-    ax.plot(x, y, "o-", label=run["engine"])
+    ax.plot(x, y, "o-", label=label)
     for (c, _), xi, yi in zip(pts, x, y):
       ax.annotate(f"c={c}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
   ax.set_xlabel("interactivity: output tokens/s per user")
@@ -707,17 +744,25 @@ def report() -> None:
   rows = ["| engine | c | out tok/s/GPU | tok/s/user | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
           "ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|"]
   ms = lambda d, k: "-" if d.get(k) is None else f"{1e3 * d[k]:.1f}"
-  for run in runs:
-    for c, v in sorted(run["levels"].items(), key=lambda kv: int(kv[0])):
+  for label, levels in series:
+    for c, v in sorted(levels.items(), key=lambda kv: int(kv[0])):
       itl = v.get("itl_s", {})
-      rows.append(f"| {run['engine']} | {c} | {v['tokens_per_s_per_gpu']:.0f} | "
+      rows.append(f"| {label} | {c} | {v['tokens_per_s_per_gpu']:.0f} | "
                   f"{v['tokens_per_s_per_user']:.1f} | {ms(v['ttft_s'], 'p50')} / "
                   f"{ms(v['ttft_s'], 'p99')} | {ms(v['tpot_s'], 'p50')} / {ms(v['tpot_s'], 'p99')} | "
                   f"{ms(itl, 'p50')} / {ms(itl, 'p99')} |")
+  if jax_run and "poisson" in jax_run:
+    v = jax_run["poisson"]
+    rows.append(f"| jaxinfer, Poisson {v['rate_per_s']:g} req/s | <={v['max_batch']} | "
+                f"{v['tokens_per_s_per_gpu']:.0f} | {v['tokens_per_s_per_user']:.1f} | "
+                f"{ms(v['ttft_s'], 'p50')} / {ms(v['ttft_s'], 'p99')} | {ms(v['tpot_s'], 'p50')} / "
+                f"{ms(v['tpot_s'], 'p99')} | {ms(v['itl_s'], 'p50')} / {ms(v['itl_s'], 'p99')} |")
   table = "\n".join(rows)
+  goals = targets(jax_run, hf_run)
   print(table)
+  print("targets:", goals)
   with open(_OUT.value, "w") as f:
-    json.dump({"runs": runs}, f, indent=1)
+    json.dump({"targets": goals, "runs": runs}, f, indent=1)
   with open(_OUT.value.removesuffix(".json") + "_table.md", "w") as f:
     f.write(table + "\n")
 
