@@ -11,18 +11,29 @@ Sections (``--sections``):
   link      all-gather bus bandwidth on all devices: the ceiling the comm numbers are compared to.
   deepseek  decode step of a few DeepSeek-V3-shaped layers (first dense, rest MoE; random weights)
             under TP8, EP8 (attention TP8) and ADP8+EP8, B sequences of ctx cached tokens.
+  deepseek  (also PP2+EP4 with M = 1 and 2 decode microbatches: the MoE layers over 2 stages)
   llama     Llama-3-8B-shaped decode step and prefill under TP1/2/4/8, scaling efficiency
-            t(TP1) / (n · t(TPn)).
+            t(TP1) / (n · t(TPn)); decode under attention-DP over 8 ranks with the MLP data
+            parallel or tensor parallel (ADP8+MLP-DP / ADP8+MLP-TP) at the same global batch.
 Timing: compile, 2 warm-up calls, then ``--reps`` repetitions of ``--iters`` back-to-back calls;
 median per call. Results go to ``--out`` (JSON) and a table on stdout.
 
   PYTHONPATH=. python3 experiments/bench_parallel.py --out=$OUT/parallel.json
+
+Meant for nvidia-h200-x8 (not yet run on GPUs: the multi-GPU kinds were not lent). One device
+command may run 600 s, so split the sections over calls, each under ``timeout`` with
+``--budget_s`` a little below it (work past the budget is skipped, what ran is still written):
+  timeout 590 python3 experiments/bench_parallel.py --sections=link,comm --budget_s=540 --out=$OUT/comm.json
+  timeout 590 python3 experiments/bench_parallel.py --sections=deepseek --budget_s=540 --out=$OUT/ds.json
+  timeout 590 python3 experiments/bench_parallel.py --sections=llama --budget_s=540 --out=$OUT/llama.json
+``--device_counts=2,4`` on nvidia-h200-x2/x4 (the comm section uses the first ep devices).
 CPU smoke run (tiny shapes, 8 virtual devices; the numbers mean nothing):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu PYTHONPATH=. \
     python3 experiments/bench_parallel.py --smoke --out=/tmp/parallel_smoke.json
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -166,7 +177,7 @@ def _one_comm(ep, T, H, E, k, payload, comm):
 def ds_config() -> ds.DeepseekV3Config:
   if FLAGS.smoke:
     return ds.DeepseekV3Config(
-        vocab_size=256, hidden_size=128, num_layers=2, num_heads=8, q_lora_rank=32,
+        vocab_size=256, hidden_size=128, num_layers=3, num_heads=8, q_lora_rank=32,
         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16,
         num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2,
@@ -179,10 +190,10 @@ def ds_config() -> ds.DeepseekV3Config:
       routed_scaling_factor=2.5, first_k_dense_replace=1)
 
 
-def _decode_batch(num_seqs, ctx, page):
+def _decode_batch(num_seqs, ctx, page, first_page=1):
   pps = -(-ctx // page)
-  chunks = [attention.SeqChunk(list(range(1 + s * pps, 1 + (s + 1) * pps)), ctx - 1, 1)
-            for s in range(num_seqs)]
+  chunks = [attention.SeqChunk(list(range(first_page + s * pps, first_page + (s + 1) * pps)),
+                               ctx - 1, 1) for s in range(num_seqs)]
   n = max(8, num_seqs)
   return (jnp.zeros(n, jnp.int32),
           attention.build_batch(chunks, page, num_tokens=n, num_seqs=num_seqs, pages_per_seq=pps),
@@ -196,6 +207,9 @@ def section_deepseek():
   page = 8 if FLAGS.smoke else PAGE
   layouts = {f"TP{n}": ParallelConfig(tp=n), f"EP{n}": ParallelConfig(ep=n),
              f"ADP{n}+EP{n}": ParallelConfig(ep=n, attention_dp=True)}
+  if n >= 4:  # the MoE layers over 2 stages, EP inside each; M decode microbatches per step
+    layouts.update({f"PP2+EP{n // 2} M={m}": ParallelConfig(pp=2, ep=n // 2, microbatches=m)
+                    for m in (1, 2)})
   for B in (int(b) for b in FLAGS.ds_batch):
     for name, parallel in layouts.items():
       if over_budget():
@@ -203,9 +217,14 @@ def section_deepseek():
       try:
         mesh = parallel.make_mesh()
         specs = deepseek.param_specs(cfg, jax.eval_shape(lambda: ds.init_params(
-            cfg, jax.random.key(0))), parallel)
+            cfg, jax.random.key(0))), dataclasses.replace(parallel, pp=1))
         params = jax.jit(lambda: ds.init_params(cfg, jax.random.key(0)),
                          out_shardings=rules.named(mesh, specs))()
+        if parallel.pp > 1:
+          t = _deepseek_pipeline_decode(cfg, parallel, mesh, params, B, ctx, page)
+          record(section="deepseek", layout=name, layers=cfg.num_layers, batch=B, ctx=ctx,
+                 seconds=t, per_layer_ms=t / cfg.num_layers * 1e3)
+          continue
         ranks = parallel.ep if parallel.attention_dp else 1
         tokens, batch, pages = _decode_batch(B // ranks, ctx, page)
         cache = ds.create_cache(cfg, num_pages=pages * ranks, page_size=page)
@@ -221,6 +240,21 @@ def section_deepseek():
       except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         record(section="deepseek", layout=name, batch=B, error=repr(e)[:300])
+
+
+def _deepseek_pipeline_decode(cfg, parallel, mesh, params, B, ctx, page) -> float:
+  """Decode step time of ``deepseek.make_pipeline_forward``: B sequences in M microbatches."""
+  M = parallel.num_microbatches
+  pps = -(-ctx // page)
+  groups = [_decode_batch(B // M, ctx, page, first_page=1 + m * (B // M) * pps) for m in range(M)]
+  tokens = jnp.stack([t for t, _, _ in groups])[None]                  # [1, M, T]
+  batch = jax.tree.map(lambda *a: jnp.stack(a)[None], *[b for _, b, _ in groups])
+  cache = ds.create_cache(cfg, num_pages=B * pps + 1, page_size=page)
+  staged, cache = deepseek.place_pipeline(cfg, params, cache, parallel, mesh)
+  del params
+  fwd = deepseek.make_pipeline_forward(cfg, parallel, mesh)
+  t, _ = time_calls(lambda c: fwd(staged, tokens, c, batch)[1], cache)
+  return t
 
 
 # ---- Llama-3-8B TP scaling -------------------------------------------------------------------
@@ -263,6 +297,35 @@ def section_llama():
     except Exception as e:  # noqa: BLE001
       traceback.print_exc()
       record(section="llama", tp=tp, error=repr(e)[:300])
+  n = min(8, jax.device_count())
+  if n > 1:
+    _llama_attention_dp(base, n, ctx, page, single)
+
+
+def _llama_attention_dp(base, n, ctx, page, single):
+  """Decode under attention-DP over n ranks (each rank attends B/n sequences over its own KV pages),
+  the MLP data parallel (weights replicated) or tensor parallel over the n ranks (all-gather before,
+  reduce-scatter after); compared with the TP numbers above at the same global batch."""
+  for mlp in ("dp", "tp"):
+    parallel = ParallelConfig(ep=n, attention_dp=True, adp_mlp=mlp)
+    layout = f"ADP{n}+MLP-{mlp.upper()}"
+    for b in (int(b) for b in FLAGS.llama_batch):
+      if b % n or over_budget():
+        continue
+      try:
+        model = shard_model(base, parallel)
+        tokens, batch, pages = _decode_batch(b // n, ctx, page)
+        tokens = jnp.stack([tokens[None]] * n)                      # [R, M=1, T]
+        batch = jax.tree.map(lambda a: jnp.stack([a[None]] * n), batch)
+        cache = model.create_cache(pages * n, page)
+        fwd = model.pipeline_forward()
+        t, _ = time_calls(lambda c: fwd(model.params, tokens, c, batch)[1], cache)
+        name = f"decode_b{b}"
+        record(section="llama", layout=layout, case=name, seconds=t,
+               scaling_efficiency=single[name] / (n * t) if name in single else None)
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        record(section="llama", layout=layout, error=repr(e)[:300])
 
 
 def main(_):
@@ -285,7 +348,7 @@ def main(_):
     elif r["section"] == "deepseek":
       case, note = f"{r['layout']} B={r['batch']}", f"{r['per_layer_ms']:.3f} ms/layer"
     elif r["section"] == "llama":
-      case = f"TP{r['tp']} {r['case']}"
+      case = f"{r.get('layout') or 'TP%d' % r['tp']} {r['case']}"
       note = "" if r["scaling_efficiency"] is None else f"eff {r['scaling_efficiency']:.2f}"
     else:
       case, note = f"{r['op']} x{r['devices']}", f"{r['algbw_gbs']:.1f} GB/s"

@@ -161,7 +161,8 @@ def gpipe(stage_fn, x: jax.Array, batches: attention.AttentionBatch, state, pp: 
     outs = outs.at[mb_c].set(jnp.where(last, h, outs[mb_c]))
     if pp > 1:
       carry = jax.lax.ppermute(h, "pp", [(s, s + 1) for s in range(pp - 1)])
-  outs = jax.lax.psum(outs, "pp") if pp > 1 else outs  # only the last stage's is non-zero
+  if pp > 1:  # only the last stage's is non-zero, so the sum is exact in any dtype
+    outs = jax.lax.psum(outs.astype(moe.reduce_dtype(outs.dtype)), "pp").astype(outs.dtype)
   return outs, state
 
 
