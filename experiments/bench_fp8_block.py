@@ -28,6 +28,7 @@ import numpy as np
 
 from kernels import fp8_block_matmul as triton_fp8
 from kernels import fp8_block_matmul_mgpu as mgpu_fp8
+from kernels import grouped_matmul
 from kernels.quant import fp8_block
 
 C = mgpu_fp8.Config
@@ -56,6 +57,8 @@ flags.DEFINE_float("budget_s", 50.0, "skip remaining work after this many second
 flags.DEFINE_bool("triton", True, "also time the Triton kernel")
 flags.DEFINE_list("e2e_configs", ["m64n128_wgM_s4"],
                   "configs also timed end to end (bf16 x, quantization included)")
+flags.DEFINE_bool("grouped_check", True, "check the grouped kernel on a small ragged shape")
+flags.DEFINE_bool("grouped", False, "time grouped (MoE) prefill T=8192, E=32, K=7168, N=2048")
 flags.DEFINE_list("check_configs", ["m64n128_wgM_s4"],
                   "configs also checked on a small odd shape (M=200, N=512, K=1024)")
 
@@ -140,6 +143,34 @@ def markdown() -> str:
   return "\n".join(lines) + "\n"
 
 
+def run_grouped(keys) -> None:
+  """MoE prefill: T=8192 rows over E=32 experts (uniform and skewed), K=7168, N=2048."""
+  t, e, k, n = 8192, 32, 7168, 2048
+  x = jax.random.normal(next(keys), (t, k), jnp.bfloat16)
+  w = jax.random.normal(next(keys), (e, n, k), jnp.bfloat16)
+  wq, ws = jax.jit(fp8_block.quantize_weight)(w)
+  w_ekn = jnp.swapaxes(w, 1, 2)
+  del w
+  flops = 2.0 * t * k * n
+  skew = np.maximum(1, (np.random.default_rng(0).pareto(1.0, e) + 0.05))
+  for routing, sizes in [("uniform", np.full(e, t // e)),
+                         ("skewed", np.floor(skew / skew.sum() * t).astype(int))]:
+    sizes[0] += t - sizes.sum()
+    gs = jnp.asarray(sizes, jnp.int32)
+    ours = jax.jit(lambda x, gs: mgpu_fp8.grouped_fp8_block_matmul(x, wq, ws, gs))
+    tri = jax.jit(lambda x, gs: grouped_matmul.grouped_matmul_fp8(x, wq, ws, gs))
+    rag = jax.jit(lambda x, gs: jax.lax.ragged_dot(x, w_ekn, gs))
+    sizes_1024 = np.diff(np.minimum(np.cumsum(sizes), 1024), prepend=0)   # the first 1024 rows
+    ref = grouped_matmul.grouped_fp8_reference(x[:1024].astype(jnp.float32), wq, ws,
+                                               jnp.asarray(sizes_1024, jnp.int32))
+    for impl, f in [("mosaic grouped fp8", ours), ("triton grouped fp8", tri),
+                    ("xla ragged_dot bf16", rag)]:
+      def run(f=f, impl=impl):
+        err = rel_err(f(x, gs)[:1024], ref) if "fp8" in impl else None
+        record("grouped", f"{impl} {routing}", bench(f, x, gs), flops, err)
+      attempt("grouped", f"{impl} {routing}", run)
+
+
 def main(_) -> None:
   dev = jax.devices()[0]
   META.update(device=dev.device_kind, date=datetime.datetime.now(datetime.UTC).isoformat(
@@ -162,6 +193,18 @@ def main(_) -> None:
       y = mgpu_fp8.fp8_block_matmul(xs_, wq_, ws_, config=cfg)
       record("check", f"mosaic {name} m200 n512 k1024", err=rel_err(y, ref_))
     attempt("check", f"mosaic {name}", check)
+
+  if FLAGS.grouped_check:
+    def grouped_check():
+      sizes = jnp.asarray([50, 0, 300, 7], jnp.int32)             # 3 rows past the total
+      gx = jax.random.normal(next(keys), (360, 512), jnp.bfloat16)
+      gw, gs = fp8_block.quantize_weight(jax.random.normal(next(keys), (4, 256, 512)))
+      y = mgpu_fp8.grouped_fp8_block_matmul(gx, gw, gs, sizes)
+      ref = grouped_matmul.grouped_fp8_reference(gx.astype(jnp.float32), gw, gs, sizes)
+      tail = float(jnp.max(jnp.abs(y[357:].astype(jnp.float32))))
+      record("check", "mosaic grouped t360 e4 n256 k512", err=rel_err(y, ref),
+             note=f"max |rows past total| = {tail}")
+    attempt("check", "mosaic grouped", grouped_check)
 
   a = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
   b = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
@@ -206,6 +249,8 @@ def main(_) -> None:
       err = rel_err(g(x)[:256], ref_rows)
       record("triton", "triton fp8 block e2e", bench(g, x), flops, err)
     attempt("triton", "triton fp8 block e2e", run_triton)
+  if FLAGS.grouped:
+    run_grouped(keys)
   print(f"done in {time.time() - T0:.1f}s", flush=True)
   print(markdown(), flush=True)
 

@@ -43,6 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul as triton_fp8
+from kernels import grouped_matmul
 from kernels.quant import fp8_block
 
 BK = fp8_block.BLOCK
@@ -114,17 +115,33 @@ def _fp8_transforms():
   return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 
 
-def _kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, *, cfg: Config, m_pad: int, n: int, k: int):
+def _kernel(*refs, cfg: Config, m_iters: int, n: int, k: int, num_groups: int | None):
+  """Dense (num_groups None): refs = a, a_scale^T, b, b_scale^T, out; row tile i starts at
+  i * cta_m. Grouped: refs = schedule, a, a_scale^T, b [E, N, K], b_scale^T [E, ...], out; row
+  tile i is (group, row_start, row_end) = schedule[:, i] (kernels/grouped_matmul.make_schedule),
+  only rows [row_start, row_end) are stored, and group == E writes zeros."""
+  grouped = num_groups is not None
+  if grouped:
+    sched_gmem, a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem = refs
+    b_any, bs_any = b_gmem.at[0], bs_gmem.at[0]
+  else:
+    a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem = refs
+    b_any, bs_any = b_gmem, bs_gmem
   tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
   out_dtype = out_gmem.dtype
   kb = BK * cfg.k_sub
   k_iters = k // kb
-  m_iters, n_iters = m_pad // cta_m, n // cta_n
-  nbp = bs_gmem.shape[1]
-  out_bits = jnp.dtype(out_dtype).itemsize * 8
-  out_swizzle = plgpu.find_swizzle(tile_n * out_bits)
-  out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // out_bits)),
-                    plgpu.SwizzleTransform(out_swizzle))
+  n_iters = n // cta_n
+  nbp = bs_any.shape[-1]
+  if grouped:
+    # Row counts are dynamic: the store is a ladder of power-of-two row copies (as in
+    # jax's ragged_dot_mgpu), which needs an untiled, unswizzled staging buffer.
+    out_transforms = ()
+  else:
+    out_bits = jnp.dtype(out_dtype).itemsize * 8
+    out_swizzle = plgpu.find_swizzle(tile_n * out_bits)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // out_bits)),
+                      plgpu.SwizzleTransform(out_swizzle))
 
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -149,7 +166,7 @@ def _kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, *, cfg: Config, m_pad: i
 
   @functools.partial(
       pl.run_scoped,
-      allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, as_gmem, b_gmem, bs_gmem),
+      allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, as_gmem, b_any, bs_any),
       out_smem=plgpu.SMEM((2, tile_m, tile_n), out_dtype, transforms=out_transforms),
       collective_axes="wg",
   )
@@ -161,7 +178,11 @@ def _kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, *, cfg: Config, m_pad: i
       (lin,) = info.index
       m_idx, n_idx = plgpu.planar_snake(
           lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0, cfg.grid_tile_width)
-      cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
+      if grouped:
+        group, row0, row1 = sched_gmem[0, m_idx], sched_gmem[1, m_idx], sched_gmem[2, m_idx]
+      else:
+        group, row0, row1 = None, m_idx * cta_m, None
+      cta_m_slice = pl.ds(row0, cta_m)
       cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
       if cfg.wg_dim == "m":
         wg_m0, wg_n0 = wg * tile_m, 0
@@ -177,22 +198,36 @@ def _kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, *, cfg: Config, m_pad: i
       strip = SUB_M if cfg.promote == "tmp" else tile_m
       m_sub = tile_m // strip
 
-      def compute_context(eval_pipeline):
-        zeros = plgpu.layout_cast(jnp.zeros((strip, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-        if cfg.promote == "rescale":
-          ones = plgpu.layout_cast(jnp.ones((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-          acc, c = eval_pipeline((zeros, ones))
-          accs = (acc * bcast(c, strip),)
-        else:
-          accs = eval_pipeline((zeros,) * m_sub)
+      def store(accs):
+        """This consumer's (tile_m, tile_n) result -> SMEM -> TMA to the output."""
         # The previous tile's TMA store out of this slot must have read it before we overwrite.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         for h, acc in enumerate(accs):
           out_smem[wg, pl.ds(h * strip, strip)] = acc.astype(out_dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            out_smem.at[wg],
-            out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice])
+        dst = out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice]
+        if not grouped:
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], dst)
+          return
+        # Grouped: only rows [row0, row1) of the tile are this group's.
+        rows = jnp.clip(row1 - row0 - wg_m0, 0, tile_m)
+        start, size = 0, tile_m
+        while size:
+          @pl.when(rows & size != 0)
+          def _copy(start=start, size=size):
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(start, size)],
+                                    dst.at[pl.ds(start, size)])
+          start = start + (rows & size)
+          size //= 2
+
+      def compute_context(eval_pipeline):
+        zeros = plgpu.layout_cast(jnp.zeros((strip, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+        if cfg.promote == "rescale":
+          ones = plgpu.layout_cast(jnp.ones((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+          acc, c = eval_pipeline((zeros, ones))
+          store((acc * bcast(c, strip),))
+        else:
+          store(eval_pipeline((zeros,) * m_sub))
 
       def row_scale(as_smem, bs_smem, j, h):
         rows = pl.ds(wg_m0 + h * strip, strip)
@@ -236,34 +271,64 @@ def _kernel(a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem, *, cfg: Config, m_pad: i
           new.append(pl.run_scoped(mma, *[plgpu.ACC((strip, tile_n), jnp.float32)] * cfg.k_sub))
         return tuple(new)
 
-      get_pipeline(mma_body, compute_context)(
-          a_gmem.at[cta_m_slice, :], as_gmem.at[:, cta_m_slice],
-          b_gmem.at[cta_n_slice, :], bs_gmem,
-          allocations=allocs)
+      def run_pipeline():
+        b_ref, bs_ref = (b_gmem.at[group], bs_gmem.at[group]) if grouped else (b_gmem, bs_gmem)
+        get_pipeline(mma_body, compute_context)(
+            a_gmem.at[cta_m_slice, :], as_gmem.at[:, cta_m_slice],
+            b_ref.at[cta_n_slice, :], bs_ref,
+            allocations=allocs)
+
+      if not grouped:
+        run_pipeline()
+        return
+      pl.when((group >= 0) & (group < num_groups))(run_pipeline)
+
+      @pl.when((group == num_groups) & (wg < 2))   # rows past the total: zeros (consumers only)
+      def _zero_rows():
+        zeros = plgpu.layout_cast(jnp.zeros((strip, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+        store((zeros,) * (tile_m // strip))
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _call(xq, xs_t, weight, ws_t, *, m_pad, cfg: Config, out_dtype, interpret):
-  n, k = weight.shape
-  num_sms = 2 if interpret else _num_sms()
-  kw = {}
-  if interpret:
-    kw["interpret"] = plgpu.InterpretGPUParams()
+def _call(operands, *, out_rows: int, m_iters: int, n: int, k: int, cfg: Config, out_dtype,
+          num_groups: int | None, interpret: bool):
+  kw = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
   f = plgpu.kernel(
-      functools.partial(_kernel, cfg=cfg, m_pad=m_pad, n=n, k=k),
-      out_type=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
-      grid=(num_sms,),
+      functools.partial(_kernel, cfg=cfg, m_iters=m_iters, n=n, k=k, num_groups=num_groups),
+      out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
+      grid=(2 if interpret else _num_sms(),),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
-      kernel_name="fp8_block_matmul_mgpu",
+      kernel_name="fp8_block_matmul_mgpu" + ("_grouped" if num_groups is not None else ""),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Lane if cfg.lane
           else plgpu.LoweringSemantics.Warpgroup),
       **kw,
   )
-  return f(xq, xs_t, weight, ws_t)
+  return f(*operands)
+
+
+def _pad_rows(xq: jax.Array, xs: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+  """Append `rows` rows of zeros (scale 1) to the quantized activations; returns xq, xs^T."""
+  if rows:
+    xq = jnp.pad(xq, ((0, rows), (0, 0)))
+    xs = jnp.pad(xs, ((0, rows), (0, 0)), constant_values=1.0)
+  return xq, xs.T
+
+
+def _scales_t(scale_inv: jax.Array, n: int) -> jax.Array:
+  """w_scale_inv [..., N/128, K/128] -> [..., K/128, NBP] (K-block major, rows padded with 1)."""
+  st = jnp.swapaxes(scale_inv, -1, -2)
+  pad = [(0, 0)] * (st.ndim - 1) + [(0, _scale_row_width(n) - st.shape[-1])]
+  return jnp.pad(st, pad, constant_values=1.0)
+
+
+def _check_config(m: int, n: int, k: int, cfg: Config) -> None:
+  if not supported(m, n, k, cfg):
+    raise ShapeError(f"Mosaic FP8 block GEMM needs K % {BK * cfg.k_sub} == 0, "
+                     f"N % {cfg.cta_n} == 0 and N <= {MAX_SCALE_ROW * BK}; got M={m}, N={n}, K={k}")
 
 
 def quantized_matmul(xq: jax.Array, xs: jax.Array, weight: jax.Array, scale_inv: jax.Array, *,
@@ -277,19 +342,38 @@ def quantized_matmul(xq: jax.Array, xs: jax.Array, weight: jax.Array, scale_inv:
                      f"{xq.dtype}{list(xq.shape)}, {xs.dtype}{list(xs.shape)}")
   n = weight.shape[0]
   cfg = config or default_config(m, n, k)
-  if not supported(m, n, k, cfg):
-    raise ShapeError(f"Mosaic FP8 block GEMM needs K % 128 == 0, N % {cfg.cta_n} == 0 and "
-                     f"N <= {MAX_SCALE_ROW * BK}; got M={m}, N={n}, K={k}")
+  _check_config(m, n, k, cfg)
   m_pad = -(-m // cfg.cta_m) * cfg.cta_m
-  if m_pad != m:
-    xq = jnp.pad(xq, ((0, m_pad - m), (0, 0)))
-    xs = jnp.pad(xs, ((0, m_pad - m), (0, 0)), constant_values=1.0)
-  xs_t = xs.T
-  nbp = _scale_row_width(n)
-  ws_t = jnp.pad(scale_inv.T, ((0, 0), (0, nbp - scale_inv.shape[0])), constant_values=1.0)
-  out = _call(xq, xs_t, weight, ws_t, m_pad=m_pad, cfg=cfg, out_dtype=out_dtype,
-              interpret=interpret)
+  xq, xs_t = _pad_rows(xq, xs, m_pad - m)
+  out = _call((xq, xs_t, weight, _scales_t(scale_inv, n)), out_rows=m_pad,
+              m_iters=m_pad // cfg.cta_m, n=n, k=k, cfg=cfg, out_dtype=out_dtype,
+              num_groups=None, interpret=interpret)
   return out[:m] if m_pad != m else out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def grouped_fp8_block_matmul(x: jax.Array, weight: jax.Array, scale_inv: jax.Array,
+                             group_sizes: jax.Array, *, config: Config | None = None,
+                             interpret: bool = False) -> jax.Array:
+  """ragged_dot(x [T, K], FP8 W [E, N, K] / scale_inv [E, N/128, K/128], group_sizes [E]) -> [T, N].
+
+  Rows of x are sorted by group; rows past sum(group_sizes) come out as zeros. Same kernel as
+  the dense op over group-aligned row tiles (kernels/grouped_matmul.make_schedule); a group of s
+  rows costs cdiv(s, cta_m) full tiles of MMA work, so this suits prefill-sized groups.
+  """
+  check_shapes(x.shape[-1], weight, scale_inv, grouped=True)
+  e, n, k = weight.shape
+  grouped_matmul._check_common(x, group_sizes, e)  # noqa: SLF001 - shared input checks
+  t = x.shape[0]
+  # Lane semantics: Warpgroup layout inference cannot place the dynamic, unaligned row offsets.
+  cfg = dataclasses.replace(config or default_config(max(1, t // max(e, 1)), n, k), lane=True)
+  _check_config(max(t, 1), n, k, cfg)
+  sched = grouped_matmul.make_schedule(group_sizes, t, cfg.cta_m)
+  xq, xs = fp8_block.quantize_activations(x)
+  xq, xs_t = _pad_rows(xq, xs, cfg.cta_m)   # every tile's cta_m-row TMA box stays in bounds
+  return _call((sched, xq, xs_t, weight, _scales_t(scale_inv, n)), out_rows=t,
+               m_iters=sched.shape[1], n=n, k=k, cfg=cfg, out_dtype=x.dtype, num_groups=e,
+               interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -81,3 +81,34 @@ def test_bad_inputs_raise(make):
   s = jnp.ones((1, 2), jnp.float32)
   with pytest.raises(ShapeError):
     make(w, s)
+
+
+@pytest.mark.parametrize("t,sizes,cfg", [
+    (200, [50, 0, 120, 20], C(64, 128, "m", 2)),        # empty group, 10 rows past the total
+    (100, [0, 90, 0, 10], C(128, 128, "n", 2)),         # skewed routing, two 64-row strips
+])
+def test_grouped_matches_float64(t, sizes, cfg):
+  rng = fresh_rng()
+  e, n, k = len(sizes), 256, 256
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((e, n, k)).astype(ml_dtypes.float8_e4m3fn))
+  s = jnp.asarray(rng.uniform(0.01, 2.0, (e, n // 128, k // 128)).astype(np.float32))
+  y = as_f64(mk.grouped_fp8_block_matmul(x, w, s, jnp.asarray(sizes, jnp.int32), config=cfg,
+                                         interpret=True))
+  assert y.shape == (t, n) and np.all(np.isfinite(y))
+  start = 0
+  for g, size in enumerate(sizes):
+    ref = float64_reference(x[start:start + size], w[g], s[g]) if size else None
+    if size:
+      assert np.linalg.norm(y[start:start + size] - ref) / np.linalg.norm(ref) < 1e-5
+    start += size
+  assert np.all(y[start:] == 0)                          # rows past sum(group_sizes)
+
+
+def test_grouped_bad_inputs_raise():
+  w = jnp.ones((2, 128, 256), jnp.float8_e4m3fn)
+  s = jnp.ones((2, 1, 2), jnp.float32)
+  with pytest.raises(ShapeError):
+    mk.grouped_fp8_block_matmul(jnp.ones((4, 256)), w, s, jnp.ones((3,), jnp.int32))
+  with pytest.raises(ShapeError):
+    mk.grouped_fp8_block_matmul(jnp.ones((4, 256)), w[0], s[0], jnp.ones((2,), jnp.int32))
