@@ -21,6 +21,12 @@ Registers: tmp + acc = 2 * tile_m * tile_n / 128 f32 per thread (tile 64x128 -> 
 Epilogue: acc -> out dtype -> swizzled SMEM -> TMA store, overlapped with the next tile's
 pipeline prologue.
 
+Grouped (MoE, jax.lax.ragged_dot semantics, grouped_fp8_block_matmul): the same kernel walks
+group-aligned row tiles from kernels/grouped_matmul.make_schedule; the B operand and its scales
+are the tile's expert's, and only the tile's own rows are stored (a ladder of power-of-two-row
+TMA stores); rows past sum(group_sizes) are written as zeros. Lane semantics (Warpgroup layout
+inference rejects the unaligned dynamic row offsets).
+
 Shapes: K % 128 == 0; N % cta_n == 0 (cta_n = 128 or 256); M is padded up to cta_m in the wrapper
 (rows of zeros, scale 1) and sliced off. Other shapes use kernels/fp8_block_matmul.py (Triton).
 
