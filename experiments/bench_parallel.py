@@ -1,7 +1,8 @@
 """Multi-GPU sharding benchmark: MoE dispatch/combine, DeepSeek-V3-shaped decode, Llama-3-8B TP scaling.
 
 Sections (``--sections``):
-  comm      MoE dispatch + combine of all-to-all vs AG/RS on ep = 2, 4, 8 devices, DeepSeek-V3
+  comm      MoE dispatch + combine of all-to-all (fixed buffers, and ragged: jax.lax.ragged_all_to_all,
+            first run on GPUs here, its rel_err checks it) vs AG/RS on ep = 2, 4, 8 devices, DeepSeek-V3
             shapes (hidden 7168, 256 experts, top-8), tokens per rank swept, bf16 / fp8 / nvfp4
             dispatch payloads. The expert GEMMs are replaced by an identity so only packing,
             (de)quantization and the collectives are timed. Next to each time: the message-size
@@ -133,7 +134,7 @@ def section_comm():
       continue
     for T in (int(t) for t in FLAGS.tokens):
       for payload in FLAGS.payloads:
-        for comm in ("all_to_all", "allgather"):
+        for comm in moe.COMMS:
           if over_budget():
             return
           try:
@@ -158,6 +159,10 @@ def _one_comm(ep, T, H, E, k, payload, comm):
   fn = jax.jit(lambda x: moe.moe_experts(x, idx, w, weights, parallel, mesh, comm=comm,
                                          capacity_factor=FLAGS.capacity_factor,
                                          grouped_fn=_identity_experts))
+  # identity experts with weights 1/k return each token itself: the error is the payload's
+  # quantization (plus dropped pairs for the capacity-bound fixed-buffer all-to-all)
+  err = float(jnp.max(jnp.abs(fn(x).astype(jnp.float32) - x.astype(jnp.float32))) /
+              jnp.max(jnp.abs(x.astype(jnp.float32))))
   t, _ = time_calls(fn, x)
   b = PAYLOAD_BYTES[payload]
   model_elems = moe.message_elements(comm, ep, T, H, k)
@@ -169,7 +174,7 @@ def _one_comm(ep, T, H, E, k, payload, comm):
     sent_bytes = model_bytes
   record(section="comm", ep=ep, tokens_per_rank=T, hidden=H, top_k=k, payload=payload, comm=comm,
          seconds=t, model_bytes=model_bytes, sent_bytes=sent_bytes,
-         model_pick=moe.choose_comm(ep, k, T, H), eff_gbs=sent_bytes / t / 1e9)
+         model_pick=moe.choose_comm(ep, k, T, H), eff_gbs=sent_bytes / t / 1e9, rel_err=err)
 
 
 # ---- DeepSeek-V3-shaped decode ---------------------------------------------------------------
@@ -344,7 +349,8 @@ def main(_):
       continue
     if r["section"] == "comm":
       case = f"ep{r['ep']} T={r['tokens_per_rank']} {r['payload']} {r['comm']}"
-      note = f"{r['eff_gbs']:.1f} GB/s sent; model picks {r['model_pick']}"
+      note = (f"{r['eff_gbs']:.1f} GB/s sent; model picks {r['model_pick']}; "
+              f"rel err {r['rel_err']:.1e}")
     elif r["section"] == "deepseek":
       case, note = f"{r['layout']} B={r['batch']}", f"{r['per_layer_ms']:.3f} ms/layer"
     elif r["section"] == "llama":

@@ -41,7 +41,8 @@ class ParallelConfig:
   tp: int = 1
   ep: int = 1
   attention_dp: bool = False
-  # MoE dispatch/combine: "auto" (message-size model), "all_to_all" or "allgather" (AG/RS).
+  # MoE dispatch/combine: "auto" (message-size model), "all_to_all" (fixed buffers),
+  # "ragged_all_to_all" (only the routed rows) or "allgather" (AG/RS).
   moe_comm: str = "auto"
   # Payload of the MoE dispatch all-to-all: "bf16" (the activations' dtype), "fp8" or "nvfp4".
   moe_dispatch_dtype: str = "bf16"
@@ -58,8 +59,9 @@ class ParallelConfig:
     if self.attention_dp and self.ep == 1:
       raise ParallelConfigError("attention_dp=True runs attention data parallel over the ep axis: "
                                 "it needs ep > 1")
-    if self.moe_comm not in ("auto", "all_to_all", "allgather"):
-      raise ParallelConfigError(f"moe_comm must be auto | all_to_all | allgather, got {self.moe_comm!r}")
+    if self.moe_comm not in ("auto", "all_to_all", "ragged_all_to_all", "allgather"):
+      raise ParallelConfigError("moe_comm must be auto | all_to_all | ragged_all_to_all | "
+                                f"allgather, got {self.moe_comm!r}")
     if self.moe_dispatch_dtype not in ("bf16", "fp8", "nvfp4"):
       raise ParallelConfigError(
           f"moe_dispatch_dtype must be bf16 | fp8 | nvfp4, got {self.moe_dispatch_dtype!r}")
@@ -100,6 +102,8 @@ class ParallelConfig:
     parts = [f"{k}{getattr(self, k)}" for k in ("dp", "pp", "tp", "ep") if getattr(self, k) > 1]
     if self.attention_dp:
       parts.append(f"adp{self.ep}" + ("-mlptp" if self.adp_mlp == "tp" else ""))
+    if self.moe_comm != "auto":
+      parts.append(self.moe_comm)
     return "+".join(parts) or "single"
 
   def validate(self, model_config: Any = None, num_devices: int | None = None) -> None:

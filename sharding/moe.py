@@ -15,6 +15,15 @@ partial sums over ``tp`` are reduced, a second ``all_to_all`` returns the rows, 
 scales by the routing weight and sums over k. ``C`` is T·k (dropless) unless ``capacity_factor``
 bounds it to ceil(cf·T·k/ep) (pairs past capacity are dropped).
 
+ragged all-to-all (``comm="ragged_all_to_all"``): the same exchange, but each rank sorts its pairs
+by destination and sends only the rows it has for each rank (``jax.lax.ragged_all_to_all``; send
+and receive offsets from one all-gather of the per-destination counts), into a dropless receive
+buffer of ep·T·k rows; the expert outputs return the same way. The fixed-buffer all-to-all sends
+ep·C rows whatever the routing (C = T·k dropless), this one the (ep-1)/ep·T·k of the model.
+``capacity_factor`` does not apply (it never drops). XLA:CPU cannot run the primitive, so on CPU
+``ragged_all_to_all`` emulates it with the same semantics over a fixed-size all_to_all (the tests
+check the offset bookkeeping through it; GPUs run the real collective).
+
 allgather (``comm="allgather"``): tokens are all-gathered over ``ep`` (skipped when already
 replicated), each rank computes its experts' weighted contribution for every token, and a
 reduce-scatter over ``ep`` (an all-reduce when the entry layout is replicated) sums them.
@@ -43,11 +52,14 @@ MOE_AXES = {"w_gate": ("experts", "embed", "moe_mlp"), "w_up": ("experts", "embe
             "w_down": ("experts", "moe_mlp", "embed")}
 
 
+COMMS = ("all_to_all", "ragged_all_to_all", "allgather")
+
+
 def message_elements(comm: str, ep: int, tokens_per_rank: int, hidden: int, top_k: int) -> float:
   """Elements each rank sends for dispatch + combine under the message-size model."""
   if comm == "allgather":
     return (ep - 1) * tokens_per_rank * hidden
-  if comm == "all_to_all":
+  if comm in ("all_to_all", "ragged_all_to_all"):
     return (ep - 1) / ep * top_k * tokens_per_rank * hidden
   raise ParallelConfigError(f"unknown MoE comm {comm!r}")
 
@@ -56,8 +68,8 @@ def choose_comm(ep: int, top_k: int, tokens_per_rank: int = 1, hidden: int = 1,
                 override: str = "auto") -> str:
   """The message-size model's pick (``override`` other than "auto" wins)."""
   if override != "auto":
-    if override not in ("all_to_all", "allgather"):
-      raise ParallelConfigError(f"moe_comm must be auto | all_to_all | allgather, got {override!r}")
+    if override not in COMMS:
+      raise ParallelConfigError(f"moe_comm must be auto | {' | '.join(COMMS)}, got {override!r}")
     return override
   a2a = message_elements("all_to_all", ep, tokens_per_rank, hidden, top_k)
   agrs = message_elements("allgather", ep, tokens_per_rank, hidden, top_k)
@@ -164,6 +176,78 @@ def _all_to_all_local(x, idx, w, weights, *, ep: int, tp: int, capacity: int, di
                     w.astype(jnp.float32)).astype(x.dtype)
 
 
+# None: emulate ragged_all_to_all exactly where XLA cannot run it (CPU); tests may force either.
+EMULATE_RAGGED: bool | None = None
+
+
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                      axis_name: str):
+  """``jax.lax.ragged_all_to_all`` (see its docstring for the offset semantics); on CPU an
+  emulation with the same result: each rank's ragged slices padded to ``operand``'s rows, a plain
+  all_to_all, and a scatter at the receiver-side offsets."""
+  emulate = jax.default_backend() == "cpu" if EMULATE_RAGGED is None else EMULATE_RAGGED
+  if not emulate:
+    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                     recv_sizes, axis_name=axis_name)
+  n, ranks = operand.shape[0], input_offsets.shape[0]
+  rows = jnp.arange(n)
+  tail = (1,) * (operand.ndim - 1)
+
+  def padded(offset, size):
+    return jnp.where((rows < size).reshape(n, *tail),
+                     operand[jnp.clip(offset + rows, 0, n - 1)], jnp.zeros((), operand.dtype))
+
+  recv = jax.lax.all_to_all(jax.vmap(padded)(input_offsets, send_sizes), axis_name, 0, 0,
+                            tiled=True)                                     # [ranks, n, ...]
+  at = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)     # where each lands here
+  dst = jnp.where(rows[None] < recv_sizes[:, None], at[:, None] + rows[None], output.shape[0])
+  return output.at[dst.reshape(-1)].set(recv.reshape(ranks * n, *operand.shape[1:]), mode="drop")
+
+
+def _ragged_local(x, idx, w, weights, *, ep: int, tp: int, dispatch_dtype: str, grouped_fn=None):
+  T, H = x.shape
+  k = idx.shape[1]
+  n = T * k
+  num_local = weights["w_gate"].shape[0]
+  me = jax.lax.axis_index("ep")
+  flat_e = idx.reshape(-1)
+  dest = flat_e // num_local
+  order = jnp.argsort(dest, stable=True)                      # pairs grouped by destination rank
+  send_sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)
+  send_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
+  sizes = jax.lax.all_gather(send_sizes, "ep")                # [sender, receiver]
+  land = (jnp.cumsum(sizes, axis=0) - sizes)[me].astype(jnp.int32)  # my rows' offset at each receiver
+  recv_sizes = sizes[:, me]
+  recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
+  send = functools.partial(ragged_all_to_all, input_offsets=send_offsets, send_sizes=send_sizes,
+                           output_offsets=land, recv_sizes=recv_sizes, axis_name="ep")
+  cap = ep * n  # dropless: every pair of every rank could pick this rank's experts
+  parts = _quantize(x[order // k], dispatch_dtype)
+  recv_parts = tuple(send(p, jnp.zeros((cap, *p.shape[1:]), p.dtype)) for p in parts[:2])
+  if dispatch_dtype == "nvfp4":  # per-sender tensor scale: each received row takes its sender's
+    sender = jnp.searchsorted(jnp.cumsum(recv_sizes), jnp.arange(cap), side="right")
+    scales = jax.lax.all_gather(parts[2], "ep")
+    recv = nvfp4_dequantize_rows(recv_parts, scales[jnp.minimum(sender, ep - 1)], x.dtype)
+  else:
+    recv = _dequantize(recv_parts, dispatch_dtype, x.dtype)
+  recv_e = send((flat_e % num_local)[order], jnp.full((cap,), -1, jnp.int32))
+  y = (grouped_fn or _grouped_swiglu)(recv, recv_e, weights).astype(reduce_dtype(x.dtype))
+  if tp > 1:
+    y = jax.lax.psum(y, "tp")
+  # back to the senders, into their destination-sorted order, then unsorted
+  back = ragged_all_to_all(y, jnp.zeros((n, H), y.dtype), recv_offsets, recv_sizes,
+                           jax.lax.all_gather(send_offsets, "ep")[:, me], send_sizes, "ep")
+  got = jnp.zeros_like(back).at[order].set(back)
+  return jnp.einsum("tkh,tk->th", got.reshape(T, k, H).astype(jnp.float32),
+                    w.astype(jnp.float32)).astype(x.dtype)
+
+
+def nvfp4_dequantize_rows(parts, row_scale, out_dtype):
+  """NVFP4 rows (packed [R, H/2], block scales [R, H/16]) with one tensor scale per row [R]."""
+  from kernels.quant import nvfp4
+  return nvfp4.dequantize(parts[0], parts[1], row_scale[:, None, None], dtype=out_dtype)
+
+
 def _allgather_local(x, idx, w, weights, *, ep: int, tp: int, gathered: bool, dispatch_dtype: str,
                      grouped_fn=None):
   num_local = weights["w_gate"].shape[0]
@@ -198,11 +282,8 @@ def reduce_dtype(dtype):
 
 
 def _dequantize_gathered_nvfp4(parts, ep: int, out_dtype):
-  from kernels.quant import nvfp4
-  packed, scale, global_scale = parts             # [T, H/2], [T, H/16], [ep]
-  rows = packed.shape[0] // ep
-  gs = jnp.repeat(global_scale, rows)[:, None, None]
-  return nvfp4.dequantize(packed, scale, gs, dtype=out_dtype)
+  packed, _, global_scale = parts                 # [T, H/2], [T, H/16], [ep]
+  return nvfp4_dequantize_rows(parts, jnp.repeat(global_scale, packed.shape[0] // ep), out_dtype)
 
 
 def local_capacity(tokens_per_rank: int, top_k: int, ep: int, capacity_factor: float | None) -> int:
@@ -220,18 +301,22 @@ def moe_local(x, idx, w, weights: dict, *, ep: int, tp: int, comm: str, tokens_s
   ``grouped_fn(rows, local_expert, weights)`` replaces the expert GEMMs (benchmarks time the
   communication alone with an identity)."""
   top_k = idx.shape[1]
-  if not tokens_split and comm == "all_to_all" and ep > 1:
-    share_len = x.shape[0] // ep
-    r = jax.lax.axis_index("ep")
-    share = lambda a: jax.lax.dynamic_slice_in_dim(a, r * share_len, share_len, 0)
-    out = _all_to_all_local(share(x), share(idx), share(w), weights, ep=ep, tp=tp,
-                            capacity=local_capacity(share_len, top_k, ep, capacity_factor),
-                            dispatch_dtype=dispatch_dtype, grouped_fn=grouped_fn)
-    return jax.lax.all_gather(out, "ep", tiled=True)
-  if comm == "all_to_all":
+
+  def exchange(x, idx, w):
+    if comm == "ragged_all_to_all":
+      return _ragged_local(x, idx, w, weights, ep=ep, tp=tp, dispatch_dtype=dispatch_dtype,
+                           grouped_fn=grouped_fn)
     return _all_to_all_local(x, idx, w, weights, ep=ep, tp=tp,
                              capacity=local_capacity(x.shape[0], top_k, ep, capacity_factor),
                              dispatch_dtype=dispatch_dtype, grouped_fn=grouped_fn)
+
+  if not tokens_split and comm != "allgather" and ep > 1:
+    share_len = x.shape[0] // ep
+    r = jax.lax.axis_index("ep")
+    share = lambda a: jax.lax.dynamic_slice_in_dim(a, r * share_len, share_len, 0)
+    return jax.lax.all_gather(exchange(share(x), share(idx), share(w)), "ep", tiled=True)
+  if comm != "allgather":
+    return exchange(x, idx, w)
   return _allgather_local(x, idx, w, weights, ep=ep, tp=tp, gathered=not tokens_split,
                           dispatch_dtype=dispatch_dtype, grouped_fn=grouped_fn)
 

@@ -78,6 +78,7 @@ CASES = [  # (config, collectives the compiled decode step must hold)
     (ParallelConfig(ep=8), {"all-to-all", "all-reduce"}),         # top-2 < ep: all-to-all chosen
     (ParallelConfig(ep=4, tp=2), {"all-to-all", "all-reduce"}),
     (ParallelConfig(ep=8, attention_dp=True), {"all-to-all"}),
+    (ParallelConfig(ep=8, attention_dp=True, moe_comm="ragged_all_to_all"), {"all-to-all"}),
     (ParallelConfig(ep=4, tp=2, attention_dp=True, moe_comm="allgather"),
      {"all-gather", "reduce-scatter"}),
 ]

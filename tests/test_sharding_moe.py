@@ -1,10 +1,11 @@
 """MoE dispatch/combine over ep x tp meshes (8 virtual CPU devices) against the dense all-experts
-reference: all-to-all and AG/RS, tokens replicated (TP attention) or split (attention-DP), bf16 / FP8 /
+reference: all-to-all (fixed buffers or ragged) and AG/RS, tokens replicated (TP attention) or split (attention-DP), bf16 / FP8 /
 NVFP4 dispatch payloads; the compiled HLO holds the chosen collectives; the message-size model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.errors import ShapeError
 from kernels.quant import fp8_block, nvfp4
@@ -42,6 +43,9 @@ CASES = [
     (ParallelConfig(tp=8), "auto", ["all-reduce"]),                          # TP8 experts
     (ParallelConfig(ep=8, attention_dp=True), "all_to_all", ["all-to-all"]),  # ADP8+EP8
     (ParallelConfig(ep=4, tp=2, attention_dp=True), "allgather", ["all-gather", "reduce-scatter"]),
+    # ragged all-to-all (emulated on CPU over all_to_all): ADP8+EP8, and TP+EP with tokens replicated
+    (ParallelConfig(ep=8, attention_dp=True), "ragged_all_to_all", ["all-to-all", "all-gather"]),
+    (ParallelConfig(ep=4, tp=2), "ragged_all_to_all", ["all-to-all", "all-reduce"]),
 ]
 
 
@@ -70,7 +74,9 @@ def _quantized_rows(x, dtype, ep):
 
 @pytest.mark.parametrize("dtype, comm, adp", [("fp8", "all_to_all", False),
                                               ("nvfp4", "all_to_all", True),
-                                              ("nvfp4", "allgather", True)])
+                                              ("nvfp4", "allgather", True),
+                                              ("fp8", "ragged_all_to_all", True),
+                                              ("nvfp4", "ragged_all_to_all", True)])
 def test_quantized_dispatch_matches_reference_on_quantized_tokens(dtype, comm, adp):
   x, idx, w, weights = _problem(1)
   parallel = ParallelConfig(ep=4, attention_dp=adp, moe_dispatch_dtype=dtype)
@@ -115,3 +121,27 @@ def test_invalid_moe_shapes_name_the_constraint():
   with pytest.raises(ShapeError, match="hidden % 128"):
     moe.moe_experts(x[:, :64], idx, w, {**weights, "w_gate": weights["w_gate"][:, :64]},
                     ParallelConfig(ep=8, moe_dispatch_dtype="fp8"), mesh)
+
+
+def _ragged_on_two_ranks(*per_rank):
+  """ragged_all_to_all over ep=2 with each argument given per rank (the docstring's example)."""
+  mesh = ParallelConfig(ep=2, attention_dp=True).make_mesh()
+  body = lambda *a: moe.ragged_all_to_all(*a, axis_name="ep")
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"),
+                             axis_names={"ep"}, check_vma=False))
+  return fn(*(jnp.concatenate([jnp.asarray(a) for a in arg]) for arg in per_rank))
+
+
+def test_ragged_all_to_all_emulation_follows_the_primitive_semantics(monkeypatch):
+  args = ([[1., 2, 2], [3., 4, 0]], [[0., 0, 0, 0], [0., 0, 0, 0]], [[0, 1], [0, 1]],
+          [[1, 2], [1, 1]], [[0, 0], [1, 2]], [[1, 1], [2, 1]])
+  out = np.asarray(_ragged_on_two_ranks(*args)).reshape(2, 4)
+  np.testing.assert_array_equal(out, [[1, 3, 0, 0], [2, 2, 4, 0]])  # jax.lax.ragged_all_to_all doc
+  # GPUs run the real collective: the same program lowers to it (XLA:CPU cannot execute it)
+  monkeypatch.setattr(moe, "EMULATE_RAGGED", False)
+  x, idx, w, weights = _problem()
+  parallel = ParallelConfig(ep=8, attention_dp=True)
+  mesh = parallel.make_mesh()
+  text = jax.jit(lambda *a: moe.moe_experts(*a, parallel, mesh, comm="ragged_all_to_all")).lower(
+      x, idx, w, weights).as_text()
+  assert text.count("ragged_all_to_all") >= 2  # dispatch and combine
