@@ -1,8 +1,8 @@
-"""Causal prefill flash attention on Mosaic GPU (Hopper): warp-specialised TMA + wgmma, bf16 and FP8.
+"""Causal prefill flash attention on Mosaic GPU (Hopper): warp-specialised TMA + wgmma, bf16 + FP8.
 
 Layout (dense batches only; see "Scope" below):
   q [B, S, H, D], k [B, S, KV, D], v [B, S, KV, D]  ->  out [B, S, H, D]
-  causal self-attention (query i attends to keys 0..i), GQA/MQA (H a multiple of KV), D in {64, 128},
+  causal self-attention (query i attends to keys 0..i), GQA/MQA (H a multiple of KV), D 64 or 128,
   S a multiple of 2 * block_q and of block_kv.
 
 Precision modes, picked from q's dtype:
@@ -101,7 +101,7 @@ def prepare_v_fp8(v: jax.Array) -> jax.Array:
 
 def _p_to_fp8_operand(p: jax.Array, interpret: bool) -> jax.Array:
   """f32 [64, n] probabilities in the wgmma accumulator layout -> E4M3 wgmma A operand whose column
-  4t + 2h + l of each 16-group holds p's column 8h + 2t + l (the order ``prepare_v_fp8`` gives V)."""
+  4t + 2h + l of each 16-group holds p's column 8h + 2t + l (the order prepare_v_fp8 gives V)."""
   rows, n = p.shape
   if interpret:   # the same logical permutation, spelled out for the CPU interpreter
     p8 = p.astype(_FP8).reshape(rows, n // 16, 2, 4, 2)
@@ -434,8 +434,8 @@ def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
 
   q [B, S, H, D], k/v [B, S, KV, D]: bf16/f16 (out in q's dtype) or float8_e4m3fn with per-head
   scales (q_scale [H] or scalar, k_scale/v_scale [KV] or scalar; out bf16). ``interpret`` (True or
-  an InterpretGPUParams) runs the kernel in the Mosaic GPU interpreter on CPU. ``v_prepared``: FP8 v already went through
-  ``prepare_v_fp8`` ([B, KV, D, S], e.g. when a cache stores it that way).
+  an InterpretGPUParams) runs the kernel in the Mosaic GPU interpreter on CPU. ``v_prepared``: FP8
+  v already went through ``prepare_v_fp8`` ([B, KV, D, S], e.g. when a cache stores it so).
   """
   if v_prepared:
     if not is_fp8(v.dtype) or v.ndim != 4:
@@ -509,3 +509,45 @@ def reference_dense(q, k, v, *, scale: float, q_scale=1.0, k_scale=1.0, v_scale=
   s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
   s = jnp.where(jnp.tril(jnp.ones((S, S), bool)), s, -jnp.inf)
   return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vf)
+
+
+def dense_supported(q, k, v, tiles: MgpuTiles = MgpuTiles()) -> bool:
+  """Whether the packed-layout inputs of ``flash_prefill`` have shapes the dense kernel takes
+  (T == B * S and the dense kernel's own constraints); the run-time layout is checked separately."""
+  T, H, D = q.shape
+  B, S, KV, _ = k.shape
+  try:
+    check_dense_shapes(jax.ShapeDtypeStruct((B, S, H, D), q.dtype), k, v, tiles)
+  except ShapeError:
+    return False
+  return T == B * S and (not is_fp8(q.dtype) or tiles.block_kv % 128 == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, query_start: jax.Array,
+                  kv_lens: jax.Array, *, scale: float, q_scale=1.0, k_scale=1.0, v_scale=1.0,
+                  tiles: MgpuTiles = MgpuTiles(overlap=True),
+                  interpret: bool = False) -> jax.Array:
+  """``kernels.flash_attention.flash_prefill``'s packed layout (q [T, H, D], k/v [B, S, KV, D]):
+  the Mosaic GPU kernel when the batch is dense -- every sequence is a whole prompt of exactly S
+  tokens (T == B * S, query_start == [0, S, 2S, ...], kv_lens == S), decided at run time by a
+  lax.cond -- and the Pallas Triton kernel otherwise (ragged lengths, chunked prefill over a cached
+  prefix, shapes the dense kernel does not take)."""
+  from kernels import flash_attention   # the portable (Triton) path
+
+  def triton():
+    return flash_attention.flash_prefill(q, k, v, query_start, kv_lens, scale=scale,
+                                         q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                                         interpret=interpret)
+  if not dense_supported(q, k, v, tiles):
+    return triton()
+  T, H, D = q.shape
+  B, S, _, _ = k.shape
+
+  def dense():
+    out = flash_prefill_dense(q.reshape(B, S, H, D), k, v, scale=scale, q_scale=q_scale,
+                              k_scale=k_scale, v_scale=v_scale, tiles=tiles, interpret=interpret)
+    return out.reshape(T, H, D)
+  is_dense = (jnp.all(query_start == jnp.arange(B + 1, dtype=query_start.dtype) * S) &
+              jnp.all(kv_lens == S))
+  return lax.cond(is_dense, dense, triton)

@@ -14,8 +14,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
 from jaxinfer.errors import ShapeError
-from kernels.flash_attention_mgpu import (MgpuTiles, _p_to_fp8_operand, flash_prefill_dense,
-                                          prepare_v_fp8)
+from kernels import flash_attention
+from kernels.flash_attention_mgpu import (MgpuTiles, _p_to_fp8_operand, flash_prefill,
+                                          flash_prefill_dense, prepare_v_fp8)
 
 F8 = jnp.float8_e4m3fn
 
@@ -103,6 +104,28 @@ def test_lowers_for_hopper_on_cpu():
     fn = lambda q, k, v, tiles=tiles: flash_prefill_dense(q, k, v, scale=0.1, tiles=tiles)
     text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_packed_op_dispatch():
+  """The packed-layout op runs the Mosaic GPU kernel on a dense batch and the Triton kernel on a
+  ragged one (told apart by bitwise equality with each kernel's own output)."""
+  B, S, H, KV, D = 2, 128, 2, 1, 64
+  q, k, v = inputs(11, B, S, H, KV, D)
+  q = jnp.asarray(q.reshape(B * S, H, D), jnp.bfloat16)
+  k, v = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+  dense_qs, dense_lens = jnp.asarray([0, S, 2 * S], jnp.int32), jnp.asarray([S, S], jnp.int32)
+  out = flash_prefill(q, k, v, dense_qs, dense_lens, scale=D ** -0.5, interpret=True)
+  mosaic = flash_prefill_dense(q.reshape(B, S, H, D), k, v, scale=D ** -0.5,
+                               tiles=MgpuTiles(overlap=True), interpret=True)
+  np.testing.assert_array_equal(f64(out), f64(mosaic.reshape(B * S, H, D)))
+  ref = np_causal(f64(q).reshape(B, S, H, D), f64(k), f64(v)).reshape(B * S, H, D)
+  assert rel_err(out, ref) < 1e-2
+  ragged_qs, ragged_lens = jnp.asarray([0, 100, 200], jnp.int32), jnp.asarray([S, 100], jnp.int32)
+  out = flash_prefill(q, k, v, ragged_qs, ragged_lens, scale=D ** -0.5, interpret=True)
+  triton = flash_attention.flash_prefill(q, k, v, ragged_qs, ragged_lens, scale=D ** -0.5,
+                                         interpret=True)
+  np.testing.assert_array_equal(f64(out), f64(triton))
+  assert np.isfinite(f64(out)).all()
 
 
 def test_shape_errors():
