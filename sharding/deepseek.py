@@ -70,12 +70,8 @@ def make_forward(cfg: ds.DeepseekV3Config, parallel: ParallelConfig, mesh: Mesh,
   if not parallel.attention_dp:
     if parallel.dp > 1:
       raise ParallelConfigError("dp > 1 for DeepSeek needs attention_dp=True (per-rank batches)")
-    experts_fn = functools.partial(_replicated_experts, parallel=parallel, mesh=mesh)
-
-    def forward(params, tokens, cache, batch):
-      return ds.forward(params, tokens, cache, batch, cfg, all_logits, mla_form,
-                        experts_fn=experts_fn)
-
+    forward = functools.partial(ShardedForward(cfg, parallel, mesh, mla_form),
+                                all_logits=all_logits)
     return jax.jit(forward, donate_argnums=(2,),
                    out_shardings=(NamedSharding(mesh, P()), cache_shardings(cfg.num_layers)))
 
@@ -105,7 +101,33 @@ def make_forward(cfg: ds.DeepseekV3Config, parallel: ParallelConfig, mesh: Mesh,
 
 
 def _replicated_experts(h, idx, w, weights, *, parallel: ParallelConfig, mesh: Mesh):
-  return moe.moe_experts(h, idx, w, weights, parallel, mesh, tokens_split=False)
+  """Routed experts for tokens replicated over ep (attention ran tensor parallel); a token count
+  the ep ranks do not divide is padded with zero-weight rows."""
+  T = h.shape[0]
+  pad = -T % parallel.ep
+  if pad:
+    h, idx, w = (jnp.pad(a, ((0, pad), (0, 0))) for a in (h, idx, w))
+  return moe.moe_experts(h, idx, w, weights, parallel, mesh, tokens_split=False)[:T]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedForward:
+  """``forward(params, tokens, cache, batch)`` under TP / EP / TP+EP (no attention_dp, dp = pp = 1):
+  the model's own forward with the routed experts through ``sharding.moe``; hashable and traceable
+  inside any jit (the engine's step), with the cache and logits pinned to their layouts."""
+  cfg: ds.DeepseekV3Config
+  parallel: ParallelConfig
+  mesh: Mesh
+  mla_form: str = "auto"
+
+  def __call__(self, params, tokens, cache: ds.LatentCache, batch, all_logits: bool = False):
+    experts_fn = functools.partial(_replicated_experts, parallel=self.parallel, mesh=self.mesh)
+    logits, cache = ds.forward(params, tokens, cache, batch, self.cfg, all_logits, self.mla_form,
+                               experts_fn=experts_fn)
+    page, scale = latent_cache_spec(self.parallel)
+    pin = lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec))
+    cache = ds.LatentCache(tuple(pin(l, page) for l in cache.latent), pin(cache.scale, scale))
+    return pin(logits, P()), cache
 
 
 def _check_adp(parallel: ParallelConfig) -> None:

@@ -1,5 +1,8 @@
 """``shard_model(LoadedModel, ParallelConfig)``: params and KV cache placed on the mesh, forward sharded.
 
+Llama: every layout below. DeepSeek-V3: TP / EP / TP+EP (``sharding.deepseek.ShardedForward``: the
+routed experts move tokens by all-to-all or AG/RS), and dp as engine replicas.
+
 TP (ep*tp ways for a dense model's attention and MLP) needs no change to the model: weights and
 cache carry NamedShardings from the rule table, the forward is traced as is, and GSPMD inserts the
 Megatron all-reduces (after Wo and W_down) and the vocab-parallel LM head's gather. The cache and
@@ -22,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxinfer import attention
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.loader import LoadedModel
-from jaxinfer.models import llama
-from sharding import pipeline, rules
+from jaxinfer.models import deepseek_v3, llama
+from sharding import deepseek, pipeline, rules
 from sharding.config import ParallelConfig, ParallelConfigError
 
 
@@ -82,6 +85,8 @@ class ShardedModel(LoadedModel):
   @property
   def step_forward(self):
     """The un-jitted, hashable forward for the engine's step (it jits the whole step itself)."""
+    if self.architecture == "deepseek_v3":
+      return deepseek.ShardedForward(self.config, self.parallel, self.mesh)
     if self.parallel.num_ranks > 1:
       raise ParallelConfigError(
           f"{self.parallel.describe()} needs one batch per rank: use pipeline_forward with stacked "
@@ -101,6 +106,12 @@ class ShardedModel(LoadedModel):
 
   def create_cache(self, num_pages: int, page_size: int, dtype=None):
     dtype = dtype or self.params["final_norm"].dtype
+    if self.architecture == "deepseek_v3":
+      cache = deepseek_v3.create_cache(self.config, num_pages=num_pages, page_size=page_size,
+                                       dtype=dtype)
+      page, scale = deepseek.latent_cache_spec(self.parallel)
+      return jax.device_put(cache, deepseek_v3.LatentCache(
+          tuple(NamedSharding(self.mesh, page) for _ in cache.latent), NamedSharding(self.mesh, scale)))
     if self.staged:
       ranks = self.parallel.num_ranks
       if num_pages % ranks:
@@ -130,11 +141,22 @@ def _jit_forward(fwd):
 
 def shard_model(model: LoadedModel, parallel: ParallelConfig, devices=None) -> ShardedModel:
   """Validates ``parallel`` against the model and devices, places params on the mesh."""
-  if model.architecture != "llama":
-    raise ParallelConfigError(f"shard_model supports llama; got {model.architecture!r}")
+  if model.architecture not in ("llama", "deepseek_v3"):
+    raise ParallelConfigError(f"shard_model supports llama and deepseek_v3; got "
+                              f"{model.architecture!r}")
   parallel.validate(model.config, None if devices is None else len(devices))
   mesh = parallel.make_mesh(devices)
   cfg = model.config
+  if model.architecture == "deepseek_v3":
+    if _staged(parallel):
+      raise ParallelConfigError(
+          f"{parallel.describe()}: DeepSeek-V3 through shard_model (LLM, the engine) runs TP / EP / "
+          "TP+EP; attention-DP and PP take per-rank microbatches (sharding.deepseek.make_forward, "
+          "make_pipeline_forward), and dp runs as engine replicas (LLM with dp > 1)")
+    params = jax.device_put(model.params,
+                            rules.named(mesh, deepseek.param_specs(cfg, model.params, parallel)))
+    return ShardedModel(model.architecture, cfg, params, model.tokenizer, model.source,
+                        parallel=parallel, mesh=mesh)
   if _staged(parallel):
     params = pipeline.stage_params(model.params, parallel.pp)
     specs = pipeline.staged_param_specs(params, parallel, pipeline.llama_layer_axes(cfg, parallel))

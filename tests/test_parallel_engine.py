@@ -1,5 +1,6 @@
 """A sharded Llama through the Python API (``LLM``: TP2, DP2xTP2) and the serving engine (TP2, PP2,
-DP2xPP2 replicas) gives the same greedy tokens as the unsharded model, so ``shard_model`` and
+DP2xPP2 replicas), and DeepSeek-V3 through LLM (TP2xEP2, DP2xEP2), give the same greedy tokens as the
+unsharded model, so ``shard_model`` and
 ``sharding.replicas`` slot into both without changing them."""
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +95,35 @@ def test_data_parallel_pipeline_replicas_through_engine(model, reference):
   finals = engine.run_to_completion()
   assert [list(finals[i].token_ids) for i in ids] == reference[1]
   assert not engine.has_unfinished() and engine.replica_of(ids[0]) is None
+
+
+def test_sharded_deepseek_through_llm():
+  """DeepSeek-V3 (MLA + MoE, 1 dense + 1 MoE layer) under TP2 x EP2 and DP2 x EP2 replicas serves
+  the unsharded model's greedy tokens through LLM and the engine."""
+  import jax
+
+  from jaxinfer.models import deepseek_v3 as ds
+  cfg = ds.DeepseekV3Config(
+      vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, q_lora_rank=None, kv_lora_rank=32,
+      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=64,
+      moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+      n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+      max_position_embeddings=128)
+  params = jax.tree.map(lambda w: 5 * w if w.ndim >= 2 else w,
+                        ds.init_params(cfg, jax.random.key(2), jnp.float32))
+  model = LoadedModel("deepseek_v3", cfg, params, None, "random")
+  prompts = [[int(t) for t in np.random.RandomState(10 + i).randint(0, 128, 6 + 5 * i)]
+             for i in range(3)]
+  llms = {}
+
+  def run(parallel):
+    llms[parallel] = LLM(model=model, parallel=parallel, engine_config=ENGINE)
+    return [list(o.token_ids) for o in llms[parallel].generate(prompts, GREEDY, use_tqdm=False)]
+
+  ref = run(None)
+  assert all(len(t) == GREEDY.max_tokens for t in ref)
+  tp_ep = ParallelConfig(tp=2, ep=2)
+  assert run(tp_ep) == ref
+  experts = llms[tp_ep].model.params["layers"][1]["experts_gate"]
+  assert experts.addressable_shards[0].data.shape == (4, 64, 16)  # 8 experts over ep, I over tp
+  assert run(ParallelConfig(dp=2, ep=2)) == ref
