@@ -216,6 +216,7 @@ def test_deepseek_pipeline_matches_single_device(parallel, collectives):
   np.testing.assert_allclose(np.stack(got), np.stack(ref_logits), atol=ATOL, rtol=0)
   assert seqs == ref_seqs
   assert collectives <= _collectives(hlo), _collectives(hlo)
+  assert "conditional" in hlo  # the dense first layer runs on stage 0 only
   assert isinstance(cache, deepseek.StagedLatentCache) and cache.latent.sharding.spec[0] == "pp"
   # stage-local experts: each device holds 1/pp of the MoE layers and 1/ep of their experts
   w = placed["stages"]["experts_gate"]
