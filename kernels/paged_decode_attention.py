@@ -14,12 +14,8 @@ cores), so every K/V page is read from HBM exactly once for all query heads shar
 streams ``block_k``-token K/V tiles with an online softmax. When the page size is a multiple of
 block_k a tile lies inside one page: one scalar page-table read and base-plus-constant addresses
 (``key_tile``); smaller pages are gathered slot by slot. FP8 tiles are upcast to f16 in registers
-(one cvt per pair on Hopper), their scales folded into the query and output scaling.
-``DecodeTiles.keys_m`` transposes the products (S^T = K q^T, O^T += V^T P^T) so the keys are the MMA
-M dimension: block_k >= 64 then runs warpgroup MMAs (wgmma) without padding the few query rows, and
-with an FP8 cache the scores are E4M3 MMAs on K as stored (``split_fp8`` queries), so only V is
-upcast. Query rows are loaded and written as one block when they are one token's consecutive heads,
-else gathered. With one split the program normalises and writes its rows straight into out; with few
+(one cvt per pair on Hopper), their scales folded into the query and output scaling. Query rows
+are loaded and written as one block when they are one token's consecutive heads, else gathered. With one split the program normalises and writes its rows straight into out; with few
 sequences the key range is split across ``splits`` programs (split-K) writing (acc, max, sum)
 partials that a small Pallas combine kernel merges into out. Rows of no query (padding) stay zero
 (out is aliased to zeros). ``key_tile``, ``split_range``, ``row_map``/``load_rows``/``store_rows``
@@ -27,8 +23,12 @@ and the split-K epilogue are shared with the MLA decode kernel (kernels/mla_atte
 
 Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
 read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.35 ms; FP8 0.17 ms.
-Measured (H100, 2026-11-23, benchmarks/attention.md): bf16 0.394 ms (88% of the measured 3.1 TB/s),
-FP8 0.277 ms (0.70x of bf16; the per-element f16 upcast and shared-memory shuffle cost the rest).
+Measured (H100, 2026-11-23, benchmarks/attention.md): bf16 ~0.40 ms (~88% of the read ceiling), FP8
+~0.27 ms (0.68x of bf16, target 0.55x): Triton dequantises E4M3 in the MMA-operand layout (byte
+loads from shared memory, a cvt per pair, ~1.6x the instructions per key of bf16) and copies the
+V tile in 8-byte pieces. Tried and dropped (same run): 64/128-key tiles, 8 warps, and a transposed
+form with keys as the MMA M dimension (wgmma; E4M3 scores on K as stored from hi/lo-split queries):
+0.31-0.37 ms, and the E4M3 scores cost 10x the error.
 """
 from __future__ import annotations
 
@@ -59,11 +59,6 @@ class DecodeTiles:
   num_warps: int = 4
   num_stages: int = 4
   splits: int | None = None   # None: enough programs to fill the SMs twice
-  # Keys as the MMA M dimension: S^T = K q^T [block_k, rows] and O^T += V^T P^T, so block_k >= 64
-  # gives warpgroup MMAs (wgmma) without padding the few query rows to 16. With an FP8 cache the
-  # scores use E4M3 MMAs on K as stored (q split into hi + lo/16 E4M3 parts with a per-row scale:
-  # ~2^-8 relative error, like bf16), so only V is dequantised.
-  keys_m: bool = False
 
 
 # Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 32/8 heads, D=128.
@@ -147,10 +142,9 @@ def tile_cols(rows, start: int, width: int):
   return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
 
 
-def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, qsc_ref, k_ref, v_ref, ksc_ref, vsc_ref,
-                   o_init_ref, *out_refs, group: int, max_q: int, rows: int, block_k: int,
-                   page_size: int, pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
-                   keys_m: bool):
+def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_init_ref,
+                   *out_refs, group: int, max_q: int, rows: int, block_k: int, page_size: int,
+                   pages_per_seq: int, sm_scale: float, kv_upcast, splits: int):
   del o_init_ref  # aliased with the output: zeros for the rows no program writes
   kvh = pl.program_id(0)
   split = pl.program_id(1)
@@ -162,17 +156,7 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, qsc_ref, k_ref, v_ref, ksc_r
   score_scale = sm_scale * _LOG2E
   if kv_upcast is not None:
     score_scale = score_scale * ksc_ref[0]
-  fp8_scores = keys_m and kv_upcast is not None
-  if fp8_scores:   # q_ref [T, H, 2D]: E4M3 hi | lo parts; qsc_ref [T, H, 1] row scales
-    q, q_lo = load_rows(q_ref, rm, 0, D), load_rows(q_ref, rm, D, D)
-    score_scale = jnp.sum(load_rows(qsc_ref, rm, 0, 1), axis=1) * score_scale   # [rows]
-  else:
-    q = load_rows(q_ref, rm, 0, D)
-    score_scale = jnp.full((rows,), score_scale, jnp.float32)
-  # The key axis of the score tile: 1 for s [rows, block_k], 0 for s^T [block_k, rows] (keys_m).
-  ax = 0 if keys_m else 1
-  per_row = (lambda x: x[None, :]) if keys_m else (lambda x: x[:, None])
-  per_key = (lambda x: x[:, None]) if keys_m else (lambda x: x[None, :])
+  q = load_rows(q_ref, rm, 0, D)
 
   def body(kb, carry):
     acc, m_prev, l_prev = carry
@@ -183,30 +167,21 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, qsc_ref, k_ref, v_ref, ksc_r
     k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
     v = plgpu.load(v_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
     if kv_upcast is not None:
+      k = k.astype(kv_upcast)
       v = v.astype(kv_upcast)
-      if not fp8_scores:
-        k = k.astype(kv_upcast)
-    if fp8_scores:   # E4M3 MMAs on K as stored
-      s = plgpu.dot(k, q, trans_b=True) + plgpu.dot(k, q_lo, trans_b=True) * (1 / 16)
-    elif keys_m:
-      s = plgpu.dot(k, q, trans_b=True)
-    else:
-      s = plgpu.dot(q, k, trans_b=True)
-    s = jnp.where(per_key(keys) <= per_row(q_pos), s * per_row(score_scale), _MASK)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=ax))
+    s = plgpu.dot(q, k, trans_b=True) * score_scale
+    s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - per_row(m_new))
-    l_new = l_prev * correction + jnp.sum(p, axis=ax)
-    p = p.astype(v.dtype)
-    pv = plgpu.dot(v, p, trans_a=True) if keys_m else plgpu.dot(p, v)   # O^T [D, rows] / O
-    return acc * per_row(correction) + pv, m_new, l_new
+    p = jnp.exp2(s - m_new[:, None])
+    l_new = l_prev * correction + jnp.sum(p, axis=1)
+    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l_new
 
-  carry = (jnp.zeros((D, rows) if keys_m else (rows, D), jnp.float32),
+  carry = (jnp.zeros((rows, D), jnp.float32),
            jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
   first, last = split_range(seq_len, block_k, split, splits)
   acc, m, l = lax.fori_loop(first, last, body, carry)
-  if keys_m:
-    acc = acc.T
   if kv_upcast is not None:
     acc = acc * vsc_ref[0]
   write_partials(out_refs, b, kvh, split, rm, acc, m, l)
@@ -306,19 +281,6 @@ def kernel_supports(q: jax.Array, k_pages: jax.Array) -> bool:
           and (is_fp8(k_pages.dtype) or k_pages.dtype == q.dtype))
 
 
-def split_fp8(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """x [T, H, D] -> ([T, H, 2D] in ``dtype`` (E4M3): hi | lo parts, [T, H, 1] f32 row scales) with
-  x ~= (hi + lo / 16) * scale: hi carries 4 significant bits, lo the next 4, so the pair keeps
-  ~2^-8 relative precision (bf16's) for E4M3 tensor-core products."""
-  xf = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 448.0, 1.0)
-  xs = xf / scale
-  hi = xs.astype(dtype)
-  lo = ((xs - hi.astype(jnp.float32)) * 16.0).astype(dtype)
-  return jnp.concatenate([hi, lo], axis=-1), scale
-
-
 def default_splits(num_seqs: int, kv_heads: int, max_blocks: int) -> int:
   want = pl.cdiv(2 * _NUM_SMS, num_seqs * kv_heads)
   return max(1, min(want, max_blocks, 64))
@@ -349,27 +311,23 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   # every e4m3 value; queries are cast to f16 for the tensor-core dot.
   kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None
   out_dtype = q.dtype
-  if tiles.keys_m and kv_upcast is not None:
-    q, q_scale = split_fp8(q, k_pages.dtype)
-  else:
-    q_scale = jnp.ones((T, H, 1), jnp.float32)
-    if kv_upcast is not None:
-      q = q.astype(kv_upcast)
+  if kv_upcast is not None:
+    q = q.astype(kv_upcast)
   qs = query_start.astype(jnp.int32)
   o_init = jnp.zeros((T, H, D), out_dtype)
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
-      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, keys_m=tiles.keys_m)
+      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits)
   results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),
       out_shape=split_outputs(B, KV, splits, rows, D, jax.ShapeDtypeStruct((T, H, D), out_dtype)),
-      input_output_aliases={9: 0} if splits == 1 else {},
+      input_output_aliases={8: 0} if splits == 1 else {},
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="paged_decode_attention",
-  )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q, q_scale,
+  )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q,
     k_pages.reshape(N * page_size, KV, D), v_pages.reshape(N * page_size, KV, D),
     jnp.asarray(k_scale, jnp.float32).reshape(1), jnp.asarray(v_scale, jnp.float32).reshape(1),
     o_init)

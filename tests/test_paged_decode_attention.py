@@ -10,7 +10,7 @@ import pytest
 
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention
 from jaxinfer.errors import ShapeError
-from kernels.paged_decode_attention import DecodeTiles, paged_decode_attention, split_fp8
+from kernels.paged_decode_attention import DecodeTiles, paged_decode_attention
 
 F8 = jnp.float8_e4m3fn
 
@@ -104,38 +104,6 @@ def test_decode_fp8_kv():
   ref = np_paged(f64(q), f64(kp8) * 0.25, f64(vp8) * 3.0, np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, 2, 1.5e-2)
-
-
-@pytest.mark.parametrize("fp8,page_size,block_k", [(False, 16, 16), (True, 16, 16), (True, 8, 32)])
-def test_decode_keys_m(fp8, page_size, block_k):
-  """The transposed (keys as MMA rows) variant: bf16, and FP8 with E4M3 scores from the split q;
-  tiles inside one page and tiles gathered over several; 2 tokens per sequence, split-K."""
-  rng = np.random.default_rng(11 + block_k)
-  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=page_size,
-                               chunks=[(41, 2), (0, 1), (17, 2)], num_tokens=8,
-                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
-  ks, vs = (0.25, 2.0) if fp8 else (1.0, 1.0)
-  if fp8:
-    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
-  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
-                               scale=32 ** -0.5, k_scale=ks, v_scale=vs, max_q=2,
-                               tiles=DecodeTiles(block_k, splits=2, keys_m=True), interpret=True)
-  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
-                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
-  check(out, ref, 5, 1e-2)
-
-
-def test_split_fp8_keeps_bf16_precision():
-  """hi + lo/16 (E4M3 each) times the row scale is within 2^-8 of x, relative to the row maximum."""
-  rng = np.random.default_rng(2)
-  x = rng.standard_normal((3, 4, 64)) * rng.uniform(1e-3, 1e3, (3, 4, 1))
-  packed, scale = split_fp8(jnp.asarray(x, jnp.float32), F8)
-  assert packed.shape == (3, 4, 128) and packed.dtype == F8 and scale.shape == (3, 4, 1)
-  hi, lo = f64(packed[..., :64]), f64(packed[..., 64:])
-  approx = (hi + lo / 16) * f64(scale)
-  err = np.abs(approx - x).max(axis=-1) / np.abs(x).max(axis=-1)
-  assert err.max() < 2.0 ** -8, err.max()
-  assert np.abs(hi).max() <= 448
 
 
 @pytest.mark.parametrize("chunks,num_tokens,real", [
