@@ -296,7 +296,21 @@ def prefill():
 
 
 # -------------------------------------------------------------------------------------- decode
-def _decode_case(B, ctx, page_size, variants, label, split_variants=()):
+# Tile variants timed per case (the first of each list is the kernel's default for that dtype).
+DECODE_BF16 = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3)]
+DECODE_FP8 = [DecodeTiles(32, 4, 4), DecodeTiles(32, 8, 4), DecodeTiles(32, 4, 3),
+              DecodeTiles(32, 4, 4, splits=2)]
+LONG_BF16 = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3)]
+LONG_FP8 = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3)]
+MLA_FP8 = [MLATiles(64, 32, 8, 2), MLATiles(64, 32, 8, 3), MLATiles(32, 32, 8, 2)]
+MLA_BF16 = [MLATiles(16, 64, 4, 2), MLATiles(64, 64, 8, 2)]
+
+
+def _tiles_name(t: DecodeTiles) -> str:
+  return f"bk{t.block_k} w{t.num_warps} s{t.num_stages} splits{t.splits or 'auto'}"
+
+
+def _decode_case(B, ctx, page_size, bf16_variants, fp8_variants, label, peers=True):
   H, KV, D = 32, 8, 128
   kp, vp, pt = paged_cache(B + ctx, B=B, ctx=ctx, page_size=page_size, KV=KV, D=D,
                            dtype=jnp.bfloat16)
@@ -308,15 +322,17 @@ def _decode_case(B, ctx, page_size, variants, label, split_variants=()):
   nbytes = 2 * B * ctx * KV * D * 2
   case = f"{label} B{B} ctx{ctx} page{page_size}"
   interp = _SMOKE.value
-  if not _SMOKE.value:
-    kc = kp[pt].reshape(B, ctx, KV, D)
-    vc = vp[pt].reshape(B, ctx, KV, D)
-    xla = jax.jit(lambda q, k, v: jnp.einsum(
-        "bkgs,bskd->bkgd", jax.nn.softmax(jnp.einsum(
-            "bkgd,bskd->bkgs", q.reshape(B, KV, H // KV, D), k,
-            preferred_element_type=jnp.float32) * scale, axis=-1).astype(v.dtype), v).reshape(B, H, D))
+  kp8, vp8 = kp.astype(F8), vp.astype(F8)
+  xla = jax.jit(lambda q, k, v: jnp.einsum(
+      "bkgs,bskd->bkgd", jax.nn.softmax(jnp.einsum(
+          "bkgd,bskd->bkgs", q.reshape(B, KV, H // KV, D), k,
+          preferred_element_type=jnp.float32) * scale, axis=-1).astype(v.dtype), v).reshape(B, H, D))
+  contiguous = lambda pages: pages[pt].reshape(B, ctx, KV, D).astype(jnp.bfloat16)
+  ref = xla(q, contiguous(kp), contiguous(vp))
+  ref8 = xla(q, contiguous(kp8), contiguous(vp8))   # the FP8 cache, dequantized
+  if peers and not _SMOKE.value:
+    kc, vc = contiguous(kp), contiguous(vp)
     record(case, "XLA einsum, contiguous KV bf16", xla, (q, kc, vc), nbytes=nbytes, roof=read)
-    ref = xla(q, kc, vc)
     try:
       from jax.experimental.pallas.ops.gpu import decode_attention
       gqa = jax.jit(functools.partial(decode_attention.gqa, sm_scale=scale))
@@ -338,51 +354,40 @@ def _decode_case(B, ctx, page_size, variants, label, split_variants=()):
       del kt, vt
     except Exception as e:
       RESULTS["errors"].append(f"bundled paged_attention: {e!r}"[:600])
-  best = None
-  for tiles in variants:
-    fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, tiles=tiles,
-                                   interpret=interp))
-    t = record(case, f"ours bf16 bk{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages} "
-               f"splits{tiles.splits or 'auto'}", fn, (q, kp, vp, pt, lens, qs), nbytes=nbytes,
-               roof=read)
-    if t and (best is None or t < best[0]):
-      best = (t, tiles)
-  if not _SMOKE.value and best:
-    check(f"{case} ours bf16 vs XLA", rel(paged_decode_attention(
-        q, kp, vp, pt, lens, qs, scale=scale, tiles=best[1]), ref), 1e-2)
-  kp8, vp8 = kp.astype(F8), vp.astype(F8)
-  best8 = None
-  for tiles in variants:
-    fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, tiles=tiles,
-                                   interpret=interp))
-    t = record(case, f"ours fp8 KV bk{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages} "
-               f"splits{tiles.splits or 'auto'}", fn, (q, kp8, vp8, pt, lens, qs),
-               nbytes=nbytes // 2, roof=read)
-    if t and (best8 is None or t < best8[0]):
-      best8 = (t, tiles)
-  if best and best8:
-    RESULTS.setdefault("derived", {})[f"{case} fp8/bf16 step time"] = best8[0] / best[0]
-    print(f"{case}: best fp8 step / best bf16 step = {best8[0] / best[0]:.3f}")
+  best = {}
+  for name, variants, (k, v), expected, nb in (
+      ("bf16", bf16_variants, (kp, vp), ref, nbytes), ("fp8 KV", fp8_variants, (kp8, vp8), ref8,
+                                                       nbytes // 2)):
+    for tiles in variants:
+      fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, tiles=tiles,
+                                     interpret=interp))
+      t = record(case, f"ours {name} {_tiles_name(tiles)}", fn, (q, k, v, pt, lens, qs),
+                 nbytes=nb, roof=read)
+      if t is None:
+        continue
+      check(f"{case} ours {name} {_tiles_name(tiles)} vs XLA", rel(fn(q, k, v, pt, lens, qs),
+                                                                   expected), 1e-2)
+      if name not in best or t < best[name]:
+        best[name] = t
+  if len(best) == 2:
+    RESULTS.setdefault("derived", {})[f"{case} fp8/bf16 step time"] = best["fp8 KV"] / best["bf16"]
+    print(f"{case}: best fp8 step / best bf16 step = {best['fp8 KV'] / best['bf16']:.3f}")
 
 
 @guarded
 def decode():
   if _SMOKE.value:
-    return _decode_case(4, 256, 64, [DecodeTiles(64, 4, 2)], "decode")
-  variants = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3), DecodeTiles(32, 4, 4, splits=2),
-              DecodeTiles(64, 4, 4, splits=2), DecodeTiles(16, 4, 5)]
-  _decode_case(64, 4096, 64, variants, "decode")
-  _decode_case(64, 4096, 16, variants[:2], "decode")
+    return _decode_case(4, 256, 64, [DecodeTiles(64, 4, 2)], [DecodeTiles(64, 4, 2)], "decode")
+  _decode_case(64, 4096, 64, DECODE_BF16, DECODE_FP8, "decode")
+  _decode_case(64, 4096, 16, DECODE_BF16[:1], DECODE_FP8[:1], "decode", peers=False)
 
 
 @guarded
 def decode_long():
   if _SMOKE.value:
-    return _decode_case(1, 1024, 64, [DecodeTiles(64, 4, 2, splits=4)], "decode split-K")
-  _decode_case(1, 32768, 64, [DecodeTiles(64, 4, 3), DecodeTiles(64, 4, 3, splits=32),
-                              DecodeTiles(64, 4, 3, splits=64), DecodeTiles(128, 4, 3, splits=32),
-                              DecodeTiles(32, 4, 4, splits=128)],
-               "decode split-K")
+    return _decode_case(1, 1024, 64, [DecodeTiles(64, 4, 2, splits=4)],
+                        [DecodeTiles(64, 4, 2, splits=4)], "decode split-K")
+  _decode_case(1, 32768, 64, LONG_BF16, LONG_FP8, "decode split-K")
 
 
 # ---------------------------------------------------------------------------------------- MLA
@@ -398,35 +403,31 @@ def mla():
   lens = jnp.full((B,), ctx, jnp.int32)
   qs = jnp.arange(B + 1, dtype=jnp.int32)
   read = RESULTS.get("read_tbps", 3.0)
+  flops = B * H * ctx * (2 * (R + Dr) + 2 * R)
   interp = _SMOKE.value
-  variants = [MLATiles(64, 32, 8, 2), MLATiles(64, 16, 8, 3), MLATiles(64, 64, 8, 2),
-              MLATiles(16, 32, 4, 3), MLATiles(16, 64, 4, 2), MLATiles(32, 16, 4, 3),
-              MLATiles(32, 32, 8, 2)]
-  if _SMOKE.value:
-    variants = [MLATiles(16, 32, 4, 2)]
   batch = build_batch([SeqChunk(list(np.asarray(pt[b])), ctx - 1, 1) for b in range(B)], ps,
                       num_tokens=B, num_seqs=B, pages_per_seq=pps)
-  for lat_in, sc, name in ((lat.astype(F8), 0.5, "fp8"), (lat, 1.0, "bf16")):
+  for lat_in, sc, name, variants in ((lat.astype(F8), 0.5, "fp8", MLA_FP8),
+                                     (lat, 1.0, "bf16", MLA_BF16)):
+    if _SMOKE.value:
+      variants = [MLATiles(16, 32, 4, 2)]
     case = f"MLA decode {name} B{B} ctx{ctx} H{H}"
     nbytes = B * ctx * (R + Dr) * lat_in.dtype.itemsize
-    if not _SMOKE.value:
-      ref_fn = jax.jit(functools.partial(reference_mla_paged_attention, scale=0.07,
-                                         latent_scale=sc))
+    ref_fn = jax.jit(functools.partial(reference_mla_paged_attention, scale=0.07,
+                                       latent_scale=sc))
+    if not _SMOKE.value and name == "fp8":
       record(case, "XLA reference (gather + einsum, f32)", ref_fn, (ql, qr, lat_in, batch),
-             nbytes=nbytes, roof=read)
-    best = None
-    for tiles in (variants if name == "fp8" else variants[:1] + variants[3:5]):
+             nbytes=nbytes, roof=read, flops=flops)
+    ref = ref_fn(ql, qr, lat_in, batch)
+    for tiles in variants:
       fn = jax.jit(functools.partial(mla_decode_pallas, scale=0.07, latent_scale=sc, tiles=tiles,
                                      interpret=interp))
       t = record(case, f"ours bh{tiles.block_h} bk{tiles.block_k} w{tiles.num_warps} "
                  f"s{tiles.num_stages}", fn, (ql, qr, lat_in, pt, lens, qs), nbytes=nbytes,
-                 roof=read)
-      if t and (best is None or t < best[0]):
-        best = (t, tiles)
-    if best and not _SMOKE.value:
-      out = mla_decode_pallas(ql, qr, lat_in, pt, lens, qs, scale=0.07, latent_scale=sc,
-                              tiles=best[1])
-      check(f"{case} ours vs reference", rel(out, ref_fn(ql, qr, lat_in, batch)), 1e-2)
+                 roof=read, flops=flops)
+      if t is not None:
+        check(f"{case} ours bh{tiles.block_h} bk{tiles.block_k} vs reference",
+              rel(fn(ql, qr, lat_in, pt, lens, qs), ref), 1e-2)
 
 
 SECTIONS = {"ceilings": ceilings, "check": gpu_checks, "prefill": prefill, "decode": decode,
