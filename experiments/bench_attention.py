@@ -297,17 +297,20 @@ def prefill():
 
 # -------------------------------------------------------------------------------------- decode
 # Tile variants timed per case (the first of each list is the kernel's default for that dtype).
-DECODE_BF16 = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3)]
+# page_blocks=False: the slot-gather addressing of the previous kernels, for comparison.
+DECODE_BF16 = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3),
+               DecodeTiles(32, 4, 4, page_blocks=False)]
 DECODE_FP8 = [DecodeTiles(32, 4, 4), DecodeTiles(32, 8, 4), DecodeTiles(32, 4, 3),
-              DecodeTiles(32, 4, 4, splits=2)]
-LONG_BF16 = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3)]
-LONG_FP8 = [DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3)]
+              DecodeTiles(32, 4, 4, splits=2), DecodeTiles(32, 4, 4, page_blocks=False)]
+LONG_BF16 = [DecodeTiles(64, 4, 3), DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3, page_blocks=False)]
+LONG_FP8 = [DecodeTiles(64, 4, 3), DecodeTiles(64, 4, 3, page_blocks=False)]
 MLA_FP8 = [MLATiles(64, 32, 8, 2), MLATiles(64, 32, 8, 3), MLATiles(32, 32, 8, 2)]
 MLA_BF16 = [MLATiles(16, 64, 4, 2), MLATiles(64, 64, 8, 2)]
 
 
 def _tiles_name(t: DecodeTiles) -> str:
-  return f"bk{t.block_k} w{t.num_warps} s{t.num_stages} splits{t.splits or 'auto'}"
+  return (f"bk{t.block_k} w{t.num_warps} s{t.num_stages} splits{t.splits or 'auto'}"
+          + ("" if t.page_blocks else " slot-gather"))
 
 
 def _decode_case(B, ctx, page_size, bf16_variants, fp8_variants, label, peers=True):
