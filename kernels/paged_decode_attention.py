@@ -59,6 +59,7 @@ class DecodeTiles:
   num_warps: int = 4
   num_stages: int = 4
   splits: int | None = None   # None: enough programs to fill the SMs twice
+  page_blocks: bool = True    # tiles inside one page read as blocks (False: slot gather, to compare)
 
 
 # Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 32/8 heads, D=128.
@@ -117,7 +118,8 @@ def split_range(seq_len, block_k: int, split, splits: int):
   return first, jnp.minimum(first + per_split, num_blocks)
 
 
-def key_tile(pt_ref, b, kb, *, block_k: int, page_size: int, pages_per_seq: int):
+def key_tile(pt_ref, b, kb, *, block_k: int, page_size: int, pages_per_seq: int,
+             page_blocks: bool = True):
   """Keys ``kb*block_k ..`` of sequence b -> (keys [block_k], rows of the flat [N*page, ...] cache).
 
   A tile inside one page (page_size a multiple of block_k) is a contiguous ``pl.ds`` of rows: one
@@ -125,7 +127,7 @@ def key_tile(pt_ref, b, kb, *, block_k: int, page_size: int, pages_per_seq: int)
   of slots through the page table. Index the cache with ``tile_cols(rows, ...)`` for the columns.
   """
   keys = kb * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-  if page_size % block_k == 0:
+  if page_blocks and page_size % block_k == 0:
     start = kb * block_k
     page = pt_ref[b, jnp.minimum(lax.div(start, page_size), pages_per_seq - 1)]
     row0 = pl.multiple_of(page * page_size + lax.rem(start, page_size), block_k)
@@ -144,7 +146,8 @@ def tile_cols(rows, start: int, width: int):
 
 def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_init_ref,
                    *out_refs, group: int, max_q: int, rows: int, block_k: int, page_size: int,
-                   pages_per_seq: int, sm_scale: float, kv_upcast, splits: int):
+                   pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
+                   page_blocks: bool):
   del o_init_ref  # aliased with the output: zeros for the rows no program writes
   kvh = pl.program_id(0)
   split = pl.program_id(1)
@@ -161,7 +164,7 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
   def body(kb, carry):
     acc, m_prev, l_prev = carry
     keys, rows_ix = key_tile(pt_ref, b, kb, block_k=block_k, page_size=page_size,
-                             pages_per_seq=pages_per_seq)
+                             pages_per_seq=pages_per_seq, page_blocks=page_blocks)
     cols = tile_cols(rows_ix, 0, D)
     key_ok = (keys < seq_len)[:, None]
     k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
@@ -317,7 +320,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   o_init = jnp.zeros((T, H, D), out_dtype)
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
-      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits)
+      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks)
   results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),

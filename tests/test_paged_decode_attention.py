@@ -61,18 +61,21 @@ def check(out, ref, real_tokens, bound):
   assert err < bound, err
 
 
-# (GQA ratio, page size, block_k, splits): page == block, block spanning 2 pages, page spanning
-# 2 blocks; one split, and split-K with uneven and empty splits.
-@pytest.mark.parametrize("H,KV,page_size,block_k,splits", [
-    (4, 4, 16, 16, 1), (8, 2, 8, 16, 3), (16, 2, 32, 16, 7)])
-def test_decode_bf16(H, KV, page_size, block_k, splits):
+# (GQA ratio, page size, block_k, splits, page_blocks): page == block, block spanning 2 pages, page
+# spanning 2 blocks (read as blocks, and slot by slot); one split, and split-K with uneven and empty
+# splits.
+@pytest.mark.parametrize("H,KV,page_size,block_k,splits,page_blocks", [
+    (4, 4, 16, 16, 1, True), (8, 2, 8, 16, 3, True), (16, 2, 32, 16, 7, True),
+    (8, 2, 32, 16, 2, False)])
+def test_decode_bf16(H, KV, page_size, block_k, splits, page_blocks):
   rng = np.random.default_rng(H + page_size)
   D = 64
   # lengths 1, odd, not a multiple of the page or block
   q, kp, vp, batch = make_case(rng, H=H, KV=KV, D=D, page_size=page_size,
                                chunks=[(36, 1), (0, 1), (80, 1)], num_tokens=4)
+  tiles = DecodeTiles(block_k, splits=splits, page_blocks=page_blocks)
   out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
-                               scale=D ** -0.5, tiles=DecodeTiles(block_k, splits=splits),
+                               scale=D ** -0.5, tiles=tiles,
                                interpret=True)
   ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
