@@ -13,18 +13,23 @@ The caller applies W_UV afterwards. FP8 (E4M3) latent pages carry one scalar ``l
 
 Decode kernel (Pallas Triton), grid (head_blocks, splits, B), head blocks fastest so the programs
 reading the same latent tiles run together and share them through L2: a program owns ``block_h``
-heads x the sequence's query tokens as rows, streams ``block_k``-slot latent tiles gathered through
-the page table (FP8 upcast to bf16 in registers, the scale folded into scores and output), computes
-``q_latent.c^T + q_rope.k_rope^T`` and accumulates ``p.c`` into a [rows, kv_lora_rank] f32 tile.
-FP8 tiles are upcast to f16 (one cvt per pair on Hopper). One split writes rows straight into the
-output; split-K partials merge in ``paged_decode_attention``'s combine kernel.
+heads x the sequence's query tokens as rows, streams ``block_k``-slot latent tiles (read as blocks
+inside a page, else gathered slot by slot; ``key_tile``, shared with the paged decode kernel),
+computes ``q_latent.c^T + q_rope.k_rope^T`` and accumulates ``p.c`` into a [rows, kv_lora_rank] f32
+tile. FP8 tiles are upcast to f16 in registers (one cvt per pair on Hopper), the scale folded into
+scores and output. One split writes rows straight into the output; split-K partials merge in
+``paged_decode_attention``'s combine kernel.
 
 Target roofline (B=64, 4096 context, 128 heads, 512+64): the latent cache is read once per step
 (the H/block_h programs of one tile share it through L2): 302 MB bf16 / 151 MB FP8 -> 0.097 / 0.049 ms
 at the measured 3.1 TB/s. But the step is also 73 GFLOP (2*576 + 2*512 per head and key), 0.093 ms at
 the measured 783 TFLOP/s bf16 dense: at this batch and head count MLA decode is compute-bound, and
 the FP8 "70% of read bandwidth" mark (0.070 ms) would need > 1 PFLOP/s. Measured (H100, 2026-11-23):
-bf16 0.48 ms, FP8 0.85 ms -- see benchmarks/attention.md for where the time goes.
+bf16 0.47 ms (16 heads per program, mma.sync), FP8 0.85-0.91 ms. FP8 is slower than bf16 because
+Triton converts every tile in the MMA-operand layout: with 64 heads per program (wgmma) the
+[64, 512] accumulator, the hoisted query-operand descriptors and the conversion exceed 255 registers
+and spill inside the key loop; with 16-32 heads each tile is re-converted by 4-8 programs. See
+benchmarks/attention.md.
 
 Context (prefill) MLA in the non-absorbed form is ``mla_prefill_attention``: ``flash_prefill`` with a
 128-dim nope part (bf16 or FP8) plus a 64-dim rope part shared by all heads.
