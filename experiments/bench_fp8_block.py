@@ -55,10 +55,13 @@ flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
 flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
 flags.DEFINE_float("budget_s", 50.0, "skip remaining work after this many seconds")
 flags.DEFINE_bool("triton", True, "also time the Triton kernel")
-flags.DEFINE_list("e2e_configs", ["m64n128_wgM_s4"],
-                  "configs also timed end to end (bf16 x, quantization included)")
+flags.DEFINE_bool("dense", True, "time the dense M=N=K=size GEMM (peers + configs)")
+flags.DEFINE_bool("e2e_best", True, "also time the fastest config end to end (bf16 x in)")
+flags.DEFINE_integer("e2e_after", 5, "time e2e after this many configs (riskier ones after it)")
+flags.DEFINE_list("grouped_routings", ["uniform", "skewed"], "grouped section routings")
 flags.DEFINE_bool("grouped_check", True, "check the grouped kernel on a small ragged shape")
 flags.DEFINE_bool("grouped", False, "time grouped (MoE) prefill T=8192, E=32, K=7168, N=2048")
+flags.DEFINE_bool("grouped_triton", False, "grouped section: also the Triton grouped kernel")
 flags.DEFINE_list("check_configs", ["m64n128_wgM_s4"],
                   "configs also checked on a small odd shape (M=200, N=512, K=1024)")
 
@@ -153,8 +156,10 @@ def run_grouped(keys) -> None:
   del w
   flops = 2.0 * t * k * n
   skew = np.maximum(1, (np.random.default_rng(0).pareto(1.0, e) + 0.05))
-  for routing, sizes in [("uniform", np.full(e, t // e)),
-                         ("skewed", np.floor(skew / skew.sum() * t).astype(int))]:
+  routings = {"uniform": np.full(e, t // e),
+              "skewed": np.floor(skew / skew.sum() * t).astype(int)}
+  for routing in FLAGS.grouped_routings:
+    sizes = routings[routing]
     sizes[0] += t - sizes.sum()
     gs = jnp.asarray(sizes, jnp.int32)
     ours = jax.jit(lambda x, gs: mgpu_fp8.grouped_fp8_block_matmul(x, wq, ws, gs))
@@ -163,12 +168,71 @@ def run_grouped(keys) -> None:
     sizes_1024 = np.diff(np.minimum(np.cumsum(sizes), 1024), prepend=0)   # the first 1024 rows
     ref = grouped_matmul.grouped_fp8_reference(x[:1024].astype(jnp.float32), wq, ws,
                                                jnp.asarray(sizes_1024, jnp.int32))
-    for impl, f in [("mosaic grouped fp8", ours), ("triton grouped fp8", tri),
-                    ("xla ragged_dot bf16", rag)]:
+    impls = [("mosaic grouped fp8", ours), ("xla ragged_dot bf16", rag)]
+    if FLAGS.grouped_triton:
+      impls.insert(1, ("triton grouped fp8", tri))
+    for impl, f in impls:
       def run(f=f, impl=impl):
         err = rel_err(f(x, gs)[:1024], ref) if "fp8" in impl else None
         record("grouped", f"{impl} {routing}", bench(f, x, gs), flops, err)
       attempt("grouped", f"{impl} {routing}", run)
+
+
+def run_dense(keys, n: int, flops: float) -> None:
+  """XLA bf16 / per-tensor FP8 dots and each Mosaic config at M=N=K=n (and the best e2e)."""
+  a = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
+  b = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
+  attempt("peer", "xla bf16 dot", lambda: record(
+      "peer", "xla bf16 dot", bench(jax.jit(lambda a, b: a @ b.T), a, b), flops))
+  a8, b8 = a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e4m3fn)
+  fp8_dot = jax.jit(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32)
+                    .astype(jnp.bfloat16))
+  attempt("peer", "xla fp8 dot (per-tensor)", lambda: record(
+      "peer", "xla fp8 dot (per-tensor)", bench(fp8_dot, a8, b8), flops))
+  del a8, b8
+
+  x = a
+  wq, wsi = jax.jit(fp8_block.quantize_weight)(b.astype(jnp.float32))
+  del b
+  xq, xsc = jax.jit(fp8_block.quantize_activations)(x)
+  quant = jax.jit(fp8_block.quantize_activations)
+  attempt("peer", "xla 1x128 act quant alone", lambda: record(
+      "peer", "xla 1x128 act quant alone", bench(quant, x), note="bf16 x -> e4m3 + scales"))
+  ref_rows = jax.jit(lambda x: mgpu_fp8.fp8_block_reference(x, wq, wsi))(x[:256].astype(
+      jnp.float32))
+
+  def run_e2e_best():
+    timed = [r for r in RESULTS if r["impl"].endswith(" kernel") and r["tflops"]]
+    if not timed:
+      return
+    best = max(timed, key=lambda r: r["tflops"])["impl"][:-len(" kernel")]
+    g = jax.jit(lambda x: mgpu_fp8.fp8_block_matmul(x, wq, wsi, config=CONFIGS[best]))
+    attempt("mosaic", f"{best} e2e", lambda: record(
+        "mosaic", f"{best} e2e (incl. act quant)", bench(g, x), flops))
+
+  for i, name in enumerate(FLAGS.configs):
+    if FLAGS.e2e_best and i == FLAGS.e2e_after:
+      run_e2e_best()
+    cfg = CONFIGS[name]
+    if not mgpu_fp8.supported(n, n, n, cfg):
+      record("mosaic", name, note="shape unsupported by config")
+      continue
+
+    def run(cfg=cfg, name=name):
+      f = jax.jit(lambda xq, xsc: mgpu_fp8.quantized_matmul(xq, xsc, wq, wsi, config=cfg))
+      y = f(xq, xsc)
+      err = rel_err(y[:256], ref_rows)
+      record("mosaic", f"{name} kernel", bench(f, xq, xsc), flops, err)
+    attempt("mosaic", name, run)
+  if FLAGS.e2e_best and len(FLAGS.configs) <= FLAGS.e2e_after:
+    run_e2e_best()
+
+  if FLAGS.triton:
+    def run_triton():
+      g = jax.jit(lambda x: triton_fp8.fp8_block_matmul(x, wq, wsi))
+      err = rel_err(g(x)[:256], ref_rows)
+      record("triton", "triton fp8 block e2e", bench(g, x), flops, err)
+    attempt("triton", "triton fp8 block e2e", run_triton)
 
 
 def main(_) -> None:
@@ -206,49 +270,8 @@ def main(_) -> None:
              note=f"max |rows past total| = {tail}")
     attempt("check", "mosaic grouped", grouped_check)
 
-  a = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
-  b = jax.random.normal(next(keys), (n, n), jnp.bfloat16)
-  attempt("peer", "xla bf16 dot", lambda: record(
-      "peer", "xla bf16 dot", bench(jax.jit(lambda a, b: a @ b.T), a, b), flops))
-  a8, b8 = a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e4m3fn)
-  fp8_dot = jax.jit(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32)
-                    .astype(jnp.bfloat16))
-  attempt("peer", "xla fp8 dot (per-tensor)", lambda: record(
-      "peer", "xla fp8 dot (per-tensor)", bench(fp8_dot, a8, b8), flops))
-  del a8, b8
-
-  x = a
-  wq, wsi = jax.jit(fp8_block.quantize_weight)(b.astype(jnp.float32))
-  del b
-  xq, xsc = jax.jit(fp8_block.quantize_activations)(x)
-  quant = jax.jit(fp8_block.quantize_activations)
-  attempt("peer", "xla 1x128 act quant alone", lambda: record(
-      "peer", "xla 1x128 act quant alone", bench(quant, x), note="bf16 x -> e4m3 + scales"))
-  ref_rows = jax.jit(lambda x: mgpu_fp8.fp8_block_reference(x, wq, wsi))(x[:256].astype(
-      jnp.float32))
-
-  for name in FLAGS.configs:
-    cfg = CONFIGS[name]
-    if not mgpu_fp8.supported(n, n, n, cfg):
-      record("mosaic", name, note="shape unsupported by config")
-      continue
-
-    def run(cfg=cfg, name=name):
-      f = jax.jit(lambda xq, xsc: mgpu_fp8.quantized_matmul(xq, xsc, wq, wsi, config=cfg))
-      y = f(xq, xsc)
-      err = rel_err(y[:256], ref_rows)
-      record("mosaic", f"{name} kernel", bench(f, xq, xsc), flops, err)
-      if name in FLAGS.e2e_configs:
-        g = jax.jit(lambda x: mgpu_fp8.fp8_block_matmul(x, wq, wsi, config=cfg))
-        record("mosaic", f"{name} e2e (incl. act quant)", bench(g, x), flops)
-    attempt("mosaic", name, run)
-
-  if FLAGS.triton:
-    def run_triton():
-      g = jax.jit(lambda x: triton_fp8.fp8_block_matmul(x, wq, wsi))
-      err = rel_err(g(x)[:256], ref_rows)
-      record("triton", "triton fp8 block e2e", bench(g, x), flops, err)
-    attempt("triton", "triton fp8 block e2e", run_triton)
+  if FLAGS.dense:
+    run_dense(keys, n, flops)
   if FLAGS.grouped:
     run_grouped(keys)
   print(f"done in {time.time() - T0:.1f}s", flush=True)

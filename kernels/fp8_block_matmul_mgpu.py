@@ -21,11 +21,13 @@ Registers: tmp + acc = 2 * tile_m * tile_n / 128 f32 per thread (tile 64x128 -> 
 Epilogue: acc -> out dtype -> swizzled SMEM -> TMA store, overlapped with the next tile's
 pipeline prologue.
 
-Grouped (MoE, jax.lax.ragged_dot semantics, grouped_fp8_block_matmul): the same kernel walks
-group-aligned row tiles from kernels/grouped_matmul.make_schedule; the B operand and its scales
-are the tile's expert's, and only the tile's own rows are stored (a ladder of power-of-two-row
-TMA stores); rows past sum(group_sizes) are written as zeros. Lane semantics (Warpgroup layout
-inference rejects the unaligned dynamic row offsets).
+Grouped (MoE, jax.lax.ragged_dot semantics, grouped_fp8_block_matmul): the quantized rows are
+gathered (XLA) into a layout where each expert's rows start on a cta_m tile boundary; the same
+kernel walks those tiles with the tile's expert's B operand and scales (a per-tile expert id read
+from GMEM; unused tiles skipped), and the output rows are gathered back, rows past
+sum(group_sizes) as zeros. (A first version stored unaligned group rows with a ladder of
+power-of-two-row TMA stores, as jax's ragged_dot_mgpu does; it raised CUDA_ERROR_ILLEGAL_INSTRUCTION
+on the H100 in run 1, so it was replaced by this aligned layout.)
 
 Shapes: K % 128 == 0; N % cta_n == 0 (cta_n = 128 or 256); M is padded up to cta_m in the wrapper
 (rows of zeros, scale 1) and sliced off. Other shapes use kernels/fp8_block_matmul.py (Triton).
@@ -122,13 +124,12 @@ def _fp8_transforms():
 
 
 def _kernel(*refs, cfg: Config, m_iters: int, n: int, k: int, num_groups: int | None):
-  """Dense (num_groups None): refs = a, a_scale^T, b, b_scale^T, out; row tile i starts at
-  i * cta_m. Grouped: refs = schedule, a, a_scale^T, b [E, N, K], b_scale^T [E, ...], out; row
-  tile i is (group, row_start, row_end) = schedule[:, i] (kernels/grouped_matmul.make_schedule),
-  only rows [row_start, row_end) are stored, and group == E writes zeros."""
+  """Dense (num_groups None): refs = a, a_scale^T, b, b_scale^T, out. Grouped: refs = tile_group,
+  a, a_scale^T, b [E, N, K], b_scale^T [E, ...], out, where row tile i (rows i*cta_m ..) uses
+  expert tile_group[i]'s weight, or is skipped when tile_group[i] < 0."""
   grouped = num_groups is not None
   if grouped:
-    sched_gmem, a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem = refs
+    tile_group_gmem, a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem = refs
     b_any, bs_any = b_gmem.at[0], bs_gmem.at[0]
   else:
     a_gmem, as_gmem, b_gmem, bs_gmem, out_gmem = refs
@@ -139,15 +140,10 @@ def _kernel(*refs, cfg: Config, m_iters: int, n: int, k: int, num_groups: int | 
   k_iters = k // kb
   n_iters = n // cta_n
   nbp = bs_any.shape[-1]
-  if grouped:
-    # Row counts are dynamic: the store is a ladder of power-of-two row copies (as in
-    # jax's ragged_dot_mgpu), which needs an untiled, unswizzled staging buffer.
-    out_transforms = ()
-  else:
-    out_bits = jnp.dtype(out_dtype).itemsize * 8
-    out_swizzle = plgpu.find_swizzle(tile_n * out_bits)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // out_bits)),
-                      plgpu.SwizzleTransform(out_swizzle))
+  out_bits = jnp.dtype(out_dtype).itemsize * 8
+  out_swizzle = plgpu.find_swizzle(tile_n * out_bits)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // out_bits)),
+                    plgpu.SwizzleTransform(out_swizzle))
 
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -184,11 +180,7 @@ def _kernel(*refs, cfg: Config, m_iters: int, n: int, k: int, num_groups: int | 
       (lin,) = info.index
       m_idx, n_idx = plgpu.planar_snake(
           lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0, cfg.grid_tile_width)
-      if grouped:
-        group, row0, row1 = sched_gmem[0, m_idx], sched_gmem[1, m_idx], sched_gmem[2, m_idx]
-      else:
-        group, row0, row1 = None, m_idx * cta_m, None
-      cta_m_slice = pl.ds(row0, cta_m)
+      cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
       cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
       if cfg.wg_dim == "m":
         wg_m0, wg_n0 = wg * tile_m, 0
@@ -211,20 +203,8 @@ def _kernel(*refs, cfg: Config, m_iters: int, n: int, k: int, num_groups: int | 
         for h, acc in enumerate(accs):
           out_smem[wg, pl.ds(h * strip, strip)] = acc.astype(out_dtype)
         plgpu.commit_smem()
-        dst = out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice]
-        if not grouped:
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], dst)
-          return
-        # Grouped: only rows [row0, row1) of the tile are this group's.
-        rows = jnp.clip(row1 - row0 - wg_m0, 0, tile_m)
-        start, size = 0, tile_m
-        while size:
-          @pl.when(rows & size != 0)
-          def _copy(start=start, size=size):
-            plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(start, size)],
-                                    dst.at[pl.ds(start, size)])
-          start = start + (rows & size)
-          size //= 2
+        plgpu.copy_smem_to_gmem(
+            out_smem.at[wg], out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice])
 
       def compute_context(eval_pipeline):
         zeros = plgpu.layout_cast(jnp.zeros((strip, tile_n), jnp.float32), plgpu.Layout.WGMMA)
@@ -277,22 +257,20 @@ def _kernel(*refs, cfg: Config, m_iters: int, n: int, k: int, num_groups: int | 
           new.append(pl.run_scoped(mma, *[plgpu.ACC((strip, tile_n), jnp.float32)] * cfg.k_sub))
         return tuple(new)
 
-      def run_pipeline():
-        b_ref, bs_ref = (b_gmem.at[group], bs_gmem.at[group]) if grouped else (b_gmem, bs_gmem)
+      def run_pipeline(b_ref, bs_ref):
         get_pipeline(mma_body, compute_context)(
             a_gmem.at[cta_m_slice, :], as_gmem.at[:, cta_m_slice],
             b_ref.at[cta_n_slice, :], bs_ref,
             allocations=allocs)
 
       if not grouped:
-        run_pipeline()
-        return
-      pl.when((group >= 0) & (group < num_groups))(run_pipeline)
+        run_pipeline(b_gmem, bs_gmem)
+      else:
+        group = tile_group_gmem[m_idx]
 
-      @pl.when((group == num_groups) & (wg < 2))   # rows past the total: zeros (consumers only)
-      def _zero_rows():
-        zeros = plgpu.layout_cast(jnp.zeros((strip, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-        store((zeros,) * (tile_m // strip))
+        @pl.when(group >= 0)
+        def _run():
+          run_pipeline(b_gmem.at[group], bs_gmem.at[group])
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -357,29 +335,63 @@ def quantized_matmul(xq: jax.Array, xs: jax.Array, weight: jax.Array, scale_inv:
   return out[:m] if m_pad != m else out
 
 
+def group_padded_layout(group_sizes: jax.Array, num_rows: int, cta_m: int):
+  """Rows sorted by group -> a layout where every group starts on a cta_m-row tile boundary.
+
+  Returns (src [R], valid [R], tile_group [R / cta_m], dst [num_rows], row_ok [num_rows]) with the
+  static bound R = (cdiv(num_rows, cta_m) + E) * cta_m: padded row p holds row src[p] when
+  valid[p]; tile i belongs to expert tile_group[i] (-1: unused); row r lives at padded row
+  dst[r], and row_ok[r] is False for rows past sum(group_sizes) (their output is zero).
+  """
+  e = group_sizes.shape[0]
+  sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+  ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+  starts = jnp.minimum(jnp.cumsum(sizes) - sizes, num_rows)
+  sizes = ends - starts                                     # clipped to the rows that exist
+  tiles = (sizes + cta_m - 1) // cta_m
+  tile_end = jnp.cumsum(tiles)
+  pstart = (tile_end - tiles) * cta_m                       # padded start row of each group
+  num_tiles = -(-num_rows // cta_m) + e
+  tile = jnp.arange(num_tiles, dtype=jnp.int32)
+  g_of_tile = jnp.searchsorted(tile_end, tile, side="right").astype(jnp.int32)
+  tile_group = jnp.where(g_of_tile < e, g_of_tile, -1)
+  p = jnp.arange(num_tiles * cta_m, dtype=jnp.int32)
+  gp = jnp.minimum(g_of_tile[p // cta_m], e - 1)
+  j = p - pstart[gp]
+  valid = (tile_group[p // cta_m] >= 0) & (j < sizes[gp])
+  src = jnp.where(valid, starts[gp] + j, 0)
+  r = jnp.arange(num_rows, dtype=jnp.int32)
+  gr = jnp.minimum(jnp.searchsorted(ends, r, side="right").astype(jnp.int32), e - 1)
+  row_ok = r < ends[-1]
+  dst = jnp.where(row_ok, pstart[gr] + r - starts[gr], 0)
+  return src, valid, tile_group, dst, row_ok
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def grouped_fp8_block_matmul(x: jax.Array, weight: jax.Array, scale_inv: jax.Array,
                              group_sizes: jax.Array, *, config: Config | None = None,
                              interpret: bool = False) -> jax.Array:
   """ragged_dot(x [T, K], FP8 W [E, N, K] / scale_inv [E, N/128, K/128], group_sizes [E]) -> [T, N].
 
-  Rows of x are sorted by group; rows past sum(group_sizes) come out as zeros. Same kernel as
-  the dense op over group-aligned row tiles (kernels/grouped_matmul.make_schedule); a group of s
-  rows costs cdiv(s, cta_m) full tiles of MMA work, so this suits prefill-sized groups.
+  Rows of x are sorted by group; rows past sum(group_sizes) come out as zeros. The quantized
+  rows are gathered into a group-padded layout (group_padded_layout), the dense kernel runs over
+  its tiles with each tile's expert weight, and the output rows are gathered back: two extra
+  passes (over x in fp8 and over y), and a group of s rows costs cdiv(s, cta_m) full tiles of MMA.
   """
   check_shapes(x.shape[-1], weight, scale_inv, grouped=True)
   e, n, k = weight.shape
   grouped_matmul._check_common(x, group_sizes, e)  # noqa: SLF001 - shared input checks
   t = x.shape[0]
-  # Lane semantics: Warpgroup layout inference cannot place the dynamic, unaligned row offsets.
-  cfg = dataclasses.replace(config or default_config(max(1, t // max(e, 1)), n, k), lane=True)
+  cfg = config or default_config(max(1, t // max(e, 1)), n, k)
   _check_config(max(t, 1), n, k, cfg)
-  sched = grouped_matmul.make_schedule(group_sizes, t, cfg.cta_m)
+  src, valid, tile_group, dst, row_ok = group_padded_layout(group_sizes, t, cfg.cta_m)
   xq, xs = fp8_block.quantize_activations(x)
-  xq, xs_t = _pad_rows(xq, xs, cfg.cta_m)   # every tile's cta_m-row TMA box stays in bounds
-  return _call((sched, xq, xs_t, weight, _scales_t(scale_inv, n)), out_rows=t,
-               m_iters=sched.shape[1], n=n, k=k, cfg=cfg, out_dtype=x.dtype, num_groups=e,
-               interpret=interpret)
+  xq = jnp.where(valid[:, None], xq[src], jnp.zeros((), xq.dtype))
+  xs = jnp.where(valid[:, None], xs[src], 1.0)
+  out = _call((tile_group, xq, xs.T, weight, _scales_t(scale_inv, n)), out_rows=src.shape[0],
+              m_iters=tile_group.shape[0], n=n, k=k, cfg=cfg, out_dtype=x.dtype, num_groups=e,
+              interpret=interpret)
+  return jnp.where(row_ok[:, None], out[dst], jnp.zeros((), x.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
