@@ -31,6 +31,7 @@ from jaxinfer.attention import SeqChunk, build_batch
 from jaxinfer.models import deepseek_v3 as ds
 from jaxinfer.models import moe
 from jaxinfer.ops import rms_norm
+from kernels import grouped_matmul
 from kernels.quant import GroupedNVFP4Weight
 
 FLAGS = flags.DEFINE_string("out", "/tmp/deepseek_bench.json", "JSON results")
@@ -42,6 +43,8 @@ _TINY = flags.DEFINE_bool("tiny", False, "small shapes, for a CPU smoke run of t
 _ONLY = flags.DEFINE_string("only", "", "run only the cases whose label contains this")
 _PARTS = flags.DEFINE_list("parts", ["layer", "attention", "routing", "moe_gemms", "moe_block"],
                            "which parts to time (rest is derived only when all four are timed)")
+_NVFP4_ALSO = flags.DEFINE_list("nvfp4_also", [], "extra NVFP4 decode B=64 cases with these "
+                                "grouped-kernel dequant routes (kernels.nvfp4_matmul.DEQUANT_MODES)")
 _PAGE = 64
 
 CFG = ds.DeepseekV3Config(
@@ -200,6 +203,8 @@ def main(_):
   # The headline comparison first, so that a run cut short still has it.
   cases = [(64, 1, _CONTEXT.value, "decode B=64 bf16"), (64, 1, _CONTEXT.value,
                                                         "decode B=64 nvfp4-experts")]
+  cases += [(64, 1, _CONTEXT.value, f"decode B=64 nvfp4-experts dequant={mode}")
+            for mode in _NVFP4_ALSO.value]
   cases += [(b, 1, _CONTEXT.value, f"decode B={b} bf16") for b in batches if b != 64]
   cases.append((1, _PREFILL.value, _PREFILL.value, f"prefill {_PREFILL.value} bf16"))
   cases = [c for c in cases if _ONLY.value in c[3]]
@@ -210,7 +215,17 @@ def main(_):
           nv_layer = dict(layer)
           for name in ("experts_gate", "experts_up", "experts_down"):
             nv_layer[name] = to_nvfp4(layer[name])
-        r = measure(nv_layer, num_seqs, per_seq, context, key, label)
+        default_mode = grouped_matmul.DECODE_DEQUANT
+        if "dequant=" in label:   # the tiling is picked inside jitted functions: retrace
+          grouped_matmul.DECODE_DEQUANT = label.split("dequant=")[1]
+          jax.clear_caches()
+        try:
+          r = measure(nv_layer, num_seqs, per_seq, context, key, label)
+        finally:
+          if grouped_matmul.DECODE_DEQUANT != default_mode:
+            grouped_matmul.DECODE_DEQUANT = default_mode
+            jax.clear_caches()
+        r["grouped_dequant"] = label.split("dequant=")[1] if "dequant=" in label else default_mode
       else:
         r = measure(layer, num_seqs, per_seq, context, key, label)
       results["runs"].append(r)

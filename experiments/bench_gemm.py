@@ -252,8 +252,13 @@ def _decode_tilings(m, n, k):
   if FLAGS.variant_set == "new":
     return _new_tilings(m, n, k)
   if FLAGS.variant_set == "final":
-    new = _new_tilings(m, n, k)
-    return {name: new[name] for name in FINAL_DECODE}
+    base = nk.default_tiling(m, n, k)
+    out = {"default": base,
+           "f32 (previous default)": dataclasses.replace(base, dequant="f32", x_scale=False)}
+    if m == 8:
+      out["default x_scale"] = dataclasses.replace(base, x_scale=True)
+      out["asm_f16"] = dataclasses.replace(base, dequant="asm_f16")
+    return out
   base = nk.default_tiling(m, n, k)
   out = {"default": base}
   for label, bn, bk in [("bn128bk128", 128, 128), ("bn32bk512", 32, 512)]:
@@ -267,10 +272,6 @@ def _decode_tilings(m, n, k):
     out = {name: out[name] for name in ["default", "default even/odd", "bn128bk128 even/odd",
                                         "nosplit even/odd"]}
   return out
-
-
-# Variants timed by --variant_set=final (chosen from the window-1 run).
-FINAL_DECODE = ["default", "asm", "asm A bn64", "asm A bn64 eo"]
 
 
 def sec_decode(kn_list=None):
@@ -377,9 +378,6 @@ def _routing(t_rows, e, skewed):
   return jnp.asarray(rng.permutation(sizes), jnp.int32)
 
 
-FINAL_GROUPED = [0, 1, 2]   # indices into the asm grouped tilings (window-1 choice)
-
-
 def sec_grouped():
   e, k, n = 32, D(7168), D(2048)
   key_w, key_x = keys(2)
@@ -417,8 +415,10 @@ def sec_grouped():
              gk.Tiling(16, 64, 256, 4, 4, dequant="asm", w_as_a=True, x_scale=True),
              gk.Tiling(16, 64, 256, 4, 4, dequant="asm_f16", w_as_a=True),
              gk.Tiling(16, 64, 256, 4, 4, dequant="asm", w_as_a=True, load_3d=True)]
-      tilings = tilings[:1] + (asm if FLAGS.variant_set == "new" else
-                               [asm[i] for i in FINAL_GROUPED])
+      base = tilings[0]
+      tilings = [base] + (asm if FLAGS.variant_set == "new" else [
+          dataclasses.replace(base, dequant="f32", x_scale=False),
+          dataclasses.replace(base, x_scale=True)][:1 if skew else 2])
     ref = gk.grouped_nvfp4_reference(xs[0][:ref_rows].astype(jnp.float32), *nv[0], gs_ref)
     best = None
     if FLAGS.short:

@@ -48,12 +48,19 @@ class Tiling:
   load_3d: bool = False      # NVFP4 only: bytes loaded as [bn, bk/16, 8] (nvfp4_matmul.Tiling)
 
 
+# NVFP4 dequantization route / x prescale at <= 64 rows per group (decode); see
+# kernels/nvfp4_matmul.DEQUANT_MODES. Prefill-sized groups keep the bf16-MMA "f32" route.
+DECODE_DEQUANT = "asm"
+DECODE_X_SCALE = False
+
+
 def default_tiling(t: int, n: int, num_groups: int, fmt: str) -> Tiling:
   rows_per_group = t / max(1, num_groups)
+  nv = {"dequant": DECODE_DEQUANT, "x_scale": DECODE_X_SCALE} if fmt == "nvfp4" else {}
   if rows_per_group <= 16:
-    return Tiling(16, 64, 128 if fmt == "fp8" else 256, 4, 4)
+    return Tiling(16, 64, 128 if fmt == "fp8" else 256, 4, 4, **nv)
   if rows_per_group <= 64:
-    return Tiling(64, 64, 128, 4, 3)
+    return Tiling(64, 64, 128, 4, 3, **nv)
   return Tiling(128, 128, 128 if fmt == "fp8" else 64, 8, 3)
 
 

@@ -94,7 +94,21 @@ def _pow2_divisor(n: int, at_most: int, at_least: int = 16) -> int:
   return b
 
 
+# Dequantization route and x prescale of the decode tilings (m <= 64; see DEQUANT_MODES and
+# Tiling.x_scale). Larger M keeps the bf16-MMA "f32" route (not measured with the f16 routes).
+DECODE_DEQUANT = "asm"
+DECODE_X_SCALE = False
+
+
 def default_tiling(m: int, n: int, k: int, num_sms: int = 132) -> Tiling:
+  """Decode (m <= 64): the shape heuristic below with DECODE_DEQUANT / DECODE_X_SCALE."""
+  t = _decode_shape_tiling(m, n, k, num_sms)
+  if m > 64:
+    return t
+  return dataclasses.replace(t, dequant=DECODE_DEQUANT, x_scale=DECODE_X_SCALE)
+
+
+def _decode_shape_tiling(m: int, n: int, k: int, num_sms: int) -> Tiling:
   """Chosen from the H100 sweep (benchmarks/gemm.md).
 
   Small M: wide-N matrices (>= 2 waves of 64-column tiles) stream bn=64, bk=256 without split-K
@@ -140,48 +154,34 @@ _GLOBAL_FACTOR = {"f32": 1.0, "e4m3": 2.0 ** 6, "asm": 2.0 ** 6, "f16": 2.0 ** 1
                   "asm_f16": 2.0 ** 14}
 F16_MAX = 65504.0
 
-# $0..$3: out lo (2 x f16x2), hi (2 x f16x2); $4: 4 packed bytes; $5, $6: 4 f16 scales.
-# Inputs are copied first so that no output register may clobber an input still to be read.
-_ASM_HEAD = """{
-.reg .b32 w, s0, s1, lo, hi, t, a0, a1, b0, b1;
-.reg .b16 l0, l1, h0, h1;
-mov.b32 w, $4;
-mov.b32 s0, $5;
-mov.b32 s1, $6;
-"""
-_ASM_TAIL = """mul.rn.f16x2 $0, a0, s0;
-mul.rn.f16x2 $1, a1, s1;
-mul.rn.f16x2 $2, b0, s0;
-mul.rn.f16x2 $3, b1, s1;
-}"""
-_ASM = {
-    "asm": _ASM_HEAD + """and.b32 lo, w, 0x07070707;
-shl.b32 lo, lo, 2;
-and.b32 t, w, 0x08080808;
-shl.b32 t, t, 4;
-or.b32 lo, lo, t;
-shr.b32 hi, w, 2;
-and.b32 hi, hi, 0x1C1C1C1C;
-and.b32 t, w, 0x80808080;
-or.b32 hi, hi, t;
-mov.b32 {l0, l1}, lo;
-mov.b32 {h0, h1}, hi;
-cvt.rn.f16x2.e4m3x2 a0, l0;
-cvt.rn.f16x2.e4m3x2 a1, l1;
-cvt.rn.f16x2.e4m3x2 b0, h0;
-cvt.rn.f16x2.e4m3x2 b1, h1;
-""" + _ASM_TAIL,
-    # lo = bytes (0, 1) in the low bytes of the two lanes, hi = bytes (2, 3); per lane:
-    # low nibble -> ((v & 7) << 9) | ((v & 8) << 12), high nibble -> ((v & 0x70) << 5) | ((v & 0x80) << 8)
-    "asm_f16": _ASM_HEAD + "prmt.b32 lo, w, 0, 0x4140;\nprmt.b32 hi, w, 0, 0x4342;\n" + "".join(
-        f"and.b32 {d}, {src}, {m1};\nshl.b32 {d}, {d}, {s1};\n"
-        f"and.b32 t, {src}, {m2};\nshl.b32 t, t, {s2};\nor.b32 {d}, {d}, t;\n"
-        for d, src, m1, s1, m2, s2 in [
-            ("a0", "lo", "0x00070007", 9, "0x00080008", 12),
-            ("a1", "hi", "0x00070007", 9, "0x00080008", 12),
-            ("b0", "lo", "0x00700070", 5, "0x00800080", 8),
-            ("b1", "hi", "0x00700070", 5, "0x00800080", 8)]) + _ASM_TAIL,
-}
+# One inline-PTX block per half (jax's Pallas Triton lowering of elementwise_inline_asm takes a
+# single result): $0, $1: the 4 f16 of that half (2 x f16x2); $2: 4 packed bytes; $3, $4: their
+# 4 f16 block scales. Inputs are copied first so no output register can clobber a pending input.
+# Per 4 bytes (8 nibbles) the two blocks take ~9 and/shift/or (+2 prmt for "asm_f16"),
+# 4 cvt.rn.f16x2.e4m3x2 ("asm" only) and 4 mul.f16x2.
+def _asm_block(mode: str, half: str) -> str:
+  head = ("{\n.reg .b32 w, s0, s1, t, u, v, a0, a1;\n.reg .b16 l0, l1;\n"
+          "mov.b32 w, $2;\nmov.b32 s0, $3;\nmov.b32 s1, $4;\n")
+  tail = "mul.rn.f16x2 $0, a0, s0;\nmul.rn.f16x2 $1, a1, s1;\n}"
+  if mode == "asm":   # bytes -> E4M3 bit patterns (4 per word) -> 2 x cvt.rn.f16x2.e4m3x2
+    bits = ("and.b32 u, w, 0x07070707;\nshl.b32 u, u, 2;\n"
+            "and.b32 t, w, 0x08080808;\nshl.b32 t, t, 4;\n" if half == "lo" else
+            "shr.b32 u, w, 2;\nand.b32 u, u, 0x1C1C1C1C;\nand.b32 t, w, 0x80808080;\n")
+    return (head + bits + "or.b32 u, u, t;\nmov.b32 {l0, l1}, u;\n"
+            "cvt.rn.f16x2.e4m3x2 a0, l0;\ncvt.rn.f16x2.e4m3x2 a1, l1;\n" + tail)
+  # "asm_f16": prmt puts bytes (0, 1) / (2, 3) into the low bytes of the two 16-bit lanes; per
+  # lane: low nibble -> ((v & 7) << 9) | ((v & 8) << 12), high -> ((v & 0x70) << 5) | ((v & 0x80) << 8)
+  m1, s1, m2, s2 = (("0x00070007", 9, "0x00080008", 12) if half == "lo" else
+                    ("0x00700070", 5, "0x00800080", 8))
+  body = "prmt.b32 u, w, 0, 0x4140;\nprmt.b32 v, w, 0, 0x4342;\n" + "".join(
+      f"and.b32 {d}, {src}, {m1};\nshl.b32 {d}, {d}, {s1};\n"
+      f"and.b32 t, {src}, {m2};\nshl.b32 t, t, {s2};\nor.b32 {d}, {d}, t;\n"
+      for d, src in [("a0", "u"), ("a1", "v")])
+  return head + body + tail
+
+
+_ASM = {mode: {half: _asm_block(mode, half) for half in ("lo", "hi")}
+        for mode in ("asm", "asm_f16")}
 
 
 def e2m1_to_e4m3_bytes(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -215,9 +215,9 @@ def dequant_halves_f16(packed: jax.Array, scale: jax.Array, groups_ok: jax.Array
     s = s.reshape(rows, groups * 8)
   if mode in _ASM:
     out = jax.ShapeDtypeStruct(packed.shape, jnp.float16)
-    lo, hi = plgpu.elementwise_inline_asm(
-        _ASM[mode], args=[packed, s], constraints="=r,=r,=r,=r,r,r,r", pack=4,
-        result_shape_dtypes=[out, out])
+    lo, hi = (plgpu.elementwise_inline_asm(
+        _ASM[mode][half], args=[packed, s], constraints="=r,=r,r,r,r", pack=4,
+        result_shape_dtypes=[out])[0] for half in ("lo", "hi"))
   elif mode == "e4m3":
     lo, hi = e2m1_to_e4m3_bytes(packed)
     lo, hi = _e4m3_bits_to_f16(lo) * s, _e4m3_bits_to_f16(hi) * s
