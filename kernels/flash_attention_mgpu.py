@@ -88,12 +88,20 @@ class MgpuTiles:
       raise ValueError(f"stages must be >= 2, got {self.stages}")
 
 
-def prepare_v_fp8(v: jax.Array) -> jax.Array:
+def prepare_v_fp8(v: jax.Array, two_pass: bool = False) -> jax.Array:
   """[B, S, KV, D] -> [B, KV, D, S] (keys fastest, K-major for the P.V wgmma), keys permuted inside
-  each group of 16 as position 4t + 2h + l <- 8h + 2t + l (see the module docstring)."""
+  each group of 16 as position 4t + 2h + l <- 8h + 2t + l (see the module docstring).
+
+  ``two_pass``: permute whole [KV * D] key rows first, then run a plain batched 2-D transpose (two
+  passes over V, but each in a shape XLA's transpose emitter handles well) instead of one 7-D
+  transpose."""
   B, S, KV, D = v.shape
   if S % 16:
     raise ShapeError(f"sequence length {S} must be a multiple of 16")
+  if two_pass:
+    rows = v.reshape(B, S // 16, 2, 4, 2, KV * D).transpose(0, 1, 3, 2, 4, 5)
+    rows = lax.optimization_barrier(rows.reshape(B, S, KV * D))
+    return rows.transpose(0, 2, 1).reshape(B, KV, D, S)
   v = v.reshape(B, S // 16, 2, 4, 2, KV, D)          # key = 16c + 8h + 2t + l
   v = v.transpose(0, 5, 6, 1, 3, 2, 4)               # [B, KV, D, c, t, h, l]
   return v.reshape(B, KV, D, S)
@@ -150,12 +158,15 @@ def _pv(acc, p_op, v_op, then, p_scratch):
 
 
 def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i, l_i, *, softmax,
-                     slot_of, v_operand, schedule, full_steps, kv_steps, block_q: int,
+                     operand, slot_of, v_operand, schedule, full_steps, kv_steps, block_q: int,
                      block_kv: int, head_dim: int, p_scratch):
   """FA3's intra-warpgroup overlap. Step j issues S_j = Q.K_j^T and then O += P_{j-1}.V_{j-1}
   (both async), waits for S_j only, runs the softmax of S_j while the P.V product is still on the
-  tensor cores, then waits for it; O is rescaled by alpha_{j-1} right after S_j is issued. The O
-  accumulator lives in one wgmma accumulator for the whole loop. Returns (O, l)."""
+  tensor cores, then waits for it; O is rescaled by alpha_{j-1} right after S_j is issued. P_j is
+  converted to the operand type only after that wait: converting earlier would write registers the
+  in-flight wgmma may still read (P_{j-1} and P_j share registers across the loop), which makes
+  ptxas serialise the two. The O accumulator lives in one wgmma accumulator for the whole loop.
+  Returns (O, l)."""
   f32 = jnp.float32
   s_shape = (block_q, block_kv)
 
@@ -164,7 +175,8 @@ def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i
     return s_ref[...]
   qk = pl.run_scoped(first_qk, plgpu.ACC(s_shape, f32))
   plgpu.barrier_arrive(k_consumed.at[0])
-  p_op, m_i, l_i, _ = softmax(qk, m_i, l_i, jnp.int32(0), masked=True)
+  p, m_i, l_i, _ = softmax(qk, m_i, l_i, jnp.int32(0), masked=True)
+  p_op = operand(p)
   alpha = plgpu.layout_cast(jnp.full((block_q,), 1.0, f32), plgpu.Layout.WGMMA.reduce(1))
   rescale = lambda o, a: o * lax.broadcast_in_dim(a, o.shape, [0])
 
@@ -198,10 +210,10 @@ def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i
       plgpu.barrier_wait(k_bars.at[slot])
       qk, o_val = issue(o_ref, o_val, slot, prev, p_prev, alpha)
       plgpu.barrier_arrive(k_consumed.at[slot])
-      p_op, m_i, l_i, alpha = softmax(qk, m_i, l_i, step, masked)
+      p, m_i, l_i, alpha = softmax(qk, m_i, l_i, step, masked)
       plgpu.wgmma_wait(0)
       plgpu.barrier_arrive(v_consumed.at[prev])
-      return p_op, m_i, l_i, alpha, o_val
+      return operand(p), m_i, l_i, alpha, o_val
 
     split = jnp.maximum(full_steps, 1)
     carry = (p_op, m_i, l_i, alpha, o_val)
@@ -289,8 +301,10 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
       m_sub = m_ij - _P_SHIFT if fp8 else m_ij
       p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_sub, qk.shape, [0]))
       l_i = l_i * alpha + p.sum(axis=1)
-      p_op = _p_to_fp8_operand(p, interpret) if fp8 else p.astype(q_ref.dtype)
-      return p_op, m_ij, l_i, alpha
+      return p, m_ij, l_i, alpha
+
+    def operand(p):   # f32 probabilities -> the P.V wgmma's A operand (registers)
+      return _p_to_fp8_operand(p, interpret) if fp8 else p.astype(q_ref.dtype)
 
     def drain(step, _, *, scheds: int):
       # this warpgroup is done but its partner still needs steps: observe their loads (keeps every
@@ -308,7 +322,7 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
     if overlap:
       acc, l_i = _overlapped_loop(
           q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i, l_i,
-          softmax=softmax, slot_of=slot_of, v_operand=v_operand, schedule=schedule,
+          softmax=softmax, operand=operand, slot_of=slot_of, v_operand=v_operand, schedule=schedule,
           full_steps=full_steps, kv_steps=kv_steps, block_q=block_q, block_kv=block_kv,
           head_dim=head_dim, p_scratch=p_scratch)
       lax.fori_loop(kv_steps, cta_kv_steps, functools.partial(drain, scheds=1), None)
@@ -325,7 +339,8 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
           return acc_ref[...]
         qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_consumed.at[slot])
-        p_op, m_i, l_i, alpha = softmax(qk, m_i, l_i, step, masked)
+        p, m_i, l_i, alpha = softmax(qk, m_i, l_i, step, masked)
+        p_op = operand(p)
         acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
         acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
         plgpu.barrier_arrive(schedule_barrier)       # softmax done

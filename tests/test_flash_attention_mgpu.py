@@ -89,6 +89,7 @@ def test_p_relabel_matches_v_permutation():
   v = jnp.asarray(rng.standard_normal((1, 128, 1, 32)), jnp.float32)
   p_op = _p_to_fp8_operand(p, interpret=True)
   vt = prepare_v_fp8(v.astype(F8))[0, 0]                    # [D, S], keys permuted
+  np.testing.assert_array_equal(f64(prepare_v_fp8(v.astype(F8), two_pass=True)[0, 0]), f64(vt))
   got = f64(p_op) @ f64(vt).T
   want = f64(p.astype(F8)) @ f64(v.astype(F8))[0, :, 0]
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
