@@ -173,7 +173,7 @@ def _asm_block(mode: str, half: str) -> str:
   # lane: low nibble -> ((v & 7) << 9) | ((v & 8) << 12), high -> ((v & 0x70) << 5) | ((v & 0x80) << 8)
   m1, s1, m2, s2 = (("0x00070007", 9, "0x00080008", 12) if half == "lo" else
                     ("0x00700070", 5, "0x00800080", 8))
-  body = "prmt.b32 u, w, 0, 0x4140;\nprmt.b32 v, w, 0, 0x4342;\n" + "".join(
+  body = "mov.b32 v, 0;\nprmt.b32 u, w, v, 0x4140;\nprmt.b32 v, w, v, 0x4342;\n" + "".join(
       f"and.b32 {d}, {src}, {m1};\nshl.b32 {d}, {d}, {s1};\n"
       f"and.b32 t, {src}, {m2};\nshl.b32 t, t, {s2};\nor.b32 {d}, {d}, t;\n"
       for d, src in [("a0", "u"), ("a1", "v")])
