@@ -183,6 +183,32 @@ def run_closed_loop(engine, prompts, concurrency: int, num_requests: int) -> tup
   return summarize(list(records.values()), time.perf_counter() - t0), steps
 
 
+def trace_decode_steps(engine, prompts, c: int, n: int = 20) -> dict:
+  """Per-kernel GPU breakdown of ``n`` decode-only engine steps at batch ``c`` (after the timed
+  run, so the trace's overhead is not in its numbers)."""
+  import jax
+
+  from jaxinfer.sampling import SamplingParams
+  params = SamplingParams(max_tokens=n + 8, ignore_eos=True)
+  ids = [engine.add_request(prompts[i % len(prompts)], params, request_id=f"t{i}")
+         for i in range(c)]
+  started: set[str] = set()
+  while len(started) < c:                                     # prefill until every one decodes
+    started.update(o.request_id for o in engine.step() if o.new_token_ids)
+  if engine._in_flight is not None:
+    jax.block_until_ready(engine._in_flight.tokens)
+  folder = os.path.join(_TRACE_DIR.value, f"engine_c{c}")
+  jax.profiler.start_trace(folder)
+  for _ in range(n):
+    engine.step()
+  if engine._in_flight is not None:
+    jax.block_until_ready(engine._in_flight.tokens)
+  jax.profiler.stop_trace()
+  engine.run_to_completion()
+  assert not any(engine.abort(r) for r in ids)
+  return gpu_kernel_breakdown(folder, n)
+
+
 def run_poisson(engine, prompts, rate: float, num_requests: int) -> dict:
   from jaxinfer.sampling import SamplingParams
   params = SamplingParams(max_tokens=_OUTPUT.value, ignore_eos=True)
@@ -258,13 +284,16 @@ def run_jax() -> dict:
   prompts = prompt_set(max(main_levels + extra_levels + [1]) * _PER_USER.value, cfg.vocab_size,
                        np.random.default_rng(_SEED.value))
   result["levels"] = {}
-  for i, c in enumerate(main_levels + extra_levels):
-    if i >= len(main_levels) and time.perf_counter() - T_START > _TIME_BUDGET.value:
-      logging.info("time budget spent: skipping concurrency %d", c)
-      result.setdefault("skipped_levels", []).append(c)
-      continue
+
+  def save():  # after every part: a run stopped by its time limit keeps what it measured
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+  def run_level(c: int, extra: bool):
+    nonlocal cache
     engine = engine_for(c)
-    if i >= len(main_levels):
+    if extra:
       engine.warmup(num_threads=4, samplers=(True,))
     # one short untimed wave first (first-call dispatch costs), then the measured closed loop
     run_closed_loop(engine, prompts, c, c)
@@ -276,16 +305,32 @@ def run_jax() -> dict:
     summary["decode_step_host_s"] = percentiles([st.host_s for _, st in decode_steps])
     summary["decode_step_wait_s"] = percentiles([st.wait_s for _, st in decode_steps])
     summary["steps"] = len(steps)
+    if on_gpu and not extra:
+      summary["decode_kernels"] = trace_decode_steps(engine, prompts, c)
+      cache = engine.cache
     result["levels"][str(c)] = summary
-    logging.info("c=%d %s", c, json.dumps(summary))
+    logging.info("c=%d %s", c, json.dumps({k: v for k, v in summary.items()
+                                            if k != "decode_kernels"}))
     if c == 1 and on_gpu:
       floor = result["decode_read_bytes"] / result["ceilings"]["hbm_bytes_per_s"]
       result["batch1_decode"] = {"step_s_p50": summary["decode_step_s"]["p50"], "roofline_s": floor,
                                  "ratio": summary["decode_step_s"]["p50"] / floor}
+    save()
+
+  for c in main_levels:
+    run_level(c, extra=False)
   if _POISSON_RATE.value > 0:
     engine = engine_for(poisson_c)
     result["poisson"] = run_poisson(engine, prompts, _POISSON_RATE.value, _POISSON_N.value)
     result["poisson"]["max_batch"] = poisson_c
+    cache = engine.cache
+    save()
+  for c in extra_levels:
+    if time.perf_counter() - T_START > _TIME_BUDGET.value:
+      logging.info("time budget spent: skipping concurrency %d", c)
+      result.setdefault("skipped_levels", []).append(c)
+      continue
+    run_level(c, extra=True)
   result["total_s"] = time.perf_counter() - T_START
   return result
 
@@ -295,22 +340,29 @@ def run_jax() -> dict:
 
 
 def kernel_category(name: str) -> str:
+  """Coarse class of an XLA/Pallas GPU kernel by its name."""
   n = name.lower()
   if any(k in n for k in ("paged_decode_attention", "combine_splits", "flash_prefill")):
     return "attention"
-  if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "dot")):
+  if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")):
     return "gemm"
-  for k in ("sort", "scatter", "memcpy", "memset", "copy"):
-    if k in n:
-      return k
-  return "other"
+  if "dynamic_update_slice" in n or "scatter" in n:
+    return "kv_write"
+  if "reduce" in n:
+    return "reduce"
+  if "memcpy" in n or "memset" in n:
+    return "memcpy"
+  return "elementwise/other"
 
 
 def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
-  """Per-kernel GPU time of a ``jax.profiler.trace`` folder, per step: totals by kernel name and by
-  category (gemm / attention / sort / scatter / copy / other), device busy time (union of kernel
-  intervals) and the wall span from the first kernel's start to the last one's end."""
+  """Per-kernel GPU time of a ``jax.profiler.trace`` folder, per step: totals by kernel name (XLA
+  names one kernel per fusion, e.g. gemm_fusion_dot.12, so a layer's kernels have distinct names;
+  grouped also with the numeric suffix stripped), by category (gemm / attention / kv_write / reduce
+  / elementwise), device busy time (union of kernel intervals) and the wall span from the first
+  kernel's start to the last one's end."""
   import glob
+  import re
 
   from jax.profiler import ProfileData
   files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
@@ -327,14 +379,12 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
       if streams_only and not line.name.startswith("Stream"):
         continue
       for ev in line.events:
-        stats = dict(ev.stats)
-        key = str(stats.get("hlo_op") or ev.name)
-        k = kernels.setdefault(key, [0.0, 0, ev.name, str(stats.get("hlo_module", ""))])
+        k = kernels.setdefault(ev.name, [0.0, 0])
         k[0] += ev.duration_ns
         k[1] += 1
         intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns))
   if not intervals:
-    return {"error": "no GPU kernel events", "gpu_lines": lines}
+    return {"error": "no GPU kernel events", "gpu_lines": sorted(set(lines))[:20]}
   intervals.sort()
   busy, cur_s, cur_e = 0.0, *intervals[0]
   for s, e in intervals[1:]:
@@ -345,19 +395,24 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
       cur_e = max(cur_e, e)
   busy += cur_e - cur_s
   per_step_ms = lambda ns: ns / num_steps / 1e6
-  cats: dict[str, float] = {}
-  for key, (ns, _, name, _) in kernels.items():
-    c = kernel_category(name + " " + key)
-    cats[c] = cats.get(c, 0.0) + per_step_ms(ns)
-  top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
-  return {"steps": num_steps, "gpu_lines": sorted(set(lines)),
+  cats: dict[str, list] = {}
+  groups: dict[str, list] = {}
+  for name, (ns, n) in kernels.items():
+    for table, key in ((cats, kernel_category(name)), (groups, re.sub(r"[._]\d+$", "", name))):
+      t = table.setdefault(key, [0.0, 0])
+      t[0] += per_step_ms(ns)
+      t[1] += n / num_steps
+  fmt = lambda table: {k: {"ms_per_step": v[0], "kernels_per_step": v[1]}
+                       for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}
+  top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
+  return {"steps": num_steps,
           "kernels_per_step": sum(k[1] for k in kernels.values()) / num_steps,
           "kernel_sum_ms_per_step": per_step_ms(sum(k[0] for k in kernels.values())),
           "busy_ms_per_step": per_step_ms(busy),
           "span_ms_per_step": per_step_ms(intervals[-1][1] - intervals[0][0]),
-          "category_ms_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-          "top_kernels": [{"op": key, "kernel": name[:120], "module": mod, "count": n,
-                           "ms_per_step": per_step_ms(ns)} for key, (ns, n, name, mod) in top]}
+          "by_category": fmt(cats), "by_kernel_group": dict(list(fmt(groups).items())[:25]),
+          "top_kernels": [{"kernel": name[:120], "count": n, "ms_per_step": per_step_ms(ns)}
+                          for name, (ns, n) in top]}
 
 
 def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
@@ -666,7 +721,8 @@ def run_hf() -> dict:
         t = time.perf_counter()
         gen(ids, compile_)                       # compiles (static cache of the timed shape)
         warmup_s = time.perf_counter() - t
-        gen(ids, compile_)                       # CUDA graphs are recorded on a later call
+        if compile_:
+          gen(ids, compile_)                     # CUDA graphs are recorded on a later call
         r = gen(ids, compile_) | {"warmup_s": warmup_s, "torch_compile": compile_}
       except Exception as e:  # noqa: BLE001  (recorded: the eager run, if asked, still goes on)
         r = {"error": f"{type(e).__name__}: {e}"[:1000], "torch_compile": compile_}
@@ -780,7 +836,8 @@ def main(argv) -> None:
         k = v.get("kernels", {})
         print(f"{key:>24}: blocked p50 {1e3 * v['blocked_s']['p50']:.2f} ms, pipelined "
               f"{1e3 * v['pipelined_s']:.2f} ms, GPU busy {k.get('busy_ms_per_step', 0):.2f} / span "
-              f"{k.get('span_ms_per_step', 0):.2f} ms, {k.get('category_ms_per_step')}")
+              f"{k.get('span_ms_per_step', 0):.2f} ms, "
+              f"{ {c: round(v['ms_per_step'], 2) for c, v in k.get('by_category', {}).items()} }")
     print({k: v for k, v in result.items() if not isinstance(v, dict) or k in (
         "engine_step", "roofline_s", "ceilings")})
     print("engine kernels", {k: v for k, v in result.get("engine_kernels", {}).items()
