@@ -258,6 +258,7 @@ def _decode_tilings(m, n, k):
     if m == 8:
       out["default x_scale"] = dataclasses.replace(base, x_scale=True)
       out["asm_f16"] = dataclasses.replace(base, dequant="asm_f16")
+      out["f16 jnp"] = dataclasses.replace(base, dequant="f16")
     return out
   base = nk.default_tiling(m, n, k)
   out = {"default": base}
