@@ -51,7 +51,8 @@ from jaxinfer.kv_cache import is_fp8
 from kernels.flash_attention import PrefillTiles, flash_prefill
 from kernels.paged_decode_attention import (_LOG2E, _MASK, check_page_table, default_splits,
                                             finish_splits, key_tile, load_rows, row_map,
-                                            split_outputs, split_range, tile_cols, write_partials)
+                                            split_outputs, split_range, tile_cols,
+                                            upcast as upcast_tile, write_partials)
 
 
 def _check_mla_shapes(q_latent, q_rope, latent_pages, batch: AttentionBatch) -> None:
@@ -106,6 +107,7 @@ class MLATiles:
   num_warps: int = 8
   num_stages: int = 2
   splits: int | None = None
+  tile_upcast: bool = False   # FP8: see paged_decode_attention.upcast
 
 
 # Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 128 heads.
@@ -116,7 +118,7 @@ FP8_TILES = MLATiles(block_h=64, block_k=32, num_warps=8, num_stages=2)
 def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref, o_init_ref,
                        *out_refs, block_h: int, max_q: int, rows: int, block_k: int,
                        page_size: int, pages_per_seq: int, rank: int, rope_dim: int,
-                       sm_scale: float, upcast, splits: int):
+                       sm_scale: float, upcast, splits: int, tile_upcast: bool):
   del o_init_ref  # aliased with the output: zeros for the rows no program writes
   hb = pl.program_id(0)
   split = pl.program_id(1)
@@ -140,8 +142,8 @@ def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref
     kr = plgpu.load(lat_ref.at[rows, tile_cols(rows, rank, rope_dim)], mask=key_ok[:, None],
                     other=0.0)
     if upcast is not None:
-      c = c.astype(upcast)
-      kr = kr.astype(upcast)
+      c = upcast_tile(c, upcast, tile_upcast)
+      kr = upcast_tile(kr, upcast, tile_upcast)
     s = (plgpu.dot(ql, c, trans_b=True) + plgpu.dot(qr, kr, trans_b=True)) * score_scale
     s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -198,7 +200,7 @@ def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.
   kernel = functools.partial(
       _mla_decode_kernel, block_h=bh, max_q=max_q, rows=rows, block_k=tiles.block_k,
       page_size=page_size, pages_per_seq=P, rank=R, rope_dim=Dr, sm_scale=scale, upcast=upcast,
-      splits=splits)
+      splits=splits, tile_upcast=tiles.tile_upcast)
   results = pl.pallas_call(
       kernel,
       grid=(nhb, splits, B),

@@ -60,6 +60,7 @@ class DecodeTiles:
   num_stages: int = 4
   splits: int | None = None   # None: enough programs to fill the SMs twice
   page_blocks: bool = True    # tiles inside one page read as blocks (False: slot gather, to compare)
+  tile_upcast: bool = False   # FP8: see ``upcast``
 
 
 # Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 32/8 heads, D=128.
@@ -137,6 +138,15 @@ def key_tile(pt_ref, b, kb, *, block_k: int, page_size: int, pages_per_seq: int,
   return keys, (page * page_size + lax.rem(keys, page_size))[:, None]
 
 
+def upcast(x: jax.Array, dtype, tile: bool) -> jax.Array:
+  """E4M3 tile -> ``dtype`` for the MMAs. tile=False lets Triton convert in the MMA-operand layout
+  (byte-wise shared-memory loads, then a cvt per pair). tile=True converts through a transpose pair,
+  which Triton does not push into the operand layout: the tile is converted row-blocked with vector
+  loads, stored to shared memory as f16 and read back by ldmatrix (a pair around an operand that
+  the MMA already uses transposed folds away, so that operand is unaffected)."""
+  return x.T.astype(dtype).T if tile else x.astype(dtype)
+
+
 def tile_cols(rows, start: int, width: int):
   """Columns start .. start+width in the form ``key_tile``'s rows need (slice, or iota for a gather)."""
   if isinstance(rows, pl.Slice):
@@ -147,7 +157,7 @@ def tile_cols(rows, start: int, width: int):
 def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_init_ref,
                    *out_refs, group: int, max_q: int, rows: int, block_k: int, page_size: int,
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
-                   page_blocks: bool):
+                   page_blocks: bool, tile_upcast: bool):
   del o_init_ref  # aliased with the output: zeros for the rows no program writes
   kvh = pl.program_id(0)
   split = pl.program_id(1)
@@ -170,8 +180,8 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
     k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
     v = plgpu.load(v_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
     if kv_upcast is not None:
-      k = k.astype(kv_upcast)
-      v = v.astype(kv_upcast)
+      k = upcast(k, kv_upcast, tile_upcast)
+      v = upcast(v, kv_upcast, tile_upcast)
     s = plgpu.dot(q, k, trans_b=True) * score_scale
     s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -320,7 +330,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   o_init = jnp.zeros((T, H, D), out_dtype)
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
-      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks)
+      pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
+      tile_upcast=tiles.tile_upcast)
   results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),

@@ -80,7 +80,8 @@ def test_decode_kernel_bf16(tiles):
   check(out, expected(ql, qr, f64(lat), batch), 3, 1e-2)
 
 
-def test_decode_kernel_fp8_latent_several_tokens():
+@pytest.mark.parametrize("tile_upcast", [False, True])
+def test_decode_kernel_fp8_latent_several_tokens(tile_upcast):
   """E4M3 latent cache with a scalar scale, 2 query tokens per sequence: <= 1.5e-2 vs float64 on
   the dequantized cache."""
   rng = np.random.default_rng(3)
@@ -88,7 +89,8 @@ def test_decode_kernel_fp8_latent_several_tokens():
   lat8 = (lat / 0.5).astype(F8)
   out = mla_decode_pallas(ql, qr, lat8, batch.page_table, batch.seq_lens, batch.query_start,
                           scale=0.1, latent_scale=0.5, max_q=2,
-                          tiles=MLATiles(block_h=16, block_k=16, splits=2), interpret=True)
+                          tiles=MLATiles(block_h=16, block_k=16, splits=2, tile_upcast=tile_upcast),
+                          interpret=True)
   check(out, expected(ql, qr, f64(lat8) * 0.5, batch), 5, 1.5e-2)
 
 

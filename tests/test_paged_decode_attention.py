@@ -95,7 +95,8 @@ def test_decode_several_query_tokens():
   check(out, ref, 6, 1e-2)
 
 
-def test_decode_fp8_kv():
+@pytest.mark.parametrize("tile_upcast", [False, True])
+def test_decode_fp8_kv(tile_upcast):
   """E4M3 K/V with scalar scales: <= 1.5e-2 vs float64 on the dequantized cache."""
   rng = np.random.default_rng(9)
   q, kp, vp, batch = make_case(rng, H=8, KV=2, D=64, page_size=16,
@@ -103,7 +104,8 @@ def test_decode_fp8_kv():
   kp8, vp8 = (kp / 0.25).astype(F8), (vp / 3.0).astype(F8)
   out = paged_decode_attention(q, kp8, vp8, batch.page_table, batch.seq_lens, batch.query_start,
                                scale=0.125, k_scale=0.25, v_scale=3.0,
-                               tiles=DecodeTiles(16, splits=2), interpret=True)
+                               tiles=DecodeTiles(16, splits=2, tile_upcast=tile_upcast),
+                               interpret=True)
   ref = np_paged(f64(q), f64(kp8) * 0.25, f64(vp8) * 3.0, np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, 2, 1.5e-2)
