@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention, reference_paged_attention
 from kernels.flash_attention import PrefillTiles, flash_prefill, reference_prefill
+from kernels.flash_attention_mgpu import MgpuTiles, flash_prefill_dense, prepare_v_fp8
 from kernels.mla_attention import MLATiles, mla_decode_pallas, reference_mla_paged_attention
 from kernels.paged_decode_attention import DecodeTiles, paged_decode_attention
 
@@ -226,9 +227,16 @@ def gpu_checks():
 
 
 # ------------------------------------------------------------------------------------- prefill
+# Mosaic GPU variants timed at the shape (kernels/flash_attention_mgpu.py):
+# MgpuTiles(block_q, block_kv, stages, overlap). The Triton kernel's tile sweep is in
+# benchmarks/attention.md (run 1); only its best tiles are re-timed here, next to Mosaic GPU.
+MGPU_BF16 = [MgpuTiles(64, 128, 2, False), MgpuTiles(64, 128, 2, True)]
+MGPU_FP8 = [MgpuTiles(64, 128, 2, False), MgpuTiles(64, 128, 3, False), MgpuTiles(64, 128, 2, True)]
+
+
 @guarded
 def prefill():
-  B, S, H, KV, D = (4, 4096, 32, 8, 128) if not _SMOKE.value else (1, 256, 4, 2, 64)
+  B, S, H, KV, D = (4, 4096, 32, 8, 128) if not _SMOKE.value else (1, 256, 2, 1, 128)
   case = f"prefill B{B} S{S} H{H}/{KV} D{D}"
   flops = 4 * B * S * S * H * D / 2
   q, k, v = normal(1, (B, S, H, D)), normal(2, (B, S, KV, D)), normal(3, (B, S, KV, D))
@@ -238,61 +246,98 @@ def prefill():
   lens = jnp.full((B,), S, jnp.int32)
   qf = q.reshape(B * S, H, D)
   interp = _SMOKE.value
-  cudnn_out = None
+  # FP8: per-head scales from the absolute maxima (E4M3 max 448)
+  amax = lambda x: jnp.max(jnp.abs(x.astype(jnp.float32)), axis=(0, 1, 3)) / 448.0
+  qsc, ksc, vsc = amax(q), amax(k), amax(v)
+  q8, k8, v8 = ((x / sc[:, None]).astype(F8) for x, sc in ((q, qsc), (k, ksc), (v, vsc)))
+  deq = lambda x8, sc: (x8.astype(jnp.float32) * sc[:, None]).astype(jnp.bfloat16)
+  attn = functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=scale,
+                           implementation="xla" if _SMOKE.value else "cudnn")
+  ref, ref_deq = attn(q, k, v), attn(deq(q8, qsc), deq(k8, ksc), deq(v8, vsc))
+  times = {}
   if not _SMOKE.value:
-    cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=scale,
-                                      implementation="cudnn"))
-    record(case, "cuDNN bf16 (jax.nn.dot_product_attention)", cudnn, (q, k, v), flops=flops,
-           roof=bf16_roof)
-    try:
-      cudnn_out = cudnn(q, k, v)
-    except Exception:
-      pass
+    times["cudnn"] = record(case, "cuDNN bf16 (jax.nn.dot_product_attention)", jax.jit(attn),
+                            (q, k, v), flops=flops, roof=bf16_roof)
+  # Mosaic GPU (dense batches): bf16
+  best = {}
+  for tiles in MGPU_BF16:
+    fn = jax.jit(functools.partial(flash_prefill_dense, scale=scale, tiles=tiles,
+                                   interpret=interp))
+    name = f"ours Mosaic GPU bf16 bk{tiles.block_kv} st{tiles.stages}" + \
+        (" overlap" if tiles.overlap else " serial")
+    t = record(case, name, fn, (q, k, v), flops=flops, roof=bf16_roof)
+    if t:
+      check(f"{name} vs cuDNN", rel(fn(q, k, v), ref), 1e-2)
+      if t < best.get("bf16", (1e9,))[0]:
+        best["bf16"] = (t, name)
+  # Mosaic GPU FP8: the V transpose + key permutation pre-pass runs inside the timed op
+  fp8_args = (q8, k8, v8, qsc, ksc, vsc)
+  for tiles in MGPU_FP8:
+    fn = jax.jit(lambda q, k, v, a, b, c, tiles=tiles: flash_prefill_dense(
+        q, k, v, scale=scale, q_scale=a, k_scale=b, v_scale=c, tiles=tiles, interpret=interp))
+    name = f"ours Mosaic GPU fp8 bk{tiles.block_kv} st{tiles.stages}" + \
+        (" overlap" if tiles.overlap else " serial") + " (incl. V pre-pass)"
+    t = record(case, name, fn, fp8_args, flops=flops, roof=fp8_roof)
+    if t:
+      check(f"{name} vs cuDNN(dequantized q/k/v)", rel(fn(*fp8_args), ref_deq), 3e-2)
+      if t < best.get("fp8", (1e9,))[0]:
+        best["fp8"] = (t, name, tiles)
+  if "fp8" in best:   # where the FP8 time goes: the pre-pass alone and the kernel alone
+    for two_pass in (False, True):
+      prep = jax.jit(functools.partial(prepare_v_fp8, two_pass=two_pass))
+      record(case, f"  FP8 V pre-pass alone ({'two passes' if two_pass else 'one 7-D transpose'})",
+             prep, (v8,), nbytes=2 * v8.size)
+    tiles = best["fp8"][2]
+    kernel = lambda q, k, v, a, b, c: flash_prefill_dense(
+        q, k, v, scale=scale, q_scale=a, k_scale=b, v_scale=c, tiles=tiles, interpret=interp,
+        v_prepared=True)
+    name = f"bk{tiles.block_kv} st{tiles.stages}" + (" overlap" if tiles.overlap else " serial")
+    record(case, f"  FP8 kernel alone (V prepared) {name}", jax.jit(kernel),
+           (q8, k8, jax.jit(prepare_v_fp8)(v8), qsc, ksc, vsc), flops=flops, roof=fp8_roof)
+    fn = jax.jit(lambda q, k, v, a, b, c: kernel(q, k, prepare_v_fp8(v, two_pass=True), a, b, c))
+    name = f"ours Mosaic GPU fp8 {name} (incl. two-pass V pre-pass)"
+    t = record(case, name, fn, fp8_args, flops=flops, roof=fp8_roof)
+    if t:
+      check(f"{name} vs cuDNN(dequantized q/k/v)", rel(fn(*fp8_args), ref_deq), 3e-2)
+      if t < best["fp8"][0]:
+        best["fp8"] = (t, name, tiles)
+  if not _SMOKE.value:   # peers after ours, so a slow compile cannot cost our rows
+    try:   # its bf16 path fails in jax 0.11.2 (f16 scratch buffers); timed with f16 inputs
+      from jax.experimental.pallas.ops.gpu import attention_mgpu
+      cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                        causal=True)
+      bundled = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, cfg))
+      times["bundled"] = record(case, "jax attention_mgpu f16 (bundled)", bundled,
+                                tuple(x.astype(jnp.float16) for x in (q, k, v)), flops=flops,
+                                roof=bf16_roof)
+    except Exception as e:
+      RESULTS["errors"].append(f"attention_mgpu: {e!r}"[:600])
+  # Pallas Triton (ragged-capable, the portable path): its best tiles from run 1
+  tri = PrefillTiles(128, 64, 8, 3) if not _SMOKE.value else PrefillTiles(64, 64, 4, 2)
+  fn = jax.jit(functools.partial(flash_prefill, scale=scale, tiles=tri, interpret=interp))
+  times["triton bf16"] = record(case, f"ours Triton bf16 q{tri.block_q} k{tri.block_k}", fn,
+                                (qf, k, v, qs, lens), flops=flops, roof=bf16_roof)
+  tri8 = PrefillTiles(128, 128, 8, 3) if not _SMOKE.value else PrefillTiles(64, 64, 4, 2)
+  fn = jax.jit(lambda q, k, v, qs, lens, a, b, c: flash_prefill(
+      q, k, v, qs, lens, scale=scale, q_scale=a, k_scale=b, v_scale=c, tiles=tri8,
+      interpret=interp, v_transposed=True))
+  v8t = jnp.transpose(v8, (0, 2, 3, 1))
+  times["triton fp8"] = record(case, f"ours Triton fp8 q{tri8.block_q} k{tri8.block_k} vT", fn,
+                               (q8.reshape(B * S, H, D), k8, v8t, qs, lens, qsc, ksc, vsc),
+                               flops=flops, roof=fp8_roof)
+  if not _SMOKE.value:
     xla = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=scale,
                                     implementation="xla"))
     record(case, "XLA bf16 (jax.nn.dot_product_attention)", xla, (q, k, v), flops=flops,
            roof=bf16_roof)
-    try:
-      from jax.experimental.pallas.ops.gpu import attention_mgpu
-      cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
-                                        causal=True)
-      mgpu = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, cfg))
-      record(case, "jax attention_mgpu bf16 (bundled)", mgpu, (q, k, v), flops=flops,
-             roof=bf16_roof)
-    except Exception as e:
-      RESULTS["errors"].append(f"attention_mgpu: {e!r}"[:600])
-  variants = [PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 2), PrefillTiles(128, 64, 4, 3),
-              PrefillTiles(64, 64, 4, 3)]
-  if _SMOKE.value:
-    variants = [PrefillTiles(64, 64, 4, 2)]
-  for tiles in variants:
-    fn = jax.jit(functools.partial(flash_prefill, scale=scale, tiles=tiles, interpret=interp))
-    record(case, f"ours bf16 q{tiles.block_q} k{tiles.block_k} w{tiles.num_warps} "
-           f"s{tiles.num_stages}", fn, (qf, k, v, qs, lens), flops=flops, roof=bf16_roof)
-  if cudnn_out is not None:
-    out = flash_prefill(qf, k, v, qs, lens, scale=scale)
-    check("prefill bf16 bench shape vs cuDNN", rel(out, cudnn_out.reshape(B * S, H, D)), 1e-2)
-  # FP8: per-head scales from the absolute maxima (E4M3 max 448)
-  amax = lambda x, axes: jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes) / 448.0
-  qsc, ksc, vsc = amax(qf, (0, 2)), amax(k, (0, 1, 3)), amax(v, (0, 1, 3))
-  q8 = (qf / qsc[:, None]).astype(F8)
-  k8, v8 = (k / ksc[:, None]).astype(F8), (v / vsc[:, None]).astype(F8)
-  v8t = jnp.transpose(v8, (0, 2, 3, 1))
-  fp8_variants = [(PrefillTiles(128, 64, 8, 3), False), (PrefillTiles(128, 64, 8, 3), True),
-                  (PrefillTiles(128, 128, 8, 3), True), (PrefillTiles(128, 128, 8, 2), False)]
-  if _SMOKE.value:
-    fp8_variants = [(PrefillTiles(64, 64, 4, 2), True)]
-  for tiles, vt in fp8_variants:
-    fn = jax.jit(lambda q, k, v, qs, lens, a, b, c, tiles=tiles, vt=vt: flash_prefill(
-        q, k, v, qs, lens, scale=scale, q_scale=a, k_scale=b, v_scale=c, tiles=tiles,
-        interpret=interp, v_transposed=vt))
-    record(case, f"ours fp8 q{tiles.block_q} k{tiles.block_k} w{tiles.num_warps} "
-           f"s{tiles.num_stages}{' vT' if vt else ''}", fn,
-           (q8, k8, v8t if vt else v8, qs, lens, qsc, ksc, vsc), flops=flops, roof=fp8_roof)
-  if cudnn_out is not None:
-    out = flash_prefill(q8, k8, v8t, qs, lens, scale=scale, q_scale=qsc, k_scale=ksc, v_scale=vsc,
-                        v_transposed=True)
-    check("prefill fp8 bench shape vs cuDNN bf16", rel(out, cudnn_out.reshape(B * S, H, D)), 5e-2)
+  if times.get("cudnn"):
+    derived = RESULTS.setdefault("derived", {})
+    for kind, entry in best.items():
+      derived[f"{case} best Mosaic GPU {kind} ({entry[1]}) / cuDNN bf16 TFLOP/s"] = \
+          times["cudnn"] / entry[0]
+    for kind in ("triton bf16", "triton fp8", "bundled"):
+      if times.get(kind):
+        derived[f"{case} {kind} / cuDNN bf16 TFLOP/s"] = times["cudnn"] / times[kind]
 
 
 # -------------------------------------------------------------------------------------- decode
