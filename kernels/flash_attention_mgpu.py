@@ -157,7 +157,7 @@ def _pv(acc, p_op, v_op, then, p_scratch):
   return pl.run_state(in_regs)(plgpu.ACC.init(acc))
 
 
-def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i, l_i, *, softmax,
+def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i, *, softmax,
                      operand, slot_of, v_operand, schedule, full_steps, kv_steps, block_q: int,
                      block_kv: int, head_dim: int, p_scratch):
   """FA3's intra-warpgroup overlap. Step j issues S_j = Q.K_j^T and then O += P_{j-1}.V_{j-1}
@@ -175,7 +175,8 @@ def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i
     return s_ref[...]
   qk = pl.run_scoped(first_qk, plgpu.ACC(s_shape, f32))
   plgpu.barrier_arrive(k_consumed.at[0])
-  p, m_i, l_i, _ = softmax(qk, m_i, l_i, jnp.int32(0), masked=True)
+  p, m_i, _ = softmax(qk, m_i, jnp.int32(0), masked=True)
+  l_i = p.sum(axis=1)
   p_op = operand(p)
   alpha = plgpu.layout_cast(jnp.full((block_q,), 1.0, f32), plgpu.Layout.WGMMA.reduce(1))
   rescale = lambda o, a: o * lax.broadcast_in_dim(a, o.shape, [0])
@@ -210,7 +211,8 @@ def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i
       plgpu.barrier_wait(k_bars.at[slot])
       qk, o_val = issue(o_ref, o_val, slot, prev, p_prev, alpha)
       plgpu.barrier_arrive(k_consumed.at[slot])
-      p, m_i, l_i, alpha = softmax(qk, m_i, l_i, step, masked)
+      p, m_i, alpha = softmax(qk, m_i, step, masked)
+      l_i = l_i * alpha + p.sum(axis=1)
       plgpu.wgmma_wait(0)
       plgpu.barrier_arrive(v_consumed.at[prev])
       return operand(p), m_i, l_i, alpha, o_val
@@ -286,9 +288,9 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
     def v_operand(slot):
       return v_smem.at[slot].T if fp8 else v_smem.at[slot]
 
-    def softmax(qk, m_i, l_i, step, masked: bool):
-      """Online-softmax update for one [block_q, block_kv] score tile: returns the P.V operand, the
-      new running max / row sum and the factor alpha the accumulator must be rescaled by."""
+    def softmax(qk, m_i, step, masked: bool):
+      """Online-softmax step for one [block_q, block_kv] score tile: returns the f32 probabilities
+      P, the new running max and the factor alpha that O and the row sum are rescaled by."""
       if masked:
         rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0,
                                       layout=plgpu.Layout.WGMMA)
@@ -300,8 +302,7 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
       alpha = jnp.exp2(m_i - m_ij)
       m_sub = m_ij - _P_SHIFT if fp8 else m_ij
       p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_sub, qk.shape, [0]))
-      l_i = l_i * alpha + p.sum(axis=1)
-      return p, m_ij, l_i, alpha
+      return p, m_ij, alpha
 
     def operand(p):   # f32 probabilities -> the P.V wgmma's A operand (registers)
       return _p_to_fp8_operand(p, interpret) if fp8 else p.astype(q_ref.dtype)
@@ -321,7 +322,7 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
     pl.when(wg == 1)(schedule)
     if overlap:
       acc, l_i = _overlapped_loop(
-          q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i, l_i,
+          q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i,
           softmax=softmax, operand=operand, slot_of=slot_of, v_operand=v_operand, schedule=schedule,
           full_steps=full_steps, kv_steps=kv_steps, block_q=block_q, block_kv=block_kv,
           head_dim=head_dim, p_scratch=p_scratch)
@@ -339,9 +340,11 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
           return acc_ref[...]
         qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_consumed.at[slot])
-        p, m_i, l_i, alpha = softmax(qk, m_i, l_i, step, masked)
-        p_op = operand(p)
+        p, m_i, alpha = softmax(qk, m_i, step, masked)
         acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i *= alpha
+        p_op = operand(p)
+        l_i += p.sum(axis=1)   # this order (from jax's attention_mgpu) schedules best
         acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
         plgpu.barrier_arrive(schedule_barrier)       # softmax done
         plgpu.barrier_wait(v_bars.at[slot])
