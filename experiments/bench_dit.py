@@ -4,7 +4,7 @@ Per variant three jitted functions run on the same random inputs: the whole bloc
 (as the block issues them: fused q/k/v where the variant fuses, FP8 inputs pre-quantized, raw dot
 outputs), and only its two attentions (FP8: the kernel on E4M3 codes); rest = block - GEMM - attention
 (norms, modulation, RoPE, residuals, scale/bias epilogues, quantization casts). Step = L × block +
-embed/head; with --full_step also a compiled full forward (blocks in a lax.scan) is timed.
+embed/head; --full_step=v1,v2 also times those variants' compiled full forward (lax.scan).
 
 Variants (linear / attention):
   bf16          XLA bf16 dot / cuDNN flash attention bf16
@@ -18,6 +18,7 @@ Variants (linear / attention):
   fp8xla        the first FP8 GEMM path (per-tensor amax + cast per linear) / bf16
   fp8block      kernels.quant FP8BlockWeight via ops.linear, as the project dispatches it
   nvfp4         kernels.quant NVFP4Weight (W4A16) via ops.linear, as the project dispatches it
+  bf16xla       bf16 compiled with XLA's default options (differs from bf16 only with --notriton_gemm)
 Calibration (fp8*) runs the observed bf16 block on a different random draw than the timed input.
 Quality: relative error and PSNR of the block output against the bf16 block on the same inputs.
 
@@ -51,9 +52,13 @@ flags.DEFINE_integer("iters", 10, "timed iterations per function (median)")
 flags.DEFINE_list("variants", ["bf16", "fp8attn", "fp8gemm", "fp8", "nvfp4"], "variants")
 flags.DEFINE_string("bf16_attn", "cudnn", "attention impl for bf16 (cudnn | xla)")
 flags.DEFINE_bool("ceilings", True, "measure the bf16 / fp8 matmul ceilings first")
-flags.DEFINE_bool("full_step", False, "also time a compiled full forward (lax.scan over L blocks)")
+flags.DEFINE_list("full_step", [], "variants whose compiled full forward (lax.scan over L blocks) is "
+                  "also timed")
 flags.DEFINE_integer("full_iters", 3, "timed iterations of the full forward")
 flags.DEFINE_string("hlo_dir", "", "write the optimized HLO of each variant's block here")
+flags.DEFINE_bool("triton_gemm", True, "let XLA emit GEMMs with Triton (autotuned; slow to compile "
+                  "for FP8 dots). False: every GEMM goes to cuBLAS/cuBLASLt, for every variant except "
+                  "bf16xla (bf16 compiled with XLA's defaults, to show the flag's effect on bf16)")
 flags.DEFINE_string("out", "", "JSON path (default $OUT/dit.json)")
 flags.DEFINE_list("sp", [], "Ulysses axis sizes to time a one-layer bf16 forward on (e.g. 2,4,8); "
                   "needs that many devices")
@@ -62,17 +67,26 @@ VARIANTS = {  # name: (linear kind, attention kind)
     "bf16": ("bf16", "bf16"), "bf16fused": ("bf16fused", "bf16"), "fp8attn": ("bf16", "fp8"),
     "fp8attn_dyn": ("bf16", "fp8dyn"), "fp8gemm": ("fp8", "bf16"), "fp8": ("fp8", "fp8"),
     "fp8tok": ("fp8tok", "fp8"), "fp8xla": ("fp8xla", "bf16"), "fp8block": ("fp8block", "bf16"),
-    "nvfp4": ("nvfp4", "bf16")}
+    "nvfp4": ("nvfp4", "bf16"), "bf16xla": ("bf16", "bf16")}
 
 
-def bench(fn, args, iters):
-  out = fn(*args)
+_OPTS: dict = {}           # XLA compile options for every timed function (--triton_gemm)
+
+
+def bench(fn, args, iters, opts=None):
+  """Compiles jitted ``fn`` for ``args`` (with ``opts``, default the global options) and returns the
+  median wall time of ``iters`` synchronous calls, the output, the executable and its compile time."""
+  t0 = time.perf_counter()
+  exe = fn.lower(*args).compile(compiler_options=_OPTS if opts is None else opts)
+  compile_s = time.perf_counter() - t0
+  out = exe(*args)
   jax.block_until_ready(out)
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(exe(*args))
     times.append(time.perf_counter() - t0)
+  bench.last = (exe, compile_s)
   return statistics.median(times), out
 
 
@@ -126,8 +140,7 @@ def gemms(ops):
   outs = []
   for w, a in ops:
     if isinstance(w, lp.ScaledFP8Weight):     # the raw FP8 dot (scales are applied by consumers)
-      outs.append(jax.lax.dot_general(a, w.w, (((a.ndim - 1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.bfloat16))
+      outs.append(lp.fp8_dot(a, w.w))
     else:
       outs.append(wan_dit.linear(a, w))
   return outs
@@ -180,6 +193,9 @@ def main(_):
             "tokens": S, "text_len": L_text, "variants": {}}
   print(f"{dev.device_kind} jax {jax.__version__}: {FLAGS.config} {FLAGS.frames}x{FLAGS.height}x"
         f"{FLAGS.width} -> S={S} tokens, D={D}, L={cfg.num_layers}", flush=True)
+  if not FLAGS.triton_gemm:
+    _OPTS["xla_gpu_enable_triton_gemm"] = False
+  result["compile_options"] = dict(_OPTS)
   if FLAGS.ceilings:
     result["ceilings"] = ceilings(FLAGS.iters)
     print("ceilings", result["ceilings"], flush=True)
@@ -214,13 +230,13 @@ def main(_):
   kvc = [jax.random.normal(k_, (1, L_text, N, cfg.head_dim), jnp.bfloat16)
          for k_ in jax.random.split(jax.random.key(3), 2)]
 
-  def attention_only(kind):
+  def attention_only(kind, opts):
     if kind == "bf16":
       fn = lambda q, k, v, kc, vc: (bf16_attn(q, k, v), bf16_attn(q, kc, vc))
-      return bench(jax.jit(fn), (*qkv, *kvc), FLAGS.iters)[0]
+      return bench(jax.jit(fn), (*qkv, *kvc), FLAGS.iters, opts)[0]
     if kind == "fp8dyn":
       fn = lambda q, k, v, kc, vc: (dyn_attn(q, k, v), dyn_attn(q, kc, vc))
-      return bench(jax.jit(fn), (*qkv, *kvc), FLAGS.iters)[0]
+      return bench(jax.jit(fn), (*qkv, *kvc), FLAGS.iters, opts)[0]
     # calibrated: the kernel alone on E4M3 codes (quantization is fused into q/k/v's producers)
     amax = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32))))
     mk = lambda q, k, v: lp.FP8Attention.from_stats(
@@ -230,7 +246,7 @@ def main(_):
     codes = (*a_s.quantize(*qkv), *a_c.quantize(qkv[0], *kvc))
     fn = lambda a_s, a_c, q, k, v, q2, kc, vc: (a_s.attend_quantized(q, k, v),
                                                 a_c.attend_quantized(q2, kc, vc))
-    return bench(jax.jit(fn), (a_s, a_c, *codes), FLAGS.iters)[0]
+    return bench(jax.jit(fn), (a_s, a_c, *codes), FLAGS.iters, opts)[0]
 
   # Embedding + head: measured once (bf16), shared by every variant.
   lat = jax.random.normal(jax.random.key(4), (1, *[g * p for g, p in zip(grid, cfg.patch_size)],
@@ -248,38 +264,38 @@ def main(_):
   flops = wan_dit.step_flops(dataclasses.replace(cfg, num_layers=1), S, L_text)
   for name in FLAGS.variants:
     lin_kind, attn_kind = VARIANTS[name]
+    opts = {} if name == "bf16xla" else None
     try:
       qb = make_block(block, lin_kind, attn_kind, stats)
       blk = block_fn(dyn_attn if attn_kind == "fp8dyn" else bf16_attn)
       args = (qb, x, ctx, tproj, cos, sin)
-      if FLAGS.hlo_dir:                   # time the very executable whose HLO is written
-        blk = blk.lower(*args).compile()
+      t_blk, out = bench(blk, args, FLAGS.iters, opts)
+      exe, compile_s = bench.last
+      if FLAGS.hlo_dir:
         os.makedirs(FLAGS.hlo_dir, exist_ok=True)
         with open(os.path.join(FLAGS.hlo_dir, f"{FLAGS.config}_{name}_block.hlo.txt"), "w") as f:
-          f.write(blk.as_text())
-      t_blk, out = bench(blk, args, FLAGS.iters)
-      if lin_kind not in gemm_ms:
+          f.write(exe.as_text())
+      key_g, key_a = (lin_kind, name == "bf16xla"), (attn_kind, name == "bf16xla")
+      if key_g not in gemm_ms:
         ops = gemm_operands(qb, x, h, ctx)
-        gemm_ms[lin_kind] = bench(jax.jit(gemms), (ops,), FLAGS.iters)[0]
+        gemm_ms[key_g] = bench(jax.jit(gemms), (ops,), FLAGS.iters, opts)[0]
         del ops
-      if attn_kind not in attn_ms:
-        attn_ms[attn_kind] = attention_only(attn_kind)
-      t_gemm, t_attn = gemm_ms[lin_kind], attn_ms[attn_kind]
+      if key_a not in attn_ms:
+        attn_ms[key_a] = attention_only(attn_kind, opts)
+      t_gemm, t_attn = gemm_ms[key_g], attn_ms[key_a]
       row = {"block_ms": t_blk * 1e3, "gemm_ms": t_gemm * 1e3, "attention_ms": t_attn * 1e3,
              "rest_ms": (t_blk - t_gemm - t_attn) * 1e3,
              "step_ms": (cfg.num_layers * t_blk + t_eh) * 1e3,
              "gemm_tflops": flops["gemm"] / t_gemm / 1e12,
-             "attention_tflops": flops["attention"] / t_attn / 1e12}
-      if FLAGS.full_step:
+             "attention_tflops": flops["attention"] / t_attn / 1e12, "block_compile_s": compile_s}
+      if name in FLAGS.full_step:
         stacked = dict(params, blocks=jax.tree.map(
             lambda a: jnp.broadcast_to(a, (cfg.num_layers, *a.shape)), qb))
         step = jax.jit(lambda p, lat, text: wan_dit.forward(
             p, lat, jnp.array([500.0]), text, cfg,
             attn_impl=dyn_attn if attn_kind == "fp8dyn" else bf16_attn))
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(stacked, lat, text))
-        row["full_step_compile_s"] = time.perf_counter() - t0
-        row["full_step_ms"] = bench(step, (stacked, lat, text), FLAGS.full_iters)[0] * 1e3
+        row["full_step_ms"] = bench(step, (stacked, lat, text), FLAGS.full_iters, opts)[0] * 1e3
+        row["full_step_compile_s"] = bench.last[1]
         del stacked
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -296,6 +312,7 @@ def main(_):
       row["psnr_vs_bf16_db"] = float("inf") if mse == 0 else 10 * math.log10(rng ** 2 / mse)
     result["variants"][name] = row
     print(name, {k: round(v, 4) for k, v in row.items()}, flush=True)
+    write_json(result)
 
   if FLAGS.sp:
     result["ulysses"] = ulysses_scaling(cfg, grid, L_text, [int(n) for n in FLAGS.sp])
@@ -315,6 +332,11 @@ def main(_):
           f"{r['block_ms']:7.2f} {r['gemm_ms']:7.2f} {r['attention_ms']:7.2f} {r['rest_ms']:7.2f} "
           f"{r['gemm_tflops']:9.0f} {r['attention_tflops']:9.0f} "
           f"{r.get('speedup_vs_bf16', float('nan')):7.2f} {r.get('psnr_vs_bf16_db', float('nan')):8.1f}")
+  write_json(result)
+
+
+def write_json(result):
+  """Written after every variant too, so a run cut short by its time limit keeps what it measured."""
   path = FLAGS.out or os.path.join(os.environ.get("OUT", "."), "dit.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)

@@ -50,6 +50,14 @@ def quantize_e4m3(x: jax.Array, scale) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # FP8 GEMM
 
+def fp8_dot(xq: jax.Array, w: jax.Array) -> jax.Array:
+  """E4M3 xq [..., K] · E4M3 w [N, K]ᵀ -> bf16 [..., N] (f32 accumulation): one 2-D dot, the form
+  XLA's GEMM rewriter turns into a cuBLASLt FP8 matmul (one contracting, one free dim per operand)."""
+  y = jax.lax.dot_general(xq.reshape(-1, xq.shape[-1]), w, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.bfloat16)
+  return y.reshape(*xq.shape[:-1], w.shape[0])
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ScaledFP8Weight:
@@ -73,8 +81,7 @@ class ScaledFP8Weight:
 
   def qdot(self, xq: jax.Array, sx, out_dtype=jnp.bfloat16) -> jax.Array:
     """Already-quantized xq [..., K] (E4M3) with its scale (scalar or [..., 1]) -> [..., N]."""
-    y = jax.lax.dot_general(xq, self.w, (((xq.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.bfloat16)
+    y = fp8_dot(xq, self.w)
     return (y.astype(jnp.float32) * (sx * self.w_scale)).astype(out_dtype)
 
   def quantize_input(self, x: jax.Array):
