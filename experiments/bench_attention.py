@@ -231,7 +231,13 @@ def gpu_checks():
 # MgpuTiles(block_q, block_kv, stages, overlap). The Triton kernel's tile sweep is in
 # benchmarks/attention.md (run 1); only its best tiles are re-timed here, next to Mosaic GPU.
 MGPU_BF16 = [MgpuTiles(64, 128, 2, False), MgpuTiles(64, 128, 2, True)]
-MGPU_FP8 = [MgpuTiles(64, 128, 2, False), MgpuTiles(64, 128, 3, False), MgpuTiles(64, 128, 2, True)]
+MGPU_FP8 = [MgpuTiles(64, 128, 2, False), MgpuTiles(64, 128, 2, False, pingpong=False),
+            MgpuTiles(64, 128, 3, False), MgpuTiles(64, 128, 2, True)]
+
+
+def _mgpu_name(tiles: MgpuTiles) -> str:
+  return (f"bk{tiles.block_kv} st{tiles.stages} {'overlap' if tiles.overlap else 'serial'}" +
+          ("" if tiles.pingpong else " no-pingpong"))
 
 
 @guarded
@@ -263,8 +269,7 @@ def prefill():
   for tiles in MGPU_BF16:
     fn = jax.jit(functools.partial(flash_prefill_dense, scale=scale, tiles=tiles,
                                    interpret=interp))
-    name = f"ours Mosaic GPU bf16 bk{tiles.block_kv} st{tiles.stages}" + \
-        (" overlap" if tiles.overlap else " serial")
+    name = f"ours Mosaic GPU bf16 {_mgpu_name(tiles)}"
     t = record(case, name, fn, (q, k, v), flops=flops, roof=bf16_roof)
     if t:
       check(f"{name} vs cuDNN", rel(fn(q, k, v), ref), 1e-2)
@@ -275,8 +280,7 @@ def prefill():
   for tiles in MGPU_FP8:
     fn = jax.jit(lambda q, k, v, a, b, c, tiles=tiles: flash_prefill_dense(
         q, k, v, scale=scale, q_scale=a, k_scale=b, v_scale=c, tiles=tiles, interpret=interp))
-    name = f"ours Mosaic GPU fp8 bk{tiles.block_kv} st{tiles.stages}" + \
-        (" overlap" if tiles.overlap else " serial") + " (incl. V pre-pass)"
+    name = f"ours Mosaic GPU fp8 {_mgpu_name(tiles)} (incl. V pre-pass)"
     t = record(case, name, fn, fp8_args, flops=flops, roof=fp8_roof)
     if t:
       check(f"{name} vs cuDNN(dequantized q/k/v)", rel(fn(*fp8_args), ref_deq), 3e-2)
@@ -291,7 +295,7 @@ def prefill():
     kernel = lambda q, k, v, a, b, c: flash_prefill_dense(
         q, k, v, scale=scale, q_scale=a, k_scale=b, v_scale=c, tiles=tiles, interpret=interp,
         v_prepared=True)
-    name = f"bk{tiles.block_kv} st{tiles.stages}" + (" overlap" if tiles.overlap else " serial")
+    name = _mgpu_name(tiles)
     record(case, f"  FP8 kernel alone (V prepared) {name}", jax.jit(kernel),
            (q8, k8, jax.jit(prepare_v_fp8)(v8), qsc, ksc, vsc), flops=flops, roof=fp8_roof)
     fn = jax.jit(lambda q, k, v, a, b, c: kernel(q, k, prepare_v_fp8(v, two_pass=True), a, b, c))

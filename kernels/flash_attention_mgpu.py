@@ -73,11 +73,14 @@ class MgpuTiles:
   """block_q: query rows per consumer warpgroup (a CTA holds 2 * block_q); block_kv: keys per
   pipeline step; stages: K/V shared-memory slots in flight; overlap: FA3's intra-warpgroup overlap
   (the softmax of step j runs while P.V of step j-1 is on the tensor cores) on top of the
-  two-warpgroup ping-pong."""
+  two-warpgroup ping-pong; pingpong: alternate the two consumer warpgroups with a named barrier
+  (one's softmax while the other's wgmmas run). Off, both run freely: better when the softmax
+  takes longer than the MMAs (FP8), since the barrier then serialises the two softmaxes."""
   block_q: int = 64
   block_kv: int = 128
   stages: int = 2
   overlap: bool = False
+  pingpong: bool = True
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -242,7 +245,7 @@ def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i
 
 def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q: int,
             block_kv: int, stages: int, head_dim: int, group: int, score_c: float,
-            num_q_tiles: int, out_dtype, overlap: bool, interpret: bool):
+            num_q_tiles: int, out_dtype, overlap: bool, pingpong: bool, interpret: bool):
   smem, bars, consumed, schedule_barrier = scoped
   q_smem2, o_smem2, k_smem, v_smem, sc_smem2, p_smem2 = smem
   k_bars, v_bars, q_bars, sc_bars = bars
@@ -256,8 +259,9 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
   cta_kv_steps = pl.cdiv(cta_q0 + 2 * block_q, jnp.array(block_kv, jnp.int32))
 
   def schedule():
-    plgpu.barrier_arrive(schedule_barrier)
-    plgpu.barrier_wait(schedule_barrier)
+    if pingpong:
+      plgpu.barrier_arrive(schedule_barrier)
+      plgpu.barrier_wait(schedule_barrier)
 
   @pl.when(wg < 2)
   def _consumer():
@@ -346,9 +350,11 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
         p_op = operand(p)
         l_i += p.sum(axis=1)   # this order (from jax's attention_mgpu) schedules best
         acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
-        plgpu.barrier_arrive(schedule_barrier)       # softmax done
+        if pingpong:
+          plgpu.barrier_arrive(schedule_barrier)     # softmax done
         plgpu.barrier_wait(v_bars.at[slot])
-        plgpu.barrier_wait(schedule_barrier)         # tensor cores free
+        if pingpong:
+          plgpu.barrier_wait(schedule_barrier)       # tensor cores free
 
         def wait_next_k():
           nxt = step + 1
@@ -481,7 +487,7 @@ def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   kernel = functools.partial(
       _kernel, fp8=fp8, block_q=block_q, block_kv=block_kv, stages=stages, head_dim=D,
       group=H // KV, score_c=scale * _LOG2E, num_q_tiles=num_q_tiles, out_dtype=out_dtype,
-      overlap=tiles.overlap, interpret=bool(interpret))
+      overlap=tiles.overlap, pingpong=tiles.pingpong, interpret=bool(interpret))
 
   def entry(q_ref, k_ref, v_ref, sc_ref, out_ref):
     q_buf = _smem((2, block_q, D), q.dtype)
