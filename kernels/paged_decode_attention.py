@@ -24,7 +24,7 @@ and the split-K epilogue are shared with the MLA decode kernel (kernels/mla_atte
 Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
 read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.35 ms; FP8 0.17 ms.
 Measured (H100, 2026-11-23, benchmarks/attention.md): bf16 ~0.40 ms (~88% of the read ceiling), FP8
-~0.27 ms (0.68x of bf16, target 0.55x): Triton dequantises E4M3 in the MMA-operand layout (byte
+0.277 ms (0.68-0.70x of bf16, target 0.55x): Triton dequantises E4M3 in the MMA-operand layout (byte
 loads from shared memory, a cvt per pair, ~1.6x the instructions per key of bf16) and copies the
 V tile in 8-byte pieces. Tried and dropped (same run): 64/128-key tiles, 8 warps, and a transposed
 form with keys as the MMA M dimension (wgmma; E4M3 scores on K as stored from hi/lo-split queries):
