@@ -39,8 +39,8 @@ Target roofline (H100 SXM, B=4 S=4096 H=32/8 D=128 causal, 2.2 TFLOP of useful w
 dense GEMM ceilings 783 TFLOP/s bf16 and 903 FP8 (benchmarks/attention.md); cuDNN bf16 attention
 553 TFLOP/s there; FlashAttention-3 reaches ~75% of bf16 peak and ~1.2 PFLOP/s in FP8 (CUDA). The
 issue's targets: bf16 >= cuDNN bf16, FP8 >= 1.4x cuDNN bf16. Measured (H100, 2026-11-23, same run,
-benchmarks/attention.md): bf16 558 TFLOP/s = 1.03x cuDNN's 540; FP8 725 TFLOP/s incl. the V
-pre-pass = 1.34x (ping-pong, block_kv 128, 2 stages). The gap to the MMA roof: per 128-key step the
+benchmarks/attention.md, window 2): bf16 539 TFLOP/s = 1.02x cuDNN's 528; FP8 721 TFLOP/s incl. the
+V pre-pass = 1.37x (ping-pong, block_kv 128, 2 stages; the overlap variant is slower, 634). The gap to the MMA roof: per 128-key step the
 softmax's 2 x 8192 ex2 take as many cycles on the MUFU as the FP8 MMAs on the tensor cores, and each
 warpgroup runs QK -> softmax -> PV serially.
 
