@@ -30,7 +30,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul
-from kernels.nvfp4_matmul import global_factor, k_block, mode_for, row_scales, tile_dot
+from kernels.nvfp4_matmul import (check_asm_layout, global_factor, k_block, mode_for, row_scales,
+                                  tile_dot)
 from kernels.quant import fp8_block, nvfp4
 
 
@@ -50,7 +51,7 @@ class Tiling:
 
 # NVFP4 dequantization route / x prescale at <= 64 rows per group (decode); see
 # kernels/nvfp4_matmul.DEQUANT_MODES. Prefill-sized groups keep the bf16-MMA "f32" route.
-DECODE_DEQUANT = "asm"
+DECODE_DEQUANT = "f32"
 DECODE_X_SCALE = False
 
 
@@ -199,6 +200,7 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
       raise ShapeError(f"block_n {t.block_n} > 128 needs N % block_n == 0 (N={n})")
   sched = make_schedule(group_sizes, t_rows, t.block_m)
   mode = mode_for(t.dequant, interpret) if fmt == "nvfp4" else "f32"
+  check_asm_layout(mode, t.x_even_odd)
   x_scale = t.x_scale and mode != "f32"
   if x_scale:
     operands = (operands[0], *row_scales(operands[0]), *operands[1:])
