@@ -553,7 +553,7 @@ def dense_supported(q, k, v, tiles: MgpuTiles = MgpuTiles()) -> bool:
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
 def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, query_start: jax.Array,
                   kv_lens: jax.Array, *, scale: float, q_scale=1.0, k_scale=1.0, v_scale=1.0,
-                  tiles: MgpuTiles = MgpuTiles(overlap=True),
+                  tiles: MgpuTiles = MgpuTiles(),
                   interpret: bool = False) -> jax.Array:
   """``kernels.flash_attention.flash_prefill``'s packed layout (q [T, H, D], k/v [B, S, KV, D]):
   the Mosaic GPU kernel when the batch is dense -- every sequence is a whole prompt of exactly S

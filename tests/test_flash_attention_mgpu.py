@@ -118,7 +118,7 @@ def test_packed_op_dispatch():
   dense_qs, dense_lens = jnp.asarray([0, S, 2 * S], jnp.int32), jnp.asarray([S, S], jnp.int32)
   out = flash_prefill(q, k, v, dense_qs, dense_lens, scale=D ** -0.5, interpret=True)
   mosaic = flash_prefill_dense(q.reshape(B, S, H, D), k, v, scale=D ** -0.5,
-                               tiles=MgpuTiles(overlap=True), interpret=True)
+                               tiles=MgpuTiles(), interpret=True)
   np.testing.assert_array_equal(f64(out), f64(mosaic.reshape(B * S, H, D)))
   ref = np_causal(f64(q).reshape(B, S, H, D), f64(k), f64(v)).reshape(B * S, H, D)
   assert rel_err(out, ref) < 1e-2
