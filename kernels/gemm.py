@@ -12,10 +12,11 @@ Outputs are in x's dtype. On GPU the kernels in kernels/{nvfp4,fp8_block,grouped
 references. The dense NVFP4 / FP8 ops at M >= PREFILL_DEQUANT_M rows dequantize the weight to x's
 dtype and call XLA's dot, which measured faster than the fused kernels (benchmarks/gemm.md).
 
-NVFP4 decode (dense M <= 64, grouped <= 64 rows per expert) dequantizes on the f16 route chosen by
-kernels.nvfp4_matmul.DECODE_DEQUANT / kernels.grouped_matmul.DECODE_DEQUANT and casts x to f16
-for the MMA: activations must stay within |x| <= 65504 (larger ones give inf), unless
-DECODE_X_SCALE is set (exact per-row power-of-two prescale, one extra reduction over x per call).
+NVFP4 decode (dense M <= 64, grouped <= 64 rows per expert) dequantizes on the route chosen by
+kernels.nvfp4_matmul.DECODE_DEQUANT / kernels.grouped_matmul.DECODE_DEQUANT (default "f32": bf16
+MMA, verified on the H100). The f16 routes cast x to f16 for the MMA: activations must then stay
+within |x| <= 65504 (larger ones give inf), unless DECODE_X_SCALE is set (exact per-row
+power-of-two prescale, one extra reduction over x per call).
 """
 from __future__ import annotations
 
