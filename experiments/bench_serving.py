@@ -55,6 +55,9 @@ _JAX_JSON = flags.DEFINE_string("jax_json", None, "report: the jax run's JSON")
 _HF_JSON = flags.DEFINE_string("hf_json", None, "report: the HF run's JSON")
 _HF_COMPILE = flags.DEFINE_bool("hf_compile", True, "let transformers torch.compile the decode step "
                                 "(its warm-up runs the timed shapes, so no compile is timed)")
+_MIN_DECODE_TOKENS = flags.DEFINE_integer(
+    "min_decode_tokens", 8, "smallest decode token bucket: XLA:GPU rewrites dots of under ~10M "
+    "multiply-adds (a 1-token x [4096, 1024] k/v projection) into slow multiply+reduce kernels")
 _HF_EAGER_TOO = flags.DEFINE_bool("hf_eager_too", False, "also time the eager HF run per level")
 _ASYNC = flags.DEFINE_bool("async_scheduling", True, "engine: schedule step n+1 before step n's "
                             "tokens reach the host")
@@ -149,13 +152,15 @@ def measure_device_ceilings() -> dict:
 def engine_config(c: int, pages_per_seq: int, kv_dtype=None):
   """Engine settings of concurrency level ``c``: max batch c, prompt-sized chunks, a step token
   budget of min(--max_num_batched_tokens, c prompts) and two token buckets (c for decode-only steps,
-  the budget for steps that prefill), so each level compiles two step shapes."""
+  the budget for steps that prefill), so each level compiles two step shapes. The decode bucket is
+  at least --min_decode_tokens (padding rows cost nothing in a weight-bound step)."""
   from jaxinfer.engine import EngineConfig
-  budget = max(c, min(_BUDGET.value, c * _INPUT.value))
+  budget = max(c, _MIN_DECODE_TOKENS.value, min(_BUDGET.value, c * _INPUT.value))
   return EngineConfig(num_pages=_KV_PAGES.value, page_size=_PAGE.value, max_num_seqs=c,
                       max_num_batched_tokens=budget, chunk_size=_INPUT.value,
                       max_model_len=pages_per_seq * _PAGE.value, min_seq_bucket=c,
-                      min_page_bucket=pages_per_seq, token_buckets=tuple(sorted({c, budget})),
+                      min_page_bucket=pages_per_seq,
+                      token_buckets=tuple(sorted({max(c, _MIN_DECODE_TOKENS.value), budget})),
                       kv_dtype=kv_dtype, async_scheduling=_ASYNC.value)
 
 
