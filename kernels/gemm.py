@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul as fp8_kernels
+from kernels import fp8_block_matmul_mgpu as fp8_mgpu_kernels
 from kernels import grouped_matmul as grouped_kernels
 from kernels import nvfp4_matmul as nvfp4_kernels
 from kernels.quant import fp8_block, nvfp4
@@ -37,6 +38,11 @@ from kernels.quant.weights import (FP8BlockWeight, GroupedFP8BlockWeight, Groupe
 # the dequantization costs ~90 us per 4096x14336 weight, so the crossover is a few hundred rows.
 # None: always the fused kernel.
 PREFILL_DEQUANT_M: int | None = 512
+
+# Rows from which the dense FP8 block op runs the Mosaic GPU kernel (wgmma, Hopper only) instead:
+# 1136 TFLOP/s at 8192^3 (1.45x XLA's bf16 dot, benchmarks/fp8_block.md). Unlike the dequantize
+# path it quantizes x 1x128 to E4M3 first, as DeepSeek-V3's own recipe does.
+MGPU_FP8_MIN_M: int = 512
 
 
 def _gpu_capability() -> float | None:
@@ -95,6 +101,10 @@ def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
     raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
   if not _use_kernels():
     return fp8_kernels.fp8_block_reference(x, w.weight, w.scale_inv)
+  m, n = x.shape[0], w.weight.shape[0]
+  if (_gpu_capability() == 9.0 and m >= MGPU_FP8_MIN_M
+      and fp8_mgpu_kernels.supported(m, n, w.k)):
+    return fp8_mgpu_kernels.fp8_block_matmul(x, w.weight, w.scale_inv)
   if PREFILL_DEQUANT_M is not None and x.shape[0] >= PREFILL_DEQUANT_M:
     # No activation quantization on this path: x stays in its own precision (more accurate).
     wd = fp8_block.dequantize_weight(w.weight, w.scale_inv, x.dtype)

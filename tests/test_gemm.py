@@ -89,3 +89,26 @@ def test_bad_weights_raise_shape_error(rng):
     gemm.grouped_matmul(x, jnp.ones((2, 128, 8), jnp.int32), jnp.ones((2,), jnp.int32))
   with pytest.raises(ShapeError):
     gemm.nvfp4_matmul(jnp.ones((4, 64)), NVFP4Weight.from_dense(jnp.ones((128, 16))))
+
+
+def test_fp8_block_op_dispatches_to_mosaic_kernel_on_hopper(rng, monkeypatch):
+  """On a (pretended) Hopper GPU at M >= MGPU_FP8_MIN_M the op runs the Mosaic GPU kernel (here
+  in its interpreter), with 1x128-quantized activations."""
+  calls = []
+  kernel = gemm.fp8_mgpu_kernels.fp8_block_matmul
+
+  def interpreted(*args, **kwargs):
+    calls.append(args[0].shape)
+    return kernel(*args, **kwargs, interpret=True)
+
+  monkeypatch.setattr(gemm, "_gpu_capability", lambda: 9.0)
+  monkeypatch.setattr(gemm, "MGPU_FP8_MIN_M", 8)
+  monkeypatch.setattr(gemm.fp8_mgpu_kernels, "fp8_block_matmul", interpreted)
+  k, n = 256, 128
+  w8 = FP8BlockWeight.from_dense(jnp.asarray(rng.standard_normal((k, n)), jnp.float32))
+  x = jnp.asarray(rng.standard_normal((20, k)), jnp.bfloat16)
+  y = gemm.fp8_block_matmul(x, w8)
+  assert calls == [(20, k)]
+  xq, xs = fp8_block.quantize_activations(x)
+  ref = f64(fp8_block.dequantize_activations(xq, xs)) @ f64(w8.dequantize())
+  assert rel(y, ref) < 5e-3
