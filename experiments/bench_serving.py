@@ -30,9 +30,22 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-_ENGINE = flags.DEFINE_enum("engine", "jax", ["jax", "hf", "report", "profile"],
+_ENGINE = flags.DEFINE_enum("engine", "jax", ["jax", "hf", "report", "profile", "batch1"],
                             "what to run; profile: the batch-1 decode step, timed in parts and "
-                            "broken down per GPU kernel")
+                            "broken down per GPU kernel; batch1: the engine's batch-1 decode step "
+                            "for each of --batch1_variants in one process (before/after)")
+_WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"],
+                             "jax weights: bf16, or fp8 (W8A8: E4M3 layer projections with "
+                             "per-channel scales, dynamic per-row activation scales; embedding, "
+                             "norms and LM head bf16)")
+_FUSE = flags.DEFINE_bool("fuse_projections", True, "jax: wq|wk|wv and w_gate|w_up as one GEMM each "
+                          "(llama.fuse_projections, what the engine does on one device)")
+_BATCH1_VARIANTS = flags.DEFINE_list(
+    "batch1_variants", ["unfused:8", "fused:8", "fused:1", "unfused:8"],
+    "batch1: layout:min_decode_tokens[:nocond] per variant, run in this order (a repeat checks "
+    "drift); layout unfused | fused | fp8 (fused + FP8 weights); nocond: attention's runtime "
+    "decode/prefill cond replaced by the decode kernel at trace time (measurement only); hlo: "
+    "also write the decode step's optimized HLO next to --out")
 _MODEL = flags.DEFINE_enum("model", "llama3-8b", ["llama3-8b", "toy"], "model shape (random weights)")
 _CONC = flags.DEFINE_list("concurrency", ["1", "64"], "closed-loop levels run first, in order")
 _EXTRA_CONC = flags.DEFINE_list("extra_concurrency", ["16", "256"],
@@ -53,6 +66,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed")
 _OUT = flags.DEFINE_string("out", "/tmp/bench_serving.json", "JSON output (report: .md/.png prefix)")
 _JAX_JSON = flags.DEFINE_string("jax_json", None, "report: the jax run's JSON")
 _HF_JSON = flags.DEFINE_string("hf_json", None, "report: the HF run's JSON")
+_JAX_FP8_JSON = flags.DEFINE_string("jax_fp8_json", None, "report: a --weights=fp8 jax run's JSON "
+                                    "(its own rows; never counted toward the bf16 target)")
 _HF_COMPILE = flags.DEFINE_bool("hf_compile", True, "let transformers torch.compile the decode step "
                                 "(its warm-up runs the timed shapes, so no compile is timed)")
 _MIN_DECODE_TOKENS = flags.DEFINE_integer(
@@ -149,19 +164,35 @@ def measure_device_ceilings() -> dict:
   return {"hbm_bytes_per_s": bw, "bf16_flops_per_s": 2 * m ** 3 / float(np.median(times))}
 
 
-def engine_config(c: int, pages_per_seq: int, kv_dtype=None):
+def engine_config(c: int, pages_per_seq: int, kv_dtype=None, min_decode: int | None = None):
   """Engine settings of concurrency level ``c``: max batch c, prompt-sized chunks, a step token
   budget of min(--max_num_batched_tokens, c prompts) and two token buckets (c for decode-only steps,
   the budget for steps that prefill), so each level compiles two step shapes. The decode bucket is
   at least --min_decode_tokens (padding rows cost nothing in a weight-bound step)."""
   from jaxinfer.engine import EngineConfig
-  budget = max(c, _MIN_DECODE_TOKENS.value, min(_BUDGET.value, c * _INPUT.value))
+  min_decode = _MIN_DECODE_TOKENS.value if min_decode is None else min_decode
+  budget = max(c, min_decode, min(_BUDGET.value, c * _INPUT.value))
   return EngineConfig(num_pages=_KV_PAGES.value, page_size=_PAGE.value, max_num_seqs=c,
                       max_num_batched_tokens=budget, chunk_size=_INPUT.value,
                       max_model_len=pages_per_seq * _PAGE.value, min_seq_bucket=c,
                       min_page_bucket=pages_per_seq,
-                      token_buckets=tuple(sorted({max(c, _MIN_DECODE_TOKENS.value), budget})),
+                      token_buckets=tuple(sorted({max(c, min_decode), budget})),
                       kv_dtype=kv_dtype, async_scheduling=_ASYNC.value)
+
+
+def model_params(cfg, weights: str, fuse: bool):
+  """Random Llama params in the benchmark's layout: bf16, projections fused when ``fuse``, layer
+  projections FP8 (``llama.quantize_projections_fp8``) when ``weights == "fp8"``."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxinfer.models import llama
+  params = llama.init_params(cfg, jax.random.key(_SEED.value), jnp.bfloat16)
+  if fuse:
+    params = llama.fuse_projections(params)
+  if weights == "fp8":
+    params = jax.jit(llama.quantize_projections_fp8)(params)
+  return jax.block_until_ready(params)
 
 
 def run_closed_loop(engine, prompts, concurrency: int, num_requests: int) -> tuple[dict, list]:
@@ -254,9 +285,9 @@ def run_jax() -> dict:
   cfg = llama.LlamaConfig(**llama_shape(_MODEL.value))
   dtype = jnp.bfloat16
   t = time.perf_counter()
-  params = llama.init_params(cfg, jax.random.key(_SEED.value), dtype)
-  jax.block_until_ready(params)
+  params = model_params(cfg, _WEIGHTS.value, _FUSE.value)
   result["init_s"] = time.perf_counter() - t
+  result["weights"], result["fused_projections"] = _WEIGHTS.value, _FUSE.value
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   embed_bytes = params["embed"].nbytes if not cfg.tie_word_embeddings else 0
   result["weight_bytes"], result["decode_read_bytes"] = weight_bytes, weight_bytes - embed_bytes
@@ -338,6 +369,123 @@ def run_jax() -> dict:
     run_level(c, extra=True)
   result["total_s"] = time.perf_counter() - T_START
   return result
+
+
+# ---------------------------------------------------------------------------------------------
+# batch1: the engine's batch-1 decode step, variants before/after in one process
+
+
+def run_batch1() -> dict:
+  """Per --batch1_variants entry: an engine at bench_serving's c=1 settings (decode token bucket
+  ``min_decode``), one untimed request, then the closed loop of --requests_per_user requests; the
+  median engine decode step (host loop included: what the c=1 level of --engine=jax reports as
+  ``batch1_decode``) against the weight-read floor at the in-run bandwidth; then a 20-step trace per
+  kernel on GPU. Every variant shares the process, the ceilings and the random weights."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxinfer.engine import LLMEngine
+  from jaxinfer.engine.step import LlamaForward
+  from jaxinfer.models import llama
+
+  on_gpu = jax.default_backend() == "gpu"
+  cfg = llama.LlamaConfig(**llama_shape(_MODEL.value))
+  result = {"device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": _MODEL.value,
+            "input_len": _INPUT.value, "output_len": _OUTPUT.value, "variants": {}}
+
+  def save():
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+  layouts = {"unfused": model_params(cfg, "bf16", False)}
+  embed_bytes = layouts["unfused"]["embed"].nbytes
+  read_bytes = lambda p: sum(x.nbytes for x in jax.tree.leaves(p)) - embed_bytes
+  result["decode_read_bytes"] = read_bytes(layouts["unfused"])
+  if on_gpu:
+    result["ceilings"] = measure_device_ceilings()
+  bw = result.get("ceilings", {}).get("hbm_bytes_per_s", 3.0e12)
+  save()
+  pages_per_seq = -(-(_INPUT.value + _OUTPUT.value) // _PAGE.value)
+  cache = llama.create_cache(cfg, num_pages=_KV_PAGES.value, page_size=_PAGE.value,
+                             dtype=jnp.bfloat16)
+  prompts = prompt_set(4, cfg.vocab_size, np.random.default_rng(_SEED.value))
+  for i, variant in enumerate(_BATCH1_VARIANTS.value):
+    layout, min_decode, *opts = variant.split(":")
+    if layout not in layouts:
+      base = layouts.get("fused") or llama.fuse_projections(layouts["unfused"])
+      layouts["fused"] = base
+      if layout == "fp8":
+        layouts["fp8"] = jax.block_until_ready(jax.jit(llama.quantize_projections_fp8)(base))
+    params = layouts[layout]
+    forward = NoCondLlamaForward(cfg) if "nocond" in opts else LlamaForward(cfg)
+    engine = LLMEngine(params, forward, cache, vocab_size=cfg.vocab_size,
+                       max_model_len=pages_per_seq * _PAGE.value,
+                       config=engine_config(1, pages_per_seq, min_decode=int(min_decode)))
+    t = time.perf_counter()
+    engine.warmup(num_threads=2, samplers=(True,))
+    compile_s = time.perf_counter() - t
+    if "hlo" in opts:   # the decode step's optimized HLO, for reading its fusions
+      import gzip
+
+      from jaxinfer.engine.step import build_host_batch, step_jit
+      shape = (engine.buckets.tokens[0], 1, pages_per_seq)
+      hb = build_host_batch([], _PAGE.value, shape)
+      hlo = step_jit.lower(params, hb.ints, hb.floats, engine._no_prev, engine.cache,
+                           forward=forward, shape=shape, greedy=True).compile().as_text()
+      with gzip.open(os.path.join(os.path.dirname(os.path.abspath(_OUT.value)),
+                                  f"step_hlo_{i}_{layout}{min_decode}.txt.gz"), "wt") as f:
+        f.write(hlo)
+    run_closed_loop(engine, prompts, 1, 1)
+    summary, steps = run_closed_loop(engine, prompts, 1, _PER_USER.value)
+    decode = [dt for dt, st in steps if st is not None and st.decode_only]
+    step_s = float(np.median(decode))
+    floor = result["decode_read_bytes"] / bw
+    entry = {"layout": layout, "min_decode_tokens": int(min_decode), "options": opts,
+             "compile_s": compile_s, "decode_steps": len(decode), "step_s": percentiles(decode),
+             "tpot_s": summary["tpot_s"], "read_bytes": read_bytes(params),
+             "over_bf16_roofline": step_s / floor, "over_bf16_roofline_3TBps": step_s / (
+                 result["decode_read_bytes"] / 3.0e12)}
+    if on_gpu:
+      entry["decode_kernels"] = trace_decode_steps(engine, prompts, 1)
+    cache = engine.cache
+    del engine
+    result["variants"][f"{i}_{variant}"] = entry
+    logging.info("batch1 %s: step p50 %.3f ms = %.3fx roofline, %s kernels/step", variant,
+                 1e3 * step_s, entry["over_bf16_roofline"],
+                 entry.get("decode_kernels", {}).get("kernels_per_step"))
+    save()
+  result["total_s"] = time.perf_counter() - T_START
+  save()
+  return result
+
+
+class NoCondLlamaForward:
+  """``LlamaForward`` whose attention calls the paged decode kernel directly (no runtime
+  decode/prefill ``lax.cond``) in steps of at most 8 tokens, where no sequence can have more than the
+  decode kernel's 8 queries (so the cond always picks it): what the cond costs in the batch-1 step.
+  A distinct class, so its compiled steps do not collide with ``LlamaForward``'s in the jit cache."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def __hash__(self):
+    return hash(("nocond", self.cfg))
+
+  def __eq__(self, other):
+    return isinstance(other, NoCondLlamaForward) and other.cfg == self.cfg
+
+  def __call__(self, params, tokens, cache, batch):
+    from jaxinfer import attention
+    from jaxinfer.models import llama
+    if tokens.shape[0] > 8:
+      return llama.forward(params, tokens, cache, batch, self.cfg)
+    dispatch, attention.paged_attention = attention.paged_attention, decode_only_attention
+    try:
+      return llama.forward(params, tokens, cache, batch, self.cfg)
+    finally:
+      attention.paged_attention = dispatch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,10 +607,12 @@ def decode_only_attention(q, k_pages, v_pages, batch, *, scale, k_scale=1.0, v_s
   del impl
   import jax
 
+  from jaxinfer import attention
   from kernels import paged_decode_attention as decode
+  max_q = min(attention.bucket(-(-batch.num_tokens // batch.num_seqs), 1), 8)
   return decode.paged_decode_attention(q, k_pages, v_pages, batch.page_table, batch.seq_lens,
                                        batch.query_start, scale=scale, k_scale=k_scale,
-                                       v_scale=v_scale, max_q=1,
+                                       v_scale=v_scale, max_q=max_q,
                                        interpret=jax.default_backend() != "gpu")
 
 
@@ -752,13 +902,15 @@ def report_series(runs: list[dict]) -> list[tuple[str, dict]]:
     compiled = run.get("torch_compile")
     label = run["engine"] + ("" if compiled is None else " (torch.compile)" if compiled else
                              " (eager)")
+    if run.get("weights") == "fp8":
+      label += " FP8 weights (W8A8)"
     series.append((label, run.get("levels", {})))
     if run.get("levels_eager"):
       series.append((run["engine"] + " (eager)", run["levels_eager"]))
   return [(label, lv) for label, lv in series if lv]
 
 
-def targets(jax_run: dict | None, hf_run: dict | None) -> dict:
+def targets(jax_run: dict | None, hf_run: dict | None, fp8_run: dict | None = None) -> dict:
   """The issue's two targets from the runs' own numbers: output tokens/s against HF at c=64
   (>= 3x; against the compiled peer when it ran, else eager, labelled), and the batch-1 decode
   step against the weight-read roofline (<= 1.3x; at the in-run read bandwidth and at 3.0 TB/s)."""
@@ -771,6 +923,11 @@ def targets(jax_run: dict | None, hf_run: dict | None) -> dict:
         name = label if key == "levels_eager" or not hf_run.get("torch_compile") else "hf_compiled"
         out[f"c64_tokens_per_s_vs_{name}"] = (jl["tokens_per_s_per_gpu"]
                                               / hl["tokens_per_s_per_gpu"])
+  hl = (hf_run or {}).get("levels", {}).get("64")
+  fl = (fp8_run or {}).get("levels", {}).get("64")
+  if hl and fl:   # quantized ours vs bf16 HF: a separate row, not the issue's bf16 target
+    out["c64_fp8_weights_tokens_per_s_vs_hf_bf16_NOT_the_target"] = (
+        fl["tokens_per_s_per_gpu"] / hl["tokens_per_s_per_gpu"])
   if jax_run and "batch1_decode" in jax_run:
     b1 = jax_run["batch1_decode"]
     out["batch1_step_over_roofline"] = b1["ratio"]
@@ -784,8 +941,10 @@ def report() -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   load = lambda p: json.load(open(p)) if p and os.path.exists(p) else None
-  jax_run, hf_run = load(_JAX_JSON.value), load(_HF_JSON.value)
-  runs = [r for r in (jax_run, hf_run) if r]
+  jax_run, hf_run, fp8_run = load(_JAX_JSON.value), load(_HF_JSON.value), load(_JAX_FP8_JSON.value)
+  if jax_run and jax_run.get("weights") == "fp8":
+    raise ValueError("--jax_json must be the bf16 run (the target's); pass FP8 as --jax_fp8_json")
+  runs = [r for r in (jax_run, fp8_run, hf_run) if r]
   series = report_series(runs)
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for label, levels in series:
@@ -797,7 +956,7 @@ def report() -> None:
       ax.annotate(f"c={c}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
   ax.set_xlabel("interactivity: output tokens/s per user")
   ax.set_ylabel("throughput: output tokens/s per GPU")
-  ax.set_title(f"Llama-3-8B-shaped, random bf16 weights ({runs[0].get('device', '?')})")
+  ax.set_title(f"Llama-3-8B-shaped, random weights ({runs[0].get('device', '?')})")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -819,7 +978,7 @@ def report() -> None:
                 f"{ms(v['ttft_s'], 'p50')} / {ms(v['ttft_s'], 'p99')} | {ms(v['tpot_s'], 'p50')} / "
                 f"{ms(v['tpot_s'], 'p99')} | {ms(v['itl_s'], 'p50')} / {ms(v['itl_s'], 'p99')} |")
   table = "\n".join(rows)
-  goals = targets(jax_run, hf_run)
+  goals = targets(jax_run, hf_run, fp8_run)
   print(table)
   print("targets:", goals)
   with open(_OUT.value, "w") as f:
@@ -832,6 +991,14 @@ def main(argv) -> None:
   del argv
   if _ENGINE.value == "report":
     report()
+    return
+  if _ENGINE.value == "batch1":
+    result = run_batch1()
+    for key, v in result["variants"].items():
+      k = v.get("decode_kernels", {})
+      print(f"{key:>24}: step p50 {1e3 * v['step_s']['p50']:.3f} ms = "
+            f"{v['over_bf16_roofline']:.3f}x bf16 roofline; kernels/step "
+            f"{k.get('kernels_per_step')}, busy {k.get('busy_ms_per_step')}")
     return
   if _ENGINE.value == "profile":
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

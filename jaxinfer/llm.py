@@ -5,6 +5,7 @@ server needed."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from jaxinfer.compilation_cache import enable_compilation_cache
 from jaxinfer.engine import EngineConfig, LLMEngine, RequestOutput
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.loader import LoadedModel, load_model
+from jaxinfer.models import llama
 from jaxinfer.outputs import GenerationOutput
 from jaxinfer.sampling import SamplingParams
 
@@ -34,7 +36,9 @@ class LLM:
   the free accelerator memory, 128 MiB on CPU); ``engine_config`` overrides all of these.
   ``parallel`` places the model on a device mesh (tensor/pipeline/expert parallel; see sharding/);
   with ``dp`` > 1 it serves dp independent replicas (``sharding.replicas``), each KV cache sized as
-  one engine's.
+  one engine's. On one device a Llama's q/k/v and gate/up projections are fused into one weight each
+  (``llama.fuse_projections``; ``self.model.params`` holds that layout, ``llama.unfuse_projections``
+  gives the checkpoint one back).
   """
 
   def __init__(self, model: str | LoadedModel | None = None, *, dtype=None, page_size: int = 16,
@@ -51,6 +55,10 @@ class LLM:
     elif parallel is not None:
       from sharding.model import shard_model
       self.model = shard_model(self.model, parallel)
+    elif (self.model.architecture == "llama" and llama.can_fuse_projections(self.model.params)
+          and (engine_config is None or engine_config.fuse_projections)):
+      # Fused here rather than in the engine so the unfused weights are not kept alive beside them.
+      self.model = dataclasses.replace(self.model, params=llama.fuse_projections(self.model.params))
     self.tokenizer = self.model.tokenizer
     self.page_size = page_size
     self.prefill_chunk = prefill_chunk

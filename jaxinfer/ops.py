@@ -1,6 +1,8 @@
-"""Small shared ops: RMSNorm, rotary embeddings, and the one dispatch point for weight matmuls."""
+"""Small shared ops: RMSNorm, rotary embeddings, the one dispatch point for weight matmuls, and an
+FP8 weight type for it."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -15,6 +17,51 @@ def linear(x: jax.Array, w, out_dtype=None) -> jax.Array:
     return w.linear(x).astype(out_dtype)
   return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype),
                     preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+E4M3_MAX = 448.0
+_TINY_AMAX = 1e-12
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FP8Weight:
+  """W8A8 FP8 linear: E4M3 weight ``w`` [N, K] (K minor: cuBLASLt's FP8 "TN" layout, no transpose at
+  run time) with one f32 scale per output channel ``scale`` [N]; activations quantized per row with
+  a dynamic scale (row amax / 448) on every call.
+
+  linear(x) = (E4M3(x / sx) . E4M3(W / sw)^T) * sx * sw: one 2-D ``dot_general`` of two E4M3
+  operands, which XLA:GPU lowers to a cuBLASLt FP8 GEMM (f32 accumulation) on Hopper; the row and
+  column scales are applied to its output in one elementwise fusion. A decode step reads half the
+  bytes of bf16 weights; the row amax and the cast are one small fusion over x."""
+  w: jax.Array
+  scale: jax.Array
+
+  @classmethod
+  def from_dense(cls, w_kn: jax.Array) -> FP8Weight:
+    """From a dense [K, N] weight (the models' [in, out] layout)."""
+    w32 = jnp.asarray(w_kn, jnp.float32)
+    s = jnp.max(jnp.abs(w32), axis=0) / E4M3_MAX
+    s = jnp.where(s > 0, s, 1.0)
+    return cls((w32 / s).T.astype(jnp.float8_e4m3fn), s)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The dense [K, N] shape this weight stands for."""
+    return (self.w.shape[1], self.w.shape[0])
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    return (self.w.astype(jnp.float32) * self.scale[:, None]).T.astype(dtype)
+
+  def linear(self, x: jax.Array) -> jax.Array:
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    sx = jnp.maximum(jnp.max(jnp.abs(rows), axis=-1, keepdims=True), _TINY_AMAX) / E4M3_MAX
+    xq = jnp.clip(rows / sx, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    # bf16 out (f32 accumulation inside): the form XLA:GPU's GEMM rewriter maps to cuBLASLt FP8.
+    y = jax.lax.dot_general(xq, self.w, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.bfloat16)
+    y = (y.astype(jnp.float32) * sx * self.scale).astype(x.dtype)
+    return y.reshape(*x.shape[:-1], self.w.shape[0])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -151,6 +151,21 @@ def test_greedy_continuous_batching_equals_one_at_a_time():
   assert eng.allocator.num_used == 0
 
 
+def test_engine_fuses_projections_on_one_device_with_the_same_greedy_outputs():
+  rng = np.random.default_rng(5)
+  prompts = random_prompts(rng, 4)
+  params = SamplingParams(max_tokens=6, ignore_eos=True)
+  fused, plain = make_engine(), make_engine(fuse_projections=False)
+  assert "wqkv" in fused.params["layers"][0] and "w_gate_up" in fused.params["layers"][0]
+  assert "wq" in plain.params["layers"][0] and "wq" in PARAMS["layers"][0]
+  outs = []
+  for eng in (fused, plain):
+    ids = [eng.add_request(p, params) for p in prompts]
+    got = eng.run_to_completion()
+    outs.append([got[i].token_ids for i in ids])
+  assert outs[0] == outs[1]
+
+
 def test_preemption_with_tiny_kv_cache_recomputes_to_the_same_greedy_outputs():
   rng = np.random.default_rng(2)
   prompts = random_prompts(rng, 6, lo=6, hi=14)

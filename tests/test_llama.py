@@ -97,3 +97,63 @@ def test_config_from_hf_and_errors():
     llama.LlamaConfig.from_hf({**hf, "num_key_value_heads": 3})
   with pytest.raises(UnsupportedModelError, match="rope scaling"):
     llama.LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_fused_projections_forward_equals_unfused():
+  """wqkv / w_gate_up (one GEMM each) give the unfused model's logits, prefill and decode; the
+  transform round-trips exactly, and leaves already-fused layers alone."""
+  params = random_params(TINY, seed=11)
+  fused = llama.fuse_projections(params)
+  layer = fused["layers"][0]
+  nq, nkv = TINY.num_heads * TINY.head_dim, TINY.num_kv_heads * TINY.head_dim
+  assert set(layer) == {"attn_norm", "mlp_norm", "wqkv", "wo", "w_gate_up", "w_down"}
+  assert layer["wqkv"].shape == (TINY.hidden_size, nq + 2 * nkv)
+  assert layer["w_gate_up"].shape == (TINY.hidden_size, 2 * TINY.intermediate_size)
+  assert "wq" in params["layers"][0]                       # the input is not modified
+  back = llama.unfuse_projections(fused, TINY)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
+  assert llama.fuse_projections(fused)["layers"][0].keys() == layer.keys()
+
+  toks = np.random.default_rng(11).integers(0, TINY.vocab_size, 9).tolist()
+  outs = []
+  for p in (params, fused):
+    cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=jnp.float32)
+    prefill, cache = _run(TINY, p, cache, [SeqChunk([3, 5, 7], 0, 8)], [toks[:8]], all_logits=True)
+    decode, _ = _run(TINY, p, cache, [SeqChunk([3, 5, 7], 8, 1)], [toks[8:]])
+    outs.append((np.asarray(prefill), np.asarray(decode[0])))
+  for a, b in zip(*outs):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_projections_skips_quantized_weights_and_sharded_params():
+  params = random_params(TINY, seed=12)
+  layers = [dict(l) for l in params["layers"]]
+  layers[0]["wk"] = llama.FP8Weight.from_dense(layers[0]["wk"])
+  fused = llama.fuse_projections({**params, "layers": layers})
+  assert "wqkv" not in fused["layers"][0] and "w_gate_up" in fused["layers"][0]
+  assert "wqkv" in fused["layers"][1]
+  assert llama.can_fuse_projections(params)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
+  spread = jax.device_put(params["layers"][0]["wq"],
+                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tp")))
+  layers = [dict(l) for l in params["layers"]]
+  layers[0]["wq"] = spread
+  assert not llama.can_fuse_projections({**params, "layers": layers})
+
+
+def test_fp8_projections_close_to_bf16_forward():
+  """W8A8 FP8 layer projections (per-channel weight scales, per-row activation scales): logits
+  within a few percent of the unquantized model's, fused or not."""
+  params = random_params(TINY, seed=13)
+  toks = np.random.default_rng(13).integers(0, TINY.vocab_size, 10).tolist()
+  outs = []
+  for p in (params, llama.quantize_projections_fp8(params),
+            llama.quantize_projections_fp8(llama.fuse_projections(params))):
+    cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=jnp.float32)
+    logits, _ = _run(TINY, p, cache, [SeqChunk([1, 2, 3], 0, 10)], [toks], all_logits=True)
+    outs.append(np.asarray(logits, np.float64))
+  q = llama.quantize_projections_fp8(params)["layers"][0]
+  assert q["wq"].w.dtype == jnp.float8_e4m3fn and q["attn_norm"].dtype == jnp.float32
+  for got in outs[1:]:
+    rel = np.linalg.norm(got - outs[0]) / np.linalg.norm(outs[0])
+    assert rel < 0.08, rel

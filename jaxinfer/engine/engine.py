@@ -88,6 +88,14 @@ class EngineConfig:
   min_page_bucket: int = 8
   token_buckets: tuple[int, ...] | None = None  # explicit step-token ladder (last = the budget)
   async_scheduling: bool = True         # dispatch step n+1 before waiting for step n's tokens
+  fuse_projections: bool = True         # Llama on one device: wq|wk|wv and w_gate|w_up as one GEMM each
+
+
+def _maybe_fuse(params, config: EngineConfig):
+  """Llama params in the fused-projection layout when the config asks and they sit on one device."""
+  if config.fuse_projections and llama.can_fuse_projections(params):
+    return llama.fuse_projections(params)
+  return params
 
 
 class LLMEngine:
@@ -136,7 +144,7 @@ class LLMEngine:
                  config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
     cache = llama.create_cache(cfg, num_pages=config.num_pages, page_size=config.page_size,
                                dtype=config.kv_dtype or params["final_norm"].dtype)
-    return cls(params, LlamaForward(cfg), cache, vocab_size=cfg.vocab_size,
+    return cls(_maybe_fuse(params, config), LlamaForward(cfg), cache, vocab_size=cfg.vocab_size,
                max_model_len=config.max_model_len or cfg.max_position_embeddings,
                tokenizer=tokenizer, config=config, **kw)
 
@@ -146,9 +154,13 @@ class LLMEngine:
     cfg = model.config
     cache = model.create_cache(config.num_pages, config.page_size, config.kv_dtype)
     # A sharded model (sharding.model.ShardedModel) brings its own hashable step forward.
-    forward = getattr(model, "step_forward", None) or (
+    sharded_forward = getattr(model, "step_forward", None)
+    forward = sharded_forward or (
         LlamaForward(cfg) if isinstance(cfg, llama.LlamaConfig) else model.forward)
-    return cls(model.params, forward, cache, vocab_size=cfg.vocab_size,
+    params = model.params
+    if sharded_forward is None and isinstance(cfg, llama.LlamaConfig):
+      params = _maybe_fuse(params, config)
+    return cls(params, forward, cache, vocab_size=cfg.vocab_size,
                max_model_len=config.max_model_len or cfg.max_position_embeddings,
                tokenizer=model.tokenizer, config=config, **kw)
 

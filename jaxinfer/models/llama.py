@@ -9,6 +9,11 @@ logits = RMSNorm(h) Wlm (Wlm = Embedᵀ when tied).
 Layers are separate arrays looped over in Python inside one jit: a ``lax.scan`` over stacked weights
 made XLA copy each layer's slice every step (see BASELINES.md), which this layout avoids by construction.
 Weights are stored [in, out]. ``PARAM_AXES`` names each weight's logical axes for sharding rules.
+
+Checkpoints and sharding use one weight per projection. ``fuse_projections`` is a load-time transform
+for a single device: the projections that share an input become one GEMM each, ``wqkv`` = [Wq|Wk|Wv]
+and ``w_gate_up`` = [Wgate|Wup] (fewer kernels per step, and a 1-token decode step has no small-N dot
+for XLA to strength-reduce into a multiply+reduce). ``forward`` takes either layout.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 from jaxinfer import attention
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCache, write_kv
-from jaxinfer.ops import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
+from jaxinfer.ops import FP8Weight, apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
 
 Params = dict[str, Any]
 
@@ -88,6 +93,9 @@ LAYER_AXES = {
     "wq": ("embed", "q_heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
     "wo": ("q_heads", "embed"),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    # Fused layout (``fuse_projections``): concatenated outputs do not split along one mesh axis the
+    # way q/k/v heads or mlp columns do, so a fused weight that reaches the sharding rules stays whole.
+    "wqkv": ("embed", None), "w_gate_up": ("embed", None),
 }
 PARAM_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 
@@ -128,9 +136,10 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
   sharding/ runs the same blocks per pipeline stage or per attention-data-parallel rank."""
   T = x.shape[0]
   h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-  q = linear(h, layer["wq"]).reshape(T, cfg.num_heads, cfg.head_dim)
-  k = linear(h, layer["wk"]).reshape(T, cfg.num_kv_heads, cfg.head_dim)
-  v = linear(h, layer["wv"]).reshape(T, cfg.num_kv_heads, cfg.head_dim)
+  q, k, v = qkv_projections(layer, h, cfg)
+  q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+  k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+  v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   k_pages = write_kv(k_pages, k, batch.slots, k_scale)
   v_pages = write_kv(v_pages, v, batch.slots, v_scale)
@@ -139,9 +148,23 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
   return x + linear(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
 
 
+def qkv_projections(layer: Params, h, cfg: LlamaConfig):
+  """h [T, H] -> (q [T, Hq*D], k [T, Hkv*D], v [T, Hkv*D]), from ``wqkv`` or wq / wk / wv."""
+  if "wqkv" not in layer:
+    return linear(h, layer["wq"]), linear(h, layer["wk"]), linear(h, layer["wv"])
+  nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  qkv = linear(h, layer["wqkv"])
+  return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+
+
 def mlp(layer: Params, h):
   """The SwiGLU on normed activations h [T, H] (no residual): (SiLU(h Wgate) * h Wup) Wdown."""
-  return linear(jax.nn.silu(linear(h, layer["w_gate"])) * linear(h, layer["w_up"]), layer["w_down"])
+  if "w_gate_up" in layer:
+    gate_up = linear(h, layer["w_gate_up"])
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+  else:
+    gate, up = linear(h, layer["w_gate"]), linear(h, layer["w_up"])
+  return linear(jax.nn.silu(gate) * up, layer["w_down"])
 
 
 def mlp_block(layer: Params, x, cfg: LlamaConfig):
@@ -177,6 +200,72 @@ def lm_logits(params: Params, x, cfg: LlamaConfig) -> jax.Array:
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
   return linear(x, lm_head, out_dtype=jnp.float32)
+
+
+_FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def _on_one_device(params: Params) -> bool:
+  for x in jax.tree.leaves(params):
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and len(sharding.device_set) > 1:
+      return False
+  return True
+
+
+def can_fuse_projections(params: Params) -> bool:
+  """Whether ``fuse_projections`` applies: every weight on one device (a sharded model keeps one
+  weight per projection, which its rule table splits by heads / mlp columns)."""
+  return "layers" in params and _on_one_device(params)
+
+
+def fuse_projections(params: Params) -> Params:
+  """Load-time transform: each layer's wq/wk/wv -> ``wqkv`` [H, (Hq + 2 Hkv) D] and w_gate/w_up ->
+  ``w_gate_up`` [H, 2 I] (outputs concatenated in that order). Layers already fused, and groups with a
+  quantized weight (which carries its own ``linear``), are left as they are. Returns new dicts; each
+  layer's unfused arrays are dropped from them as it is fused, so with no other reference to them the
+  peak extra memory is one layer's projections."""
+  layers = []
+  for layer in params["layers"]:
+    layer = dict(layer)
+    for fused, parts in _FUSED.items():
+      if fused in layer or not all(p in layer for p in parts):
+        continue
+      ws = [layer[p] for p in parts]
+      if any(hasattr(w, "linear") or w.ndim != 2 for w in ws):
+        continue
+      layer[fused] = jnp.concatenate(ws, axis=1)
+      for p in parts:
+        del layer[p]
+    layers.append(layer)
+  return {**params, "layers": layers}
+
+
+def unfuse_projections(params: Params, cfg: LlamaConfig) -> Params:
+  """Inverse of ``fuse_projections`` (the checkpoint / sharding layout)."""
+  nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  splits = {"wqkv": (nq, nq + nkv), "w_gate_up": (cfg.intermediate_size,)}
+  layers = []
+  for layer in params["layers"]:
+    layer = dict(layer)
+    for fused, parts in _FUSED.items():
+      if fused in layer:
+        w = layer.pop(fused)
+        layer.update(zip(parts, jnp.split(w, splits[fused], axis=1)))
+    layers.append(layer)
+  return {**params, "layers": layers}
+
+
+def quantize_projections_fp8(params: Params) -> Params:
+  """Every layer projection (fused or not) as an ``ops.FP8Weight`` (E4M3, per-output-channel weight
+  scales, dynamic per-row activation scales): half the weight bytes a decode step reads. The
+  embedding, the norms and the LM head stay in their dtype."""
+  def quantize(name, w):
+    if name.endswith("norm") or hasattr(w, "linear"):
+      return w
+    return FP8Weight.from_dense(w)
+  layers = [{name: quantize(name, w) for name, w in layer.items()} for layer in params["layers"]]
+  return {**params, "layers": layers}
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
