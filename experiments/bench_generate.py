@@ -35,6 +35,8 @@ flags.DEFINE_integer("decode_steps", 32, "timed decode steps")
 flags.DEFINE_integer("page_size", 16, "KV page size")
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "default: bf16 on GPU, f32 on CPU")
 flags.DEFINE_string("out", None, "write results JSON here")
+flags.DEFINE_bool("fuse_projections", True, "time the fused-projection layout (wqkv, w_gate_up: "
+                  "llama.fuse_projections, what the serving engine runs on one device)")
 flags.DEFINE_list("attention", ["auto"], "attention impls to time: auto (Pallas on GPU) and/or "
                   "reference (plain JAX)")
 
@@ -152,6 +154,10 @@ def main(argv):
     dtype = dtype or jnp.bfloat16
     params = llama.init_params(LLAMA3_8B, jax.random.key(0), dtype)
     model = LoadedModel("llama", LLAMA3_8B, params, None, "random llama3_8b")
+  if FLAGS.fuse_projections and model.architecture == "llama":
+    model = LoadedModel(model.architecture, model.config, llama.fuse_projections(model.params),
+                        model.tokenizer, model.source)
+  report["fused_projections"] = FLAGS.fuse_projections
   bandwidth = read_bandwidth() if jax.default_backend() == "gpu" else None
   dispatch = attention.paged_attention
   for impl in FLAGS.attention:
