@@ -4,7 +4,9 @@ Per variant three jitted functions run on the same random inputs: the whole bloc
 (as the block issues them: fused q/k/v where the variant fuses, FP8 inputs pre-quantized, raw dot
 outputs), and only its two attentions (FP8: the kernel on E4M3 codes); rest = block - GEMM - attention
 (norms, modulation, RoPE, residuals, scale/bias epilogues, quantization casts). Step = L × block +
-embed/head; --full_step=v1,v2 also times those variants' compiled full forward (lax.scan).
+embed/head; --full_step=v1,v2 also times those variants' full forward (--full_step_mode: layerwise,
+one jitted block called per layer as the pipeline runs it, or scan, a lax.scan over stacked blocks,
+which copies every layer's weights per step).
 
 Variants (linear / attention):
   bf16          XLA bf16 dot / cuDNN flash attention bf16
@@ -18,6 +20,10 @@ Variants (linear / attention):
   fp8xla        the first FP8 GEMM path (per-tensor amax + cast per linear) / bf16
   fp8block      kernels.quant FP8BlockWeight via ops.linear, as the project dispatches it
   nvfp4         kernels.quant NVFP4Weight (W4A16) via ops.linear, as the project dispatches it
+                (kernels.gemm: dequantize to bf16 + XLA dot from 512 rows)
+  nvfp4a4       NVFP4 W4A4 via kernels.gemm.nvfp4_w4a4_matmul (Pallas quantizer with the calibrated
+                activation scale + the kernels/nvfp4_matmul W4A4 kernel, emulated on Hopper; its
+                GEMM time includes the activation quantization) / bf16, fused q/k/v
   bf16xla       bf16 compiled with XLA's default options (differs from bf16 only with --notriton_gemm)
 Calibration (fp8*) runs the observed bf16 block on a different random draw than the timed input.
 Quality: relative error and PSNR of the block output against the bf16 block on the same inputs.
@@ -52,8 +58,10 @@ flags.DEFINE_integer("iters", 10, "timed iterations per function (median)")
 flags.DEFINE_list("variants", ["bf16", "fp8attn", "fp8gemm", "fp8", "nvfp4"], "variants")
 flags.DEFINE_string("bf16_attn", "cudnn", "attention impl for bf16 (cudnn | xla)")
 flags.DEFINE_bool("ceilings", True, "measure the bf16 / fp8 matmul ceilings first")
-flags.DEFINE_list("full_step", [], "variants whose compiled full forward (lax.scan over L blocks) is "
-                  "also timed")
+flags.DEFINE_list("full_step", [], "variants whose full forward (L blocks) is also timed")
+flags.DEFINE_enum("full_step_mode", "layerwise", ["layerwise", "scan"],
+                  "layerwise: wan_dit.forward_layerwise (the pipeline's default); scan: one jitted "
+                  "forward over stacked blocks")
 flags.DEFINE_integer("full_iters", 3, "timed iterations of the full forward")
 flags.DEFINE_string("hlo_dir", "", "write the optimized HLO of each variant's block here")
 flags.DEFINE_bool("triton_gemm", True, "let XLA emit GEMMs with Triton (autotuned; slow to compile "
@@ -67,7 +75,7 @@ VARIANTS = {  # name: (linear kind, attention kind)
     "bf16": ("bf16", "bf16"), "bf16fused": ("bf16fused", "bf16"), "fp8attn": ("bf16", "fp8"),
     "fp8attn_dyn": ("bf16", "fp8dyn"), "fp8gemm": ("fp8", "bf16"), "fp8": ("fp8", "fp8"),
     "fp8tok": ("fp8tok", "fp8"), "fp8xla": ("fp8xla", "bf16"), "fp8block": ("fp8block", "bf16"),
-    "nvfp4": ("nvfp4", "bf16"), "bf16xla": ("bf16", "bf16")}
+    "nvfp4": ("nvfp4", "bf16"), "nvfp4a4": ("nvfp4a4", "bf16"), "bf16xla": ("bf16", "bf16")}
 
 
 _OPTS: dict = {}           # XLA compile options for every timed function (--triton_gemm)
@@ -90,6 +98,20 @@ def bench(fn, args, iters, opts=None):
   return statistics.median(times), out
 
 
+def bench_eager(fn, args, iters):
+  """Median wall time of ``iters`` synchronous calls of an un-jitted ``fn`` (e.g. the layerwise
+  forward: many jitted calls) after one warm-up call that compiles; also the warm-up's time."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first_s = time.perf_counter() - t0
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), first_s
+
+
 def ceilings(iters):
   n = 8192
   k1, k2 = jax.random.split(jax.random.key(9))
@@ -105,9 +127,9 @@ def ceilings(iters):
 
 def make_block(block, lin_kind, attn_kind, stats):
   """The variant's block params (quantized offline, outside the timed functions)."""
-  if lin_kind in ("fp8", "fp8tok"):
-    qb = jax.jit(lp.quantize_block, static_argnums=1)(block, "fp8",
-                                                      stats if lin_kind == "fp8" else None)
+  if lin_kind in ("fp8", "fp8tok", "nvfp4a4"):
+    qb = jax.jit(lp.quantize_block, static_argnums=1)(
+        block, "fp8" if lin_kind == "fp8tok" else lin_kind, None if lin_kind == "fp8tok" else stats)
   else:
     qb = jax.jit(lp.quantize_block, static_argnums=1)(block, lin_kind)
   if attn_kind == "fp8":
@@ -216,7 +238,7 @@ def main(_):
       b, x, ctx, tp, c, s, cfg, attn, attn))
 
   stats = None
-  if any(VARIANTS[v][0] == "fp8" or VARIANTS[v][1] == "fp8" for v in FLAGS.variants):
+  if any(VARIANTS[v][0] in ("fp8", "nvfp4a4") or VARIANTS[v][1] == "fp8" for v in FLAGS.variants):
     t0 = time.perf_counter()
     x_cal = jax.random.normal(ks[4], (1, S, D), jnp.bfloat16)   # calibrate on another draw
     cal = lp.calibrating(lambda b, *a: wan_dit.block_forward(b, *a, cfg, bf16_attn, bf16_attn))
@@ -289,14 +311,21 @@ def main(_):
              "gemm_tflops": flops["gemm"] / t_gemm / 1e12,
              "attention_tflops": flops["attention"] / t_attn / 1e12, "block_compile_s": compile_s}
       if name in FLAGS.full_step:
-        stacked = dict(params, blocks=jax.tree.map(
-            lambda a: jnp.broadcast_to(a, (cfg.num_layers, *a.shape)), qb))
-        step = jax.jit(lambda p, lat, text: wan_dit.forward(
-            p, lat, jnp.array([500.0]), text, cfg,
-            attn_impl=dyn_attn if attn_kind == "fp8dyn" else bf16_attn))
-        row["full_step_ms"] = bench(step, (stacked, lat, text), FLAGS.full_iters, opts)[0] * 1e3
-        row["full_step_compile_s"] = bench.last[1]
-        del stacked
+        attn = dyn_attn if attn_kind == "fp8dyn" else bf16_attn
+        if FLAGS.full_step_mode == "scan":
+          stacked = dict(params, blocks=jax.tree.map(
+              lambda a: jnp.broadcast_to(a, (cfg.num_layers, *a.shape)), qb))
+          step = jax.jit(lambda p, lat, text: wan_dit.forward(p, lat, jnp.array([500.0]), text, cfg,
+                                                              attn_impl=attn))
+          row["full_step_ms"] = bench(step, (stacked, lat, text), FLAGS.full_iters, opts)[0] * 1e3
+          row["full_step_compile_s"] = bench.last[1]
+          del stacked
+        else:            # the same block's arrays L times: every call reads its own weights
+          layers = dict(params, blocks=[qb] * cfg.num_layers)
+          step = lambda p, lat, text: wan_dit.forward_layerwise(p, lat, jnp.array([500.0]), text,
+                                                                cfg, attn_impl=attn)
+          t_full, first_s = bench_eager(step, (layers, lat, text), FLAGS.full_iters)
+          row["full_step_ms"], row["full_step_first_call_s"] = t_full * 1e3, first_s
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       result["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -51,9 +51,11 @@ flags.DEFINE_string("out", "/tmp/t2v.gif", "output video (.gif, .mp4; .png for o
 flags.DEFINE_bool("compare_cache", False, "also run with cache_interval=2 and report PSNR/SSIM")
 flags.DEFINE_bool("compare_precision", False, "also run FP8 / NVFP4 GEMM and FP8 attention variants, "
                   "report PSNR/SSIM")
-flags.DEFINE_list("precisions", ["fp8attn", "fp8gemm", "fp8", "fp8tok", "nvfp4", "fp8block"],
+flags.DEFINE_list("precisions", ["fp8attn", "fp8gemm", "fp8", "fp8tok", "nvfp4", "nvfp4a4",
+                                  "fp8block"],
                   "variants for --compare_precision (FP8 attention ones need cuDNN: GPU only)")
-flags.DEFINE_bool("scan", True, "run the DiT blocks in a lax.scan (one block compiled, not L)")
+flags.DEFINE_bool("scan", False, "run the DiT blocks in a lax.scan inside one jitted step (copies each "
+                  "layer's weights every step); default: layer by layer, one jitted block reused")
 flags.DEFINE_string("json", "", "write the measurements here")
 
 TEXT_LEN = 512
@@ -99,8 +101,9 @@ def real_text(folder: Path, prompts: list[str]):
 
 PRECISIONS = {  # name: (linear kind, calibrated FP8 attention)
     "fp8attn": ("bf16", True), "fp8gemm": ("fp8", False), "fp8": ("fp8", True),
-    "fp8tok": ("fp8tok", True), "nvfp4": ("nvfp4", False), "fp8block": ("fp8block", False),
-    "fp8xla": ("fp8xla", False)}
+    "fp8tok": ("fp8tok", True), "nvfp4": ("nvfp4", False), "nvfp4a4": ("nvfp4a4", False),
+    "fp8block": ("fp8block", False), "fp8xla": ("fp8xla", False)}
+CALIBRATED_LINEARS = ("fp8", "nvfp4a4")   # linear kinds with static activation scales
 
 
 def calibration_stats(params, dit_cfg, vae_cfg, t2v, text, neg, dtype):
@@ -155,6 +158,11 @@ def main(_):
              "size": FLAGS.checkpoint or FLAGS.size, "device": jax.devices()[0].device_kind,
              "height": FLAGS.height, "width": FLAGS.width, "num_frames": FLAGS.frames,
              "guidance": FLAGS.guidance, "scheduler": FLAGS.scheduler, "comparisons": {}}
+
+  def flush():     # after every run, so a run cut short by a time limit keeps what it measured
+    if FLAGS.json:
+      Path(FLAGS.json).write_text(json.dumps(results, indent=1))
+  flush()
   variants = []
   if FLAGS.compare_cache:
     variants.append(("cache_interval=2", dataclasses.replace(t2v, cache_interval=2, cache_warmup=2),
@@ -163,11 +171,12 @@ def main(_):
     stats = []
 
     def make(lin, fp8_attn):
-      if (lin == "fp8" or fp8_attn) and not stats:
+      if (lin in CALIBRATED_LINEARS or fp8_attn) and not stats:
         t0 = time.perf_counter()
         stats.extend(calibration_stats(dit_p, dit_cfg, vae_cfg, t2v, text, neg, dtype))
         results["calibration_s"] = time.perf_counter() - t0
-      return low_precision.quantize_model(dit_p, lin, stats or None, fp8_attn)
+      return low_precision.quantize_model(
+          dit_p, lin, stats if (lin in CALIBRATED_LINEARS or fp8_attn) else None, fp8_attn)
     for name in FLAGS.precisions:
       lin, fp8_attn = PRECISIONS[name]
       if fp8_attn and jax.default_backend() != "gpu":
@@ -176,17 +185,21 @@ def main(_):
       variants.append((name, t2v, lambda lin=lin, a=fp8_attn: make(lin, a)))
   for name, t2v_, params_fn in variants:
     try:
-      other, s = run(t2v_, params_fn())
+      t0 = time.perf_counter()
+      params = params_fn()
+      prep_s = time.perf_counter() - t0
+      other, s = run(t2v_, params)
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       results["comparisons"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      flush()
       continue
-    row = {"psnr_db": quality.psnr(other, frames), "ssim": quality.ssim(other, frames), "seconds": s}
+    row = {"psnr_db": quality.psnr(other, frames), "ssim": quality.ssim(other, frames), "seconds": s,
+           "prepare_s": prep_s}
     results["comparisons"][name] = row
     print(f"{name:18s} PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  ({s:.1f}s incl. compile)",
           flush=True)
-  if FLAGS.json:
-    Path(FLAGS.json).write_text(json.dumps(results, indent=1))
+    flush()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Per layer that moves 4·B·S·D·(n-1)/n² elements per device (q, k, v in, o ou
 attention work, which is why Ulysses scales until the all-to-all bandwidth becomes the floor.
 N must be divisible by n (Wan 1.3B: 12 heads -> n in {2, 3, 4, 6, 12}; 14B: 40 -> {2, 4, 5, 8, 10, 20}).
 
+Quantized attention (blocks carrying "attn_quant", e.g. calibrated FP8Attention) runs on the head-split
+tensors too: its per-head state (FP8Attention's K mean [N, Dh]) is sliced to the device's N/n heads
+(``for_heads``); per-tensor scales apply unchanged.
+
 FSDP: with ``fsdp=True`` each block's matrices are stored split along their first dim over the same
 axis and all-gathered right before the block runs (ZeRO-3), so a 14B model's weights take 1/n of each
 device's memory; the per-block gather is the price.
@@ -43,11 +47,24 @@ def heads_to_seq(x: jax.Array, axis_name: str) -> jax.Array:
   return jax.lax.all_to_all(x, axis_name, split_axis=1, concat_axis=2, tiled=True)
 
 
-def ulysses_attention(attn_fn, axis_name: str):
-  """Wraps a local attention fn(q, k, v) on [B, S, N, Dh] into its sequence-parallel form."""
-  def fn(q, k, v):
+def local_heads(quant, axis_name: str, local_num_heads: int):
+  """``quant`` restricted to this device's heads after ``seq_to_heads`` (device i holds heads
+  [i·N/n, (i+1)·N/n)); quant objects without per-head state (no ``for_heads``) pass through."""
+  if not hasattr(quant, "for_heads"):
+    return quant
+  return quant.for_heads(jax.lax.axis_index(axis_name) * local_num_heads, local_num_heads)
+
+
+def ulysses_attention(attn_fn: wan_dit.AttentionFn, axis_name: str) -> wan_dit.AttentionFn:
+  """Wraps a local attention fn(q, k, v[, quant=]) on [B, S, N, Dh] into its sequence-parallel form
+  (inside shard_map over ``axis_name``)."""
+  def fn(q, k, v, quant=None):
     q, k, v = (seq_to_heads(a, axis_name) for a in (q, k, v))
-    return heads_to_seq(attn_fn(q, k, v), axis_name)
+    if quant is None:
+      o = attn_fn(q, k, v)
+    else:
+      o = attn_fn(q, k, v, quant=local_heads(quant, axis_name, q.shape[2]))
+    return heads_to_seq(o, axis_name)
   return fn
 
 
@@ -80,12 +97,14 @@ def _gather(p, spec: P, axis: str):
 
 def forward(params: wan_dit.Params, latents: jax.Array, timestep: jax.Array, text: jax.Array,
             cfg: wan_dit.WanDiTConfig, mesh: Mesh, *, axis: str = "sp", fsdp: bool = False,
-            attn_impl: str = "xla", dtype=jnp.bfloat16) -> jax.Array:
-  """``wan_dit.forward`` with the blocks run sequence-parallel over ``mesh`` axis ``axis``."""
+            attn_impl: str | wan_dit.AttentionFn = "xla", dtype=jnp.bfloat16) -> jax.Array:
+  """``wan_dit.forward`` with the blocks run sequence-parallel over ``mesh`` axis ``axis``.
+  ``attn_impl``: a name for ``wan_dit.attention`` or a local AttentionFn fn(q, k, v, quant=None)."""
   n = mesh.shape[axis]
   x, temb, tproj, ctx, grid, cos, sin = wan_dit.embed(params, latents, timestep, text, cfg, dtype)
   check_divisible(cfg.num_heads, x.shape[1], n)
-  local_attn = lambda q, k, v: wan_dit.attention(q, k, v, attn_impl)
+  local_attn = attn_impl if callable(attn_impl) else (
+      lambda q, k, v, quant=None: wan_dit.attention(q, k, v, attn_impl, quant))
   specs = fsdp_block_specs(params["blocks"], axis, n) if fsdp else jax.tree.map(lambda _: P(),
                                                                                 params["blocks"])
   block_spec = specs[0]                 # every block has the same structure

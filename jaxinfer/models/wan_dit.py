@@ -16,6 +16,7 @@ types drop in; attention goes through ``attention`` below (one dispatch point). 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -349,7 +350,11 @@ def embed(params: Params, latents: jax.Array, timestep: jax.Array, text: jax.Arr
 
 def stack_blocks(params: Params) -> Params:
   """``params`` with "blocks" as one pytree of [L, ...] leaves: blocks_forward then runs them in a
-  lax.scan, so a full forward compiles one block instead of L (quantized weight types stack too)."""
+  lax.scan, so a full forward compiles one block instead of L (quantized weight types stack too).
+
+  Cost: XLA slices each layer's weights out of the stack with a dynamic-slice that it materializes
+  (a copy of every weight per layer per call; tests/test_wan_dit.py finds them in the compiled HLO).
+  ``forward_layerwise`` compiles one block too, without the copies."""
   blocks = params["blocks"]
   if not isinstance(blocks, (list, tuple)):
     return params
@@ -399,6 +404,66 @@ def forward(params: Params, latents: jax.Array, timestep: jax.Array, text: jax.A
   x, residual = blocks_forward(params, x, ctx, tproj, cos, sin, cfg, self_attn_fn=attn_fn,
                                cross_attn_fn=attn_fn, cache=cache)
   out = unpatchify(head(params, x, temb, cfg), grid, cfg).astype(jnp.float32)
+  return (out, StepCache(residual)) if return_cache else out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _embed_jit(top: Params, latents, timestep, text, *, cfg: WanDiTConfig, dtype):
+  x, temb, tproj, ctx, _, cos, sin = embed(top, latents, timestep, text, cfg, dtype)
+  return x, temb, tproj, ctx, cos, sin
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"))
+def block_jit(p: Params, x, ctx, tproj, cos, sin, *, cfg: WanDiTConfig, attn_impl):
+  """One block as its own executable: every layer's weights are this call's arguments (no slicing)."""
+  attn_fn = attn_impl if callable(attn_impl) else (
+      lambda q, k, v, quant=None: attention(q, k, v, attn_impl, quant))
+  return block_forward(p, x, ctx, tproj, cos, sin, cfg, attn_fn, attn_fn)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "grid"))
+def _head_jit(top: Params, x, temb, *, cfg: WanDiTConfig, grid):
+  return unpatchify(head(top, x, temb, cfg), grid, cfg).astype(jnp.float32)
+
+
+@jax.jit
+def _residual(x, first):
+  return x.astype(jnp.float32) - first.astype(jnp.float32)
+
+
+@jax.jit
+def _add_residual(x, residual):
+  return (x.astype(jnp.float32) + residual).astype(x.dtype)
+
+
+def forward_layerwise(params: Params, latents: jax.Array, timestep: jax.Array, text: jax.Array,
+                      cfg: WanDiTConfig, *, attn_impl: str | AttentionFn = "xla", dtype=jnp.bfloat16,
+                      cache: StepCache | None = None, return_cache: bool = False):
+  """``forward`` for a blocks list, not traced as a whole: embedding, each block and the head are
+  separate calls of jitted functions (call it outside jit). Every block reuses one compiled block
+  (``block_jit``) on its own weight arrays, so unlike a lax.scan over stacked blocks no layer's
+  weights are sliced / copied, and unlike one jitted forward over the list only one block compiles.
+  The price is a dispatch per block (tens of µs, overlapped with the previous block's kernels)."""
+  blocks = params["blocks"]
+  if not isinstance(blocks, (list, tuple)):
+    raise ShapeError("forward_layerwise takes params with a list of blocks (not stack_blocks')")
+  if text.ndim != 3 or text.shape[-1] != cfg.text_dim:
+    raise ShapeError(f"text embeddings must be [B, L, {cfg.text_dim}], got {text.shape}")
+  if timestep.shape != (latents.shape[0],):
+    raise ShapeError(f"timestep must be [B={latents.shape[0]}], got {timestep.shape}")
+  top = {k: v for k, v in params.items() if k != "blocks"}
+  grid = tuple(int(n) // p for n, p in zip(latents.shape[1:4], cfg.patch_size))
+  x, temb, tproj, ctx, cos, sin = _embed_jit(top, latents, timestep, text, cfg=cfg, dtype=dtype)
+  run = lambda p, x: block_jit(p, x, ctx, tproj, cos, sin, cfg=cfg, attn_impl=attn_impl)
+  x = run(blocks[0], x)
+  if cache is not None:
+    x, residual = _add_residual(x, cache.residual), cache.residual
+  else:
+    first = x
+    for p in blocks[1:]:
+      x = run(p, x)
+    residual = _residual(x, first) if return_cache else None
+  out = _head_jit(top, x, temb, cfg=cfg, grid=grid)
   return (out, StepCache(residual)) if return_cache else out
 
 

@@ -24,7 +24,11 @@ V at run time: the subtraction and the casts fuse into the RoPE / bias fusions t
 ``fp8_cudnn_attention`` is the dynamic version (amax and mean each step: extra passes).
 
 Also: "fp8xla" (XlaFP8Weight: per-tensor scales computed on the fly, the old path kept for
-comparison), "fp8block" / "nvfp4" (kernels.quant weight types through ops.linear).
+comparison), "fp8block" / "nvfp4" (kernels.quant weight types through ops.linear: W4A16, which
+kernels.gemm runs as dequantize + XLA dot from 512 rows), and "nvfp4a4" (NVFP4W4A4Weight: W4A4 through
+kernels.gemm.nvfp4_w4a4_matmul, the NVFP4 GEMM proper: x quantized to NVFP4 with a calibrated global
+scale by the Pallas quantizer, then the kernels/nvfp4_matmul W4A4 kernel, which Hopper emulates by
+dequantizing both operands to bf16 in registers; Blackwell has the native block-scaled MMA).
 """
 from __future__ import annotations
 
@@ -117,6 +121,29 @@ class XlaFP8Weight:
     return y.astype(x.dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NVFP4W4A4Weight:
+  """NVFP4 weight whose linear quantizes x to NVFP4 too (W4A4, kernels.gemm.nvfp4_w4a4_matmul).
+  ``w.input_scale`` is the calibrated activation global scale (amax / (6 · 448)); None: amax per call."""
+  w: Any
+
+  @classmethod
+  def from_dense(cls, w, x_amax=None):
+    from kernels.quant import nvfp4  # pylint: disable=import-outside-toplevel
+    from kernels.quant.weights import NVFP4Weight  # pylint: disable=import-outside-toplevel
+    qw = NVFP4Weight.from_dense(jnp.asarray(w))
+    if x_amax is not None:
+      amax = jnp.maximum(jnp.asarray(x_amax, jnp.float32), _TINY)
+      qw = dataclasses.replace(qw, input_scale=amax / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX))
+    return cls(qw)
+
+  def linear(self, x: jax.Array) -> jax.Array:
+    from kernels import gemm  # pylint: disable=import-outside-toplevel
+    y = gemm.nvfp4_w4a4_matmul(x.reshape(-1, x.shape[-1]), self.w)
+    return y.reshape(*x.shape[:-1], self.w.n)
+
+
 # ----------------------------------------------------------------------------------------------
 # FP8 attention
 
@@ -161,6 +188,12 @@ class FP8Attention:
     km = self.k_mean.astype(jnp.float32)
     return (quantize_e4m3(q, self.sq), quantize_e4m3(k.astype(jnp.float32) - km, self.sk),
             quantize_e4m3(v, self.sv))
+
+  def for_heads(self, start, count: int) -> "FP8Attention":
+    """The same attention on heads [start, start + count) (Ulysses: a device's head shard after the
+    all-to-all; ``start`` may be traced). Only K's mean is per head."""
+    return dataclasses.replace(
+        self, k_mean=jax.lax.dynamic_slice_in_dim(self.k_mean, start, count, axis=0))
 
   def attend_quantized(self, qq, kq, vq, out_dtype=jnp.bfloat16):
     """The cuDNN FP8 kernel alone on E4M3 codes from ``quantize`` (benchmarks)."""
@@ -279,16 +312,18 @@ def quantize_block(block, kind: str, stats: dict | None = None):
 
   kind "fp8": projections fused (wan_dit.fuse_projections), ScaledFP8Weight with the calibrated
   activation scale from ``stats`` (``merge_stats`` of an ``observe_block`` run), or dynamic per-token
-  scales when ``stats`` is None. "bf16fused": fusion only. "fp8xla", "fp8block", "nvfp4": as above."""
+  scales when ``stats`` is None. "nvfp4a4": fused too, NVFP4W4A4Weight with the calibrated input
+  scale (or per-call amax). "bf16fused": fusion only. "fp8xla", "fp8block", "nvfp4": as above."""
   if kind == "bf16":
     return block
-  if kind in ("fp8", "bf16fused"):
+  if kind in ("fp8", "nvfp4a4", "bf16fused"):
     b = wan_dit.fuse_projections(block)
     if kind == "bf16fused":
       return b
+    make = ScaledFP8Weight.from_dense if kind == "fp8" else NVFP4W4A4Weight.from_dense
     amax = lambda path: None if stats is None else stats[_path_name(path)]["amax"]
     return jax.tree_util.tree_map_with_path(
-        lambda path, w: ScaledFP8Weight.from_dense(w, amax(path)) if _is_matrix(path) else w, b)
+        lambda path, w: make(w, amax(path)) if _is_matrix(path) else w, b)
   if kind == "fp8xla":
     make = XlaFP8Weight.from_dense
   else:

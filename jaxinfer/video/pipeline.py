@@ -76,6 +76,15 @@ def _cached_step(params, x, t, ctx, cache, *, cfg, attn_impl, dtype, guidance):
   return _combine(v, guidance)
 
 
+def _layerwise_step(params, x, t, ctx, cache, *, cfg, attn_impl, dtype, guidance):
+  """A full step (cache None: also returns the new StepCache) or a cached one, one jitted block
+  reused for every layer (wan_dit.forward_layerwise: no per-layer weight copy, one block compiled)."""
+  out = wan_dit.forward_layerwise(params, *_cfg_batch(x, t, ctx, guidance), cfg, attn_impl=attn_impl,
+                                  dtype=dtype, cache=cache, return_cache=cache is None)
+  v, cache = out if cache is None else (out, cache)
+  return _combine_jit(v, guidance), cache
+
+
 def _cfg_batch(x, t, ctx, guidance):
   """ctx is [2, L, text_dim] (cond, uncond) with guidance, else [1, L, text_dim]."""
   n = ctx.shape[0]
@@ -88,13 +97,18 @@ def _combine(v, guidance):
   return v[1:] + guidance * (v[:1] - v[1:])
 
 
+_combine_jit = jax.jit(_combine, static_argnums=1)
+
+
 def denoise(params: wan_dit.Params, dit_cfg: wan_dit.WanDiTConfig, text: jax.Array,
             neg_text: jax.Array | None, latent_shape_: tuple[int, ...], t2v: T2VConfig, *,
             attn_impl: str = "xla", dtype=jnp.bfloat16, mesh=None, fsdp: bool = False) -> jax.Array:
   """Noise -> clean latents [1, T, h, w, C] (denoiser space) for one prompt.
 
-  With ``mesh`` (one axis named "sp") the DiT runs Ulysses sequence-parallel over it
-  (sharding/ulysses.py; params placed with ``ulysses.shard_params``); no step cache then."""
+  Blocks given as a list run layer by layer (``wan_dit.forward_layerwise``); stacked by
+  ``wan_dit.stack_blocks`` they run in a lax.scan inside one jitted step (copies each layer's
+  weights per step). With ``mesh`` (one axis named "sp") the DiT runs Ulysses sequence-parallel over
+  it (sharding/ulysses.py; params placed with ``ulysses.shard_params``); no step cache then."""
   sched, timesteps = schedulers.make_scheduler(t2v.scheduler, t2v.num_steps, t2v.shift)
   guided = neg_text is not None and t2v.guidance_scale != 1.0
   ctx = jnp.concatenate([text, neg_text]) if guided else text
@@ -104,9 +118,12 @@ def denoise(params: wan_dit.Params, dit_cfg: wan_dit.WanDiTConfig, text: jax.Arr
     return _denoise_sp(params, dit_cfg, ctx, g, x, sched, timesteps, t2v, attn_impl, dtype, mesh, fsdp)
   cache = None
   kw = dict(cfg=dit_cfg, attn_impl=attn_impl, dtype=dtype, guidance=g)
+  layerwise = isinstance(params["blocks"], (list, tuple))
   for i, (t, full) in enumerate(zip(timesteps, full_steps(t2v.num_steps, t2v.cache_interval,
                                                           t2v.cache_warmup))):
-    if full or cache is None:
+    if layerwise:
+      v, cache = _layerwise_step(params, x, float(t), ctx, None if full else cache, **kw)
+    elif full or cache is None:
       v, cache = _full_step(params, x, float(t), ctx, **kw)
     else:
       v = _cached_step(params, x, float(t), ctx, cache, **kw)
