@@ -68,7 +68,8 @@ flags.DEFINE_bool("triton_gemm", True, "let XLA emit GEMMs with Triton (autotune
                   "for FP8 dots). False: every GEMM goes to cuBLAS/cuBLASLt, for every variant except "
                   "bf16xla (bf16 compiled with XLA's defaults, to show the flag's effect on bf16)")
 flags.DEFINE_string("out", "", "JSON path (default $OUT/dit.json)")
-flags.DEFINE_list("sp", [], "Ulysses axis sizes to time a one-layer bf16 forward on (e.g. 2,4,8); "
+flags.DEFINE_list("sp_variants", ["bf16"], "variants (bf16, fp8) of the --sp one-layer forward")
+flags.DEFINE_list("sp", [], "Ulysses axis sizes to time a one-layer forward on (e.g. 2,4,8); "
                   "needs that many devices")
 
 VARIANTS = {  # name: (linear kind, attention kind)
@@ -168,16 +169,19 @@ def gemms(ops):
   return outs
 
 
-def ulysses_scaling(cfg, grid, text_len, sizes):
-  """One-layer bf16 forward on 1 device vs Ulysses over n devices; efficiency = t1 / (n · t_n)."""
+def ulysses_scaling(cfg, grid, text_len, sizes, variant="bf16", stats=None):
+  """One-layer forward on 1 device vs Ulysses over n devices; efficiency = t1 / (n · t_n).
+  variant "fp8": calibrated FP8 GEMMs + FP8 attention (``stats`` of the block), head-sharded."""
   from sharding import ulysses  # pylint: disable=import-outside-toplevel
   one = dataclasses.replace(cfg, num_layers=1)
   params = wan_dit.init_params_on_device(one, jax.random.key(0), jnp.bfloat16)
+  if variant == "fp8":
+    params = lp.quantize_model(params, "fp8", [stats], fp8_attention=True)
   lat = jax.random.normal(jax.random.key(4), (1, *[g * p for g, p in zip(grid, cfg.patch_size)],
                                               cfg.in_channels), jnp.bfloat16)
   text = jax.random.normal(jax.random.key(5), (1, text_len, cfg.text_dim), jnp.bfloat16)
   t = jnp.array([500.0])
-  attn = FLAGS.bf16_attn
+  attn = lambda q, k, v, quant=None: wan_dit.attention(q, k, v, FLAGS.bf16_attn, quant)
   t1, ref = bench(jax.jit(lambda p, *a: wan_dit.forward(p, *a, one, attn_impl=attn)),
                   (params, lat, t, text), FLAGS.iters)
   rows = {"1": {"ms": t1 * 1e3, "efficiency": 1.0}}
@@ -197,7 +201,7 @@ def ulysses_scaling(cfg, grid, text_len, sizes):
                 np.linalg.norm(np.asarray(ref, np.float32)))
     rows[str(n)] = {"ms": tn * 1e3, "efficiency": t1 / (n * tn), "rel_err_vs_1": err}
   for n, r in rows.items():
-    print(f"ulysses sp={n}: {r}", flush=True)
+    print(f"ulysses {variant} sp={n}: {r}", flush=True)
   return rows
 
 
@@ -238,7 +242,8 @@ def main(_):
       b, x, ctx, tp, c, s, cfg, attn, attn))
 
   stats = None
-  if any(VARIANTS[v][0] in ("fp8", "nvfp4a4") or VARIANTS[v][1] == "fp8" for v in FLAGS.variants):
+  if (any(VARIANTS[v][0] in ("fp8", "nvfp4a4") or VARIANTS[v][1] == "fp8" for v in FLAGS.variants)
+      or (FLAGS.sp and "fp8" in FLAGS.sp_variants)):
     t0 = time.perf_counter()
     x_cal = jax.random.normal(ks[4], (1, S, D), jnp.bfloat16)   # calibrate on another draw
     cal = lp.calibrating(lambda b, *a: wan_dit.block_forward(b, *a, cfg, bf16_attn, bf16_attn))
@@ -344,7 +349,10 @@ def main(_):
     write_json(result)
 
   if FLAGS.sp:
-    result["ulysses"] = ulysses_scaling(cfg, grid, L_text, [int(n) for n in FLAGS.sp])
+    for v in FLAGS.sp_variants:
+      result.setdefault("ulysses", {})[v] = ulysses_scaling(cfg, grid, L_text,
+                                                           [int(n) for n in FLAGS.sp], v, stats)
+      write_json(result)
 
   base = result["variants"].get("bf16", {})
   print(f"\n{'variant':11s} {'step ms':>9s} {'full ms':>8s} {'block':>7s} {'gemm':>7s} {'attn':>7s} "
