@@ -18,7 +18,9 @@ Variants (linear / attention):
   fp8           fp8gemm + fp8attn  (the issue's target: >= 1.4x bf16)
   fp8tok        FP8 GEMM with dynamic per-token activation scales + fp8attn
   fp8xla        the first FP8 GEMM path (per-tensor amax + cast per linear) / bf16
-  fp8block      kernels.quant FP8BlockWeight via ops.linear, as the project dispatches it
+  fp8block      kernels.quant FP8BlockWeight via ops.linear, as the project dispatches it (kernels.gemm:
+                the Mosaic GPU FP8 block kernel on Hopper from 512 rows, x quantized 1x128 per call)
+  fp8blockattn  fp8block + calibrated FP8 attention
   nvfp4         kernels.quant NVFP4Weight (W4A16) via ops.linear, as the project dispatches it
                 (kernels.gemm: dequantize to bf16 + XLA dot from 512 rows)
   nvfp4a4       NVFP4 W4A4 via kernels.gemm.nvfp4_w4a4_matmul (Pallas quantizer with the calibrated
@@ -76,6 +78,7 @@ VARIANTS = {  # name: (linear kind, attention kind)
     "bf16": ("bf16", "bf16"), "bf16fused": ("bf16fused", "bf16"), "fp8attn": ("bf16", "fp8"),
     "fp8attn_dyn": ("bf16", "fp8dyn"), "fp8gemm": ("fp8", "bf16"), "fp8": ("fp8", "fp8"),
     "fp8tok": ("fp8tok", "fp8"), "fp8xla": ("fp8xla", "bf16"), "fp8block": ("fp8block", "bf16"),
+    "fp8blockattn": ("fp8block", "fp8"),
     "nvfp4": ("nvfp4", "bf16"), "nvfp4a4": ("nvfp4a4", "bf16"), "bf16xla": ("bf16", "bf16")}
 
 

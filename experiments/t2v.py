@@ -102,7 +102,8 @@ def real_text(folder: Path, prompts: list[str]):
 PRECISIONS = {  # name: (linear kind, calibrated FP8 attention)
     "fp8attn": ("bf16", True), "fp8gemm": ("fp8", False), "fp8": ("fp8", True),
     "fp8tok": ("fp8tok", True), "nvfp4": ("nvfp4", False), "nvfp4a4": ("nvfp4a4", False),
-    "fp8block": ("fp8block", False), "fp8xla": ("fp8xla", False)}
+    "fp8block": ("fp8block", False), "fp8blockattn": ("fp8block", True),
+    "fp8xla": ("fp8xla", False)}
 CALIBRATED_LINEARS = ("fp8", "nvfp4a4")   # linear kinds with static activation scales
 
 
