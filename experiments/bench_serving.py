@@ -23,9 +23,11 @@ so its floor is weight bytes over the device-to-device bandwidth measured in the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
@@ -40,12 +42,15 @@ _WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"],
                              "norms and LM head bf16)")
 _FUSE = flags.DEFINE_bool("fuse_projections", True, "jax: wq|wk|wv and w_gate|w_up as one GEMM each "
                           "(llama.fuse_projections, what the engine does on one device)")
+_FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residual add + RMSNorm as "
+                                    "one Pallas kernel on GPU (kernels/add_rms_norm.py)")
 _BATCH1_VARIANTS = flags.DEFINE_list(
-    "batch1_variants", ["unfused:8", "fused:8", "fused:1", "unfused:8"],
-    "batch1: layout:min_decode_tokens[:nocond] per variant, run in this order (a repeat checks "
-    "drift); layout unfused | fused | fp8 (fused + FP8 weights); nocond: attention's runtime "
-    "decode/prefill cond replaced by the decode kernel at trace time (measurement only); hlo: "
-    "also write the decode step's optimized HLO next to --out")
+    "batch1_variants", ["unfused:8:cond:xlanorm", "fused:8", "fused:1", "unfused:8:cond:xlanorm"],
+    "batch1: layout:min_decode_tokens[:option...] per variant, run in this order (a repeat checks "
+    "drift); layout unfused | fused | fp8 (fused + FP8 weights); options (measurement only): "
+    "cond: attention with the earlier runtime decode/prefill cond in every step; nocond: the decode "
+    "kernel without it in steps of <= 8 tokens; xlanorm: residual add and RMSNorm as XLA ops, not "
+    "the fused kernel; hlo: also write the decode step's optimized HLO next to --out")
 _MODEL = flags.DEFINE_enum("model", "llama3-8b", ["llama3-8b", "toy"], "model shape (random weights)")
 _CONC = flags.DEFINE_list("concurrency", ["1", "64"], "closed-loop levels run first, in order")
 _EXTRA_CONC = flags.DEFINE_list("extra_concurrency", ["16", "256"],
@@ -288,6 +293,7 @@ def run_jax() -> dict:
   params = model_params(cfg, _WEIGHTS.value, _FUSE.value)
   result["init_s"] = time.perf_counter() - t
   result["weights"], result["fused_projections"] = _WEIGHTS.value, _FUSE.value
+  result["fused_add_norm"] = _FUSED_ADD_NORM.value
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   embed_bytes = params["embed"].nbytes if not cfg.tie_word_embeddings else 0
   result["weight_bytes"], result["decode_read_bytes"] = weight_bytes, weight_bytes - embed_bytes
@@ -297,7 +303,8 @@ def run_jax() -> dict:
   max_len = pages_per_seq * _PAGE.value
 
   def engine_for(c: int) -> LLMEngine:
-    return LLMEngine(params, LlamaForward(cfg), cache, vocab_size=cfg.vocab_size,
+    return LLMEngine(params, LlamaForward(cfg, _FUSED_ADD_NORM.value), cache,
+                     vocab_size=cfg.vocab_size,
                      max_model_len=max_len, config=engine_config(c, pages_per_seq, kv_dtype))
 
   main_levels = [int(c) for c in _CONC.value]
@@ -412,80 +419,116 @@ def run_batch1() -> dict:
                              dtype=jnp.bfloat16)
   prompts = prompt_set(4, cfg.vocab_size, np.random.default_rng(_SEED.value))
   for i, variant in enumerate(_BATCH1_VARIANTS.value):
-    layout, min_decode, *opts = variant.split(":")
-    if layout not in layouts:
-      base = layouts.get("fused") or llama.fuse_projections(layouts["unfused"])
-      layouts["fused"] = base
-      if layout == "fp8":
-        layouts["fp8"] = jax.block_until_ready(jax.jit(llama.quantize_projections_fp8)(base))
-    params = layouts[layout]
-    forward = NoCondLlamaForward(cfg) if "nocond" in opts else LlamaForward(cfg)
-    engine = LLMEngine(params, forward, cache, vocab_size=cfg.vocab_size,
-                       max_model_len=pages_per_seq * _PAGE.value,
-                       config=engine_config(1, pages_per_seq, min_decode=int(min_decode)))
-    t = time.perf_counter()
-    engine.warmup(num_threads=2, samplers=(True,))
-    compile_s = time.perf_counter() - t
-    if "hlo" in opts:   # the decode step's optimized HLO, for reading its fusions
-      import gzip
-
-      from jaxinfer.engine.step import build_host_batch, step_jit
-      shape = (engine.buckets.tokens[0], 1, pages_per_seq)
-      hb = build_host_batch([], _PAGE.value, shape)
-      hlo = step_jit.lower(params, hb.ints, hb.floats, engine._no_prev, engine.cache,
-                           forward=forward, shape=shape, greedy=True).compile().as_text()
-      with gzip.open(os.path.join(os.path.dirname(os.path.abspath(_OUT.value)),
-                                  f"step_hlo_{i}_{layout}{min_decode}.txt.gz"), "wt") as f:
-        f.write(hlo)
-    run_closed_loop(engine, prompts, 1, 1)
-    summary, steps = run_closed_loop(engine, prompts, 1, _PER_USER.value)
-    decode = [dt for dt, st in steps if st is not None and st.decode_only]
-    step_s = float(np.median(decode))
-    floor = result["decode_read_bytes"] / bw
-    entry = {"layout": layout, "min_decode_tokens": int(min_decode), "options": opts,
-             "compile_s": compile_s, "decode_steps": len(decode), "step_s": percentiles(decode),
-             "tpot_s": summary["tpot_s"], "read_bytes": read_bytes(params),
-             "over_bf16_roofline": step_s / floor, "over_bf16_roofline_3TBps": step_s / (
-                 result["decode_read_bytes"] / 3.0e12)}
-    if on_gpu:
-      entry["decode_kernels"] = trace_decode_steps(engine, prompts, 1)
-    cache = engine.cache
-    del engine
-    result["variants"][f"{i}_{variant}"] = entry
-    logging.info("batch1 %s: step p50 %.3f ms = %.3fx roofline, %s kernels/step", variant,
-                 1e3 * step_s, entry["over_bf16_roofline"],
-                 entry.get("decode_kernels", {}).get("kernels_per_step"))
-    save()
+    try:
+      layout, min_decode, *opts = variant.split(":")
+      if layout not in layouts:
+        base = layouts.get("fused") or llama.fuse_projections(layouts["unfused"])
+        layouts["fused"] = base
+        if layout == "fp8":
+          layouts["fp8"] = jax.block_until_ready(jax.jit(llama.quantize_projections_fp8)(base))
+      params = layouts[layout]
+      attn = next((o for o in opts if o in ("cond", "nocond")), "auto")
+      forward = (LlamaForward(cfg) if attn == "auto" and "xlanorm" not in opts else
+                 VariantForward(cfg, attn, "xlanorm" not in opts))
+      engine = LLMEngine(params, forward, cache, vocab_size=cfg.vocab_size,
+                         max_model_len=pages_per_seq * _PAGE.value,
+                         config=engine_config(1, pages_per_seq, min_decode=int(min_decode)))
+      t = time.perf_counter()
+      engine.warmup(num_threads=2, samplers=(True,))
+      compile_s = time.perf_counter() - t
+      if "hlo" in opts:   # the decode step's optimized HLO, for reading its fusions
+        import gzip
+        from jaxinfer.engine.step import build_host_batch, step_jit
+        shape = (engine.buckets.tokens[0], 1, pages_per_seq)
+        hb = build_host_batch([], _PAGE.value, shape)
+        hlo = step_jit.lower(params, hb.ints, hb.floats, engine._no_prev, engine.cache,
+                             forward=forward, shape=shape, greedy=True).compile().as_text()
+        with gzip.open(os.path.join(os.path.dirname(os.path.abspath(_OUT.value)),
+                                    f"step_hlo_{i}_{layout}{min_decode}.txt.gz"), "wt") as f:
+          f.write(hlo)
+      run_closed_loop(engine, prompts, 1, 1)
+      summary, steps = run_closed_loop(engine, prompts, 1, _PER_USER.value)
+      decode = [dt for dt, st in steps if st is not None and st.decode_only]
+      step_s = float(np.median(decode))
+      floor = result["decode_read_bytes"] / bw
+      entry = {"layout": layout, "min_decode_tokens": int(min_decode), "options": opts,
+               "compile_s": compile_s, "decode_steps": len(decode), "step_s": percentiles(decode),
+               "tpot_s": summary["tpot_s"], "read_bytes": read_bytes(params),
+               "over_bf16_roofline": step_s / floor, "over_bf16_roofline_3TBps": step_s / (
+                   result["decode_read_bytes"] / 3.0e12)}
+      if on_gpu:
+        entry["decode_kernels"] = trace_decode_steps(engine, prompts, 1)
+      cache = engine.cache
+      del engine
+      result["variants"][f"{i}_{variant}"] = entry
+      logging.info("batch1 %s: step p50 %.3f ms = %.3fx roofline, %s kernels/step", variant,
+                   1e3 * step_s, entry["over_bf16_roofline"],
+                   entry.get("decode_kernels", {}).get("kernels_per_step"))
+      save()
+    except Exception as e:  # noqa: BLE001  (recorded; the next variant still runs)
+      result["variants"][f"{i}_{variant}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+      logging.exception("batch1 %s failed", variant)
+      save()
+      cache = llama.create_cache(cfg, num_pages=_KV_PAGES.value, page_size=_PAGE.value,
+                                 dtype=jnp.bfloat16)   # the failed engine may have donated it
   result["total_s"] = time.perf_counter() - T_START
   save()
   return result
 
 
-class NoCondLlamaForward:
-  """``LlamaForward`` whose attention calls the paged decode kernel directly (no runtime
-  decode/prefill ``lax.cond``) in steps of at most 8 tokens, where no sequence can have more than the
-  decode kernel's 8 queries (so the cond always picks it): what the cond costs in the batch-1 step.
-  A distinct class, so its compiled steps do not collide with ``LlamaForward``'s in the jit cache."""
-
-  def __init__(self, cfg):
-    self.cfg = cfg
-
-  def __hash__(self):
-    return hash(("nocond", self.cfg))
-
-  def __eq__(self, other):
-    return isinstance(other, NoCondLlamaForward) and other.cfg == self.cfg
+@dataclasses.dataclass(frozen=True)
+class VariantForward:
+  """The engine's Llama forward with parts switched back for before/after timing (measurement
+  only; distinct from ``LlamaForward`` in the jit cache). ``attention``: "auto" (the dispatch as
+  it is), "cond" (the earlier dispatch: a runtime decode/prefill ``lax.cond`` in every step, also
+  where the step's shape settles it) or "nocond" (the decode kernel in steps of <= 8 tokens)."""
+  cfg: Any
+  attention: str = "auto"
+  fused_add_norm: bool = True
 
   def __call__(self, params, tokens, cache, batch):
     from jaxinfer import attention
     from jaxinfer.models import llama
-    if tokens.shape[0] > 8:
-      return llama.forward(params, tokens, cache, batch, self.cfg)
-    dispatch, attention.paged_attention = attention.paged_attention, decode_only_attention
+    patch = {"cond": cond_attention, "nocond": decode_only_attention}.get(self.attention)
+    if patch is None or (self.attention == "nocond" and tokens.shape[0] > 8):
+      return llama.forward(params, tokens, cache, batch, self.cfg,
+                           fused_add_norm=self.fused_add_norm)
+    dispatch, attention.paged_attention = attention.paged_attention, patch
     try:
-      return llama.forward(params, tokens, cache, batch, self.cfg)
+      return llama.forward(params, tokens, cache, batch, self.cfg,
+                           fused_add_norm=self.fused_add_norm)
     finally:
       attention.paged_attention = dispatch
+
+
+def cond_attention(q, k_pages, v_pages, batch, *, scale, k_scale=1.0, v_scale=1.0, impl="auto"):
+  """Measurement only: the attention dispatch as it was before the static decode case (a runtime
+  ``lax.cond`` between the decode and prefill kernels in every step)."""
+  del impl
+  import jax
+  import jax.numpy as jnp
+
+  from jaxinfer import attention
+  from kernels import flash_attention, paged_decode_attention as decode
+  interpret = jax.default_backend() != "gpu"
+  T, B = batch.num_tokens, batch.num_seqs
+  max_q = min(attention.bucket(-(-T // B), 1), 8)
+
+  def run_decode():
+    return decode.paged_decode_attention(
+        q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start, scale=scale,
+        k_scale=k_scale, v_scale=v_scale, max_q=max_q, interpret=interpret)
+
+  def run_prefill():
+    _, _, kv_heads, _ = k_pages.shape
+    k = k_pages[batch.page_table].reshape(B, -1, kv_heads, k_pages.shape[-1])
+    v = v_pages[batch.page_table].reshape(B, -1, kv_heads, v_pages.shape[-1])
+    return flash_attention.flash_prefill(
+        q, k, v, batch.query_start, batch.seq_lens, scale=scale, k_scale=k_scale,
+        v_scale=v_scale, interpret=interpret).astype(q.dtype)
+
+  longest = jnp.max(jnp.diff(batch.query_start))
+  return jax.lax.cond(longest <= max_q, run_decode, run_prefill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,7 +703,7 @@ def run_profile() -> dict:
   ctx = _INPUT.value + _OUTPUT.value // 2                     # mid-generation position
   pages = list(range(1, P + 1))
   shape = (1, 1, P)
-  fwd = LlamaForward(cfg)
+  fwd = LlamaForward(cfg, _FUSED_ADD_NORM.value)
   state = {"cache": llama.create_cache(cfg, num_pages=_KV_PAGES.value, page_size=ps,
                                        dtype=jnp.bfloat16),
            "tok": jnp.asarray([7], jnp.int32)}
@@ -995,6 +1038,9 @@ def main(argv) -> None:
   if _ENGINE.value == "batch1":
     result = run_batch1()
     for key, v in result["variants"].items():
+      if "error" in v:
+        print(f"{key:>24}: {v['error'][:300]}")
+        continue
       k = v.get("decode_kernels", {})
       print(f"{key:>24}: step p50 {1e3 * v['step_s']['p50']:.3f} ms = "
             f"{v['over_bf16_roofline']:.3f}x bf16 roofline; kernels/step "

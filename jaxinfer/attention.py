@@ -161,7 +161,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
   them, in interpret mode off GPU). Batches whose sequences all have <= ``max_q`` new tokens (decode, speculative) take the
   paged decode kernel; others gather each sequence's pages and run the prefill kernel (chunked
   prefill over the cached prefix). The choice between the two is a runtime ``lax.cond`` on the
-  longest chunk, since the shapes alone do not tell. The kernels place query token i of sequence b
+  longest chunk where the shapes alone do not tell (a step of at most 8 tokens: always decode, no
+  cond). The kernels place query token i of sequence b
   at position ``seq_lens[b] - q_len_b + i`` (what ``build_batch`` produces) and return zeros for
   padding tokens.
   """
@@ -205,5 +206,7 @@ def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale
         q, k, v, batch.query_start, batch.seq_lens, scale=scale, k_scale=k_scale,
         v_scale=v_scale, interpret=interpret).astype(q.dtype)
 
+  if T <= max_q:   # no sequence can have more new tokens than the step has: always the decode kernel
+    return run_decode()
   longest = jnp.max(jnp.diff(batch.query_start))
   return jax.lax.cond(longest <= max_q, run_decode, run_prefill)

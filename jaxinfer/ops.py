@@ -70,6 +70,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def add_rms_norm(x: jax.Array, y: jax.Array, weight: jax.Array, eps: float,
+                 fused: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(x + y, rms_norm(x + y)): the residual add and the next RMSNorm. ``fused``: one Pallas kernel
+  on GPU where it takes the shapes (kernels/add_rms_norm.py; XLA runs these as two kernels), else
+  these two XLA ops. Same rounding either way."""
+  if fused and jax.default_backend() == "gpu":
+    from kernels import add_rms_norm as kernel   # kernels import jaxinfer
+    if kernel.supports(x, y, weight):
+      return kernel.add_rms_norm(x, y, weight, eps=eps)
+  s = x + y
+  return s, rms_norm(s, weight, eps)
+
+
 def rope_inv_freq(rotary_dim: int, theta: float, scaling=None) -> jax.Array:
   """Inverse frequencies; ``scaling`` is a llama3-style RopeScaling or None."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))

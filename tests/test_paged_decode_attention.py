@@ -10,7 +10,7 @@ import pytest
 
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention
 from jaxinfer.errors import ShapeError
-from kernels.paged_decode_attention import DecodeTiles, paged_decode_attention
+from kernels.paged_decode_attention import DecodeTiles, e4m3_bits_to_f16, paged_decode_attention
 
 F8 = jnp.float8_e4m3fn
 
@@ -95,20 +95,33 @@ def test_decode_several_query_tokens():
   check(out, ref, 6, 1e-2)
 
 
-@pytest.mark.parametrize("tile_upcast", [False, True])
-def test_decode_fp8_kv(tile_upcast):
-  """E4M3 K/V with scalar scales: <= 1.5e-2 vs float64 on the dequantized cache."""
+@pytest.mark.parametrize("upcast", ["cvt", "tile", "bits", "cvt-all-masked"])
+def test_decode_fp8_kv(upcast):
+  """E4M3 K/V with scalar scales: <= 1.5e-2 vs float64 on the dequantized cache, for each way of
+  upcasting the tiles (and once with every tile masked, not only the tail)."""
   rng = np.random.default_rng(9)
   q, kp, vp, batch = make_case(rng, H=8, KV=2, D=64, page_size=16,
                                chunks=[(50, 1), (3, 1)], num_tokens=4, dtype=jnp.float32)
   kp8, vp8 = (kp / 0.25).astype(F8), (vp / 3.0).astype(F8)
   out = paged_decode_attention(q, kp8, vp8, batch.page_table, batch.seq_lens, batch.query_start,
                                scale=0.125, k_scale=0.25, v_scale=3.0,
-                               tiles=DecodeTiles(16, splits=2, tile_upcast=tile_upcast),
+                               tiles=DecodeTiles(16, splits=2, tile_upcast=upcast == "tile",
+                                                 bits_upcast=upcast == "bits",
+                                                 mask_tail=upcast != "cvt-all-masked"),
                                interpret=True)
   ref = np_paged(f64(q), f64(kp8) * 0.25, f64(vp8) * 3.0, np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, 2, 1.5e-2)
+
+
+def test_e4m3_bits_to_f16_is_exact():
+  """Every finite E4M3 byte (subnormals, zeros, both signs) -> f16 = value * 2^-8 exactly."""
+  b = np.arange(256, dtype=np.uint8)
+  b = b[(b & 0x7F) != 0x7F]                                   # drop the two NaN encodings
+  want = np.asarray(jnp.asarray(b).view(F8).astype(jnp.float32), np.float64) / 256
+  got = np.asarray(e4m3_bits_to_f16(jnp.asarray(b)).astype(jnp.float32), np.float64)
+  np.testing.assert_array_equal(got, want)
+  assert np.signbit(got[b == 0x80]).all()                    # -0 stays negative
 
 
 @pytest.mark.parametrize("chunks,num_tokens,real", [
@@ -122,6 +135,22 @@ def test_paged_attention_dispatch(chunks, num_tokens, real):
   ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, real, 1e-2)
+
+
+def test_short_steps_take_the_decode_kernel_without_a_runtime_cond():
+  """A step of <= 8 tokens (the batch-1 decode bucket) cannot hold a prefill chunk longer than the
+  decode kernel's 8 queries: no lax.cond is traced, and a 5-token chunk is still right."""
+  import jax
+  rng = np.random.default_rng(8)
+  _, kp, vp, _ = make_case(rng, H=8, KV=2, D=32, page_size=16, chunks=[(20, 5)], num_tokens=8)
+  batch = build_batch([SeqChunk([7, 3], 20, 5)], 16, num_tokens=8, num_seqs=1, pages_per_seq=2)
+  q = jnp.asarray(rng.standard_normal((8, 8, 32)), jnp.bfloat16)
+  fn = lambda q, kp, vp, batch: paged_attention(q, kp, vp, batch, scale=32 ** -0.5, impl="pallas")
+  assert "branches=" not in str(jax.make_jaxpr(fn)(q, kp, vp, batch))   # no lax.cond
+  out = fn(q, kp, vp, batch)
+  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 5, 1e-2)
 
 
 def test_errors():

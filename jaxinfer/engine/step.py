@@ -30,9 +30,11 @@ class LlamaForward:
   """``forward(params, tokens, cache, batch)`` of a Llama config; hashable by value, so every engine
   over the same config shares one compiled step."""
   cfg: llama.LlamaConfig
+  fused_add_norm: bool = True   # residual add + RMSNorm as one Pallas kernel on GPU
 
   def __call__(self, params, tokens, cache, batch):
-    return llama.forward(params, tokens, cache, batch, self.cfg)
+    return llama.forward(params, tokens, cache, batch, self.cfg,
+                         fused_add_norm=self.fused_add_norm)
 
 
 def ladder(minimum: int, maximum: int) -> tuple[int, ...]:

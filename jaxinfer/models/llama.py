@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import attention
+from jaxinfer import attention as attention_ops
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCache, write_kv
-from jaxinfer.ops import FP8Weight, apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
+from jaxinfer.ops import (FP8Weight, add_rms_norm, apply_rope, linear, rms_norm, rope_cos_sin,
+                          rope_inv_freq)
 
 Params = dict[str, Any]
 
@@ -129,13 +130,21 @@ def create_cache(cfg: LlamaConfig, *, num_pages: int, page_size: int, dtype=jnp.
 
 
 def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_scale,
-                    batch: attention.AttentionBatch, cfg: LlamaConfig):
+                    batch: attention_ops.AttentionBatch, cfg: LlamaConfig):
   """One layer's attention with its residual: x [T, H] -> (x + Attention(RMSNorm(x)) Wo, k_pages,
   v_pages with this step's K/V written at ``batch.slots``). ``cos, sin`` come from ``rope_cos_sin``
   of ``batch.positions``. A building block: ``forward`` chains it with ``mlp_block`` per layer, and
   sharding/ runs the same blocks per pipeline stage or per attention-data-parallel rank."""
-  T = x.shape[0]
-  h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+  o, k_pages, v_pages = self_attention(layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps),
+                                       cos, sin, k_pages, v_pages, k_scale, v_scale, batch, cfg)
+  return x + o, k_pages, v_pages
+
+
+def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scale,
+                   batch: attention_ops.AttentionBatch, cfg: LlamaConfig):
+  """Attention on normed activations h [T, H] (no residual): (Attention(q, k, v) Wo, k_pages,
+  v_pages with this step's K/V written)."""
+  T = h.shape[0]
   q, k, v = qkv_projections(layer, h, cfg)
   q = q.reshape(T, cfg.num_heads, cfg.head_dim)
   k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
@@ -143,9 +152,9 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   k_pages = write_kv(k_pages, k, batch.slots, k_scale)
   v_pages = write_kv(v_pages, v, batch.slots, v_scale)
-  o = attention.paged_attention(q, k_pages, v_pages, batch, scale=cfg.head_dim ** -0.5,
-                                k_scale=k_scale, v_scale=v_scale)
-  return x + linear(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
+  o = attention_ops.paged_attention(q, k_pages, v_pages, batch, scale=cfg.head_dim ** -0.5,
+                                    k_scale=k_scale, v_scale=v_scale)
+  return linear(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
 
 
 def qkv_projections(layer: Params, h, cfg: LlamaConfig):
@@ -177,29 +186,40 @@ def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.
   return rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
 
-def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention.AttentionBatch,
-            cfg: LlamaConfig, all_logits: bool = False) -> tuple[jax.Array, KVCache]:
+def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_ops.AttentionBatch,
+            cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False
+            ) -> tuple[jax.Array, KVCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
-  or [T, V] for every token when ``all_logits`` — and the updated cache."""
+  or [T, V] for every token when ``all_logits`` — and the updated cache. Each residual add runs
+  with the RMSNorm after it (``ops.add_rms_norm``; one Pallas kernel on GPU when
+  ``fused_add_norm``)."""
+  eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
+  h = rms_norm(x, layers[0]["attn_norm"], eps)
   new_k, new_v = [], []
-  for i, layer in enumerate(params["layers"]):
-    x, k_pages, v_pages = attention_block(layer, x, cos, sin, cache.k[i], cache.v[i],
-                                          cache.k_scale[i], cache.v_scale[i], batch, cfg)
-    x = mlp_block(layer, x, cfg)
+  for i, layer in enumerate(layers):
+    o, k_pages, v_pages = self_attention(layer, h, cos, sin, cache.k[i], cache.v[i],
+                                         cache.k_scale[i], cache.v_scale[i], batch, cfg)
+    x, h = add_rms_norm(x, o, layer["mlp_norm"], eps, fused_add_norm)
+    next_norm = layers[i + 1]["attn_norm"] if i + 1 < len(layers) else params["final_norm"]
+    x, h = add_rms_norm(x, mlp(layer, h), next_norm, eps, fused_add_norm)
     new_k.append(k_pages)
     new_v.append(v_pages)
   if not all_logits:
-    x = x[batch.logit_indices]
-  return lm_logits(params, x, cfg), dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
+    h = h[batch.logit_indices]
+  return lm_head(params, h, cfg), dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
 
 
 def lm_logits(params: Params, x, cfg: LlamaConfig) -> jax.Array:
   """Final RMSNorm and LM head on residual rows x [..., H] -> float32 logits [..., V]."""
-  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-  lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  return linear(x, lm_head, out_dtype=jnp.float32)
+  return lm_head(params, rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
+
+
+def lm_head(params: Params, h, cfg: LlamaConfig) -> jax.Array:
+  """The LM head on final-normed rows h [..., H] -> float32 logits [..., V]."""
+  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return linear(h, w, out_dtype=jnp.float32)
 
 
 _FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
@@ -268,7 +288,8 @@ def quantize_projections_fp8(params: Params) -> Params:
   return {**params, "layers": layers}
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits"), donate_argnames=("cache",))
+forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm"),
+                      donate_argnames=("cache",))
 
 
 def num_params(cfg: LlamaConfig) -> int:
