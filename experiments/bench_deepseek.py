@@ -45,6 +45,8 @@ _PARTS = flags.DEFINE_list("parts", ["layer", "attention", "routing", "moe_gemms
                            "which parts to time (rest is derived only when all four are timed)")
 _NVFP4_ALSO = flags.DEFINE_list("nvfp4_also", [], "extra NVFP4 decode B=64 cases with these "
                                 "grouped-kernel dequant routes (kernels.nvfp4_matmul.DEQUANT_MODES)")
+_KL = flags.DEFINE_bool("nvfp4_kl", True, "also run decode B=64 with the NVFP4 experts in the "
+                        "kernel layout (GroupedNVFP4Weight.to_kernel_layout, the faster kernel)")
 _PAGE = 64
 
 CFG = ds.DeepseekV3Config(
@@ -170,6 +172,18 @@ def measure(layer, num_seqs, tokens_per_seq, context, key, label):
   return r
 
 
+def compare_gemms(layer_a, layer_b, num_seqs, key) -> float:
+  """Relative difference of the three grouped GEMMs' output between two layers holding the same
+  quantized experts (e.g. ModelOpt vs kernel layout: both dequantize exactly, so this is MMA /
+  output rounding, ~1e-3)."""
+  _, _, routing, gemms, _ = layer_fns("absorbed")
+  x = jax.random.normal(key, (num_seqs, CFG.hidden_size), jnp.bfloat16)
+  xs, sizes, _, _ = routing(layer_a, x)
+  a = gemms(layer_a, xs, sizes).astype(jnp.float32)
+  b = gemms(layer_b, xs, sizes).astype(jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(a), 1e-30))
+
+
 def peaks():
   x = jnp.ones((1 << (20 if _TINY.value else 30),), jnp.float32)
   read = timeit(jax.jit(jnp.sum), x, iters=5)
@@ -184,7 +198,7 @@ def main(_):
   if _TINY.value:
     CFG = dataclasses.replace(CFG, hidden_size=256, num_heads=4, q_lora_rank=128, kv_lora_rank=128,
                               qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                              moe_intermediate_size=128, n_routed_experts=64)
+                              moe_intermediate_size=256, n_routed_experts=64)
   results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "config": dataclasses.asdict(CFG), "runs": [], "errors": []}
@@ -203,18 +217,28 @@ def main(_):
   # The headline comparison first, so that a run cut short still has it.
   cases = [(64, 1, _CONTEXT.value, "decode B=64 bf16"), (64, 1, _CONTEXT.value,
                                                         "decode B=64 nvfp4-experts")]
+  if _KL.value:
+    cases.insert(1, (64, 1, _CONTEXT.value, "decode B=64 nvfp4-experts kernel-layout"))
   cases += [(64, 1, _CONTEXT.value, f"decode B=64 nvfp4-experts dequant={mode}")
             for mode in _NVFP4_ALSO.value]
   cases += [(b, 1, _CONTEXT.value, f"decode B={b} bf16") for b in batches if b != 64]
   cases.append((1, _PREFILL.value, _PREFILL.value, f"prefill {_PREFILL.value} bf16"))
   cases = [c for c in cases if _ONLY.value in c[3]]
+  kl_layer = None
   for num_seqs, per_seq, context, label in cases:
     try:
-      if "nvfp4" in label:
-        if nv_layer is None:
-          nv_layer = dict(layer)
+      if "nvfp4" in label and nv_layer is None:
+        nv_layer = dict(layer)
+        for name in ("experts_gate", "experts_up", "experts_down"):
+          nv_layer[name] = to_nvfp4(layer[name])
+      if "kernel-layout" in label:
+        if kl_layer is None:
+          kl_layer = dict(nv_layer)
           for name in ("experts_gate", "experts_up", "experts_down"):
-            nv_layer[name] = to_nvfp4(layer[name])
+            kl_layer[name] = nv_layer[name].to_kernel_layout()
+        r = measure(kl_layer, num_seqs, per_seq, context, key, label)
+        r["kl_vs_modelopt_rel_err"] = compare_gemms(nv_layer, kl_layer, num_seqs, key)
+      elif "nvfp4" in label:
         default_mode = grouped_matmul.DECODE_DEQUANT
         if "dequant=" in label:   # the tiling is picked inside jitted functions: retrace
           grouped_matmul.DECODE_DEQUANT = label.split("dequant=")[1]
@@ -235,12 +259,15 @@ def main(_):
       results["errors"].append(f"{label}: {type(e).__name__}: {str(e)[:500]}")
     save()
   by = {r["label"]: r for r in results["runs"]}
-  if "decode B=64 bf16" in by and "decode B=64 nvfp4-experts" in by:
-    bf, nv = by["decode B=64 bf16"], by["decode B=64 nvfp4-experts"]
-    results["nvfp4_speedup_B64"] = {k: bf[k] / nv[k] for k in ("layer_ms", "moe_block_ms",
-                                                              "moe_gemms_ms") if k in bf}
+  for nv_label, key_name in [("decode B=64 nvfp4-experts", "nvfp4_speedup_B64"),
+                            ("decode B=64 nvfp4-experts kernel-layout", "nvfp4_kl_speedup_B64")]:
+    if "decode B=64 bf16" in by and nv_label in by:
+      bf, nv = by["decode B=64 bf16"], by[nv_label]
+      results[key_name] = {k: bf[k] / nv[k] for k in ("layer_ms", "moe_block_ms", "moe_gemms_ms")
+                           if k in bf and k in nv}
   save()
   print(json.dumps({"peaks": results["peaks"], "speedup": results.get("nvfp4_speedup_B64"),
+                    "speedup_kl": results.get("nvfp4_kl_speedup_B64"),
                     "errors": results["errors"]}, indent=1))
   print(f"{'case':28s} {'layer':>8s} {'attn':>8s} {'route':>8s} {'gemms':>8s} {'rest':>8s} "
         f"{'moe':>8s} {'TB/s':>6s}")

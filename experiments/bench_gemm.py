@@ -44,6 +44,15 @@ flags.DEFINE_enum("variant_set", "all", ["all", "new", "final"],
 flags.DEFINE_list("decode_ms", ["1", "8", "32", "64"], "decode M values")
 flags.DEFINE_list("decode_kn", ["4096x14336", "14336x4096"], "decode (K, N) shapes")
 flags.DEFINE_list("grouped_cases", ["64u", "64s", "8192u"], "grouped T + u(niform)/s(kewed)")
+flags.DEFINE_list("kl_variants", ["B128 asm", "B128 asm xf16", "A64 asm", "B256 asm xf16",
+                                  "B128 e4m3"],
+                  "kernel-layout decode variants (see KL_VARIANTS), timed in this order")
+flags.DEFINE_list("kl_ms", ["1", "8", "32", "64"], "kernel-layout decode M values")
+flags.DEFINE_list("old_routes", ["asm even/odd"],
+                  "kl section: ModelOpt-layout routes also timed ('previous default', 'asm even/odd')")
+flags.DEFINE_bool("ceil_read_only", False, "ceil section: only the read-bandwidth ceiling")
+flags.DEFINE_integer("kl_sets", 8, "kl section: independent weight sets per jit (> L2 in bytes)")
+flags.DEFINE_list("klcheck_shapes", ["5x200x1024", "40x128x768"], "klcheck MxNxK shapes")
 
 RESULTS: list[dict] = []
 # Overwritten by the "ceil" section; defaults are run 1's measurements on the H100 (2026-11-23).
@@ -161,6 +170,8 @@ def sec_ceil():
   CEIL["read_tbs"] = x.nbytes / s / 1e12
   record("ceil", "read stream 1GiB f32", "", "xla sum", s, x.nbytes)
   del x
+  if FLAGS.ceil_read_only:
+    return
   n = D(8192)
   a = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(3), (n, n), jnp.bfloat16)
@@ -454,6 +465,165 @@ def sec_grouped():
             if t_rows <= 512 else None)
 
 
+# ----- kernel-layout decode (nk.w4a16_matmul_kl): float64 checks first, then timings -----
+
+E2M1_F64 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+
+def dequant_f64(packed, scale, gs) -> np.ndarray:
+  """ModelOpt bytes [N, K/2] -> float64 [N, K] on the host (the check reference)."""
+  p = np.asarray(packed)
+  codes = np.stack([p & 0xF, p >> 4], axis=-1).reshape(p.shape[0], -1)
+  s = np.asarray(jnp.asarray(scale, jnp.float32), np.float64)
+  return E2M1_F64[codes] * np.repeat(s, 16, axis=1) * float(gs)
+
+
+def ref_f64(x, w64) -> np.ndarray:
+  return np.asarray(jnp.asarray(x, jnp.float32), np.float64) @ w64.T
+
+
+def err64(y, ref) -> float:
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  if not np.all(np.isfinite(y)):
+    return float("nan")
+  return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def kl_variant(name: str, m: int, n: int, k: int):
+  """"B128 asm xf16" -> (KLTiling, x dtype): B = weight as the MMA's B operand (A = as A), 128 =
+  block_n, then the dequant mode, optional w<warps>, s<stages>, xf16 (x cast to f16 by the caller,
+  inside the timed call)."""
+  parts = name.split()
+  form, bn = parts[0][0], int(parts[0][1:])
+  kw = {"w_as_a": form == "A", "block_n": bn, "dequant": parts[1]}
+  x_dtype = jnp.bfloat16
+  for p in parts[2:]:
+    if p == "xf16":
+      x_dtype = jnp.float16
+    elif p[0] == "w":
+      kw["num_warps"] = int(p[1:])
+    elif p[0] == "s":
+      kw["num_stages"] = int(p[1:])
+    elif p.startswith("bm"):
+      kw["block_m"] = int(p[2:])
+  return nk.default_kl_tiling(m, n, k, **kw), x_dtype
+
+
+def kl_call(t, x_dtype):
+  def f(x, p, s, g):
+    return nk.w4a16_matmul_kl(x.astype(x_dtype), p, s, g, tiling=t)
+  return f
+
+
+def sec_klcheck():
+  """Every kernel-layout variant and the PTX even/odd route at small odd shapes vs float64."""
+  ks = iter(keys(64))
+  names = list(dict.fromkeys(FLAGS.kl_variants + ["A64 asm2", "B128 asm2", "B64 f32", "A64 e4m3"]))
+  for m, n, k in [tuple(int(v) for v in s.split("x")) for s in FLAGS.klcheck_shapes]:
+    x = jax.random.normal(next(ks), (m, k), jnp.bfloat16)
+    p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))
+    ref = ref_f64(x, dequant_f64(p, s, g))
+    pk = nvfp4.to_kernel_layout(p)
+    for name in names:
+      try:
+        t, xdt = kl_variant(name, m, n, k)
+        y = kl_call(t, xdt)(x, pk, s, g)
+        record("klcheck", f"kl m{m} n{n} k{k}", "", name, err=err64(y, ref), note=str(t))
+      except Exception as e:  # noqa: BLE001
+        record("klcheck", f"kl m{m} n{n} k{k}", "", name, error=f"{type(e).__name__}: {e}"[:400])
+    for bm in sorted({16 if m <= 16 else (32 if m <= 32 else 64), 64}):
+      t = nk.Tiling(bm, 64, 256, 1, 4, 4, x_even_odd=True, dequant="asm")
+      try:
+        y = nk.w4a16_matmul(x, p, s, g, tiling=t)
+        record("klcheck", f"modelopt m{m} n{n} k{k}", "", f"asm even/odd bm{bm}",
+               err=err64(y, ref), note=str(t))
+      except Exception as e:  # noqa: BLE001
+        record("klcheck", f"modelopt m{m} n{n} k{k}", "", f"asm even/odd bm{bm}",
+               error=f"{type(e).__name__}: {e}"[:400])
+
+
+def sec_diag():
+  """Where the interleaved PTX route's wrong values come from: x = one-hot rows, so y[i, :] is
+  the dequantized column k_i as the kernel saw it; report which (n, k) each value matches."""
+  m, n, k = 16, 64, 256
+  key = keys(1)[0]
+  p, s, g = nvfp4.quantize(jax.random.normal(key, (n, k)))
+  w = dequant_f64(p, s, g)
+  k_of_row = np.arange(m) * 13 % k
+  x = jnp.asarray(np.eye(k)[k_of_row], jnp.bfloat16)
+  for label, t in [("asm interleaved bm16", nk.Tiling(16, 64, 256, 1, 4, 4, dequant="asm")),
+                   ("asm even/odd bm16", nk.Tiling(16, 64, 256, 1, 4, 4, True, dequant="asm")),
+                   ("e4m3 interleaved bm16", nk.Tiling(16, 64, 256, 1, 4, 4, dequant="e4m3"))]:
+    try:
+      check = nk.check_asm_layout
+      nk.check_asm_layout = lambda *a: None
+      try:
+        y = np.asarray(jnp.asarray(nk.w4a16_matmul(x, p, s, g, tiling=t), jnp.float32), np.float64)
+      finally:
+        nk.check_asm_layout = check
+      want = w[:, k_of_row].T                                  # [m, n]
+      ok = np.isclose(y, want, rtol=1e-2, atol=1e-6)
+      where = {}
+      for i, j in zip(*np.nonzero(~ok)):
+        hits = np.argwhere(np.isclose(w, y[i, j], rtol=1e-3, atol=0))
+        for hn, hk in hits[:4]:
+          d = (int(hn - j), int(hk - k_of_row[i]))
+          where[d] = where.get(d, 0) + 1
+      top = sorted(where.items(), key=lambda kv: -kv[1])[:8]
+      record("diag", "one-hot m16 n64 k256", "", label, err=err64(y, want.T.T),
+             note=f"wrong {int((~ok).sum())}/{ok.size}; (dn, dk) of matching sources: {top}")
+    except Exception as e:  # noqa: BLE001
+      record("diag", "one-hot m16 n64 k256", "", label, error=f"{type(e).__name__}: {e}"[:400])
+
+
+def sec_kl(kn_list=None):
+  """Decode on the kernel layout vs XLA's bf16 dot, float64-checked on the timed call's output.
+  M is the outer loop (every shape gets the first M before any gets the second)."""
+  r = FLAGS.kl_sets
+  shapes = []
+  for k, n in [tuple(D(int(v)) for v in kn.split("x")) for kn in kn_list or FLAGS.decode_kn]:
+    key_w, key_x = keys(2)
+    wsets = nvfp4_sets(r, n, k, key_w)
+    shapes.append(dict(k=k, n=n, key_x=key_x, wsets=wsets,
+                       klsets=[(nvfp4.to_kernel_layout(p), s, g) for p, s, g in wsets],
+                       w64=dequant_f64(*wsets[0]),
+                       bf16_w=[jax.random.normal(kk, (k, n), jnp.bfloat16)
+                               for kk in jax.random.split(key_w, r)]))
+  for m in [int(v) for v in FLAGS.kl_ms]:
+    for sh in shapes:
+      if over_budget():
+        return
+      k, n = sh["k"], sh["n"]
+      xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(sh["key_x"], r)]
+      io = m * k * 2 + m * n * 2
+      wq_bytes = n * k // 2 + n * k // 16
+      shape = f"M{m} K{k} N{n}"
+      ref = ref_f64(xs[0], sh["w64"])
+      base = attempt("kl", shape, shape, "xla bf16 dot", lambda x, w: x @ w,
+                     list(zip(xs, sh["bf16_w"])), n * k * 2 + io, 2 * m * n * k)
+      results = []
+      for name in FLAGS.kl_variants:
+        t, xdt = kl_variant(name, m, n, k)
+        results.append(attempt("kl", shape, shape, f"kl {name}", kl_call(t, xdt),
+                               [(x, *w) for x, w in zip(xs, sh["klsets"])], wq_bytes + io,
+                               2 * m * n * k, ref=ref, note=str(t)))
+      bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+      old = {"previous default": nk.default_tiling(m, n, k),
+             "asm even/odd": dataclasses.replace(nk.default_tiling(m, n, k), block_m=bm,
+                                                 x_even_odd=True, dequant="asm")}
+      for label in FLAGS.old_routes:
+        t = old[label]
+        results.append(attempt("kl", shape, shape, f"modelopt {label}",
+                               lambda x, p, s, g, t=t: nk.w4a16_matmul(x, p, s, g, tiling=t),
+                               [(x, *w) for x, w in zip(xs, sh["wsets"])], wq_bytes + io,
+                               2 * m * n * k, ref=ref, note=str(t)))
+      good = [res for res in results if "us" in res and res.get("rel_err", 1) < 1e-2]
+      if good and "us" in base:
+        best = min(good, key=lambda res: res["us"])
+        record("kl", shape, shape, "SPEEDUP best verified/xla",
+               note=f"{base['us'] / best['us']:.2f}x ({best['impl']}); "
+                    f"{best['tbs'] / CEIL['read_tbs']:.0%} of read bw")
+
 def sec_fp8():
   m = n = k = D(8192)
   key_w, key_x = keys(2)
@@ -496,8 +666,11 @@ def main(argv):
     pl.pallas_call = forced_interpret
     real_mode_for = nk.mode_for   # inline PTX cannot run on the CPU: use its jnp twin
     nk.mode_for = gk.mode_for = lambda dequant, interpret: real_mode_for(dequant, True)
+    real_kl_mode_for = nk.kl_mode_for
+    nk.kl_mode_for = lambda dequant, interpret: real_kl_mode_for(dequant, True)
   sections = {"ceil": sec_ceil, "check": sec_check, "decode": sec_decode,
-              "prefill": sec_prefill, "grouped": sec_grouped, "fp8": sec_fp8}
+              "prefill": sec_prefill, "grouped": sec_grouped, "fp8": sec_fp8,
+              "klcheck": sec_klcheck, "kl": sec_kl, "diag": sec_diag}
   for name in FLAGS.sections:
     name, _, arg = name.partition(":")   # "decode:KxN" runs one decode shape
     if name not in sections:
@@ -512,7 +685,7 @@ def main(argv):
       traceback.print_exc()
   print("\n==== summary ====")
   for r in RESULTS:
-    if r["section"] in ("check",) and "rel_err" in r and (r["rel_err"] != r["rel_err"]
+    if r["section"] in ("check", "klcheck") and "rel_err" in r and (r["rel_err"] != r["rel_err"]
                                                           or r["rel_err"] > 2e-2):
       print("BAD CHECK", r["name"], r["rel_err"])
   for r in RESULTS:

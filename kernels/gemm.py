@@ -12,6 +12,9 @@ Outputs are in x's dtype. On GPU the kernels in kernels/{nvfp4,fp8_block,grouped
 references. The dense NVFP4 / FP8 ops at M >= PREFILL_DEQUANT_M rows dequantize the weight to x's
 dtype and call XLA's dot, which measured faster than the fused kernels (benchmarks/gemm.md).
 
+NVFP4 weights in the kernel layout (kernels/quant/weights: NVFP4Weight.to_kernel_layout, a one-time
+repack; K % 256 == 0) run the kernel-layout decode kernels (nvfp4_matmul.w4a16_matmul_kl,
+grouped_matmul.grouped_matmul_nvfp4_kl); ModelOpt-layout weights run the original kernels.
 NVFP4 decode (dense M <= 64, grouped <= 64 rows per expert) dequantizes on the route chosen by
 kernels.nvfp4_matmul.DECODE_DEQUANT / kernels.grouped_matmul.DECODE_DEQUANT (default "f32": bf16
 MMA, verified on the H100). The f16 routes cast x to f16 for the MMA: activations must then stay
@@ -62,13 +65,17 @@ def _use_kernels() -> bool:
 
 
 def nvfp4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
+  """W4A16; a weight in the kernel layout (NVFP4Weight.to_kernel_layout) runs the decode kernel
+  nvfp4_matmul.w4a16_matmul_kl below PREFILL_DEQUANT_M rows."""
   if x.ndim != 2 or x.shape[1] != w.k:
     raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
   if not _use_kernels():
-    return nvfp4_kernels.w4a16_reference(x, w.packed, w.scale, w.global_scale)
+    return nvfp4_kernels.w4a16_reference(x, w.modelopt_packed(), w.scale, w.global_scale)
   if PREFILL_DEQUANT_M is not None and x.shape[0] >= PREFILL_DEQUANT_M:
-    wd = nvfp4.dequantize(w.packed, w.scale, w.global_scale, x.dtype)
+    wd = nvfp4.dequantize(w.modelopt_packed(), w.scale, w.global_scale, x.dtype)
     return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+  if w.layout == "kernel":
+    return nvfp4_kernels.w4a16_matmul_kl(x, w.packed, w.scale, w.global_scale)
   return nvfp4_kernels.w4a16_matmul(x, w.packed, w.scale, w.global_scale)
 
 
@@ -84,6 +91,7 @@ def nvfp4_w4a4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
   if x.ndim != 2 or x.shape[1] != w.k:
     raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
   x_gs = w.input_scale if w.input_scale is not None else nvfp4.global_scale_for(x)
+  w = w.to_modelopt_layout()
   xq, xs = quantize_nvfp4_activations(x, x_gs)
   cc = _gpu_capability()
   if cc is not None and cc >= 10.0:
@@ -116,11 +124,14 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
   """ragged_dot(x [T, K], w, group_sizes [E]) -> [T, N] in x's dtype; rows past the total are 0."""
   gpu = _use_kernels()
   if isinstance(w, GroupedNVFP4Weight):
+    if gpu and w.layout == "kernel":
+      return grouped_kernels.grouped_matmul_nvfp4_kl(x, w.packed, w.scale, w.global_scale,
+                                                     group_sizes)
     if gpu:
       return grouped_kernels.grouped_matmul_nvfp4(x, w.packed, w.scale, w.global_scale,
                                                   group_sizes)
-    return grouped_kernels.grouped_nvfp4_reference(x, w.packed, w.scale, w.global_scale,
-                                                   group_sizes)
+    return grouped_kernels.grouped_nvfp4_reference(x, w.modelopt_packed(), w.scale,
+                                                   w.global_scale, group_sizes)
   if isinstance(w, GroupedFP8BlockWeight):
     if gpu:
       return grouped_kernels.grouped_matmul_fp8(x, w.weight, w.scale_inv, group_sizes)

@@ -30,8 +30,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul
-from kernels.nvfp4_matmul import (check_asm_layout, global_factor, k_block, mode_for, row_scales,
-                                  tile_dot)
+from kernels.nvfp4_matmul import (check_asm_layout, global_factor, k_block, kl_global_factor,
+                                  kl_mode_for, kl_tile_dot, mode_for, row_scales, tile_dot)
 from kernels.quant import fp8_block, nvfp4
 
 
@@ -94,7 +94,7 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
   xinv_ref = xmul_ref = None
   if fmt == "nvfp4" and x_scale:
     x_ref, xinv_ref, xmul_ref, wq_ref, ws_ref, gs_ref, o_ref = refs
-  elif fmt == "nvfp4":
+  elif fmt in ("nvfp4", "nvfp4_kl"):
     x_ref, wq_ref, ws_ref, gs_ref, o_ref = refs
   elif fmt == "fp8":
     xq_ref, xs_ref, w_ref, ws_ref, o_ref = refs
@@ -146,6 +146,22 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
           wmask = both(kx_ok if mask_k else jnp.full((bk,), True), col_ok)
         w = load_w(w_ref, (g, pl.ds(k0, bk), pl.ds(n0, bn)), wmask)
         return acc + plgpu.dot(x, w)
+      if fmt == "nvfp4_kl":   # bk = 256: one kernel-layout byte tile [bn, 128]
+        half, groups = bk // 2, bk // 32
+        wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(pl.multiple_of(i * half, half), half)),
+                    col_ok[:, None] if masked_n else None)
+
+        def load_scale(h):
+          ks = pl.multiple_of(i * 2 * groups + h * groups, groups)
+          return load_w(ws_ref, (g, pl.ds(n0, bn), pl.ds(ks, groups)),
+                        col_ok[:, None] if masked_n else None)
+
+        def load_x(h):
+          kx = pl.multiple_of(i * bk + h * half, half)
+          return plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(kx, half)], mask=row_ok[:, None],
+                            other=0)
+
+        return kl_tile_dot(acc, load_x, wq, load_scale, mode, w_as_a)
       kp, ks = pl.multiple_of(k0 // 2, bk // 2), k0 // 16
       kp_ok = ((kp + jnp.arange(bk // 2)) < k // 2) if mask_k else None
       ks_ok = ((ks + jnp.arange(bk // 16)) < k // 16) if mask_k else None
@@ -167,6 +183,8 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
     acc = jax.lax.fori_loop(0, k_steps, body, jnp.zeros(acc_shape, jnp.float32))
     if fmt == "nvfp4":
       acc = acc * (gs_ref[g] * global_factor(mode))
+    elif fmt == "nvfp4_kl":
+      acc = acc * (gs_ref[g] * kl_global_factor(mode))
     if x_mul is not None:
       acc = acc * (x_mul[None, :] if w_as_a else x_mul[:, None])
     if w_as_a:
@@ -193,15 +211,20 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
   t = tiling or default_tiling(t_rows, n, e, fmt)
   if fmt == "fp8":
     bk, mask_k = fp8_block.BLOCK, False
+  elif fmt == "nvfp4_kl":
+    bk, mask_k = nvfp4.KERNEL_TILE, False
   else:
     bk, mask_k = k_block(k, t.block_k)
   if fmt == "fp8":
     if n % t.block_n and t.block_n > fp8_block.BLOCK:
       raise ShapeError(f"block_n {t.block_n} > 128 needs N % block_n == 0 (N={n})")
   sched = make_schedule(group_sizes, t_rows, t.block_m)
-  mode = mode_for(t.dequant, interpret) if fmt == "nvfp4" else "f32"
-  check_asm_layout(mode, t.x_even_odd)
-  x_scale = t.x_scale and mode != "f32"
+  if fmt == "nvfp4_kl":
+    mode = kl_mode_for(t.dequant, interpret)
+  else:
+    mode = mode_for(t.dequant, interpret) if fmt == "nvfp4" else "f32"
+    check_asm_layout(mode, t.x_even_odd)
+  x_scale = t.x_scale and mode != "f32" and fmt == "nvfp4"
   if x_scale:
     operands = (operands[0], *row_scales(operands[0]), *operands[1:])
   load_3d = t.load_3d and fmt == "nvfp4"
@@ -211,7 +234,8 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
   kernel = functools.partial(_kernel, fmt=fmt, e=e, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
                              k_steps=-(-k // bk), mask_k=mask_k,
                              x_even_odd=t.x_even_odd and fmt == "nvfp4",
-                             mode=mode, w_as_a=t.w_as_a and fmt == "nvfp4", x_scale=x_scale,
+                             mode=mode, w_as_a=t.w_as_a and fmt in ("nvfp4", "nvfp4_kl"),
+                             x_scale=x_scale,
                              load_3d=load_3d)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((t_rows, n), out_dtype),
@@ -254,6 +278,40 @@ def grouped_matmul_nvfp4(x: jax.Array, packed: jax.Array, scale: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def grouped_matmul_nvfp4_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array,
+                            global_scale: jax.Array, group_sizes: jax.Array, *,
+                            tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+  """grouped_matmul_nvfp4 on kernel-layout bytes (kernels/quant/nvfp4.to_kernel_layout, K a
+  multiple of 256): the decode kernel's dequantization (nvfp4_matmul.kl_tile_dot) per expert
+  tile. ``tiling``: block_m / block_n / num_warps / num_stages / w_as_a / dequant (one of
+  nvfp4_matmul.KL_DEQUANT_MODES); block_k is the layout's 256."""
+  nvfp4.check_layout(packed_kl, scale)
+  if packed_kl.ndim != 3:
+    raise ShapeError(f"grouped NVFP4 weight must be [E, N, K/2], got {packed_kl.shape}")
+  e, n, k = packed_kl.shape[0], packed_kl.shape[1], packed_kl.shape[2] * 2
+  nvfp4.check_kernel_k(k)
+  _check_common(x, group_sizes, e)
+  if x.shape[1] != k:
+    raise ShapeError(f"x has K={x.shape[1]} but the weight has K={k}")
+  if global_scale.shape != (e,):
+    raise ShapeError(f"global_scale must be [E={e}], got {global_scale.shape}")
+  return _run("nvfp4_kl", (x, packed_kl, scale, global_scale.astype(jnp.float32)), x, group_sizes,
+              e, n, k, tiling or default_kl_tiling(x.shape[0], e), interpret, x.dtype)
+
+
+# Kernel-layout grouped decode tiling: the weight as the MMA's B operand, bn = 128 (see
+# benchmarks/gemm.md); prefill-sized groups use 64-row tiles.
+KL_DECODE = {"dequant": "asm", "w_as_a": False, "block_n": 128}
+
+
+def default_kl_tiling(t: int, num_groups: int) -> Tiling:
+  rows_per_group = t / max(1, num_groups)
+  bm = 16 if rows_per_group <= 16 else 64
+  return Tiling(bm, KL_DECODE["block_n"], nvfp4.KERNEL_TILE, 4, 4, dequant=KL_DECODE["dequant"],
+                w_as_a=KL_DECODE["w_as_a"])
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def grouped_matmul_fp8(x: jax.Array, weight: jax.Array, scale_inv: jax.Array,
                        group_sizes: jax.Array, *, tiling: Tiling | None = None,
                        interpret: bool = False) -> jax.Array:
@@ -273,6 +331,11 @@ def grouped_reference(x: jax.Array, w_ekn: jax.Array, group_sizes: jax.Array) ->
   y = jax.lax.ragged_dot(x.astype(jnp.float32), w_ekn.astype(jnp.float32),
                          group_sizes.astype(jnp.int32), precision="highest")
   return y.astype(x.dtype)
+
+
+def grouped_nvfp4_kl_reference(x, packed_kl, scale, global_scale, group_sizes) -> jax.Array:
+  return grouped_nvfp4_reference(x, nvfp4.from_kernel_layout(packed_kl), scale, global_scale,
+                                 group_sizes)
 
 
 def grouped_nvfp4_reference(x, packed, scale, global_scale, group_sizes) -> jax.Array:

@@ -478,6 +478,192 @@ def w4a4_matmul(x_packed: jax.Array, x_scale: jax.Array, x_global_scale: jax.Arr
                interpret)
 
 
+# ----- decode kernel on the kernel layout (kernels/quant/nvfp4.to_kernel_layout) -----
+#
+# Per program: rows [m0, m0 + bm) of x, weight rows [n0, n0 + bn), K tiles of 256 (one byte tile
+# [bn, 128] per step, pipelined by Triton's cp.async). The low nibbles of the byte tile are K
+# elements [256t, 256t + 128) and the high nibbles [256t + 128, 256t + 256): each half is
+# dequantized elementwise from the same bytes and dotted with a contiguous x slice, so there is no
+# interleave, no x shuffle and no reshape of the weight; the only broadcast is each block scale
+# over its 16 elements. With ``w_as_a`` (default) the dequantized half is the MMA's A operand
+# (y^T = W x^T): on Hopper a wgmma (M = bn = 64 per warpgroup, N = bm >= 16) takes it straight from
+# registers, and Triton hoists the whole elementwise dequant chain into that register layout (the
+# bytes go global -> shared (cp.async) -> registers, never back through shared memory as f16).
+KL_DEQUANT_MODES = ("asm", "asm2", "e4m3", "f32")
+_KL_JNP_TWIN = {"asm": "e4m3", "asm2": "e4m3"}
+_KL_GLOBAL_FACTOR = {"asm": 2.0 ** 6, "asm2": 2.0 ** 6, "e4m3": 2.0 ** 6, "f32": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class KLTiling:
+  block_m: int = 16
+  block_n: int = 64
+  split_k: int = 1
+  num_warps: int = 4
+  num_stages: int = 4
+  w_as_a: bool = True
+  # "asm": PTX on 4 bytes (E4M3 bit trick, 2 cvt.rn.f16x2.e4m3x2, 2 mul.f16x2 per half);
+  # "asm2": the same on 2 bytes (one cvt + one mul per half); "e4m3": the same in jnp (f16 MMA);
+  # "f32": f16-bit decode -> f32 scale multiply -> bf16 (bf16 MMA, no f16 cast of x).
+  dequant: str = "asm"
+
+
+# One half of 2 bytes: $0 = 2 f16 (f16x2), $1 = 2 bytes, $2 = their 2 f16 block scales.
+def _asm2_block(half: str) -> str:
+  bits = ("and.b16 u, w, 0x0707;\nshl.b16 u, u, 2;\nand.b16 t, w, 0x0808;\nshl.b16 t, t, 4;\n"
+          if half == "lo" else
+          "shr.b16 u, w, 2;\nand.b16 u, u, 0x1C1C;\nand.b16 t, w, 0x8080;\n")
+  return ("{\n.reg .b16 w, t, u;\n.reg .b32 s, a;\nmov.b16 w, $1;\nmov.b32 s, $2;\n" + bits +
+          "or.b16 u, u, t;\ncvt.rn.f16x2.e4m3x2 a, u;\nmul.rn.f16x2 $0, a, s;\n}")
+
+
+_ASM2 = {half: _asm2_block(half) for half in ("lo", "hi")}
+
+
+def kl_global_factor(mode: str) -> float:
+  """What the accumulator must be multiplied by (besides the global scale) for ``mode``."""
+  return _KL_GLOBAL_FACTOR[mode]
+
+
+def kl_mode_for(dequant: str, interpret: bool) -> str:
+  if dequant not in KL_DEQUANT_MODES:
+    raise ValueError(f"dequant must be one of {KL_DEQUANT_MODES}, got {dequant!r}")
+  return _KL_JNP_TWIN.get(dequant, dequant) if interpret else dequant
+
+
+def kl_dequant_half(packed: jax.Array, scale: jax.Array, half: str, mode: str) -> jax.Array:
+  """Kernel-layout bytes [rows, 128] and the half's block scales [rows, 8] -> [rows, 128] in the
+  MMA dtype: the low (``half="lo"``) or high nibbles times their scales, over the mode's global
+  factor (exact on every mode)."""
+  rows, groups = scale.shape
+  if mode == "f32":
+    b = packed.astype(jnp.uint16)
+    bits = _e2m1_f16_bits(b) if half == "lo" else ((b & 0x80) << 8) | ((b & 0x70) << 5)
+    s = jnp.broadcast_to((scale.astype(jnp.float32) * _F16_TO_E2M1_SCALE)[:, :, None],
+                         (rows, groups, 16)).reshape(rows, groups * 16)
+    return (_e2m1_f16_bits_to_f32(bits) * s).astype(jnp.bfloat16)
+  s = jnp.broadcast_to(scale.astype(jnp.float16)[:, :, None], (rows, groups, 16))
+  s = s.reshape(rows, groups * 16)
+  out = jax.ShapeDtypeStruct(packed.shape, jnp.float16)
+  if mode == "asm":
+    return plgpu.elementwise_inline_asm(_ASM["asm"][half], args=[packed, s],
+                                        constraints="=r,=r,r,r,r", pack=4,
+                                        result_shape_dtypes=[out])[0]
+  if mode == "asm2":
+    return plgpu.elementwise_inline_asm(_ASM2[half], args=[packed, s], constraints="=r,h,r",
+                                        pack=2, result_shape_dtypes=[out])[0]
+  if mode != "e4m3":
+    raise ValueError(f"not a kernel-layout dequant mode: {mode!r}")
+  lo, hi = e2m1_to_e4m3_bytes(packed)
+  return _e4m3_bits_to_f16(lo if half == "lo" else hi) * s
+
+
+def kl_tile_dot(acc: jax.Array, load_x, wq: jax.Array, load_scale, mode: str, w_as_a: bool
+                ) -> jax.Array:
+  """acc += x [bm, 256] @ dequant(kernel-layout byte tile wq [bn, 128])^T, as two 128-deep dots.
+
+  ``load_x(h)`` gives x's K slice [bm, 128] of half h, ``load_scale(h)`` that half's scales
+  [bn, 8]; acc is [bn, bm] when ``w_as_a`` else [bm, bn]."""
+  for h, half in enumerate(("lo", "hi")):
+    w = kl_dequant_half(wq, load_scale(h), half, mode)
+    x = load_x(h).astype(w.dtype)
+    acc = acc + (plgpu.dot(w, x, trans_b=True) if w_as_a else plgpu.dot(x, w, trans_b=True))
+  return acc
+
+
+def _kl_kernel(x_ref, wq_ref, ws_ref, gs_ref, o_ref, *, m, n, bm, bn, k_steps, split, mode,
+               w_as_a):
+  pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  m0, n0 = pid_m * bm, pid_n * bn
+  row_ok = (m0 + jnp.arange(bm)) < m
+  col_ok = (n0 + jnp.arange(bn)) < n
+  half = nvfp4.KERNEL_TILE // 2
+  groups = half // nvfp4.BLOCK_SIZE
+
+  def body(i, acc):
+    t = pid_s * k_steps + i
+    kp = pl.multiple_of(t * half, half)
+    if n % bn:
+      wq = plgpu.load(wq_ref.at[pl.ds(n0, bn), pl.ds(kp, half)], mask=col_ok[:, None], other=0)
+    else:
+      wq = wq_ref[pl.ds(n0, bn), pl.ds(kp, half)]
+
+    def load_scale(h):
+      idx = (pl.ds(n0, bn), pl.ds(pl.multiple_of(t * 2 * groups + h * groups, groups), groups))
+      return plgpu.load(ws_ref.at[idx], mask=col_ok[:, None]) if n % bn else ws_ref[idx]
+
+    def load_x(h):
+      k0 = pl.multiple_of(t * 2 * half + h * half, half)
+      return plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, half)], mask=row_ok[:, None], other=0)
+
+    return kl_tile_dot(acc, load_x, wq, load_scale, mode, w_as_a)
+
+  acc = jax.lax.fori_loop(0, k_steps, body,
+                          jnp.zeros((bn, bm) if w_as_a else (bm, bn), jnp.float32))
+  acc = acc * (gs_ref[0] * kl_global_factor(mode))
+  if w_as_a:
+    acc = acc.T
+  mask = row_ok[:, None] & col_ok[None, :]
+  if split > 1:
+    plgpu.store(o_ref.at[pid_s, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
+  else:
+    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=mask)
+
+
+def kl_split(m: int, n: int, k: int, bm: int, bn: int, num_sms: int = 132) -> int:
+  """Split K (power of two dividing the K-tile count, >= 4 tiles per program) until the grid
+  covers the SMs twice."""
+  tiles = -(-m // bm) * -(-n // bn)
+  steps = k // nvfp4.KERNEL_TILE
+  split = 1
+  while tiles * split < 2 * num_sms and steps % (split * 2) == 0 and steps // (split * 2) >= 4:
+    split *= 2
+  return split
+
+
+def default_kl_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> KLTiling:
+  """bm = 16 / 32 / 64 by M, bn = 64, split-K by kl_split; ``overrides`` replace fields (the
+  split is recomputed for an overridden block_m / block_n unless split_k is given)."""
+  bm = overrides.pop("block_m", 16 if m <= 16 else (32 if m <= 32 else 64))
+  bn = overrides.pop("block_n", 64)
+  split = overrides.pop("split_k", kl_split(m, n, k, bm, bn, num_sms))
+  return KLTiling(bm, bn, split, **overrides)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def w4a16_matmul_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array,
+                    global_scale: jax.Array, *, tiling: KLTiling | None = None,
+                    interpret: bool = False) -> jax.Array:
+  """x [M, K] @ NVFP4 W [N, K]^T -> [M, N] (x's dtype), W's bytes in the kernel layout
+  (kernels/quant/nvfp4.to_kernel_layout; K a multiple of 256), scales in the ModelOpt layout."""
+  if x.ndim != 2:
+    raise ShapeError(f"x must be [M, K], got {x.shape}")
+  m, k = x.shape
+  _check_weight(packed_kl, scale, global_scale, k)
+  nvfp4.check_kernel_k(k)
+  n = packed_kl.shape[0]
+  t = tiling or default_kl_tiling(m, n, k)
+  steps = k // nvfp4.KERNEL_TILE
+  split = t.split_k if steps % t.split_k == 0 else 1
+  mode = kl_mode_for(t.dequant, interpret)
+  out_shape = (jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1
+               else jax.ShapeDtypeStruct((m, n), x.dtype))
+  gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
+  out = pl.pallas_call(
+      functools.partial(_kl_kernel, m=m, n=n, bm=t.block_m, bn=t.block_n, k_steps=steps // split,
+                        split=split, mode=mode, w_as_a=t.w_as_a),
+      out_shape=out_shape, grid=(pl.cdiv(m, t.block_m), pl.cdiv(n, t.block_n), split),
+      interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+      name="nvfp4_w4a16_kl",
+  )(x, packed_kl, scale, gs)
+  return out.sum(0).astype(x.dtype) if split > 1 else out
+
+
+def w4a16_reference_kl(x, packed_kl, scale, global_scale) -> jax.Array:
+  return w4a16_reference(x, nvfp4.from_kernel_layout(packed_kl), scale, global_scale)
+
+
 def e2m1_round(q: jax.Array) -> jax.Array:
   """f32 (already scaled) -> E2M1 code 0..15 as int32; round-to-nearest-even, saturating at 6."""
   a = jnp.abs(q)

@@ -112,3 +112,34 @@ def test_fp8_block_op_dispatches_to_mosaic_kernel_on_hopper(rng, monkeypatch):
   xq, xs = fp8_block.quantize_activations(x)
   ref = f64(fp8_block.dequantize_activations(xq, xs)) @ f64(w8.dequantize())
   assert rel(y, ref) < 5e-3
+
+
+def test_kernel_layout_weights_dispatch(rng, monkeypatch):
+  """CPU: a kernel-layout weight gives the ModelOpt weight's result; on a (pretended) GPU the
+  dense and grouped ops call the kernel-layout kernels (here interpreted)."""
+  k, n = 512, 64
+  w = NVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((k, n)), jnp.float32))
+  wk = w.to_kernel_layout()
+  x = jnp.asarray(rng.standard_normal((3, k)), jnp.bfloat16)
+  ref = f64(x) @ f64(w.dequantize())
+  np.testing.assert_array_equal(f64(gemm.nvfp4_matmul(x, wk)), f64(gemm.nvfp4_matmul(x, w)))
+  calls = []
+
+  def spy(fn):
+    def run(*args, **kwargs):
+      calls.append(fn.__name__)
+      return fn(*args, **kwargs, interpret=True)
+    return run
+
+  monkeypatch.setattr(gemm, "_gpu_capability", lambda: 9.0)
+  monkeypatch.setattr(gemm.nvfp4_kernels, "w4a16_matmul_kl",
+                      spy(gemm.nvfp4_kernels.w4a16_matmul_kl))
+  monkeypatch.setattr(gemm.grouped_kernels, "grouped_matmul_nvfp4_kl",
+                      spy(gemm.grouped_kernels.grouped_matmul_nvfp4_kl))
+  assert rel(gemm.nvfp4_matmul(x, wk), ref) < 5e-3
+  gw = GroupedNVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((3, k, n)), jnp.float32))
+  sizes = [2, 0, 4]
+  xg = jnp.asarray(rng.standard_normal((6, k)), jnp.bfloat16)
+  y = gemm.grouped_matmul(xg, gw.to_kernel_layout(), jnp.asarray(sizes, jnp.int32))
+  assert rel(y, np_ragged(f64(xg), f64(gw.dequantize()), sizes)) < 5e-3
+  assert calls == ["w4a16_matmul_kl", "grouped_matmul_nvfp4_kl"]

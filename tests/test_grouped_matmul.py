@@ -10,7 +10,7 @@ import pytest
 
 from jaxinfer.errors import ShapeError
 from kernels import grouped_matmul as gk
-from kernels.quant import fp8_block
+from kernels.quant import fp8_block, nvfp4
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float64)
 
@@ -131,3 +131,23 @@ def test_bad_inputs_raise_shape_error(rng, make):
   w = jnp.asarray(rng.standard_normal((3, 128, 64)), jnp.bfloat16)
   with pytest.raises(ShapeError):
     make(x, w)
+
+
+@pytest.mark.parametrize("tiling", [
+    None,
+    gk.Tiling(16, 64, 256, 4, 2, dequant="asm", w_as_a=True),
+    gk.Tiling(64, 128, 256, 4, 2, dequant="f32"),
+])
+def test_grouped_nvfp4_kernel_layout_matches_float64(rng, tiling):
+  t, e, n, k = 37, 5, 96, 512
+  sizes = [9, 0, 20, 0, 5]                                  # empty groups, 3 rows past the total
+  packed = rng.integers(0, 256, (e, n, k // 2), dtype=np.uint8)
+  scale = rng.uniform(0.05, 400, (e, n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+  gs = rng.uniform(1e-3, 1e-2, e).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  y = gk.grouped_matmul_nvfp4_kl(x, nvfp4.to_kernel_layout(jnp.asarray(packed)),
+                                 jnp.asarray(scale), jnp.asarray(gs),
+                                 jnp.asarray(sizes, jnp.int32), tiling=tiling, interpret=True)
+  codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(e, n, k)
+  w_enk = E2M1[codes] * np.repeat(f64(scale), 16, -1) * gs[:, None, None].astype(np.float64)
+  check(y, np_ragged(f64(x), np.swapaxes(w_enk, 1, 2), sizes), sizes)

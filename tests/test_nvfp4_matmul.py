@@ -197,3 +197,43 @@ def test_bad_inputs_raise_shape_error(rng, make):
   packed, scale, gs = random_nvfp4(rng, 32, 128)
   with pytest.raises(ShapeError):
     make(packed, scale, gs)
+
+
+# ----- kernel layout (kernels/quant/nvfp4.to_kernel_layout) decode kernel -----
+
+@pytest.mark.parametrize("m,n,k,tiling", [
+    (1, 64, 512, None),                                                       # default tiling
+    (5, 200, 768, nk.KLTiling(16, 64, 1, 4, 2, w_as_a=False, dequant="asm")),  # N tail, B form
+    (40, 128, 1024, nk.KLTiling(64, 64, 2, 4, 2, dequant="asm2")),             # M tail, split-K
+    (17, 96, 512, nk.KLTiling(32, 64, 2, 4, 2, w_as_a=False, dequant="f32")),  # bf16 MMA route
+])
+def test_w4a16_kernel_layout_matches_float64(rng, m, n, k, tiling):
+  """The PTX routes ("asm", "asm2") interpret as their identical jnp "e4m3" twin."""
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  packed, scale, gs = random_nvfp4(rng, n, k)
+  y = nk.w4a16_matmul_kl(x, nvfp4.to_kernel_layout(packed), scale, gs, tiling=tiling,
+                         interpret=True)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  ref = np.asarray(x.astype(jnp.float32), np.float64) @ np_dequant(packed, scale, gs).T
+  assert rel_err(y, ref) < 5e-3
+
+
+@pytest.mark.parametrize("mode", ["e4m3", "f32"])
+def test_kernel_layout_dequant_halves_are_exact(mode):
+  """Both nibble halves of every byte, under every finite E4M3 scale, decode exactly."""
+  scales = np.arange(256, dtype=np.uint8)
+  scales = scales[(scales & 0x7F) != 0x7F].view(ml_dtypes.float8_e4m3fn)       # 254 finite
+  packed = np.tile(np.arange(256, dtype=np.uint8).reshape(2, 128), (scales.size, 1))
+  scale = np.repeat(np.repeat(scales, 2)[:, None], 8, axis=1)                   # [508, 8]
+  codes = np.stack([packed & 0xF, packed >> 4])
+  for h, half in enumerate(("lo", "hi")):
+    got = nk.kl_dequant_half(jnp.asarray(packed), jnp.asarray(scale), half, mode)
+    got = np.asarray(got.astype(jnp.float32), np.float64) * nk.kl_global_factor(mode)
+    want = E2M1[codes[h]] * np.repeat(np.asarray(scale.astype(np.float32), np.float64), 16, 1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_kernel_layout_rejects_bad_k(rng):
+  packed, scale, gs = random_nvfp4(rng, 64, 272)          # K = 272: multiple of 16, not of 256
+  with pytest.raises(ShapeError):
+    nk.w4a16_matmul_kl(jnp.ones((2, 272), jnp.bfloat16), packed, scale, gs, interpret=True)

@@ -168,3 +168,32 @@ def test_grouped_from_dense_per_expert_scales(rng):
   rel = np.linalg.norm(np.asarray(fw.dequantize(), np.float64) - w, axis=(1, 2)) / np.linalg.norm(
       w, axis=(1, 2))
   assert np.all(rel < 0.05)
+
+
+def test_nvfp4_kernel_layout_round_trip_and_semantics(rng):
+  """Kernel layout: byte j of each 256-wide K tile holds elements j (low nibble) and 128 + j
+  (high nibble); the weight type repacks once and still round-trips the ModelOpt bytes."""
+  n, k = 8, 512
+  weight = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+  weight_scale = rng.uniform(0.01, 300, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+  kl = np.asarray(nvfp4.to_kernel_layout(jnp.asarray(weight)))
+  codes = np.stack([weight & 0xF, weight >> 4], -1).reshape(n, k // 256, 2, 128)
+  np.testing.assert_array_equal(kl.reshape(n, k // 256, 128) & 0xF, codes[:, :, 0])
+  np.testing.assert_array_equal(kl.reshape(n, k // 256, 128) >> 4, codes[:, :, 1])
+  np.testing.assert_array_equal(np.asarray(nvfp4.from_kernel_layout(jnp.asarray(kl))), weight)
+  w = NVFP4Weight.from_modelopt(weight, weight_scale, np.float32(0.5))
+  wk = w.to_kernel_layout()
+  assert wk.layout == "kernel" and w.layout == "modelopt" and wk.to_kernel_layout() is wk
+  np.testing.assert_array_equal(np.asarray(wk.packed), kl)
+  np.testing.assert_array_equal(np.asarray(wk.to_modelopt()["weight"]), weight)
+  np.testing.assert_array_equal(np.asarray(wk.to_modelopt_layout().packed), weight)
+  np.testing.assert_array_equal(np.asarray(wk.dequantize()), np.asarray(w.dequantize()))
+  leaves, treedef = jax.tree_util.tree_flatten(wk)            # layout is static metadata
+  assert jax.tree_util.tree_unflatten(treedef, leaves).layout == "kernel"
+  g = GroupedNVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((3, k, 16)), jnp.float32))
+  np.testing.assert_array_equal(np.asarray(g.to_kernel_layout().dequantize()),
+                                np.asarray(g.dequantize()))
+  with pytest.raises(ShapeError):
+    nvfp4.to_kernel_layout(jnp.zeros((4, 136), jnp.uint8))      # K = 272
+  with pytest.raises(ShapeError):
+    NVFP4Weight(w.packed, w.scale, w.global_scale, layout="marlin")

@@ -117,3 +117,36 @@ def check_layout(packed: jax.Array, scale: jax.Array) -> None:
   if scale.shape != (*packed.shape[:-1], k // BLOCK_SIZE):
     raise ShapeError(f"NVFP4 scale shape {scale.shape} does not match packed {packed.shape} "
                      f"(expected {(*packed.shape[:-1], k // BLOCK_SIZE)})")
+
+
+# ----- kernel layout: the same bytes, K-permuted for the decode kernels -----
+# Within each KERNEL_TILE-wide K tile t of a row, byte j (0 <= j < KERNEL_TILE / 2) holds element
+# t*KERNEL_TILE + j in its low nibble and element t*KERNEL_TILE + KERNEL_TILE/2 + j in its high
+# nibble. The decode kernel then dequantizes the low and the high nibbles of one byte tile into
+# two K-contiguous halves, each dotted with a contiguous slice of x (no interleave, no x shuffle).
+# Block scales keep the ModelOpt layout. The permutation is a one-time repack (to_kernel_layout)
+# and is undone exactly by from_kernel_layout.
+KERNEL_TILE = 256
+
+
+def check_kernel_k(k: int) -> None:
+  if k % KERNEL_TILE:
+    raise ShapeError(f"the NVFP4 kernel layout needs K to be a multiple of {KERNEL_TILE}, got {k}")
+
+
+def to_kernel_layout(packed: jax.Array) -> jax.Array:
+  """ModelOpt bytes [..., K/2] -> kernel-layout bytes [..., K/2] (see KERNEL_TILE)."""
+  codes = unpack_nibbles(packed)
+  k = codes.shape[-1]
+  check_kernel_k(k)
+  tiles = codes.reshape(*codes.shape[:-1], k // KERNEL_TILE, 2, KERNEL_TILE // 2)
+  return (tiles[..., 0, :] | (tiles[..., 1, :] << 4)).reshape(packed.shape)
+
+
+def from_kernel_layout(packed_kl: jax.Array) -> jax.Array:
+  """Inverse of to_kernel_layout: kernel-layout bytes [..., K/2] -> ModelOpt bytes."""
+  half = KERNEL_TILE // 2
+  check_kernel_k(packed_kl.shape[-1] * 2)
+  t = packed_kl.reshape(*packed_kl.shape[:-1], -1, half)
+  codes = jnp.stack([t & 0xF, t >> 4], axis=-2).reshape(*packed_kl.shape[:-1], -1)
+  return pack_nibbles(codes)

@@ -3,6 +3,10 @@
 Storage follows the checkpoints (K last): NVFP4 as ModelOpt ([N, K/2] uint8, [N, K/16] e4m3, f32),
 FP8 as DeepSeek-V3 ([N, K] e4m3, [N/128, K/128] f32). ``from_modelopt`` / ``from_deepseek`` take
 the checkpoint tensors byte-for-byte (no repacking); ``from_dense`` quantizes a [K, N] matrix.
+NVFP4 weights carry a static ``layout``: "modelopt" (the checkpoint bytes) or "kernel" (the same
+codes K-permuted by kernels/quant/nvfp4.to_kernel_layout for the faster decode kernels, K a
+multiple of 256); ``to_kernel_layout()`` repacks once, ``to_modelopt()`` / ``modelopt_packed()``
+give the checkpoint bytes back exactly.
 Grouped (MoE) variants stack experts on a leading axis E and are consumed by
 ``kernels.gemm.grouped_matmul``.
 """
@@ -32,6 +36,18 @@ def _as_f32_scale(s, shape: tuple[int, ...], name: str) -> jax.Array:
   return s.reshape(shape)
 
 
+NVFP4_LAYOUTS = ("modelopt", "kernel")
+
+
+def _layout_field():
+  return dataclasses.field(default="modelopt", metadata={"static": True})
+
+
+def _check_nvfp4_layout(layout: str) -> None:
+  if layout not in NVFP4_LAYOUTS:
+    raise ShapeError(f"NVFP4 layout must be one of {NVFP4_LAYOUTS}, got {layout!r}")
+
+
 def _flatten_rows(x: jax.Array, k: int) -> jax.Array:
   if x.shape[-1] != k:
     raise ShapeError(f"activation last dim {x.shape[-1]} does not match weight K={k}")
@@ -46,6 +62,25 @@ class NVFP4Weight:
   scale: jax.Array
   global_scale: jax.Array
   input_scale: jax.Array | None = None
+  layout: str = _layout_field()
+
+  def __post_init__(self):
+    _check_nvfp4_layout(self.layout)
+
+  def modelopt_packed(self) -> jax.Array:
+    """The packed codes in the ModelOpt (checkpoint) layout."""
+    return nvfp4.from_kernel_layout(self.packed) if self.layout == "kernel" else self.packed
+
+  def to_kernel_layout(self):
+    """The same weight with its bytes repacked for the decode kernels (K % 256 == 0)."""
+    if self.layout == "kernel":
+      return self
+    return dataclasses.replace(self, packed=nvfp4.to_kernel_layout(self.packed), layout="kernel")
+
+  def to_modelopt_layout(self):
+    if self.layout == "modelopt":
+      return self
+    return dataclasses.replace(self, packed=self.modelopt_packed(), layout="modelopt")
 
   @property
   def k(self) -> int:
@@ -74,14 +109,15 @@ class NVFP4Weight:
     return cls(weight, weight_scale, gs, ins)
 
   def to_modelopt(self) -> dict[str, jax.Array]:
-    out = {"weight": self.packed, "weight_scale": self.scale, "weight_scale_2": self.global_scale}
+    out = {"weight": self.modelopt_packed(), "weight_scale": self.scale,
+           "weight_scale_2": self.global_scale}
     if self.input_scale is not None:
       out["input_scale"] = self.input_scale
     return out
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """Dense [K, N]."""
-    return nvfp4.dequantize(self.packed, self.scale, self.global_scale, dtype).T
+    return nvfp4.dequantize(self.modelopt_packed(), self.scale, self.global_scale, dtype).T
 
   def linear(self, x: jax.Array) -> jax.Array:
     from kernels import gemm
@@ -135,6 +171,25 @@ class GroupedNVFP4Weight:
   scale: jax.Array
   global_scale: jax.Array
   input_scale: jax.Array | None = None
+  layout: str = _layout_field()
+
+  def __post_init__(self):
+    _check_nvfp4_layout(self.layout)
+
+  def modelopt_packed(self) -> jax.Array:
+    """The packed codes in the ModelOpt (checkpoint) layout."""
+    return nvfp4.from_kernel_layout(self.packed) if self.layout == "kernel" else self.packed
+
+  def to_kernel_layout(self):
+    """The same weight with its bytes repacked for the decode kernels (K % 256 == 0)."""
+    if self.layout == "kernel":
+      return self
+    return dataclasses.replace(self, packed=nvfp4.to_kernel_layout(self.packed), layout="kernel")
+
+  def to_modelopt_layout(self):
+    if self.layout == "modelopt":
+      return self
+    return dataclasses.replace(self, packed=self.modelopt_packed(), layout="modelopt")
 
   @property
   def num_groups(self) -> int:
@@ -170,7 +225,8 @@ class GroupedNVFP4Weight:
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """Dense [E, K, N]."""
-    return jnp.swapaxes(nvfp4.dequantize(self.packed, self.scale, self.global_scale, dtype), 1, 2)
+    return jnp.swapaxes(nvfp4.dequantize(self.modelopt_packed(), self.scale, self.global_scale,
+                                         dtype), 1, 2)
 
 
 @jax.tree_util.register_dataclass
