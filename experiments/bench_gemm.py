@@ -53,6 +53,10 @@ flags.DEFINE_list("old_routes", ["asm even/odd"],
 flags.DEFINE_bool("ceil_read_only", False, "ceil section: only the read-bandwidth ceiling")
 flags.DEFINE_integer("kl_sets", 8, "kl section: independent weight sets per jit (> L2 in bytes)")
 flags.DEFINE_list("klcheck_shapes", ["5x200x1024", "40x128x768"], "klcheck MxNxK shapes")
+flags.DEFINE_list("gkl_variants", ["B128 asm", "B64 asm", "A64 asm"],
+                  "grouped kernel-layout variants (kl_variant syntax; split-K tokens ignored)")
+flags.DEFINE_list("gkl_baselines", ["modelopt default"],
+                  "grouped kl section: ModelOpt-layout kernels also timed ('modelopt default')")
 
 RESULTS: list[dict] = []
 # Overwritten by the "ceil" section; defaults are run 1's measurements on the H100 (2026-11-23).
@@ -491,9 +495,10 @@ def err64(y, ref) -> float:
 
 def kl_variant(name: str, m: int, n: int, k: int):
   """"B128 asm xf16" -> (KLTiling, x dtype): B = weight as the MMA's B operand (A = as A), 128 =
-  block_n, then the dequant mode, optional w<warps>, s<stages>, xf16 (x cast to f16 by the caller,
-  inside the timed call)."""
-  parts = name.split()
+  block_n, then the dequant mode, optional w<warps>, s<stages>, k<split>, bm<rows>, xf16 (x cast
+  to f16 by the caller, inside the timed call). A suffix "@small" / "@large" limits the variant
+  to M <= 32 / M > 32 (see kl_applies)."""
+  parts = name.split("@")[0].split()
   form, bn = parts[0][0], int(parts[0][1:])
   kw = {"w_as_a": form == "A", "block_n": bn, "dequant": parts[1]}
   x_dtype = jnp.bfloat16
@@ -506,7 +511,14 @@ def kl_variant(name: str, m: int, n: int, k: int):
       kw["num_stages"] = int(p[1:])
     elif p.startswith("bm"):
       kw["block_m"] = int(p[2:])
+    elif p[0] == "k":
+      kw["split_k"] = int(p[1:])
   return nk.default_kl_tiling(m, n, k, **kw), x_dtype
+
+
+def kl_applies(name: str, m: int) -> bool:
+  scope = name.partition("@")[2]
+  return not scope or (scope == "small") == (m <= 32)
 
 
 def kl_call(t, x_dtype):
@@ -524,7 +536,7 @@ def sec_klcheck():
     p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))
     ref = ref_f64(x, dequant_f64(p, s, g))
     pk = nvfp4.to_kernel_layout(p)
-    for name in names:
+    for name in [v for v in names if kl_applies(v, m)]:
       try:
         t, xdt = kl_variant(name, m, n, k)
         y = kl_call(t, xdt)(x, pk, s, g)
@@ -576,12 +588,23 @@ def sec_diag():
       record("diag", "one-hot m16 n64 k256", "", label, error=f"{type(e).__name__}: {e}"[:400])
 
 
-def sec_kl(kn_list=None):
+_KL_SHAPES: list[dict] = []
+
+
+def sec_kl(arg=None):
   """Decode on the kernel layout vs XLA's bf16 dot, float64-checked on the timed call's output.
-  M is the outer loop (every shape gets the first M before any gets the second)."""
+  M is the outer loop (every shape gets the first M before any gets the second). The section
+  argument "kl:8/1" runs only those M (weights are kept for a later "kl:64/32")."""
+  ms = [int(v) for v in arg[0].split("/")] if arg else [int(v) for v in FLAGS.kl_ms]
+  if not _KL_SHAPES:
+    _KL_SHAPES.extend(_kl_weights())
+  _kl_time(_KL_SHAPES, ms)
+
+
+def _kl_weights() -> list[dict]:
   r = FLAGS.kl_sets
   shapes = []
-  for k, n in [tuple(D(int(v)) for v in kn.split("x")) for kn in kn_list or FLAGS.decode_kn]:
+  for k, n in [tuple(D(int(v)) for v in kn.split("x")) for kn in FLAGS.decode_kn]:
     key_w, key_x = keys(2)
     wsets = nvfp4_sets(r, n, k, key_w)
     shapes.append(dict(k=k, n=n, key_x=key_x, wsets=wsets,
@@ -589,7 +612,12 @@ def sec_kl(kn_list=None):
                        w64=dequant_f64(*wsets[0]),
                        bf16_w=[jax.random.normal(kk, (k, n), jnp.bfloat16)
                                for kk in jax.random.split(key_w, r)]))
-  for m in [int(v) for v in FLAGS.kl_ms]:
+  return shapes
+
+
+def _kl_time(shapes: list[dict], ms: list[int]) -> None:
+  r = FLAGS.kl_sets
+  for m in ms:
     for sh in shapes:
       if over_budget():
         return
@@ -602,7 +630,7 @@ def sec_kl(kn_list=None):
       base = attempt("kl", shape, shape, "xla bf16 dot", lambda x, w: x @ w,
                      list(zip(xs, sh["bf16_w"])), n * k * 2 + io, 2 * m * n * k)
       results = []
-      for name in FLAGS.kl_variants:
+      for name in [v for v in FLAGS.kl_variants if kl_applies(v, m)]:
         t, xdt = kl_variant(name, m, n, k)
         results.append(attempt("kl", shape, shape, f"kl {name}", kl_call(t, xdt),
                                [(x, *w) for x, w in zip(xs, sh["klsets"])], wq_bytes + io,
@@ -623,6 +651,78 @@ def sec_kl(kn_list=None):
         record("kl", shape, shape, "SPEEDUP best verified/xla",
                note=f"{base['us'] / best['us']:.2f}x ({best['impl']}); "
                     f"{best['tbs'] / CEIL['read_tbs']:.0%} of read bw")
+
+def gkl_tiling(name: str, rows_per_group: float):
+  """kl_variant syntax -> grouped_matmul.Tiling for grouped_matmul_nvfp4_kl."""
+  parts = name.split("@")[0].split()
+  form, bn = parts[0][0], int(parts[0][1:])
+  kw = {"w_as_a": form == "A", "dequant": parts[1]}
+  bm, warps, stages = (16 if rows_per_group <= 16 else 64), 4, 4
+  for p in parts[2:]:
+    if p[0] == "w":
+      warps = int(p[1:])
+    elif p[0] == "s":
+      stages = int(p[1:])
+    elif p.startswith("bm"):
+      bm = int(p[2:])
+  return gk.Tiling(bm, bn, nvfp4.KERNEL_TILE, warps, stages, **kw)
+
+
+def sec_gkl():
+  """Grouped decode (T=64, E=32, K=7168, N=2048; uniform and skewed routing) on the kernel layout
+  vs jax.lax.ragged_dot in bf16, each variant float64-checked on its timed output."""
+  e, k, n = 32, D(7168), D(2048)
+  key_w, key_x = keys(2)
+  r_nv = 3
+  nv, kl = [], []
+  for kk in jax.random.split(key_w, r_nv):
+    p, s, g = jax.jit(jax.vmap(lambda w: nvfp4.quantize(w)))(
+        jax.random.normal(kk, (e, n, k), jnp.float32).astype(jnp.bfloat16))
+    nv.append((p, s, g))
+    kl.append((nvfp4.to_kernel_layout(p), s, g))
+  w64 = [dequant_f64(nv[0][0][i], nv[0][1][i], nv[0][2][i]) for i in range(e)]
+  bf = [jax.random.normal(kk, (e, k, n), jnp.bfloat16) for kk in jax.random.split(key_w, 2)]
+  for case in FLAGS.grouped_cases:
+    t_rows, skew = 64 if case[:-1] == "64" else D(int(case[:-1])), case[-1] == "s"
+    if over_budget():
+      return
+    gs = _routing(t_rows, e, skew)
+    sizes = np.asarray(gs)
+    active = int((sizes > 0).sum())
+    xs = [jax.random.normal(kk, (t_rows, k), jnp.bfloat16) for kk in jax.random.split(key_x, 3)]
+    x64 = np.asarray(xs[0].astype(jnp.float32), np.float64)
+    ref = np.zeros((t_rows, n))
+    start = 0
+    for i, c in enumerate(sizes):
+      ref[start:start + c] = x64[start:start + c] @ w64[i].T
+      start += c
+    io = t_rows * k * 2 + t_rows * n * 2
+    flops = 2 * t_rows * k * n
+    shape = f"T{t_rows} E{e} K{k} N{n} {'skewed' if skew else 'uniform'}"
+    base = attempt("gkl", shape, shape, "jax.lax.ragged_dot bf16",
+                   lambda x, w: jax.lax.ragged_dot(x, w, gs), list(zip(xs, bf)),
+                   active * k * n * 2 + io, flops, note=f"active={active}")
+    nv_bytes = active * k * n * 9 // 16 + io
+    results = []
+    for name in FLAGS.gkl_variants:
+      t = gkl_tiling(name, t_rows / e)
+      results.append(attempt("gkl", shape, shape, f"kl {name}",
+                             lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4_kl(x, p, s, g, gs,
+                                                                                tiling=t),
+                             [(x, *w) for x, w in zip(xs, kl)], nv_bytes, flops, ref=ref,
+                             note=str(t)))
+    if "modelopt default" in FLAGS.gkl_baselines:
+      results.append(attempt("gkl", shape, shape, "modelopt default",
+                             lambda x, p, s, g: gk.grouped_matmul_nvfp4(x, p, s, g, gs),
+                             [(x, *w) for x, w in zip(xs, nv)], nv_bytes, flops, ref=ref,
+                             note=str(gk.default_tiling(t_rows, n, e, "nvfp4"))))
+    good = [res for res in results if "us" in res and res.get("rel_err", 1) < 1e-2]
+    if good and "us" in base:
+      best = min(good, key=lambda res: res["us"])
+      record("gkl", shape, shape, "SPEEDUP best verified/ragged_dot",
+             note=f"{base['us'] / best['us']:.2f}x ({best['impl']}); "
+                  f"{best['tbs'] / CEIL['read_tbs']:.0%} of read bw")
+
 
 def sec_fp8():
   m = n = k = D(8192)
@@ -667,10 +767,10 @@ def main(argv):
     real_mode_for = nk.mode_for   # inline PTX cannot run on the CPU: use its jnp twin
     nk.mode_for = gk.mode_for = lambda dequant, interpret: real_mode_for(dequant, True)
     real_kl_mode_for = nk.kl_mode_for
-    nk.kl_mode_for = lambda dequant, interpret: real_kl_mode_for(dequant, True)
+    nk.kl_mode_for = gk.kl_mode_for = lambda dequant, interpret: real_kl_mode_for(dequant, True)
   sections = {"ceil": sec_ceil, "check": sec_check, "decode": sec_decode,
               "prefill": sec_prefill, "grouped": sec_grouped, "fp8": sec_fp8,
-              "klcheck": sec_klcheck, "kl": sec_kl, "diag": sec_diag}
+              "klcheck": sec_klcheck, "kl": sec_kl, "diag": sec_diag, "gkl": sec_gkl}
   for name in FLAGS.sections:
     name, _, arg = name.partition(":")   # "decode:KxN" runs one decode shape
     if name not in sections:
