@@ -13,6 +13,10 @@ routing just gives a group more tiles. Grid (tiles, cdiv(N, bn)); each program r
 (group, row_start, row_end) from the schedule, streams that expert's weight tile over K,
 dequantizes in registers (NVFP4: kernels/nvfp4_matmul.dequant_tile) and runs bf16 / fp8 MMA.
 
+Kernel-layout NVFP4 (``grouped_matmul_nvfp4_kl``, bytes from kernels/quant/nvfp4.to_kernel_layout):
+the same schedule with the dense decode kernel's dequantization (nvfp4_matmul.kl_tile_dot: two
+K-contiguous halves per 256-wide byte tile, no interleave), bk = 256.
+
 Target roofline (H100, E=32, K=7168, N=2048): decode T=64 reads every expert's weight once:
 NVFP4 264 MB -> ~88 us at 3 TB/s (bf16 ragged_dot moves 940 MB); prefill T=8192: 240 GFLOP ->
 ~0.35 ms at the bf16 MMA rate; the expected loss is the partial last tile of each group

@@ -34,6 +34,18 @@ Target roofline (H100, 3.0 TB/s measured read, ~670-800 TFLOP/s bf16):
   prefill (M = 8192, K = N = 8192): 1.1 PFLOP -> ~1.4-1.6 ms at the bf16 MMA rate; the dequant ALU
     work is amortized over bm rows.
 
+Kernel layout (``w4a16_matmul_kl``, the decode path for weights repacked once by
+kernels/quant/nvfp4.to_kernel_layout; K % 256 == 0). Within each 256-wide K tile, byte j holds
+element j in its low nibble and element 128 + j in its high nibble, so one [bn, 128] byte tile
+dequantizes elementwise into two K-contiguous [bn, 128] halves, each dotted with a contiguous x
+slice [bm, 128]: no interleave (join + reshape), no x shuffle, and Triton keeps the whole
+dequant chain (cp.async'd bytes -> registers -> PTX E4M3 trick -> f16) in the MMA operand's own
+register layout. Scales stay ModelOpt's [N, K/16]. SASS of the loop (Triton 3.9 for sm_90, the
+same TTIR): ~3.0-3.5 instructions per weight element for bn = 128-256 with x in f16 (~1.9 of
+them the dequant itself: 7 and/shift/or per 8 nibbles, 4 cvt.rn.f16x2.e4m3x2, 4 mul.f16x2),
+against ~5.9 for the previous PTX route and ~9.7 for the f32 route; decode is issue-bound at
+~1 TB/s on the old routes (benchmarks/gemm.md), so instruction count is the lever.
+
 W4A4 on Hopper: both operands dequantized to bf16 in registers (exact), bf16 MMA, both global
 scales applied to the accumulator. On Blackwell (compute capability >= 10) ``w4a4_blackwell`` calls
 jax.nn.scaled_matmul, which XLA lowers to the block-scaled tensor-core path; untested on hardware.
