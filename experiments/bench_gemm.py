@@ -530,7 +530,7 @@ def kl_call(t, x_dtype):
 def sec_klcheck():
   """Every kernel-layout variant and the PTX even/odd route at small odd shapes vs float64."""
   ks = iter(keys(64))
-  names = list(dict.fromkeys(FLAGS.kl_variants + ["A64 asm2", "B128 asm2", "B64 f32", "A64 e4m3"]))
+  names = list(dict.fromkeys(FLAGS.kl_variants + ["B64 f32", "B128 e4m3", "A64 asm_bytes"]))
   for m, n, k in [tuple(int(v) for v in s.split("x")) for s in FLAGS.klcheck_shapes]:
     x = jax.random.normal(next(ks), (m, k), jnp.bfloat16)
     p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))

@@ -501,9 +501,21 @@ def w4a4_matmul(x_packed: jax.Array, x_scale: jax.Array, x_global_scale: jax.Arr
 # (y^T = W x^T): on Hopper a wgmma (M = bn = 64 per warpgroup, N = bm >= 16) takes it straight from
 # registers, and Triton hoists the whole elementwise dequant chain into that register layout (the
 # bytes go global -> shared (cp.async) -> registers, never back through shared memory as f16).
-KL_DEQUANT_MODES = ("asm", "asm2", "e4m3", "f32")
-_KL_JNP_TWIN = {"asm": "e4m3", "asm2": "e4m3"}
-_KL_GLOBAL_FACTOR = {"asm": 2.0 ** 6, "asm2": 2.0 ** 6, "e4m3": 2.0 ** 6, "f32": 1.0}
+KL_DEQUANT_MODES = ("asm", "asm2", "asm_bytes", "e4m3", "f32")
+_KL_JNP_TWIN = {"asm": "e4m3", "asm2": "e4m3", "asm_bytes": "e4m3"}
+_KL_GLOBAL_FACTOR = {"asm": 2.0 ** 6, "asm2": 2.0 ** 6, "asm_bytes": 2.0 ** 6, "e4m3": 2.0 ** 6,
+                     "f32": 1.0}
+
+# "asm_bytes": only the nibble -> E4M3-byte step in PTX, u8 in and u8 out (4 bytes per 32-bit
+# word, one operand and one result of the same width, so no packing question can arise between
+# operands of different widths); Triton's own fp8 -> f16 conversion and the f16 scale multiply
+# follow.
+_ASM_BYTES = {
+    "lo": ("{\n.reg .b32 t, u;\nand.b32 u, $1, 0x07070707;\nshl.b32 u, u, 2;\n"
+           "and.b32 t, $1, 0x08080808;\nshl.b32 t, t, 4;\nor.b32 $0, u, t;\n}"),
+    "hi": ("{\n.reg .b32 t, u;\nshr.b32 u, $1, 2;\nand.b32 u, u, 0x1C1C1C1C;\n"
+           "and.b32 t, $1, 0x80808080;\nor.b32 $0, u, t;\n}"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,7 +527,8 @@ class KLTiling:
   num_stages: int = 4
   w_as_a: bool = True
   # "asm": PTX on 4 bytes (E4M3 bit trick, 2 cvt.rn.f16x2.e4m3x2, 2 mul.f16x2 per half);
-  # "asm2": the same on 2 bytes (one cvt + one mul per half); "e4m3": the same in jnp (f16 MMA);
+  # "asm2": the same on 2 bytes (one cvt + one mul per half); "asm_bytes": only the bit trick in
+  # PTX (u8 -> u8), Triton's cvt and multiply; "e4m3": all in jnp (f16 MMA);
   # "f32": f16-bit decode -> f32 scale multiply -> bf16 (bf16 MMA, no f16 cast of x).
   dequant: str = "asm"
 
@@ -564,6 +577,11 @@ def kl_dequant_half(packed: jax.Array, scale: jax.Array, half: str, mode: str) -
   if mode == "asm2":
     return plgpu.elementwise_inline_asm(_ASM2[half], args=[packed, s], constraints="=r,h,r",
                                         pack=2, result_shape_dtypes=[out])[0]
+  if mode == "asm_bytes":
+    bits = plgpu.elementwise_inline_asm(
+        _ASM_BYTES[half], args=[packed], constraints="=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int8)])[0]
+    return _e4m3_bits_to_f16(bits) * s
   if mode != "e4m3":
     raise ValueError(f"not a kernel-layout dequant mode: {mode!r}")
   lo, hi = e2m1_to_e4m3_bytes(packed)
