@@ -237,3 +237,68 @@ def test_kernel_layout_rejects_bad_k(rng):
   packed, scale, gs = random_nvfp4(rng, 64, 272)          # K = 272: multiple of 16, not of 256
   with pytest.raises(ShapeError):
     nk.w4a16_matmul_kl(jnp.ones((2, 272), jnp.bfloat16), packed, scale, gs, interpret=True)
+
+
+def emulate_ptx(asm: str, args: dict[str, int]) -> dict[str, int]:
+  """Runs the subset of PTX our inline blocks use on Python ints ($n operands by name)."""
+  regs = dict(args)
+
+  def val(tok):
+    tok = tok.strip()
+    return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+  for line in asm.split("\n"):
+    line = line.strip().rstrip(";")
+    if line in ("{", "}", "") or line.startswith(".reg"):
+      continue
+    op, rest = line.split(None, 1)
+    ops = [t.strip() for t in rest.split(",")] if not rest.startswith("{") else None
+    base, bits = op.split(".")[0], int(op.rsplit(".b", 1)[1]) if ".b" in op else 32
+    mask = (1 << bits) - 1
+    if op == "mov.b32" and ops is None:                  # mov.b32 {lo, hi}, src
+      lo, hi = line[line.index("{") + 1:line.index("}")].split(",")
+      src = val(line.rsplit(",", 1)[1])
+      regs[lo.strip()], regs[hi.strip()] = src & 0xFFFF, src >> 16
+    elif base == "mov":
+      regs[ops[0]] = val(ops[1])
+    elif base in ("and", "or"):
+      a, b = val(ops[1]), val(ops[2])
+      regs[ops[0]] = (a & b if base == "and" else a | b) & mask
+    elif base in ("shl", "shr"):
+      a, s = val(ops[1]), val(ops[2])
+      regs[ops[0]] = ((a << s) if base == "shl" else (a >> s)) & mask
+    elif op == "cvt.rn.f16x2.e4m3x2":
+      src = val(ops[1])
+      halves = np.array([src & 0xFF, src >> 8], np.uint8).view(ml_dtypes.float8_e4m3fn)
+      regs[ops[0]] = int(halves.astype(np.float16).view(np.uint16).astype(np.uint32) @ [1, 1 << 16])
+    elif op == "mul.rn.f16x2":
+      a = np.array([val(ops[1]) & 0xFFFF, val(ops[1]) >> 16], np.uint16).view(np.float16)
+      b = np.array([val(ops[2]) & 0xFFFF, val(ops[2]) >> 16], np.uint16).view(np.float16)
+      regs[ops[0]] = int((a * b).view(np.uint16).astype(np.uint32) @ [1, 1 << 16])
+    else:
+      raise NotImplementedError(line)
+  return regs
+
+
+def test_ptx_blocks_compute_their_jnp_twins(rng):
+  """The kernel-layout PTX blocks ("asm", "asm2", "asm_bytes"), run by a small PTX emulator on
+  random words, equal the jnp E4M3 decode that interpret mode runs in their place."""
+  words = rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32)
+  scales = rng.uniform(0.01, 400, (64, 4)).astype(ml_dtypes.float8_e4m3fn).astype(np.float16)
+  for w, s in zip(words, scales):
+    b = np.frombuffer(np.uint32(w).tobytes(), np.uint8)                       # 4 bytes, LE
+    lo, hi = (np.asarray(v) for v in nk.e2m1_to_e4m3_bytes(jnp.asarray(b)))
+    for half, want_bits in (("lo", lo), ("hi", hi)):
+      got = emulate_ptx(nk._ASM_BYTES[half], {"$1": int(w)})["$0"]
+      np.testing.assert_array_equal(np.frombuffer(np.uint32(got).tobytes(), np.uint8), want_bits)
+      want = want_bits.view(ml_dtypes.float8_e4m3fn).astype(np.float16) * s
+      s_words = s.view(np.uint16).astype(np.uint32)
+      r = emulate_ptx(nk._ASM["asm"][half], {"$2": int(w), "$3": int(s_words[0] | s_words[1] << 16),
+                                             "$4": int(s_words[2] | s_words[3] << 16)})
+      out = np.array([r["$0"], r["$1"]], np.uint32).view(np.uint16).view(np.float16)
+      np.testing.assert_array_equal(out, want)
+      for pair in range(2):
+        r = emulate_ptx(nk._ASM2[half], {"$1": int(w >> (16 * pair)) & 0xFFFF,
+                                         "$2": int(s_words[2 * pair] | s_words[2 * pair + 1] << 16)})
+        out = np.array([r["$0"]], np.uint32).view(np.uint16).view(np.float16)
+        np.testing.assert_array_equal(out, want[2 * pair:2 * pair + 2])
