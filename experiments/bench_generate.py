@@ -37,6 +37,7 @@ flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "default: bf16 on GPU,
 flags.DEFINE_string("out", None, "write results JSON here")
 flags.DEFINE_bool("fuse_projections", True, "time the fused-projection layout (wqkv, w_gate_up: "
                   "llama.fuse_projections, what the serving engine runs on one device)")
+flags.DEFINE_bool("fused_add_norm", True, "residual add + RMSNorm as one Pallas kernel on GPU")
 flags.DEFINE_list("attention", ["auto"], "attention impls to time: auto (Pallas on GPU) and/or "
                   "reference (plain JAX)")
 
@@ -77,7 +78,8 @@ def bench_model(model: LoadedModel, batch_size: int, bandwidth: float | None) ->
   pages_per_seq = -(-(FLAGS.context + FLAGS.decode_steps + 8) // ps)
   cache = model.create_cache(num_pages=1 + batch_size * pages_per_seq, page_size=ps)
   pages = [list(range(1 + b * pages_per_seq, 1 + (b + 1) * pages_per_seq)) for b in range(batch_size)]
-  forward = jax.jit(llama.forward, static_argnames=("cfg",), donate_argnames=("cache",))
+  forward = jax.jit(functools.partial(llama.forward, fused_add_norm=FLAGS.fused_add_norm),
+                    static_argnames=("cfg",), donate_argnames=("cache",))
 
   # Prefill one prompt: compile time, then time to first token (prefill + sample) warm.
   prompt = rng.integers(0, cfg.vocab_size, FLAGS.prompt_len).astype(np.int32)
@@ -158,6 +160,7 @@ def main(argv):
     model = LoadedModel(model.architecture, model.config, llama.fuse_projections(model.params),
                         model.tokenizer, model.source)
   report["fused_projections"] = FLAGS.fuse_projections
+  report["fused_add_norm"] = FLAGS.fused_add_norm
   bandwidth = read_bandwidth() if jax.default_backend() == "gpu" else None
   dispatch = attention.paged_attention
   for impl in FLAGS.attention:
