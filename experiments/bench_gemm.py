@@ -499,6 +499,8 @@ def kl_variant(name: str, m: int, n: int, k: int):
   to f16 by the caller, inside the timed call). A suffix "@small" / "@large" limits the variant
   to M <= 32 / M > 32 (see kl_applies)."""
   parts = name.split("@")[0].split()
+  if parts[0] == "default":     # the kernel's own default tiling (nk.default_kl_tiling)
+    return nk.default_kl_tiling(m, n, k), jnp.float16 if "xf16" in parts else jnp.bfloat16
   form, bn = parts[0][0], int(parts[0][1:])
   kw = {"w_as_a": form == "A", "block_n": bn, "dequant": parts[1]}
   x_dtype = jnp.bfloat16
@@ -652,9 +654,12 @@ def _kl_time(shapes: list[dict], ms: list[int]) -> None:
                note=f"{base['us'] / best['us']:.2f}x ({best['impl']}); "
                     f"{best['tbs'] / CEIL['read_tbs']:.0%} of read bw")
 
-def gkl_tiling(name: str, rows_per_group: float):
+def gkl_tiling(name: str, t_rows: int, e: int):
   """kl_variant syntax -> grouped_matmul.Tiling for grouped_matmul_nvfp4_kl."""
   parts = name.split("@")[0].split()
+  if parts[0] == "default":     # grouped_matmul.default_kl_tiling
+    return gk.default_kl_tiling(t_rows, e)
+  rows_per_group = t_rows / e
   form, bn = parts[0][0], int(parts[0][1:])
   kw = {"w_as_a": form == "A", "dequant": parts[1]}
   bm, warps, stages = (16 if rows_per_group <= 16 else 64), 4, 4
@@ -705,7 +710,7 @@ def sec_gkl():
     nv_bytes = active * k * n * 9 // 16 + io
     results = []
     for name in FLAGS.gkl_variants:
-      t = gkl_tiling(name, t_rows / e)
+      t = gkl_tiling(name, t_rows, e)
       results.append(attempt("gkl", shape, shape, f"kl {name}",
                              lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4_kl(x, p, s, g, gs,
                                                                                 tiling=t),
