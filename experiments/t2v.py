@@ -49,6 +49,8 @@ flags.DEFINE_bool("fsdp", False, "with --sp: FSDP-shard the DiT blocks over the 
 flags.DEFINE_integer("vae_chunk", 0, "decode this many latent frames at a time (0: all at once)")
 flags.DEFINE_string("out", "/tmp/t2v.gif", "output video (.gif, .mp4; .png for one frame)")
 flags.DEFINE_bool("compare_cache", False, "also run with cache_interval=2 and report PSNR/SSIM")
+flags.DEFINE_bool("compare_f32", False, "also run the DiT with float32 activations (XLA attention): "
+                  "how far bf16 itself is from f32, the scale for the low-precision rows")
 flags.DEFINE_bool("compare_precision", False, "also run FP8 / NVFP4 GEMM and FP8 attention variants, "
                   "report PSNR/SSIM")
 flags.DEFINE_list("precisions", ["fp8attn", "fp8gemm", "fp8", "fp8tok", "nvfp4", "nvfp4a4",
@@ -99,8 +101,8 @@ def real_text(folder: Path, prompts: list[str]):
   return out
 
 
-PRECISIONS = {  # name: (linear kind, calibrated FP8 attention)
-    "fp8attn": ("bf16", True), "fp8gemm": ("fp8", False), "fp8": ("fp8", True),
+PRECISIONS = {  # name: (linear kind, calibrated FP8 attention); "bf16": a repeat (determinism)
+    "bf16": ("bf16", False), "fp8attn": ("bf16", True), "fp8gemm": ("fp8", False), "fp8": ("fp8", True),
     "fp8tok": ("fp8tok", True), "nvfp4": ("nvfp4", False), "nvfp4a4": ("nvfp4a4", False),
     "fp8block": ("fp8block", False), "fp8blockattn": ("fp8block", True),
     "fp8xla": ("fp8xla", False)}
@@ -144,10 +146,10 @@ def main(_):
 
   stack = (lambda p: wan_dit.stack_blocks(p)) if FLAGS.scan and mesh is None else (lambda p: p)
 
-  def run(t2v_, params):
+  def run(t2v_, params, dtype=dtype, attn=FLAGS.attn):
     t0 = time.perf_counter()
     frames = pipeline.generate(stack(params), dit_cfg, vae_p, vae_cfg, text, neg, t2v_,
-                               attn_impl=FLAGS.attn, dtype=dtype, vae_chunk=FLAGS.vae_chunk or None,
+                               attn_impl=attn, dtype=dtype, vae_chunk=FLAGS.vae_chunk or None,
                                mesh=mesh, fsdp=FLAGS.fsdp)
     return frames, time.perf_counter() - t0
 
@@ -168,6 +170,8 @@ def main(_):
   if FLAGS.compare_cache:
     variants.append(("cache_interval=2", dataclasses.replace(t2v, cache_interval=2, cache_warmup=2),
                      lambda: dit_p))
+  if FLAGS.compare_f32:
+    variants.append(("dit_float32", t2v, lambda: dit_p, dict(dtype=jnp.float32, attn="xla")))
   if FLAGS.compare_precision:
     stats = []
 
@@ -184,12 +188,13 @@ def main(_):
         print(f"{name}: skipped (cuDNN FP8 attention needs a GPU)")
         continue
       variants.append((name, t2v, lambda lin=lin, a=fp8_attn: make(lin, a)))
-  for name, t2v_, params_fn in variants:
+  for name, t2v_, params_fn, *opt in variants:
+    run_kw = opt[0] if opt else {}
     try:
       t0 = time.perf_counter()
       params = params_fn()
       prep_s = time.perf_counter() - t0
-      other, s = run(t2v_, params)
+      other, s = run(t2v_, params, **run_kw)
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       results["comparisons"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
