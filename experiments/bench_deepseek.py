@@ -47,6 +47,13 @@ _NVFP4_ALSO = flags.DEFINE_list("nvfp4_also", [], "extra NVFP4 decode B=64 cases
                                 "grouped-kernel dequant routes (kernels.nvfp4_matmul.DEQUANT_MODES)")
 _KL = flags.DEFINE_bool("nvfp4_kl", True, "also run decode B=64 with the NVFP4 experts in the "
                         "kernel layout (GroupedNVFP4Weight.to_kernel_layout, the faster kernel)")
+_LABELS = flags.DEFINE_list("labels", [], "run only the cases with exactly these labels")
+_KL_TILING = flags.DEFINE_string(
+    "kl_tiling", "", "grouped kernel-layout decode tiling, e.g. 'B128 asm w2 s3 t2' (B/A = weight "
+    "as the MMA's B/A operand, block_n, dequant mode, w<warps>, s<stages>, t<K tiles per step>); "
+    "empty: grouped_matmul.KL_DECODE as committed")
+_COMPARE = flags.DEFINE_bool("compare", True, "kernel-layout case: also compare its MoE GEMM "
+                             "output with the ModelOpt-layout kernel's (costs a compile)")
 _PAGE = 64
 
 CFG = ds.DeepseekV3Config(
@@ -96,6 +103,16 @@ def init_layer(key) -> dict:
 def to_nvfp4(w_ekn):
   parts = [GroupedNVFP4Weight.from_dense(w_ekn[c:c + 32]) for c in range(0, w_ekn.shape[0], 32)]
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def set_kl_tiling(name: str) -> None:
+  """'B128 asm w2 s3 t2' -> grouped_matmul.KL_DECODE (the grouped kernel-layout default)."""
+  parts = name.split()
+  d = {"w_as_a": parts[0][0] == "A", "block_n": int(parts[0][1:]), "dequant": parts[1]}
+  for p in parts[2:]:
+    key = {"w": "num_warps", "s": "num_stages", "t": "block_k"}[p[0]]
+    d[key] = int(p[1:]) * (256 if p[0] == "t" else 1)
+  grouped_matmul.KL_DECODE.update(d)
 
 
 def make_batch(num_seqs, tokens_per_seq, context):
@@ -224,6 +241,11 @@ def main(_):
   cases += [(b, 1, _CONTEXT.value, f"decode B={b} bf16") for b in batches if b != 64]
   cases.append((1, _PREFILL.value, _PREFILL.value, f"prefill {_PREFILL.value} bf16"))
   cases = [c for c in cases if _ONLY.value in c[3]]
+  if _LABELS.value:
+    cases = [c for c in cases if c[3] in _LABELS.value]
+  if _KL_TILING.value:
+    set_kl_tiling(_KL_TILING.value)
+  results["grouped_kl_tiling"] = dict(grouped_matmul.KL_DECODE)
   kl_layer = None
   for num_seqs, per_seq, context, label in cases:
     try:
@@ -237,7 +259,8 @@ def main(_):
           for name in ("experts_gate", "experts_up", "experts_down"):
             kl_layer[name] = nv_layer[name].to_kernel_layout()
         r = measure(kl_layer, num_seqs, per_seq, context, key, label)
-        r["kl_vs_modelopt_rel_err"] = compare_gemms(nv_layer, kl_layer, num_seqs, key)
+        if _COMPARE.value:
+          r["kl_vs_modelopt_rel_err"] = compare_gemms(nv_layer, kl_layer, num_seqs, key)
       elif "nvfp4" in label:
         default_mode = grouped_matmul.DECODE_DEQUANT
         if "dequant=" in label:   # the tiling is picked inside jitted functions: retrace

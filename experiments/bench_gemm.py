@@ -53,6 +53,11 @@ flags.DEFINE_list("old_routes", ["asm even/odd"],
 flags.DEFINE_bool("ceil_read_only", False, "ceil section: only the read-bandwidth ceiling")
 flags.DEFINE_integer("kl_sets", 8, "kl section: independent weight sets per jit (> L2 in bytes)")
 flags.DEFINE_list("klcheck_shapes", ["5x200x1024", "40x128x768"], "klcheck MxNxK shapes")
+flags.DEFINE_list("klcheck_variants", [], "klcheck variants (default: --kl_variants + 3 routes)")
+flags.DEFINE_string("kl_pick_from", "", "kl section: time the --kl_pick_n best float64-verified "
+                    "kernel-layout variants of this earlier JSON (by geometric-mean time over its "
+                    "kl shapes) instead of --kl_variants")
+flags.DEFINE_integer("kl_pick_n", 3, "see --kl_pick_from")
 flags.DEFINE_list("gkl_variants", ["B128 asm", "B64 asm", "A64 asm"],
                   "grouped kernel-layout variants (kl_variant syntax; split-K tokens ignored)")
 flags.DEFINE_list("gkl_baselines", ["modelopt default"],
@@ -495,7 +500,8 @@ def err64(y, ref) -> float:
 
 def kl_variant(name: str, m: int, n: int, k: int):
   """"B128 asm xf16" -> (KLTiling, x dtype): B = weight as the MMA's B operand (A = as A), 128 =
-  block_n, then the dequant mode, optional w<warps>, s<stages>, k<split>, bm<rows>, xf16 (x cast
+  block_n, then the dequant mode, optional w<warps>, s<stages>, k<split>, t<K tiles per loop
+  step>, bm<rows>, xf16 (x cast
   to f16 by the caller, inside the timed call). A suffix "@small" / "@large" limits the variant
   to M <= 32 / M > 32 (see kl_applies)."""
   parts = name.split("@")[0].split()
@@ -515,12 +521,33 @@ def kl_variant(name: str, m: int, n: int, k: int):
       kw["block_m"] = int(p[2:])
     elif p[0] == "k":
       kw["split_k"] = int(p[1:])
+    elif p[0] == "t":
+      kw["tiles_per_step"] = int(p[1:])
   return nk.default_kl_tiling(m, n, k, **kw), x_dtype
 
 
 def kl_applies(name: str, m: int) -> bool:
   scope = name.partition("@")[2]
   return not scope or (scope == "small") == (m <= 32)
+
+
+def pick_variants(path: str, section: str, n: int, shape_filter: str = "") -> list[str]:
+  """The n fastest variants of an earlier run's section that were float64-verified (rel. error
+  < 1e-2) on every shape they ran, ranked by the geometric mean of their time over XLA's / the
+  peer's on the same shapes (shapes containing ``shape_filter``)."""
+  with open(path) as f:
+    rows = [r for r in json.load(f)["results"] if r["section"] == section and "us" in r
+            and shape_filter in r["shape"]]
+  peers = {r["shape"]: r["us"] for r in rows if not r["impl"].startswith(("kl ", "modelopt "))}
+  ratios: dict[str, list[float]] = {}
+  bad = set()
+  for r in rows:
+    if r["impl"].startswith("kl ") and r["shape"] in peers:
+      if not r.get("rel_err", 1) < 1e-2:
+        bad.add(r["impl"])
+      ratios.setdefault(r["impl"], []).append(r["us"] / peers[r["shape"]])
+  score = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in ratios.items() if k not in bad}
+  return [k[3:] for k in sorted(score, key=score.get)[:n]]
 
 
 def kl_call(t, x_dtype):
@@ -532,7 +559,8 @@ def kl_call(t, x_dtype):
 def sec_klcheck():
   """Every kernel-layout variant and the PTX even/odd route at small odd shapes vs float64."""
   ks = iter(keys(64))
-  names = list(dict.fromkeys(FLAGS.kl_variants + ["B64 f32", "B128 e4m3", "A64 asm_bytes"]))
+  names = FLAGS.klcheck_variants or list(dict.fromkeys(
+      FLAGS.kl_variants + ["B64 f32", "B128 e4m3", "A64 asm_bytes"]))
   for m, n, k in [tuple(int(v) for v in s.split("x")) for s in FLAGS.klcheck_shapes]:
     x = jax.random.normal(next(ks), (m, k), jnp.bfloat16)
     p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))
@@ -632,7 +660,9 @@ def _kl_time(shapes: list[dict], ms: list[int]) -> None:
       base = attempt("kl", shape, shape, "xla bf16 dot", lambda x, w: x @ w,
                      list(zip(xs, sh["bf16_w"])), n * k * 2 + io, 2 * m * n * k)
       results = []
-      for name in [v for v in FLAGS.kl_variants if kl_applies(v, m)]:
+      names = (pick_variants(FLAGS.kl_pick_from, "kl", FLAGS.kl_pick_n)
+               if FLAGS.kl_pick_from else FLAGS.kl_variants)
+      for name in [v for v in names if kl_applies(v, m)]:
         t, xdt = kl_variant(name, m, n, k)
         results.append(attempt("kl", shape, shape, f"kl {name}", kl_call(t, xdt),
                                [(x, *w) for x, w in zip(xs, sh["klsets"])], wq_bytes + io,
@@ -662,15 +692,17 @@ def gkl_tiling(name: str, t_rows: int, e: int):
   rows_per_group = t_rows / e
   form, bn = parts[0][0], int(parts[0][1:])
   kw = {"w_as_a": form == "A", "dequant": parts[1]}
-  bm, warps, stages = (16 if rows_per_group <= 16 else 64), 4, 4
+  bm, warps, stages, bk = (16 if rows_per_group <= 16 else 64), 4, 4, nvfp4.KERNEL_TILE
   for p in parts[2:]:
     if p[0] == "w":
       warps = int(p[1:])
     elif p[0] == "s":
       stages = int(p[1:])
+    elif p[0] == "t":
+      bk = nvfp4.KERNEL_TILE * int(p[1:])
     elif p.startswith("bm"):
       bm = int(p[2:])
-  return gk.Tiling(bm, bn, nvfp4.KERNEL_TILE, warps, stages, **kw)
+  return gk.Tiling(bm, bn, bk, warps, stages, **kw)
 
 
 def sec_gkl():

@@ -150,22 +150,26 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
           wmask = both(kx_ok if mask_k else jnp.full((bk,), True), col_ok)
         w = load_w(w_ref, (g, pl.ds(k0, bk), pl.ds(n0, bn)), wmask)
         return acc + plgpu.dot(x, w)
-      if fmt == "nvfp4_kl":   # bk = 256: one kernel-layout byte tile [bn, 128]
-        half, groups = bk // 2, bk // 32
-        wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(pl.multiple_of(i * half, half), half)),
-                    col_ok[:, None] if masked_n else None)
+      if fmt == "nvfp4_kl":   # bk = 256 * tiles per step: kernel-layout byte tiles [bn, 128]
+        tile_k = nvfp4.KERNEL_TILE
+        half, groups = tile_k // 2, tile_k // 32
+        for j in range(bk // tile_k):
+          t = i * (bk // tile_k) + j
+          wq = load_w(wq_ref, (g, pl.ds(n0, bn), pl.ds(pl.multiple_of(t * half, half), half)),
+                      col_ok[:, None] if masked_n else None)
 
-        def load_scale(h):
-          ks = pl.multiple_of(i * 2 * groups + h * groups, groups)
-          return load_w(ws_ref, (g, pl.ds(n0, bn), pl.ds(ks, groups)),
-                        col_ok[:, None] if masked_n else None)
+          def load_scale(h, t=t):
+            ks = pl.multiple_of(t * 2 * groups + h * groups, groups)
+            return load_w(ws_ref, (g, pl.ds(n0, bn), pl.ds(ks, groups)),
+                          col_ok[:, None] if masked_n else None)
 
-        def load_x(h):
-          kx = pl.multiple_of(i * bk + h * half, half)
-          return plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(kx, half)], mask=row_ok[:, None],
-                            other=0)
+          def load_x(h, t=t):
+            kx = pl.multiple_of(t * tile_k + h * half, half)
+            return plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(kx, half)], mask=row_ok[:, None],
+                              other=0)
 
-        return kl_tile_dot(acc, load_x, wq, load_scale, mode, w_as_a)
+          acc = kl_tile_dot(acc, load_x, wq, load_scale, mode, w_as_a)
+        return acc
       kp, ks = pl.multiple_of(k0 // 2, bk // 2), k0 // 16
       kp_ok = ((kp + jnp.arange(bk // 2)) < k // 2) if mask_k else None
       ks_ok = ((ks + jnp.arange(bk // 16)) < k // 16) if mask_k else None
@@ -215,8 +219,10 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
   t = tiling or default_tiling(t_rows, n, e, fmt)
   if fmt == "fp8":
     bk, mask_k = fp8_block.BLOCK, False
-  elif fmt == "nvfp4_kl":
+  elif fmt == "nvfp4_kl":   # block_k: a multiple of the layout's 256 dividing K, else 256
     bk, mask_k = nvfp4.KERNEL_TILE, False
+    if t.block_k % bk == 0 and k % t.block_k == 0:
+      bk = t.block_k
   else:
     bk, mask_k = k_block(k, t.block_k)
   if fmt == "fp8":
@@ -288,7 +294,8 @@ def grouped_matmul_nvfp4_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array
   """grouped_matmul_nvfp4 on kernel-layout bytes (kernels/quant/nvfp4.to_kernel_layout, K a
   multiple of 256): the decode kernel's dequantization (nvfp4_matmul.kl_tile_dot) per expert
   tile. ``tiling``: block_m / block_n / num_warps / num_stages / w_as_a / dequant (one of
-  nvfp4_matmul.KL_DEQUANT_MODES); block_k is the layout's 256."""
+  nvfp4_matmul.KL_DEQUANT_MODES); block_k: K per loop step, a multiple of the layout's 256 (else
+  256)."""
   nvfp4.check_layout(packed_kl, scale)
   if packed_kl.ndim != 3:
     raise ShapeError(f"grouped NVFP4 weight must be [E, N, K/2], got {packed_kl.shape}")
@@ -303,16 +310,18 @@ def grouped_matmul_nvfp4_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array
               e, n, k, tiling or default_kl_tiling(x.shape[0], e), interpret, x.dtype)
 
 
-# Kernel-layout grouped decode tiling: the weight as the MMA's B operand, bn = 128 (see
-# benchmarks/gemm.md); prefill-sized groups use 64-row tiles.
-KL_DECODE = {"dequant": "asm", "w_as_a": False, "block_n": 128}
+# Kernel-layout grouped tiling at <= 16 rows per group (decode): the weight as the MMA's B
+# operand (benchmarks/gemm.md); larger groups use 64-row tiles with the same fields.
+KL_DECODE = {"block_n": 128, "block_k": 256, "num_warps": 4, "num_stages": 4, "dequant": "asm",
+             "w_as_a": False}
 
 
 def default_kl_tiling(t: int, num_groups: int) -> Tiling:
   rows_per_group = t / max(1, num_groups)
   bm = 16 if rows_per_group <= 16 else 64
-  return Tiling(bm, KL_DECODE["block_n"], nvfp4.KERNEL_TILE, 4, 4, dequant=KL_DECODE["dequant"],
-                w_as_a=KL_DECODE["w_as_a"])
+  d = KL_DECODE
+  return Tiling(bm, d["block_n"], d["block_k"], d["num_warps"], d["num_stages"],
+                dequant=d["dequant"], w_as_a=d["w_as_a"])
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))

@@ -531,6 +531,8 @@ class KLTiling:
   # PTX (u8 -> u8), Triton's cvt and multiply; "e4m3": all in jnp (f16 MMA);
   # "f32": f16-bit decode -> f32 scale multiply -> bf16 (bf16 MMA, no f16 cast of x).
   dequant: str = "asm"
+  # 256-wide K tiles per loop step (more work between the pipeline's per-step waits/barriers).
+  tiles_per_step: int = 1
 
 
 # One half of 2 bytes: $0 = 2 f16 (f16x2), $1 = 2 bytes, $2 = their 2 f16 block scales.
@@ -602,7 +604,7 @@ def kl_tile_dot(acc: jax.Array, load_x, wq: jax.Array, load_scale, mode: str, w_
 
 
 def _kl_kernel(x_ref, wq_ref, ws_ref, gs_ref, o_ref, *, m, n, bm, bn, k_steps, split, mode,
-               w_as_a):
+               w_as_a, tps):
   pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   m0, n0 = pid_m * bm, pid_n * bn
   row_ok = (m0 + jnp.arange(bm)) < m
@@ -610,8 +612,7 @@ def _kl_kernel(x_ref, wq_ref, ws_ref, gs_ref, o_ref, *, m, n, bm, bn, k_steps, s
   half = nvfp4.KERNEL_TILE // 2
   groups = half // nvfp4.BLOCK_SIZE
 
-  def body(i, acc):
-    t = pid_s * k_steps + i
+  def one_tile(t, acc):
     kp = pl.multiple_of(t * half, half)
     if n % bn:
       wq = plgpu.load(wq_ref.at[pl.ds(n0, bn), pl.ds(kp, half)], mask=col_ok[:, None], other=0)
@@ -627,6 +628,11 @@ def _kl_kernel(x_ref, wq_ref, ws_ref, gs_ref, o_ref, *, m, n, bm, bn, k_steps, s
       return plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, half)], mask=row_ok[:, None], other=0)
 
     return kl_tile_dot(acc, load_x, wq, load_scale, mode, w_as_a)
+
+  def body(i, acc):
+    for j in range(tps):
+      acc = one_tile(pid_s * k_steps * tps + i * tps + j, acc)
+    return acc
 
   acc = jax.lax.fori_loop(0, k_steps, body,
                           jnp.zeros((bn, bm) if w_as_a else (bm, bn), jnp.float32))
@@ -675,13 +681,15 @@ def w4a16_matmul_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array,
   t = tiling or default_kl_tiling(m, n, k)
   steps = k // nvfp4.KERNEL_TILE
   split = t.split_k if steps % t.split_k == 0 else 1
+  tps = t.tiles_per_step if (steps // split) % t.tiles_per_step == 0 else 1
   mode = kl_mode_for(t.dequant, interpret)
   out_shape = (jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1
                else jax.ShapeDtypeStruct((m, n), x.dtype))
   gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
   out = pl.pallas_call(
-      functools.partial(_kl_kernel, m=m, n=n, bm=t.block_m, bn=t.block_n, k_steps=steps // split,
-                        split=split, mode=mode, w_as_a=t.w_as_a),
+      functools.partial(_kl_kernel, m=m, n=n, bm=t.block_m, bn=t.block_n,
+                        k_steps=steps // split // tps, split=split, mode=mode, w_as_a=t.w_as_a,
+                        tps=tps),
       out_shape=out_shape, grid=(pl.cdiv(m, t.block_m), pl.cdiv(n, t.block_n), split),
       interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
