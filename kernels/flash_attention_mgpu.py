@@ -40,9 +40,12 @@ dense GEMM ceilings 783 TFLOP/s bf16 and 903 FP8 (benchmarks/attention.md); cuDN
 553 TFLOP/s there; FlashAttention-3 reaches ~75% of bf16 peak and ~1.2 PFLOP/s in FP8 (CUDA). The
 issue's targets: bf16 >= cuDNN bf16, FP8 >= 1.4x cuDNN bf16. Measured (H100, 2026-11-23, same run,
 benchmarks/attention.md, window 2): bf16 539 TFLOP/s = 1.02x cuDNN's 528; FP8 721 TFLOP/s incl. the
-V pre-pass = 1.37x (ping-pong, block_kv 128, 2 stages; the overlap variant is slower, 634). The gap to the MMA roof: per 128-key step the
+V pre-pass = 1.37x (ping-pong, block_kv 128, 2 stages; the overlap variant is slower, 634). With the
+row sums on the tensor cores (``MgpuTiles.rowsum_mma``, runs 5-6): FP8 715-756 TFLOP/s, 1.35x-1.47x
+cuDNN in the same run (cuDNN itself moves ~5%); bf16 555-562 = 1.03x-1.11x. The gap to the MMA roof: per 128-key step the
 softmax's 2 x 8192 ex2 take as many cycles on the MUFU as the FP8 MMAs on the tensor cores, and each
-warpgroup runs QK -> softmax -> PV serially.
+warpgroup runs QK -> softmax -> PV serially. So the softmax's row sums run on the tensor cores
+(P.ones: one extra N=8 wgmma per step next to P.V, into a fresh accumulator each step).
 
 Scope: dense equal-length sequences (q_len == kv_len == S, no cached prefix). Ragged / chunked
 batches stay on the Pallas Triton kernel (kernels/flash_attention.py); ``flash_prefill`` here takes
@@ -69,6 +72,7 @@ _LOG2E = math.log2(math.e)
 _P_SHIFT = 8.0
 _FP8 = jnp.float8_e4m3fn
 _SCALE_COLS = 32   # per-head scale rows are padded to 128 bytes for their TMA copy
+_ONES_COLS = 8     # N of the P.ones wgmma that sums P's rows (MgpuTiles.rowsum_mma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +82,17 @@ class MgpuTiles:
   (the softmax of step j runs while P.V of step j-1 is on the tensor cores) on top of the
   two-warpgroup ping-pong; pingpong: alternate the two consumer warpgroups with a named barrier
   (one's softmax while the other's wgmmas run). Off, both run freely: better when the softmax
-  takes longer than the MMAs (FP8), since the barrier then serialises the two softmaxes."""
+  takes longer than the MMAs (FP8), since the barrier then serialises the two softmaxes.
+  rowsum_mma (FP8 with the serial loop; ignored otherwise): the softmax row sums come from the
+  tensor cores, as P.ones [block_kv, 8] issued with P.V, instead of a per-element add and a quad
+  shuffle per step on the softmax path; l then sums the E4M3-rounded P that P.V uses. Measured
+  3-4% faster on the H100 (benchmarks/attention.md)."""
   block_q: int = 64
   block_kv: int = 128
   stages: int = 2
   overlap: bool = False
   pingpong: bool = True
+  rowsum_mma: bool = True
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -143,24 +152,43 @@ def _p_to_fp8_operand(p: jax.Array, interpret: bool) -> jax.Array:
   return relabel(p)
 
 
-def _pv(acc, p_op, v_op, then, p_scratch):
+def _pv(acc, p_op, v_op, then, p_scratch, rowsum=None):
   """acc + p_op @ v_op by wgmma with P from registers; ``then()`` runs while the MMA is in flight.
-  The CPU interpreter has no run_state over accumulators nor register A operands, so there P goes
-  through ``p_scratch`` (shared memory, interpret mode only) and the product is added to acc
-  afterwards (same arithmetic)."""
+  ``rowsum`` (ones operand [block_kv, 8]): also p_op @ ones (P's row sums, in every column) in the
+  same wgmma group, into a fresh accumulator; returns (acc, sums) then. The CPU interpreter has no run_state over accumulators
+  nor register A operands, so there P goes through ``p_scratch`` (shared memory, interpret mode
+  only) and the products are added afterwards (same arithmetic)."""
   if p_scratch is not None:
     p_scratch[...] = p_op
 
-    def mma(acc_ref):
+    def mma(acc_ref, l_ref=None):
       plgpu.wgmma(acc_ref, p_scratch, v_op)
+      if l_ref is not None:
+        plgpu.wgmma(l_ref, p_scratch, rowsum)
       then()
-      return acc_ref[...]
-    return acc + pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32))
+      return acc_ref[...] if l_ref is None else (acc_ref[...], l_ref[...])
+    if rowsum is None:
+      return acc + pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32))
+    pv, sums = pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32),
+                             plgpu.ACC((acc.shape[0], _ONES_COLS), jnp.float32))
+    return acc + pv, sums
 
-  def in_regs(acc_ref):
+  if rowsum is None:
+    def in_regs(acc_ref):
+      plgpu.wgmma(acc_ref, p_op, v_op)
+      then()
+    return pl.run_state(in_regs)(plgpu.ACC.init(acc))
+
+  def both_in_regs(refs):
+    acc_ref, l_ref = refs
     plgpu.wgmma(acc_ref, p_op, v_op)
+    plgpu.wgmma(l_ref, p_op, rowsum)
     then()
-  return pl.run_state(in_regs)(plgpu.ACC.init(acc))
+  # a fresh row-sum accumulator per step: FP8 wgmma adds into its accumulator with only ~14
+  # mantissa bits, which, carried over the whole loop, biases a sum of positive terms downwards
+  zeros = plgpu.layout_cast(jnp.full((acc.shape[0], _ONES_COLS), 0, jnp.float32),
+                            plgpu.Layout.WGMMA)
+  return pl.run_state(both_in_regs)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
 
 
 def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i, *, softmax,
@@ -248,10 +276,11 @@ def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i
 
 def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q: int,
             block_kv: int, stages: int, head_dim: int, group: int, score_c: float,
-            num_q_tiles: int, out_dtype, overlap: bool, pingpong: bool, interpret: bool):
+            num_q_tiles: int, out_dtype, overlap: bool, pingpong: bool, interpret: bool,
+            rowsum_mma: bool, ones_ref=None):
   smem, bars, consumed, schedule_barrier = scoped
-  q_smem2, o_smem2, k_smem, v_smem, sc_smem2, p_smem2 = smem
-  k_bars, v_bars, q_bars, sc_bars = bars
+  q_smem2, o_smem2, k_smem, v_smem, sc_smem2, p_smem2, ones_smem2 = smem
+  k_bars, v_bars, q_bars, sc_bars, ones_bars = bars
   k_consumed, v_consumed = consumed
   h = lax.axis_index("heads")
   b = lax.axis_index("batch")
@@ -277,6 +306,9 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
     if fp8:
       sc_smem = sc_smem2.at[wg]
       plgpu.copy_gmem_to_smem(sc_ref.at[h], sc_smem, sc_bars.at[wg])
+      if rowsum_mma:
+        plgpu.copy_gmem_to_smem(ones_ref, ones_smem2.at[wg], ones_bars.at[wg])
+        plgpu.barrier_wait(ones_bars.at[wg])
       plgpu.barrier_wait(sc_bars.at[wg])
       c = sc_smem[0]          # sm_scale * log2(e) * q_scale[h] * k_scale[kvh]
     else:
@@ -349,9 +381,13 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
         plgpu.barrier_arrive(k_consumed.at[slot])
         p, m_i, alpha = softmax(qk, m_i, step, masked)
         acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i *= alpha
-        p_op = operand(p)
-        l_i += p.sum(axis=1)   # this order (from jax's attention_mgpu) schedules best
+        if rowsum_mma:   # l_i [block_q, 8] f32: sums of P.ones (every column the same)
+          l_i *= lax.broadcast_in_dim(alpha, l_i.shape, [0])
+          p_op = operand(p)
+        else:
+          l_i *= alpha
+          p_op = operand(p)
+          l_i += p.sum(axis=1)   # this order (from jax's attention_mgpu) schedules best
         acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
         if pingpong:
           plgpu.barrier_arrive(schedule_barrier)     # softmax done
@@ -365,15 +401,25 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
           @pl.when(nxt < kv_steps)
           def _wait():
             plgpu.barrier_wait(k_bars.at[slot_of(nxt)])
-        acc = _pv(acc, p_op, v_operand(slot), wait_next_k, p_scratch)
+        if rowsum_mma:
+          acc, sums = _pv(acc, p_op, v_operand(slot), wait_next_k, p_scratch,
+                          rowsum=ones_smem2.at[wg].T)
+          l_i += sums
+        else:
+          acc = _pv(acc, p_op, v_operand(slot), wait_next_k, p_scratch)
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_i, l_i
 
+      if rowsum_mma:
+        l_i = plgpu.layout_cast(jnp.full((block_q, _ONES_COLS), 0, jnp.float32),
+                                plgpu.Layout.WGMMA)
       carry = (acc, m_i, l_i)
       carry = lax.fori_loop(0, full_steps, functools.partial(kv_loop, masked=False), carry)
       acc, m_i, l_i = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_loop, masked=True),
                                     carry)
       lax.fori_loop(kv_steps, cta_kv_steps, functools.partial(drain, scheds=2), None)
+      if rowsum_mma:   # every column holds the same row sum
+        l_i = l_i.max(axis=1)
     pl.when(wg == 0)(schedule)
 
     if fp8:
@@ -487,23 +533,32 @@ def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   else:
     sc = jnp.zeros((H, _SCALE_COLS), jnp.float32)   # unused
   num_q_tiles = S // (2 * block_q)
+  rowsum_mma = tiles.rowsum_mma and fp8 and not tiles.overlap
   kernel = functools.partial(
       _kernel, fp8=fp8, block_q=block_q, block_kv=block_kv, stages=stages, head_dim=D,
       group=H // KV, score_c=scale * _LOG2E, num_q_tiles=num_q_tiles, out_dtype=out_dtype,
-      overlap=tiles.overlap, pingpong=tiles.pingpong, interpret=bool(interpret))
+      overlap=tiles.overlap, pingpong=tiles.pingpong, interpret=bool(interpret),
+      rowsum_mma=rowsum_mma)
+  inputs = (q, k, v, sc)
+  if rowsum_mma:   # [8, block_kv]: the K-major B operand of P.ones, like V's tiles
+    inputs += (jnp.ones((_ONES_COLS, block_kv), _FP8),)
 
-  def entry(q_ref, k_ref, v_ref, sc_ref, out_ref):
+  def entry(q_ref, k_ref, v_ref, sc_ref, *refs):
+    *ones_ref, out_ref = refs
     q_buf = _smem((2, block_q, D), q.dtype)
     o_buf = _smem((2, block_q, D), out_dtype) if fp8 else None   # bf16 reuses the q buffer
     k_buf = _smem((stages, block_kv, D), k.dtype)
     v_buf = _smem((stages, D, block_kv), v.dtype) if fp8 else _smem((stages, block_kv, D), v.dtype)
     sc_buf = plgpu.SMEM((2, _SCALE_COLS), jnp.float32) if fp8 else None
     p_buf = _smem((2, block_q, block_kv), _FP8 if fp8 else q.dtype) if interpret else None
+    ones_buf = _smem((2, _ONES_COLS, block_kv), _FP8) if rowsum_mma else None
     pl.run_scoped(
-        lambda *scoped: kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped),
-        (q_buf, o_buf, k_buf, v_buf, sc_buf, p_buf),
+        lambda *scoped: kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, ones_ref=(
+            ones_ref[0] if ones_ref else None)),
+        (q_buf, o_buf, k_buf, v_buf, sc_buf, p_buf, ones_buf),
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)),
+         plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+         plgpu.Barrier(num_barriers=2) if rowsum_mma else None),
         (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg",
@@ -519,7 +574,7 @@ def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams) else
                  plgpu.InterpretGPUParams() if interpret else None),
-  )(q, k, v, sc)
+  )(*inputs)
 
 
 def reference_dense(q, k, v, *, scale: float, q_scale=1.0, k_scale=1.0, v_scale=1.0,

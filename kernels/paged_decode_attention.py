@@ -23,12 +23,14 @@ and the split-K epilogue are shared with the MLA decode kernel (kernels/mla_atte
 
 Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
 read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.35 ms; FP8 0.17 ms.
-Measured (H100, 2026-11-23, benchmarks/attention.md): bf16 ~0.40 ms (~88% of the read ceiling), FP8
-0.277 ms (0.68-0.70x of bf16, target 0.55x): Triton dequantises E4M3 in the MMA-operand layout (byte
-loads from shared memory, a cvt per pair, ~1.6x the instructions per key of bf16) and copies the
-V tile in 8-byte pieces. Tried and dropped (same run): 64/128-key tiles, 8 warps, and a transposed
-form with keys as the MMA M dimension (wgmma; E4M3 scores on K as stored from hi/lo-split queries):
-0.31-0.37 ms, and the E4M3 scores cost 10x the error.
+Measured (H100, 2026-11-23, benchmarks/attention.md runs 5-6): bf16 ~0.40 ms (~88% of the read
+ceiling); FP8 0.214 ms (81%, 0.536x of bf16 in the same run; target 0.55x) with 16-key tiles, one warp
+and 8 stages (FP8_TILES). Triton dequantises E4M3 in the MMA-operand layout (byte loads from shared
+memory, a cvt per pair, ~1.6x the instructions per key of bf16), which leaves the loop latency-bound;
+more tiles in flight per SM (1 warp, deep pipeline) hides it better than 4 warps x 4 stages (0.27 ms).
+Tried and dropped: 64/128-key tiles, 8 warps, a transposed form with keys as the MMA M dimension
+(E4M3 scores cost 10x the error), and an integer bit-trick upcast (``bits_upcast``, 20-35% slower:
+still lowered in the operand layout).
 """
 from __future__ import annotations
 
@@ -61,11 +63,15 @@ class DecodeTiles:
   splits: int | None = None   # None: enough programs to fill the SMs twice
   page_blocks: bool = True    # tiles inside one page read as blocks (False: slot gather, to compare)
   tile_upcast: bool = False   # FP8: see ``upcast``
+  bits_upcast: bool = False   # FP8: E4M3 -> f16 by integer bit moves (``e4m3_bits_to_f16``)
+  mask_tail: bool = True      # only tiles crossing seq_len / the causal edge are masked
 
 
 # Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 32/8 heads, D=128.
+# FP8's loop is latency-bound (E4M3 converted in the MMA-operand layout): one warp per program
+# and 5 stages keep more independent tiles in flight per SM than 4 warps x 4 stages.
 BF16_TILES = DecodeTiles()
-FP8_TILES = DecodeTiles()
+FP8_TILES = DecodeTiles(16, num_warps=1, num_stages=8)
 
 
 class RowMap(NamedTuple):
@@ -147,6 +153,18 @@ def upcast(x: jax.Array, dtype, tile: bool) -> jax.Array:
   return x.T.astype(dtype).T if tile else x.astype(dtype)
 
 
+_E4M3_TO_F16_BITS = 256.0   # e4m3_bits_to_f16 returns value * 2^-8; scales carry the 2^8
+
+
+def e4m3_bits_to_f16(x: jax.Array) -> jax.Array:
+  """uint8 E4M3 bit patterns -> float16 holding value * 2^-8, exactly, subnormals included: sign
+  to bit 15, exponent and mantissa shifted into f16's (exponent bias 15 vs 7, so the result is the
+  value times 2^-8). The E4M3 NaN (0x7f) comes out finite; caches never hold it."""
+  x = x.astype(jnp.uint16)
+  bits = ((x & 0x80) << 8) | ((x & 0x7F) << 7)
+  return lax.bitcast_convert_type(bits, jnp.float16)
+
+
 def tile_cols(rows, start: int, width: int):
   """Columns start .. start+width in the form ``key_tile``'s rows need (slice, or iota for a gather)."""
   if isinstance(rows, pl.Slice):
@@ -157,7 +175,7 @@ def tile_cols(rows, start: int, width: int):
 def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_init_ref,
                    *out_refs, group: int, max_q: int, rows: int, block_k: int, page_size: int,
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
-                   page_blocks: bool, tile_upcast: bool):
+                   page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool):
   del o_init_ref  # aliased with the output: zeros for the rows no program writes
   kvh = pl.program_id(0)
   split = pl.program_id(1)
@@ -167,23 +185,32 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
   q_pos = seq_len - rm.q_len + rm.tok
   D = k_ref.shape[-1]
   score_scale = sm_scale * _LOG2E
+  kv_factor = _E4M3_TO_F16_BITS if bits_upcast else 1.0
   if kv_upcast is not None:
-    score_scale = score_scale * ksc_ref[0]
+    score_scale = score_scale * (ksc_ref[0] * kv_factor)
   q = load_rows(q_ref, rm, 0, D)
 
-  def body(kb, carry):
+  def body(kb, carry, *, masked: bool = True):
     acc, m_prev, l_prev = carry
     keys, rows_ix = key_tile(pt_ref, b, kb, block_k=block_k, page_size=page_size,
                              pages_per_seq=pages_per_seq, page_blocks=page_blocks)
     cols = tile_cols(rows_ix, 0, D)
-    key_ok = (keys < seq_len)[:, None]
-    k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
-    v = plgpu.load(v_ref.at[rows_ix, kvh, cols], mask=key_ok, other=0.0)
-    if kv_upcast is not None:
+    if masked:
+      key_ok = (keys < seq_len)[:, None]
+      zero = 0 if bits_upcast else 0.0   # uint8 bit patterns or a float cache
+      k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=key_ok, other=zero)
+      v = plgpu.load(v_ref.at[rows_ix, kvh, cols], mask=key_ok, other=zero)
+    else:
+      k = plgpu.load(k_ref.at[rows_ix, kvh, cols])
+      v = plgpu.load(v_ref.at[rows_ix, kvh, cols])
+    if bits_upcast:
+      k, v = e4m3_bits_to_f16(k), e4m3_bits_to_f16(v)
+    elif kv_upcast is not None:
       k = upcast(k, kv_upcast, tile_upcast)
       v = upcast(v, kv_upcast, tile_upcast)
     s = plgpu.dot(q, k, trans_b=True) * score_scale
-    s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
+    if masked:
+      s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp2(m_prev - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -194,9 +221,13 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
   carry = (jnp.zeros((rows, D), jnp.float32),
            jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
   first, last = split_range(seq_len, block_k, split, splits)
+  if mask_tail:   # tiles whose keys every query row sees (all < seq_len - q_len + 1) run unmasked
+    full = jnp.clip(lax.div(seq_len - rm.q_len + 1, block_k), first, last)
+    carry = lax.fori_loop(first, full, functools.partial(body, masked=False), carry)
+    first = full
   acc, m, l = lax.fori_loop(first, last, body, carry)
   if kv_upcast is not None:
-    acc = acc * vsc_ref[0]
+    acc = acc * (vsc_ref[0] * kv_factor)
   write_partials(out_refs, b, kvh, split, rm, acc, m, l)
 
 
@@ -323,6 +354,12 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   # e4m3 -> f16 is one conversion instruction on Hopper (-> bf16 takes three), and f16 holds
   # every e4m3 value; queries are cast to f16 for the tensor-core dot.
   kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None
+  bits_upcast = tiles.bits_upcast and kv_upcast is not None
+  if bits_upcast:
+    if k_pages.dtype != jnp.float8_e4m3fn:
+      raise ShapeError(f"bits_upcast takes an E4M3 cache, got {k_pages.dtype}")
+    k_pages = lax.bitcast_convert_type(k_pages, jnp.uint8)
+    v_pages = lax.bitcast_convert_type(v_pages, jnp.uint8)
   out_dtype = q.dtype
   if kv_upcast is not None:
     q = q.astype(kv_upcast)
@@ -331,7 +368,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
-      tile_upcast=tiles.tile_upcast)
+      tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail)
   results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),

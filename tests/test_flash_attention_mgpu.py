@@ -64,8 +64,13 @@ def test_bf16_matches_float64(H, KV, D, tiles):
   assert not interpret_pallas_call.get_races().races_found
 
 
-def test_fp8_matches_float64():
-  """E4M3 q/k/v with per-head scales, P in E4M3, overlapped loop, GQA 2, D 128."""
+@pytest.mark.parametrize("tiles", [
+    MgpuTiles(overlap=True),                                # overlapped loop
+    MgpuTiles(),                                            # serial, row sums by P.ones wgmma
+    MgpuTiles(rowsum_mma=False),                            # serial, row sums on the FP32 units
+])
+def test_fp8_matches_float64(tiles):
+  """E4M3 q/k/v with per-head scales, P in E4M3, GQA 2, D 128."""
   B, S, H, KV, D = 1, 256, 2, 1, 128
   q, k, v = inputs(7, B, S, H, KV, D)
   qs = np.array([0.5, 1.5], np.float32)
@@ -73,7 +78,7 @@ def test_fp8_matches_float64():
   q8 = jnp.asarray(q / qs[:, None], F8)
   k8, v8 = jnp.asarray(k / ks[:, None], F8), jnp.asarray(v / vs[:, None], F8)
   out = flash_prefill_dense(q8, k8, v8, scale=D ** -0.5, q_scale=qs, k_scale=ks, v_scale=vs,
-                            tiles=MgpuTiles(overlap=True), interpret=True)
+                            tiles=tiles, interpret=True)
   assert out.dtype == jnp.bfloat16
   # vs the dequantized FP8 inputs: only P's E4M3 rounding and bf16 output remain
   assert rel_err(out, np_causal(f64(q8, qs), f64(k8, ks), f64(v8, vs))) < 2e-2
@@ -100,7 +105,8 @@ def test_p_relabel_matches_v_permutation():
 def test_lowers_for_hopper_on_cpu():
   """The compiled-only paths (P kept in registers and relabelled into the FP8 wgmma operand layout,
   the O accumulator carried across the loop) lower to Mosaic GPU without a GPU."""
-  for dt, tiles in ((jnp.bfloat16, MgpuTiles(overlap=True)), (F8, MgpuTiles(overlap=True))):
+  for dt, tiles in ((jnp.bfloat16, MgpuTiles(overlap=True)), (F8, MgpuTiles(overlap=True)),
+                    (F8, MgpuTiles(rowsum_mma=True))):
     q = jax.ShapeDtypeStruct((1, 256, 4, 128), dt)
     kv = jax.ShapeDtypeStruct((1, 256, 2, 128), dt)
     fn = lambda q, k, v, tiles=tiles: flash_prefill_dense(q, k, v, scale=0.1, tiles=tiles)
