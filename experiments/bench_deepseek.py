@@ -52,6 +52,7 @@ _KL_TILING = flags.DEFINE_string(
     "kl_tiling", "", "grouped kernel-layout decode tiling, e.g. 'B128 asm w2 s3 t2' (B/A = weight "
     "as the MMA's B/A operand, block_n, dequant mode, w<warps>, s<stages>, t<K tiles per step>); "
     "empty: grouped_matmul.KL_DECODE as committed")
+_PEAKS = flags.DEFINE_bool("peaks", True, "measure the read / bf16 GEMM peaks of this run first")
 _COMPARE = flags.DEFINE_bool("compare", True, "kernel-layout case: also compare its MoE GEMM "
                              "output with the ModelOpt-layout kernel's (costs a compile)")
 _PAGE = 64
@@ -225,7 +226,7 @@ def main(_):
       json.dump(results, f, indent=1, default=str)
 
   key = jax.random.key(0)
-  results["peaks"] = peaks()
+  results["peaks"] = peaks() if _PEAKS.value else {}
   save()
   layer = init_layer(key)
   jax.block_until_ready(layer)
