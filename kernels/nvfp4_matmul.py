@@ -521,11 +521,11 @@ _ASM_BYTES = {
 @dataclasses.dataclass(frozen=True)
 class KLTiling:
   block_m: int = 16
-  block_n: int = 64
+  block_n: int = 128
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 4
-  w_as_a: bool = True
+  w_as_a: bool = False
   # "asm": PTX on 4 bytes (E4M3 bit trick, 2 cvt.rn.f16x2.e4m3x2, 2 mul.f16x2 per half);
   # "asm2": the same on 2 bytes (one cvt + one mul per half); "asm_bytes": only the bit trick in
   # PTX (u8 -> u8), Triton's cvt and multiply; "e4m3": all in jnp (f16 MMA);
@@ -658,10 +658,12 @@ def kl_split(m: int, n: int, k: int, bm: int, bn: int, num_sms: int = 132) -> in
 
 
 def default_kl_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> KLTiling:
-  """bm = 16 / 32 / 64 by M, bn = 64, split-K by kl_split; ``overrides`` replace fields (the
-  split is recomputed for an overridden block_m / block_n unless split_k is given)."""
+  """bm = 16 / 32 / 64 by M; the weight as the MMA's B operand, bn = 128, 4 warps, 4 stages (the
+  fastest float64-verified variant of window 1 at 6 of 8 decode shapes, benchmarks/gemm.md);
+  split-K by kl_split. ``overrides`` replace fields (the split is recomputed for an overridden
+  block_m / block_n unless split_k is given)."""
   bm = overrides.pop("block_m", 16 if m <= 16 else (32 if m <= 32 else 64))
-  bn = overrides.pop("block_n", 64)
+  bn = overrides.pop("block_n", 128)
   split = overrides.pop("split_k", kl_split(m, n, k, bm, bn, num_sms))
   return KLTiling(bm, bn, split, **overrides)
 
