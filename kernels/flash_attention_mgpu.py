@@ -30,8 +30,9 @@ sharing a KV head run together and hit L2 on its K/V; the heaviest causal query 
 scheduled first. Each CTA runs three warpgroups: a producer (40 registers) that streams
 [block_kv, D] K tiles and V tiles by TMA through ``stages`` shared-memory slots, and two consumers
 (232 registers), each owning 64 query rows: S = Q.K^T by wgmma into registers, online softmax in
-base 2 (the key blocks below the diagonal run unmasked, the diagonal band with a position mask),
-then O += P.V with P fed from registers. A named barrier alternates the two consumers so one's
+base 2 (the key blocks below the diagonal run unmasked, the diagonal band with a position mask; with
+256-key blocks a diagonal block whose second half lies above all of a warpgroup's rows runs at half
+width), then O += P.V with P fed from registers. A named barrier alternates the two consumers so one's
 softmax overlaps the other's tensor-core work (FA3's ping-pong). Output tiles go registers ->
 swizzled smem -> TMA store.
 
@@ -40,9 +41,10 @@ dense GEMM ceilings 783 TFLOP/s bf16 and 903 FP8 (benchmarks/attention.md); cuDN
 553 TFLOP/s there; FlashAttention-3 reaches ~75% of bf16 peak and ~1.2 PFLOP/s in FP8 (CUDA). The
 issue's targets: bf16 >= cuDNN bf16, FP8 >= 1.4x cuDNN bf16. Measured (H100, 2026-11-23, same run,
 benchmarks/attention.md, window 2): bf16 539 TFLOP/s = 1.02x cuDNN's 528; FP8 721 TFLOP/s incl. the
-V pre-pass = 1.37x (ping-pong, block_kv 128, 2 stages; the overlap variant is slower, 634). With the
-row sums on the tensor cores (``MgpuTiles.rowsum_mma``, runs 5-6): FP8 715-756 TFLOP/s, 1.35x-1.47x
-cuDNN in the same run (cuDNN itself moves ~5%); bf16 555-562 = 1.03x-1.11x. The gap to the MMA roof: per 128-key step the
+V pre-pass = 1.37x (ping-pong, block_kv 128, 2 stages; the overlap variant is slower, 634). Run 7
+(``default_tiles``: FP8 256-key steps, half-width diagonal steps, row sums on the tensor cores):
+FP8 778 TFLOP/s incl. the V pre-pass = 1.40x / 1.46x cuDNN timed before / after it (cuDNN itself
+moves ~5% between timings); bf16 565 = 1.02x / 1.06x. The gap to the MMA roof: per 128-key step the
 softmax's 2 x 8192 ex2 take as many cycles on the MUFU as the FP8 MMAs on the tensor cores, and each
 warpgroup runs QK -> softmax -> PV serially. So the softmax's row sums run on the tensor cores
 (P.ones: one extra N=8 wgmma per step next to P.V, into a fresh accumulator each step).
@@ -101,6 +103,15 @@ class MgpuTiles:
       raise ValueError(f"block_kv must be 64, 128, 192 or 256, got {self.block_kv}")
     if self.stages < 2:
       raise ValueError(f"stages must be >= 2, got {self.stages}")
+
+
+def default_tiles(fp8: bool, seq_len: int) -> MgpuTiles:
+  """The fastest measured tiles (H100, benchmarks/attention.md runs 5-7): bf16 128-key steps (256
+  would not fit shared memory at 2 stages); FP8 256-key steps where S allows (fewer per-step O
+  rescales and barriers; the diagonal step runs at half width when it can)."""
+  if fp8 and seq_len % 256 == 0:
+    return MgpuTiles(block_kv=256)
+  return MgpuTiles()
 
 
 def prepare_v_fp8(v: jax.Array, two_pass: bool = False) -> jax.Array:
@@ -324,17 +335,17 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
     def slot_of(step):
       return lax.rem(step, jnp.array(stages, step.dtype))
 
-    def v_operand(slot):
-      return v_smem.at[slot].T if fp8 else v_smem.at[slot]
+    def v_operand(slot, width: int = block_kv):
+      if fp8:
+        return v_smem.at[slot, :, pl.ds(0, width)].T if width < block_kv else v_smem.at[slot].T
+      return v_smem.at[slot, pl.ds(0, width)] if width < block_kv else v_smem.at[slot]
 
     def softmax(qk, m_i, step, masked: bool):
       """Online-softmax step for one [block_q, block_kv] score tile: returns the f32 probabilities
       P, the new running max and the factor alpha that O and the row sum are rescaled by."""
       if masked:
-        rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0,
-                                      layout=plgpu.Layout.WGMMA)
-        cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
-                                      layout=plgpu.Layout.WGMMA)
+        rows = plgpu.broadcasted_iota(jnp.int32, qk.shape, 0, layout=plgpu.Layout.WGMMA)
+        cols = plgpu.broadcasted_iota(jnp.int32, qk.shape, 1, layout=plgpu.Layout.WGMMA)
         qk = jnp.where(rows + q_base >= cols + step * block_kv, qk, -jnp.inf)
       # base 2; m is kept in log2 units so p = exp2(qk * c - m) is one FMA + EX2 per element
       m_ij = jnp.maximum(m_i, qk.max(axis=1) * c)
@@ -369,15 +380,18 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
     else:
       acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
-      def kv_loop(step, carry, *, masked: bool):
+      def kv_loop(step, carry, *, masked: bool, width: int = block_kv):
+        """One key step; ``width`` < block_kv: only the first ``width`` keys of the tile (the
+        diagonal step when the rest lies above every row of this warpgroup)."""
         acc, m_i, l_i = carry
         slot = slot_of(step)
+        k_tile = k_smem.at[slot, pl.ds(0, width)] if width < block_kv else k_smem.at[slot]
 
         def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+          plgpu.wgmma(acc_ref, q_smem, k_tile.T)
           schedule()
           return acc_ref[...]
-        qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, width), jnp.float32))
         plgpu.barrier_arrive(k_consumed.at[slot])
         p, m_i, alpha = softmax(qk, m_i, step, masked)
         acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -401,12 +415,15 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
           @pl.when(nxt < kv_steps)
           def _wait():
             plgpu.barrier_wait(k_bars.at[slot_of(nxt)])
+        p_scr = (p_scratch.at[:, pl.ds(0, width)] if p_scratch is not None and width < block_kv
+                 else p_scratch)
         if rowsum_mma:
-          acc, sums = _pv(acc, p_op, v_operand(slot), wait_next_k, p_scratch,
-                          rowsum=ones_smem2.at[wg].T)
+          ones = ones_smem2.at[wg]
+          ones = ones.at[:, pl.ds(0, width)] if width < block_kv else ones
+          acc, sums = _pv(acc, p_op, v_operand(slot, width), wait_next_k, p_scr, rowsum=ones.T)
           l_i += sums
         else:
-          acc = _pv(acc, p_op, v_operand(slot), wait_next_k, p_scratch)
+          acc = _pv(acc, p_op, v_operand(slot, width), wait_next_k, p_scr)
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_i, l_i
 
@@ -415,8 +432,16 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
                                 plgpu.Layout.WGMMA)
       carry = (acc, m_i, l_i)
       carry = lax.fori_loop(0, full_steps, functools.partial(kv_loop, masked=False), carry)
-      acc, m_i, l_i = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_loop, masked=True),
-                                    carry)
+      if block_kv >= 256:   # a diagonal step whose second half is above all 64 rows: half width
+        half = q_base + block_q <= (kv_steps - 1) * block_kv + block_kv // 2
+        masked_full_end = jnp.where(half, kv_steps - 1, kv_steps)
+        carry = lax.fori_loop(full_steps, masked_full_end,
+                              functools.partial(kv_loop, masked=True), carry)
+        carry = lax.fori_loop(masked_full_end, kv_steps,
+                              functools.partial(kv_loop, masked=True, width=block_kv // 2), carry)
+      else:
+        carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_loop, masked=True), carry)
+      acc, m_i, l_i = carry
       lax.fori_loop(kv_steps, cta_kv_steps, functools.partial(drain, scheds=2), None)
       if rowsum_mma:   # every column holds the same row sum
         l_i = l_i.max(axis=1)
@@ -500,7 +525,7 @@ def _per_head(scale, n: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret", "v_prepared"))
 def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_scale=1.0,
-                        k_scale=1.0, v_scale=1.0, tiles: MgpuTiles = MgpuTiles(),
+                        k_scale=1.0, v_scale=1.0, tiles: MgpuTiles | None = None,
                         interpret: bool | plgpu.InterpretGPUParams = False,
                         v_prepared: bool = False) -> jax.Array:
   """Causal attention over dense equal-length sequences; see the module docstring.
@@ -509,7 +534,10 @@ def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   scales (q_scale [H] or scalar, k_scale/v_scale [KV] or scalar; out bf16). ``interpret`` (True or
   an InterpretGPUParams) runs the kernel in the Mosaic GPU interpreter on CPU. ``v_prepared``: FP8
   v already went through ``prepare_v_fp8`` ([B, KV, D, S], e.g. when a cache stores it so).
+  ``tiles`` None: ``default_tiles``.
   """
+  if tiles is None:
+    tiles = default_tiles(is_fp8(q.dtype), q.shape[1] if q.ndim == 4 else 0)
   if v_prepared:
     if not is_fp8(v.dtype) or v.ndim != 4:
       raise ShapeError(f"v_prepared takes FP8 v [B, KV, D, S], got {v.dtype} {v.shape}")
@@ -593,11 +621,13 @@ def reference_dense(q, k, v, *, scale: float, q_scale=1.0, k_scale=1.0, v_scale=
   return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vf)
 
 
-def dense_supported(q, k, v, tiles: MgpuTiles = MgpuTiles()) -> bool:
+def dense_supported(q, k, v, tiles: MgpuTiles | None = None) -> bool:
   """Whether the packed-layout inputs of ``flash_prefill`` have shapes the dense kernel takes
   (T == B * S and the dense kernel's own constraints); the run-time layout is checked separately."""
   T, H, D = q.shape
   B, S, KV, _ = k.shape
+  if tiles is None:
+    tiles = default_tiles(is_fp8(q.dtype), S)
   try:
     check_dense_shapes(jax.ShapeDtypeStruct((B, S, H, D), q.dtype), k, v, tiles)
   except ShapeError:
@@ -608,7 +638,7 @@ def dense_supported(q, k, v, tiles: MgpuTiles = MgpuTiles()) -> bool:
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
 def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, query_start: jax.Array,
                   kv_lens: jax.Array, *, scale: float, q_scale=1.0, k_scale=1.0, v_scale=1.0,
-                  tiles: MgpuTiles = MgpuTiles(),
+                  tiles: MgpuTiles | None = None,
                   interpret: bool = False) -> jax.Array:
   """``kernels.flash_attention.flash_prefill``'s packed layout (q [T, H, D], k/v [B, S, KV, D]):
   the Mosaic GPU kernel when the batch is dense -- every sequence is a whole prompt of exactly S
@@ -621,10 +651,12 @@ def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, query_start: jax.Arr
     return flash_attention.flash_prefill(q, k, v, query_start, kv_lens, scale=scale,
                                          q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
                                          interpret=interpret)
-  if not dense_supported(q, k, v, tiles):
-    return triton()
   T, H, D = q.shape
   B, S, _, _ = k.shape
+  if tiles is None:
+    tiles = default_tiles(is_fp8(q.dtype), S)
+  if not dense_supported(q, k, v, tiles):
+    return triton()
 
   def dense():
     out = flash_prefill_dense(q.reshape(B, S, H, D), k, v, scale=scale, q_scale=q_scale,

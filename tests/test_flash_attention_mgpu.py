@@ -49,13 +49,14 @@ def inputs(seed, B, S, H, KV, D):
           for shape in ((B, S, H, D), (B, S, KV, D), (B, S, KV, D))]
 
 
-@pytest.mark.parametrize("H,KV,D,tiles", [
-    (2, 2, 64, MgpuTiles(block_kv=128, stages=2)),                # MHA, serial ping-pong
+@pytest.mark.parametrize("S,H,KV,D,tiles", [
+    (256, 2, 2, 64, MgpuTiles(block_kv=128, stages=2)),           # MHA, serial ping-pong
     # MQA, intra-WG overlap without ping-pong; the two warpgroups need 3 vs 4 steps
-    (2, 1, 64, MgpuTiles(block_kv=64, stages=3, overlap=True, pingpong=False)),
+    (256, 2, 1, 64, MgpuTiles(block_kv=64, stages=3, overlap=True, pingpong=False)),
+    (512, 1, 1, 64, MgpuTiles(block_kv=256)),                     # half-width diagonal steps
 ])
-def test_bf16_matches_float64(H, KV, D, tiles):
-  q, k, v = inputs(H + D, 1, 256, H, KV, D)
+def test_bf16_matches_float64(S, H, KV, D, tiles):
+  q, k, v = inputs(H + D, 1, S, H, KV, D)
   q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
   params = plgpu.InterpretGPUParams(detect_races=True)
   out = flash_prefill_dense(q, k, v, scale=D ** -0.5, tiles=tiles, interpret=params)
@@ -64,14 +65,16 @@ def test_bf16_matches_float64(H, KV, D, tiles):
   assert not interpret_pallas_call.get_races().races_found
 
 
-@pytest.mark.parametrize("tiles", [
-    MgpuTiles(overlap=True),                                # overlapped loop
-    MgpuTiles(),                                            # serial, row sums by P.ones wgmma
-    MgpuTiles(rowsum_mma=False),                            # serial, row sums on the FP32 units
+@pytest.mark.parametrize("S,tiles", [
+    (256, MgpuTiles(overlap=True)),                         # overlapped loop
+    (256, MgpuTiles()),                                     # serial, row sums by P.ones wgmma
+    (256, MgpuTiles(rowsum_mma=False)),                     # serial, row sums on the FP32 units
+    # 256-key tiles: diagonal steps of full and of half width (warpgroups at 64 * (0..7))
+    (512, MgpuTiles(block_kv=256)),
 ])
-def test_fp8_matches_float64(tiles):
+def test_fp8_matches_float64(S, tiles):
   """E4M3 q/k/v with per-head scales, P in E4M3, GQA 2, D 128."""
-  B, S, H, KV, D = 1, 256, 2, 1, 128
+  B, H, KV, D = 1, 2, 1, 128
   q, k, v = inputs(7, B, S, H, KV, D)
   qs = np.array([0.5, 1.5], np.float32)
   ks, vs = np.array([0.7], np.float32), np.array([2.0], np.float32)
@@ -106,9 +109,9 @@ def test_lowers_for_hopper_on_cpu():
   """The compiled-only paths (P kept in registers and relabelled into the FP8 wgmma operand layout,
   the O accumulator carried across the loop) lower to Mosaic GPU without a GPU."""
   for dt, tiles in ((jnp.bfloat16, MgpuTiles(overlap=True)), (F8, MgpuTiles(overlap=True)),
-                    (F8, MgpuTiles(rowsum_mma=True))):
-    q = jax.ShapeDtypeStruct((1, 256, 4, 128), dt)
-    kv = jax.ShapeDtypeStruct((1, 256, 2, 128), dt)
+                    (F8, MgpuTiles(rowsum_mma=True)), (F8, MgpuTiles(block_kv=256))):
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), dt)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, 128), dt)
     fn = lambda q, k, v, tiles=tiles: flash_prefill_dense(q, k, v, scale=0.1, tiles=tiles)
     text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
