@@ -67,3 +67,14 @@ def test_bad_requests_leave_the_engine_untouched(llm):
     llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
   assert not llm.engine.has_unfinished()
   assert llm.generate("still fine", GREEDY, use_tqdm=False)[0].token_ids
+
+
+def test_llm_serves_the_fused_projection_layout_on_one_device(llm):
+  """LLM fuses q/k/v and gate/up once (its model holds that layout, so the engine keeps no second
+  copy); unfuse_projections gives the checkpoint layout back."""
+  from jaxinfer.models import llama
+  layer = llm.model.params["layers"][0]
+  assert {"wqkv", "w_gate_up"} <= set(layer) and "wq" not in layer
+  assert llm.engine.params["layers"][0]["wqkv"] is layer["wqkv"]
+  back = llama.unfuse_projections(llm.model.params, llm.model.config)["layers"][0]
+  assert back["wq"].shape == toy_params(llm.model.config)["layers"][0]["wq"].shape
