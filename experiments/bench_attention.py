@@ -236,15 +236,16 @@ def gpu_checks():
 # MgpuTiles(block_q, block_kv, stages, overlap); each list starts with default_tiles at this
 # shape (FP8: 256-key steps, row sums by P.ones). The Triton kernel's tile sweep is in
 # benchmarks/attention.md (run 1); only its best tiles are re-timed here, next to Mosaic GPU.
-MGPU_BF16 = [MgpuTiles(64, 128, 2, False), MgpuTiles(64, 128, 2, True)]
-MGPU_FP8 = [MgpuTiles(block_kv=256), MgpuTiles(), MgpuTiles(rowsum_mma=False),
-            MgpuTiles(block_kv=256, rowsum_mma=False), MgpuTiles(64, 128, 2, True)]
+MGPU_BF16 = [MgpuTiles(64, 128, 2, False), MgpuTiles(persistent=132), MgpuTiles(64, 128, 2, True)]
+MGPU_FP8 = [MgpuTiles(block_kv=256, persistent=132), MgpuTiles(block_kv=256), MgpuTiles(),
+            MgpuTiles(rowsum_mma=False), MgpuTiles(64, 128, 2, True)]
 
 
 def _mgpu_name(tiles: MgpuTiles, fp8: bool = True) -> str:
   return (f"bk{tiles.block_kv} st{tiles.stages} {'overlap' if tiles.overlap else 'serial'}" +
           ("" if tiles.pingpong else " no-pingpong") +
-          (" rowsum-mma" if fp8 and tiles.rowsum_mma and not tiles.overlap else ""))
+          (" rowsum-mma" if fp8 and tiles.rowsum_mma and not tiles.overlap else "") +
+          (f" persistent{tiles.persistent}" if tiles.persistent else ""))
 
 
 @guarded

@@ -44,7 +44,8 @@ benchmarks/attention.md, window 2): bf16 539 TFLOP/s = 1.02x cuDNN's 528; FP8 72
 V pre-pass = 1.37x (ping-pong, block_kv 128, 2 stages; the overlap variant is slower, 634). Run 7
 (``default_tiles``: FP8 256-key steps, half-width diagonal steps, row sums on the tensor cores):
 FP8 778 TFLOP/s incl. the V pre-pass = 1.40x / 1.46x cuDNN timed before / after it (cuDNN itself
-moves ~5% between timings); bf16 565 = 1.02x / 1.06x. The gap to the MMA roof: per 128-key step the
+moves ~5% between timings); bf16 565 = 1.02x / 1.06x. The persistent grid (``MgpuTiles.persistent``,
+FP8's default) was 4.3% faster again in run 8: 785-794 TFLOP/s, 1.43x-1.45x cuDNN. The gap to the MMA roof: per 128-key step the
 softmax's 2 x 8192 ex2 take as many cycles on the MUFU as the FP8 MMAs on the tensor cores, and each
 warpgroup runs QK -> softmax -> PV serially. So the softmax's row sums run on the tensor cores
 (P.ones: one extra N=8 wgmma per step next to P.V, into a fresh accumulator each step).
@@ -88,13 +89,17 @@ class MgpuTiles:
   rowsum_mma (FP8 with the serial loop; ignored otherwise): the softmax row sums come from the
   tensor cores, as P.ones [block_kv, 8] issued with P.V, instead of a per-element add and a quad
   shuffle per step on the softmax path; l then sums the E4M3-rounded P that P.V uses. Measured
-  3-4% faster on the H100 (benchmarks/attention.md)."""
+  3-4% faster on the H100 (benchmarks/attention.md).
+  persistent: that many CTAs (e.g. the SM count), each looping over work items (c, c + n, ...,
+  heaviest causal tiles first) with the K/V pipeline running on across items, so the next item's
+  first loads overlap this one's last steps and epilogue; 0: one CTA per 128-row query tile."""
   block_q: int = 64
   block_kv: int = 128
   stages: int = 2
   overlap: bool = False
   pingpong: bool = True
   rowsum_mma: bool = True
+  persistent: int = 0
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -103,14 +108,22 @@ class MgpuTiles:
       raise ValueError(f"block_kv must be 64, 128, 192 or 256, got {self.block_kv}")
     if self.stages < 2:
       raise ValueError(f"stages must be >= 2, got {self.stages}")
+    if self.persistent < 0 or (self.persistent and self.overlap):
+      raise ValueError(f"persistent must be >= 0 and is not implemented with overlap, got "
+                       f"persistent={self.persistent}, overlap={self.overlap}")
+
+
+def _num_sms() -> int:
+  return getattr(jax.devices()[0], "core_count", None) or 132   # H100 SXM when not reported
 
 
 def default_tiles(fp8: bool, seq_len: int) -> MgpuTiles:
-  """The fastest measured tiles (H100, benchmarks/attention.md runs 5-7): bf16 128-key steps (256
-  would not fit shared memory at 2 stages); FP8 256-key steps where S allows (fewer per-step O
-  rescales and barriers; the diagonal step runs at half width when it can)."""
+  """The fastest measured tiles (H100, benchmarks/attention.md runs 5-8): bf16 128-key steps, one
+  CTA per query tile (256 keys would not fit shared memory at 2 stages; persistent measured 2%
+  slower); FP8 256-key steps where S allows (fewer per-step O rescales and barriers; the diagonal
+  step runs at half width when it can) on a persistent grid of one CTA per SM (~4% faster)."""
   if fp8 and seq_len % 256 == 0:
-    return MgpuTiles(block_kv=256)
+    return MgpuTiles(block_kv=256, persistent=_num_sms())
   return MgpuTiles()
 
 
@@ -288,18 +301,33 @@ def _overlapped_loop(q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i
 def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q: int,
             block_kv: int, stages: int, head_dim: int, group: int, score_c: float,
             num_q_tiles: int, out_dtype, overlap: bool, pingpong: bool, interpret: bool,
-            rowsum_mma: bool, ones_ref=None):
+            rowsum_mma: bool, persistent: int, num_heads: int, batch: int, ones_ref=None):
   smem, bars, consumed, schedule_barrier = scoped
   q_smem2, o_smem2, k_smem, v_smem, sc_smem2, p_smem2, ones_smem2 = smem
   k_bars, v_bars, q_bars, sc_bars, ones_bars = bars
   k_consumed, v_consumed = consumed
-  h = lax.axis_index("heads")
-  b = lax.axis_index("batch")
-  qt = num_q_tiles - 1 - lax.axis_index("q_seq")     # heaviest causal tiles first
   wg = lax.axis_index("wg")
-  kvh = lax.div(h, jnp.array(group, h.dtype))
-  cta_q0 = qt * (2 * block_q)
-  cta_kv_steps = pl.cdiv(cta_q0 + 2 * block_q, jnp.array(block_kv, jnp.int32))
+  if persistent:   # CTA c runs work items c, c + persistent, ... (heaviest causal tiles first)
+    cta = lax.axis_index("cta")
+    num_items = num_heads * batch * num_q_tiles
+    my_items = lax.div(num_items - cta + persistent - 1, jnp.int32(persistent))
+  else:
+    my_items = 1
+
+  def tile_coords(i):
+    """(head, batch, KV head, first query row, key steps) of this CTA's i-th work item."""
+    if persistent:
+      item = cta + i * persistent
+      hb = lax.rem(item, jnp.int32(num_heads * batch))
+      h, b = lax.rem(hb, jnp.int32(num_heads)), lax.div(hb, jnp.int32(num_heads))
+      qt = num_q_tiles - 1 - lax.div(item, jnp.int32(num_heads * batch))
+    else:
+      h, b = lax.axis_index("heads"), lax.axis_index("batch")
+      qt = num_q_tiles - 1 - lax.axis_index("q_seq")     # heaviest causal tiles first
+    kvh = lax.div(h, jnp.array(group, h.dtype))
+    cta_q0 = qt * (2 * block_q)
+    cta_kv_steps = pl.cdiv(cta_q0 + 2 * block_q, jnp.array(block_kv, jnp.int32))
+    return h, b, kvh, cta_q0, cta_kv_steps
 
   def schedule():
     if pingpong:
@@ -309,183 +337,188 @@ def _kernel(q_ref, k_ref, v_ref, sc_ref, out_ref, scoped, *, fp8: bool, block_q:
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    q_smem = q_smem2.at[wg]
-    o_smem = o_smem2.at[wg] if o_smem2 is not None else q_smem
-    q_base = cta_q0 + wg * block_q
-    kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32))
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), h], q_smem, q_bars.at[wg])
-    if fp8:
-      sc_smem = sc_smem2.at[wg]
-      plgpu.copy_gmem_to_smem(sc_ref.at[h], sc_smem, sc_bars.at[wg])
-      if rowsum_mma:
-        plgpu.copy_gmem_to_smem(ones_ref, ones_smem2.at[wg], ones_bars.at[wg])
-        plgpu.barrier_wait(ones_bars.at[wg])
-      plgpu.barrier_wait(sc_bars.at[wg])
-      c = sc_smem[0]          # sm_scale * log2(e) * q_scale[h] * k_scale[kvh]
-    else:
-      c = score_c
-    plgpu.barrier_wait(q_bars.at[wg])
+    if rowsum_mma:
+      plgpu.copy_gmem_to_smem(ones_ref, ones_smem2.at[wg], ones_bars.at[wg])
+      plgpu.barrier_wait(ones_bars.at[wg])
 
-    m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1))
-    l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    full_steps = lax.div(q_base, jnp.array(block_kv, jnp.int32))   # blocks fully below the diagonal
-    p_scratch = p_smem2.at[wg] if interpret else None
-
-    def slot_of(step):
-      return lax.rem(step, jnp.array(stages, step.dtype))
-
-    def v_operand(slot, width: int = block_kv):
+    def tile(i, g0):
+      h, b, kvh, cta_q0, cta_kv_steps = tile_coords(i)
+      q_smem = q_smem2.at[wg]
+      o_smem = o_smem2.at[wg] if o_smem2 is not None else q_smem
+      q_base = cta_q0 + wg * block_q
+      kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32))
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), h], q_smem, q_bars.at[wg])
       if fp8:
-        return v_smem.at[slot, :, pl.ds(0, width)].T if width < block_kv else v_smem.at[slot].T
-      return v_smem.at[slot, pl.ds(0, width)] if width < block_kv else v_smem.at[slot]
-
-    def softmax(qk, m_i, step, masked: bool):
-      """Online-softmax step for one [block_q, block_kv] score tile: returns the f32 probabilities
-      P, the new running max and the factor alpha that O and the row sum are rescaled by."""
-      if masked:
-        rows = plgpu.broadcasted_iota(jnp.int32, qk.shape, 0, layout=plgpu.Layout.WGMMA)
-        cols = plgpu.broadcasted_iota(jnp.int32, qk.shape, 1, layout=plgpu.Layout.WGMMA)
-        qk = jnp.where(rows + q_base >= cols + step * block_kv, qk, -jnp.inf)
-      # base 2; m is kept in log2 units so p = exp2(qk * c - m) is one FMA + EX2 per element
-      m_ij = jnp.maximum(m_i, qk.max(axis=1) * c)
-      alpha = jnp.exp2(m_i - m_ij)
-      m_sub = m_ij - _P_SHIFT if fp8 else m_ij
-      p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_sub, qk.shape, [0]))
-      return p, m_ij, alpha
-
-    def operand(p):   # f32 probabilities -> the P.V wgmma's A operand (registers)
-      return _p_to_fp8_operand(p, interpret) if fp8 else p.astype(q_ref.dtype)
-
-    def drain(step, _, *, scheds: int):
-      # this warpgroup is done but its partner still needs steps: observe their loads (keeps every
-      # barrier's phase in step across the warpgroups) and release their slots
-      slot = slot_of(step)
-      plgpu.barrier_wait(k_bars.at[slot])
-      plgpu.barrier_wait(v_bars.at[slot])
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      for _ in range(scheds):
-        schedule()
-
-    plgpu.barrier_wait(k_bars.at[0])   # every warpgroup has >= 1 step (causal, q_len == kv_len)
-    pl.when(wg == 1)(schedule)
-    if overlap:
-      acc, l_i = _overlapped_loop(
-          q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i,
-          softmax=softmax, operand=operand, slot_of=slot_of, v_operand=v_operand, schedule=schedule,
-          full_steps=full_steps, kv_steps=kv_steps, block_q=block_q, block_kv=block_kv,
-          head_dim=head_dim, p_scratch=p_scratch)
-      lax.fori_loop(kv_steps, cta_kv_steps, functools.partial(drain, scheds=1), None)
-    else:
-      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
-
-      def kv_loop(step, carry, *, masked: bool, width: int = block_kv):
-        """One key step; ``width`` < block_kv: only the first ``width`` keys of the tile (the
-        diagonal step when the rest lies above every row of this warpgroup)."""
-        acc, m_i, l_i = carry
-        slot = slot_of(step)
-        k_tile = k_smem.at[slot, pl.ds(0, width)] if width < block_kv else k_smem.at[slot]
-
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_tile.T)
-          schedule()
-          return acc_ref[...]
-        qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, width), jnp.float32))
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        p, m_i, alpha = softmax(qk, m_i, step, masked)
-        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-        if rowsum_mma:   # l_i [block_q, 8] f32: sums of P.ones (every column the same)
-          l_i *= lax.broadcast_in_dim(alpha, l_i.shape, [0])
-          p_op = operand(p)
-        else:
-          l_i *= alpha
-          p_op = operand(p)
-          l_i += p.sum(axis=1)   # this order (from jax's attention_mgpu) schedules best
-        acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
-        if pingpong:
-          plgpu.barrier_arrive(schedule_barrier)     # softmax done
-        plgpu.barrier_wait(v_bars.at[slot])
-        if pingpong:
-          plgpu.barrier_wait(schedule_barrier)       # tensor cores free
-
-        def wait_next_k():
-          nxt = step + 1
-
-          @pl.when(nxt < kv_steps)
-          def _wait():
-            plgpu.barrier_wait(k_bars.at[slot_of(nxt)])
-        p_scr = (p_scratch.at[:, pl.ds(0, width)] if p_scratch is not None and width < block_kv
-                 else p_scratch)
-        if rowsum_mma:
-          ones = ones_smem2.at[wg]
-          ones = ones.at[:, pl.ds(0, width)] if width < block_kv else ones
-          acc, sums = _pv(acc, p_op, v_operand(slot, width), wait_next_k, p_scr, rowsum=ones.T)
-          l_i += sums
-        else:
-          acc = _pv(acc, p_op, v_operand(slot, width), wait_next_k, p_scr)
-        plgpu.barrier_arrive(v_consumed.at[slot])
-        return acc, m_i, l_i
-
-      if rowsum_mma:
-        l_i = plgpu.layout_cast(jnp.full((block_q, _ONES_COLS), 0, jnp.float32),
-                                plgpu.Layout.WGMMA)
-      carry = (acc, m_i, l_i)
-      carry = lax.fori_loop(0, full_steps, functools.partial(kv_loop, masked=False), carry)
-      if block_kv >= 256:   # a diagonal step whose second half is above all 64 rows: half width
-        half = q_base + block_q <= (kv_steps - 1) * block_kv + block_kv // 2
-        masked_full_end = jnp.where(half, kv_steps - 1, kv_steps)
-        carry = lax.fori_loop(full_steps, masked_full_end,
-                              functools.partial(kv_loop, masked=True), carry)
-        carry = lax.fori_loop(masked_full_end, kv_steps,
-                              functools.partial(kv_loop, masked=True, width=block_kv // 2), carry)
+        sc_smem = sc_smem2.at[wg]
+        plgpu.copy_gmem_to_smem(sc_ref.at[h], sc_smem, sc_bars.at[wg])
+        plgpu.barrier_wait(sc_bars.at[wg])
+        c = sc_smem[0]          # sm_scale * log2(e) * q_scale[h] * k_scale[kvh]
       else:
-        carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_loop, masked=True), carry)
-      acc, m_i, l_i = carry
-      lax.fori_loop(kv_steps, cta_kv_steps, functools.partial(drain, scheds=2), None)
-      if rowsum_mma:   # every column holds the same row sum
-        l_i = l_i.max(axis=1)
-    pl.when(wg == 0)(schedule)
+        c = score_c
+      plgpu.barrier_wait(q_bars.at[wg])
 
-    if fp8:
-      inv = sc_smem[1] / l_i       # v_scale[kvh] / l
-    else:
-      inv = 1.0 / l_i
-    out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-    o_smem[...] = out.astype(out_dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), h])
-    plgpu.wait_smem_to_gmem(0)
+      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      full_steps = lax.div(q_base, jnp.array(block_kv, jnp.int32))   # blocks fully below the diagonal
+      p_scratch = p_smem2.at[wg] if interpret else None
+
+      def slot_of(step):   # steps count on across this CTA's work items (g0 before this one)
+        return lax.rem(g0 + step, jnp.array(stages, step.dtype))
+
+      def v_operand(slot, width: int = block_kv):
+        if fp8:
+          return v_smem.at[slot, :, pl.ds(0, width)].T if width < block_kv else v_smem.at[slot].T
+        return v_smem.at[slot, pl.ds(0, width)] if width < block_kv else v_smem.at[slot]
+
+      def softmax(qk, m_i, step, masked: bool):
+        """Online-softmax step for one [block_q, block_kv] score tile: returns the f32 probabilities
+        P, the new running max and the factor alpha that O and the row sum are rescaled by."""
+        if masked:
+          rows = plgpu.broadcasted_iota(jnp.int32, qk.shape, 0, layout=plgpu.Layout.WGMMA)
+          cols = plgpu.broadcasted_iota(jnp.int32, qk.shape, 1, layout=plgpu.Layout.WGMMA)
+          qk = jnp.where(rows + q_base >= cols + step * block_kv, qk, -jnp.inf)
+        # base 2; m is kept in log2 units so p = exp2(qk * c - m) is one FMA + EX2 per element
+        m_ij = jnp.maximum(m_i, qk.max(axis=1) * c)
+        alpha = jnp.exp2(m_i - m_ij)
+        m_sub = m_ij - _P_SHIFT if fp8 else m_ij
+        p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_sub, qk.shape, [0]))
+        return p, m_ij, alpha
+
+      def operand(p):   # f32 probabilities -> the P.V wgmma's A operand (registers)
+        return _p_to_fp8_operand(p, interpret) if fp8 else p.astype(q_ref.dtype)
+
+      def drain(step, _, *, scheds: int):
+        # this warpgroup is done but its partner still needs steps: observe their loads (keeps every
+        # barrier's phase in step across the warpgroups) and release their slots
+        slot = slot_of(step)
+        plgpu.barrier_wait(k_bars.at[slot])
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        for _ in range(scheds):
+          schedule()
+
+      # every warpgroup has >= 1 step (causal, q_len == kv_len)
+      plgpu.barrier_wait(k_bars.at[slot_of(jnp.int32(0))])
+      pl.when(wg == 1)(schedule)
+      if overlap:
+        acc, l_i = _overlapped_loop(
+            q_smem, k_smem, k_bars, v_bars, k_consumed, v_consumed, m_i,
+            softmax=softmax, operand=operand, slot_of=slot_of, v_operand=v_operand, schedule=schedule,
+            full_steps=full_steps, kv_steps=kv_steps, block_q=block_q, block_kv=block_kv,
+            head_dim=head_dim, p_scratch=p_scratch)
+        lax.fori_loop(kv_steps, cta_kv_steps, functools.partial(drain, scheds=1), None)
+      else:
+        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+        def kv_loop(step, carry, *, masked: bool, width: int = block_kv):
+          """One key step; ``width`` < block_kv: only the first ``width`` keys of the tile (the
+          diagonal step when the rest lies above every row of this warpgroup)."""
+          acc, m_i, l_i = carry
+          slot = slot_of(step)
+          k_tile = k_smem.at[slot, pl.ds(0, width)] if width < block_kv else k_smem.at[slot]
+
+          def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_tile.T)
+            schedule()
+            return acc_ref[...]
+          qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, width), jnp.float32))
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          p, m_i, alpha = softmax(qk, m_i, step, masked)
+          acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+          if rowsum_mma:   # l_i [block_q, 8] f32: sums of P.ones (every column the same)
+            l_i *= lax.broadcast_in_dim(alpha, l_i.shape, [0])
+            p_op = operand(p)
+          else:
+            l_i *= alpha
+            p_op = operand(p)
+            l_i += p.sum(axis=1)   # this order (from jax's attention_mgpu) schedules best
+          acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+          if pingpong:
+            plgpu.barrier_arrive(schedule_barrier)     # softmax done
+          plgpu.barrier_wait(v_bars.at[slot])
+          if pingpong:
+            plgpu.barrier_wait(schedule_barrier)       # tensor cores free
+
+          def wait_next_k():
+            nxt = step + 1
+
+            @pl.when(nxt < kv_steps)
+            def _wait():
+              plgpu.barrier_wait(k_bars.at[slot_of(nxt)])
+          p_scr = (p_scratch.at[:, pl.ds(0, width)] if p_scratch is not None and width < block_kv
+                   else p_scratch)
+          if rowsum_mma:
+            ones = ones_smem2.at[wg]
+            ones = ones.at[:, pl.ds(0, width)] if width < block_kv else ones
+            acc, sums = _pv(acc, p_op, v_operand(slot, width), wait_next_k, p_scr, rowsum=ones.T)
+            l_i += sums
+          else:
+            acc = _pv(acc, p_op, v_operand(slot, width), wait_next_k, p_scr)
+          plgpu.barrier_arrive(v_consumed.at[slot])
+          return acc, m_i, l_i
+
+        if rowsum_mma:
+          l_i = plgpu.layout_cast(jnp.full((block_q, _ONES_COLS), 0, jnp.float32),
+                                  plgpu.Layout.WGMMA)
+        carry = (acc, m_i, l_i)
+        carry = lax.fori_loop(0, full_steps, functools.partial(kv_loop, masked=False), carry)
+        if block_kv >= 256:   # a diagonal step whose second half is above all 64 rows: half width
+          half = q_base + block_q <= (kv_steps - 1) * block_kv + block_kv // 2
+          masked_full_end = jnp.where(half, kv_steps - 1, kv_steps)
+          carry = lax.fori_loop(full_steps, masked_full_end,
+                                functools.partial(kv_loop, masked=True), carry)
+          carry = lax.fori_loop(masked_full_end, kv_steps,
+                                functools.partial(kv_loop, masked=True, width=block_kv // 2), carry)
+        else:
+          carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_loop, masked=True), carry)
+        acc, m_i, l_i = carry
+        lax.fori_loop(kv_steps, cta_kv_steps, functools.partial(drain, scheds=2), None)
+        if rowsum_mma:   # every column holds the same row sum
+          l_i = l_i.max(axis=1)
+      pl.when(wg == 0)(schedule)
+
+      if fp8:
+        inv = sc_smem[1] / l_i       # v_scale[kvh] / l
+      else:
+        inv = 1.0 / l_i
+      out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+      o_smem[...] = out.astype(out_dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), h])
+      plgpu.wait_smem_to_gmem(0)
+      return g0 + cta_kv_steps
+
+    lax.fori_loop(0, my_items, tile, jnp.int32(0))
 
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    def v_tile(step):
-      if fp8:
-        return v_ref.at[b, kvh, :, pl.ds(step * block_kv, block_kv)]
-      return v_ref.at[b, pl.ds(step * block_kv, block_kv), kvh]
+    def tile(i, g0):
+      _, b, kvh, _, cta_kv_steps = tile_coords(i)
 
-    for i in range(stages):
-      @pl.when(i < cta_kv_steps)
-      def _():
-        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(i * block_kv, block_kv), kvh], k_smem.at[i],
-                                k_bars.at[i])
-        plgpu.copy_gmem_to_smem(v_tile(i), v_smem.at[i], v_bars.at[i])
+      @pl.loop(0, cta_kv_steps)
+      def _(step):
+        g = g0 + step   # steps count on across work items; slot g was last used by step g - stages
+        slot = lax.rem(g, jnp.int32(stages))
+        pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(step * block_kv, block_kv), kvh],
+                                k_smem.at[slot], k_bars.at[slot])
+        pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+        if fp8:
+          v_tile = v_ref.at[b, kvh, :, pl.ds(step * block_kv, block_kv)]
+        else:
+          v_tile = v_ref.at[b, pl.ds(step * block_kv, block_kv), kvh]
+        plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bars.at[slot])
+      return g0 + cta_kv_steps
 
-    @pl.loop(0, jnp.maximum(cta_kv_steps - stages, 0))
-    def _(j):
-      step = j + stages
-      slot = lax.rem(j, jnp.array(stages, j.dtype))
-      plgpu.barrier_wait(k_consumed.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(step * block_kv, block_kv), kvh], k_smem.at[slot],
-                              k_bars.at[slot])
-      plgpu.barrier_wait(v_consumed.at[slot])
-      plgpu.copy_gmem_to_smem(v_tile(step), v_smem.at[slot], v_bars.at[slot])
+    total = lax.fori_loop(0, my_items, tile, jnp.int32(0))
 
-    @pl.loop(jnp.maximum(cta_kv_steps - stages, 0), cta_kv_steps)
-    def _(step):   # observe the last releases too, so no barrier phase is left unobserved
-      slot = lax.rem(step, jnp.array(stages, step.dtype))
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(g):   # observe the last releases too, so no barrier phase is left unobserved
+      slot = lax.rem(g, jnp.int32(stages))
       plgpu.barrier_wait(k_consumed.at[slot])
       plgpu.barrier_wait(v_consumed.at[slot])
 
@@ -562,11 +595,16 @@ def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
     sc = jnp.zeros((H, _SCALE_COLS), jnp.float32)   # unused
   num_q_tiles = S // (2 * block_q)
   rowsum_mma = tiles.rowsum_mma and fp8 and not tiles.overlap
+  persistent = min(tiles.persistent, H * B * num_q_tiles)
+  if persistent:
+    grid, grid_names = (persistent,), ("cta",)
+  else:
+    grid, grid_names = (H, B, num_q_tiles), ("heads", "batch", "q_seq")
   kernel = functools.partial(
       _kernel, fp8=fp8, block_q=block_q, block_kv=block_kv, stages=stages, head_dim=D,
       group=H // KV, score_c=scale * _LOG2E, num_q_tiles=num_q_tiles, out_dtype=out_dtype,
       overlap=tiles.overlap, pingpong=tiles.pingpong, interpret=bool(interpret),
-      rowsum_mma=rowsum_mma)
+      rowsum_mma=rowsum_mma, persistent=persistent, num_heads=H, batch=B)
   inputs = (q, k, v, sc)
   if rowsum_mma:   # [8, block_kv]: the K-major B operand of P.ones, like V's tiles
     inputs += (jnp.ones((_ONES_COLS, block_kv), _FP8),)
@@ -595,8 +633,8 @@ def flash_prefill_dense(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   return plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct((B, S, H, D), out_dtype),
-      grid=(H, B, num_q_tiles),
-      grid_names=("heads", "batch", "q_seq"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

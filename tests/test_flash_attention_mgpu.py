@@ -54,6 +54,8 @@ def inputs(seed, B, S, H, KV, D):
     # MQA, intra-WG overlap without ping-pong; the two warpgroups need 3 vs 4 steps
     (256, 2, 1, 64, MgpuTiles(block_kv=64, stages=3, overlap=True, pingpong=False)),
     (512, 1, 1, 64, MgpuTiles(block_kv=256)),                     # half-width diagonal steps
+    # persistent: 8 work items on 3 CTAs, the pipeline's slots carried across items
+    (512, 2, 1, 64, MgpuTiles(stages=3, persistent=3)),
 ])
 def test_bf16_matches_float64(S, H, KV, D, tiles):
   q, k, v = inputs(H + D, 1, S, H, KV, D)
@@ -71,6 +73,7 @@ def test_bf16_matches_float64(S, H, KV, D, tiles):
     (256, MgpuTiles(rowsum_mma=False)),                     # serial, row sums on the FP32 units
     # 256-key tiles: diagonal steps of full and of half width (warpgroups at 64 * (0..7))
     (512, MgpuTiles(block_kv=256)),
+    (512, MgpuTiles(block_kv=256, persistent=3)),           # persistent, 8 items on 3 CTAs
 ])
 def test_fp8_matches_float64(S, tiles):
   """E4M3 q/k/v with per-head scales, P in E4M3, GQA 2, D 128."""
@@ -109,7 +112,8 @@ def test_lowers_for_hopper_on_cpu():
   """The compiled-only paths (P kept in registers and relabelled into the FP8 wgmma operand layout,
   the O accumulator carried across the loop) lower to Mosaic GPU without a GPU."""
   for dt, tiles in ((jnp.bfloat16, MgpuTiles(overlap=True)), (F8, MgpuTiles(overlap=True)),
-                    (F8, MgpuTiles(rowsum_mma=True)), (F8, MgpuTiles(block_kv=256))):
+                    (F8, MgpuTiles(rowsum_mma=True)), (F8, MgpuTiles(block_kv=256)),
+                    (F8, MgpuTiles(block_kv=256, persistent=132))):
     q = jax.ShapeDtypeStruct((1, 512, 4, 128), dt)
     kv = jax.ShapeDtypeStruct((1, 512, 2, 128), dt)
     fn = lambda q, k, v, tiles=tiles: flash_prefill_dense(q, k, v, scale=0.1, tiles=tiles)
