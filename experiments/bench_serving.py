@@ -48,13 +48,13 @@ _FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residu
                                     "one Pallas kernel on GPU (kernels/add_rms_norm.py)")
 _BATCH1_VARIANTS = flags.DEFINE_list(
     "batch1_variants",
-    ["unfused:8:cond:oldsplits:xlanorm", "fused:8", "unfused:8:cond:oldsplits:xlanorm", "fused:8"],
+    ["unfused:8:cond:xlanorm", "fused:8", "unfused:8:cond:xlanorm", "fused:8"],
     "batch1: layout:min_decode_tokens[:option...] per variant, run in this order (a repeat checks "
     "drift); layout unfused | fused | fp8 (fused + FP8 weights); options (measurement only): "
     "cond: attention with the earlier runtime decode/prefill cond in every step; nocond: the decode "
-    "kernel without it in steps of <= 8 tokens; oldsplits: the decode kernel's earlier split-K rule; "
-    "xlanorm: residual add and RMSNorm as XLA ops, not the fused kernel; hlo: also write the "
-    "decode step's optimized HLO next to --out")
+    "kernel without it in steps of <= 8 tokens; xlanorm: residual add and RMSNorm as XLA ops, not "
+    "the fused kernel; hlo: also write the decode step's optimized HLO next to --out (window 2 of "
+    "2026-11-23 also had oldsplits, for a split-K rule that measured slower and was reverted)")
 _MODEL = flags.DEFINE_enum("model", "llama3-8b", ["llama3-8b", "toy"], "model shape (random weights)")
 _CONC = flags.DEFINE_list("concurrency", ["1", "64"], "closed-loop levels run first, in order")
 _EXTRA_CONC = flags.DEFINE_list("extra_concurrency", ["16", "256"],
@@ -432,7 +432,7 @@ def run_batch1() -> dict:
           layouts["fp8"] = jax.block_until_ready(jax.jit(llama.quantize_projections_fp8)(base))
       params = layouts[layout]
       attn = next((o for o in opts if o in ("cond", "nocond")), "auto")
-      parts = VariantForward(cfg, attn, "oldsplits" in opts, "xlanorm" not in opts)
+      parts = VariantForward(cfg, attn, "xlanorm" not in opts)
       forward = LlamaForward(cfg) if parts == VariantForward(cfg) else parts
       engine = LLMEngine(params, forward, cache, vocab_size=cfg.vocab_size,
                          max_model_len=pages_per_seq * _PAGE.value,
@@ -490,13 +490,11 @@ class VariantForward:
   timing (measurement only; distinct from ``LlamaForward`` in the jit cache). ``attention``: "auto"
   (the dispatch as it is), "cond" (the earlier dispatch: a runtime decode/prefill ``lax.cond`` in
   every step, also where the step's shape settles it) or "nocond" (the decode kernel in steps of
-  <= 8 tokens); ``old_splits``: the decode kernel's earlier split-K rule (fill the SMs twice, down
-  to one key tile per split); ``fused_add_norm``: False for the residual add and RMSNorm as XLA ops.
+  <= 8 tokens); ``fused_add_norm``: False for the residual add and RMSNorm as XLA ops.
   The attention switch is a module patch for the duration of the trace, under a lock (the engine's
   warm-up traces from several threads)."""
   cfg: Any
   attention: str = "auto"
-  old_splits: bool = False
   fused_add_norm: bool = True
 
   def __call__(self, params, tokens, cache, batch):
@@ -504,11 +502,11 @@ class VariantForward:
     from jaxinfer.models import llama
     run = lambda: llama.forward(params, tokens, cache, batch, self.cfg,
                                 fused_add_norm=self.fused_add_norm)
-    if self.attention == "auto" and not self.old_splits:
+    if self.attention == "auto":
       return run()
     if self.attention == "nocond" and tokens.shape[0] > 8:
       return run()
-    patch = functools.partial(variant_attention, mode=self.attention, old_splits=self.old_splits)
+    patch = functools.partial(variant_attention, mode=self.attention)
     with _PATCH_LOCK:
       dispatch, attention.paged_attention = attention.paged_attention, patch
       try:
@@ -518,10 +516,10 @@ class VariantForward:
 
 
 def variant_attention(q, k_pages, v_pages, batch, *, scale, k_scale=1.0, v_scale=1.0, impl="auto",
-                      mode="auto", old_splits=False):
-  """Measurement only: ``attention.paged_attention`` on GPU kernels with its earlier parts: mode
-  "cond" always branches at run time; "auto"/"nocond" take the decode kernel statically where the
-  step has <= max_q tokens. ``old_splits``: split-K as before (fill the SMs twice, one tile each)."""
+                      mode="auto"):
+  """Measurement only: ``attention.paged_attention`` on the GPU kernels, mode "cond" as it was
+  (a runtime branch in every step), "nocond" as it is (the decode kernel, statically, where the step
+  has <= max_q tokens)."""
   del impl
   import jax
   import jax.numpy as jnp
@@ -531,16 +529,11 @@ def variant_attention(q, k_pages, v_pages, batch, *, scale, k_scale=1.0, v_scale
   interpret = jax.default_backend() != "gpu"
   T, B = batch.num_tokens, batch.num_seqs
   max_q = min(attention.bucket(-(-T // B), 1), 8)
-  tiles = None
-  if old_splits:
-    base = decode.FP8_TILES if k_pages.dtype == jnp.float8_e4m3fn else decode.BF16_TILES
-    blocks = -(-batch.page_table.shape[1] * k_pages.shape[1] // base.block_k)
-    tiles = dataclasses.replace(base, splits=decode.default_splits(B, k_pages.shape[2], blocks))
 
   def run_decode():
     return decode.paged_decode_attention(
         q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start, scale=scale,
-        k_scale=k_scale, v_scale=v_scale, max_q=max_q, tiles=tiles, interpret=interpret)
+        k_scale=k_scale, v_scale=v_scale, max_q=max_q, interpret=interpret)
 
   def run_prefill():
     _, _, kv_heads, _ = k_pages.shape

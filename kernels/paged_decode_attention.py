@@ -325,16 +325,9 @@ def kernel_supports(q: jax.Array, k_pages: jax.Array) -> bool:
           and (is_fp8(k_pages.dtype) or k_pages.dtype == q.dtype))
 
 
-def default_splits(num_seqs: int, kv_heads: int, max_blocks: int, min_blocks: int = 1) -> int:
-  """Enough (sequence, head, split) programs to fill the SMs twice, each with >= ``min_blocks``
-  key tiles."""
+def default_splits(num_seqs: int, kv_heads: int, max_blocks: int) -> int:
   want = pl.cdiv(2 * _NUM_SMS, num_seqs * kv_heads)
-  return max(1, min(want, max_blocks // min_blocks, 64))
-
-
-# A split of a tile or two costs more in the combine kernel (a launch, ~3 us) than it saves: at
-# batch 1 with a 192-token context, 6 one-tile splits + combine took 7.8 us per layer on the H100.
-_MIN_BLOCKS_PER_SPLIT = 4
+  return max(1, min(want, max_blocks, 64))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "max_q", "tiles", "interpret"))
@@ -357,7 +350,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     raise ShapeError(f"block_k {block_k} and page size {page_size} must divide one another")
   rows = max(_MIN_ROWS, 1 << (max_q * G - 1).bit_length())
   max_blocks = pl.cdiv(P * page_size, block_k)
-  splits = tiles.splits or default_splits(B, KV, max_blocks, _MIN_BLOCKS_PER_SPLIT)
+  splits = tiles.splits or default_splits(B, KV, max_blocks)
   # e4m3 -> f16 is one conversion instruction on Hopper (-> bf16 takes three), and f16 holds
   # every e4m3 value; queries are cast to f16 for the tensor-core dot.
   kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None

@@ -153,14 +153,6 @@ def test_short_steps_take_the_decode_kernel_without_a_runtime_cond():
   check(out, ref, 5, 1e-2)
 
 
-def test_default_splits_keep_a_few_key_tiles_per_split():
-  from kernels.paged_decode_attention import default_splits
-  assert default_splits(1, 8, 6) == 6                    # one tile per split (the earlier rule)
-  assert default_splits(1, 8, 6, min_blocks=4) == 1      # a 192-token context: no split-K
-  assert default_splits(1, 8, 128, min_blocks=4) == 32   # long contexts still fill the SMs
-  assert default_splits(64, 8, 128, min_blocks=4) == 1
-
-
 def test_errors():
   rng = np.random.default_rng(0)
   q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16, chunks=[(5, 1)], num_tokens=2,
