@@ -311,8 +311,10 @@ def grouped_matmul_nvfp4_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array
 
 
 # Kernel-layout grouped tiling at <= 16 rows per group (decode): the weight as the MMA's B
-# operand (benchmarks/gemm.md); larger groups use 64-row tiles with the same fields.
-KL_DECODE = {"block_n": 128, "block_k": 256, "num_warps": 4, "num_stages": 4, "dequant": "asm",
+# operand, bn 128, two 256-wide K tiles per loop step, 3 stages: the fastest float64-verified
+# variant of the H100 sweep for both uniform and skewed routing (benchmarks/gemm.md, window 2);
+# larger groups use 64-row tiles with the same fields.
+KL_DECODE = {"block_n": 128, "block_k": 512, "num_warps": 4, "num_stages": 3, "dequant": "asm",
              "w_as_a": False}
 
 

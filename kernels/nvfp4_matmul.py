@@ -106,18 +106,24 @@ def _pow2_divisor(n: int, at_most: int, at_least: int = 16) -> int:
   return b
 
 
-# Dequantization route and x prescale of the decode tilings (m <= 64; see DEQUANT_MODES and
-# Tiling.x_scale). Larger M keeps the bf16-MMA "f32" route (not measured with the f16 routes).
-DECODE_DEQUANT = "f32"
+# Dequantization route, even/odd x split and x prescale of the decode tilings (m <= 64; see
+# DEQUANT_MODES and Tiling). The PTX "asm" route with the even/odd split was float64-correct on
+# the H100 at bm = 16 and 64 in both windows of the third session and 1.23x faster than the "f32"
+# route in the same run (benchmarks/gemm.md); the PTX routes need the even/odd split
+# (check_asm_layout). Larger M keeps the bf16-MMA "f32" route.
+DECODE_DEQUANT = "asm"
+DECODE_EVEN_ODD = True
 DECODE_X_SCALE = False
 
 
 def default_tiling(m: int, n: int, k: int, num_sms: int = 132) -> Tiling:
-  """Decode (m <= 64): the shape heuristic below with DECODE_DEQUANT / DECODE_X_SCALE."""
+  """Decode (m <= 64): the shape heuristic below with DECODE_DEQUANT / DECODE_EVEN_ODD /
+  DECODE_X_SCALE."""
   t = _decode_shape_tiling(m, n, k, num_sms)
   if m > 64:
     return t
-  return dataclasses.replace(t, dequant=DECODE_DEQUANT, x_scale=DECODE_X_SCALE)
+  return dataclasses.replace(t, dequant=DECODE_DEQUANT, x_scale=DECODE_X_SCALE,
+                             x_even_odd=t.x_even_odd or DECODE_EVEN_ODD)
 
 
 def _decode_shape_tiling(m: int, n: int, k: int, num_sms: int) -> Tiling:
@@ -647,25 +653,31 @@ def _kl_kernel(x_ref, wq_ref, ws_ref, gs_ref, o_ref, *, m, n, bm, bn, k_steps, s
 
 
 def kl_split(m: int, n: int, k: int, bm: int, bn: int, num_sms: int = 132) -> int:
-  """Split K (power of two dividing the K-tile count, >= 4 tiles per program) until the grid
-  covers the SMs twice."""
+  """No split when the output tiles alone fill half the SMs (the split's f32 partials and their
+  XLA reduction cost more than the idle SMs: 21.7 vs 26.2 us at M=8, N=14336 in window 2);
+  otherwise split K (a power of two dividing the K-tile count, >= 4 tiles per program) until
+  the grid covers the SMs."""
   tiles = -(-m // bm) * -(-n // bn)
   steps = k // nvfp4.KERNEL_TILE
   split = 1
-  while tiles * split < 2 * num_sms and steps % (split * 2) == 0 and steps // (split * 2) >= 4:
+  if tiles >= num_sms // 2:
+    return split
+  while tiles * split < num_sms and steps % (split * 2) == 0 and steps // (split * 2) >= 4:
     split *= 2
   return split
 
 
 def default_kl_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> KLTiling:
-  """bm = 16 / 32 / 64 by M; the weight as the MMA's B operand, bn = 128, 4 warps, 4 stages (the
-  fastest float64-verified variant of window 1 at 6 of 8 decode shapes, benchmarks/gemm.md);
-  split-K by kl_split. ``overrides`` replace fields (the split is recomputed for an overridden
-  block_m / block_n unless split_k is given)."""
+  """bm = 16 / 32 / 64 by M; the weight as the MMA's B operand, bn = 128, 4 warps; split-K by
+  kl_split; 3 pipeline stages without split, 2 with it. These are the fastest float64-verified
+  variants of the H100 sweeps (benchmarks/gemm.md, window 2) at every measured decode shape but
+  M=1, K=14336 (5% behind). ``overrides`` replace fields (the split is recomputed for an
+  overridden block_m / block_n unless split_k is given; stages follow the split unless given)."""
   bm = overrides.pop("block_m", 16 if m <= 16 else (32 if m <= 32 else 64))
   bn = overrides.pop("block_n", 128)
   split = overrides.pop("split_k", kl_split(m, n, k, bm, bn, num_sms))
-  return KLTiling(bm, bn, split, **overrides)
+  stages = overrides.pop("num_stages", 3 if split == 1 else 2)
+  return KLTiling(bm, bn, split, num_stages=stages, **overrides)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
