@@ -49,7 +49,8 @@ flags.DEFINE_list("kl_variants", ["B128 asm", "B128 asm xf16", "A64 asm", "B256 
                   "kernel-layout decode variants (see KL_VARIANTS), timed in this order")
 flags.DEFINE_list("kl_ms", ["1", "8", "32", "64"], "kernel-layout decode M values")
 flags.DEFINE_list("old_routes", ["asm even/odd"],
-                  "kl section: ModelOpt-layout routes also timed ('previous default', 'asm even/odd')")
+                  "kl section: ModelOpt-layout routes also timed ('default', 'previous default' "
+                  "= the f32 route, 'asm even/odd')")
 flags.DEFINE_bool("ceil_read_only", False, "ceil section: only the read-bandwidth ceiling")
 flags.DEFINE_integer("kl_sets", 8, "kl section: independent weight sets per jit (> L2 in bytes)")
 flags.DEFINE_list("klcheck_shapes", ["5x200x1024", "40x128x768"], "klcheck MxNxK shapes")
@@ -668,9 +669,11 @@ def _kl_time(shapes: list[dict], ms: list[int]) -> None:
                                [(x, *w) for x, w in zip(xs, sh["klsets"])], wq_bytes + io,
                                2 * m * n * k, ref=ref, note=str(t)))
       bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-      old = {"previous default": nk.default_tiling(m, n, k),
-             "asm even/odd": dataclasses.replace(nk.default_tiling(m, n, k), block_m=bm,
-                                                 x_even_odd=True, dequant="asm")}
+      shape_t = nk._decode_shape_tiling(m, n, k, 132)
+      old = {"default": nk.default_tiling(m, n, k),    # the ModelOpt-layout default (asm e/o)
+             "previous default": shape_t,              # the f32 route, the default until now
+             "asm even/odd": dataclasses.replace(shape_t, block_m=bm, x_even_odd=True,
+                                                 dequant="asm")}
       for label in FLAGS.old_routes:
         t = old[label]
         results.append(attempt("kl", shape, shape, f"modelopt {label}",
