@@ -118,13 +118,14 @@ def _num_sms() -> int:
 
 
 def default_tiles(fp8: bool, seq_len: int) -> MgpuTiles:
-  """The fastest measured tiles (H100, benchmarks/attention.md runs 5-8): bf16 128-key steps, one
-  CTA per query tile (256 keys would not fit shared memory at 2 stages; persistent measured 2%
-  slower); FP8 256-key steps where S allows (fewer per-step O rescales and barriers; the diagonal
-  step runs at half width when it can) on a persistent grid of one CTA per SM (~4% faster)."""
+  """The fastest measured tiles (H100, benchmarks/attention.md runs 5-9), on a persistent grid of
+  one CTA per SM: bf16 128-key steps (256 keys would not fit shared memory at 2 stages; persistent
+  was 2% slower than one CTA per tile in run 8's probe but 8% faster in run 9's bench, and the only
+  bf16 variant at or above cuDNN in both); FP8 256-key steps where S allows (fewer per-step O
+  rescales and barriers; the diagonal step runs at half width when it can), persistent ~4% faster."""
   if fp8 and seq_len % 256 == 0:
     return MgpuTiles(block_kv=256, persistent=_num_sms())
-  return MgpuTiles()
+  return MgpuTiles(persistent=_num_sms())
 
 
 def prepare_v_fp8(v: jax.Array, two_pass: bool = False) -> jax.Array:
