@@ -503,10 +503,12 @@ def w4a4_matmul(x_packed: jax.Array, x_scale: jax.Array, x_global_scale: jax.Arr
 # elements [256t, 256t + 128) and the high nibbles [256t + 128, 256t + 256): each half is
 # dequantized elementwise from the same bytes and dotted with a contiguous x slice, so there is no
 # interleave, no x shuffle and no reshape of the weight; the only broadcast is each block scale
-# over its 16 elements. With ``w_as_a`` (default) the dequantized half is the MMA's A operand
-# (y^T = W x^T): on Hopper a wgmma (M = bn = 64 per warpgroup, N = bm >= 16) takes it straight from
-# registers, and Triton hoists the whole elementwise dequant chain into that register layout (the
-# bytes go global -> shared (cp.async) -> registers, never back through shared memory as f16).
+# over its 16 elements. Triton hoists the whole elementwise dequant chain into the MMA operand's
+# register layout (bytes go global -> shared (cp.async) -> registers, never back through shared
+# memory as f16). Default: the dequantized half is the MMA's B operand (mma.sync at bm = 16/32;
+# at bm = 64 a wgmma, which reads B from shared memory). ``w_as_a`` makes it the A operand
+# (y^T = W x^T, a wgmma taking A from registers): fewer x conversions but more byte shuffling,
+# slower in every H100 measurement (benchmarks/gemm.md).
 KL_DEQUANT_MODES = ("asm", "asm2", "asm_bytes", "e4m3", "f32")
 _KL_JNP_TWIN = {"asm": "e4m3", "asm2": "e4m3", "asm_bytes": "e4m3"}
 _KL_GLOBAL_FACTOR = {"asm": 2.0 ** 6, "asm2": 2.0 ** 6, "asm_bytes": 2.0 ** 6, "e4m3": 2.0 ** 6,
