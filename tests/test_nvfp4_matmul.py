@@ -206,6 +206,7 @@ def test_bad_inputs_raise_shape_error(rng, make):
     (5, 200, 768, nk.KLTiling(16, 64, 1, 4, 2, w_as_a=False, dequant="asm")),  # N tail, B form
     (40, 128, 1024, nk.KLTiling(64, 64, 2, 4, 2, dequant="asm2")),             # M tail, split-K
     (17, 96, 512, nk.KLTiling(32, 64, 2, 4, 2, w_as_a=False, dequant="f32")),  # bf16 MMA route
+    (9, 64, 2048, nk.KLTiling(16, 64, 2, 4, 2, dequant="asm_bytes", tiles_per_step=2)),
 ])
 def test_w4a16_kernel_layout_matches_float64(rng, m, n, k, tiling):
   """The PTX routes ("asm", "asm2") interpret as their identical jnp "e4m3" twin."""
