@@ -44,6 +44,8 @@ _WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"],
                              "norms and LM head bf16)")
 _FUSE = flags.DEFINE_bool("fuse_projections", True, "jax: wq|wk|wv and w_gate|w_up as one GEMM each "
                           "(llama.fuse_projections, what the engine does on one device)")
+_DECODE_ONLY = flags.DEFINE_bool("decode_only_steps", True, "jax: decode-only steps compile without "
+                                 "attention's runtime decode/prefill branch (EngineConfig option)")
 _FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residual add + RMSNorm as "
                                     "one Pallas kernel on GPU (kernels/add_rms_norm.py)")
 _BATCH1_VARIANTS = flags.DEFINE_list(
@@ -186,7 +188,8 @@ def engine_config(c: int, pages_per_seq: int, kv_dtype=None, min_decode: int | N
                       max_model_len=pages_per_seq * _PAGE.value, min_seq_bucket=c,
                       min_page_bucket=pages_per_seq,
                       token_buckets=tuple(sorted({max(c, min_decode), budget})),
-                      kv_dtype=kv_dtype, async_scheduling=_ASYNC.value)
+                      kv_dtype=kv_dtype, async_scheduling=_ASYNC.value,
+                      decode_only_steps=_DECODE_ONLY.value)
 
 
 def model_params(cfg, weights: str, fuse: bool):
@@ -297,7 +300,7 @@ def run_jax() -> dict:
   params = model_params(cfg, _WEIGHTS.value, _FUSE.value)
   result["init_s"] = time.perf_counter() - t
   result["weights"], result["fused_projections"] = _WEIGHTS.value, _FUSE.value
-  result["fused_add_norm"] = _FUSED_ADD_NORM.value
+  result["fused_add_norm"], result["decode_only_steps"] = _FUSED_ADD_NORM.value, _DECODE_ONLY.value
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   embed_bytes = params["embed"].nbytes if not cfg.tie_word_embeddings else 0
   result["weight_bytes"], result["decode_read_bytes"] = weight_bytes, weight_bytes - embed_bytes

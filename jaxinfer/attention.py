@@ -153,7 +153,8 @@ def _soft_cap(s, cap):
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: AttentionBatch, *,
-                    scale: float, k_scale=1.0, v_scale=1.0, impl: str = "auto") -> jax.Array:
+                    scale: float, k_scale=1.0, v_scale=1.0, impl: str = "auto",
+                    max_new_tokens: int | None = None) -> jax.Array:
   """Causal attention of flattened queries over the paged cache. ``impl``: auto | pallas | reference.
 
   auto: the reference on CPU, and on GPU for inputs the kernels do not take (q not bf16/f16, a
@@ -162,7 +163,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
   paged decode kernel; others gather each sequence's pages and run the prefill kernel (chunked
   prefill over the cached prefix). The choice between the two is a runtime ``lax.cond`` on the
   longest chunk where the shapes alone do not tell (a step of at most 8 tokens: always decode, no
-  cond). The kernels place query token i of sequence b
+  cond). ``max_new_tokens``: a bound on every sequence's new tokens that the caller guarantees (the
+  serving engine passes 1 for its decode-only steps); up to 8 it selects the decode kernel with no
+  cond, and a sequence with more tokens than that gets wrong results. The kernels place query token i of sequence b
   at position ``seq_lens[b] - q_len_b + i`` (what ``build_batch`` produces) and return zeros for
   padding tokens.
   """
@@ -177,14 +180,15 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
     return reference_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
                                      v_scale=v_scale)
   return _pallas_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
-                                 v_scale=v_scale, interpret=not on_gpu)
+                                 v_scale=v_scale, interpret=not on_gpu,
+                                 max_new_tokens=max_new_tokens)
 
 
 _MAX_DECODE_TOKENS = 8  # per sequence, for the decode kernel
 
 
 def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale, k_scale, v_scale,
-                            interpret: bool) -> jax.Array:
+                            interpret: bool, max_new_tokens: int | None = None) -> jax.Array:
   from kernels import flash_attention, paged_decode_attention as decode  # kernels import jaxinfer
 
   decode.check_decode_shapes(q, k_pages, v_pages, batch.page_table, batch.seq_lens,
@@ -192,6 +196,11 @@ def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale
   decode.check_page_table(batch.page_table, k_pages.shape[0])
   T, B = batch.num_tokens, batch.num_seqs
   max_q = min(bucket(-(-T // B), 1), _MAX_DECODE_TOKENS)
+  # Statically decode: when no sequence can have more new tokens than the step has, or than the
+  # caller's bound (then the kernel's query rows follow that bound).
+  static_decode = T <= max_q
+  if not static_decode and max_new_tokens is not None and max_new_tokens <= _MAX_DECODE_TOKENS:
+    static_decode, max_q = True, max(max_q, bucket(max_new_tokens, 1))
 
   def run_decode():
     return decode.paged_decode_attention(
@@ -206,7 +215,7 @@ def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale
         q, k, v, batch.query_start, batch.seq_lens, scale=scale, k_scale=k_scale,
         v_scale=v_scale, interpret=interpret).astype(q.dtype)
 
-  if T <= max_q:   # no sequence can have more new tokens than the step has: always the decode kernel
+  if static_decode:
     return run_decode()
   longest = jnp.max(jnp.diff(batch.query_start))
   return jax.lax.cond(longest <= max_q, run_decode, run_prefill)

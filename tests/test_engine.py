@@ -166,6 +166,35 @@ def test_engine_fuses_projections_on_one_device_with_the_same_greedy_outputs():
   assert outs[0] == outs[1]
 
 
+def test_decode_only_steps_take_the_decode_forward_with_the_same_outputs(monkeypatch):
+  """Steps whose rows are all single tokens run ``LlamaForward(decode_only=True)`` (attention with
+  no runtime branch on GPU); mixed steps the plain forward; outputs as with the option off."""
+  from jaxinfer.engine import engine as engine_mod
+  real = engine_mod.step_jit
+  rng = np.random.default_rng(6)
+  prompts = random_prompts(rng, 3, lo=3, hi=12)
+  params = SamplingParams(max_tokens=5, ignore_eos=True)
+  outs, forwards = [], []
+  for on in (True, False):
+    eng = make_engine(decode_only_steps=on)
+    assert eng._decode_shapes() == {(32, 8, 32)}
+    seen = []
+
+    def spy(*args, forward, shape, greedy):
+      seen.append(forward.decode_only)
+      return real(*args, forward=forward, shape=shape, greedy=greedy)
+
+    monkeypatch.setattr(engine_mod, "step_jit", spy)
+    ids = [eng.add_request(p, params) for p in prompts]
+    got = eng.run_to_completion()
+    monkeypatch.setattr(engine_mod, "step_jit", real)
+    outs.append([got[i].token_ids for i in ids])
+    forwards.append(seen)
+  assert outs[0] == outs[1]
+  assert True in forwards[0] and False in forwards[0]   # decode-only and prefill steps
+  assert not any(forwards[1])
+
+
 def test_preemption_with_tiny_kv_cache_recomputes_to_the_same_greedy_outputs():
   rng = np.random.default_rng(2)
   prompts = random_prompts(rng, 6, lo=6, hi=14)

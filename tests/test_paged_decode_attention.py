@@ -153,6 +153,23 @@ def test_short_steps_take_the_decode_kernel_without_a_runtime_cond():
   check(out, ref, 5, 1e-2)
 
 
+def test_caller_bound_on_new_tokens_takes_the_decode_kernel_without_a_runtime_cond():
+  """The engine's decode-only steps pass max_new_tokens=1: a 4-token step over 4 sequences (which
+  could otherwise hold one 4-token chunk) then needs no lax.cond."""
+  import jax
+  rng = np.random.default_rng(4)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16,
+                               chunks=[(30, 1), (7, 1), (0, 1)], num_tokens=4)
+  fn = lambda bound: (lambda q, kp, vp, batch: paged_attention(
+      q, kp, vp, batch, scale=32 ** -0.5, impl="pallas", max_new_tokens=bound))
+  assert "branches=" in str(jax.make_jaxpr(fn(None))(q, kp, vp, batch))
+  assert "branches=" not in str(jax.make_jaxpr(fn(1))(q, kp, vp, batch))
+  out = fn(1)(q, kp, vp, batch)
+  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 3, 1e-2)
+
+
 def test_errors():
   rng = np.random.default_rng(0)
   q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16, chunks=[(5, 1)], num_tokens=2,

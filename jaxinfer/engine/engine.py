@@ -89,6 +89,8 @@ class EngineConfig:
   token_buckets: tuple[int, ...] | None = None  # explicit step-token ladder (last = the budget)
   async_scheduling: bool = True         # dispatch step n+1 before waiting for step n's tokens
   fuse_projections: bool = True         # Llama on one device: wq|wk|wv and w_gate|w_up as one GEMM each
+  decode_only_steps: bool = True        # Llama: steps of single-token rows compile without attention's
+                                        # runtime decode/prefill branch (one more compile per such shape)
 
 
 def _maybe_fuse(params, config: EngineConfig):
@@ -106,6 +108,10 @@ class LLMEngine:
                clock: Callable[[], float] = time.monotonic):
     self.params = params
     self.forward = forward
+    # Decode-only steps (every row one token) run a forward that tells attention so statically.
+    self._decode_forward = (dataclasses.replace(forward, decode_only=True)
+                            if config.decode_only_steps and isinstance(forward, LlamaForward)
+                            else None)
     self.cache = cache
     self.tokenizer = tokenizer
     self.config = config
@@ -265,8 +271,11 @@ class LLMEngine:
     self.compiled_shapes.add(shape)
     prev_tokens = previous.tokens if previous is not None else self._no_prev
     greedy = all(c.request.params.greedy for c, done in zip(chunks, completes) if done)
+    forward = self.forward
+    if self._decode_forward is not None and all(c.num_tokens == 1 for c in chunks):
+      forward = self._decode_forward
     tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, prev_tokens,
-                                            self.cache, forward=self.forward, shape=shape,
+                                            self.cache, forward=forward, shape=shape,
                                             greedy=greedy)
     rows = []
     for b, (c, done) in enumerate(zip(chunks, completes)):
@@ -403,6 +412,12 @@ class LLMEngine:
 
   # ---- convenience ------------------------------------------------------------------------------
 
+  def _decode_shapes(self) -> set[tuple[int, int, int]]:
+    """Step shapes a decode-only step (n sequences, one token each) can take."""
+    b = self.buckets
+    return {b.shape_for(n, n, p) for n in range(1, b.seqs[-1] + 1) for p in b.pages
+            if n <= b.tokens[-1]}
+
   def run_to_completion(self) -> dict[str, RequestOutput]:
     """Steps until every request has finished; returns each request's final output."""
     finals = {}
@@ -419,15 +434,19 @@ class LLMEngine:
     > 1 the XLA compilations run concurrently. The compiled executables land in the jit cache, so
     serving then never compiles for these shapes."""
     shapes = list(shapes or self.buckets.all_shapes())
+    forwards = {s: [self.forward] for s in shapes}
+    if self._decode_forward is not None:
+      for s in set(shapes) & self._decode_shapes():
+        forwards[s].append(self._decode_forward)
 
     def compile_one(variant):
-      shape, greedy = variant
+      shape, greedy, forward = variant
       hb = build_host_batch([], self.page_size, shape)
       step_jit.lower(self.params, hb.ints, hb.floats, self._no_prev, self.cache,
-                     forward=self.forward, shape=shape, greedy=greedy).compile()
+                     forward=forward, shape=shape, greedy=greedy).compile()
       return shape
 
-    variants = [(s, g) for s in shapes for g in samplers]
+    variants = [(s, g, f) for s in shapes for g in samplers for f in forwards[s]]
     if num_threads > 1:
       with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
         self.compiled_shapes.update(pool.map(compile_one, variants))

@@ -31,10 +31,12 @@ class LlamaForward:
   over the same config shares one compiled step."""
   cfg: llama.LlamaConfig
   fused_add_norm: bool = True   # residual add + RMSNorm as one Pallas kernel on GPU
+  decode_only: bool = False     # every sequence has one new token: attention without a runtime branch
 
   def __call__(self, params, tokens, cache, batch):
     return llama.forward(params, tokens, cache, batch, self.cfg,
-                         fused_add_norm=self.fused_add_norm)
+                         fused_add_norm=self.fused_add_norm,
+                         max_new_tokens=1 if self.decode_only else None)
 
 
 def ladder(minimum: int, maximum: int) -> tuple[int, ...]:

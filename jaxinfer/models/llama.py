@@ -141,9 +141,10 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
 
 
 def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scale,
-                   batch: attention_ops.AttentionBatch, cfg: LlamaConfig):
+                   batch: attention_ops.AttentionBatch, cfg: LlamaConfig,
+                   max_new_tokens: int | None = None):
   """Attention on normed activations h [T, H] (no residual): (Attention(q, k, v) Wo, k_pages,
-  v_pages with this step's K/V written)."""
+  v_pages with this step's K/V written). ``max_new_tokens``: see ``attention.paged_attention``."""
   T = h.shape[0]
   q, k, v = qkv_projections(layer, h, cfg)
   q = q.reshape(T, cfg.num_heads, cfg.head_dim)
@@ -153,7 +154,8 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
   k_pages = write_kv(k_pages, k, batch.slots, k_scale)
   v_pages = write_kv(v_pages, v, batch.slots, v_scale)
   o = attention_ops.paged_attention(q, k_pages, v_pages, batch, scale=cfg.head_dim ** -0.5,
-                                    k_scale=k_scale, v_scale=v_scale)
+                                    k_scale=k_scale, v_scale=v_scale,
+                                    max_new_tokens=max_new_tokens)
   return linear(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
 
 
@@ -187,12 +189,13 @@ def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.
 
 
 def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_ops.AttentionBatch,
-            cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False
-            ) -> tuple[jax.Array, KVCache]:
+            cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False,
+            max_new_tokens: int | None = None) -> tuple[jax.Array, KVCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache. Each residual add runs
   with the RMSNorm after it (``ops.add_rms_norm``; one Pallas kernel on GPU when
-  ``fused_add_norm``)."""
+  ``fused_add_norm``). ``max_new_tokens``: a bound on every sequence's new tokens this step that
+  the caller guarantees (1 for a decode-only step): attention then needs no runtime branch."""
   eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
@@ -200,7 +203,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   new_k, new_v = [], []
   for i, layer in enumerate(layers):
     o, k_pages, v_pages = self_attention(layer, h, cos, sin, cache.k[i], cache.v[i],
-                                         cache.k_scale[i], cache.v_scale[i], batch, cfg)
+                                         cache.k_scale[i], cache.v_scale[i], batch, cfg,
+                                         max_new_tokens)
     x, h = add_rms_norm(x, o, layer["mlp_norm"], eps, fused_add_norm)
     next_norm = layers[i + 1]["attn_norm"] if i + 1 < len(layers) else params["final_norm"]
     x, h = add_rms_norm(x, mlp(layer, h), next_norm, eps, fused_add_norm)
@@ -288,7 +292,8 @@ def quantize_projections_fp8(params: Params) -> Params:
   return {**params, "layers": layers}
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm"),
+forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm",
+                                               "max_new_tokens"),
                       donate_argnames=("cache",))
 
 
