@@ -54,7 +54,11 @@ class LoadedModel:
                                     dtype=dtype)
 
   def save(self, folder: str | Path) -> None:
-    orbax_store.save(folder, self.architecture, self.config, self.params, self.tokenizer)
+    """Writes the checkpoint layout: a Llama served with fused projections is unfused first."""
+    params = self.params
+    if self.architecture == "llama":
+      params = llama.unfuse_projections(params, self.config)
+    orbax_store.save(folder, self.architecture, self.config, params, self.tokenizer)
 
 
 def default_dtype():
