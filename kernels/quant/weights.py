@@ -48,21 +48,8 @@ def _check_nvfp4_layout(layout: str) -> None:
     raise ShapeError(f"NVFP4 layout must be one of {NVFP4_LAYOUTS}, got {layout!r}")
 
 
-def _flatten_rows(x: jax.Array, k: int) -> jax.Array:
-  if x.shape[-1] != k:
-    raise ShapeError(f"activation last dim {x.shape[-1]} does not match weight K={k}")
-  return x.reshape(-1, k)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class NVFP4Weight:
-  """NVFP4 Linear weight (ModelOpt layout). packed [N, K/2] u8, scale [N, K/16] e4m3, global f32 []."""
-  packed: jax.Array
-  scale: jax.Array
-  global_scale: jax.Array
-  input_scale: jax.Array | None = None
-  layout: str = _layout_field()
+class _NVFP4Layout:
+  """Layout switching shared by the dense and grouped NVFP4 weights (fields ``packed``, ``layout``)."""
 
   def __post_init__(self):
     _check_nvfp4_layout(self.layout)
@@ -81,6 +68,23 @@ class NVFP4Weight:
     if self.layout == "modelopt":
       return self
     return dataclasses.replace(self, packed=self.modelopt_packed(), layout="modelopt")
+
+
+def _flatten_rows(x: jax.Array, k: int) -> jax.Array:
+  if x.shape[-1] != k:
+    raise ShapeError(f"activation last dim {x.shape[-1]} does not match weight K={k}")
+  return x.reshape(-1, k)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NVFP4Weight(_NVFP4Layout):
+  """NVFP4 Linear weight (ModelOpt layout). packed [N, K/2] u8, scale [N, K/16] e4m3, global f32 []."""
+  packed: jax.Array
+  scale: jax.Array
+  global_scale: jax.Array
+  input_scale: jax.Array | None = None
+  layout: str = _layout_field()
 
   @property
   def k(self) -> int:
@@ -165,31 +169,13 @@ class FP8BlockWeight:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class GroupedNVFP4Weight:
+class GroupedNVFP4Weight(_NVFP4Layout):
   """Per-expert NVFP4: packed [E, N, K/2] u8, scale [E, N, K/16] e4m3, global_scale f32 [E]."""
   packed: jax.Array
   scale: jax.Array
   global_scale: jax.Array
   input_scale: jax.Array | None = None
   layout: str = _layout_field()
-
-  def __post_init__(self):
-    _check_nvfp4_layout(self.layout)
-
-  def modelopt_packed(self) -> jax.Array:
-    """The packed codes in the ModelOpt (checkpoint) layout."""
-    return nvfp4.from_kernel_layout(self.packed) if self.layout == "kernel" else self.packed
-
-  def to_kernel_layout(self):
-    """The same weight with its bytes repacked for the decode kernels (K % 256 == 0)."""
-    if self.layout == "kernel":
-      return self
-    return dataclasses.replace(self, packed=nvfp4.to_kernel_layout(self.packed), layout="kernel")
-
-  def to_modelopt_layout(self):
-    if self.layout == "modelopt":
-      return self
-    return dataclasses.replace(self, packed=self.modelopt_packed(), layout="modelopt")
 
   @property
   def num_groups(self) -> int:
