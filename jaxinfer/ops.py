@@ -23,6 +23,23 @@ E4M3_MAX = 448.0
 _TINY_AMAX = 1e-12
 
 
+def quantize_fp8_per_channel(w_kn: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Dense [K, N] -> (E4M3 codes [N, K], f32 scale [N]): one scale per output channel (amax / 448),
+  K minor (cuBLASLt's FP8 "TN" layout, no transpose at run time)."""
+  w32 = jnp.asarray(w_kn, jnp.float32)
+  s = jnp.max(jnp.abs(w32), axis=0) / E4M3_MAX
+  s = jnp.where(s > 0, s, 1.0)
+  return (w32 / s).T.astype(jnp.float8_e4m3fn), s
+
+
+def fp8_dot(xq: jax.Array, w: jax.Array) -> jax.Array:
+  """E4M3 xq [..., K] · E4M3 w [N, K]ᵀ -> bf16 [..., N] (f32 accumulation): one 2-D dot, the form
+  XLA's GEMM rewriter turns into a cuBLASLt FP8 matmul (one contracting, one free dim per operand)."""
+  y = jax.lax.dot_general(xq.reshape(-1, xq.shape[-1]), w, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.bfloat16)
+  return y.reshape(*xq.shape[:-1], w.shape[0])
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FP8Weight:
@@ -40,10 +57,7 @@ class FP8Weight:
   @classmethod
   def from_dense(cls, w_kn: jax.Array) -> FP8Weight:
     """From a dense [K, N] weight (the models' [in, out] layout)."""
-    w32 = jnp.asarray(w_kn, jnp.float32)
-    s = jnp.max(jnp.abs(w32), axis=0) / E4M3_MAX
-    s = jnp.where(s > 0, s, 1.0)
-    return cls((w32 / s).T.astype(jnp.float8_e4m3fn), s)
+    return cls(*quantize_fp8_per_channel(w_kn))
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -57,10 +71,7 @@ class FP8Weight:
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     sx = jnp.maximum(jnp.max(jnp.abs(rows), axis=-1, keepdims=True), _TINY_AMAX) / E4M3_MAX
     xq = jnp.clip(rows / sx, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
-    # bf16 out (f32 accumulation inside): the form XLA:GPU's GEMM rewriter maps to cuBLASLt FP8.
-    y = jax.lax.dot_general(xq, self.w, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.bfloat16)
-    y = (y.astype(jnp.float32) * sx * self.scale).astype(x.dtype)
+    y = (fp8_dot(xq, self.w).astype(jnp.float32) * sx * self.scale).astype(x.dtype)
     return y.reshape(*x.shape[:-1], self.w.shape[0])
 
 

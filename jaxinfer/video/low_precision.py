@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.models import wan_dit
+from jaxinfer.ops import E4M3_MAX, fp8_dot, quantize_fp8_per_channel
 
-E4M3_MAX = 448.0
 _TINY = 1e-12
 F8 = jnp.float8_e4m3fn
 
@@ -52,15 +52,7 @@ def quantize_e4m3(x: jax.Array, scale) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# FP8 GEMM
-
-def fp8_dot(xq: jax.Array, w: jax.Array) -> jax.Array:
-  """E4M3 xq [..., K] · E4M3 w [N, K]ᵀ -> bf16 [..., N] (f32 accumulation): one 2-D dot, the form
-  XLA's GEMM rewriter turns into a cuBLASLt FP8 matmul (one contracting, one free dim per operand)."""
-  y = jax.lax.dot_general(xq.reshape(-1, xq.shape[-1]), w, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.bfloat16)
-  return y.reshape(*xq.shape[:-1], w.shape[0])
-
+# FP8 GEMM (the dot and the per-channel weight quantization are jaxinfer.ops')
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +69,8 @@ class ScaledFP8Weight:
   @classmethod
   def from_dense(cls, w, x_amax=None):
     """w [K, N] (any float dtype); ``x_amax`` the calibrated max|x| of this linear's input."""
-    w32 = jnp.asarray(w, jnp.float32)
-    s = jnp.max(jnp.abs(w32), axis=0) / E4M3_MAX
-    s = jnp.where(s > 0, s, 1.0)
     x_scale = None if x_amax is None else jnp.maximum(jnp.asarray(x_amax, jnp.float32), _TINY) / E4M3_MAX
-    return cls((w32 / s).T.astype(F8), s, x_scale)
+    return cls(*quantize_fp8_per_channel(w), x_scale)
 
   def qdot(self, xq: jax.Array, sx, out_dtype=jnp.bfloat16) -> jax.Array:
     """Already-quantized xq [..., K] (E4M3) with its scale (scalar or [..., 1]) -> [..., N]."""
