@@ -1,0 +1,409 @@
+"""MLA decode (absorbed form, paged latent cache) on Mosaic GPU (Hopper): TMA + wgmma, FlashMLA-style.
+
+The math and the plain-JAX reference are ``kernels.mla_attention``'s (``reference_mla_paged_attention``):
+for the one new token t of sequence b (decode), over the cached slots s < seq_lens[b],
+
+    score[h, s] = scale * (q_latent[t, h] . c[s] + q_rope[t, h] . k_rope[s])
+    out[t, h]   = softmax_s(score[h]) @ c                     -> [T, H, kv_lora_rank]
+
+Layout: ``q_latent [T, H, R]``, ``q_rope [T, H, Dr]`` (bf16), ``latent_pages [N, page, R + Dr]`` (bf16,
+or float8_e4m3fn with one scalar ``latent_scale``: stored = value / scale), ``page_table [B, P]``,
+``seq_lens [B]``, ``query_start [B + 1]``; each sequence has at most one new token this step (the
+token ``query_start[b+1] - 1``, at position ``seq_lens[b] - 1``). Tokens no sequence owns come out
+zero. R a multiple of 128 (512 for DeepSeek), Dr a multiple of 64 (64), H a multiple of 64 (128).
+
+Tiling (FlashMLA's structure): grid (H / 64, B), head blocks fastest so the two CTAs reading one
+sequence's latent pages run together and share them through L2. A CTA owns 64 query rows (64 heads
+of the sequence's token) and three warpgroups:
+  * producer (40 registers): streams [block_k, R + Dr] latent tiles by TMA into ``stages``
+    shared-memory slots, addressed through the page table (one copy per page when a tile spans
+    several pages, a slice of a page when it spans less; page table, lengths and query starts are
+    read as scalars from GMEM). FP8: the raw E4M3 tiles land in their own slots and the producer
+    converts each one once into a bf16 tile (scale folded into the scores and the output, not the
+    tile), which the consumers' MMAs read; see "FP8" below.
+  * consumer 0: S = Q.K^T as one [64, 576] x [576, block_k] wgmma chain (Q in shared memory, the
+    latent and rope parts of a tile are two K ranges of one slot), online softmax in base 2, P
+    (bf16) and the per-row rescale factor into shared memory for consumer 1, then its own half of
+    O += P.V: output columns [0, R/2).
+  * consumer 1: waits for P, rescales its accumulator, O += P.V for output columns [R/2, R).
+  The [64, 512] f32 accumulator (256 registers per thread in one warpgroup) is split 128 + 128
+  registers over the two consumers; V is the latent part of the same shared-memory tile as K (MLA
+  reads the cache once for both products). Consumer 1's P.V of step i overlaps consumer 0's
+  Q.K^T of step i+1 on the tensor cores. The last tile's rows past the sequence's length are zeroed
+  in shared memory before use (the cache may hold anything there; 0 * NaN would poison P.V) and their
+  scores masked. The output halves go registers -> shared memory (the Q buffer, free by then) -> TMA.
+
+FP8 (E4M3 latents): FP8 wgmma takes K-major operands only, and P.V contracts over keys, which are
+the latent tile's rows (MN-major) -- so the tile is widened once per CTA to bf16 in shared memory by
+the producer warpgroup (registers raised to 104 for it) and both products run in bf16 (Q stays
+bf16; no extra rounding beyond the cache's own E4M3). Shared memory then holds Q (72 KB), P, two
+bf16 tiles and ``stages`` raw E4M3 tiles, so FP8 runs 32-key tiles by default.
+
+Shared memory (bf16, block_k 64, 2 stages): Q 72 KB + 2 x 72 KB tiles + P 8 KB = 224 KB of 227.
+
+Target roofline (H100 SXM, B=64, context 4096, 128 heads, R 512 + Dr 64): 73 GFLOP per step
+(2 * 576 + 2 * 512 per head and key), 0.093 ms at the measured 783 TFLOP/s bf16 dense GEMM
+ceiling; the latent cache is 302 MB bf16 / 151 MB FP8 (0.097 / 0.049 ms at 3.1 TB/s). The step is
+compute-bound; the issue's FP8 target (>= 70% of read bandwidth, 0.070 ms) needs > 1 PFLOP/s and is
+out of reach with bf16 MMAs (FP8 MMAs would need an E4M3 Q and a transposed copy of the cache).
+The Triton kernel (kernels/mla_attention.py) measured 0.47 ms bf16 / 0.86 ms FP8. Measured here:
+see benchmarks/attention.md ("MLA decode, Mosaic GPU").
+
+Scope / not done: one new token per sequence (decode; speculative/chunked steps use the Triton
+kernel), H a multiple of 64, no split-K over the context (B * H / 64 CTAs: 128 at B=64, 128 heads;
+small batches stay on the Triton kernel, which splits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxinfer.errors import ShapeError
+from jaxinfer.kv_cache import is_fp8
+from kernels.mla_attention import reference_mla_paged_attention   # noqa: F401  (the reference)
+
+_LOG2E = math.log2(math.e)
+_ROWS = 64       # query rows (heads) per CTA: one wgmma M tile
+_FP8 = jnp.float8_e4m3fn
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAMgpuTiles:
+  """block_k: keys per pipeline step (64: Mosaic's wgmma takes K in multiples of 64 for P.V, and a
+  128-key bf16 tile would not fit shared memory twice); stages: latent tiles in flight (bf16: the
+  tiles the MMAs read; FP8: the raw E4M3 tiles, widened one at a time into a single f16 tile);
+  zero_tail: zero the last tile's rows past the sequence length in shared memory (off: those cache
+  slots must hold finite values, since 0 * inf/NaN would poison P.V)."""
+  block_k: int = 64
+  stages: int = 2
+  zero_tail: bool = True
+
+  def __post_init__(self):
+    if self.block_k != 64:
+      raise ValueError(f"block_k must be 64, got {self.block_k}")
+    if self.stages < 1:
+      raise ValueError(f"stages must be >= 1, got {self.stages}")
+
+
+BF16_TILES = MLAMgpuTiles(stages=2)
+FP8_TILES = MLAMgpuTiles(stages=2)
+
+
+def default_tiles(fp8: bool) -> MLAMgpuTiles:
+  return FP8_TILES if fp8 else BF16_TILES
+
+
+def _smem(shape, dtype, swizzle: int = 128):
+  item = jnp.dtype(dtype).itemsize
+  swizzle = min(swizzle, shape[-1] * item)
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // item)),
+                                              plgpu.SwizzleTransform(swizzle)))
+
+
+_SMEM_LIMIT = 232448   # H100: 227 KB per block
+
+
+def smem_bytes(tiles: MLAMgpuTiles, rank: int, rope_dim: int, fp8: bool) -> int:
+  """Shared memory the kernel asks for (buffers + ~1 KB of barriers and alignment)."""
+  C = rank + rope_dim
+  n = _ROWS * C * 2 + _ROWS * tiles.block_k * 2 + 4 * _ROWS + 1024
+  if fp8:
+    return n + tiles.block_k * C * 2 + tiles.stages * tiles.block_k * C
+  return n + tiles.stages * tiles.block_k * C * 2
+
+
+def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, scoped, *,
+            block_k: int, stages: int, page_size: int, pages_per_seq: int, rank: int,
+            rope_dim: int, sm_scale: float, fp8: bool, zero_tail: bool, interpret: bool):
+  smem, bars = scoped
+  ql_smem, qr_smem, k_smem, raw_smem, p_smem, row_smem = smem
+  k_bars, k_consumed, ql_bar, qr_bar, p_ready, p_consumed, raw_bars = bars
+  half = rank // 2
+  C = rank + rope_dim
+  wg = lax.axis_index("wg")
+  h0 = lax.axis_index("heads") * _ROWS
+  b = lax.axis_index("batch")
+  q0 = qs_ref[b]
+  q_len = qs_ref[b + 1] - q0
+  tok = q0 + q_len - 1                     # the sequence's new token
+  seq_len = lens_ref[b]
+  n = jnp.where(q_len > 0, lax.div(seq_len + block_k - 1, jnp.int32(block_k)), 0)
+  sub = min(block_k, page_size)            # keys per TMA copy
+  copies = block_k // sub
+  slots = 1 if fp8 else stages             # tiles the MMAs read (FP8: one widened f16 tile)
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+  def tile_copy(i, dst, bar):
+    """TMA the latent rows of tile i (one copy per page it spans) into ``dst`` on ``bar``."""
+    for c in range(copies):
+      key0 = i * block_k + c * sub
+      j = jnp.minimum(lax.div(key0, jnp.int32(page_size)), pages_per_seq - 1)
+      page = pt_ref[b, j]
+      if sub == page_size:
+        src = lat_ref.at[page]
+      else:
+        src = lat_ref.at[page, pl.ds(lax.rem(key0, jnp.int32(page_size)), sub)]
+      plgpu.copy_gmem_to_smem(src, dst.at[pl.ds(c * sub, sub)], bar)
+
+  def masked_rows(x, valid):
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.where(rows < valid, x, jnp.zeros_like(x))
+
+  def pv(acc, v_ref):
+    """acc + P @ v_ref (P from shared memory), by wgmma."""
+    if interpret:   # the CPU interpreter has no run_state over accumulators
+      def mma(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_ref)
+        return acc_ref[...]
+      return acc + pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32))
+
+    def in_regs(acc_ref):
+      plgpu.wgmma(acc_ref, p_smem, v_ref)
+    return pl.run_state(in_regs)(plgpu.ACC.init(acc))
+
+  def store_out(acc, inv, j):
+    out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+    o_smem = ql_smem.at[j]   # Q's j-th half, no longer read by then (see consumer 0)
+    o_smem[...] = out.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[tok, pl.ds(h0, _ROWS), pl.ds(j * half, half)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when((wg == 0) & (n > 0))
+  def _consumer0():
+    plgpu.set_max_registers(232, action="increase")
+    for j in range(2):   # Q's latent part as two [64, R/2] halves: they later hold the output halves
+      plgpu.copy_gmem_to_smem(ql_ref.at[tok, pl.ds(h0, _ROWS), pl.ds(j * half, half)],
+                              ql_smem.at[j], ql_bar)
+    plgpu.copy_gmem_to_smem(qr_ref.at[tok, pl.ds(h0, _ROWS)], qr_smem, qr_bar)
+    c = sm_scale * _LOG2E
+    if fp8:
+      c = c * sc_ref[0]
+    plgpu.barrier_wait(ql_bar)
+    plgpu.barrier_wait(qr_bar)
+
+    def step(i, carry, *, masked: bool):
+      acc, m_i, l_i = carry
+      slot = lax.rem(i, jnp.int32(slots))
+      plgpu.barrier_wait(k_bars.at[slot])
+      tile = k_smem.at[slot]
+      valid = seq_len - i * block_k
+      if masked and zero_tail and not fp8:   # rows >= valid may hold anything (FP8: the producer)
+        for c0 in range(0, C, 64):
+          part = tile.at[:, pl.ds(c0, 64)]
+          part[...] = masked_rows(part[...], valid)
+        plgpu.commit_smem()
+
+      def qk(s_ref):
+        for j in range(2):
+          plgpu.wgmma(s_ref, ql_smem.at[j], tile.at[:, pl.ds(j * half, half)].T)
+        plgpu.wgmma(s_ref, qr_smem, tile.at[:, pl.ds(rank, rope_dim)].T)
+        return s_ref[...]
+      s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_k), jnp.float32))
+      if masked:
+        cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(cols < valid, s, -jnp.inf)
+      m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      l_i = l_i * alpha + p.sum(axis=1)
+      pl.when(i > 0)(lambda: plgpu.barrier_wait(p_consumed))   # consumer 1 is done with P(i-1)
+      p_smem[...] = p.astype(p_smem.dtype)
+      row_smem[...] = alpha
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(p_ready)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      acc = pv(acc, tile.at[:, pl.ds(0, half)])
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      return acc, m_new, l_i
+
+    acc = plgpu.layout_cast(jnp.full((_ROWS, half), 0, jnp.float32), plgpu.Layout.WGMMA)
+    m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout)
+    l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0, jnp.float32), row_layout)
+    carry = lax.fori_loop(0, n - 1, functools.partial(step, masked=False), (acc, m_i, l_i))
+    acc, _, l_i = step(n - 1, carry, masked=True)
+    inv = 1.0 / l_i
+    if fp8:
+      inv = inv * sc_ref[0]
+    plgpu.barrier_wait(p_consumed)      # consumer 1 has read the last alpha
+    row_smem[...] = inv
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(p_ready)
+    # consumer 0's last Q.K^T completed before P(n-1) went out, and consumer 1 never reads Q
+    store_out(acc, inv, 0)
+
+  @pl.when((wg == 1) & (n > 0))
+  def _consumer1():
+    plgpu.set_max_registers(232, action="increase")
+
+    def step(i, acc):
+      slot = lax.rem(i, jnp.int32(slots))
+      plgpu.barrier_wait(k_bars.at[slot])
+      plgpu.barrier_wait(p_ready)
+      alpha = plgpu.load(row_smem, layout=row_layout)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      acc = pv(acc, k_smem.at[slot, :, pl.ds(half, half)])
+      plgpu.barrier_arrive(p_consumed)
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      return acc
+
+    acc = plgpu.layout_cast(jnp.full((_ROWS, half), 0, jnp.float32), plgpu.Layout.WGMMA)
+    acc = lax.fori_loop(0, n, step, acc)
+    plgpu.barrier_wait(p_ready)
+    inv = plgpu.load(row_smem, layout=row_layout)
+    store_out(acc, inv, 1)
+
+  @pl.when((wg == 2) & (n > 0))
+  def _producer():
+    if not fp8:
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.loop(0, n)
+      def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        pl.when(i >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+        tile_copy(i, k_smem.at[slot], k_bars.at[slot])
+
+      @pl.loop(jnp.maximum(n - stages, 0), n)
+      def _(i):   # observe the last releases too, so no barrier phase is left unobserved
+        plgpu.barrier_wait(k_consumed.at[lax.rem(i, jnp.int32(stages))])
+      return
+
+    # FP8: raw E4M3 tiles by TMA into ``stages`` slots, each widened here into the one f16 tile
+    # (E4M3 -> f16 is exact; the scale is applied to the scores and the output)
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, jnp.minimum(n, stages))
+    def _(i):
+      tile_copy(i, raw_smem.at[i], raw_bars.at[i])
+
+    def widen(r, valid=None):
+      for c0 in range(0, C, 64):
+        x = raw_smem[r, :, pl.ds(c0, 64)].astype(k_smem.dtype)
+        k_smem[0, :, pl.ds(c0, 64)] = x if valid is None else masked_rows(x, valid)
+
+    @pl.loop(0, n)
+    def _(i):
+      r = lax.rem(i, jnp.int32(stages))
+      plgpu.barrier_wait(raw_bars.at[r])
+      pl.when(i >= 1)(lambda: plgpu.barrier_wait(k_consumed.at[0]))
+      if zero_tail:
+        pl.when(i < n - 1)(lambda: widen(r))
+        pl.when(i == n - 1)(lambda: widen(r, seq_len - i * block_k))
+      else:
+        widen(r)
+      plgpu.commit_smem()          # the f16 tile is visible to wgmma; raw slot r's reads are done
+      plgpu.barrier_arrive(k_bars.at[0])
+
+      @pl.when(i + stages < n)
+      def _next():
+        tile_copy(i + stages, raw_smem.at[r], raw_bars.at[r])
+
+    plgpu.barrier_wait(k_consumed.at[0])   # the last release (no phase left unobserved)
+
+
+def check_shapes(q_latent, q_rope, latent_pages, page_table, seq_lens, query_start,
+                 tiles: MLAMgpuTiles) -> None:
+  if q_latent.ndim != 3 or q_rope.ndim != 3 or latent_pages.ndim != 3 or page_table.ndim != 2:
+    raise ShapeError(f"expected q_latent [T,H,R], q_rope [T,H,Dr], latent_pages [N,page,R+Dr], "
+                     f"page_table [B,P]; got {q_latent.shape}, {q_rope.shape}, "
+                     f"{latent_pages.shape}, {page_table.shape}")
+  T, H, R = q_latent.shape
+  Dr = q_rope.shape[-1]
+  B = page_table.shape[0]
+  if q_rope.shape[:2] != (T, H) or latent_pages.shape[-1] != R + Dr:
+    raise ShapeError(f"q_rope {q_rope.shape} / latent_pages {latent_pages.shape} do not match "
+                     f"q_latent {q_latent.shape}")
+  if seq_lens.shape != (B,) or query_start.shape != (B + 1,):
+    raise ShapeError(f"seq_lens {seq_lens.shape} / query_start {query_start.shape} do not match "
+                     f"{B} sequences")
+  if H % _ROWS or R % 128 or Dr % 64:
+    raise ShapeError(f"heads {H} must be a multiple of {_ROWS}, kv_lora_rank {R} of 128, rope_dim "
+                     f"{Dr} of 64")
+  if q_latent.dtype != jnp.bfloat16 or q_rope.dtype != jnp.bfloat16:
+    raise ShapeError(f"q_latent / q_rope must be bf16, got {q_latent.dtype} / {q_rope.dtype}")
+  if not (latent_pages.dtype == jnp.bfloat16 or latent_pages.dtype == _FP8):
+    raise ShapeError(f"latent_pages must be bf16 or float8_e4m3fn, got {latent_pages.dtype}")
+  page_size = latent_pages.shape[1]
+  if tiles.block_k % page_size and page_size % tiles.block_k:
+    raise ShapeError(f"block_k {tiles.block_k} and page size {page_size} must divide one another")
+  if page_size % 8 or tiles.block_k % 8:
+    raise ShapeError(f"page size {page_size} must be a multiple of 8")
+
+
+def supported(q_latent, q_rope, latent_pages, page_table, seq_lens, query_start,
+              tiles: MLAMgpuTiles | None = None) -> bool:
+  """Whether ``mla_decode_mgpu`` takes these shapes and dtypes (and they fit shared memory)."""
+  tiles = tiles or default_tiles(is_fp8(latent_pages.dtype))
+  try:
+    check_shapes(q_latent, q_rope, latent_pages, page_table, seq_lens, query_start, tiles)
+  except ShapeError:
+    return False
+  R, Dr = q_latent.shape[-1], q_rope.shape[-1]
+  return smem_bytes(tiles, R, Dr, is_fp8(latent_pages.dtype)) <= 227 * 1024 - 1024
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
+                    page_table: jax.Array, seq_lens: jax.Array, query_start: jax.Array, *,
+                    scale: float, latent_scale=1.0, tiles: MLAMgpuTiles | None = None,
+                    interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+  """Absorbed MLA decode (one new token per sequence) -> [T, H, kv_lora_rank] bf16; see the module
+  docstring. ``interpret`` (True or an InterpretGPUParams) runs the Mosaic GPU interpreter on CPU."""
+  fp8 = is_fp8(latent_pages.dtype)
+  tiles = tiles or default_tiles(fp8)
+  check_shapes(q_latent, q_rope, latent_pages, page_table, seq_lens, query_start, tiles)
+  T, H, R = q_latent.shape
+  Dr = q_rope.shape[-1]
+  N, page_size, C = latent_pages.shape
+  B, P = page_table.shape
+  stages = tiles.stages
+  kernel = functools.partial(
+      _kernel, block_k=tiles.block_k, stages=stages, page_size=page_size, pages_per_seq=P,
+      rank=R, rope_dim=Dr, sm_scale=scale, fp8=fp8, zero_tail=tiles.zero_tail,
+      interpret=bool(interpret))
+  bk = tiles.block_k
+  slots = 1 if fp8 else stages
+  # FP8: f16 MMAs (E4M3 -> f16 is one cvt per pair; there is no E4M3 -> bf16 cvt on sm_90)
+  mma_dtype = jnp.float16 if fp8 else jnp.bfloat16
+  if fp8:
+    q_latent, q_rope = q_latent.astype(mma_dtype), q_rope.astype(mma_dtype)
+
+  def entry(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref):
+    smem = (_smem((2, _ROWS, R // 2), mma_dtype), _smem((_ROWS, Dr), mma_dtype),
+            _smem((slots, bk, C), mma_dtype),
+            _smem((stages, bk, C), _FP8, swizzle=64) if fp8 else None,   # 576 = 9 x 64
+            _smem((_ROWS, bk), mma_dtype), plgpu.SMEM((_ROWS,), jnp.float32))
+    copies = bk // min(bk, page_size)
+    bars = (plgpu.Barrier(num_arrivals=1 if fp8 else copies, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=1),   # Q's parts
+            plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
+            plgpu.Barrier(num_arrivals=copies, num_barriers=stages) if fp8 else None)
+    pl.run_scoped(lambda *scoped: kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref,
+                                         out_ref, scoped),
+                  smem, bars, collective_axes="wg")
+
+  out = plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct((T, H, R), mma_dtype),
+      grid=(H // _ROWS, B),
+      grid_names=("heads", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      # the row reductions (max, sum) of the WGMMA layout stay within a quad of threads and need no
+      # shared-memory scratch; its default 2 KB would not fit next to the tiles
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+      interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams) else
+                 plgpu.InterpretGPUParams() if interpret else None),
+  )(q_latent, q_rope, latent_pages, page_table.astype(jnp.int32), seq_lens.astype(jnp.int32),
+    query_start.astype(jnp.int32), jnp.asarray(latent_scale, jnp.float32).reshape(1))
+  owned = jnp.arange(T) < query_start[-1]       # tokens past the last sequence: zeros
+  return jnp.where(owned[:, None, None], out, 0).astype(jnp.bfloat16)
