@@ -18,8 +18,13 @@ back. Peaks of the same run: streamed read bandwidth and a bf16 8192^3 GEMM.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import json
+import os
+import re
 import statistics
+import tempfile
 import time
 import traceback
 
@@ -31,8 +36,8 @@ from jaxinfer.attention import SeqChunk, build_batch
 from jaxinfer.models import deepseek_v3 as ds
 from jaxinfer.models import moe
 from jaxinfer.ops import rms_norm
-from kernels import grouped_matmul
-from kernels.quant import GroupedNVFP4Weight
+from kernels import gemm, grouped_matmul
+from kernels.quant import GroupedNVFP4Weight, NVFP4Weight, nvfp4
 
 FLAGS = flags.DEFINE_string("out", "/tmp/deepseek_bench.json", "JSON results")
 _BATCHES = flags.DEFINE_string("decode_batches", "1,16,64,128", "decode batch sizes")
@@ -55,7 +60,33 @@ _KL_TILING = flags.DEFINE_string(
 _PEAKS = flags.DEFINE_bool("peaks", True, "measure the read / bf16 GEMM peaks of this run first")
 _COMPARE = flags.DEFINE_bool("compare", True, "kernel-layout case: also compare its MoE GEMM "
                              "output with the ModelOpt-layout kernel's (costs a compile)")
+_SWEEP = flags.DEFINE_list(
+    "sweep", [], "grouped-GEMM variants timed alone on the decode B=64 routing of the NVFP4 "
+    "kernel-layout experts, each '<proj>:<tiling>' with proj gate (= up's shape), down or glu "
+    "(the fused gate/up + SwiGLU kernel) and tiling 'default' or e.g. 'B128 asm s3 t2' (see "
+    "parse_tiling); each is checked against an f32 (precision highest) reference of its output")
+_BUDGET = flags.DEFINE_float("budget_s", 0.0, "stop starting new sweep variants / layer cases "
+                             "after this many seconds of the run (0: no limit)")
+_RESERVE = flags.DEFINE_float("sweep_reserve_s", 0.0, "seconds of --budget_s the sweep leaves "
+                              "for the layer cases listed after it (--after_sweep)")
+_AFTER = flags.DEFINE_list("after_sweep", [], "labels measured after the sweep (the rest of "
+                           "--labels before it)")
+_PROFILE = flags.DEFINE_string("profile", "", "label of a case whose whole layer is also traced "
+                               "(jax.profiler): per-kernel GPU time per layer call")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "run the sweep's Pallas kernels in interpret "
+                               "mode (CPU smoke runs)")
+_KL_TILING_DOWN = flags.DEFINE_string(
+    "kl_tiling_down", "", "as --kl_tiling, for K <= grouped_matmul.SHORT_K (the down projection): "
+    "sets grouped_matmul.KL_DECODE_SHORT_K")
+_KL_TILING_GLU = flags.DEFINE_string(
+    "kl_tiling_glu", "", "as --kl_tiling, for the fused gate/up kernel: sets "
+    "grouped_matmul.KL_DECODE_GLU")
 _PAGE = 64
+T_START = time.time()
+
+
+def over_budget(reserve: float = 0.0) -> bool:
+  return bool(_BUDGET.value) and time.time() - T_START > _BUDGET.value - reserve
 
 CFG = ds.DeepseekV3Config(
     vocab_size=1024, hidden_size=7168, num_layers=1, num_heads=128, q_lora_rank=1536,
@@ -106,14 +137,15 @@ def to_nvfp4(w_ekn):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def set_kl_tiling(name: str) -> None:
-  """'B128 asm w2 s3 t2' -> grouped_matmul.KL_DECODE (the grouped kernel-layout default)."""
+def set_kl_tiling(name: str, target: dict | None = None) -> None:
+  """'B128 asm w2 s3 t2' -> grouped_matmul.KL_DECODE (the grouped kernel-layout default), or
+  into ``target`` (KL_DECODE_SHORT_K / KL_DECODE_GLU)."""
   parts = name.split()
   d = {"w_as_a": parts[0][0] == "A", "block_n": int(parts[0][1:]), "dequant": parts[1]}
   for p in parts[2:]:
     key = {"w": "num_warps", "s": "num_stages", "t": "block_k"}[p[0]]
     d[key] = int(p[1:]) * (256 if p[0] == "t" else 1)
-  grouped_matmul.KL_DECODE.update(d)
+  (grouped_matmul.KL_DECODE if target is None else target).update(d)
 
 
 def make_batch(num_seqs, tokens_per_seq, context):
@@ -147,10 +179,9 @@ def layer_fns(form):
     order, rows, sizes = moe.sort_by_expert(idx, CFG.n_routed_experts)
     return h[rows], sizes, w, order
 
-  def gemms(layer, xs, sizes):
-    g = moe.grouped_linear(xs, layer["experts_gate"], sizes)
-    u = moe.grouped_linear(xs, layer["experts_up"], sizes)
-    return moe.grouped_linear(jax.nn.silu(g) * u, layer["experts_down"], sizes)
+  def gemms(layer, xs, sizes):   # the model's path: gemm.grouped_swiglu, then the down GEMM
+    h = gemm.grouped_swiglu(xs, layer["experts_gate"], layer["experts_up"], sizes)
+    return moe.grouped_linear(h, layer["experts_down"], sizes)
 
   def moe_block(layer, x):
     return ds._ffn_block(layer, x, CFG, "dispatch")
@@ -202,6 +233,193 @@ def compare_gemms(layer_a, layer_b, num_seqs, key) -> float:
   return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(a), 1e-30))
 
 
+def parse_tiling(name: str, block_m: int = 16) -> grouped_matmul.Tiling | None:
+  """'B128 asm s3 t2 w4 m16' -> grouped Tiling (B/A = weight as the MMA's B/A operand, block_n;
+  dequant mode; w<warps> s<stages> t<256-wide K tiles per step> m<block_m>); None for 'default'
+  (the committed default_kl_tiling)."""
+  if name.strip() == "default":
+    return None
+  parts = name.split()
+  d = {"w_as_a": parts[0][0] == "A", "block_n": int(parts[0][1:]), "dequant": parts[1],
+       "num_warps": 4, "num_stages": 3, "block_k": 512, "block_m": block_m}
+  for p in parts[2:]:
+    key = {"w": "num_warps", "s": "num_stages", "t": "block_k", "m": "block_m"}[p[0]]
+    d[key] = int(p[1:]) * (256 if p[0] == "t" else 1)
+  return grouped_matmul.Tiling(d["block_m"], d["block_n"], d["block_k"], d["num_warps"],
+                               d["num_stages"], dequant=d["dequant"], w_as_a=d["w_as_a"])
+
+
+def device_time(fn, *args, calls=10, reps=3) -> float:
+  """Median over reps of (wall time of `calls` back-to-back calls) / calls, in seconds."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / calls)
+  return statistics.median(times)
+
+
+@jax.jit
+def _ref_chunk(x, packed_kl, scale, gs, start, sizes_c):
+  """f32 (precision highest) rows of x through experts [c, c + C) (rows before them go through a
+  zero expert, rows after them are past the total): ragged_dot on the dequantized chunk."""
+  w = jnp.swapaxes(nvfp4.dequantize(nvfp4.from_kernel_layout(packed_kl), scale, gs,
+                                    jnp.float32), 1, 2)
+  w = jnp.concatenate([jnp.zeros((1, *w.shape[1:]), jnp.float32), w])
+  sz = jnp.concatenate([start[None], sizes_c]).astype(jnp.int32)
+  return jax.lax.ragged_dot(x.astype(jnp.float32), w, sz, precision="highest")
+
+
+def grouped_reference_f32(x, w: GroupedNVFP4Weight, sizes, chunk: int = 32) -> jax.Array:
+  """ragged_dot(x, dequant(w), sizes) in f32 on the device, 32 experts at a time (bounded
+  memory); rows past the total are zero."""
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(sizes)]).astype(jnp.int32)
+  e = w.num_groups
+  out = None
+  for c in range(0, e, chunk):
+    y = _ref_chunk(x, w.packed[c:c + chunk], w.scale[c:c + chunk], w.global_scale[c:c + chunk],
+                   starts[c], sizes[c:c + chunk])
+    out = y if out is None else out + y
+  return out
+
+
+def rel_err(y, ref) -> float:
+  y = y.astype(jnp.float32)
+  return float(jnp.linalg.norm(y - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+
+
+def sweep_gemms(kl_layer, key, variants, results, save) -> None:
+  """Each '<proj>:<tiling>' of --sweep timed alone (device_time) on the B=64 decode routing, with
+  its relative error against grouped_reference_f32; results["sweep"] rows, saved as they come.
+  Stops at the budget (leaving --sweep_reserve_s)."""
+  _, _, routing, _, _ = layer_fns("absorbed")
+  x = jax.random.normal(key, (64, CFG.hidden_size), jnp.bfloat16)
+  xs, sizes, _, _ = routing(kl_layer, x)
+  wg, wu, wd = kl_layer["experts_gate"], kl_layer["experts_up"], kl_layer["experts_down"]
+  active = int(jnp.sum(sizes > 0))
+  ref_g = grouped_reference_f32(xs, wg, sizes)
+  ref_u = grouped_reference_f32(xs, wu, sizes)
+  ref_glu = jax.nn.silu(ref_g) * ref_u
+  h = ref_glu.astype(jnp.bfloat16)
+  ref_d = grouped_reference_f32(h, wd, sizes)
+  jax.block_until_ready((ref_g, ref_glu, ref_d))
+  results["sweep_info"] = {"rows": int(xs.shape[0]), "active_experts": active,
+                           "max_rows_per_expert": int(jnp.max(sizes)),
+                           "reference": "f32 ragged_dot, precision highest, on the device"}
+  interp = _INTERPRET.value
+  for v in variants:
+    if over_budget(_RESERVE.value):
+      results.setdefault("sweep_skipped", []).append(v)
+      continue
+    proj, name = v.split(":", 1)
+    row = {"variant": v, "proj": proj}
+    try:
+      tiling = parse_tiling(name)
+      if proj == "glu":
+        fn = jax.jit(functools.partial(grouped_matmul.grouped_swiglu_nvfp4_kl, tiling=tiling,
+                                       interpret=interp))
+        args = (xs, wg.packed, wg.scale, wg.global_scale, wu.packed, wu.scale, wu.global_scale,
+                sizes)
+        ref, w_list = ref_glu, (wg, wu)
+      else:
+        w, inp, ref = {"gate": (wg, xs, ref_g), "down": (wd, h, ref_d)}[proj]
+        fn = jax.jit(functools.partial(grouped_matmul.grouped_matmul_nvfp4_kl, tiling=tiling,
+                                       interpret=interp))
+        args = (inp, w.packed, w.scale, w.global_scale, sizes)
+        w_list = (w,)
+      t0 = time.time()
+      y = jax.block_until_ready(fn(*args))
+      row["compile_s"] = time.time() - t0
+      row["rel_err"] = rel_err(y, ref)
+      row["us"] = 1e6 * device_time(fn, *args, calls=3 if interp else 10, reps=1 if interp else 3)
+      wbytes = sum(active * w.n * w.k * (0.5 + 1 / 16) for w in w_list)
+      row["TBps"] = wbytes / (row["us"] * 1e-6) / 1e12
+    except Exception as e:  # keep the other variants
+      traceback.print_exc()
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    results.setdefault("sweep", []).append(row)
+    print({k: (round(val, 4) if isinstance(val, float) else val) for k, val in row.items()},
+          flush=True)
+    save()
+
+
+def kernel_breakdown(trace_dir: str, calls: int) -> dict:
+  """Per-kernel GPU time per layer call from a jax.profiler trace (kernel name -> ms, count),
+  plus the sum and the device-busy union."""
+  from jax.profiler import ProfileData
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+  if not files:
+    return {"error": f"no xplane.pb under {trace_dir}"}
+  pd = ProfileData.from_file(files[-1])
+  kernels: dict[str, list] = {}
+  intervals = []
+  planes = [p for p in pd.planes if p.name.startswith("/device:GPU")]
+  streams_only = any(ln.name.startswith("Stream") for p in planes for ln in p.lines)
+  for plane in planes:
+    for line in plane.lines:
+      if streams_only and not line.name.startswith("Stream"):
+        continue
+      for ev in line.events:
+        k = kernels.setdefault(ev.name, [0.0, 0])
+        k[0] += ev.duration_ns
+        k[1] += 1
+        intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+  if not intervals:
+    return {"error": "no GPU kernel events"}
+  intervals.sort()
+  busy, cs, ce = 0.0, *intervals[0]
+  for a, b in intervals[1:]:
+    if a > ce:
+      busy, cs, ce = busy + ce - cs, a, b
+    else:
+      ce = max(ce, b)
+  busy += ce - cs
+  groups: dict[str, list] = {}
+  for name, (ns, n) in kernels.items():
+    g = groups.setdefault(re.sub(r"[._]\d+$", "", name)[:100], [0.0, 0])
+    g[0] += ns / calls / 1e6
+    g[1] += n / calls
+  top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+  return {"calls": calls, "kernels_per_call": sum(v[1] for v in kernels.values()) / calls,
+          "kernel_sum_ms": sum(v[0] for v in kernels.values()) / calls / 1e6,
+          "busy_ms": busy / calls / 1e6,
+          "by_group": {k: {"ms": v[0], "count": v[1]} for k, v in
+                       sorted(groups.items(), key=lambda kv: -kv[1][0])[:40]},
+          "top_kernels": [{"kernel": k[:140], "ms": v[0] / calls / 1e6, "count": v[1] / calls}
+                          for k, v in top[:60]]}
+
+
+def profile_layer(layer, key, calls: int = 5) -> dict:
+  """Trace `calls` decode B=64 layer calls (after warm-up) and break the GPU time down."""
+  batch, num_pages = make_batch(64, 1, _CONTEXT.value)
+  form = ds.choose_mla_form(batch.num_tokens, batch.num_seqs)
+  x = jax.random.normal(key, (batch.num_tokens, CFG.hidden_size), jnp.bfloat16)
+  pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
+  full = layer_fns(form)[0]
+  for _ in range(2):
+    _, pages = jax.block_until_ready(full(pages, layer, x, batch))
+  folder = tempfile.mkdtemp(prefix="ds_trace_")
+  jax.profiler.start_trace(folder)
+  for _ in range(calls):
+    _, pages = full(pages, layer, x, batch)
+  jax.block_until_ready(pages)
+  jax.profiler.stop_trace()
+  return kernel_breakdown(folder, calls)
+
+
+def nvfp4_dense_layer(layer: dict, names) -> dict:
+  """A copy of layer with the dense weights `names` ([K, N]) as NVFP4 in the kernel layout (the
+  ModelOpt layout where K % 256 != 0)."""
+  out = dict(layer)
+  for name in names:
+    w = NVFP4Weight.from_dense(layer[name])
+    out[name] = w.to_kernel_layout() if w.k % nvfp4.KERNEL_TILE == 0 else w   # (--tiny shapes)
+  return out
+
+
 def peaks():
   x = jnp.ones((1 << (20 if _TINY.value else 30),), jnp.float32)
   read = timeit(jax.jit(jnp.sum), x, iters=5)
@@ -230,76 +448,138 @@ def main(_):
   save()
   layer = init_layer(key)
   jax.block_until_ready(layer)
-  nv_layer = None
   batches = [int(b) for b in _BATCHES.value.split(",")]
+  ctx = _CONTEXT.value
   # The headline comparison first, so that a run cut short still has it.
-  cases = [(64, 1, _CONTEXT.value, "decode B=64 bf16"), (64, 1, _CONTEXT.value,
-                                                        "decode B=64 nvfp4-experts")]
+  cases = [(64, 1, ctx, "decode B=64 bf16"), (64, 1, ctx, "decode B=64 nvfp4-experts")]
   if _KL.value:
-    cases.insert(1, (64, 1, _CONTEXT.value, "decode B=64 nvfp4-experts kernel-layout"))
-  cases += [(64, 1, _CONTEXT.value, f"decode B=64 nvfp4-experts dequant={mode}")
+    cases[1:1] = [(64, 1, ctx, f"decode B=64 {what}") for what in (
+        "nvfp4-experts kernel-layout", "nvfp4-experts kernel-layout fused-glu",
+        "nvfp4-v2 kernel-layout", "nvfp4-v2 kernel-layout fused-glu")]
+  cases += [(64, 1, ctx, f"decode B=64 nvfp4-experts dequant={mode}")
             for mode in _NVFP4_ALSO.value]
-  cases += [(b, 1, _CONTEXT.value, f"decode B={b} bf16") for b in batches if b != 64]
+  cases += [(b, 1, ctx, f"decode B={b} bf16") for b in batches if b != 64]
   cases.append((1, _PREFILL.value, _PREFILL.value, f"prefill {_PREFILL.value} bf16"))
   cases = [c for c in cases if _ONLY.value in c[3]]
-  if _LABELS.value:
-    cases = [c for c in cases if c[3] in _LABELS.value]
+  if _LABELS.value:   # in the order given
+    by_label = {c[3]: c for c in cases}
+    cases = [by_label[lb] for lb in _LABELS.value if lb in by_label]
   if _KL_TILING.value:
     set_kl_tiling(_KL_TILING.value)
+  if _KL_TILING_DOWN.value:
+    set_kl_tiling(_KL_TILING_DOWN.value, grouped_matmul.KL_DECODE_SHORT_K)
+  if _KL_TILING_GLU.value:
+    set_kl_tiling(_KL_TILING_GLU.value, grouped_matmul.KL_DECODE_GLU)
   results["grouped_kl_tiling"] = dict(grouped_matmul.KL_DECODE)
-  kl_layer = None
-  for num_seqs, per_seq, context, label in cases:
+  results["grouped_kl_tiling_short_k"] = dict(grouped_matmul.KL_DECODE_SHORT_K)
+  results["grouped_kl_tiling_glu"] = dict(grouped_matmul.KL_DECODE_GLU)
+  results["fused_swiglu_default"] = gemm.FUSED_SWIGLU
+  layers: dict[str, dict] = {}
+
+  def get_layer(label: str) -> dict:
+    """bf16 / NVFP4 ModelOpt-layout experts / kernel-layout experts / 'v2' (kernel-layout
+    experts + shared expert + wo in NVFP4, as ModelOpt's DeepSeek NVFP4 recipe with wo quant)."""
+    if "nvfp4" not in label:
+      return layer
+    if "nv" not in layers:
+      nv = dict(layer)
+      for name in ("experts_gate", "experts_up", "experts_down"):
+        nv[name] = to_nvfp4(layer[name])
+      layers["nv"] = nv
+    if "kernel-layout" not in label:
+      return layers["nv"]
+    if "kl" not in layers:
+      kl = dict(layers["nv"])
+      for name in ("experts_gate", "experts_up", "experts_down"):
+        kl[name] = layers["nv"][name].to_kernel_layout()
+      layers["kl"] = kl
+    if "nvfp4-v2" not in label:
+      return layers["kl"]
+    if "v2" not in layers:
+      layers["v2"] = nvfp4_dense_layer(layers["kl"],
+                                       ("shared_gate", "shared_up", "shared_down", "wo"))
+    return layers["v2"]
+
+  def run_case(num_seqs, per_seq, context, label):
+    if over_budget():
+      results.setdefault("skipped", []).append(label)
+      return
+    fused_before = gemm.FUSED_SWIGLU
     try:
-      if "nvfp4" in label and nv_layer is None:
-        nv_layer = dict(layer)
-        for name in ("experts_gate", "experts_up", "experts_down"):
-          nv_layer[name] = to_nvfp4(layer[name])
+      lay = get_layer(label)
+      gemm.FUSED_SWIGLU = "fused-glu" in label or (fused_before and "unfused" not in label)
       if "kernel-layout" in label:
-        if kl_layer is None:
-          kl_layer = dict(nv_layer)
-          for name in ("experts_gate", "experts_up", "experts_down"):
-            kl_layer[name] = nv_layer[name].to_kernel_layout()
-        r = measure(kl_layer, num_seqs, per_seq, context, key, label)
-        if _COMPARE.value:
-          r["kl_vs_modelopt_rel_err"] = compare_gemms(nv_layer, kl_layer, num_seqs, key)
+        r = measure(lay, num_seqs, per_seq, context, key, label)
+        if _COMPARE.value and label.endswith("nvfp4-experts kernel-layout"):
+          r["kl_vs_modelopt_rel_err"] = compare_gemms(layers["nv"], lay, num_seqs, key)
       elif "nvfp4" in label:
         default_mode = grouped_matmul.DECODE_DEQUANT
         if "dequant=" in label:   # the tiling is picked inside jitted functions: retrace
           grouped_matmul.DECODE_DEQUANT = label.split("dequant=")[1]
           jax.clear_caches()
         try:
-          r = measure(nv_layer, num_seqs, per_seq, context, key, label)
+          r = measure(lay, num_seqs, per_seq, context, key, label)
         finally:
           if grouped_matmul.DECODE_DEQUANT != default_mode:
             grouped_matmul.DECODE_DEQUANT = default_mode
             jax.clear_caches()
         r["grouped_dequant"] = label.split("dequant=")[1] if "dequant=" in label else default_mode
       else:
-        r = measure(layer, num_seqs, per_seq, context, key, label)
+        r = measure(lay, num_seqs, per_seq, context, key, label)
+      r["fused_swiglu"] = gemm.FUSED_SWIGLU
       results["runs"].append(r)
       print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+      if _PROFILE.value == label and not over_budget():
+        results["profile"] = {"label": label, **profile_layer(lay, key)}
+        prof = results["profile"]
+        print("profile", label, {k: prof.get(k) for k in
+                                 ("kernels_per_call", "kernel_sum_ms", "busy_ms")}, flush=True)
     except Exception as e:  # keep the other measurements
       traceback.print_exc()
       results["errors"].append(f"{label}: {type(e).__name__}: {str(e)[:500]}")
+    finally:
+      gemm.FUSED_SWIGLU = fused_before
     save()
+
+  after = [c for c in cases if c[3] in _AFTER.value]
+  for c in cases:
+    if c not in after:
+      run_case(*c)
+  if _SWEEP.value:
+    try:
+      sweep_gemms(get_layer("nvfp4-experts kernel-layout"), key, _SWEEP.value, results, save)
+    except Exception as e:
+      traceback.print_exc()
+      results["errors"].append(f"sweep: {type(e).__name__}: {str(e)[:500]}")
+    save()
+  for c in after:
+    run_case(*c)
   by = {r["label"]: r for r in results["runs"]}
+  bf = by.get("decode B=64 bf16")
+  results["speedups_B64"] = {}
+  for lb, r in by.items():
+    if bf is not None and lb.startswith("decode B=64 nvfp4"):
+      results["speedups_B64"][lb] = {k: bf[k] / r[k] for k in
+                                     ("layer_ms", "moe_block_ms", "moe_gemms_ms")
+                                     if k in bf and k in r}
   for nv_label, key_name in [("decode B=64 nvfp4-experts", "nvfp4_speedup_B64"),
                             ("decode B=64 nvfp4-experts kernel-layout", "nvfp4_kl_speedup_B64")]:
-    if "decode B=64 bf16" in by and nv_label in by:
-      bf, nv = by["decode B=64 bf16"], by[nv_label]
-      results[key_name] = {k: bf[k] / nv[k] for k in ("layer_ms", "moe_block_ms", "moe_gemms_ms")
-                           if k in bf and k in nv}
+    if nv_label in results["speedups_B64"]:
+      results[key_name] = results["speedups_B64"][nv_label]
   save()
-  print(json.dumps({"peaks": results["peaks"], "speedup": results.get("nvfp4_speedup_B64"),
-                    "speedup_kl": results.get("nvfp4_kl_speedup_B64"),
+  print(json.dumps({"peaks": results["peaks"], "speedups_B64": results["speedups_B64"],
                     "errors": results["errors"]}, indent=1))
-  print(f"{'case':28s} {'layer':>8s} {'attn':>8s} {'route':>8s} {'gemms':>8s} {'rest':>8s} "
+  print(f"{'case':48s} {'layer':>8s} {'attn':>8s} {'route':>8s} {'gemms':>8s} {'rest':>8s} "
         f"{'moe':>8s} {'TB/s':>6s}")
   nan = float("nan")
   for r in results["runs"]:
-    print(f"{r['label']:28s} {r.get('layer_ms', nan):8.3f} {r.get('attention_ms', nan):8.3f} "
+    print(f"{r['label']:48s} {r.get('layer_ms', nan):8.3f} {r.get('attention_ms', nan):8.3f} "
           f"{r.get('routing_ms', nan):8.3f} {r['moe_gemms_ms']:8.3f} {r.get('rest_ms', nan):8.3f} "
           f"{r.get('moe_block_ms', nan):8.3f} {r['moe_gemm_weight_TBps']:6.2f}")
+  for row in results.get("sweep", []):
+    print(f"sweep {row['variant']:32s} {row.get('us', nan):9.1f} us "
+          f"{row.get('TBps', nan):5.2f} TB/s err {row.get('rel_err', nan):.2e} "
+          f"{row.get('error', '')}")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,26 @@ def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
   return fp8_kernels.fp8_block_matmul(x, w.weight, w.scale_inv)
 
 
+# Fused gate/up projections for MoE experts (grouped_swiglu below): one kernel computing
+# silu(x Wg) * (x Wu) when both weights are NVFP4 in the kernel layout (GPU only).
+FUSED_SWIGLU: bool = False
+
+
+def grouped_swiglu(x: jax.Array, w_gate, w_up, group_sizes: jax.Array) -> jax.Array:
+  """silu(grouped_matmul(x, w_gate)) * grouped_matmul(x, w_up) -> [T, N] in x's dtype: the MoE
+  experts' gate/up half. With FUSED_SWIGLU, on GPU, for two kernel-layout GroupedNVFP4Weight of
+  equal shape it is one kernel (grouped_matmul.grouped_swiglu_nvfp4_kl: x read once, no [T, N]
+  intermediates, f32 epilogue); otherwise the two grouped GEMMs and an XLA elementwise op."""
+  if (FUSED_SWIGLU and _use_kernels() and isinstance(w_gate, GroupedNVFP4Weight)
+      and isinstance(w_up, GroupedNVFP4Weight) and w_gate.layout == w_up.layout == "kernel"
+      and w_gate.packed.shape == w_up.packed.shape):
+    return grouped_kernels.grouped_swiglu_nvfp4_kl(
+        x, w_gate.packed, w_gate.scale, w_gate.global_scale, w_up.packed, w_up.scale,
+        w_up.global_scale, group_sizes)
+  return jax.nn.silu(grouped_matmul(x, w_gate, group_sizes)) * grouped_matmul(x, w_up,
+                                                                              group_sizes)
+
+
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
   """ragged_dot(x [T, K], w, group_sizes [E]) -> [T, N] in x's dtype; rows past the total are 0."""
   gpu = _use_kernels()

@@ -34,8 +34,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul
-from kernels.nvfp4_matmul import (check_asm_layout, global_factor, k_block, kl_global_factor,
-                                  kl_mode_for, kl_tile_dot, mode_for, row_scales, tile_dot)
+from kernels.nvfp4_matmul import (check_asm_layout, global_factor, k_block, kl_dequant_half,
+                                  kl_global_factor, kl_mode_for, kl_tile_dot, mode_for,
+                                  row_scales, tile_dot)
 from kernels.quant import fp8_block, nvfp4
 
 
@@ -307,7 +308,7 @@ def grouped_matmul_nvfp4_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array
   if global_scale.shape != (e,):
     raise ShapeError(f"global_scale must be [E={e}], got {global_scale.shape}")
   return _run("nvfp4_kl", (x, packed_kl, scale, global_scale.astype(jnp.float32)), x, group_sizes,
-              e, n, k, tiling or default_kl_tiling(x.shape[0], e), interpret, x.dtype)
+              e, n, k, tiling or default_kl_tiling(x.shape[0], e, k), interpret, x.dtype)
 
 
 # Kernel-layout grouped tiling at <= 16 rows per group (decode): the weight as the MMA's B
@@ -316,14 +317,138 @@ def grouped_matmul_nvfp4_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array
 # larger groups use 64-row tiles with the same fields.
 KL_DECODE = {"block_n": 128, "block_k": 512, "num_warps": 4, "num_stages": 3, "dequant": "asm",
              "w_as_a": False}
+# Overrides of KL_DECODE for short K (<= SHORT_K: DeepSeek's down projection, K = 2048, where a
+# program's K loop has only 8 byte tiles) and for the fused gate/up kernel
+# (grouped_swiglu_nvfp4_kl, two weight tiles per step). Empty: KL_DECODE as is. The fused
+# kernel's bn 64 keeps KL_DECODE's bytes per pipeline stage (2 x [64, 128] weight tiles per K
+# tile; bn 128 with 2 tiles per step and 3 stages would need ~264 KB of shared memory).
+SHORT_K = 2048
+KL_DECODE_SHORT_K: dict = {}
+KL_DECODE_GLU: dict = {"block_n": 64}
 
 
-def default_kl_tiling(t: int, num_groups: int) -> Tiling:
+def default_kl_tiling(t: int, num_groups: int, k: int | None = None, glu: bool = False
+                      ) -> Tiling:
   rows_per_group = t / max(1, num_groups)
   bm = 16 if rows_per_group <= 16 else 64
-  d = KL_DECODE
+  d = dict(KL_DECODE)
+  if k is not None and k <= SHORT_K:
+    d.update(KL_DECODE_SHORT_K)
+  if glu:
+    d.update(KL_DECODE_GLU)
   return Tiling(bm, d["block_n"], d["block_k"], d["num_warps"], d["num_stages"],
                 dequant=d["dequant"], w_as_a=d["w_as_a"])
+
+
+# ----- fused gate/up projection with the SwiGLU epilogue (kernel layout) -----
+#
+# h = silu(x Wg) * (x Wu) per group, in one pass: each program owns bn columns of BOTH projections
+# for its row tile, so every x slice is loaded and converted once for two weight tiles (half the
+# x traffic and conversions of two calls), the two [bm, bn] f32 accumulators meet in registers,
+# and the [T, N] gate / up intermediates never reach HBM; one launch and one schedule instead of
+# two, and twice the weight bytes in flight per program. Same schedule, dequantization
+# (nvfp4_matmul.kl_dequant_half, the weight as the MMA's B operand) and masking as
+# grouped_matmul_nvfp4_kl; each projection keeps its own per-expert global scale. The epilogue
+# runs in f32 (the two-call form rounds g and u to x's dtype first): at most one rounding, to the
+# output dtype.
+
+def _glu_kernel(sched_ref, x_ref, gq_ref, gsc_ref, ggs_ref, uq_ref, usc_ref, ugs_ref, o_ref, *,
+                e, n, bm, bn, tps, k_steps, mode):
+  pid_t, pid_n = pl.program_id(0), pl.program_id(1)
+  g = sched_ref[0, pid_t]
+  r0 = sched_ref[1, pid_t]
+  r1 = sched_ref[2, pid_t]
+  n0 = pid_n * bn
+  row_ok = (r0 + jnp.arange(bm)) < r1
+  col_ok = (n0 + jnp.arange(bn)) < n
+  out_mask = row_ok[:, None] & col_ok[None, :]
+  masked_n = n % bn != 0
+  half = nvfp4.KERNEL_TILE // 2
+  groups = half // nvfp4.BLOCK_SIZE
+
+  def load_w(ref, idx):
+    if not masked_n:
+      return ref[idx]
+    other = None if ref.dtype == jnp.float8_e4m3fn else 0
+    return plgpu.load(ref.at[idx], mask=col_ok[:, None], other=other)
+
+  @pl.when((g >= 0) & (g < e))
+  def _compute():
+    def body(i, accs):
+      acc_g, acc_u = accs
+      for j in range(tps):
+        t = i * tps + j
+        kp = pl.multiple_of(t * half, half)
+        wg = load_w(gq_ref, (g, pl.ds(n0, bn), pl.ds(kp, half)))
+        wu = load_w(uq_ref, (g, pl.ds(n0, bn), pl.ds(kp, half)))
+        for h, name in enumerate(("lo", "hi")):
+          ks = pl.multiple_of(t * 2 * groups + h * groups, groups)
+          kx = pl.multiple_of(t * nvfp4.KERNEL_TILE + h * half, half)
+          sidx = (g, pl.ds(n0, bn), pl.ds(ks, groups))
+          dg = kl_dequant_half(wg, load_w(gsc_ref, sidx), name, mode)
+          du = kl_dequant_half(wu, load_w(usc_ref, sidx), name, mode)
+          x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(kx, half)], mask=row_ok[:, None],
+                         other=0).astype(dg.dtype)
+          acc_g = acc_g + plgpu.dot(x, dg, trans_b=True)
+          acc_u = acc_u + plgpu.dot(x, du, trans_b=True)
+      return acc_g, acc_u
+
+    zeros = jnp.zeros((bm, bn), jnp.float32)
+    acc_g, acc_u = jax.lax.fori_loop(0, k_steps, body, (zeros, zeros))
+    f = kl_global_factor(mode)
+    gate = acc_g * (ggs_ref[g] * f)
+    up = acc_u * (ugs_ref[g] * f)
+    h = gate / (1.0 + jnp.exp(-gate)) * up          # silu(gate) * up, in f32
+    plgpu.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], h.astype(o_ref.dtype), mask=out_mask)
+
+  @pl.when(g == e)
+  def _zeros():
+    plgpu.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], jnp.zeros((bm, bn), o_ref.dtype),
+                mask=out_mask)
+
+
+def _check_nvfp4_kl(x, packed_kl, scale, global_scale, group_sizes, what: str) -> tuple:
+  nvfp4.check_layout(packed_kl, scale)
+  if packed_kl.ndim != 3:
+    raise ShapeError(f"grouped NVFP4 {what} weight must be [E, N, K/2], got {packed_kl.shape}")
+  e, n, k = packed_kl.shape[0], packed_kl.shape[1], packed_kl.shape[2] * 2
+  nvfp4.check_kernel_k(k)
+  _check_common(x, group_sizes, e)
+  if x.shape[1] != k:
+    raise ShapeError(f"x has K={x.shape[1]} but the {what} weight has K={k}")
+  if global_scale.shape != (e,):
+    raise ShapeError(f"{what} global_scale must be [E={e}], got {global_scale.shape}")
+  return e, n, k
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "out_dtype"))
+def grouped_swiglu_nvfp4_kl(x: jax.Array, gate_packed: jax.Array, gate_scale: jax.Array,
+                            gate_global: jax.Array, up_packed: jax.Array, up_scale: jax.Array,
+                            up_global: jax.Array, group_sizes: jax.Array, *,
+                            tiling: Tiling | None = None, interpret: bool = False,
+                            out_dtype=None) -> jax.Array:
+  """silu(ragged_dot(x, Wg)) * ragged_dot(x, Wu) -> [T, N] (``out_dtype``, default x's), both
+  weights per-expert NVFP4 in the kernel layout ([E, N, K/2] u8, [E, N, K/16] e4m3, [E] f32;
+  K % 256 == 0). Rows past sum(group_sizes) are zero. ``tiling``: as grouped_matmul_nvfp4_kl
+  (B operand only: w_as_a is ignored); default ``default_kl_tiling(.., glu=True)``."""
+  e, n, k = _check_nvfp4_kl(x, gate_packed, gate_scale, gate_global, group_sizes, "gate")
+  if up_packed.shape != gate_packed.shape or up_scale.shape != gate_scale.shape:
+    raise ShapeError(f"up weight {up_packed.shape}/{up_scale.shape} must match the gate's "
+                     f"{gate_packed.shape}/{gate_scale.shape}")
+  _check_nvfp4_kl(x, up_packed, up_scale, up_global, group_sizes, "up")
+  t = tiling or default_kl_tiling(x.shape[0], e, k, glu=True)
+  tile_k = nvfp4.KERNEL_TILE
+  tps = t.block_k // tile_k if t.block_k % tile_k == 0 and k % t.block_k == 0 else 1
+  sched = make_schedule(group_sizes, x.shape[0], t.block_m)
+  kernel = functools.partial(_glu_kernel, e=e, n=n, bm=t.block_m, bn=t.block_n, tps=tps,
+                             k_steps=k // (tile_k * tps), mode=kl_mode_for(t.dequant, interpret))
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((x.shape[0], n), out_dtype or x.dtype),
+      grid=(sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+      name="grouped_swiglu_nvfp4_kl",
+  )(sched, x, gate_packed, gate_scale, gate_global.astype(jnp.float32), up_packed, up_scale,
+    up_global.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -351,6 +476,19 @@ def grouped_reference(x: jax.Array, w_ekn: jax.Array, group_sizes: jax.Array) ->
 def grouped_nvfp4_kl_reference(x, packed_kl, scale, global_scale, group_sizes) -> jax.Array:
   return grouped_nvfp4_reference(x, nvfp4.from_kernel_layout(packed_kl), scale, global_scale,
                                  group_sizes)
+
+
+def grouped_swiglu_nvfp4_kl_reference(x, gate_packed, gate_scale, gate_global, up_packed,
+                                      up_scale, up_global, group_sizes, out_dtype=None
+                                      ) -> jax.Array:
+  """silu(x Wg) * (x Wu) per group in f32 (no intermediate rounding), cast to out_dtype / x's."""
+  def proj(packed, scale, gs):
+    w = jnp.swapaxes(nvfp4.dequantize(nvfp4.from_kernel_layout(packed), scale, gs, jnp.float32),
+                     1, 2)
+    return jax.lax.ragged_dot(x.astype(jnp.float32), w, group_sizes.astype(jnp.int32),
+                              precision="highest")
+  g = proj(gate_packed, gate_scale, gate_global)
+  return (jax.nn.silu(g) * proj(up_packed, up_scale, up_global)).astype(out_dtype or x.dtype)
 
 
 def grouped_nvfp4_reference(x, packed, scale, global_scale, group_sizes) -> jax.Array:

@@ -143,3 +143,37 @@ def test_kernel_layout_weights_dispatch(rng, monkeypatch):
   y = gemm.grouped_matmul(xg, gw.to_kernel_layout(), jnp.asarray(sizes, jnp.int32))
   assert rel(y, np_ragged(f64(xg), f64(gw.dequantize()), sizes)) < 5e-3
   assert calls == ["w4a16_matmul_kl", "grouped_matmul_nvfp4_kl"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grouped_swiglu_matches_float64(rng, monkeypatch, fused):
+  """silu(x Wg) * (x Wu): the two-call form on CPU, and with FUSED_SWIGLU on a (pretended) GPU
+  the fused kernel-layout kernel (interpreted) for kernel-layout weights only."""
+  t, e, k, n = 14, 3, 512, 64
+  sizes = [5, 0, 7]                                       # 2 trailing rows past the total
+  gs = jnp.asarray(sizes, jnp.int32)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  wg = GroupedNVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((e, k, n)), jnp.float32))
+  wu = GroupedNVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((e, k, n)), jnp.float32))
+  g = np_ragged(f64(x), f64(wg.dequantize()), sizes)
+  ref = g / (1 + np.exp(-g)) * np_ragged(f64(x), f64(wu.dequantize()), sizes)
+  calls = []
+  if fused:
+    kernel = gemm.grouped_kernels.grouped_swiglu_nvfp4_kl
+
+    def spy(*args, **kwargs):
+      calls.append("fused")
+      return kernel(*args, **kwargs, interpret=True)
+    monkeypatch.setattr(gemm, "FUSED_SWIGLU", True)
+    monkeypatch.setattr(gemm, "_gpu_capability", lambda: 9.0)
+    monkeypatch.setattr(gemm.grouped_kernels, "grouped_swiglu_nvfp4_kl", spy)
+    monkeypatch.setattr(gemm.grouped_kernels, "grouped_matmul_nvfp4_kl",
+                        lambda *a, **kw: gemm.grouped_kernels.grouped_nvfp4_kl_reference(*a))
+    monkeypatch.setattr(gemm.grouped_kernels, "grouped_matmul_nvfp4",
+                        lambda *a, **kw: gemm.grouped_kernels.grouped_nvfp4_reference(*a))
+  for a, b in [(wg.to_kernel_layout(), wu.to_kernel_layout()), (wg, wu)]:
+    y = gemm.grouped_swiglu(x, a, b, gs)
+    assert y.dtype == jnp.bfloat16 and y.shape == (t, n)
+    assert rel(y, ref) < 1e-2
+    assert np.all(f64(y)[12:] == 0)
+  assert calls == (["fused"] if fused else [])     # ModelOpt-layout weights: never fused

@@ -151,3 +151,49 @@ def test_grouped_nvfp4_kernel_layout_matches_float64(rng, tiling):
   codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(e, n, k)
   w_enk = E2M1[codes] * np.repeat(f64(scale), 16, -1) * gs[:, None, None].astype(np.float64)
   check(y, np_ragged(f64(x), np.swapaxes(w_enk, 1, 2), sizes), sizes)
+
+
+def _kl_expert_weights(rng, e, n, k):
+  packed = rng.integers(0, 256, (e, n, k // 2), dtype=np.uint8)
+  scale = rng.uniform(0.05, 400, (e, n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+  gs = rng.uniform(1e-3, 1e-2, e).astype(np.float32)
+  codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(e, n, k)
+  w_ekn = np.swapaxes(E2M1[codes] * np.repeat(f64(scale), 16, -1)
+                      * gs[:, None, None].astype(np.float64), 1, 2)
+  kl = (nvfp4.to_kernel_layout(jnp.asarray(packed)), jnp.asarray(scale), jnp.asarray(gs))
+  return kl, w_ekn
+
+
+@pytest.mark.parametrize("n,k,sizes,tiling", [
+    (96, 512, [9, 0, 20, 0, 5], None),                         # N % bn != 0, 3 rows past total
+    (64, 768, [0, 30, 1, 0, 6], gk.Tiling(16, 32, 512, 4, 2)),  # 3 K tiles: tps falls back to 1
+    (128, 512, [2, 3, 0, 1, 3], gk.Tiling(16, 64, 512, 4, 3, dequant="f32")),   # bf16 MMA route
+    (64, 256, [0, 0, 0, 0, 0], gk.Tiling(16, 64, 256, 4, 2)),  # every group empty: all zeros
+])
+def test_grouped_swiglu_kernel_layout_matches_float64(rng, n, k, sizes, tiling):
+  t, e = 37, 5
+  (gq, gsc, ggs), wg = _kl_expert_weights(rng, e, n, k)
+  (uq, usc, ugs), wu = _kl_expert_weights(rng, e, n, k)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  sz = jnp.asarray(sizes, jnp.int32)
+  y = gk.grouped_swiglu_nvfp4_kl(x, gq, gsc, ggs, uq, usc, ugs, sz, tiling=tiling,
+                                 interpret=True)
+  assert y.shape == (t, n) and y.dtype == jnp.bfloat16
+  g = np_ragged(f64(x), wg, sizes)
+  ref = g / (1 + np.exp(-g)) * np_ragged(f64(x), wu, sizes)
+  check(y, ref, sizes)
+  # the plain-JAX reference (the CPU fallback's form) agrees with float64 too
+  r = gk.grouped_swiglu_nvfp4_kl_reference(x, gq, gsc, ggs, uq, usc, ugs, sz)
+  check(r, ref, sizes)
+
+
+def test_grouped_swiglu_rejects_mismatched_weights(rng):
+  (gq, gsc, ggs), _ = _kl_expert_weights(rng, 3, 64, 256)
+  (uq, usc, ugs), _ = _kl_expert_weights(rng, 3, 32, 256)
+  x = jnp.asarray(rng.standard_normal((8, 256)), jnp.bfloat16)
+  with pytest.raises(ShapeError):
+    gk.grouped_swiglu_nvfp4_kl(x, gq, gsc, ggs, uq, usc, ugs, jnp.ones((3,), jnp.int32),
+                               interpret=True)
+  with pytest.raises(ShapeError):    # K not a multiple of the kernel layout's 256
+    gk.grouped_swiglu_nvfp4_kl(x[:, :128], gq[..., :64], gsc[..., :8], ggs, gq[..., :64],
+                               gsc[..., :8], ggs, jnp.ones((3,), jnp.int32), interpret=True)

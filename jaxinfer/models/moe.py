@@ -65,7 +65,7 @@ def dispatch_moe(x: jax.Array, weights: jax.Array, idx: jax.Array, w_gate, w_up,
   T, k = idx.shape
   order, token_of_row, group_sizes = sort_by_expert(idx, num_experts)
   xs = x[token_of_row]                                                        # [T*k, H]
-  h = jax.nn.silu(grouped_linear(xs, w_gate, group_sizes)) * grouped_linear(xs, w_up, group_sizes)
+  h = gemm.grouped_swiglu(xs, w_gate, w_up, group_sizes)     # silu(xs Wg) * (xs Wu)
   ys = grouped_linear(h, w_down, group_sizes)                                 # [T*k, H]
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   y = ys[inverse].reshape(T, k, -1).astype(jnp.float32)
