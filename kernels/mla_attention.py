@@ -217,6 +217,41 @@ def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.
                        interpret=interpret)
 
 
+# The Mosaic GPU kernel runs one CTA per (64 heads, sequence) and does not split the context: below
+# this many CTAs the Triton kernel (which splits) is preferred. A guess from the per-CTA rates
+# (Triton 154 TFLOP/s in all; one Mosaic CTA ~5 TFLOP/s), not a measured crossover.
+MOSAIC_MIN_CTAS = 32
+
+
+def _is_hopper() -> bool:
+  dev = jax.devices()[0]
+  cc = getattr(dev, "compute_capability", None)
+  if cc is not None:
+    return str(cc).startswith("9.")
+  return any(name in dev.device_kind for name in ("H100", "H200", "H800", "H20", "GH200"))
+
+
+def mosaic_decode_wanted(q_latent, q_rope, latent_pages, batch: AttentionBatch, *, on_gpu: bool,
+                         hopper: bool) -> bool:
+  """Whether ``mla_paged_attention`` sends this batch to the Mosaic GPU decode kernel (statically;
+  the one-token-per-sequence condition is also checked at run time)."""
+  if not (on_gpu and hopper) or batch.num_tokens > batch.num_seqs:
+    return False
+  from kernels import mla_attention_mgpu   # lazy: it imports this module's reference
+  if not mla_attention_mgpu.supported(q_latent, q_rope, latent_pages, batch.page_table,
+                                      batch.seq_lens, batch.query_start):
+    return False
+  return batch.num_seqs * (q_latent.shape[1] // 64) >= MOSAIC_MIN_CTAS
+
+
+def _mosaic_decode(q_latent, q_rope, latent_pages, batch: AttentionBatch, *, scale: float,
+                   latent_scale=1.0) -> jax.Array:
+  from kernels import mla_attention_mgpu
+  return mla_attention_mgpu.mla_decode_mgpu(
+      q_latent, q_rope, latent_pages, batch.page_table, batch.seq_lens, batch.query_start,
+      scale=scale, latent_scale=latent_scale).astype(q_latent.dtype)
+
+
 def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
                         batch: AttentionBatch, *, scale: float, latent_scale=1.0,
                         impl: str = "auto") -> jax.Array:
@@ -225,9 +260,13 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
   ``impl``: auto | pallas | reference. auto: the reference on CPU and for inputs the kernel does
   not take (q not bf16/f16, dims not powers of two, latents neither q's dtype nor FP8); else the
   Pallas decode kernel when every sequence has <= 8 new tokens this step (a runtime ``lax.cond`` on
-  the longest chunk) and the reference otherwise. pallas: the same choice without the input check,
-  the kernel in interpret mode off GPU. The kernel places token i of sequence b at position
-  ``seq_lens[b] - q_len_b + i`` and returns zeros for padding tokens.
+  the longest chunk) and the reference otherwise. On Hopper GPUs, a decode batch (at most one new
+  token per sequence: T <= B statically, checked at run time) whose shapes the Mosaic GPU kernel
+  takes (``kernels/mla_attention_mgpu.py``: bf16 q, heads a multiple of 64, bf16 or E4M3 latents)
+  and that gives it at least ``MOSAIC_MIN_CTAS`` CTAs goes to that kernel instead (auto and
+  pallas). pallas: the same choice without the input check, the kernel in interpret mode off GPU.
+  The kernel places token i of sequence b at position ``seq_lens[b] - q_len_b + i`` and returns
+  zeros for padding tokens.
   """
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown MLA impl {impl!r}")
@@ -244,13 +283,18 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
     return reference()
   T, B = batch.num_tokens, batch.num_seqs
   max_q = min(1 << (-(-T // B) - 1).bit_length(), 8)
+  longest = jnp.max(jnp.diff(batch.query_start))
+  if mosaic_decode_wanted(q_latent, q_rope, latent_pages, batch, on_gpu=on_gpu,
+                          hopper=on_gpu and _is_hopper()):
+    return lax.cond(longest <= 1, functools.partial(
+        _mosaic_decode, q_latent, q_rope, latent_pages, batch, scale=scale,
+        latent_scale=latent_scale), reference)
 
   def run_kernel():
     return mla_decode_pallas(q_latent, q_rope, latent_pages, batch.page_table, batch.seq_lens,
                              batch.query_start, scale=scale, latent_scale=latent_scale,
                              max_q=max_q, interpret=not on_gpu)
 
-  longest = jnp.max(jnp.diff(batch.query_start))
   return lax.cond(longest <= max_q, run_kernel, reference)
 
 
