@@ -11,7 +11,7 @@ import pytest
 from jaxinfer import attention
 from jaxinfer.engine import (BlockAllocator, EngineConfig, EngineLoop, FinishReason, LLMEngine,
                              RequestOutput)
-from jaxinfer.engine.step import build_host_batch
+from jaxinfer.engine.step import build_host_batch, build_host_batch_reference
 from jaxinfer.engine.toy_model import ByteTokenizer, toy_config, toy_params
 from jaxinfer.errors import InvalidRequestError, PromptTooLongError, RequestCancelledError
 from jaxinfer.sampling import SamplingParams
@@ -87,6 +87,47 @@ def test_host_batch_reads_pending_tokens_from_the_previous_steps_rows():
   hb = build_host_batch([([11, 12, -3], [1], 0), ([-1], [2, 3], 5)], 4, (8, 2, 2))
   np.testing.assert_array_equal(hb.tokens[:4], [11, 12, 0, 0])
   np.testing.assert_array_equal(hb.field("token_src"), [-1, -1, 2, 0, -1, -1, -1, -1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_host_batch_equals_the_field_by_field_reference(seed):
+  """The engine's packer (a few NumPy ops over all rows) against the reference built from
+  attention.build_batch_arrays and a loop per row: random rows of prefill chunks and decode tokens,
+  pending ids, greedy / sampled / unused rows, padded shapes, and no rows at all."""
+  rng = np.random.default_rng(seed)
+  page_size, T, B, P = int(rng.choice([1, 4, 16])), 64, 12, 9
+  chunks, rows = [], []
+  for _ in range(int(rng.integers(0, B + 1)) if seed else 0):
+    n = int(rng.integers(1, 5)) if rng.random() < 0.5 else 1
+    if sum(len(c[0]) for c in chunks) + n > T:
+      break
+    start = int(rng.integers(0, P * page_size - n + 1))
+    num_pages = int(rng.integers(-(-(start + n) // page_size), P + 1))
+    pages = [int(p) for p in rng.choice(np.arange(1, 500), num_pages, False)]
+    ids = [int(t) if rng.random() < 0.7 else -int(rng.integers(1, B + 1))
+           for t in rng.integers(0, 1000, n)]
+    chunks.append((ids, pages, start))
+    kind = rng.integers(0, 3)
+    params = None if kind == 0 else SamplingParams(
+        temperature=0.0 if kind == 1 else float(rng.uniform(0.1, 2)), top_k=int(rng.integers(0, 9)),
+        top_p=float(rng.uniform(0.1, 1)), seed=int(rng.integers(0, 2**32)))
+    rows.append((params, int(rng.integers(0, 100))))
+  got = build_host_batch(chunks, page_size, (T, B, P), rows)
+  want = build_host_batch_reference(chunks, page_size, (T, B, P), rows)
+  np.testing.assert_array_equal(got.ints, want.ints)
+  np.testing.assert_array_equal(got.floats, want.floats)
+  assert got.ints.dtype == np.int32 and got.floats.dtype == np.float32
+
+
+def test_host_batch_rejects_rows_that_do_not_fit_the_shape():
+  with pytest.raises(ValueError, match="tokens exceed"):
+    build_host_batch([([1] * 5, [1, 2], 0), ([2] * 4, [3], 0)], 4, (8, 2, 2))
+  with pytest.raises(ValueError, match="sequences exceed"):
+    build_host_batch([([1], [1], 0)] * 3, 4, (8, 2, 2))
+  with pytest.raises(ValueError, match="pages, the step allows"):
+    build_host_batch([([1], [1, 2, 3], 0)], 4, (8, 2, 2))
+  with pytest.raises(ValueError, match="needs 2 pages, has 1"):
+    build_host_batch([([1, 2], [1], 3)], 4, (8, 2, 2))
 
 
 def _mixed_workload(eng, seed):

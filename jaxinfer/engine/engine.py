@@ -260,33 +260,42 @@ class LLMEngine:
     return outputs
 
   def _dispatch(self, chunks, previous: _InFlight | None, t_start: float) -> _InFlight:
-    completes = [c.completes for c in chunks]
-    host = [(c.request.tokens(c.start, c.start + c.num_tokens), c.request.pages, c.start)
-            for c in chunks]
-    shape = self.buckets.shape_for(sum(c.num_tokens for c in chunks), len(chunks),
-                                   max(len(c.request.pages) for c in chunks))
-    hb = build_host_batch(host, self.page_size, shape, [
-        (c.request.params if done else None, c.request.num_output_tokens)
-        for c, done in zip(chunks, completes)])
+    # One pass over the chunks (this is the per-step host path: see StepStats.host_s).
+    host, sampling_rows, rows = [], [], []
+    num_tokens = num_decode = max_pages = 0
+    greedy = decode_only = True
+    for b, c in enumerate(chunks):
+      req, n = c.request, c.num_tokens
+      done = c.start + n == req.num_tokens                  # c.completes
+      host.append((req.tokens(c.start, c.start + n), req.pages, c.start))
+      num_tokens += n
+      max_pages = max(max_pages, len(req.pages))
+      if n != 1:
+        decode_only = False
+      if done:
+        sampling_rows.append((req.params, req.num_output_tokens))
+        greedy = greedy and req.params.greedy
+        num_decode += n == 1
+        rows.append(req)
+      else:
+        sampling_rows.append((None, 0))
+        rows.append(None)
+    shape = self.buckets.shape_for(num_tokens, len(chunks), max_pages)
+    hb = build_host_batch(host, self.page_size, shape, sampling_rows)
     self.compiled_shapes.add(shape)
     prev_tokens = previous.tokens if previous is not None else self._no_prev
-    greedy = all(c.request.params.greedy for c, done in zip(chunks, completes) if done)
     forward = self.forward
-    if self._decode_forward is not None and all(c.num_tokens == 1 for c in chunks):
+    if self._decode_forward is not None and decode_only:
       forward = self._decode_forward
     tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, prev_tokens,
                                             self.cache, forward=forward, shape=shape,
                                             greedy=greedy)
-    rows = []
-    for b, (c, done) in enumerate(zip(chunks, completes)):
+    for b, c in enumerate(chunks):
       c.request.num_computed += c.num_tokens
-      rows.append(c.request if done else None)
-      if done:
-        c.request.pending_rows.append(b)
+      if rows[b] is not None:
+        rows[b].pending_rows.append(b)
     t_dispatched = time.perf_counter()
-    num_decode = sum(1 for c, done in zip(chunks, completes) if done and c.num_tokens == 1)
-    stats = StepStats(shape, len(chunks), sum(c.num_tokens for c in chunks), num_decode,
-                      host_s=t_dispatched - t_start)
+    stats = StepStats(shape, len(chunks), num_tokens, num_decode, host_s=t_dispatched - t_start)
     self.num_steps += 1
     return _InFlight(tokens, logprobs, rows, stats, t_dispatched)
 
@@ -296,6 +305,7 @@ class LLMEngine:
     t = time.perf_counter()
     tokens, logprobs = jax.device_get((step.tokens, step.logprobs))
     self.last_step = dataclasses.replace(step.stats, wait_s=time.perf_counter() - t)
+    tokens, logprobs = tokens.tolist(), logprobs.tolist()   # Python scalars, once per step
     now = self.clock()
     outputs = []
     for b, req in enumerate(step.rows):
@@ -304,7 +314,7 @@ class LLMEngine:
       req.pending_rows.pop(0)
       if req.finished:
         continue
-      out = self._append(req, int(tokens[b]), float(logprobs[b]), now)
+      out = self._append(req, tokens[b], logprobs[b], now)
       if out is not None:
         outputs.append(out)
     return outputs

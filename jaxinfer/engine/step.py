@@ -12,6 +12,8 @@ dispatches step n+1 before step n's tokens reach the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention, sampling
-from jaxinfer.kv_cache import KVCache
+from jaxinfer.kv_cache import NULL_PAGE, KVCache
 from jaxinfer.models import llama
 
 ForwardFn = Callable[..., tuple[jax.Array, KVCache]]
@@ -76,6 +78,7 @@ class StepBuckets:
     return [(t, b, p) for t in self.tokens for b in self.seqs if b <= t for p in self.pages]
 
 
+@functools.lru_cache(maxsize=256)
 def _layout(shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
   """Offsets of each int32 field in the packed step input (one host-to-device copy per step)."""
   T, B, P = shape
@@ -120,7 +123,77 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   row r of the previous step's sampled tokens; ``sampling_rows``: (params or
   None for a row whose logits are not used, output tokens so far) per sequence. The fields of
   ``attention.build_batch_arrays`` plus those of ``SamplingBatch.from_params``, packed into two
-  arrays."""
+  arrays. Greedy rows keep the padding values of the sampling fields (the sampler takes the argmax
+  for a row of temperature 0 whatever its top-k / top-p / key).
+
+  This is on the engine's per-step host path, so it writes the packed array directly with a few
+  vectorised NumPy ops over all rows (no per-row array building; ``build_host_batch_reference``
+  is the field-by-field form it is tested against).
+  """
+  T, B, P = shape
+  layout = _layout(shape)
+  ints = np.zeros(layout["steps"][1], np.int32)
+  view = lambda name: ints[layout[name][0]:layout[name][1]]
+  n = len(chunks)
+  if n > B:
+    raise ValueError(f"{n} sequences exceed the step's {B}")
+  lens = np.fromiter(map(len, (c[0] for c in chunks)), np.int64, n)
+  starts = np.fromiter((c[2] for c in chunks), np.int64, n)
+  npages = np.fromiter(map(len, (c[1] for c in chunks)), np.int64, n)
+  total = int(lens.sum())
+  if total > T:
+    raise ValueError(f"{total} tokens exceed the step's {T}")
+  if n and int(npages.max()) > P:
+    b = int(np.argmax(npages))
+    raise ValueError(f"sequence {b} has {npages[b]} pages, the step allows {P}")
+  ends = starts + lens
+  if (short := np.flatnonzero(-(-ends // page_size) > npages)).size:
+    b = int(short[0])
+    raise ValueError(f"sequence {b} needs {-(-ends[b] // page_size)} pages, has {npages[b]}")
+  rows = np.arange(n)
+  page_table = view("page_table").reshape(B, P)
+  page_table[:] = NULL_PAGE
+  num_pages = int(npages.sum())
+  flat_pages = np.fromiter(itertools.chain.from_iterable(c[1] for c in chunks), np.int32,
+                           num_pages)
+  page_table[np.repeat(rows, npages),
+             np.arange(num_pages) - np.repeat(np.cumsum(npages) - npages, npages)] = flat_pages
+  first = np.cumsum(lens) - lens                      # flat index of each sequence's first token
+  seq_ids = np.repeat(rows, lens)
+  positions = np.arange(total) - np.repeat(first - starts, lens)
+  view("seq_ids")[:total] = seq_ids
+  view("positions")[:total] = positions
+  slots = view("slots")
+  slots[:total] = page_table[seq_ids, positions // page_size] * page_size + positions % page_size
+  slots[total:] = NULL_PAGE * page_size                 # padding writes go to the null page
+  view("seq_lens")[:n] = ends
+  query_start = view("query_start")
+  query_start[:n] = first
+  query_start[n:] = total
+  view("logit_indices")[:n] = first + lens - 1
+  ids = np.fromiter(itertools.chain.from_iterable(c[0] for c in chunks), np.int32, total)
+  view("tokens")[:total] = np.maximum(ids, 0)
+  token_src = view("token_src")
+  token_src[:] = -1
+  token_src[:total] = np.where(ids < 0, -ids - 1, -1)   # pending: previous step's row
+  floats = np.zeros((2, B), np.float32)
+  floats[1] = 1.0                                       # top_p of padding / greedy rows
+  top_k, seeds, steps = view("top_k"), view("seeds"), view("steps")
+  for i, (p, step) in enumerate(sampling_rows):
+    if p is None or p.greedy:
+      continue
+    floats[0, i], floats[1, i], top_k[i] = p.temperature, p.top_p, p.top_k
+    seeds[i] = np.uint32(p.resolved_seed()).view(np.int32)
+    steps[i] = step
+  return HostBatch(shape, ints, floats)
+
+
+def build_host_batch_reference(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
+                               page_size: int, shape: tuple[int, int, int],
+                               sampling_rows: Sequence[tuple[sampling.SamplingParams | None, int]]
+                               = ()) -> HostBatch:
+  """``build_host_batch`` field by field, from ``attention.build_batch_arrays`` and a loop over
+  rows: the reference it is tested against."""
   T, B, P = shape
   lens = [len(c[0]) for c in chunks]
   arrays = attention.build_batch_arrays(lens, [c[2] for c in chunks], [c[1] for c in chunks],
@@ -131,19 +204,17 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   for name, a in arrays.items():
     view(name)[:] = a.reshape(-1)
   view("token_src")[:] = -1
-  if chunks:
-    ids = np.concatenate([np.asarray(c[0], np.int32) for c in chunks])
-    view("tokens")[:ids.size] = np.maximum(ids, 0)
-    view("token_src")[:ids.size] = np.where(ids < 0, -ids - 1, -1)   # pending: previous step's row
+  for (ids, _, _), q in zip(chunks, arrays["query_start"]):
+    for j, t in enumerate(ids):
+      view("tokens")[q + j] = max(t, 0)
+      view("token_src")[q + j] = -t - 1 if t < 0 else -1
   floats = np.zeros((2, B), np.float32)
-  floats[1] = 1.0                                       # top_p of padding / greedy rows
-  top_k, seeds, steps = view("top_k"), view("seeds"), view("steps")
+  floats[1] = 1.0
   for i, (p, step) in enumerate(sampling_rows):
-    if p is None:
-      continue
-    floats[0, i], floats[1, i], top_k[i] = p.temperature, p.top_p, p.top_k
-    seeds[i] = np.uint32(p.resolved_seed()).view(np.int32)
-    steps[i] = step
+    if p is not None and not p.greedy:
+      floats[:, i] = p.temperature, p.top_p
+      view("top_k")[i], view("steps")[i] = p.top_k, step
+      view("seeds")[i] = np.uint32(p.resolved_seed()).view(np.int32)
   return HostBatch(shape, ints, floats)
 
 
