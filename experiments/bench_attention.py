@@ -30,6 +30,7 @@ from jaxinfer.attention import SeqChunk, build_batch, paged_attention, reference
 from kernels.flash_attention import PrefillTiles, flash_prefill, reference_prefill
 from kernels.flash_attention_mgpu import MgpuTiles, flash_prefill_dense, prepare_v_fp8
 from kernels.mla_attention import MLATiles, mla_decode_pallas, reference_mla_paged_attention
+from kernels.mla_attention_mgpu import MLAMgpuTiles, mla_decode_mgpu
 from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, DecodeTiles,
                                             paged_decode_attention)
 
@@ -37,7 +38,16 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode, no peer
 _OUT = flags.DEFINE_string("out", "", "JSON output path")
 _CHECK_DIMS = flags.DEFINE_integer("check_dims", 2, "how many head dims (128, 64) the checks cover")
 _PEERS = flags.DEFINE_integer("decode_peer_configs", 2, "bundled paged_attention configs per case")
-_ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,decode,decode_long,mla")
+_ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,decode,decode_long,"
+                          "mla,mla_mgpu")
+_MLA_MGPU = flags.DEFINE_list("mla_mgpu", ["bf16:default", "fp8:default"],
+                              "mla_mgpu section: dtype:variant pairs (variants: "
+                              + "default, s1, nozt)")
+_MLA_BATCH = flags.DEFINE_integer("mla_batch", 64, "mla_mgpu section: batch (sequences)")
+_MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context length")
+_MLA_PAGE = flags.DEFINE_integer("mla_page", 64, "mla_mgpu section: page size")
+_MLA_TRITON = flags.DEFINE_bool("mla_triton", True, "mla_mgpu section: also time the Triton kernel "
+                                "(its measured-best tiles) on the same inputs")
 _PREFILL_PEERS = flags.DEFINE_bool("prefill_peers", True, "also time jax's attention_mgpu, our "
                                    "Triton kernels and XLA at the prefill shape")
 _DECODE_PEERS = flags.DEFINE_bool("decode_peers", True, "also time XLA and jax's bundled kernels "
@@ -516,8 +526,83 @@ def mla():
               rel(fn(ql, qr, lat_in, pt, lens, qs), ref), 1e-2)
 
 
+# Mosaic GPU MLA decode (kernels/mla_attention_mgpu.py): named variants, the first the default.
+MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots do not fit smem)
+                     "nozt": MLAMgpuTiles(zero_tail=False)}
+
+
+@guarded
+def mla_mgpu():
+  """The Mosaic GPU MLA decode kernel next to the Triton one, same inputs; each variant is checked
+  against the f32 reference on the GPU before it is timed (a variant that fails to compile is
+  recorded as an error and the next one runs)."""
+  if _SMOKE.value:
+    B, ctx, H, R, Dr, ps = 3, 200, 64, 128, 64, 16
+  else:
+    B, ctx, H, R, Dr, ps = _MLA_BATCH.value, _MLA_CTX.value, 128, 512, 64, _MLA_PAGE.value
+  pps = -(-ctx // ps)
+  lat = normal(40, (B * pps + 1, ps, R + Dr))
+  pt = jnp.asarray(np.random.default_rng(2).permutation(np.arange(1, B * pps + 1)).reshape(B, pps),
+                   jnp.int32)
+  ql, qr = normal(41, (B, H, R)), normal(42, (B, H, Dr))
+  # ragged in the smoke run (a tail tile, length 1); every sequence at ctx in the timed case
+  lens = (jnp.asarray([ctx, 1, ctx - 37], jnp.int32) if _SMOKE.value
+          else jnp.full((B,), ctx, jnp.int32))
+  qs = jnp.arange(B + 1, dtype=jnp.int32)
+  read = RESULTS.get("read_tbps", 3.0)
+  flops = B * H * ctx * (2 * (R + Dr) + 2 * R)
+  interp = _SMOKE.value
+  batch = build_batch([SeqChunk(list(np.asarray(pt[b])), int(lens[b]) - 1, 1) for b in range(B)],
+                      ps, num_tokens=B, num_seqs=B, pages_per_seq=pps)
+  ref_fn = jax.jit(functools.partial(reference_mla_paged_attention, scale=0.07))
+  by_dtype: dict = {}
+  for spec in _MLA_MGPU.value:
+    name, variant = spec.split(":")
+    by_dtype.setdefault(name, []).append(variant)
+  for name, variants in by_dtype.items():
+    sc = 0.5 if name == "fp8" else 1.0
+    lat_in = (lat / sc).astype(F8) if name == "fp8" else lat
+    case = f"MLA decode {name} B{B} ctx{ctx} H{H} page{ps}"
+    nbytes = B * ctx * (R + Dr) * lat_in.dtype.itemsize
+    ref = ref_fn(ql, qr, lat_in, batch, latent_scale=sc)
+    best = {}
+    for variant in variants:
+      tiles = MLA_MGPU_VARIANTS[variant]
+      fn = jax.jit(functools.partial(mla_decode_mgpu, scale=0.07, latent_scale=sc, tiles=tiles,
+                                     interpret=interp))
+      label = f"Mosaic GPU {variant}"
+      try:
+        out = fn(ql, qr, lat_in, pt, lens, qs)
+        err = rel(out, ref)
+      except Exception as e:   # a Mosaic compile error must not end the run
+        msg = f"{case} / {label}: {type(e).__name__}: {traceback.format_exc()[-3000:]}"
+        print("FAILED", msg, flush=True)
+        RESULTS["errors"].append(msg)
+        _save()
+        continue
+      check(f"{case} {label} vs reference", err, 1e-2)
+      t = record(case, label, fn, (ql, qr, lat_in, pt, lens, qs), nbytes=nbytes, roof=read,
+                 flops=flops)
+      if t is not None:
+        best["mosaic"] = min(best.get("mosaic", t), t)
+    if _MLA_TRITON.value:
+      tiles = (MLATiles(16, 32, 4, 2) if _SMOKE.value else
+               MLA_FP8[0] if name == "fp8" else MLA_BF16[0])
+      fn = jax.jit(functools.partial(mla_decode_pallas, scale=0.07, latent_scale=sc, tiles=tiles,
+                                     interpret=interp))
+      label = f"Triton bh{tiles.block_h} bk{tiles.block_k} w{tiles.num_warps}"
+      check(f"{case} {label} vs reference", rel(fn(ql, qr, lat_in, pt, lens, qs), ref), 1e-2)
+      t = record(case, label, fn, (ql, qr, lat_in, pt, lens, qs), nbytes=nbytes, roof=read,
+                 flops=flops)
+      if t is not None:
+        best["triton"] = t
+    if len(best) == 2:
+      RESULTS.setdefault("derived", {})[f"{case} triton/mosaic time"] = best["triton"] / best["mosaic"]
+      _save()
+
+
 SECTIONS = {"ceilings": ceilings, "check": gpu_checks, "prefill": prefill, "decode": decode,
-            "decode_long": decode_long, "mla": mla}
+            "decode_long": decode_long, "mla": mla, "mla_mgpu": mla_mgpu}
 
 
 def main(argv):
