@@ -236,10 +236,10 @@ def compare_gemms(layer_a, layer_b, num_seqs, key) -> float:
 def parse_tiling(name: str, block_m: int = 16) -> grouped_matmul.Tiling | None:
   """'B128 asm s3 t2 w4 m16' -> grouped Tiling (B/A = weight as the MMA's B/A operand, block_n;
   dequant mode; w<warps> s<stages> t<256-wide K tiles per step> m<block_m>); None for 'default'
-  (the committed default_kl_tiling)."""
-  if name.strip() == "default":
+  (the committed default_kl_tiling). An 'xf16' token (x cast to f16 outside) is ignored here."""
+  parts = [p for p in name.split() if p != "xf16"]
+  if parts == ["default"]:
     return None
-  parts = name.split()
   d = {"w_as_a": parts[0][0] == "A", "block_n": int(parts[0][1:]), "dequant": parts[1],
        "num_warps": 4, "num_stages": 3, "block_k": 512, "block_m": block_m}
   for p in parts[2:]:
@@ -318,17 +318,20 @@ def sweep_gemms(kl_layer, key, variants, results, save) -> None:
     row = {"variant": v, "proj": proj}
     try:
       tiling = parse_tiling(name)
+      # xf16: x cast to f16 by XLA outside the timed kernel (in the model it fuses into the
+      # producer), output still bf16
+      cast = (lambda a: a.astype(jnp.float16)) if "xf16" in name.split() else (lambda a: a)
       if proj == "glu":
         fn = jax.jit(functools.partial(grouped_matmul.grouped_swiglu_nvfp4_kl, tiling=tiling,
-                                       interpret=interp))
-        args = (xs, wg.packed, wg.scale, wg.global_scale, wu.packed, wu.scale, wu.global_scale,
-                sizes)
+                                       interpret=interp, out_dtype=jnp.bfloat16))
+        args = (cast(xs), wg.packed, wg.scale, wg.global_scale, wu.packed, wu.scale,
+                wu.global_scale, sizes)
         ref, w_list = ref_glu, (wg, wu)
       else:
         w, inp, ref = {"gate": (wg, xs, ref_g), "down": (wd, h, ref_d)}[proj]
         fn = jax.jit(functools.partial(grouped_matmul.grouped_matmul_nvfp4_kl, tiling=tiling,
-                                       interpret=interp))
-        args = (inp, w.packed, w.scale, w.global_scale, sizes)
+                                       interpret=interp, out_dtype=jnp.bfloat16))
+        args = (cast(inp), w.packed, w.scale, w.global_scale, sizes)
         w_list = (w,)
       t0 = time.time()
       y = jax.block_until_ready(fn(*args))
@@ -455,7 +458,9 @@ def main(_):
   if _KL.value:
     cases[1:1] = [(64, 1, ctx, f"decode B=64 {what}") for what in (
         "nvfp4-experts kernel-layout", "nvfp4-experts kernel-layout fused-glu",
-        "nvfp4-v2 kernel-layout", "nvfp4-v2 kernel-layout fused-glu")]
+        "nvfp4-experts kernel-layout xf16", "nvfp4-experts kernel-layout fused-glu xf16",
+        "nvfp4-v2 kernel-layout", "nvfp4-v2 kernel-layout fused-glu",
+        "nvfp4-v2 kernel-layout fused-glu xf16")]
   cases += [(64, 1, ctx, f"decode B=64 nvfp4-experts dequant={mode}")
             for mode in _NVFP4_ALSO.value]
   cases += [(b, 1, ctx, f"decode B={b} bf16") for b in batches if b != 64]
@@ -474,6 +479,7 @@ def main(_):
   results["grouped_kl_tiling_short_k"] = dict(grouped_matmul.KL_DECODE_SHORT_K)
   results["grouped_kl_tiling_glu"] = dict(grouped_matmul.KL_DECODE_GLU)
   results["fused_swiglu_default"] = gemm.FUSED_SWIGLU
+  results["kl_x_f16_default"] = gemm.KL_X_F16
   layers: dict[str, dict] = {}
 
   def get_layer(label: str) -> dict:
@@ -504,10 +510,11 @@ def main(_):
     if over_budget():
       results.setdefault("skipped", []).append(label)
       return
-    fused_before = gemm.FUSED_SWIGLU
+    fused_before, xf16_before = gemm.FUSED_SWIGLU, gemm.KL_X_F16
     try:
       lay = get_layer(label)
       gemm.FUSED_SWIGLU = "fused-glu" in label or (fused_before and "unfused" not in label)
+      gemm.KL_X_F16 = label.endswith(" xf16") or (xf16_before and "xbf16" not in label)
       if "kernel-layout" in label:
         r = measure(lay, num_seqs, per_seq, context, key, label)
         if _COMPARE.value and label.endswith("nvfp4-experts kernel-layout"):
@@ -526,7 +533,7 @@ def main(_):
         r["grouped_dequant"] = label.split("dequant=")[1] if "dequant=" in label else default_mode
       else:
         r = measure(lay, num_seqs, per_seq, context, key, label)
-      r["fused_swiglu"] = gemm.FUSED_SWIGLU
+      r["fused_swiglu"], r["kl_x_f16"] = gemm.FUSED_SWIGLU, gemm.KL_X_F16
       results["runs"].append(r)
       print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
       if _PROFILE.value == label and not over_budget():
@@ -538,7 +545,7 @@ def main(_):
       traceback.print_exc()
       results["errors"].append(f"{label}: {type(e).__name__}: {str(e)[:500]}")
     finally:
-      gemm.FUSED_SWIGLU = fused_before
+      gemm.FUSED_SWIGLU, gemm.KL_X_F16 = fused_before, xf16_before
     save()
 
   after = [c for c in cases if c[3] in _AFTER.value]

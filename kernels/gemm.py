@@ -125,6 +125,9 @@ def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
 # Fused gate/up projections for MoE experts (grouped_swiglu below): one kernel computing
 # silu(x Wg) * (x Wu) when both weights are NVFP4 in the kernel layout (GPU only).
 FUSED_SWIGLU: bool = False
+# Kernel-layout grouped kernels on an f16 route get x cast to f16 by XLA (fused into its producer)
+# instead of converting every x tile in the K loop (grouped_matmul.x_for_kl; bit-identical).
+KL_X_F16: bool = False
 
 
 def grouped_swiglu(x: jax.Array, w_gate, w_up, group_sizes: jax.Array) -> jax.Array:
@@ -135,9 +138,11 @@ def grouped_swiglu(x: jax.Array, w_gate, w_up, group_sizes: jax.Array) -> jax.Ar
   if (FUSED_SWIGLU and _use_kernels() and isinstance(w_gate, GroupedNVFP4Weight)
       and isinstance(w_up, GroupedNVFP4Weight) and w_gate.layout == w_up.layout == "kernel"
       and w_gate.packed.shape == w_up.packed.shape):
+    t = grouped_kernels.default_kl_tiling(x.shape[0], w_gate.num_groups, w_gate.k, glu=True)
     return grouped_kernels.grouped_swiglu_nvfp4_kl(
-        x, w_gate.packed, w_gate.scale, w_gate.global_scale, w_up.packed, w_up.scale,
-        w_up.global_scale, group_sizes)
+        grouped_kernels.x_for_kl(x, t) if KL_X_F16 else x, w_gate.packed, w_gate.scale,
+        w_gate.global_scale, w_up.packed, w_up.scale, w_up.global_scale, group_sizes, tiling=t,
+        out_dtype=x.dtype)
   return jax.nn.silu(grouped_matmul(x, w_gate, group_sizes)) * grouped_matmul(x, w_up,
                                                                               group_sizes)
 
@@ -147,8 +152,10 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
   gpu = _use_kernels()
   if isinstance(w, GroupedNVFP4Weight):
     if gpu and w.layout == "kernel":
-      return grouped_kernels.grouped_matmul_nvfp4_kl(x, w.packed, w.scale, w.global_scale,
-                                                     group_sizes)
+      t = grouped_kernels.default_kl_tiling(x.shape[0], w.num_groups, w.k)
+      return grouped_kernels.grouped_matmul_nvfp4_kl(
+          grouped_kernels.x_for_kl(x, t) if KL_X_F16 else x, w.packed, w.scale, w.global_scale,
+          group_sizes, tiling=t, out_dtype=x.dtype)
     if gpu:
       return grouped_kernels.grouped_matmul_nvfp4(x, w.packed, w.scale, w.global_scale,
                                                   group_sizes)

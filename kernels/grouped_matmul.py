@@ -288,27 +288,32 @@ def grouped_matmul_nvfp4(x: jax.Array, packed: jax.Array, scale: jax.Array,
               k, tiling, interpret, x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "out_dtype"))
 def grouped_matmul_nvfp4_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array,
                             global_scale: jax.Array, group_sizes: jax.Array, *,
-                            tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
+                            tiling: Tiling | None = None, interpret: bool = False,
+                            out_dtype=None) -> jax.Array:
   """grouped_matmul_nvfp4 on kernel-layout bytes (kernels/quant/nvfp4.to_kernel_layout, K a
   multiple of 256): the decode kernel's dequantization (nvfp4_matmul.kl_tile_dot) per expert
   tile. ``tiling``: block_m / block_n / num_warps / num_stages / w_as_a / dequant (one of
   nvfp4_matmul.KL_DEQUANT_MODES); block_k: K per loop step, a multiple of the layout's 256 (else
-  256)."""
-  nvfp4.check_layout(packed_kl, scale)
-  if packed_kl.ndim != 3:
-    raise ShapeError(f"grouped NVFP4 weight must be [E, N, K/2], got {packed_kl.shape}")
-  e, n, k = packed_kl.shape[0], packed_kl.shape[1], packed_kl.shape[2] * 2
-  nvfp4.check_kernel_k(k)
-  _check_common(x, group_sizes, e)
-  if x.shape[1] != k:
-    raise ShapeError(f"x has K={x.shape[1]} but the weight has K={k}")
-  if global_scale.shape != (e,):
-    raise ShapeError(f"global_scale must be [E={e}], got {global_scale.shape}")
+  256). Output in ``out_dtype`` (default x's): an f16 x on the f16 routes skips the in-kernel
+  conversion of every x tile (see x_for_kl)."""
+  e, n, k = _check_nvfp4_kl(x, packed_kl, scale, global_scale, group_sizes, "expert")
   return _run("nvfp4_kl", (x, packed_kl, scale, global_scale.astype(jnp.float32)), x, group_sizes,
-              e, n, k, tiling or default_kl_tiling(x.shape[0], e, k), interpret, x.dtype)
+              e, n, k, tiling or default_kl_tiling(x.shape[0], e, k), interpret,
+              out_dtype or x.dtype)
+
+
+# x in f16 for the kernel-layout kernels. Their f16 dequant routes (every KL mode but "f32") cast
+# each x tile to f16 inside the K loop, in every warp of every N-tile program: with bm = 16 rows
+# that is ~1/5 of the loop's instructions (nvfp4_matmul's docstring: ~3.9 vs ~3.0-3.5 SASS
+# instructions per weight element with x in bf16 vs f16). Casting x once outside (XLA fuses it
+# into the producer, e.g. the MoE row gather) gives bit-identical results: both are the same
+# round-to-nearest bf16 -> f16 conversion, with the same |x| <= 65504 range condition.
+def x_for_kl(x: jax.Array, tiling: Tiling) -> jax.Array:
+  """x cast to f16 when the kernel-layout ``tiling`` runs an f16 route."""
+  return x.astype(jnp.float16) if tiling.dequant != "f32" and x.dtype == jnp.bfloat16 else x
 
 
 # Kernel-layout grouped tiling at <= 16 rows per group (decode): the weight as the MMA's B

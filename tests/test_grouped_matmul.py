@@ -197,3 +197,27 @@ def test_grouped_swiglu_rejects_mismatched_weights(rng):
   with pytest.raises(ShapeError):    # K not a multiple of the kernel layout's 256
     gk.grouped_swiglu_nvfp4_kl(x[:, :128], gq[..., :64], gsc[..., :8], ggs, gq[..., :64],
                                gsc[..., :8], ggs, jnp.ones((3,), jnp.int32), interpret=True)
+
+
+def test_kernel_layout_x_cast_outside_is_bit_identical(rng):
+  """x_for_kl: x cast to f16 before the call (out_dtype bf16) gives exactly the bf16-x result on
+  an f16 route (the kernel casts each x tile the same way), for both kernel-layout kernels; the
+  bf16-MMA "f32" route keeps x as is."""
+  t, e, n, k = 21, 4, 64, 512
+  sizes = jnp.asarray([6, 0, 9, 4], jnp.int32)
+  (gq, gsc, ggs), _ = _kl_expert_weights(rng, e, n, k)
+  (uq, usc, ugs), _ = _kl_expert_weights(rng, e, n, k)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  tl = gk.Tiling(16, 64, 512, 4, 2, dequant="asm")
+  x16 = gk.x_for_kl(x, tl)
+  assert x16.dtype == jnp.float16
+  assert gk.x_for_kl(x, gk.Tiling(16, 64, 512, 4, 2, dequant="f32")).dtype == jnp.bfloat16
+  a = gk.grouped_matmul_nvfp4_kl(x, gq, gsc, ggs, sizes, tiling=tl, interpret=True)
+  b = gk.grouped_matmul_nvfp4_kl(x16, gq, gsc, ggs, sizes, tiling=tl, interpret=True,
+                                 out_dtype=jnp.bfloat16)
+  assert b.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(f64(a), f64(b))
+  a = gk.grouped_swiglu_nvfp4_kl(x, gq, gsc, ggs, uq, usc, ugs, sizes, tiling=tl, interpret=True)
+  b = gk.grouped_swiglu_nvfp4_kl(x16, gq, gsc, ggs, uq, usc, ugs, sizes, tiling=tl,
+                                 interpret=True, out_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(f64(a), f64(b))
