@@ -80,16 +80,19 @@ class MLAMgpuTiles:
   128-key bf16 tile would not fit shared memory twice); stages: latent tiles in flight (bf16: the
   tiles the MMAs read; FP8: the raw E4M3 tiles, widened one at a time into a single f16 tile);
   zero_tail: zero the last tile's rows past the sequence length in shared memory (off: those cache
-  slots must hold finite values, since 0 * inf/NaN would poison P.V)."""
+  slots must hold finite values, since 0 * inf/NaN would poison P.V); overlap (bf16, >= 2
+  stages): consumer 0 issues Q.K^T of step i+1 together with its P.V of step i instead of after it
+  (FP8's single widened tile cannot hold step i+1 yet: ignored there)."""
   block_k: int = 64
   stages: int = 2
   zero_tail: bool = True
+  overlap: bool = False
 
   def __post_init__(self):
     if self.block_k != 64:
       raise ValueError(f"block_k must be 64, got {self.block_k}")
-    if self.stages < 1:
-      raise ValueError(f"stages must be >= 1, got {self.stages}")
+    if self.stages < 1 or (self.overlap and self.stages < 2):
+      raise ValueError(f"stages must be >= 1 (>= 2 with overlap), got {self.stages}")
 
 
 BF16_TILES = MLAMgpuTiles(stages=2)
@@ -121,7 +124,8 @@ def smem_bytes(tiles: MLAMgpuTiles, rank: int, rope_dim: int, fp8: bool) -> int:
 
 def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, scoped, *,
             block_k: int, stages: int, page_size: int, pages_per_seq: int, rank: int,
-            rope_dim: int, sm_scale: float, fp8: bool, zero_tail: bool, interpret: bool):
+            rope_dim: int, sm_scale: float, fp8: bool, zero_tail: bool, overlap: bool,
+            interpret: bool):
   smem, bars = scoped
   ql_smem, qr_smem, k_smem, raw_smem, p_smem, row_smem = smem
   k_bars, k_consumed, ql_bar, qr_bar, p_ready, p_consumed, raw_bars = bars
@@ -189,27 +193,29 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
     plgpu.barrier_wait(ql_bar)
     plgpu.barrier_wait(qr_bar)
 
-    def step(i, carry, *, masked: bool):
-      acc, m_i, l_i = carry
-      slot = lax.rem(i, jnp.int32(slots))
-      plgpu.barrier_wait(k_bars.at[slot])
-      tile = k_smem.at[slot]
-      valid = seq_len - i * block_k
-      if masked and zero_tail and not fp8:   # rows >= valid may hold anything (FP8: the producer)
+    def zero_rows(tile, valid):   # rows >= valid may hold anything (FP8: the producer does it)
+      if zero_tail and not fp8:
         for c0 in range(0, C, 64):
           part = tile.at[:, pl.ds(c0, 64)]
           part[...] = masked_rows(part[...], valid)
         plgpu.commit_smem()
 
-      def qk(s_ref):
-        for j in range(2):
-          plgpu.wgmma(s_ref, ql_smem.at[j], tile.at[:, pl.ds(j * half, half)].T)
-        plgpu.wgmma(s_ref, qr_smem, tile.at[:, pl.ds(rank, rope_dim)].T)
+    def issue_qk(s_ref, tile):
+      for j in range(2):
+        plgpu.wgmma(s_ref, ql_smem.at[j], tile.at[:, pl.ds(j * half, half)].T)
+      plgpu.wgmma(s_ref, qr_smem, tile.at[:, pl.ds(rank, rope_dim)].T)
+
+    def qk(tile):
+      def run(s_ref):
+        issue_qk(s_ref, tile)
         return s_ref[...]
-      s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_k), jnp.float32))
+      return pl.run_scoped(run, plgpu.ACC((_ROWS, block_k), jnp.float32))
+
+    def softmax_and_publish(i, s, m_i, l_i, *, masked: bool):
+      """Online softmax of S(i); P(i) and the rescale factor go to consumer 1 via shared memory."""
       if masked:
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(cols < valid, s, -jnp.inf)
+        s = jnp.where(cols < seq_len - i * block_k, s, -jnp.inf)
       m_new = jnp.maximum(m_i, s.max(axis=1) * c)
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -219,16 +225,62 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       row_smem[...] = alpha
       plgpu.commit_smem()
       plgpu.barrier_arrive(p_ready)
+      return alpha, m_new, l_i
+
+    def step(i, carry, *, masked: bool):
+      acc, m_i, l_i = carry
+      slot = lax.rem(i, jnp.int32(slots))
+      plgpu.barrier_wait(k_bars.at[slot])
+      tile = k_smem.at[slot]
+      if masked:
+        zero_rows(tile, seq_len - i * block_k)
+      s = qk(tile)
+      alpha, m_i, l_i = softmax_and_publish(i, s, m_i, l_i, masked=masked)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       acc = pv(acc, tile.at[:, pl.ds(0, half)])
       plgpu.barrier_arrive(k_consumed.at[slot])
-      return acc, m_new, l_i
+      return acc, m_i, l_i
+
+    def overlapped_step(i, carry):
+      """P.V(i) and Q.K^T(i+1) issued together (the tensor cores are not idle while this warpgroup
+      waits for the MMAs); every S is masked (a no-op but the last), the tail rows of the last tile
+      are zeroed before its Q.K^T is issued."""
+      acc, m_i, l_i, s = carry
+      slot, nxt = lax.rem(i, jnp.int32(slots)), lax.rem(i + 1, jnp.int32(slots))
+      alpha, m_i, l_i = softmax_and_publish(i, s, m_i, l_i, masked=True)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      plgpu.barrier_wait(k_bars.at[nxt])
+      pl.when(i + 1 == n - 1)(lambda: zero_rows(k_smem.at[nxt], seq_len - (i + 1) * block_k))
+      if interpret:
+        acc = pv(acc, k_smem.at[slot, :, pl.ds(0, half)])
+        s = qk(k_smem.at[nxt])
+      else:
+        def both(refs):
+          acc_ref, s_ref = refs
+          plgpu.wgmma(acc_ref, p_smem, k_smem.at[slot, :, pl.ds(0, half)])
+          issue_qk(s_ref, k_smem.at[nxt])
+        zeros = plgpu.layout_cast(jnp.full((_ROWS, block_k), 0, jnp.float32), plgpu.Layout.WGMMA)
+        acc, s = pl.run_state(both)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      return acc, m_i, l_i, s
 
     acc = plgpu.layout_cast(jnp.full((_ROWS, half), 0, jnp.float32), plgpu.Layout.WGMMA)
     m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout)
     l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0, jnp.float32), row_layout)
-    carry = lax.fori_loop(0, n - 1, functools.partial(step, masked=False), (acc, m_i, l_i))
-    acc, _, l_i = step(n - 1, carry, masked=True)
+    if overlap:
+      plgpu.barrier_wait(k_bars.at[0])
+      pl.when(n == 1)(lambda: zero_rows(k_smem.at[0], seq_len))
+      s0 = qk(k_smem.at[0])
+      acc, m_i, l_i, s = lax.fori_loop(0, n - 1, overlapped_step, (acc, m_i, l_i, s0))
+      last = n - 1
+      slot = lax.rem(last, jnp.int32(slots))
+      alpha, m_i, l_i = softmax_and_publish(last, s, m_i, l_i, masked=True)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      acc = pv(acc, k_smem.at[slot, :, pl.ds(0, half)])
+      plgpu.barrier_arrive(k_consumed.at[slot])
+    else:
+      carry = lax.fori_loop(0, n - 1, functools.partial(step, masked=False), (acc, m_i, l_i))
+      acc, _, l_i = step(n - 1, carry, masked=True)
     inv = 1.0 / l_i
     if fp8:
       inv = inv * sc_ref[0]
@@ -368,6 +420,7 @@ def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Ar
   kernel = functools.partial(
       _kernel, block_k=tiles.block_k, stages=stages, page_size=page_size, pages_per_seq=P,
       rank=R, rope_dim=Dr, sm_scale=scale, fp8=fp8, zero_tail=tiles.zero_tail,
+      overlap=tiles.overlap and not fp8,
       interpret=bool(interpret))
   bk = tiles.block_k
   slots = 1 if fp8 else stages

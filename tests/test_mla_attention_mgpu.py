@@ -74,15 +74,18 @@ def check(out, ql, qr, lat64, batch, bound, pad_zero=True):
   assert err < bound, err
 
 
-@pytest.mark.parametrize("page_size,stages,lens", [
-    (64, 2, [1, 200]),          # length 1; 4 tiles through 2 slots, tail of 8 keys
-    (16, 1, [77, 130]),         # 4 pages per tile, one slot, odd lengths
+@pytest.mark.parametrize("page_size,tiles,lens", [
+    (64, MLAMgpuTiles(stages=2), [1, 200]),     # length 1; 4 tiles through 2 slots, 8-key tail
+    (16, MLAMgpuTiles(stages=1), [77, 130]),    # 4 pages per tile, one slot, odd lengths
+    # Q.K^T(i+1) issued with P.V(i); a one-tile sequence, a full last tile, a 2-key tail
+    (32, MLAMgpuTiles(stages=2, overlap=True), [40, 64, 130]),
 ])
-def test_bf16_matches_float64(page_size, stages, lens):
-  ql, qr, lat, batch = make_case(page_size + stages, lens, page_size, num_tokens=len(lens) + 1)
+def test_bf16_matches_float64(page_size, tiles, lens):
+  ql, qr, lat, batch = make_case(page_size + len(lens), lens, page_size,
+                                 num_tokens=len(lens) + 1)
   lat = jnp.asarray(lat, jnp.bfloat16)
   out = mla_decode_mgpu(ql, qr, lat, batch.page_table, batch.seq_lens, batch.query_start,
-                        scale=SCALE, tiles=MLAMgpuTiles(stages=stages),
+                        scale=SCALE, tiles=tiles,
                         interpret=plgpu.InterpretGPUParams(detect_races=True))
   assert out.dtype == jnp.bfloat16
   check(out, ql, qr, f64(lat), batch, 1e-2)
@@ -109,7 +112,8 @@ def test_lowers_for_hopper_on_cpu():
   shape, every pipeline variant) lowers to Mosaic GPU without a GPU."""
   B, T, Hd, Rd, ps = 2, 2, 128, 512, 64
   for dt in (jnp.bfloat16, F8):
-    for tiles in (MLAMgpuTiles(), MLAMgpuTiles(stages=1), MLAMgpuTiles(zero_tail=False)):
+    for tiles in (MLAMgpuTiles(), MLAMgpuTiles(stages=1), MLAMgpuTiles(zero_tail=False),
+                  MLAMgpuTiles(overlap=True)):
       args = (jax.ShapeDtypeStruct((T, Hd, Rd), jnp.bfloat16),
               jax.ShapeDtypeStruct((T, Hd, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((9, ps, Rd + 64), dt), jax.ShapeDtypeStruct((B, 4), jnp.int32),
@@ -155,3 +159,5 @@ def test_shape_errors():
     mla_decode_mgpu(ql, qr, lat[:, :24], pt, lens, qs, scale=0.1)
   with pytest.raises(ValueError, match="block_k"):
     MLAMgpuTiles(block_k=32)
+  with pytest.raises(ValueError, match="overlap"):
+    MLAMgpuTiles(stages=1, overlap=True)
