@@ -88,6 +88,10 @@ _HF_EAGER_TOO = flags.DEFINE_bool("hf_eager_too", False, "also time the eager HF
 _ASYNC = flags.DEFINE_bool("async_scheduling", True, "engine: schedule step n+1 before step n's "
                             "tokens reach the host")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/jaxinfer_step_trace", "profile: trace folder")
+_CEILINGS = flags.DEFINE_bool("ceilings", True, "jax: measure the in-run read bandwidth and bf16 "
+                              "FLOP/s (needed for the batch-1 roofline ratio; ~3 s)")
+_TRACE_DECODE = flags.DEFINE_bool("trace_decode", True, "jax: after each main level, trace 20 "
+                                  "decode steps (GPU kernels per step, and the host's own events)")
 
 T_START = time.perf_counter()
 
@@ -292,7 +296,9 @@ def run_jax() -> dict:
   result = {"engine": "jaxinfer", "device": str(jax.devices()[0].device_kind),
             "jax_version": jax.__version__, "model": _MODEL.value,
             "input_len": _INPUT.value, "output_len": _OUTPUT.value, "kv_dtype": _KV_DTYPE.value,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "requests_per_user": _PER_USER.value}
   on_gpu = jax.default_backend() == "gpu"
   cfg = llama.LlamaConfig(**llama_shape(_MODEL.value))
   dtype = jnp.bfloat16
@@ -327,7 +333,7 @@ def run_jax() -> dict:
   result["compile_s"] = time.perf_counter() - t
   result["compiled_shapes"] = [s for _, s in shapes]
   logging.info("compiled %d shapes in %.1fs", len(shapes), result["compile_s"])
-  if on_gpu:
+  if on_gpu and _CEILINGS.value:
     result["ceilings"] = measure_device_ceilings()
     logging.info("ceilings %s", result["ceilings"])
 
@@ -355,13 +361,14 @@ def run_jax() -> dict:
     summary["decode_step_host_s"] = percentiles([st.host_s for _, st in decode_steps])
     summary["decode_step_wait_s"] = percentiles([st.wait_s for _, st in decode_steps])
     summary["steps"] = len(steps)
-    if on_gpu and not extra:
+    result["levels"][str(c)] = summary
+    save()                      # before the trace: a trace that fails keeps the timed numbers
+    if on_gpu and not extra and _TRACE_DECODE.value:
       summary["decode_kernels"] = trace_decode_steps(engine, prompts, c)
       cache = engine.cache
-    result["levels"][str(c)] = summary
     logging.info("c=%d %s", c, json.dumps({k: v for k, v in summary.items()
                                             if k != "decode_kernels"}))
-    if c == 1 and on_gpu:
+    if c == 1 and on_gpu and "ceilings" in result:
       floor = result["decode_read_bytes"] / result["ceilings"]["hbm_bytes_per_s"]
       result["batch1_decode"] = {"step_s_p50": summary["decode_step_s"]["p50"], "roofline_s": floor,
                                  "ratio": summary["decode_step_s"]["p50"] / floor}
@@ -601,7 +608,8 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
         k[1] += 1
         intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns))
   if not intervals:
-    return {"error": "no GPU kernel events", "gpu_lines": sorted(set(lines))[:20]}
+    return {"error": "no GPU kernel events", "gpu_lines": sorted(set(lines))[:20],
+            "host_events": host_event_breakdown(pd, num_steps)}
   intervals.sort()
   busy, cur_s, cur_e = 0.0, *intervals[0]
   for s, e in intervals[1:]:
@@ -622,7 +630,7 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
   fmt = lambda table: {k: {"ms_per_step": v[0], "kernels_per_step": v[1]}
                        for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}
   top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
-  return {"steps": num_steps,
+  return {"steps": num_steps, "host_events": host_event_breakdown(pd, num_steps),
           "kernels_per_step": sum(k[1] for k in kernels.values()) / num_steps,
           "kernel_sum_ms_per_step": per_step_ms(sum(k[0] for k in kernels.values())),
           "busy_ms_per_step": per_step_ms(busy),
@@ -630,6 +638,25 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
           "by_category": fmt(cats), "by_kernel_group": dict(list(fmt(groups).items())[:25]),
           "top_kernels": [{"kernel": name[:120], "count": n, "ms_per_step": per_step_ms(ns)}
                           for name, (ns, n) in top]}
+
+
+def host_event_breakdown(pd, num_steps: int, top: int = 40) -> list[dict]:
+  """The host threads' trace events (the runtime's TraceMe scopes: PjRt execute, thunk launches,
+  command-buffer updates, Python calls) per step, by thread kind and name, largest total first:
+  where the host time of a step goes on the other side of ``jit``'s call."""
+  totals: dict[tuple[str, str], list] = {}
+  for plane in pd.planes:
+    if not plane.name.startswith("/host"):
+      continue
+    for line in plane.lines:
+      thread = line.name.split("/")[0]
+      for ev in line.events:
+        t = totals.setdefault((thread, ev.name[:120]), [0.0, 0])
+        t[0] += ev.duration_ns
+        t[1] += 1
+  rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+  return [{"thread": th, "event": name, "us_per_step": ns / num_steps / 1e3,
+           "count_per_step": n / num_steps} for (th, name), (ns, n) in rows]
 
 
 def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
@@ -856,8 +883,8 @@ def run_profile() -> dict:
 
 
 def run_hf() -> dict:
-  """Each level: one batch of c prompts through ``generate`` (static cache, greedy, exactly
-  --output_len tokens). transformers compiles the decode step itself when the cache is static
+  """Each level: --requests_per_user batches of c prompts (the jax closed loop's requests, same
+  prompts) through ``generate`` back to back (static cache, greedy, exactly --output_len tokens). transformers compiles the decode step itself when the cache is static
   (--hf_compile); the warm-up calls run the timed shapes (same batch, prompt and output lengths, so
   the same static cache and compiled graph), so no compile is timed. A streamer stamps each new
   token as it reaches the host (generate copies it there every step): TTFT, ITL, TPOT."""
@@ -884,7 +911,7 @@ def run_hf() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "model": _MODEL.value, "input_len": _INPUT.value, "output_len": _OUTPUT.value,
             "cache": "static", "torch_compile": _HF_COMPILE.value,
-            "init_s": time.perf_counter() - t, "levels": {}}
+            "requests_per_user": _PER_USER.value, "init_s": time.perf_counter() - t, "levels": {}}
   rng = np.random.default_rng(_SEED.value)
 
   class Stamps:  # generate's streamer protocol: put(tokens) each step, end()
@@ -913,13 +940,29 @@ def run_hf() -> dict:
     if out.shape[1] != ids.shape[1] + _OUTPUT.value:
       raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, not {_OUTPUT.value}")
     token_times = stamps.times[1:]
-    itl = np.diff(token_times)
     return {"requests": ids.shape[0], "output_tokens": ids.shape[0] * _OUTPUT.value,
-            "wall_s": total, "ttft_s": {"p50": token_times[0] - t},
-            "tpot_s": {"p50": (token_times[-1] - token_times[0]) / (len(token_times) - 1)},
+            "wall_s": total, "ttft_s": token_times[0] - t,
+            "tpot_s": (token_times[-1] - token_times[0]) / (len(token_times) - 1),
+            "itl_s": np.diff(token_times).tolist()}
+
+  def timed_batches(batches, compile_: bool) -> dict:
+    """The static-batch server at concurrency c: the users' k-th requests form batch k, run back
+    to back (user u's next request arrives when its batch ends), so --requests_per_user batches
+    serve the closed loop's requests, the jax run's prompts (``prompt_set``) in order."""
+    sync()
+    t = time.perf_counter()
+    runs = [gen(b, compile_) for b in batches]
+    wall = time.perf_counter() - t
+    itl = [x for r in runs for x in r["itl_s"]]
+    tokens = sum(r["output_tokens"] for r in runs)
+    return {"requests": sum(r["requests"] for r in runs), "output_tokens": tokens, "wall_s": wall,
+            "batches": len(runs), "batch_wall_s": [r["wall_s"] for r in runs],
+            "ttft_s": {"p50": float(np.median([r["ttft_s"] for r in runs])),
+                       "per_batch": [r["ttft_s"] for r in runs]},
+            "tpot_s": {"p50": float(np.median([r["tpot_s"] for r in runs]))},
             "itl_s": {"p50": float(np.percentile(itl, 50)), "p99": float(np.percentile(itl, 99))},
-            "tokens_per_s_per_gpu": ids.shape[0] * _OUTPUT.value / total,
-            "tokens_per_s_per_user": (len(token_times) - 1) / (token_times[-1] - token_times[0])}
+            "tokens_per_s_per_gpu": tokens / wall,
+            "tokens_per_s_per_user": float(np.median([1.0 / r["tpot_s"] for r in runs]))}
 
   def save():
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -931,7 +974,10 @@ def run_hf() -> dict:
     if i >= len(_CONC.value) and time.perf_counter() - T_START > _TIME_BUDGET.value:
       result.setdefault("skipped_levels", []).append(c)
       continue
-    ids = torch.tensor(rng.integers(1, shape["vocab_size"], (c, _INPUT.value)), device=device)
+    prompts = prompt_set(_PER_USER.value * c, shape["vocab_size"], rng)
+    batches = [torch.tensor(prompts[k * c:(k + 1) * c], device=device)
+               for k in range(_PER_USER.value)]
+    ids = batches[0]
     modes = ([False] if _HF_EAGER_TOO.value or not _HF_COMPILE.value else []) + (
         [True] if _HF_COMPILE.value else [])
     for compile_ in modes:
@@ -942,7 +988,7 @@ def run_hf() -> dict:
         warmup_s = time.perf_counter() - t
         if compile_:
           gen(ids, compile_)                     # CUDA graphs are recorded on a later call
-        r = gen(ids, compile_) | {"warmup_s": warmup_s, "torch_compile": compile_}
+        r = timed_batches(batches, compile_) | {"warmup_s": warmup_s, "torch_compile": compile_}
       except Exception as e:  # noqa: BLE001  (recorded: the eager run, if asked, still goes on)
         r = {"error": f"{type(e).__name__}: {e}"[:1000], "torch_compile": compile_}
       if "error" in r:
