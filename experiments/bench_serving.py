@@ -361,6 +361,15 @@ def run_jax() -> dict:
     summary["decode_step_host_s"] = percentiles([st.host_s for _, st in decode_steps])
     summary["decode_step_wait_s"] = percentiles([st.wait_s for _, st in decode_steps])
     summary["steps"] = len(steps)
+    # where the wall time goes: steps that prefill (any chunk longer than one token) vs
+    # decode-only ones (with async scheduling a step() call waits on the step before it, so the
+    # split is by the dispatched step's kind, one step off; the sums are what matters)
+    for kind, pick_ in (("decode_only", lambda st: st.decode_only),
+                        ("with_prefill", lambda st: not st.decode_only)):
+      part = [(dt, st) for dt, st in steps if st is not None and pick_(st)]
+      summary[f"{kind}_steps"] = {"count": len(part), "total_s": sum(dt for dt, _ in part),
+                                  "step_s": percentiles([dt for dt, _ in part]),
+                                  "tokens": percentiles([st.num_tokens for _, st in part])}
     result["levels"][str(c)] = summary
     save()                      # before the trace: a trace that fails keeps the timed numbers
     if on_gpu and not extra and _TRACE_DECODE.value:
