@@ -42,7 +42,7 @@ _ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,d
                           "mla,mla_mgpu")
 _MLA_MGPU = flags.DEFINE_list("mla_mgpu", ["bf16:default", "fp8:default"],
                               "mla_mgpu section: dtype:variant pairs (variants: "
-                              + "default, s1, nozt, ov)")
+                              + "default, s1, nozt, ov, coop, coop_s1)")
 _MLA_BATCH = flags.DEFINE_integer("mla_batch", 64, "mla_mgpu section: batch (sequences)")
 _MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context length")
 _MLA_PAGE = flags.DEFINE_integer("mla_page", 64, "mla_mgpu section: page size")
@@ -528,7 +528,9 @@ def mla():
 
 # Mosaic GPU MLA decode (kernels/mla_attention_mgpu.py): named variants, the first the default.
 MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots do not fit smem)
-                     "nozt": MLAMgpuTiles(zero_tail=False), "ov": MLAMgpuTiles(overlap=True)}
+                     "nozt": MLAMgpuTiles(zero_tail=False), "ov": MLAMgpuTiles(overlap=True),
+                     "coop": MLAMgpuTiles(fp8_widen="consumers"),
+                     "coop_s1": MLAMgpuTiles(stages=1, fp8_widen="consumers")}
 
 
 @guarded

@@ -82,15 +82,21 @@ class MLAMgpuTiles:
   zero_tail: zero the last tile's rows past the sequence length in shared memory (off: those cache
   slots must hold finite values, since 0 * inf/NaN would poison P.V); overlap (bf16, >= 2
   stages): consumer 0 issues Q.K^T of step i+1 together with its P.V of step i instead of after it
-  (FP8's single widened tile cannot hold step i+1 yet: ignored there)."""
+  (FP8's single widened tile cannot hold step i+1 yet: ignored there); fp8_widen: which
+  warpgroups widen the E4M3 tiles to f16: "producer" (after both consumers released the f16 tile)
+  or "consumers" (each consumer the columns only it reads, right after its own P.V: the two halves
+  in parallel and without waiting for the other consumer)."""
   block_k: int = 64
   stages: int = 2
   zero_tail: bool = True
   overlap: bool = False
+  fp8_widen: str = "producer"
 
   def __post_init__(self):
     if self.block_k != 64:
       raise ValueError(f"block_k must be 64, got {self.block_k}")
+    if self.fp8_widen not in ("producer", "consumers"):
+      raise ValueError(f"fp8_widen must be 'producer' or 'consumers', got {self.fp8_widen!r}")
     if self.stages < 1 or (self.overlap and self.stages < 2):
       raise ValueError(f"stages must be >= 1 (>= 2 with overlap), got {self.stages}")
 
@@ -125,10 +131,10 @@ def smem_bytes(tiles: MLAMgpuTiles, rank: int, rope_dim: int, fp8: bool) -> int:
 def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, scoped, *,
             block_k: int, stages: int, page_size: int, pages_per_seq: int, rank: int,
             rope_dim: int, sm_scale: float, fp8: bool, zero_tail: bool, overlap: bool,
-            interpret: bool):
+            coop: bool, interpret: bool):
   smem, bars = scoped
   ql_smem, qr_smem, k_smem, raw_smem, p_smem, row_smem = smem
-  k_bars, k_consumed, ql_bar, qr_bar, p_ready, p_consumed, raw_bars = bars
+  k_bars, k_consumed, ql_bar, qr_bar, p_ready, p_consumed, raw_bars, raw_free = bars
   half = rank // 2
   C = rank + rope_dim
   wg = lax.axis_index("wg")
@@ -159,6 +165,22 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
   def masked_rows(x, valid):
     rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
     return jnp.where(rows < valid, x, jnp.zeros_like(x))
+
+  # FP8 with coop: each consumer widens the columns of tile i+1 that only it reads, as soon as it is
+  # done with tile i (consumer 0: its P.V half and the rope part, which only its Q.K^T reads;
+  # consumer 1: its P.V half), then both arrive on k_bars[0]
+  own_cols = (list(range(0, half, 64)) + list(range(rank, C, 64)), list(range(half, rank, 64)))
+
+  def coop_fill(i, w):
+    r = lax.rem(i, jnp.int32(stages))
+    plgpu.barrier_wait(raw_bars.at[r])
+    valid = seq_len - i * block_k
+    for c0 in own_cols[w]:
+      x = raw_smem[r, :, pl.ds(c0, 64)].astype(k_smem.dtype)
+      k_smem[0, :, pl.ds(c0, 64)] = masked_rows(x, valid) if zero_tail else x
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(raw_free.at[r])
+    plgpu.barrier_arrive(k_bars.at[0])
 
   def pv(acc, v_ref):
     """acc + P @ v_ref (P from shared memory), by wgmma."""
@@ -238,7 +260,10 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       alpha, m_i, l_i = softmax_and_publish(i, s, m_i, l_i, masked=masked)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       acc = pv(acc, tile.at[:, pl.ds(0, half)])
-      plgpu.barrier_arrive(k_consumed.at[slot])
+      if coop:
+        pl.when(i + 1 < n)(lambda: coop_fill(i + 1, 0))
+      else:
+        plgpu.barrier_arrive(k_consumed.at[slot])
       return acc, m_i, l_i
 
     def overlapped_step(i, carry):
@@ -279,6 +304,8 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       acc = pv(acc, k_smem.at[slot, :, pl.ds(0, half)])
       plgpu.barrier_arrive(k_consumed.at[slot])
     else:
+      if coop:
+        coop_fill(jnp.int32(0), 0)
       carry = lax.fori_loop(0, n - 1, functools.partial(step, masked=False), (acc, m_i, l_i))
       acc, _, l_i = step(n - 1, carry, masked=True)
     inv = 1.0 / l_i
@@ -303,9 +330,14 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       acc = pv(acc, k_smem.at[slot, :, pl.ds(half, half)])
       plgpu.barrier_arrive(p_consumed)
-      plgpu.barrier_arrive(k_consumed.at[slot])
+      if coop:
+        pl.when(i + 1 < n)(lambda: coop_fill(i + 1, 1))
+      else:
+        plgpu.barrier_arrive(k_consumed.at[slot])
       return acc
 
+    if coop:
+      coop_fill(jnp.int32(0), 1)
     acc = plgpu.layout_cast(jnp.full((_ROWS, half), 0, jnp.float32), plgpu.Layout.WGMMA)
     acc = lax.fori_loop(0, n, step, acc)
     plgpu.barrier_wait(p_ready)
@@ -328,9 +360,21 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
         plgpu.barrier_wait(k_consumed.at[lax.rem(i, jnp.int32(stages))])
       return
 
+    plgpu.set_max_registers(40, action="decrease")
+    if coop:   # FP8, the consumers widen: this warpgroup only streams the raw tiles
+      @pl.loop(0, n)
+      def _(i):
+        r = lax.rem(i, jnp.int32(stages))
+        pl.when(i >= stages)(lambda: plgpu.barrier_wait(raw_free.at[r]))
+        tile_copy(i, raw_smem.at[r], raw_bars.at[r])
+
+      @pl.loop(jnp.maximum(n - stages, 0), n)
+      def _(i):
+        plgpu.barrier_wait(raw_free.at[lax.rem(i, jnp.int32(stages))])
+      return
+
     # FP8: raw E4M3 tiles by TMA into ``stages`` slots, each widened here into the one f16 tile
     # (E4M3 -> f16 is exact; the scale is applied to the scores and the output)
-    plgpu.set_max_registers(40, action="decrease")
 
     @pl.loop(0, jnp.minimum(n, stages))
     def _(i):
@@ -420,7 +464,7 @@ def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Ar
   kernel = functools.partial(
       _kernel, block_k=tiles.block_k, stages=stages, page_size=page_size, pages_per_seq=P,
       rank=R, rope_dim=Dr, sm_scale=scale, fp8=fp8, zero_tail=tiles.zero_tail,
-      overlap=tiles.overlap and not fp8,
+      overlap=tiles.overlap and not fp8, coop=fp8 and tiles.fp8_widen == "consumers",
       interpret=bool(interpret))
   bk = tiles.block_k
   slots = 1 if fp8 else stages
@@ -435,11 +479,13 @@ def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Ar
             _smem((stages, bk, C), _FP8, swizzle=64) if fp8 else None,   # 576 = 9 x 64
             _smem((_ROWS, bk), mma_dtype), plgpu.SMEM((_ROWS,), jnp.float32))
     copies = bk // min(bk, page_size)
-    bars = (plgpu.Barrier(num_arrivals=1 if fp8 else copies, num_barriers=slots),
+    coop = fp8 and tiles.fp8_widen == "consumers"
+    bars = (plgpu.Barrier(num_arrivals=(2 if coop else 1) if fp8 else copies, num_barriers=slots),
             plgpu.Barrier(num_arrivals=2, num_barriers=slots),
             plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=1),   # Q's parts
             plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
-            plgpu.Barrier(num_arrivals=copies, num_barriers=stages) if fp8 else None)
+            plgpu.Barrier(num_arrivals=copies, num_barriers=stages) if fp8 else None,
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages) if coop else None)
     pl.run_scoped(lambda *scoped: kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref,
                                          out_ref, scoped),
                   smem, bars, collective_axes="wg")

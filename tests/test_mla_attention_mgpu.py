@@ -92,19 +92,22 @@ def test_bf16_matches_float64(page_size, tiles, lens):
   assert not interpret_pallas_call.get_races().races_found
 
 
-@pytest.mark.parametrize("page_size,stages,lens", [
-    (32, 2, [150, 3]),          # 2 pages per tile; 3 tiles through 2 raw slots
-    (64, 1, [64, 129]),         # exactly one tile; a 1-key tail tile
+@pytest.mark.parametrize("page_size,tiles,lens", [
+    (32, MLAMgpuTiles(stages=2), [150, 3]),     # 2 pages per tile; 3 tiles through 2 raw slots
+    (64, MLAMgpuTiles(stages=1), [64, 129]),    # exactly one tile; a 1-key tail tile
+    # the consumers widen the tiles (each its own columns); 4 pages per tile
+    (16, MLAMgpuTiles(stages=2, fp8_widen="consumers"), [77, 200, 1]),
 ])
-def test_fp8_latent_matches_float64(page_size, stages, lens):
+def test_fp8_latent_matches_float64(page_size, tiles, lens):
   """E4M3 latent cache with a scalar scale: vs float64 on the dequantized cache only the f16 Q
   and P roundings and the bf16 output remain (<= 1e-2)."""
   ql, qr, lat, batch = make_case(7 + page_size, lens, page_size, num_tokens=len(lens) + 2)
   lat8 = jnp.asarray(lat / 0.5).astype(F8)
   out = mla_decode_mgpu(ql, qr, lat8, batch.page_table, batch.seq_lens, batch.query_start,
-                        scale=SCALE, latent_scale=0.5, tiles=MLAMgpuTiles(stages=stages),
-                        interpret=True)
+                        scale=SCALE, latent_scale=0.5, tiles=tiles,
+                        interpret=plgpu.InterpretGPUParams(detect_races=True))
   check(out, ql, qr, f64(lat8) * 0.5, batch, 1e-2)
+  assert not interpret_pallas_call.get_races().races_found
 
 
 def test_lowers_for_hopper_on_cpu():
@@ -113,7 +116,7 @@ def test_lowers_for_hopper_on_cpu():
   B, T, Hd, Rd, ps = 2, 2, 128, 512, 64
   for dt in (jnp.bfloat16, F8):
     for tiles in (MLAMgpuTiles(), MLAMgpuTiles(stages=1), MLAMgpuTiles(zero_tail=False),
-                  MLAMgpuTiles(overlap=True)):
+                  MLAMgpuTiles(overlap=True), MLAMgpuTiles(fp8_widen="consumers")):
       args = (jax.ShapeDtypeStruct((T, Hd, Rd), jnp.bfloat16),
               jax.ShapeDtypeStruct((T, Hd, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((9, ps, Rd + 64), dt), jax.ShapeDtypeStruct((B, 4), jnp.int32),
@@ -159,5 +162,7 @@ def test_shape_errors():
     mla_decode_mgpu(ql, qr, lat[:, :24], pt, lens, qs, scale=0.1)
   with pytest.raises(ValueError, match="block_k"):
     MLAMgpuTiles(block_k=32)
+  with pytest.raises(ValueError, match="fp8_widen"):
+    MLAMgpuTiles(fp8_widen="tma")
   with pytest.raises(ValueError, match="overlap"):
     MLAMgpuTiles(stages=1, overlap=True)
