@@ -143,7 +143,7 @@ def set_kl_tiling(name: str, target: dict | None = None) -> None:
   parts = name.split()
   d = {"w_as_a": parts[0][0] == "A", "block_n": int(parts[0][1:]), "dequant": parts[1]}
   for p in parts[2:]:
-    key = {"w": "num_warps", "s": "num_stages", "t": "block_k"}[p[0]]
+    key = {"w": "num_warps", "s": "num_stages", "t": "block_k", "p": "programs"}[p[0]]
     d[key] = int(p[1:]) * (256 if p[0] == "t" else 1)
   (grouped_matmul.KL_DECODE if target is None else target).update(d)
 
@@ -235,18 +235,20 @@ def compare_gemms(layer_a, layer_b, num_seqs, key) -> float:
 
 def parse_tiling(name: str, block_m: int = 16) -> grouped_matmul.Tiling | None:
   """'B128 asm s3 t2 w4 m16' -> grouped Tiling (B/A = weight as the MMA's B/A operand, block_n;
-  dequant mode; w<warps> s<stages> t<256-wide K tiles per step> m<block_m>); None for 'default'
-  (the committed default_kl_tiling). An 'xf16' token (x cast to f16 outside) is ignored here."""
+  dequant mode; w<warps> s<stages> t<256-wide K tiles per step> m<block_m> p<programs per N
+  tile, looping over the used tiles>); None for 'default' (the committed default_kl_tiling). An 'xf16' token (x cast to f16 outside) is ignored here."""
   parts = [p for p in name.split() if p != "xf16"]
   if parts == ["default"]:
     return None
   d = {"w_as_a": parts[0][0] == "A", "block_n": int(parts[0][1:]), "dequant": parts[1],
-       "num_warps": 4, "num_stages": 3, "block_k": 512, "block_m": block_m}
+       "num_warps": 4, "num_stages": 3, "block_k": 512, "block_m": block_m, "programs": 0}
   for p in parts[2:]:
-    key = {"w": "num_warps", "s": "num_stages", "t": "block_k", "m": "block_m"}[p[0]]
+    key = {"w": "num_warps", "s": "num_stages", "t": "block_k", "m": "block_m",
+           "p": "programs"}[p[0]]
     d[key] = int(p[1:]) * (256 if p[0] == "t" else 1)
   return grouped_matmul.Tiling(d["block_m"], d["block_n"], d["block_k"], d["num_warps"],
-                               d["num_stages"], dequant=d["dequant"], w_as_a=d["w_as_a"])
+                               d["num_stages"], dequant=d["dequant"], w_as_a=d["w_as_a"],
+                               programs=d["programs"])
 
 
 def device_time(fn, *args, calls=10, reps=3) -> float:

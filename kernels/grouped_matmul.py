@@ -52,6 +52,10 @@ class Tiling:
   w_as_a: bool = False       # NVFP4 only: weight tile as the MMA's A operand (y^T = W x^T)
   x_scale: bool = False      # NVFP4 f16 routes only: per-row power-of-two prescale of x
   load_3d: bool = False      # NVFP4 only: bytes loaded as [bn, bk/16, 8] (nvfp4_matmul.Tiling)
+  # 0: one program per schedule tile and N tile (the static tile bound T // bm + E + 1 leaves
+  # programs with no tile, which still launch and read the schedule). P > 0: P programs per N
+  # tile, program p looping over tiles p, p + P, ... below the number of used tiles.
+  programs: int = 0
 
 
 # NVFP4 dequantization route / x prescale at <= 64 rows per group (decode); see
@@ -94,7 +98,30 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Ar
   return jnp.stack([group, jnp.where(valid, row_start, 0), jnp.where(valid, ends_all[gc], 0)])
 
 
-def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_odd, mode,
+def _over_tiles(tile_fn, programs: int):
+  """Kernel (sched_ref, count_ref, *refs) running ``tile_fn(tile, n_tile, sched_ref, *refs)``
+  for its schedule tile (programs == 0: program_id(0) is the tile) or, with ``programs`` = P > 0,
+  for tiles program_id(0) + i * P below count_ref[0] (the number of used tiles)."""
+  def kernel(sched_ref, count_ref, *refs):
+    pid, pid_n = pl.program_id(0), pl.program_id(1)   # (read outside the loop: interpret mode)
+    if programs == 0:
+      tile_fn(pid, pid_n, sched_ref, *refs)
+      return
+
+    def body(i, carry):
+      tile_fn(pid + i * programs, pid_n, sched_ref, *refs)
+      return carry
+
+    jax.lax.fori_loop(0, (count_ref[0] - pid + programs - 1) // programs, body, 0)
+  return kernel
+
+
+def used_tiles(sched: jax.Array) -> jax.Array:
+  """int32 [1]: how many schedule tiles are used (they come first)."""
+  return jnp.sum(sched[0] >= 0, dtype=jnp.int32).reshape(1)
+
+
+def _kernel(pid_t, pid_n, sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_odd, mode,
             w_as_a, x_scale, load_3d):
   xinv_ref = xmul_ref = None
   if fmt == "nvfp4" and x_scale:
@@ -105,7 +132,6 @@ def _kernel(sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_
     xq_ref, xs_ref, w_ref, ws_ref, o_ref = refs
   else:
     x_ref, w_ref, o_ref = refs
-  pid_t, pid_n = pl.program_id(0), pl.program_id(1)
   g = sched_ref[0, pid_t]
   r0 = sched_ref[1, pid_t]
   r1 = sched_ref[2, pid_t]
@@ -242,18 +268,18 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
   if load_3d:
     i = 3 if x_scale else 1
     operands = (*operands[:i], operands[i].reshape(e, n, k // 16, 8), *operands[i + 1:])
-  kernel = functools.partial(_kernel, fmt=fmt, e=e, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
-                             k_steps=-(-k // bk), mask_k=mask_k,
-                             x_even_odd=t.x_even_odd and fmt == "nvfp4",
-                             mode=mode, w_as_a=t.w_as_a and fmt in ("nvfp4", "nvfp4_kl"),
-                             x_scale=x_scale,
-                             load_3d=load_3d)
+  tile_fn = functools.partial(_kernel, fmt=fmt, e=e, n=n, k=k, bm=t.block_m, bn=t.block_n, bk=bk,
+                              k_steps=-(-k // bk), mask_k=mask_k,
+                              x_even_odd=t.x_even_odd and fmt == "nvfp4",
+                              mode=mode, w_as_a=t.w_as_a and fmt in ("nvfp4", "nvfp4_kl"),
+                              x_scale=x_scale,
+                              load_3d=load_3d)
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((t_rows, n), out_dtype),
-      grid=(sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
+      _over_tiles(tile_fn, t.programs), out_shape=jax.ShapeDtypeStruct((t_rows, n), out_dtype),
+      grid=(t.programs or sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
       name=f"grouped_matmul_{fmt}",
-  )(sched, *operands)
+  )(sched, used_tiles(sched), *operands)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -342,7 +368,7 @@ def default_kl_tiling(t: int, num_groups: int, k: int | None = None, glu: bool =
   if glu:
     d.update(KL_DECODE_GLU)
   return Tiling(bm, d["block_n"], d["block_k"], d["num_warps"], d["num_stages"],
-                dequant=d["dequant"], w_as_a=d["w_as_a"])
+                dequant=d["dequant"], w_as_a=d["w_as_a"], programs=d.get("programs", 0))
 
 
 # ----- fused gate/up projection with the SwiGLU epilogue (kernel layout) -----
@@ -357,9 +383,8 @@ def default_kl_tiling(t: int, num_groups: int, k: int | None = None, glu: bool =
 # runs in f32 (the two-call form rounds g and u to x's dtype first): at most one rounding, to the
 # output dtype.
 
-def _glu_kernel(sched_ref, x_ref, gq_ref, gsc_ref, ggs_ref, uq_ref, usc_ref, ugs_ref, o_ref, *,
-                e, n, bm, bn, tps, k_steps, mode):
-  pid_t, pid_n = pl.program_id(0), pl.program_id(1)
+def _glu_kernel(pid_t, pid_n, sched_ref, x_ref, gq_ref, gsc_ref, ggs_ref, uq_ref, usc_ref, ugs_ref,
+                o_ref, *, e, n, bm, bn, tps, k_steps, mode):
   g = sched_ref[0, pid_t]
   r0 = sched_ref[1, pid_t]
   r1 = sched_ref[2, pid_t]
@@ -445,15 +470,16 @@ def grouped_swiglu_nvfp4_kl(x: jax.Array, gate_packed: jax.Array, gate_scale: ja
   tile_k = nvfp4.KERNEL_TILE
   tps = t.block_k // tile_k if t.block_k % tile_k == 0 and k % t.block_k == 0 else 1
   sched = make_schedule(group_sizes, x.shape[0], t.block_m)
-  kernel = functools.partial(_glu_kernel, e=e, n=n, bm=t.block_m, bn=t.block_n, tps=tps,
-                             k_steps=k // (tile_k * tps), mode=kl_mode_for(t.dequant, interpret))
+  tile_fn = functools.partial(_glu_kernel, e=e, n=n, bm=t.block_m, bn=t.block_n, tps=tps,
+                              k_steps=k // (tile_k * tps), mode=kl_mode_for(t.dequant, interpret))
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((x.shape[0], n), out_dtype or x.dtype),
-      grid=(sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
+      _over_tiles(tile_fn, t.programs),
+      out_shape=jax.ShapeDtypeStruct((x.shape[0], n), out_dtype or x.dtype),
+      grid=(t.programs or sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
       name="grouped_swiglu_nvfp4_kl",
-  )(sched, x, gate_packed, gate_scale, gate_global.astype(jnp.float32), up_packed, up_scale,
-    up_global.astype(jnp.float32))
+  )(sched, used_tiles(sched), x, gate_packed, gate_scale, gate_global.astype(jnp.float32),
+    up_packed, up_scale, up_global.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))

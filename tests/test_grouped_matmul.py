@@ -137,6 +137,8 @@ def test_bad_inputs_raise_shape_error(rng, make):
     None,
     gk.Tiling(16, 64, 256, 4, 2, dequant="asm", w_as_a=True),
     gk.Tiling(64, 128, 256, 4, 2, dequant="f32"),
+    # 2 programs per N tile looping over the used tiles (4 here, incl. the zero-row tile)
+    gk.Tiling(16, 64, 512, 4, 2, dequant="asm", programs=2),
 ])
 def test_grouped_nvfp4_kernel_layout_matches_float64(rng, tiling):
   t, e, n, k = 37, 5, 96, 512
@@ -169,6 +171,8 @@ def _kl_expert_weights(rng, e, n, k):
     (64, 768, [0, 30, 1, 0, 6], gk.Tiling(16, 32, 512, 4, 2)),  # 3 K tiles: tps falls back to 1
     (128, 512, [2, 3, 0, 1, 3], gk.Tiling(16, 64, 512, 4, 3, dequant="f32")),   # bf16 MMA route
     (64, 256, [0, 0, 0, 0, 0], gk.Tiling(16, 64, 256, 4, 2)),  # every group empty: all zeros
+    (64, 512, [9, 0, 20, 0, 5], gk.Tiling(16, 64, 512, 4, 2, programs=3)),   # looping programs
+    (64, 512, [9, 0, 20, 0, 5], gk.Tiling(16, 64, 512, 4, 2, programs=16)),  # more than tiles
 ])
 def test_grouped_swiglu_kernel_layout_matches_float64(rng, n, k, sizes, tiling):
   t, e = 37, 5
