@@ -92,6 +92,9 @@ _CEILINGS = flags.DEFINE_bool("ceilings", True, "jax: measure the in-run read ba
                               "FLOP/s (needed for the batch-1 roofline ratio; ~3 s)")
 _TRACE_DECODE = flags.DEFINE_bool("trace_decode", True, "jax: after each main level, trace 20 "
                                   "decode steps (GPU kernels per step, and the host's own events)")
+_TRACE_PREFILL = flags.DEFINE_bool("trace_prefill", False, "jax: after each main level, also trace "
+                                   "the first 4 steps of c requests arriving at once (the "
+                                   "token-budget prefill steps)")
 
 T_START = time.perf_counter()
 
@@ -261,6 +264,32 @@ def trace_decode_steps(engine, prompts, c: int, n: int = 20) -> dict:
   return gpu_kernel_breakdown(folder, n)
 
 
+def trace_prefill_steps(engine, prompts, c: int, n: int = 4) -> dict:
+  """Per-kernel GPU breakdown of the first ``n`` steps after ``c`` requests arrive at once at an
+  idle engine: the token-budget prefill steps (chunks of several prompts, and the decode rows of
+  the requests admitted before) that take most of a closed-loop wave's time after its decode steps.
+  ``tokens_per_step``: the steps' real (unpadded) tokens."""
+  import jax
+
+  from jaxinfer.sampling import SamplingParams
+  params = SamplingParams(max_tokens=4, ignore_eos=True)
+  ids = [engine.add_request(prompts[i % len(prompts)], params, request_id=f"tp{i}")
+         for i in range(c)]
+  folder = os.path.join(_TRACE_DIR.value, f"engine_prefill_c{c}")
+  jax.profiler.start_trace(folder)
+  tokens = []
+  for _ in range(n):
+    engine.step()
+    if engine._in_flight is not None:
+      tokens.append(engine._in_flight.stats.num_tokens)
+  if engine._in_flight is not None:
+    jax.block_until_ready(engine._in_flight.tokens)
+  jax.profiler.stop_trace()
+  engine.run_to_completion()
+  assert not any(engine.abort(r) for r in ids)
+  return gpu_kernel_breakdown(folder, n) | {"tokens_per_step": tokens}
+
+
 def run_poisson(engine, prompts, rate: float, num_requests: int) -> dict:
   from jaxinfer.sampling import SamplingParams
   params = SamplingParams(max_tokens=_OUTPUT.value, ignore_eos=True)
@@ -374,6 +403,10 @@ def run_jax() -> dict:
     save()                      # before the trace: a trace that fails keeps the timed numbers
     if on_gpu and not extra and _TRACE_DECODE.value:
       summary["decode_kernels"] = trace_decode_steps(engine, prompts, c)
+      cache = engine.cache
+      save()
+    if on_gpu and not extra and _TRACE_PREFILL.value:
+      summary["prefill_kernels"] = trace_prefill_steps(engine, prompts, c)
       cache = engine.cache
     logging.info("c=%d %s", c, json.dumps({k: v for k, v in summary.items()
                                             if k != "decode_kernels"}))
