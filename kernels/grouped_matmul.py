@@ -90,7 +90,9 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Ar
   tile_start = tile_end - tiles
   max_tiles = num_rows // block_m + e + 1
   i = jnp.arange(max_tiles, dtype=jnp.int32)
-  g = jnp.searchsorted(tile_end, i, side="right").astype(jnp.int32)
+  # compare_all: one elementwise + reduce fusion ([max_tiles, E + 1] compares); the default
+  # "scan" method is a while loop of ~log2(E) steps, each its own small kernels on the GPU
+  g = jnp.searchsorted(tile_end, i, side="right", method="compare_all").astype(jnp.int32)
   gc = jnp.minimum(g, e)
   row_start = starts_all[gc] + (i - tile_start[gc]) * block_m
   valid = g <= e
