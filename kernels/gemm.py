@@ -49,6 +49,14 @@ PREFILL_DEQUANT_M: int | None = 512
 # path it quantizes x 1x128 to E4M3 first, as DeepSeek-V3's own recipe does.
 MGPU_FP8_MIN_M: int = 512
 
+# Fused gate/up projections for MoE experts (grouped_swiglu below): one kernel computing
+# silu(x Wg) * (x Wu) when both weights are NVFP4 in the kernel layout (GPU only).
+FUSED_SWIGLU: bool = False
+# Kernel-layout kernels (grouped, and the dense decode kernel) on an f16 route get x cast to f16 by
+# XLA (fused into its producer) instead of converting every x tile in the K loop
+# (grouped_matmul.x_for_kl; bit-identical).
+KL_X_F16: bool = False
+
 
 def _gpu_capability() -> float | None:
   """Compute capability (e.g. 9.0) when the default backend is a CUDA GPU, else None."""
@@ -77,6 +85,11 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
     wd = nvfp4.dequantize(w.modelopt_packed(), w.scale, w.global_scale, x.dtype)
     return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
   if w.layout == "kernel":
+    if KL_X_F16 and x.dtype == jnp.bfloat16:
+      t = nvfp4_kernels.default_kl_tiling(x.shape[0], w.n, w.k)
+      if t.dequant != "f32":    # f16 route: cast x once here (fused into its producer by XLA)
+        return nvfp4_kernels.w4a16_matmul_kl(x.astype(jnp.float16), w.packed, w.scale,
+                                             w.global_scale, tiling=t, out_dtype=x.dtype)
     return nvfp4_kernels.w4a16_matmul_kl(x, w.packed, w.scale, w.global_scale)
   return nvfp4_kernels.w4a16_matmul(x, w.packed, w.scale, w.global_scale)
 
@@ -122,12 +135,6 @@ def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
   return fp8_kernels.fp8_block_matmul(x, w.weight, w.scale_inv)
 
 
-# Fused gate/up projections for MoE experts (grouped_swiglu below): one kernel computing
-# silu(x Wg) * (x Wu) when both weights are NVFP4 in the kernel layout (GPU only).
-FUSED_SWIGLU: bool = False
-# Kernel-layout grouped kernels on an f16 route get x cast to f16 by XLA (fused into its producer)
-# instead of converting every x tile in the K loop (grouped_matmul.x_for_kl; bit-identical).
-KL_X_F16: bool = False
 
 
 def grouped_swiglu(x: jax.Array, w_gate, w_up, group_sizes: jax.Array) -> jax.Array:

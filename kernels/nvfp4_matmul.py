@@ -682,12 +682,14 @@ def default_kl_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -
   return KLTiling(bm, bn, split, num_stages=stages, **overrides)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "out_dtype"))
 def w4a16_matmul_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array,
                     global_scale: jax.Array, *, tiling: KLTiling | None = None,
-                    interpret: bool = False) -> jax.Array:
-  """x [M, K] @ NVFP4 W [N, K]^T -> [M, N] (x's dtype), W's bytes in the kernel layout
-  (kernels/quant/nvfp4.to_kernel_layout; K a multiple of 256), scales in the ModelOpt layout."""
+                    interpret: bool = False, out_dtype=None) -> jax.Array:
+  """x [M, K] @ NVFP4 W [N, K]^T -> [M, N] (``out_dtype``, default x's), W's bytes in the kernel
+  layout (kernels/quant/nvfp4.to_kernel_layout; K a multiple of 256), scales in the ModelOpt
+  layout. An f16 x on the f16 routes skips the per-tile conversion in the K loop (the same
+  round-to-nearest cast the kernel does: bit-identical results)."""
   if x.ndim != 2:
     raise ShapeError(f"x must be [M, K], got {x.shape}")
   m, k = x.shape
@@ -699,8 +701,9 @@ def w4a16_matmul_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array,
   split = t.split_k if steps % t.split_k == 0 else 1
   tps = t.tiles_per_step if (steps // split) % t.tiles_per_step == 0 else 1
   mode = kl_mode_for(t.dequant, interpret)
+  out_dtype = out_dtype or x.dtype
   out_shape = (jax.ShapeDtypeStruct((split, m, n), jnp.float32) if split > 1
-               else jax.ShapeDtypeStruct((m, n), x.dtype))
+               else jax.ShapeDtypeStruct((m, n), out_dtype))
   gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
   out = pl.pallas_call(
       functools.partial(_kl_kernel, m=m, n=n, bm=t.block_m, bn=t.block_n,
@@ -711,7 +714,7 @@ def w4a16_matmul_kl(x: jax.Array, packed_kl: jax.Array, scale: jax.Array,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
       name="nvfp4_w4a16_kl",
   )(x, packed_kl, scale, gs)
-  return out.sum(0).astype(x.dtype) if split > 1 else out
+  return out.sum(0).astype(out_dtype) if split > 1 else out
 
 
 def w4a16_reference_kl(x, packed_kl, scale, global_scale) -> jax.Array:

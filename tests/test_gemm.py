@@ -143,6 +143,24 @@ def test_kernel_layout_weights_dispatch(rng, monkeypatch):
   y = gemm.grouped_matmul(xg, gw.to_kernel_layout(), jnp.asarray(sizes, jnp.int32))
   assert rel(y, np_ragged(f64(xg), f64(gw.dequantize()), sizes)) < 5e-3
   assert calls == ["w4a16_matmul_kl", "grouped_matmul_nvfp4_kl"]
+  # KL_X_F16: x reaches both kernels as f16, results bit-identical, outputs still bf16
+  calls.clear()
+  monkeypatch.setattr(gemm, "KL_X_F16", True)
+  seen = []
+  for name in ("w4a16_matmul_kl", "grouped_matmul_nvfp4_kl"):
+    fn = getattr(gemm.nvfp4_kernels if name.startswith("w4") else gemm.grouped_kernels, name)
+
+    def record(*args, fn=fn, **kwargs):
+      seen.append(args[0].dtype)
+      return fn(*args, **kwargs)
+    monkeypatch.setattr(gemm.nvfp4_kernels if name.startswith("w4") else gemm.grouped_kernels,
+                        name, record)
+  y16 = gemm.nvfp4_matmul(x, wk)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(f64(y16), f64(gemm.nvfp4_matmul(x, wk)))
+  yg16 = gemm.grouped_matmul(xg, gw.to_kernel_layout(), jnp.asarray(sizes, jnp.int32))
+  np.testing.assert_array_equal(f64(yg16), f64(y))
+  assert len(seen) == 3 and all(d == jnp.float16 for d in seen)
 
 
 @pytest.mark.parametrize("fused", [False, True])

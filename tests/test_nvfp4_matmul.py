@@ -219,6 +219,22 @@ def test_w4a16_kernel_layout_matches_float64(rng, m, n, k, tiling):
   assert rel_err(y, ref) < 5e-3
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_w4a16_kernel_layout_f16_x_is_bit_identical(rng, split):
+  """x cast to f16 by the caller (out_dtype bf16) gives exactly the bf16-x result on an f16
+  route: the kernel casts each x tile the same way (gemm.KL_X_F16)."""
+  m, n, k = 6, 128, 1024
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  packed, scale, gs = random_nvfp4(rng, n, k)
+  pk = nvfp4.to_kernel_layout(packed)
+  t = nk.KLTiling(16, 64, split, 4, 2, dequant="asm")
+  a = nk.w4a16_matmul_kl(x, pk, scale, gs, tiling=t, interpret=True)
+  b = nk.w4a16_matmul_kl(x.astype(jnp.float16), pk, scale, gs, tiling=t, interpret=True,
+                         out_dtype=jnp.bfloat16)
+  assert b.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 @pytest.mark.parametrize("mode", ["e4m3", "f32"])
 def test_kernel_layout_dequant_halves_are_exact(mode):
   """Both nibble halves of every byte, under every finite E4M3 scale, decode exactly."""
