@@ -389,6 +389,8 @@ def run_jax() -> dict:
     # host part (schedule, batch build, dispatch) vs. waiting for the device, per decode step
     summary["decode_step_host_s"] = percentiles([st.host_s for _, st in decode_steps])
     summary["decode_step_wait_s"] = percentiles([st.wait_s for _, st in decode_steps])
+    # of the host part, the jitted call itself (input copy and the runtime's launch work)
+    summary["decode_step_call_s"] = percentiles([st.call_s for _, st in decode_steps])
     summary["steps"] = len(steps)
     # where the wall time goes: steps that prefill (any chunk longer than one token) vs
     # decode-only ones (with async scheduling a step() call waits on the step before it, so the
@@ -498,7 +500,7 @@ def run_batch1() -> dict:
         from jaxinfer.engine.step import build_host_batch, step_jit
         shape = (engine.buckets.tokens[0], 1, pages_per_seq)
         hb = build_host_batch([], _PAGE.value, shape)
-        hlo = step_jit.lower(params, hb.ints, hb.floats, engine._no_prev, engine.cache,
+        hlo = step_jit.lower(params, hb.ints, engine._no_prev, engine.cache,
                              forward=forward, shape=shape, greedy=True).compile().as_text()
         with gzip.open(os.path.join(os.path.dirname(os.path.abspath(_OUT.value)),
                                     f"step_hlo_{i}_{layout}{min_decode}.txt.gz"), "wt") as f:
@@ -799,11 +801,11 @@ def run_profile() -> dict:
            "tok": jnp.asarray([7], jnp.int32)}
   # the step as async decode runs it: its input token is the previous step's output, on device
   hb = build_host_batch([([-1], pages, ctx)], ps, shape, [(SamplingParams(), ctx - _INPUT.value)])
-  ints, floats = jnp.asarray(hb.ints), jnp.asarray(hb.floats)
+  ints = jnp.asarray(hb.ints)
 
   def stepper(jitted):
     def step():
-      state["tok"], _, state["cache"] = jitted(params, ints, floats, state["tok"], state["cache"],
+      state["tok"], _, state["cache"] = jitted(params, ints, state["tok"], state["cache"],
                                                forward=fwd, shape=shape, greedy=True)
       return state["tok"]
     return step
@@ -813,7 +815,7 @@ def run_profile() -> dict:
   logging.info("step_jit %s", result["step_jit"])
   result["step_jit"]["kernels"] = traced("step", step)
   save()
-  hlo = step_jit.lower(params, ints, floats, state["tok"], state["cache"], forward=fwd,
+  hlo = step_jit.lower(params, ints, state["tok"], state["cache"], forward=fwd,
                        shape=shape, greedy=True).compile().as_text()
   result["step_large_copies"] = large_copies(hlo)
   result["step_hlo_conditionals"] = hlo.count(" conditional(")
@@ -897,11 +899,11 @@ def run_profile() -> dict:
                                dtype=jnp.bfloat16)
     rows = [([-(i + 1)], list(range(1 + i * P, 1 + (i + 1) * P)), ctx) for i in range(b)]
     hb_b = build_host_batch(rows, ps, (b, b, P), [(SamplingParams(), ctx - _INPUT.value)] * b)
-    ints_b, floats_b = jnp.asarray(hb_b.ints), jnp.asarray(hb_b.floats)
+    ints_b = jnp.asarray(hb_b.ints)
     state[key] = (jnp.asarray(np.random.default_rng(b).integers(1, 1000, b), jnp.int32), cache)
 
     def step_b():
-      tok, _, c = step_jit(params, ints_b, floats_b, *state[key], forward=fwd, shape=(b, b, P),
+      tok, _, c = step_jit(params, ints_b, *state[key], forward=fwd, shape=(b, b, P),
                            greedy=True)
       state[key] = (tok, c)
       return tok

@@ -117,6 +117,11 @@ def test_vectorised_host_batch_equals_the_field_by_field_reference(seed):
   np.testing.assert_array_equal(got.ints, want.ints)
   np.testing.assert_array_equal(got.floats, want.floats)
   assert got.ints.dtype == np.int32 and got.floats.dtype == np.float32
+  for b, (p, _) in enumerate(rows):    # the float fields round-trip through their int32 bits
+    sampled = p is not None and not p.greedy
+    assert got.field("temperature")[b] == (np.float32(p.temperature) if sampled else 0.0)
+    assert got.field("top_p")[b] == (np.float32(p.top_p) if sampled else 1.0)
+  assert (got.field("top_p")[len(rows):] == 1.0).all()
 
 
 def test_host_batch_rejects_rows_that_do_not_fit_the_shape():

@@ -46,6 +46,8 @@ class StepStats:
   num_tokens: int
   num_decode: int               # sequences that took a single decode token
   host_s: float = 0.0           # schedule + batch build + dispatch (device work is asynchronous)
+  call_s: float = 0.0           # of host_s: the jitted step's call (its input's host-to-device
+                                # copy and the runtime's launch work)
   wait_s: float = 0.0           # blocked waiting for the step's sampled tokens (with async
                                 # scheduling, while the next step was already dispatched)
 
@@ -287,15 +289,17 @@ class LLMEngine:
     forward = self.forward
     if self._decode_forward is not None and decode_only:
       forward = self._decode_forward
-    tokens, logprobs, self.cache = step_jit(self.params, hb.ints, hb.floats, prev_tokens,
-                                            self.cache, forward=forward, shape=shape,
-                                            greedy=greedy)
+    t_call = time.perf_counter()
+    tokens, logprobs, self.cache = step_jit(self.params, hb.ints, prev_tokens, self.cache,
+                                            forward=forward, shape=shape, greedy=greedy)
+    t_called = time.perf_counter()
     for b, c in enumerate(chunks):
       c.request.num_computed += c.num_tokens
       if rows[b] is not None:
         rows[b].pending_rows.append(b)
     t_dispatched = time.perf_counter()
-    stats = StepStats(shape, len(chunks), num_tokens, num_decode, host_s=t_dispatched - t_start)
+    stats = StepStats(shape, len(chunks), num_tokens, num_decode, host_s=t_dispatched - t_start,
+                      call_s=t_called - t_call)
     self.num_steps += 1
     return _InFlight(tokens, logprobs, rows, stats, t_dispatched)
 
@@ -452,7 +456,7 @@ class LLMEngine:
     def compile_one(variant):
       shape, greedy, forward = variant
       hb = build_host_batch([], self.page_size, shape)
-      step_jit.lower(self.params, hb.ints, hb.floats, self._no_prev, self.cache,
+      step_jit.lower(self.params, hb.ints, self._no_prev, self.cache,
                      forward=forward, shape=shape, greedy=greedy).compile()
       return shape
 

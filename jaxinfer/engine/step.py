@@ -4,10 +4,10 @@ Shapes are bucketed — tokens ``T``, sequences ``B``, pages per sequence ``P`` 
 next entry of a short ladder — so a steady state (the same ladder rungs step after step) never
 recompiles. Padding tokens write to the null page and padding rows sample greedily and are ignored.
 
-Host-to-device traffic per step is two small packed arrays (every int32 field in one, temperature and
-top_p in the other); weights and the donated KV cache stay on device. A token given as ``-(r + 1)``
-is row ``r`` of the previous step's sampled tokens, read on device: with async scheduling the engine
-dispatches step n+1 before step n's tokens reach the host.
+Host-to-device traffic per step is one small packed int32 array (every field; the float32 ones,
+temperature and top_p, as their bits); weights and the donated KV cache stay on device. A token
+given as ``-(r + 1)`` is row ``r`` of the previous step's sampled tokens, read on device: with async
+scheduling the engine dispatches step n+1 before step n's tokens reach the host.
 """
 from __future__ import annotations
 
@@ -82,9 +82,9 @@ class StepBuckets:
 def _layout(shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
   """Offsets of each int32 field in the packed step input (one host-to-device copy per step)."""
   T, B, P = shape
-  sizes = [("tokens", T), ("token_src", T), ("positions", T), ("seq_ids", T), ("slots", T), ("page_table", B * P),
-           ("seq_lens", B), ("query_start", B + 1), ("logit_indices", B), ("top_k", B),
-           ("seeds", B), ("steps", B)]
+  sizes = [("tokens", T), ("token_src", T), ("positions", T), ("seq_ids", T), ("slots", T),
+           ("page_table", B * P), ("seq_lens", B), ("query_start", B + 1), ("logit_indices", B),
+           ("top_k", B), ("seeds", B), ("steps", B), ("temperature", B), ("top_p", B)]
   out, o = {}, 0
   for name, n in sizes:
     out[name] = (o, o + n)
@@ -92,18 +92,27 @@ def _layout(shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
   return out
 
 
+_FLOAT_FIELDS = ("temperature", "top_p")   # float32, stored as their bits in the int32 array
+
+
 @dataclasses.dataclass(frozen=True)
 class HostBatch:
-  """The host inputs of one step, packed: every int32 field in ``ints`` (see ``_layout``), the
-  per-row temperature and top_p in ``floats`` [2, B]."""
+  """The host inputs of one step, packed in one int32 array ``ints`` (see ``_layout``; the
+  per-row temperature and top_p as float32 bits): one host-to-device copy per step."""
   shape: tuple[int, int, int]
   ints: np.ndarray
-  floats: np.ndarray
 
   def field(self, name: str) -> np.ndarray:
     a, b = _layout(self.shape)[name]
     out = self.ints[a:b]
+    if name in _FLOAT_FIELDS:
+      return out.view(np.float32)
     return out.reshape(self.shape[1], self.shape[2]) if name == "page_table" else out
+
+  @property
+  def floats(self) -> np.ndarray:
+    """[2, B] float32: the rows' temperature and top_p."""
+    return np.stack([self.field(n) for n in _FLOAT_FIELDS])
 
   @property
   def tokens(self) -> np.ndarray:
@@ -122,8 +131,8 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   """``chunks``: (token ids, pages, start position) per sequence, an id ``-(r + 1)`` standing for
   row r of the previous step's sampled tokens; ``sampling_rows``: (params or
   None for a row whose logits are not used, output tokens so far) per sequence. The fields of
-  ``attention.build_batch_arrays`` plus those of ``SamplingBatch.from_params``, packed into two
-  arrays. Greedy rows keep the padding values of the sampling fields (the sampler takes the argmax
+  ``attention.build_batch_arrays`` plus those of ``SamplingBatch.from_params``, packed into one
+  int32 array. Greedy rows keep the padding values of the sampling fields (the sampler takes the argmax
   for a row of temperature 0 whatever its top-k / top-p / key).
 
   This is on the engine's per-step host path, so it writes the packed array directly with a few
@@ -132,7 +141,7 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   """
   T, B, P = shape
   layout = _layout(shape)
-  ints = np.zeros(layout["steps"][1], np.int32)
+  ints = np.zeros(layout["top_p"][1], np.int32)
   view = lambda name: ints[layout[name][0]:layout[name][1]]
   n = len(chunks)
   if n > B:
@@ -176,16 +185,16 @@ def build_host_batch(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
   token_src = view("token_src")
   token_src[:] = -1
   token_src[:total] = np.where(ids < 0, -ids - 1, -1)   # pending: previous step's row
-  floats = np.zeros((2, B), np.float32)
-  floats[1] = 1.0                                       # top_p of padding / greedy rows
+  temperature, top_p = view("temperature").view(np.float32), view("top_p").view(np.float32)
+  top_p[:] = 1.0                                        # padding / greedy rows
   top_k, seeds, steps = view("top_k"), view("seeds"), view("steps")
   for i, (p, step) in enumerate(sampling_rows):
     if p is None or p.greedy:
       continue
-    floats[0, i], floats[1, i], top_k[i] = p.temperature, p.top_p, p.top_k
+    temperature[i], top_p[i], top_k[i] = p.temperature, p.top_p, p.top_k
     seeds[i] = np.uint32(p.resolved_seed()).view(np.int32)
     steps[i] = step
-  return HostBatch(shape, ints, floats)
+  return HostBatch(shape, ints)
 
 
 def build_host_batch_reference(chunks: Sequence[tuple[Sequence[int], Sequence[int], int]],
@@ -199,7 +208,7 @@ def build_host_batch_reference(chunks: Sequence[tuple[Sequence[int], Sequence[in
   arrays = attention.build_batch_arrays(lens, [c[2] for c in chunks], [c[1] for c in chunks],
                                         page_size, num_tokens=T, num_seqs=B, pages_per_seq=P)
   layout = _layout(shape)
-  ints = np.zeros(layout["steps"][1], np.int32)
+  ints = np.zeros(layout["top_p"][1], np.int32)
   view = lambda name: ints[layout[name][0]:layout[name][1]]
   for name, a in arrays.items():
     view(name)[:] = a.reshape(-1)
@@ -208,17 +217,18 @@ def build_host_batch_reference(chunks: Sequence[tuple[Sequence[int], Sequence[in
     for j, t in enumerate(ids):
       view("tokens")[q + j] = max(t, 0)
       view("token_src")[q + j] = -t - 1 if t < 0 else -1
-  floats = np.zeros((2, B), np.float32)
-  floats[1] = 1.0
+  for i in range(B):
+    view("top_p")[i] = np.float32(1.0).view(np.int32)
   for i, (p, step) in enumerate(sampling_rows):
     if p is not None and not p.greedy:
-      floats[:, i] = p.temperature, p.top_p
+      view("temperature")[i] = np.float32(p.temperature).view(np.int32)
+      view("top_p")[i] = np.float32(p.top_p).view(np.int32)
       view("top_k")[i], view("steps")[i] = p.top_k, step
       view("seeds")[i] = np.uint32(p.resolved_seed()).view(np.int32)
-  return HostBatch(shape, ints, floats)
+  return HostBatch(shape, ints)
 
 
-def _step(params, ints, floats, prev_tokens, cache, *, forward, shape, greedy=False):
+def _step(params, ints, prev_tokens, cache, *, forward, shape, greedy=False):
   """-> (sampled tokens [R] (rows past B are zero), their logprobs [B], the cache), R =
   ``prev_tokens.shape[0]`` the engine's largest sequence bucket, so the output of one step can feed
   the next whatever their shapes. ``greedy``: every row is greedy (static: no sort, no device-side
@@ -237,7 +247,8 @@ def _step(params, ints, floats, prev_tokens, cache, *, forward, shape, greedy=Fa
   if not greedy:
     seeds = jax.lax.bitcast_convert_type(f("seeds"), jnp.uint32)
     keys = sampling.row_keys(seeds, f("steps").astype(jnp.uint32))
-    sb = sampling.SamplingBatch(floats[0], f("top_k"), floats[1], keys)
+    as_f32 = lambda name: jax.lax.bitcast_convert_type(f(name), jnp.float32)
+    sb = sampling.SamplingBatch(as_f32("temperature"), f("top_k"), as_f32("top_p"), keys)
   next_tokens, logprobs = sampling.sample(logits, sb)
   return jnp.zeros_like(prev_tokens).at[:B].set(next_tokens), logprobs, cache
 
