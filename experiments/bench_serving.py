@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -233,9 +234,15 @@ def run_closed_loop(engine, prompts, concurrency: int, num_requests: int) -> tup
     for o in outs:
       records[o.request_id]["token_times"] += [now] * len(o.new_token_ids)
       if o.finished:
+        records[o.request_id]["token_ids"] = o.token_ids
         done += 1
         live -= 1
-  return summarize(list(records.values()), time.perf_counter() - t0), steps
+  summary = summarize(list(records.values()), time.perf_counter() - t0)
+  # The run's greedy outputs, hashed in request order: runs of one model, prompts and settings
+  # that differ only in runtime options (XLA flags) must agree (a check on those options).
+  summary["output_checksum"] = hashlib.sha256(repr(
+      [records[f"r{i}"]["token_ids"] for i in range(num_requests)]).encode()).hexdigest()[:16]
+  return summary, steps
 
 
 def trace_decode_steps(engine, prompts, c: int, n: int = 20) -> dict:
