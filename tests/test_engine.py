@@ -195,6 +195,7 @@ def test_greedy_continuous_batching_equals_one_at_a_time():
   assert [got[i].token_ids for i in ids] == want
   assert all(got[i].finish_reason is FinishReason.LENGTH for i in ids)
   assert eng.allocator.num_used == 0
+  assert eng.metrics.generated_tokens._value.get() == sum(len(t) for t in want)
 
 
 def test_engine_fuses_projections_on_one_device_with_the_same_greedy_outputs():

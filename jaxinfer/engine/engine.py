@@ -312,15 +312,20 @@ class LLMEngine:
     tokens, logprobs = tokens.tolist(), logprobs.tolist()   # Python scalars, once per step
     now = self.clock()
     outputs = []
+    generated = 0
     for b, req in enumerate(step.rows):
       if req is None:
         continue
       req.pending_rows.pop(0)
       if req.finished:
         continue
+      n = len(req.output_token_ids)
       out = self._append(req, tokens[b], logprobs[b], now)
+      generated += len(req.output_token_ids) - n
       if out is not None:
         outputs.append(out)
+    if generated:
+      self.metrics.generated_tokens.inc(generated)
     return outputs
 
   def _append(self, req: Request, token: int, logprob: float, now: float) -> RequestOutput | None:
@@ -332,7 +337,6 @@ class LLMEngine:
       return self._finish(req, FinishReason.STOP)
     req.output_token_ids.append(token)
     req.output_logprobs.append(logprob)
-    self.metrics.generated_tokens.inc()
     if self._detokenize(req, len(req.output_token_ids)):
       return self._finish(req, FinishReason.STOP)
     if len(req.output_token_ids) >= req.max_output_tokens:
