@@ -503,8 +503,9 @@ def kl_variant(name: str, m: int, n: int, k: int):
   """"B128 asm xf16" -> (KLTiling, x dtype): B = weight as the MMA's B operand (A = as A), 128 =
   block_n, then the dequant mode, optional w<warps>, s<stages>, k<split>, t<K tiles per loop
   step>, bm<rows>, xf16 (x cast
-  to f16 by the caller, inside the timed call). A suffix "@small" / "@large" limits the variant
-  to M <= 32 / M > 32 (see kl_applies)."""
+  to f16 by the caller, inside the timed call), x16in (x handed over already in f16, as a
+  producer fusing the cast would give it; output bf16: gemm.KL_X_F16). A suffix "@small" /
+  "@large" limits the variant to M <= 32 / M > 32 (see kl_applies)."""
   parts = name.split("@")[0].split()
   if parts[0] == "default":     # the kernel's own default tiling (nk.default_kl_tiling)
     return nk.default_kl_tiling(m, n, k), jnp.float16 if "xf16" in parts else jnp.bfloat16
@@ -512,8 +513,8 @@ def kl_variant(name: str, m: int, n: int, k: int):
   kw = {"w_as_a": form == "A", "block_n": bn, "dequant": parts[1]}
   x_dtype = jnp.bfloat16
   for p in parts[2:]:
-    if p == "xf16":
-      x_dtype = jnp.float16
+    if p in ("xf16", "x16in"):
+      x_dtype = jnp.float16 if p == "xf16" else x_dtype
     elif p[0] == "w":
       kw["num_warps"] = int(p[1:])
     elif p[0] == "s":
@@ -665,8 +666,13 @@ def _kl_time(shapes: list[dict], ms: list[int]) -> None:
                if FLAGS.kl_pick_from else FLAGS.kl_variants)
       for name in [v for v in names if kl_applies(v, m)]:
         t, xdt = kl_variant(name, m, n, k)
-        results.append(attempt("kl", shape, shape, f"kl {name}", kl_call(t, xdt),
-                               [(x, *w) for x, w in zip(xs, sh["klsets"])], wq_bytes + io,
+        if "x16in" in name.split("@")[0].split():   # x arrives in f16, output bf16
+          fn = lambda x, p, s, g, t=t: nk.w4a16_matmul_kl(x, p, s, g, tiling=t,
+                                                          out_dtype=jnp.bfloat16)
+          sets = [(x.astype(jnp.float16), *w) for x, w in zip(xs, sh["klsets"])]
+        else:
+          fn, sets = kl_call(t, xdt), [(x, *w) for x, w in zip(xs, sh["klsets"])]
+        results.append(attempt("kl", shape, shape, f"kl {name}", fn, sets, wq_bytes + io,
                                2 * m * n * k, ref=ref, note=str(t)))
       bm = 16 if m <= 16 else (32 if m <= 32 else 64)
       shape_t = nk._decode_shape_tiling(m, n, k, 132)
