@@ -118,8 +118,11 @@ def _over_tiles(tile_fn, programs: int):
   return kernel
 
 
-def used_tiles(sched: jax.Array) -> jax.Array:
-  """int32 [1]: how many schedule tiles are used (they come first)."""
+def used_tiles(sched: jax.Array, programs: int) -> jax.Array:
+  """int32 [1]: how many schedule tiles are used (they come first); a constant 0 when the kernel
+  does not read it (programs == 0: no extra XLA op)."""
+  if programs == 0:
+    return jnp.zeros((1,), jnp.int32)
   return jnp.sum(sched[0] >= 0, dtype=jnp.int32).reshape(1)
 
 
@@ -281,7 +284,7 @@ def _run(fmt, operands, x, group_sizes, e, n, k, tiling, interpret, out_dtype):
       grid=(t.programs or sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
       name=f"grouped_matmul_{fmt}",
-  )(sched, used_tiles(sched), *operands)
+  )(sched, used_tiles(sched, t.programs), *operands)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -480,7 +483,7 @@ def grouped_swiglu_nvfp4_kl(x: jax.Array, gate_packed: jax.Array, gate_scale: ja
       grid=(t.programs or sched.shape[1], pl.cdiv(n, t.block_n)), interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
       name="grouped_swiglu_nvfp4_kl",
-  )(sched, used_tiles(sched), x, gate_packed, gate_scale, gate_global.astype(jnp.float32),
+  )(sched, used_tiles(sched, t.programs), x, gate_packed, gate_scale, gate_global.astype(jnp.float32),
     up_packed, up_scale, up_global.astype(jnp.float32))
 
 
