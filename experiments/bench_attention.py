@@ -557,6 +557,12 @@ def mla_mgpu():
   batch = build_batch([SeqChunk(list(np.asarray(pt[b])), int(lens[b]) - 1, 1) for b in range(B)],
                       ps, num_tokens=B, num_seqs=B, pages_per_seq=pps)
   ref_fn = jax.jit(functools.partial(reference_mla_paged_attention, scale=0.07))
+  # a ragged batch on the same pages for a second check: length 1, odd lengths, tail tiles
+  rlens = np.random.default_rng(3).integers(1, ctx + 1, B)
+  rlens[0] = 1
+  rlens = jnp.asarray(rlens, jnp.int32)
+  rbatch = build_batch([SeqChunk(list(np.asarray(pt[b])), int(rlens[b]) - 1, 1) for b in range(B)],
+                       ps, num_tokens=B, num_seqs=B, pages_per_seq=pps)
   by_dtype: dict = {}
   for spec in _MLA_MGPU.value:
     name, variant = spec.split(":")
@@ -567,6 +573,7 @@ def mla_mgpu():
     case = f"MLA decode {name} B{B} ctx{ctx} H{H} page{ps}"
     nbytes = B * ctx * (R + Dr) * lat_in.dtype.itemsize
     ref = ref_fn(ql, qr, lat_in, batch, latent_scale=sc)
+    rref = ref_fn(ql, qr, lat_in, rbatch, latent_scale=sc)
     best = {}
     for variant in variants:
       tiles = MLA_MGPU_VARIANTS[variant]
@@ -576,6 +583,7 @@ def mla_mgpu():
       try:
         out = fn(ql, qr, lat_in, pt, lens, qs)
         err = rel(out, ref)
+        rerr = rel(fn(ql, qr, lat_in, pt, rlens, qs), rref)
       except Exception as e:   # a Mosaic compile error must not end the run
         msg = f"{case} / {label}: {type(e).__name__}: {traceback.format_exc()[-3000:]}"
         print("FAILED", msg, flush=True)
@@ -583,6 +591,7 @@ def mla_mgpu():
         _save()
         continue
       check(f"{case} {label} vs reference", err, 1e-2)
+      check(f"{case} {label} ragged lengths vs reference", rerr, 1e-2)
       t = record(case, label, fn, (ql, qr, lat_in, pt, lens, qs), nbytes=nbytes, roof=read,
                  flops=flops)
       if t is not None:
