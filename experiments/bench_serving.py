@@ -93,6 +93,9 @@ _CEILINGS = flags.DEFINE_bool("ceilings", True, "jax: measure the in-run read ba
                               "FLOP/s (needed for the batch-1 roofline ratio; ~3 s)")
 _TRACE_DECODE = flags.DEFINE_bool("trace_decode", True, "jax: after each main level, trace 20 "
                                   "decode steps (GPU kernels per step, and the host's own events)")
+_SYNC_CHECK = flags.DEFINE_bool("sync_check", False, "jax: after each main level, one wave with the "
+                                "same settings stepped synchronously (decode-step host / call time "
+                                "with no step in flight)")
 _TRACE_PREFILL = flags.DEFINE_bool("trace_prefill", False, "jax: after each main level, also trace "
                                    "the first 4 steps of c requests arriving at once (the "
                                    "token-budget prefill steps)")
@@ -417,8 +420,24 @@ def run_jax() -> dict:
     if on_gpu and not extra and _TRACE_PREFILL.value:
       summary["prefill_kernels"] = trace_prefill_steps(engine, prompts, c)
       cache = engine.cache
+    if _SYNC_CHECK.value and not extra:   # after the traces: they step `engine`
+      # The same engine settings stepped synchronously (each step's tokens read before the next
+      # is scheduled: nothing in flight at dispatch), one untimed wave: is the jitted call's cost
+      # its own, or does it come from the step still running on the device?
+      sync_engine = LLMEngine(params, LlamaForward(cfg, _FUSED_ADD_NORM.value), cache,
+                              vocab_size=cfg.vocab_size, max_model_len=max_len,
+                              config=dataclasses.replace(engine_config(c, pages_per_seq, kv_dtype),
+                                                         async_scheduling=False))
+      _, sync_steps = run_closed_loop(sync_engine, prompts, c, c)
+      cache = sync_engine.cache
+      sync_decode = [st for _, st in sync_steps if st is not None and st.decode_only]
+      summary["sync_decode_step_host_s"] = percentiles([st.host_s for st in sync_decode])
+      summary["sync_decode_step_call_s"] = percentiles([st.call_s for st in sync_decode])
+      summary["sync_decode_step_wait_s"] = percentiles([st.wait_s for st in sync_decode])
+      del sync_engine
+      save()
     logging.info("c=%d %s", c, json.dumps({k: v for k, v in summary.items()
-                                            if k != "decode_kernels"}))
+                                            if k not in ("decode_kernels", "prefill_kernels")}))
     if c == 1 and on_gpu and "ceilings" in result:
       floor = result["decode_read_bytes"] / result["ceilings"]["hbm_bytes_per_s"]
       result["batch1_decode"] = {"step_s_p50": summary["decode_step_s"]["p50"], "roofline_s": floor,
