@@ -30,7 +30,8 @@ memory, a cvt per pair, ~1.6x the instructions per key of bf16), which leaves th
 more tiles in flight per SM (1 warp, deep pipeline) hides it better than 4 warps x 4 stages (0.27 ms).
 Tried and dropped: 64/128-key tiles, 8 warps, a transposed form with keys as the MMA M dimension
 (E4M3 scores cost 10x the error), and an integer bit-trick upcast (``bits_upcast``, 20-35% slower:
-still lowered in the operand layout).
+still lowered in the operand layout). Split-K (B=1, 32768 context): SPLIT_K_TILES, 76.7 us bf16 (57%
+of read) / 64.0 us FP8, 1.31x / 1.52x the B=64 tiles (benchmarks/attention.md, session 4).
 """
 from __future__ import annotations
 
@@ -72,6 +73,22 @@ class DecodeTiles:
 # and 5 stages keep more independent tiles in flight per SM than 4 warps x 4 stages.
 BF16_TILES = DecodeTiles()
 FP8_TILES = DecodeTiles(16, num_warps=1, num_stages=8)
+# Split-K (few sequences, long contexts), fastest in the B=1, 32768-context, page-64 sweep on the
+# H100 (benchmarks/attention.md, "B=1, context 32768"): at the default 33 splits, 64-key tiles x 4
+# warps x 3 stages took 76.7 us (bf16) / 64.0 us (FP8) against 100.9 / 97.3 us with the tiles above,
+# which were tuned for B=64 (one split, many programs). Each split streams ~16 tiles, so fewer,
+# larger tiles amortise the pipeline prologue; more splits (66, 128) were slower (combine, tails).
+SPLIT_K_TILES = DecodeTiles(64, num_warps=4, num_stages=3)
+
+
+def default_tiles(fp8: bool, num_seqs: int, kv_heads: int, context: int,
+                  page_size: int) -> DecodeTiles:
+  """The measured best tiles: SPLIT_K_TILES when the key range will be split and a 64-key tile lies
+  inside one page, else BF16_TILES / FP8_TILES."""
+  split = default_splits(num_seqs, kv_heads, pl.cdiv(context, SPLIT_K_TILES.block_k)) > 1
+  if split and page_size % SPLIT_K_TILES.block_k == 0:
+    return SPLIT_K_TILES
+  return FP8_TILES if fp8 else BF16_TILES
 
 
 class RowMap(NamedTuple):
@@ -337,13 +354,13 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            tiles: DecodeTiles | None = None,
                            interpret: bool = False) -> jax.Array:
   """Attention of <= ``max_q`` query tokens per sequence over the paged cache -> [T, H, D].
-  ``tiles`` None: the measured best for the cache dtype (BF16_TILES / FP8_TILES)."""
+  ``tiles`` None: the measured best for the cache dtype and the split-K regime (``default_tiles``)."""
   check_decode_shapes(q, k_pages, v_pages, page_table, seq_lens, query_start)
-  if tiles is None:
-    tiles = FP8_TILES if is_fp8(k_pages.dtype) else BF16_TILES
   T, H, D = q.shape
   N, page_size, KV, _ = k_pages.shape
   B, P = page_table.shape
+  if tiles is None:
+    tiles = default_tiles(is_fp8(k_pages.dtype), B, KV, P * page_size, page_size)
   G = H // KV
   block_k = tiles.block_k
   if block_k % page_size and page_size % block_k:

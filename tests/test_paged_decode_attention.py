@@ -10,7 +10,9 @@ import pytest
 
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention
 from jaxinfer.errors import ShapeError
-from kernels.paged_decode_attention import DecodeTiles, e4m3_bits_to_f16, paged_decode_attention
+from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, SPLIT_K_TILES, DecodeTiles,
+                                            default_tiles, e4m3_bits_to_f16,
+                                            paged_decode_attention)
 
 F8 = jnp.float8_e4m3fn
 
@@ -77,6 +79,28 @@ def test_decode_bf16(H, KV, page_size, block_k, splits, page_blocks):
   out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
                                scale=D ** -0.5, tiles=tiles,
                                interpret=True)
+  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 3, 1e-2)
+
+
+def test_default_tiles_by_regime():
+  """Split-K regimes (few sequences) take the 64-key tiles when a tile fits in a page; many
+  sequences (one split) keep the per-dtype tiles; so do pages smaller than 64 tokens."""
+  for fp8 in (False, True):
+    assert default_tiles(fp8, 1, 8, 32768, 64) == SPLIT_K_TILES
+    assert default_tiles(fp8, 64, 8, 4096, 64) == (FP8_TILES if fp8 else BF16_TILES)
+    assert default_tiles(fp8, 1, 8, 32768, 16) == (FP8_TILES if fp8 else BF16_TILES)
+  assert default_tiles(False, 1, 8, 64, 64) == BF16_TILES   # one 64-key block: nothing to split
+
+
+def test_decode_default_tiles_split_k():
+  """tiles=None in the split-K regime (page 64): SPLIT_K_TILES, ragged lengths, against float64."""
+  rng = np.random.default_rng(21)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=64, page_size=64, num_pages=12,
+                               chunks=[(150, 1), (0, 1), (70, 1)], num_tokens=4)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=64 ** -0.5, interpret=True)
   ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, 3, 1e-2)
