@@ -45,6 +45,10 @@ _WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"],
                              "norms and LM head bf16)")
 _FUSE = flags.DEFINE_bool("fuse_projections", True, "jax: wq|wk|wv and w_gate|w_up as one GEMM each "
                           "(llama.fuse_projections, what the engine does on one device)")
+_FP8_QUANT_IN_NORM = flags.DEFINE_bool("fp8_quant_in_norm", False, "jax, --weights=fp8: the norms "
+                                        "before wqkv / w_gate_up emit the E4M3 rows those FP8 "
+                                        "projections take (kernels/add_rms_norm_fp8: one kernel "
+                                        "for three)")
 _DECODE_ONLY = flags.DEFINE_bool("decode_only_steps", True, "jax: decode-only steps compile without "
                                  "attention's runtime decode/prefill branch (EngineConfig option)")
 _FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residual add + RMSNorm as "
@@ -354,9 +358,11 @@ def run_jax() -> dict:
   pages_per_seq = -(-(_INPUT.value + _OUTPUT.value) // _PAGE.value)
   max_len = pages_per_seq * _PAGE.value
 
+  forward = LlamaForward(cfg, _FUSED_ADD_NORM.value, fp8_quant_in_norm=_FP8_QUANT_IN_NORM.value)
+  result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
+
   def engine_for(c: int) -> LLMEngine:
-    return LLMEngine(params, LlamaForward(cfg, _FUSED_ADD_NORM.value), cache,
-                     vocab_size=cfg.vocab_size,
+    return LLMEngine(params, forward, cache, vocab_size=cfg.vocab_size,
                      max_model_len=max_len, config=engine_config(c, pages_per_seq, kv_dtype))
 
   main_levels = [int(c) for c in _CONC.value]
@@ -424,7 +430,7 @@ def run_jax() -> dict:
       # The same engine settings stepped synchronously (each step's tokens read before the next
       # is scheduled: nothing in flight at dispatch), one untimed wave: is the jitted call's cost
       # its own, or does it come from the step still running on the device?
-      sync_engine = LLMEngine(params, LlamaForward(cfg, _FUSED_ADD_NORM.value), cache,
+      sync_engine = LLMEngine(params, forward, cache,
                               vocab_size=cfg.vocab_size, max_model_len=max_len,
                               config=dataclasses.replace(engine_config(c, pages_per_seq, kv_dtype),
                                                          async_scheduling=False))

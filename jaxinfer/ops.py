@@ -67,12 +67,34 @@ class FP8Weight:
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     return (self.w.astype(jnp.float32) * self.scale[:, None]).T.astype(dtype)
 
-  def linear(self, x: jax.Array) -> jax.Array:
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    sx = jnp.maximum(jnp.max(jnp.abs(rows), axis=-1, keepdims=True), _TINY_AMAX) / E4M3_MAX
-    xq = jnp.clip(rows / sx, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+  def linear(self, x: jax.Array | FP8Rows) -> jax.Array:
+    """x [..., K] (quantized here), or rows quantized already (``FP8Rows``, e.g. by the norm
+    before this projection: ``add_rms_norm_fp8``)."""
+    xq, sx = (x.q, x.scale) if isinstance(x, FP8Rows) else quantize_rows_fp8(x)
     y = (fp8_dot(xq, self.w).astype(jnp.float32) * sx * self.scale).astype(x.dtype)
     return y.reshape(*x.shape[:-1], self.w.shape[0])
+
+
+def quantize_rows_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x [..., K] -> (E4M3 rows [R, K], f32 scales [R, 1]) with R the product of the leading dims:
+  per row sx = max(amax, tiny) / 448 and E4M3(clip(x / sx)), from x's values in float32."""
+  rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  sx = jnp.maximum(jnp.max(jnp.abs(rows), axis=-1, keepdims=True), _TINY_AMAX) / E4M3_MAX
+  return jnp.clip(rows / sx, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn), sx
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FP8Rows:
+  """Activations already quantized for ``FP8Weight.linear``: E4M3 rows ``q`` [T, K], f32 scales
+  ``scale`` [T, 1], and the dtype the activations had (the projection's output dtype)."""
+  q: jax.Array
+  scale: jax.Array
+  dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True), default=jnp.bfloat16)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.q.shape
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -92,6 +114,20 @@ def add_rms_norm(x: jax.Array, y: jax.Array, weight: jax.Array, eps: float,
       return kernel.add_rms_norm(x, y, weight, eps=eps)
   s = x + y
   return s, rms_norm(s, weight, eps)
+
+
+def add_rms_norm_fp8(x: jax.Array, y: jax.Array, weight: jax.Array, eps: float,
+                     fused: bool = False) -> tuple[jax.Array, FP8Rows]:
+  """(x + y, rms_norm(x + y) quantized for an FP8 projection): what ``add_rms_norm`` followed by
+  ``FP8Weight.linear``'s input quantization compute, as one Pallas kernel on GPU when ``fused``
+  (kernels/add_rms_norm.add_rms_norm_fp8), else those XLA ops. Same values either way."""
+  if fused and jax.default_backend() == "gpu":
+    from kernels import add_rms_norm as kernel   # kernels import jaxinfer
+    if kernel.supports(x, y, weight):
+      s, q, sx = kernel.add_rms_norm_fp8(x, y, weight, eps=eps)
+      return s, FP8Rows(q, sx, x.dtype)
+  s, h = add_rms_norm(x, y, weight, eps)
+  return s, FP8Rows(*quantize_rows_fp8(h), h.dtype)
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling=None) -> jax.Array:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.errors import ShapeError
-from kernels.add_rms_norm import add_rms_norm, reference
+from kernels.add_rms_norm import add_rms_norm, add_rms_norm_fp8, reference, reference_fp8
 
 
 def np_add_rms_norm(x, y, w, eps):
@@ -38,3 +38,35 @@ def test_add_rms_norm_rejects_shapes_it_does_not_take():
   x = jnp.ones((4, 64), jnp.bfloat16)
   with pytest.raises(ShapeError):
     add_rms_norm(x, x.astype(jnp.float32), jnp.ones(64), eps=1e-5, interpret=True)
+
+
+@pytest.mark.parametrize("T,H,dtype", [(8, 64, jnp.bfloat16), (5, 256, jnp.bfloat16),
+                                       (3, 32, jnp.float32)])
+def test_add_rms_norm_fp8_quantizes_the_normed_rows(T, H, dtype):
+  """The FP8 variant: s as add_rms_norm, and rows that dequantize to the float64 RMSNorm within
+  E4M3's rounding (3 mantissa bits), bit-identical to the XLA ops (norm, then
+  ops.quantize_rows_fp8) that FP8Weight.linear would run; a zero row keeps a finite scale."""
+  from jaxinfer.ops import E4M3_MAX
+  rng = np.random.default_rng(T + H)
+  x = rng.standard_normal((T, H)) * rng.uniform(0.1, 8, (T, 1))
+  x[0] = 0.0
+  y = np.zeros((T, H))
+  y[1:] = rng.standard_normal((T - 1, H))
+  x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+  w = jnp.asarray(rng.uniform(0.5, 1.5, H), dtype)
+  s, q, sx = add_rms_norm_fp8(x, y, w, eps=1e-5, interpret=True)
+  assert q.dtype == jnp.float8_e4m3fn and q.shape == (T, H) and sx.shape == (T, 1)
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  want_s, want_h = np_add_rms_norm(f64(x), f64(y), f64(w), 1e-5)
+  np.testing.assert_allclose(f64(s), want_s, rtol=1e-2, atol=1e-2)
+  sx64 = f64(sx)
+  assert np.isfinite(sx64).all() and (sx64 > 0).all()
+  np.testing.assert_allclose(sx64[1:, 0], np.abs(want_h[1:]).max(axis=1) / E4M3_MAX, rtol=2e-2)
+  deq = np.asarray(q.astype(jnp.float32), np.float64) * sx64
+  assert (deq[0] == 0).all()                     # the zero row
+  np.testing.assert_allclose(deq, want_h, rtol=0.07, atol=0.07 * np.abs(want_h).max())
+  assert np.abs(f64(q)).max() <= E4M3_MAX
+  ref_s, ref_q, ref_sx = reference_fp8(x, y, w, 1e-5)
+  np.testing.assert_array_equal(f64(s), f64(ref_s))
+  np.testing.assert_array_equal(sx64, f64(ref_sx))
+  np.testing.assert_array_equal(f64(q), f64(ref_q))

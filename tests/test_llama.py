@@ -157,3 +157,45 @@ def test_fp8_projections_close_to_bf16_forward():
   for got in outs[1:]:
     rel = np.linalg.norm(got - outs[0]) / np.linalg.norm(outs[0])
     assert rel < 0.08, rel
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fp8_quant_in_norm_gives_the_same_logits(fuse):
+  """forward(fp8_quant_in_norm=True): the norms before FP8 wqkv / w_gate_up (or wq/wk/wv, w_gate /
+  w_up) hand over E4M3 rows (ops.FP8Rows) instead of each projection quantizing its input: the
+  same quantization, so the same logits; bf16 weights ignore the option."""
+  params = random_params(TINY, seed=14)
+  params = llama.fuse_projections(params) if fuse else params
+  q = llama.quantize_projections_fp8(params)
+  toks = np.random.default_rng(14).integers(0, TINY.vocab_size, 9).tolist()
+  chunks = [SeqChunk([1, 2, 3], 0, 9)]
+  batch = build_batch(chunks, PAGE, num_tokens=16, num_seqs=4, pages_per_seq=8)
+  flat = jnp.asarray(toks + [0] * 7, jnp.int32)
+  for p in (q, params):
+    outs = []
+    for on in (False, True):
+      cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=jnp.float32)
+      logits, _ = llama.forward_jit(p, flat, cache, batch, cfg=TINY, all_logits=True,
+                                    fp8_quant_in_norm=on)
+      outs.append(np.asarray(logits))
+    np.testing.assert_array_equal(outs[1], outs[0])
+  # which projections were handed pre-quantized rows: all after a residual norm (the first
+  # layer's q/k/v follow the embedding's plain norm), none of wo / w_down
+  from jaxinfer import ops
+  seen = []
+  real = ops.FP8Weight.linear
+
+  def spy(self, x):
+    seen.append(isinstance(x, ops.FP8Rows))
+    return real(self, x)
+
+  ops.FP8Weight.linear = spy
+  try:
+    cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=jnp.float32)
+    llama.forward(q, flat, cache, batch, TINY, fp8_quant_in_norm=True)
+  finally:
+    ops.FP8Weight.linear = real
+  n_qkv, n_up = (1, 1) if fuse else (3, 2)
+  first = [False] * n_qkv + [False] + [True] * n_up + [False]    # qkv, wo, gate/up, down
+  later = [True] * n_qkv + [False] + [True] * n_up + [False]
+  assert seen == first + later * (TINY.num_layers - 1), seen

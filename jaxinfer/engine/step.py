@@ -34,11 +34,14 @@ class LlamaForward:
   cfg: llama.LlamaConfig
   fused_add_norm: bool = True   # residual add + RMSNorm as one Pallas kernel on GPU
   decode_only: bool = False     # every sequence has one new token: attention without a runtime branch
+  fp8_quant_in_norm: bool = False   # FP8 weights: the norms before wqkv / w_gate_up emit E4M3 rows
+                                    # (one kernel with fused_add_norm on GPU; not yet GPU-timed)
 
   def __call__(self, params, tokens, cache, batch):
     return llama.forward(params, tokens, cache, batch, self.cfg,
                          fused_add_norm=self.fused_add_norm,
-                         max_new_tokens=1 if self.decode_only else None)
+                         max_new_tokens=1 if self.decode_only else None,
+                         fp8_quant_in_norm=self.fp8_quant_in_norm)
 
 
 def ladder(minimum: int, maximum: int) -> tuple[int, ...]:

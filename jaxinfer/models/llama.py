@@ -27,8 +27,8 @@ import numpy as np
 from jaxinfer import attention as attention_ops
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCache, write_kv
-from jaxinfer.ops import (FP8Weight, add_rms_norm, apply_rope, linear, rms_norm, rope_cos_sin,
-                          rope_inv_freq)
+from jaxinfer.ops import (FP8Weight, add_rms_norm, add_rms_norm_fp8, apply_rope, linear, rms_norm,
+                          rope_cos_sin, rope_inv_freq)
 
 Params = dict[str, Any]
 
@@ -188,26 +188,44 @@ def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.
   return rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
 
+def _takes_fp8_rows(layer: Params, names: tuple[str, ...]) -> bool:
+  """Whether the projections fed by one norm (``names``, those present) are all FP8 weights."""
+  ws = [layer[n] for n in names if n in layer]
+  return bool(ws) and all(isinstance(w, FP8Weight) for w in ws)
+
+
 def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_ops.AttentionBatch,
             cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False,
-            max_new_tokens: int | None = None) -> tuple[jax.Array, KVCache]:
+            max_new_tokens: int | None = None,
+            fp8_quant_in_norm: bool = False) -> tuple[jax.Array, KVCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache. Each residual add runs
   with the RMSNorm after it (``ops.add_rms_norm``; one Pallas kernel on GPU when
   ``fused_add_norm``). ``max_new_tokens``: a bound on every sequence's new tokens this step that
-  the caller guarantees (1 for a decode-only step): attention then needs no runtime branch."""
+  the caller guarantees (1 for a decode-only step): attention then needs no runtime branch.
+  ``fp8_quant_in_norm``: where the projections after a residual norm are FP8 weights
+  (``quantize_projections_fp8``), the norm hands them rows already quantized
+  (``ops.add_rms_norm_fp8``; with ``fused_add_norm`` on GPU one kernel instead of three); same
+  values."""
   eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
   h = rms_norm(x, layers[0]["attn_norm"], eps)
   new_k, new_v = [], []
+
+  def add_norm(x, y, w, next_layer, names):
+    if fp8_quant_in_norm and next_layer is not None and _takes_fp8_rows(next_layer, names):
+      return add_rms_norm_fp8(x, y, w, eps, fused_add_norm)
+    return add_rms_norm(x, y, w, eps, fused_add_norm)
+
   for i, layer in enumerate(layers):
     o, k_pages, v_pages = self_attention(layer, h, cos, sin, cache.k[i], cache.v[i],
                                          cache.k_scale[i], cache.v_scale[i], batch, cfg,
                                          max_new_tokens)
-    x, h = add_rms_norm(x, o, layer["mlp_norm"], eps, fused_add_norm)
-    next_norm = layers[i + 1]["attn_norm"] if i + 1 < len(layers) else params["final_norm"]
-    x, h = add_rms_norm(x, mlp(layer, h), next_norm, eps, fused_add_norm)
+    x, h = add_norm(x, o, layer["mlp_norm"], layer, ("w_gate_up", "w_gate", "w_up"))
+    nxt = layers[i + 1] if i + 1 < len(layers) else None
+    next_norm = nxt["attn_norm"] if nxt is not None else params["final_norm"]
+    x, h = add_norm(x, mlp(layer, h), next_norm, nxt, ("wqkv", "wq", "wk", "wv"))
     new_k.append(k_pages)
     new_v.append(v_pages)
   if not all_logits:
@@ -293,7 +311,7 @@ def quantize_projections_fp8(params: Params) -> Params:
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm",
-                                               "max_new_tokens"),
+                                               "max_new_tokens", "fp8_quant_in_norm"),
                       donate_argnames=("cache",))
 
 
