@@ -184,6 +184,22 @@ def test_async_scheduling_wastes_no_step_on_max_tokens():
   assert steps[0] == steps[1] == 3 + 6     # 20-token prompt in chunks of 8, then 6 decode steps
 
 
+def test_step_stats_split_the_host_time():
+  """StepStats of each dispatched step: the jitted call's share (call_s) lies inside the host time
+  (schedule + pack + call), and the wait for its tokens is recorded when they are read."""
+  eng = make_engine()
+  eng.add_request([5] * 20, SamplingParams(max_tokens=4, ignore_eos=True))
+  stats = []
+  while eng.has_unfinished():
+    eng.step()
+    if eng.last_step is not None and (not stats or eng.last_step is not stats[-1]):
+      stats.append(eng.last_step)
+  assert len(stats) == eng.num_steps == 3 + 3          # 3 prefill chunks of 8, then 3 decodes
+  for st in stats:
+    assert 0 < st.call_s <= st.host_s and st.wait_s >= 0
+  assert [st.decode_only for st in stats] == [False] * 3 + [True] * 3
+
+
 def test_greedy_continuous_batching_equals_one_at_a_time():
   rng = np.random.default_rng(1)
   prompts = random_prompts(rng, 12)                      # 1..40 tokens, chunk 8, budget 32
