@@ -419,14 +419,7 @@ def run_jax() -> dict:
                                   "tokens": percentiles([st.num_tokens for _, st in part])}
     result["levels"][str(c)] = summary
     save()                      # before the trace: a trace that fails keeps the timed numbers
-    if on_gpu and not extra and _TRACE_DECODE.value:
-      summary["decode_kernels"] = trace_decode_steps(engine, prompts, c)
-      cache = engine.cache
-      save()
-    if on_gpu and not extra and _TRACE_PREFILL.value:
-      summary["prefill_kernels"] = trace_prefill_steps(engine, prompts, c)
-      cache = engine.cache
-    if _SYNC_CHECK.value and not extra:   # after the traces: they step `engine`
+    if _SYNC_CHECK.value and not extra:   # before the traces (a trace may crash)
       # The same engine settings stepped synchronously (each step's tokens read before the next
       # is scheduled: nothing in flight at dispatch), one untimed wave: is the jitted call's cost
       # its own, or does it come from the step still running on the device?
@@ -435,13 +428,20 @@ def run_jax() -> dict:
                               config=dataclasses.replace(engine_config(c, pages_per_seq, kv_dtype),
                                                          async_scheduling=False))
       _, sync_steps = run_closed_loop(sync_engine, prompts, c, c)
-      cache = sync_engine.cache
+      cache = engine.cache = sync_engine.cache        # the traces below step `engine` again
       sync_decode = [st for _, st in sync_steps if st is not None and st.decode_only]
       summary["sync_decode_step_host_s"] = percentiles([st.host_s for st in sync_decode])
       summary["sync_decode_step_call_s"] = percentiles([st.call_s for st in sync_decode])
       summary["sync_decode_step_wait_s"] = percentiles([st.wait_s for st in sync_decode])
       del sync_engine
       save()
+    if on_gpu and not extra and _TRACE_DECODE.value:
+      summary["decode_kernels"] = trace_decode_steps(engine, prompts, c)
+      cache = engine.cache
+      save()
+    if on_gpu and not extra and _TRACE_PREFILL.value:
+      summary["prefill_kernels"] = trace_prefill_steps(engine, prompts, c)
+      cache = engine.cache
     logging.info("c=%d %s", c, json.dumps({k: v for k, v in summary.items()
                                             if k not in ("decode_kernels", "prefill_kernels")}))
     if c == 1 and on_gpu and "ceilings" in result:
