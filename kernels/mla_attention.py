@@ -254,7 +254,7 @@ def _mosaic_decode(q_latent, q_rope, latent_pages, batch: AttentionBatch, *, sca
 
 def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
                         batch: AttentionBatch, *, scale: float, latent_scale=1.0,
-                        impl: str = "auto") -> jax.Array:
+                        impl: str = "auto", max_new_tokens: int | None = None) -> jax.Array:
   """Absorbed MLA over the paged latent cache -> [T, H, kv_lora_rank] in q_latent's dtype.
 
   ``impl``: auto | pallas | reference. auto: the reference on CPU and for inputs the kernel does
@@ -267,6 +267,13 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
   pallas). pallas: the same choice without the input check, the kernel in interpret mode off GPU.
   The kernel places token i of sequence b at position ``seq_lens[b] - q_len_b + i`` and returns
   zeros for padding tokens.
+
+  ``max_new_tokens``: a bound on every sequence's new tokens this step that the caller guarantees
+  (1 for a decode-only step). When it fits the chosen kernel (1 for the Mosaic kernel, <= the
+  Pallas kernel's per-sequence query bound) that kernel runs unconditionally: no runtime
+  ``lax.cond``, whose predicate costs a device -> host round trip per call on the GPU (~0.45 ms
+  of idle device per DeepSeek layer call at decode B=64, benchmarks/deepseek.md). A sequence
+  with more new tokens than that gets wrong results.
   """
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown MLA impl {impl!r}")
@@ -286,15 +293,19 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
   longest = jnp.max(jnp.diff(batch.query_start))
   if mosaic_decode_wanted(q_latent, q_rope, latent_pages, batch, on_gpu=on_gpu,
                           hopper=on_gpu and _is_hopper()):
-    return lax.cond(longest <= 1, functools.partial(
-        _mosaic_decode, q_latent, q_rope, latent_pages, batch, scale=scale,
-        latent_scale=latent_scale), reference)
+    mosaic = functools.partial(_mosaic_decode, q_latent, q_rope, latent_pages, batch,
+                               scale=scale, latent_scale=latent_scale)
+    if max_new_tokens is not None and max_new_tokens <= 1:
+      return mosaic()
+    return lax.cond(longest <= 1, mosaic, reference)
 
   def run_kernel():
     return mla_decode_pallas(q_latent, q_rope, latent_pages, batch.page_table, batch.seq_lens,
                              batch.query_start, scale=scale, latent_scale=latent_scale,
                              max_q=max_q, interpret=not on_gpu)
 
+  if max_new_tokens is not None and max_new_tokens <= max_q:
+    return run_kernel()
   return lax.cond(longest <= max_q, run_kernel, reference)
 
 

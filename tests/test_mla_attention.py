@@ -102,6 +102,17 @@ def test_public_op_decode_batch():
   check(out, expected(ql, qr, f64(lat), batch), 2, 1e-2)
 
 
+def test_public_op_static_decode_bound():
+  """max_new_tokens=1 (a decode-only step): the kernel runs without the runtime cond and gives
+  the same result as with it."""
+  rng = np.random.default_rng(7)
+  ql, qr, lat, batch = make_case(rng, [(40, 1), (9, 1), (17, 1)], num_tokens=4)
+  out = mla_paged_attention(ql, qr, lat, batch, scale=0.1, impl="pallas", max_new_tokens=1)
+  np.testing.assert_array_equal(
+      f64(out), f64(mla_paged_attention(ql, qr, lat, batch, scale=0.1, impl="pallas")))
+  check(out, expected(ql, qr, f64(lat), batch), 3, 1e-2)
+
+
 def test_context_mla_fp8():
   """Non-absorbed context MLA: FP8 nope part and V (per-head scales), bf16 rope part shared by all
   heads; <= 3e-2 vs float64 on the dequantized inputs."""

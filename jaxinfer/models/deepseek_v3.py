@@ -363,15 +363,16 @@ def mla_prefill_attention(q_nope: jax.Array, q_rope: jax.Array, latent_pages: ja
 
 def mla_absorbed_attention(q_nope: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
                            latent_scale: jax.Array, wkv_b: jax.Array, batch: attention.AttentionBatch,
-                           cfg: DeepseekV3Config) -> jax.Array:
-  """Absorbed form: q_latent = q_nope W_UK^T, attention over the latent cache, then W_UV."""
+                           cfg: DeepseekV3Config, max_new_tokens: int | None = None) -> jax.Array:
+  """Absorbed form: q_latent = q_nope W_UK^T, attention over the latent cache, then W_UV.
+  ``max_new_tokens``: see kernels/mla_attention.mla_paged_attention (1: a decode-only step)."""
   R, nH, nope = cfg.kv_lora_rank, cfg.num_heads, cfg.qk_nope_head_dim
   w = wkv_b.reshape(R, nH, -1)
   w_uk, w_uv = w[..., :nope], w[..., nope:]
   q_latent = jnp.einsum("thn,rhn->thr", q_nope, w_uk.astype(q_nope.dtype),
                         preferred_element_type=jnp.float32).astype(q_nope.dtype)
   o_latent = mla_paged_attention(q_latent, q_rope, latent_pages, batch, scale=cfg.softmax_scale,
-                                 latent_scale=latent_scale)
+                                 latent_scale=latent_scale, max_new_tokens=max_new_tokens)
   return jnp.einsum("thr,rhv->thv", o_latent, w_uv.astype(o_latent.dtype),
                     preferred_element_type=jnp.float32).astype(q_nope.dtype)
 
@@ -391,11 +392,15 @@ def rope_tables(cfg: DeepseekV3Config, positions: jax.Array) -> tuple[jax.Array,
 
 
 def attention_block(layer: Params, x, cos, sin, latent_pages, latent_scale,
-                    batch: attention.AttentionBatch, cfg: DeepseekV3Config, form: str):
+                    batch: attention.AttentionBatch, cfg: DeepseekV3Config, form: str,
+                    max_new_tokens: int | None = None):
   """One layer's MLA with its residual: x [T, H] -> (x + MLA(RMSNorm(x)) Wo, latent_pages with this
   step's [latent, rope key] rows written at ``batch.slots``). ``form``: "prefill" | "absorbed"
   (``choose_mla_form``). A building block: ``forward`` chains it with ``ffn_block`` per layer, and
-  sharding/ runs the same blocks per pipeline stage or per attention-data-parallel rank."""
+  sharding/ runs the same blocks per pipeline stage or per attention-data-parallel rank.
+  ``max_new_tokens``: a bound on every sequence's new tokens the caller guarantees (1 for a
+  decode-only step): the absorbed form then picks its decode kernel statically, without a
+  runtime cond (kernels/mla_attention.mla_paged_attention)."""
   T, R = x.shape[0], cfg.kv_lora_rank
   h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
   q = _queries(layer, h, cfg)
@@ -406,8 +411,12 @@ def attention_block(layer: Params, x, cos, sin, latent_pages, latent_scale,
   k_rope = _rope(kv[:, None, R:], cos, sin, cfg.rope_interleave)[:, 0]
   latent_pages = write_kv(latent_pages, jnp.concatenate([c, k_rope], axis=-1), batch.slots,
                           latent_scale)
-  mla = mla_prefill_attention if form == "prefill" else mla_absorbed_attention
-  o = mla(q_nope, q_rope, latent_pages, latent_scale, layer["wkv_b"], batch, cfg)
+  if form == "prefill":
+    o = mla_prefill_attention(q_nope, q_rope, latent_pages, latent_scale, layer["wkv_b"], batch,
+                              cfg)
+  else:
+    o = mla_absorbed_attention(q_nope, q_rope, latent_pages, latent_scale, layer["wkv_b"], batch,
+                               cfg, max_new_tokens)
   return x + linear(o.reshape(T, -1), layer["wo"]), latent_pages
 
 
@@ -452,13 +461,15 @@ def ffn_block(layer: Params, x, cfg: DeepseekV3Config, moe_impl: str = "dispatch
 
 def forward(params: Params, tokens: jax.Array, cache: LatentCache, batch: attention.AttentionBatch,
             cfg: DeepseekV3Config, all_logits: bool = False, mla_form: str = "auto",
-            moe_impl: str = "dispatch",
-            experts_fn: ExpertsFn | None = None) -> tuple[jax.Array, LatentCache]:
+            moe_impl: str = "dispatch", experts_fn: ExpertsFn | None = None,
+            max_new_tokens: int | None = None) -> tuple[jax.Array, LatentCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache.
 
   ``mla_form``: auto | prefill | absorbed (both exact; auto picks by tokens per sequence).
-  ``moe_impl``: dispatch | dense_reference (tests only). ``experts_fn``: see ``ExpertsFn``."""
+  ``moe_impl``: dispatch | dense_reference (tests only). ``experts_fn``: see ``ExpertsFn``.
+  ``max_new_tokens``: a bound on every sequence's new tokens that the caller guarantees (1 for a
+  decode-only step: no runtime cond in the MLA kernel choice, see ``attention_block``)."""
   if mla_form == "auto":
     mla_form = choose_mla_form(batch.num_tokens, batch.num_seqs)
   if mla_form not in ("prefill", "absorbed"):
@@ -468,7 +479,7 @@ def forward(params: Params, tokens: jax.Array, cache: LatentCache, batch: attent
   new_latent = []
   for i, layer in enumerate(params["layers"]):
     x, pages = attention_block(layer, x, cos, sin, cache.latent[i], cache.scale[i], batch, cfg,
-                               mla_form)
+                               mla_form, max_new_tokens)
     x = ffn_block(layer, x, cfg, moe_impl, experts_fn)
     new_latent.append(pages)
   if not all_logits:
@@ -483,7 +494,8 @@ def lm_logits(params: Params, x, cfg: DeepseekV3Config) -> jax.Array:
   return linear(x, lm_head).astype(jnp.float32)
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "mla_form", "moe_impl"),
+forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "mla_form", "moe_impl",
+                                                "max_new_tokens"),
                       donate_argnames=("cache",))
 
 
