@@ -49,6 +49,9 @@ _FP8_QUANT_IN_NORM = flags.DEFINE_bool("fp8_quant_in_norm", False, "jax, --weigh
                                         "before wqkv / w_gate_up emit the E4M3 rows those FP8 "
                                         "projections take (kernels/add_rms_norm_fp8: one kernel "
                                         "for three)")
+_FP8_SCALE_IN_NORM = flags.DEFINE_bool("fp8_scale_in_norm", False, "jax, --weights=fp8: the norms "
+                                        "after wo / w_down apply those FP8 projections' output "
+                                        "scales (one kernel fewer each)")
 _DECODE_ONLY = flags.DEFINE_bool("decode_only_steps", True, "jax: decode-only steps compile without "
                                  "attention's runtime decode/prefill branch (EngineConfig option)")
 _FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residual add + RMSNorm as "
@@ -358,8 +361,10 @@ def run_jax() -> dict:
   pages_per_seq = -(-(_INPUT.value + _OUTPUT.value) // _PAGE.value)
   max_len = pages_per_seq * _PAGE.value
 
-  forward = LlamaForward(cfg, _FUSED_ADD_NORM.value, fp8_quant_in_norm=_FP8_QUANT_IN_NORM.value)
+  forward = LlamaForward(cfg, _FUSED_ADD_NORM.value, fp8_quant_in_norm=_FP8_QUANT_IN_NORM.value,
+                         fp8_scale_in_norm=_FP8_SCALE_IN_NORM.value)
   result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
+  result["fp8_scale_in_norm"] = _FP8_SCALE_IN_NORM.value
 
   def engine_for(c: int) -> LLMEngine:
     return LLMEngine(params, forward, cache, vocab_size=cfg.vocab_size,

@@ -70,9 +70,14 @@ class FP8Weight:
   def linear(self, x: jax.Array | FP8Rows) -> jax.Array:
     """x [..., K] (quantized here), or rows quantized already (``FP8Rows``, e.g. by the norm
     before this projection: ``add_rms_norm_fp8``)."""
-    xq, sx = (x.q, x.scale) if isinstance(x, FP8Rows) else quantize_rows_fp8(x)
-    y = (fp8_dot(xq, self.w).astype(jnp.float32) * sx * self.scale).astype(x.dtype)
+    y = self.linear_deferred(x).apply()
     return y.reshape(*x.shape[:-1], self.w.shape[0])
+
+  def linear_deferred(self, x: jax.Array | FP8Rows) -> ScaledRows:
+    """``linear`` with its output scaling left to the consumer: the raw E4M3 product [R, N] and
+    the row / column scales (``ScaledRows.apply`` finishes it; ``add_rms_norm`` takes it as is)."""
+    xq, sx = (x.q, x.scale) if isinstance(x, FP8Rows) else quantize_rows_fp8(x)
+    return ScaledRows(fp8_dot(xq, self.w), sx, self.scale, x.dtype)
 
 
 def quantize_rows_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -81,6 +86,32 @@ def quantize_rows_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   sx = jnp.maximum(jnp.max(jnp.abs(rows), axis=-1, keepdims=True), _TINY_AMAX) / E4M3_MAX
   return jnp.clip(rows / sx, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn), sx
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScaledRows:
+  """An FP8 projection's output before its scaling: ``raw`` [R, N] (the E4M3 product, bf16),
+  f32 ``row_scale`` [R, 1] and ``col_scale`` [N]; ``apply()`` = (raw * row * col) in ``dtype``."""
+  raw: jax.Array
+  row_scale: jax.Array
+  col_scale: jax.Array
+  dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True), default=jnp.bfloat16)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.raw.shape
+
+  def apply(self) -> jax.Array:
+    return (self.raw.astype(jnp.float32) * self.row_scale * self.col_scale).astype(self.dtype)
+
+
+def linear_deferred(x: jax.Array | FP8Rows, w) -> jax.Array | ScaledRows:
+  """``linear`` for a projection whose consumer can apply an FP8 weight's output scaling itself
+  (``add_rms_norm``): a ``ScaledRows`` for an ``FP8Weight`` (2-D x), else ``linear(x, w)``."""
+  if isinstance(w, FP8Weight) and len(x.shape) == 2:
+    return w.linear_deferred(x)
+  return linear(x, w)
 
 
 @jax.tree_util.register_dataclass
@@ -103,28 +134,37 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def add_rms_norm(x: jax.Array, y: jax.Array, weight: jax.Array, eps: float,
+def add_rms_norm(x: jax.Array, y: jax.Array | ScaledRows, weight: jax.Array, eps: float,
                  fused: bool = False) -> tuple[jax.Array, jax.Array]:
   """(x + y, rms_norm(x + y)): the residual add and the next RMSNorm. ``fused``: one Pallas kernel
   on GPU where it takes the shapes (kernels/add_rms_norm.py; XLA runs these as two kernels), else
-  these two XLA ops. Same rounding either way."""
+  these two XLA ops. Same rounding either way. y may be an FP8 projection's unscaled output
+  (``ScaledRows``): the kernel applies its scales (else one more XLA op)."""
   if fused and jax.default_backend() == "gpu":
     from kernels import add_rms_norm as kernel   # kernels import jaxinfer
-    if kernel.supports(x, y, weight):
-      return kernel.add_rms_norm(x, y, weight, eps=eps)
+    raw = y.raw if isinstance(y, ScaledRows) else y
+    if kernel.supports(x, raw, weight):
+      scales = (y.row_scale, y.col_scale) if isinstance(y, ScaledRows) else (None, None)
+      return kernel.add_rms_norm(x, raw, weight, eps=eps, y_row_scale=scales[0],
+                                 y_col_scale=scales[1])
+  if isinstance(y, ScaledRows):
+    y = y.apply()
   s = x + y
   return s, rms_norm(s, weight, eps)
 
 
-def add_rms_norm_fp8(x: jax.Array, y: jax.Array, weight: jax.Array, eps: float,
+def add_rms_norm_fp8(x: jax.Array, y: jax.Array | ScaledRows, weight: jax.Array, eps: float,
                      fused: bool = False) -> tuple[jax.Array, FP8Rows]:
   """(x + y, rms_norm(x + y) quantized for an FP8 projection): what ``add_rms_norm`` followed by
   ``FP8Weight.linear``'s input quantization compute, as one Pallas kernel on GPU when ``fused``
   (kernels/add_rms_norm.add_rms_norm_fp8), else those XLA ops. Same values either way."""
   if fused and jax.default_backend() == "gpu":
     from kernels import add_rms_norm as kernel   # kernels import jaxinfer
-    if kernel.supports(x, y, weight):
-      s, q, sx = kernel.add_rms_norm_fp8(x, y, weight, eps=eps)
+    raw = y.raw if isinstance(y, ScaledRows) else y
+    if kernel.supports(x, raw, weight):
+      scales = (y.row_scale, y.col_scale) if isinstance(y, ScaledRows) else (None, None)
+      s, q, sx = kernel.add_rms_norm_fp8(x, raw, weight, eps=eps, y_row_scale=scales[0],
+                                         y_col_scale=scales[1])
       return s, FP8Rows(q, sx, x.dtype)
   s, h = add_rms_norm(x, y, weight, eps)
   return s, FP8Rows(*quantize_rows_fp8(h), h.dtype)

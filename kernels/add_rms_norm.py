@@ -22,6 +22,11 @@ sx = max(amax(h), tiny) / 448 and E4M3(clip(h / sx)), h rounded to x's dtype fir
 E4M3 rows [T, H] and sx [T, 1] f32 (h itself is not written). It replaces three kernels (this one,
 XLA's row-amax reduction and its scale-and-cast fusion) in front of each FP8 projection that follows
 a norm (wqkv, w_gate_up). Same grid and tiling; writes T H bytes of E4M3 instead of 2 T H of h.
+
+Both take y as an FP8 projection's raw output with its scales still to apply (``y_row_scale``
+[T, 1], ``y_col_scale`` [H], f32): y = raw * row * col rounded to x's dtype, as
+``FP8Weight.linear`` finishes it (the wo and w_down outputs: XLA cannot fuse that scaling into a
+Pallas kernel, so it is a kernel of its own otherwise).
 """
 from __future__ import annotations
 
@@ -34,20 +39,28 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 
-def reference(x: jax.Array, y: jax.Array, w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-  """Plain JAX: the residual sum and its RMSNorm, as two XLA ops."""
+def _scaled(y, y_row_scale, y_col_scale, dtype):
+  if y_row_scale is None:
+    return y
+  return (y.astype(jnp.float32) * y_row_scale * y_col_scale).astype(dtype)
+
+
+def reference(x: jax.Array, y: jax.Array, w: jax.Array, eps: float, y_row_scale=None,
+              y_col_scale=None) -> tuple[jax.Array, jax.Array]:
+  """Plain JAX: the residual sum and its RMSNorm, as two XLA ops (y scaled first, if scales)."""
+  y = _scaled(y, y_row_scale, y_col_scale, x.dtype)
   s = (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)
   s32 = s.astype(jnp.float32)
   normed = s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
   return s, w.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def reference_fp8(x: jax.Array, y: jax.Array, w: jax.Array, eps: float
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def reference_fp8(x: jax.Array, y: jax.Array, w: jax.Array, eps: float, y_row_scale=None,
+                  y_col_scale=None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Plain JAX: (x + y, E4M3 rows of RMSNorm(x + y) * w, their f32 scales [T, 1]), the rows
   quantized as ``jaxinfer.ops.FP8Weight.linear`` quantizes its input."""
   from jaxinfer.ops import quantize_rows_fp8
-  s, h = reference(x, y, w, eps)
+  s, h = reference(x, y, w, eps, y_row_scale, y_col_scale)
   return (s, *quantize_rows_fp8(h))
 
 
@@ -58,71 +71,81 @@ def supports(x: jax.Array, y: jax.Array, w: jax.Array) -> bool:
           and jnp.issubdtype(x.dtype, jnp.floating) and h >= 16 and not h & (h - 1))
 
 
-def _kernel(x_ref, y_ref, w_ref, s_ref, h_ref, *, eps: float):
-  s = (x_ref[...].astype(jnp.float32) + y_ref[...].astype(jnp.float32)).astype(s_ref.dtype)
-  s_ref[...] = s
+def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
+            e4m3_max: float = 0.0):
+  """Refs: x, y, w, [row scale, col scale,] then s and h, or s, E4M3 rows and their scales."""
+  x_ref, y_ref, w_ref, *refs = refs
+  if scaled:
+    rs_ref, cs_ref, *refs = refs
+  dtype = refs[0].dtype
+  y = y_ref[...]
+  if scaled:
+    y = (y.astype(jnp.float32) * rs_ref[...] * cs_ref[...][None, :]).astype(dtype)
+  s = (x_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+  refs[0][...] = s
   s32 = s.astype(jnp.float32)
   inv = jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
-  normed = (s32 * inv).astype(h_ref.dtype).astype(jnp.float32)
-  w = w_ref[...].astype(h_ref.dtype).astype(jnp.float32)
-  h_ref[...] = (w[None, :] * normed).astype(h_ref.dtype)
-
-
-def _kernel_fp8(x_ref, y_ref, w_ref, s_ref, q_ref, sx_ref, *, eps: float, tiny: float,
-                e4m3_max: float):
-  s = (x_ref[...].astype(jnp.float32) + y_ref[...].astype(jnp.float32)).astype(s_ref.dtype)
-  s_ref[...] = s
-  s32 = s.astype(jnp.float32)
-  inv = jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
-  normed = (s32 * inv).astype(s_ref.dtype).astype(jnp.float32)
-  w = w_ref[...].astype(s_ref.dtype).astype(jnp.float32)
-  h = (w[None, :] * normed).astype(s_ref.dtype).astype(jnp.float32)    # h as the unfused path has it
+  normed = (s32 * inv).astype(dtype).astype(jnp.float32)
+  w = w_ref[...].astype(dtype).astype(jnp.float32)
+  h = (w[None, :] * normed).astype(dtype)
+  if not quantize:
+    refs[1][...] = h
+    return
+  h = h.astype(jnp.float32)                             # h as the unfused path has it
   sx = jnp.maximum(jnp.max(jnp.abs(h), axis=-1, keepdims=True), tiny) / e4m3_max
-  q_ref[...] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
-  sx_ref[...] = sx
+  refs[1][...] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(refs[1].dtype)
+  refs[2][...] = sx
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def add_rms_norm_fp8(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float,
-                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(x + y, E4M3 rows of RMSNorm(x + y) * w [T, H], f32 row scales [T, 1]); see the module
-  docstring."""
+def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name):
   from jaxinfer.ops import _TINY_AMAX, E4M3_MAX
   if not supports(x, y, w):
-    raise ShapeError(f"add_rms_norm_fp8 takes x, y [T, H] of one float dtype with H a power of two "
+    raise ShapeError(f"{name} takes x, y [T, H] of one float dtype with H a power of two "
                      f"and w [H]; got {x.shape} {x.dtype}, {y.shape} {y.dtype}, {w.shape}")
   T, H = x.shape
+  scaled = y_row_scale is not None
+  if scaled and (y_row_scale.shape != (T, 1) or y_col_scale is None or y_col_scale.shape != (H,)):
+    raise ShapeError(f"{name}: y scales must be [T, 1] and [H], got {y_row_scale.shape}, "
+                     f"{None if y_col_scale is None else y_col_scale.shape}")
   block = pl.BlockSpec((1, H), lambda i: (i, 0))
-  return pl.pallas_call(
-      functools.partial(_kernel_fp8, eps=eps, tiny=_TINY_AMAX, e4m3_max=E4M3_MAX),
-      grid=(T,),
-      in_specs=[block, block, pl.BlockSpec((H,), lambda i: (0,))],
-      out_specs=[block, block, pl.BlockSpec((1, 1), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((T, H), x.dtype),
+  row = pl.BlockSpec((1, 1), lambda i: (i, 0))
+  vec = pl.BlockSpec((H,), lambda i: (0,))
+  in_specs = [block, block, vec] + ([row, vec] if scaled else [])
+  args = (x, y, w) + ((y_row_scale.astype(jnp.float32), y_col_scale.astype(jnp.float32))
+                      if scaled else ())
+  if quantize:
+    out_specs = [block, block, row]
+    out_shape = [jax.ShapeDtypeStruct((T, H), x.dtype),
                  jax.ShapeDtypeStruct((T, H), jnp.float8_e4m3fn),
-                 jax.ShapeDtypeStruct((T, 1), jnp.float32)],
+                 jax.ShapeDtypeStruct((T, 1), jnp.float32)]
+  else:
+    out_specs, out_shape = [block, block], [jax.ShapeDtypeStruct((T, H), x.dtype)] * 2
+  return pl.pallas_call(
+      functools.partial(_kernel, eps=eps, scaled=scaled, quantize=quantize, tiny=_TINY_AMAX,
+                        e4m3_max=E4M3_MAX),
+      grid=(T,),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, H // 512)), num_stages=1),
       interpret=interpret,
-      name="add_rms_norm_fp8",
-  )(x, y, w)
+      name=name,
+  )(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def add_rms_norm(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float,
-                 interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+def add_rms_norm(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_row_scale=None,
+                 y_col_scale=None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """(x + y, RMSNorm(x + y) * w) for x, y [T, H], w [H]; see the module docstring."""
-  if not supports(x, y, w):
-    raise ShapeError(f"add_rms_norm takes x, y [T, H] of one float dtype with H a power of two "
-                     f"and w [H]; got {x.shape} {x.dtype}, {y.shape} {y.dtype}, {w.shape}")
-  T, H = x.shape
-  block = pl.BlockSpec((1, H), lambda i: (i, 0))
-  return pl.pallas_call(
-      functools.partial(_kernel, eps=eps),
-      grid=(T,),
-      in_specs=[block, block, pl.BlockSpec((H,), lambda i: (0,))],
-      out_specs=[block, block],
-      out_shape=[jax.ShapeDtypeStruct((T, H), x.dtype)] * 2,
-      compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, H // 512)), num_stages=1),
-      interpret=interpret,
-      name="add_rms_norm",
-  )(x, y, w)
+  return tuple(_call(x, y, w, y_row_scale, y_col_scale, eps=eps, quantize=False,
+                     interpret=interpret, name="add_rms_norm"))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def add_rms_norm_fp8(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_row_scale=None,
+                     y_col_scale=None, interpret: bool = False
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x + y, E4M3 rows of RMSNorm(x + y) * w [T, H], f32 row scales [T, 1]); see the module
+  docstring."""
+  return tuple(_call(x, y, w, y_row_scale, y_col_scale, eps=eps, quantize=True,
+                     interpret=interpret, name="add_rms_norm_fp8"))

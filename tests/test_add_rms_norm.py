@@ -70,3 +70,34 @@ def test_add_rms_norm_fp8_quantizes_the_normed_rows(T, H, dtype):
   np.testing.assert_array_equal(f64(s), f64(ref_s))
   np.testing.assert_array_equal(sx64, f64(ref_sx))
   np.testing.assert_array_equal(f64(q), f64(ref_q))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_add_rms_norm_applies_the_fp8_output_scales_of_y(quantize):
+  """y given as an FP8 projection's raw product with its row / column scales (ops.ScaledRows):
+  the kernel scales it as FP8Weight.linear would (bit-identical to scaling first with XLA ops),
+  and the sum and norm stay close to float64."""
+  from jaxinfer.ops import ScaledRows
+  T, H = 6, 128
+  rng = np.random.default_rng(7 + quantize)
+  x = jnp.asarray(rng.standard_normal((T, H)) * 2, jnp.bfloat16)
+  raw = jnp.asarray(rng.standard_normal((T, H)) * 40, jnp.bfloat16)
+  rs = jnp.asarray(rng.uniform(0.001, 0.05, (T, 1)), jnp.float32)
+  cs = jnp.asarray(rng.uniform(0.5, 2.0, H), jnp.float32)
+  w = jnp.asarray(rng.uniform(0.5, 1.5, H), jnp.bfloat16)
+  y = ScaledRows(raw, rs, cs, jnp.bfloat16).apply()
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  if quantize:
+    got = add_rms_norm_fp8(x, raw, w, eps=1e-5, y_row_scale=rs, y_col_scale=cs, interpret=True)
+    want = reference_fp8(x, y, w, 1e-5)
+  else:
+    got = add_rms_norm(x, raw, w, eps=1e-5, y_row_scale=rs, y_col_scale=cs, interpret=True)
+    want = reference(x, y, w, 1e-5)
+    np.testing.assert_allclose(f64(got[1]), np_add_rms_norm(f64(x), f64(y), f64(w), 1e-5)[1],
+                               rtol=2e-2, atol=2e-2)
+  for g, r in zip(got, want):
+    np.testing.assert_array_equal(f64(g), f64(r))
+  np.testing.assert_allclose(f64(got[0]), f64(x) + f64(raw) * f64(rs) * f64(cs), rtol=2e-2,
+                             atol=2e-2)
+  with pytest.raises(ShapeError):
+    add_rms_norm(x, raw, w, eps=1e-5, y_row_scale=rs[:3], y_col_scale=cs, interpret=True)

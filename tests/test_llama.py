@@ -159,8 +159,8 @@ def test_fp8_projections_close_to_bf16_forward():
     assert rel < 0.08, rel
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_fp8_quant_in_norm_gives_the_same_logits(fuse):
+@pytest.mark.parametrize("fuse,scale_in_norm", [(False, False), (True, False), (True, True)])
+def test_fp8_quant_in_norm_gives_the_same_logits(fuse, scale_in_norm):
   """forward(fp8_quant_in_norm=True): the norms before FP8 wqkv / w_gate_up (or wq/wk/wv, w_gate /
   w_up) hand over E4M3 rows (ops.FP8Rows) instead of each projection quantizing its input: the
   same quantization, so the same logits; bf16 weights ignore the option."""
@@ -176,25 +176,38 @@ def test_fp8_quant_in_norm_gives_the_same_logits(fuse):
     for on in (False, True):
       cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=jnp.float32)
       logits, _ = llama.forward_jit(p, flat, cache, batch, cfg=TINY, all_logits=True,
-                                    fp8_quant_in_norm=on)
+                                    fp8_quant_in_norm=on, fp8_scale_in_norm=on and scale_in_norm)
       outs.append(np.asarray(logits))
     np.testing.assert_array_equal(outs[1], outs[0])
   # which projections were handed pre-quantized rows: all after a residual norm (the first
   # layer's q/k/v follow the embedding's plain norm), none of wo / w_down
   from jaxinfer import ops
-  seen = []
-  real = ops.FP8Weight.linear
+  # (and with scale_in_norm, wo and w_down hand their unscaled products to the norm)
+  seen, deferred = [], []
+  real = ops.FP8Weight.linear_deferred
 
   def spy(self, x):
     seen.append(isinstance(x, ops.FP8Rows))
     return real(self, x)
 
-  ops.FP8Weight.linear = spy
+  real_norm = ops.add_rms_norm
+
+  def spy_norm(x, y, *args):
+    deferred.append(isinstance(y, ops.ScaledRows))
+    return real_norm(x, y, *args)
+
+  ops.FP8Weight.linear_deferred, ops.add_rms_norm = spy, spy_norm
+  llama.add_rms_norm = spy_norm
   try:
     cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=jnp.float32)
-    llama.forward(q, flat, cache, batch, TINY, fp8_quant_in_norm=True)
+    llama.forward(q, flat, cache, batch, TINY, fp8_quant_in_norm=True,
+                  fp8_scale_in_norm=scale_in_norm)
   finally:
-    ops.FP8Weight.linear = real
+    ops.FP8Weight.linear_deferred, ops.add_rms_norm = real, real_norm
+    llama.add_rms_norm = real_norm
+  # the norms through ops.add_rms_norm: each layer's two (the one before the LM head is last);
+  # add_rms_norm_fp8 calls it too, so every norm shows up once
+  assert deferred == [scale_in_norm] * (2 * TINY.num_layers), deferred
   n_qkv, n_up = (1, 1) if fuse else (3, 2)
   first = [False] * n_qkv + [False] + [True] * n_up + [False]    # qkv, wo, gate/up, down
   later = [True] * n_qkv + [False] + [True] * n_up + [False]

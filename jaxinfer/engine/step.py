@@ -35,13 +35,16 @@ class LlamaForward:
   fused_add_norm: bool = True   # residual add + RMSNorm as one Pallas kernel on GPU
   decode_only: bool = False     # every sequence has one new token: attention without a runtime branch
   fp8_quant_in_norm: bool = False   # FP8 weights: the norms before wqkv / w_gate_up emit E4M3 rows
-                                    # (one kernel with fused_add_norm on GPU; not yet GPU-timed)
+  fp8_scale_in_norm: bool = False   # FP8 weights: the norms after wo / w_down apply their output
+                                    # scales (both: fewer kernels with fused_add_norm on GPU;
+                                    # same values; not yet GPU-timed)
 
   def __call__(self, params, tokens, cache, batch):
     return llama.forward(params, tokens, cache, batch, self.cfg,
                          fused_add_norm=self.fused_add_norm,
                          max_new_tokens=1 if self.decode_only else None,
-                         fp8_quant_in_norm=self.fp8_quant_in_norm)
+                         fp8_quant_in_norm=self.fp8_quant_in_norm,
+                         fp8_scale_in_norm=self.fp8_scale_in_norm)
 
 
 def ladder(minimum: int, maximum: int) -> tuple[int, ...]:

@@ -27,8 +27,8 @@ import numpy as np
 from jaxinfer import attention as attention_ops
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCache, write_kv
-from jaxinfer.ops import (FP8Weight, add_rms_norm, add_rms_norm_fp8, apply_rope, linear, rms_norm,
-                          rope_cos_sin, rope_inv_freq)
+from jaxinfer.ops import (FP8Weight, add_rms_norm, add_rms_norm_fp8, apply_rope, linear,
+                          linear_deferred, rms_norm, rope_cos_sin, rope_inv_freq)
 
 Params = dict[str, Any]
 
@@ -142,9 +142,11 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
 
 def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scale,
                    batch: attention_ops.AttentionBatch, cfg: LlamaConfig,
-                   max_new_tokens: int | None = None):
+                   max_new_tokens: int | None = None, defer_output_scale: bool = False):
   """Attention on normed activations h [T, H] (no residual): (Attention(q, k, v) Wo, k_pages,
-  v_pages with this step's K/V written). ``max_new_tokens``: see ``attention.paged_attention``."""
+  v_pages with this step's K/V written). ``max_new_tokens``: see ``attention.paged_attention``.
+  ``defer_output_scale``: an FP8 Wo returns its unscaled product (``ops.ScaledRows``) for the
+  residual norm to finish."""
   T = h.shape[0]
   q, k, v = qkv_projections(layer, h, cfg)
   q = q.reshape(T, cfg.num_heads, cfg.head_dim)
@@ -156,7 +158,8 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
   o = attention_ops.paged_attention(q, k_pages, v_pages, batch, scale=cfg.head_dim ** -0.5,
                                     k_scale=k_scale, v_scale=v_scale,
                                     max_new_tokens=max_new_tokens)
-  return linear(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
+  proj = linear_deferred if defer_output_scale else linear
+  return proj(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
 
 
 def qkv_projections(layer: Params, h, cfg: LlamaConfig):
@@ -168,14 +171,16 @@ def qkv_projections(layer: Params, h, cfg: LlamaConfig):
   return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
 
 
-def mlp(layer: Params, h):
-  """The SwiGLU on normed activations h [T, H] (no residual): (SiLU(h Wgate) * h Wup) Wdown."""
+def mlp(layer: Params, h, defer_output_scale: bool = False):
+  """The SwiGLU on normed activations h [T, H] (no residual): (SiLU(h Wgate) * h Wup) Wdown.
+  ``defer_output_scale``: as in ``self_attention``, for an FP8 Wdown."""
   if "w_gate_up" in layer:
     gate_up = linear(h, layer["w_gate_up"])
     gate, up = jnp.split(gate_up, 2, axis=-1)
   else:
     gate, up = linear(h, layer["w_gate"]), linear(h, layer["w_up"])
-  return linear(jax.nn.silu(gate) * up, layer["w_down"])
+  proj = linear_deferred if defer_output_scale else linear
+  return proj(jax.nn.silu(gate) * up, layer["w_down"])
 
 
 def mlp_block(layer: Params, x, cfg: LlamaConfig):
@@ -196,8 +201,8 @@ def _takes_fp8_rows(layer: Params, names: tuple[str, ...]) -> bool:
 
 def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_ops.AttentionBatch,
             cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False,
-            max_new_tokens: int | None = None,
-            fp8_quant_in_norm: bool = False) -> tuple[jax.Array, KVCache]:
+            max_new_tokens: int | None = None, fp8_quant_in_norm: bool = False,
+            fp8_scale_in_norm: bool = False) -> tuple[jax.Array, KVCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache. Each residual add runs
   with the RMSNorm after it (``ops.add_rms_norm``; one Pallas kernel on GPU when
@@ -206,7 +211,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   ``fp8_quant_in_norm``: where the projections after a residual norm are FP8 weights
   (``quantize_projections_fp8``), the norm hands them rows already quantized
   (``ops.add_rms_norm_fp8``; with ``fused_add_norm`` on GPU one kernel instead of three); same
-  values."""
+  values. ``fp8_scale_in_norm``: FP8 wo / w_down leave their output scaling to the residual norm
+  after them (``ops.ScaledRows``; the fused kernel applies it, one kernel fewer each); same values."""
   eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
@@ -221,11 +227,12 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   for i, layer in enumerate(layers):
     o, k_pages, v_pages = self_attention(layer, h, cos, sin, cache.k[i], cache.v[i],
                                          cache.k_scale[i], cache.v_scale[i], batch, cfg,
-                                         max_new_tokens)
+                                         max_new_tokens, defer_output_scale=fp8_scale_in_norm)
     x, h = add_norm(x, o, layer["mlp_norm"], layer, ("w_gate_up", "w_gate", "w_up"))
     nxt = layers[i + 1] if i + 1 < len(layers) else None
     next_norm = nxt["attn_norm"] if nxt is not None else params["final_norm"]
-    x, h = add_norm(x, mlp(layer, h), next_norm, nxt, ("wqkv", "wq", "wk", "wv"))
+    x, h = add_norm(x, mlp(layer, h, defer_output_scale=fp8_scale_in_norm), next_norm, nxt,
+                    ("wqkv", "wq", "wk", "wv"))
     new_k.append(k_pages)
     new_v.append(v_pages)
   if not all_logits:
@@ -311,7 +318,8 @@ def quantize_projections_fp8(params: Params) -> Params:
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm",
-                                               "max_new_tokens", "fp8_quant_in_norm"),
+                                               "max_new_tokens", "fp8_quant_in_norm",
+                                               "fp8_scale_in_norm"),
                       donate_argnames=("cache",))
 
 
