@@ -71,8 +71,15 @@ _RESERVE = flags.DEFINE_float("sweep_reserve_s", 0.0, "seconds of --budget_s the
                               "for the layer cases listed after it (--after_sweep)")
 _AFTER = flags.DEFINE_list("after_sweep", [], "labels measured after the sweep (the rest of "
                            "--labels before it)")
-_PROFILE = flags.DEFINE_string("profile", "", "label of a case whose whole layer is also traced "
-                               "(jax.profiler): per-kernel GPU time per layer call")
+_PROFILE = flags.DEFINE_string("profile", "", "labels (comma-separated, or 'all') of the cases "
+                               "whose whole layer is also traced (jax.profiler): device busy time "
+                               "per layer call (device_ms) and per-kernel GPU time")
+_DECODE_ONLY = flags.DEFINE_enum(
+    "decode_only", "cond", ["cond", "static", "both"], "decode cases: the MLA kernel chosen by a "
+    "runtime cond (cond: a device->host round trip per layer call), by the decode-only step's "
+    "static bound max_new_tokens=1 (static: what a serving engine's decode-only step passes), or "
+    "both timed (layer_cond_ms / layer_static_ms; layer_ms = static)")
+PROFILES: dict = {}
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the sweep's Pallas kernels in interpret "
                                "mode (CPU smoke runs)")
 _KL_TILING_DOWN = flags.DEFINE_string(
@@ -156,19 +163,21 @@ def make_batch(num_seqs, tokens_per_seq, context):
                      pages_per_seq=pages_per_seq), 1 + num_seqs * pages_per_seq
 
 
-def layer_fns(form):
+def layer_fns(form, max_new_tokens=None):
+  """Jitted (layer, attention, routing, gemms, moe_block); ``max_new_tokens=1``: the decode-only
+  step's static bound (the MLA kernel is chosen without a runtime cond)."""
   def full(pages, layer, x, batch):
     inv_freq, af = ds.rope_parameters(CFG)
     cos, sin = ds.rope_cos_sin(batch.positions, jnp.asarray(inv_freq))
-    h, pages = ds._attention_block(layer, x, cos * af, sin * af, pages, jnp.float32(1), batch, CFG,
-                                   form)
-    return ds._ffn_block(layer, h, CFG, "dispatch"), pages
+    h, pages = ds.attention_block(layer, x, cos * af, sin * af, pages, jnp.float32(1), batch, CFG,
+                                  form, max_new_tokens)
+    return ds.ffn_block(layer, h, CFG, "dispatch"), pages
 
   def attn(pages, layer, x, batch):
     inv_freq, af = ds.rope_parameters(CFG)
     cos, sin = ds.rope_cos_sin(batch.positions, jnp.asarray(inv_freq))
-    h, pages = ds._attention_block(layer, x, cos * af, sin * af, pages, jnp.float32(1), batch, CFG,
-                                   form)
+    h, pages = ds.attention_block(layer, x, cos * af, sin * af, pages, jnp.float32(1), batch, CFG,
+                                  form, max_new_tokens)
     return h, pages
 
   def routing(layer, x):
@@ -184,7 +193,7 @@ def layer_fns(form):
     return moe.grouped_linear(h, layer["experts_down"], sizes)
 
   def moe_block(layer, x):
-    return ds._ffn_block(layer, x, CFG, "dispatch")
+    return ds.ffn_block(layer, x, CFG, "dispatch")
 
   return (jax.jit(full, donate_argnums=0), jax.jit(attn, donate_argnums=0), jax.jit(routing),
           jax.jit(gemms), jax.jit(moe_block))
@@ -196,11 +205,24 @@ def measure(layer, num_seqs, tokens_per_seq, context, key, label):
   T = batch.num_tokens
   x = jax.random.normal(key, (T, CFG.hidden_size), jnp.bfloat16)
   pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
-  full, attn, routing, gemms, moe_block = layer_fns(form)
+  decode = tokens_per_seq == 1
+  bounds = {"cond": [None], "static": [1], "both": [None, 1]}[_DECODE_ONLY.value] if decode else [None]
   r = {"label": label, "tokens": T, "seqs": num_seqs, "context": context, "mla_form": form}
   parts = set(_PARTS.value)
+  for bound in bounds:
+    full, attn, routing, gemms, moe_block = layer_fns(form, bound)
+    if "layer" in parts:   # (fresh pages: the timed calls donate theirs)
+      pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
+      r["layer_static_ms" if bound else "layer_cond_ms"] = 1e3 * timeit(
+          lambda p: full(p, layer, x, batch), pages, donate_first_out=True)
   if "layer" in parts:
-    r["layer_ms"] = 1e3 * timeit(lambda p: full(p, layer, x, batch), pages, donate_first_out=True)
+    r["layer_ms"] = r["layer_static_ms" if bounds[-1] else "layer_cond_ms"]
+    if _PROFILE.value and (_PROFILE.value == "all" or label in _PROFILE.value.split(",")):
+      if not over_budget():
+        prof = profile_layer(layer, key, bounds[-1])
+        r["device_ms"] = prof.get("busy_ms")
+        r["device_kernel_sum_ms"] = prof.get("kernel_sum_ms")
+        PROFILES[label] = prof
   if "attention" in parts:
     pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
     r["attention_ms"] = 1e3 * timeit(lambda p: attn(p, layer, x, batch), pages,
@@ -397,13 +419,13 @@ def kernel_breakdown(trace_dir: str, calls: int) -> dict:
                           for k, v in top[:60]]}
 
 
-def profile_layer(layer, key, calls: int = 5) -> dict:
+def profile_layer(layer, key, max_new_tokens=None, calls: int = 5) -> dict:
   """Trace `calls` decode B=64 layer calls (after warm-up) and break the GPU time down."""
   batch, num_pages = make_batch(64, 1, _CONTEXT.value)
   form = ds.choose_mla_form(batch.num_tokens, batch.num_seqs)
   x = jax.random.normal(key, (batch.num_tokens, CFG.hidden_size), jnp.bfloat16)
   pages = jax.random.normal(key, (num_pages, _PAGE, CFG.latent_dim), jnp.bfloat16)
-  full = layer_fns(form)[0]
+  full = layer_fns(form, max_new_tokens)[0]
   for _ in range(2):
     _, pages = jax.block_until_ready(full(pages, layer, x, batch))
   folder = tempfile.mkdtemp(prefix="ds_trace_")
@@ -459,7 +481,8 @@ def main(_):
   cases = [(64, 1, ctx, "decode B=64 bf16"), (64, 1, ctx, "decode B=64 nvfp4-experts")]
   if _KL.value:
     cases[1:1] = [(64, 1, ctx, f"decode B=64 {what}") for what in (
-        "nvfp4-experts kernel-layout", "nvfp4-experts kernel-layout fused-glu",
+        "nvfp4-experts kernel-layout", "nvfp4-experts kernel-layout prev-defaults",
+        "nvfp4-v2 kernel-layout prev-defaults", "nvfp4-experts kernel-layout fused-glu",
         "nvfp4-experts kernel-layout xf16", "nvfp4-experts kernel-layout fused-glu xf16",
         "nvfp4-v2 kernel-layout", "nvfp4-v2 kernel-layout fused-glu",
         "nvfp4-v2 kernel-layout fused-glu xf16")]
@@ -513,10 +536,14 @@ def main(_):
       results.setdefault("skipped", []).append(label)
       return
     fused_before, xf16_before = gemm.FUSED_SWIGLU, gemm.KL_X_F16
+    short_k_before = dict(grouped_matmul.KL_DECODE_SHORT_K)
     try:
       lay = get_layer(label)
       gemm.FUSED_SWIGLU = "fused-glu" in label or (fused_before and "unfused" not in label)
       gemm.KL_X_F16 = label.endswith(" xf16") or (xf16_before and "xbf16" not in label)
+      if label.endswith("prev-defaults"):   # the committed defaults before 2026-11-23 22:40 UTC
+        gemm.FUSED_SWIGLU = gemm.KL_X_F16 = False
+        grouped_matmul.KL_DECODE_SHORT_K.clear()
       if "kernel-layout" in label:
         r = measure(lay, num_seqs, per_seq, context, key, label)
         if _COMPARE.value and label.endswith("nvfp4-experts kernel-layout"):
@@ -538,16 +565,15 @@ def main(_):
       r["fused_swiglu"], r["kl_x_f16"] = gemm.FUSED_SWIGLU, gemm.KL_X_F16
       results["runs"].append(r)
       print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-      if _PROFILE.value == label and not over_budget():
-        results["profile"] = {"label": label, **profile_layer(lay, key)}
-        prof = results["profile"]
-        print("profile", label, {k: prof.get(k) for k in
-                                 ("kernels_per_call", "kernel_sum_ms", "busy_ms")}, flush=True)
+      if label in PROFILES:
+        results.setdefault("profiles", {})[label] = PROFILES[label]
     except Exception as e:  # keep the other measurements
       traceback.print_exc()
       results["errors"].append(f"{label}: {type(e).__name__}: {str(e)[:500]}")
     finally:
       gemm.FUSED_SWIGLU, gemm.KL_X_F16 = fused_before, xf16_before
+      grouped_matmul.KL_DECODE_SHORT_K.clear()
+      grouped_matmul.KL_DECODE_SHORT_K.update(short_k_before)
     save()
 
   after = [c for c in cases if c[3] in _AFTER.value]
@@ -569,8 +595,9 @@ def main(_):
   for lb, r in by.items():
     if bf is not None and lb.startswith("decode B=64 nvfp4"):
       results["speedups_B64"][lb] = {k: bf[k] / r[k] for k in
-                                     ("layer_ms", "moe_block_ms", "moe_gemms_ms")
-                                     if k in bf and k in r}
+                                     ("layer_ms", "layer_cond_ms", "layer_static_ms", "device_ms",
+                                      "moe_block_ms", "moe_gemms_ms")
+                                     if bf.get(k) and r.get(k)}
   for nv_label, key_name in [("decode B=64 nvfp4-experts", "nvfp4_speedup_B64"),
                             ("decode B=64 nvfp4-experts kernel-layout", "nvfp4_kl_speedup_B64")]:
     if nv_label in results["speedups_B64"]:
@@ -578,13 +605,13 @@ def main(_):
   save()
   print(json.dumps({"peaks": results["peaks"], "speedups_B64": results["speedups_B64"],
                     "errors": results["errors"]}, indent=1))
-  print(f"{'case':48s} {'layer':>8s} {'attn':>8s} {'route':>8s} {'gemms':>8s} {'rest':>8s} "
-        f"{'moe':>8s} {'TB/s':>6s}")
+  print(f"{'case':56s} {'layer':>7s} {'cond':>7s} {'static':>7s} {'device':>7s} {'gemms':>7s} "
+        f"{'TB/s':>5s}")
   nan = float("nan")
   for r in results["runs"]:
-    print(f"{r['label']:48s} {r.get('layer_ms', nan):8.3f} {r.get('attention_ms', nan):8.3f} "
-          f"{r.get('routing_ms', nan):8.3f} {r['moe_gemms_ms']:8.3f} {r.get('rest_ms', nan):8.3f} "
-          f"{r.get('moe_block_ms', nan):8.3f} {r['moe_gemm_weight_TBps']:6.2f}")
+    print(f"{r['label']:56s} {r.get('layer_ms', nan):7.3f} {r.get('layer_cond_ms', nan):7.3f} "
+          f"{r.get('layer_static_ms', nan):7.3f} {r.get('device_ms') or nan:7.3f} "
+          f"{r['moe_gemms_ms']:7.3f} {r['moe_gemm_weight_TBps']:5.2f}")
   for row in results.get("sweep", []):
     print(f"sweep {row['variant']:32s} {row.get('us', nan):9.1f} us "
           f"{row.get('TBps', nan):5.2f} TB/s err {row.get('rel_err', nan):.2e} "

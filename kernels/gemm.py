@@ -50,12 +50,16 @@ PREFILL_DEQUANT_M: int | None = 512
 MGPU_FP8_MIN_M: int = 512
 
 # Fused gate/up projections for MoE experts (grouped_swiglu below): one kernel computing
-# silu(x Wg) * (x Wu) when both weights are NVFP4 in the kernel layout (GPU only).
-FUSED_SWIGLU: bool = False
+# silu(x Wg) * (x Wu) when both weights are NVFP4 in the kernel layout (GPU only), always fed
+# x in f16 on its f16 routes. H100, DeepSeek-V3 decode B=64 (benchmarks/deepseek.md, 22:27 UTC
+# window): 1467 us for both projections vs 2 x 758 us as two grouped calls; fed bf16 x it was
+# 1831 us (the in-loop x conversions dominate), hence the f16 cast is part of this path.
+FUSED_SWIGLU: bool = True
 # Kernel-layout kernels (grouped, and the dense decode kernel) on an f16 route get x cast to f16 by
 # XLA (fused into its producer) instead of converting every x tile in the K loop
-# (grouped_matmul.x_for_kl; bit-identical).
-KL_X_F16: bool = False
+# (grouped_matmul.x_for_kl; bit-identical). Same window: grouped gate 758 vs 769 us, down 744 vs
+# 760 us.
+KL_X_F16: bool = True
 
 
 def _gpu_capability() -> float | None:
@@ -140,14 +144,15 @@ def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
 def grouped_swiglu(x: jax.Array, w_gate, w_up, group_sizes: jax.Array) -> jax.Array:
   """silu(grouped_matmul(x, w_gate)) * grouped_matmul(x, w_up) -> [T, N] in x's dtype: the MoE
   experts' gate/up half. With FUSED_SWIGLU, on GPU, for two kernel-layout GroupedNVFP4Weight of
-  equal shape it is one kernel (grouped_matmul.grouped_swiglu_nvfp4_kl: x read once, no [T, N]
-  intermediates, f32 epilogue); otherwise the two grouped GEMMs and an XLA elementwise op."""
+  equal shape it is one kernel (grouped_matmul.grouped_swiglu_nvfp4_kl: x read once and cast to
+  f16 once, no [T, N] intermediates, f32 epilogue); otherwise the two grouped GEMMs and an XLA
+  elementwise op."""
   if (FUSED_SWIGLU and _use_kernels() and isinstance(w_gate, GroupedNVFP4Weight)
       and isinstance(w_up, GroupedNVFP4Weight) and w_gate.layout == w_up.layout == "kernel"
       and w_gate.packed.shape == w_up.packed.shape):
     t = grouped_kernels.default_kl_tiling(x.shape[0], w_gate.num_groups, w_gate.k, glu=True)
     return grouped_kernels.grouped_swiglu_nvfp4_kl(
-        grouped_kernels.x_for_kl(x, t) if KL_X_F16 else x, w_gate.packed, w_gate.scale,
+        grouped_kernels.x_for_kl(x, t), w_gate.packed, w_gate.scale,
         w_gate.global_scale, w_up.packed, w_up.scale, w_up.global_scale, group_sizes, tiling=t,
         out_dtype=x.dtype)
   return jax.nn.silu(grouped_matmul(x, w_gate, group_sizes)) * grouped_matmul(x, w_up,

@@ -355,11 +355,18 @@ KL_DECODE = {"block_n": 128, "block_k": 512, "num_warps": 4, "num_stages": 3, "d
              "w_as_a": False}
 # Overrides of KL_DECODE for short K (<= SHORT_K: DeepSeek's down projection, K = 2048, where a
 # program's K loop has only 8 byte tiles) and for the fused gate/up kernel
-# (grouped_swiglu_nvfp4_kl, two weight tiles per step). Empty: KL_DECODE as is. The fused
-# kernel's bn 64 keeps KL_DECODE's bytes per pipeline stage (2 x [64, 128] weight tiles per K
-# tile; bn 128 with 2 tiles per step and 3 stages would need ~264 KB of shared memory).
+# (grouped_swiglu_nvfp4_kl, two weight tiles per step). Measured on the H100 at DeepSeek-V3's
+# decode B=64 routing (512 rows, 194 active experts of 256; benchmarks/deepseek.md, window of
+# 2026-11-23 22:27 UTC, x in f16, each f32-checked at 1.7e-3):
+#   short K (down, N 7168, K 2048): bn 64, one 256-wide K tile per step, 4 stages: 682 us
+#     (2.35 TB/s of NVFP4 bytes) vs 744 us for KL_DECODE (bn 128, 2 tiles/step, 3 stages): with
+#     ~68 KB of shared memory 3 CTAs share an SM, so one program's pipeline prologue (a K loop
+#     of only 8 tiles) overlaps the others' work (bn 128 one tile/step 3 stages: 707 us).
+#   fused gate/up (N 2048, K 7168): bn 64 (2 x [64, 128] weight tiles per K tile: KL_DECODE's
+#     bytes per stage), 2 tiles/step, 3 stages: 1467 us for both projections vs 2 x 758 us for
+#     two KL_DECODE calls; bn 128 variants 1745-2253 us, 8 warps 1694 us, 1 tile/step 1486 us.
 SHORT_K = 2048
-KL_DECODE_SHORT_K: dict = {}
+KL_DECODE_SHORT_K: dict = {"block_n": 64, "block_k": 256, "num_stages": 4}
 KL_DECODE_GLU: dict = {"block_n": 64}
 
 

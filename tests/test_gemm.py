@@ -132,6 +132,7 @@ def test_kernel_layout_weights_dispatch(rng, monkeypatch):
     return run
 
   monkeypatch.setattr(gemm, "_gpu_capability", lambda: 9.0)
+  monkeypatch.setattr(gemm, "KL_X_F16", False)
   monkeypatch.setattr(gemm.nvfp4_kernels, "w4a16_matmul_kl",
                       spy(gemm.nvfp4_kernels.w4a16_matmul_kl))
   monkeypatch.setattr(gemm.grouped_kernels, "grouped_matmul_nvfp4_kl",
