@@ -55,6 +55,9 @@ MGPU_FP8_MIN_M: int = 512
 # window): 1467 us for both projections vs 2 x 758 us as two grouped calls; fed bf16 x it was
 # 1831 us (the in-loop x conversions dominate), hence the f16 cast is part of this path.
 FUSED_SWIGLU: bool = True
+# ... at decode-sized groups only (rows / groups <= this: 16-row tiles), where it was measured;
+# larger groups (prefill) keep the two grouped calls.
+FUSED_SWIGLU_MAX_ROWS_PER_GROUP: int = 16
 # Kernel-layout kernels (grouped, and the dense decode kernel) on an f16 route get x cast to f16 by
 # XLA (fused into its producer) instead of converting every x tile in the K loop
 # (grouped_matmul.x_for_kl; bit-identical). Same window: grouped gate 758 vs 769 us, down 744 vs
@@ -144,12 +147,13 @@ def fp8_block_matmul(x: jax.Array, w: FP8BlockWeight) -> jax.Array:
 def grouped_swiglu(x: jax.Array, w_gate, w_up, group_sizes: jax.Array) -> jax.Array:
   """silu(grouped_matmul(x, w_gate)) * grouped_matmul(x, w_up) -> [T, N] in x's dtype: the MoE
   experts' gate/up half. With FUSED_SWIGLU, on GPU, for two kernel-layout GroupedNVFP4Weight of
-  equal shape it is one kernel (grouped_matmul.grouped_swiglu_nvfp4_kl: x read once and cast to
-  f16 once, no [T, N] intermediates, f32 epilogue); otherwise the two grouped GEMMs and an XLA
-  elementwise op."""
+  equal shape and decode-sized groups it is one kernel (grouped_matmul.grouped_swiglu_nvfp4_kl:
+  x read once and cast to f16 once, no [T, N] intermediates, f32 epilogue); otherwise the two
+  grouped GEMMs and an XLA elementwise op."""
   if (FUSED_SWIGLU and _use_kernels() and isinstance(w_gate, GroupedNVFP4Weight)
       and isinstance(w_up, GroupedNVFP4Weight) and w_gate.layout == w_up.layout == "kernel"
-      and w_gate.packed.shape == w_up.packed.shape):
+      and w_gate.packed.shape == w_up.packed.shape
+      and x.shape[0] <= FUSED_SWIGLU_MAX_ROWS_PER_GROUP * w_gate.num_groups):
     t = grouped_kernels.default_kl_tiling(x.shape[0], w_gate.num_groups, w_gate.k, glu=True)
     return grouped_kernels.grouped_swiglu_nvfp4_kl(
         grouped_kernels.x_for_kl(x, t), w_gate.packed, w_gate.scale,

@@ -196,3 +196,7 @@ def test_grouped_swiglu_matches_float64(rng, monkeypatch, fused):
     assert rel(y, ref) < 1e-2
     assert np.all(f64(y)[12:] == 0)
   assert calls == (["fused"] if fused else [])     # ModelOpt-layout weights: never fused
+  if fused:   # more rows per group than FUSED_SWIGLU_MAX_ROWS_PER_GROUP: the two-call form
+    monkeypatch.setattr(gemm, "FUSED_SWIGLU_MAX_ROWS_PER_GROUP", 4)
+    y = gemm.grouped_swiglu(x, wg.to_kernel_layout(), wu.to_kernel_layout(), gs)
+    assert rel(y, ref) < 1e-2 and calls == ["fused"]
