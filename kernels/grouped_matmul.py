@@ -15,12 +15,23 @@ dequantizes in registers (NVFP4: kernels/nvfp4_matmul.dequant_tile) and runs bf1
 
 Kernel-layout NVFP4 (``grouped_matmul_nvfp4_kl``, bytes from kernels/quant/nvfp4.to_kernel_layout):
 the same schedule with the dense decode kernel's dequantization (nvfp4_matmul.kl_tile_dot: two
-K-contiguous halves per 256-wide byte tile, no interleave), bk = 256.
+K-contiguous halves per 256-wide byte tile, no interleave), bk = 256 per byte tile, block_k / 256
+tiles per loop step. ``grouped_swiglu_nvfp4_kl`` is the MoE's gate and up projections in one
+kernel: a program owns bn columns of both weights for its row tile (two [bn, 128] byte tiles per
+K tile against one x slice) and writes silu(x Wg) * (x Wu) from its two f32 accumulators.
+``Tiling.programs`` replaces the one-program-per-tile grid by P programs per N tile that loop
+over the used tiles (at decode most of the T // bm + E + 1 slots have no tile). x may come in
+f16 (``x_for_kl``): the f16 dequant routes then skip the per-tile conversion in the K loop.
 
 Target roofline (H100, E=32, K=7168, N=2048): decode T=64 reads every expert's weight once:
 NVFP4 264 MB -> ~88 us at 3 TB/s (bf16 ragged_dot moves 940 MB); prefill T=8192: 240 GFLOP ->
 ~0.35 ms at the bf16 MMA rate; the expected loss is the partial last tile of each group
-(E * bm/2 wasted rows ~ 25% at bm=128, 256-row groups).
+(E * bm/2 wasted rows ~ 25% at bm=128, 256-row groups). DeepSeek-V3 decode B=64 (512 rows on
+~194 of 256 experts, N/K 2048/7168 and 7168/2048): 4.8 GB of NVFP4 experts per layer -> ~1.6 ms
+at 3 TB/s; measured (benchmarks/deepseek.md) 2.18 TB/s for the fused gate/up kernel and 2.35 TB/s
+for the down projection (72-78% of the read ceiling). The 16-row MMA tile carries ~2.6 real rows
+per expert, so every kernel here is bound by the dequantization's instruction issue and its
+latency (few warps per SM), not by the tensor cores.
 """
 from __future__ import annotations
 
