@@ -42,7 +42,7 @@ _ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,d
                           "mla,mla_mgpu")
 _MLA_MGPU = flags.DEFINE_list("mla_mgpu", ["bf16:default", "fp8:default"],
                               "mla_mgpu section: dtype:variant pairs (variants: "
-                              + "default, s1, nozt, ov, coop, coop_s1)")
+                              + "default, s1, nozt, ov, prod, prod_s1, w8, wu, wmma, prod_w8)")
 _MLA_BATCH = flags.DEFINE_integer("mla_batch", 64, "mla_mgpu section: batch (sequences)")
 _MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context length")
 _MLA_PAGE = flags.DEFINE_integer("mla_page", 64, "mla_mgpu section: page size")
@@ -529,8 +529,12 @@ def mla():
 # Mosaic GPU MLA decode (kernels/mla_attention_mgpu.py): named variants, the first the default.
 MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots do not fit smem)
                      "nozt": MLAMgpuTiles(zero_tail=False), "ov": MLAMgpuTiles(overlap=True),
-                     "coop": MLAMgpuTiles(fp8_widen="consumers"),
-                     "coop_s1": MLAMgpuTiles(stages=1, fp8_widen="consumers")}
+                     "prod": MLAMgpuTiles(fp8_widen="producer"),
+                     "prod_s1": MLAMgpuTiles(stages=1, fp8_widen="producer"),
+                     "w8": MLAMgpuTiles(widen_layout="WGMMA_8BIT"),
+                     "wu": MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X"),
+                     "wmma": MLAMgpuTiles(widen_layout="WGMMA"),
+                     "prod_w8": MLAMgpuTiles(fp8_widen="producer", widen_layout="WGMMA_8BIT")}
 
 
 @guarded

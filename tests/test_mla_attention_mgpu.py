@@ -93,8 +93,10 @@ def test_bf16_matches_float64(page_size, tiles, lens):
 
 
 @pytest.mark.parametrize("page_size,tiles,lens", [
-    (32, MLAMgpuTiles(stages=2), [150, 3]),     # 2 pages per tile; 3 tiles through 2 raw slots
-    (64, MLAMgpuTiles(stages=1), [64, 129]),    # exactly one tile; a 1-key tail tile
+    # the producer widens; 2 pages per tile; 3 tiles through 2 raw slots
+    (32, MLAMgpuTiles(stages=2, fp8_widen="producer"), [150, 3]),
+    # exactly one tile; a 1-key tail tile; 4-byte widening loads
+    (64, MLAMgpuTiles(stages=1, fp8_widen="producer", widen_layout="WGMMA_8BIT"), [64, 129]),
     # the consumers widen the tiles (each its own columns); 4 pages per tile
     (16, MLAMgpuTiles(stages=2, fp8_widen="consumers"), [77, 200, 1]),
 ])
@@ -116,7 +118,9 @@ def test_lowers_for_hopper_on_cpu():
   B, T, Hd, Rd, ps = 2, 2, 128, 512, 64
   for dt in (jnp.bfloat16, F8):
     for tiles in (MLAMgpuTiles(), MLAMgpuTiles(stages=1), MLAMgpuTiles(zero_tail=False),
-                  MLAMgpuTiles(overlap=True), MLAMgpuTiles(fp8_widen="consumers")):
+                  MLAMgpuTiles(overlap=True), MLAMgpuTiles(fp8_widen="producer"),
+                  MLAMgpuTiles(widen_layout="WGMMA_8BIT"),
+                  MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X")):
       args = (jax.ShapeDtypeStruct((T, Hd, Rd), jnp.bfloat16),
               jax.ShapeDtypeStruct((T, Hd, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((9, ps, Rd + 64), dt), jax.ShapeDtypeStruct((B, 4), jnp.int32),
@@ -162,6 +166,8 @@ def test_shape_errors():
     mla_decode_mgpu(ql, qr, lat[:, :24], pt, lens, qs, scale=0.1)
   with pytest.raises(ValueError, match="block_k"):
     MLAMgpuTiles(block_k=32)
+  with pytest.raises(ValueError, match="widen_layout"):
+    MLAMgpuTiles(widen_layout="TILED")
   with pytest.raises(ValueError, match="fp8_widen"):
     MLAMgpuTiles(fp8_widen="tma")
   with pytest.raises(ValueError, match="overlap"):
