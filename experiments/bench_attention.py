@@ -46,6 +46,8 @@ _MLA_MGPU = flags.DEFINE_list("mla_mgpu", ["bf16:default", "fp8:default"],
 _MLA_BATCH = flags.DEFINE_integer("mla_batch", 64, "mla_mgpu section: batch (sequences)")
 _MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context length")
 _MLA_PAGE = flags.DEFINE_integer("mla_page", 64, "mla_mgpu section: page size")
+_MLA_PROFILE = flags.DEFINE_string("mla_profile_dir", "", "mla_mgpu section: also run each dtype's "
+                                    "first variant once under Mosaic GPU's profiler, traces here")
 _MLA_TRITON = flags.DEFINE_bool("mla_triton", True, "mla_mgpu section: also time the Triton kernel "
                                 "(its measured-best tiles) on the same inputs")
 _PREFILL_PEERS = flags.DEFINE_bool("prefill_peers", True, "also time jax's attention_mgpu, our "
@@ -526,6 +528,39 @@ def mla():
               rel(fn(ql, qr, lat_in, pt, lens, qs), ref), 1e-2)
 
 
+def summarize_mgpu_trace(path: str) -> dict:
+  """Mean duration (trace units) and count per (warpgroup, named scope) of a Mosaic GPU profiler
+  trace (Perfetto JSON), skipping each warpgroup's first instance of a scope (the prologue)."""
+  with open(path) as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events) if isinstance(events, dict) else events
+  stacks, seen, acc, last_start, period = {}, set(), {}, {}, {}
+  for e in events:
+    if e.get("ph") not in ("B", "E"):
+      continue
+    tid = e["tid"]
+    if e["ph"] == "B":
+      stacks.setdefault(tid, []).append(e)
+      k = (tid, e["name"])
+      if k in last_start:   # start-to-start: the loop period as seen by this scope
+        key = (f"wg{(tid - 1) % 3}", "period:" + e["name"])
+        tot, cnt = period.get(key, (0.0, 0))
+        period[key] = (tot + e["ts"] - last_start[k], cnt + 1)
+      last_start[k] = e["ts"]
+      continue
+    if not stacks.get(tid):
+      continue
+    b = stacks[tid].pop()
+    key = (f"wg{(tid - 1) % 3}", b["name"])
+    if (tid, b["name"]) not in seen:
+      seen.add((tid, b["name"]))
+      continue
+    tot, cnt = acc.get(key, (0.0, 0))
+    acc[key] = (tot + e["ts"] - b["ts"], cnt + 1)
+  acc.update(period)
+  return {f"{w}/{n}": {"mean": tot / cnt, "count": cnt} for (w, n), (tot, cnt) in sorted(acc.items())}
+
+
 # Mosaic GPU MLA decode (kernels/mla_attention_mgpu.py): named variants, the first the default.
 MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots do not fit smem)
                      "nozt": MLAMgpuTiles(zero_tail=False), "ov": MLAMgpuTiles(overlap=True),
@@ -535,6 +570,26 @@ MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots 
                      "wu": MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X"),
                      "wmma": MLAMgpuTiles(widen_layout="WGMMA"),
                      "prod_w8": MLAMgpuTiles(fp8_widen="producer", widen_layout="WGMMA_8BIT")}
+
+
+def _profile_mla(ql, qr, lat_in, pt, lens, qs, sc, tiles, label):
+  import glob, os
+  d = os.path.join(_MLA_PROFILE.value, label)
+  os.makedirs(d, exist_ok=True)
+  try:
+    fn = jax.jit(functools.partial(mla_decode_mgpu, scale=0.07, latent_scale=sc, tiles=tiles,
+                                   profile_dir=d))
+    jax.block_until_ready(fn(ql, qr, lat_in, pt, lens, qs))
+    jax.effects_barrier()
+    traces = sorted(glob.glob(os.path.join(d, "*.json")))
+    summary = summarize_mgpu_trace(traces[-1])
+    RESULTS.setdefault("profiles", {})[label] = summary
+    print(f"PROFILE {label}: " + json.dumps(summary), flush=True)
+  except Exception:
+    msg = f"profile {label}: {traceback.format_exc()[-2000:]}"
+    print("FAILED", msg, flush=True)
+    RESULTS["errors"].append(msg)
+  _save()
 
 
 @guarded
@@ -600,6 +655,8 @@ def mla_mgpu():
                  flops=flops)
       if t is not None:
         best["mosaic"] = min(best.get("mosaic", t), t)
+      if _MLA_PROFILE.value and variant == variants[0] and not interp:
+        _profile_mla(ql, qr, lat_in, pt, lens, qs, sc, tiles, f"{name}_{variant}")
     if _MLA_TRITON.value:
       tiles = (MLATiles(16, 32, 4, 2) if _SMOKE.value else
                MLA_FP8[0] if name == "fp8" else MLA_BF16[0])

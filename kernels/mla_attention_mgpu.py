@@ -72,6 +72,7 @@ from kernels.mla_attention import reference_mla_paged_attention   # noqa: F401  
 _LOG2E = math.log2(math.e)
 _ROWS = 64       # query rows (heads) per CTA: one wgmma M tile
 _FP8 = jnp.float8_e4m3fn
+_PROFILE_EVENTS = 36   # per warpgroup: 3 x 36 x 4 entries x 4 bytes = 1.7 KB of the ~1.9 KB free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,30 +258,37 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       if masked:
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
         s = jnp.where(cols < seq_len - i * block_k, s, -jnp.inf)
-      m_new = jnp.maximum(m_i, s.max(axis=1) * c)
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      l_i = l_i * alpha + p.sum(axis=1)
-      pl.when(i > 0)(lambda: plgpu.barrier_wait(p_consumed))   # consumer 1 is done with P(i-1)
-      p_smem[...] = p.astype(p_smem.dtype)
-      row_smem[...] = alpha
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(p_ready)
+      with jax.named_scope("softmax"):
+        m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+      with jax.named_scope("wait_p_free"):
+        pl.when(i > 0)(lambda: plgpu.barrier_wait(p_consumed))   # consumer 1 is done with P(i-1)
+      with jax.named_scope("publish"):
+        p_smem[...] = p.astype(p_smem.dtype)
+        row_smem[...] = alpha
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(p_ready)
       return alpha, m_new, l_i
 
     def step(i, carry, *, masked: bool):
       acc, m_i, l_i = carry
       slot = lax.rem(i, jnp.int32(slots))
-      plgpu.barrier_wait(k_bars.at[slot])
+      with jax.named_scope("wait_k"):
+        plgpu.barrier_wait(k_bars.at[slot])
       tile = k_smem.at[slot]
       if masked:
         zero_rows(tile, seq_len - i * block_k)
-      s = qk(tile)
+      with jax.named_scope("qk"):
+        s = qk(tile)
       alpha, m_i, l_i = softmax_and_publish(i, s, m_i, l_i, masked=masked)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      acc = pv(acc, tile.at[:, pl.ds(0, half)])
+      with jax.named_scope("pv"):
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc = pv(acc, tile.at[:, pl.ds(0, half)])
       if coop:
-        pl.when(i + 1 < n)(lambda: coop_fill(i + 1, 0))
+        with jax.named_scope("widen"):
+          pl.when(i + 1 < n)(lambda: coop_fill(i + 1, 0))
       else:
         plgpu.barrier_arrive(k_consumed.at[slot])
       return acc, m_i, l_i
@@ -343,14 +351,18 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
 
     def step(i, acc):
       slot = lax.rem(i, jnp.int32(slots))
-      plgpu.barrier_wait(k_bars.at[slot])
-      plgpu.barrier_wait(p_ready)
-      alpha = plgpu.load(row_smem, layout=row_layout)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      acc = pv(acc, k_smem.at[slot, :, pl.ds(half, half)])
+      with jax.named_scope("wait_k"):
+        plgpu.barrier_wait(k_bars.at[slot])
+      with jax.named_scope("wait_p"):
+        plgpu.barrier_wait(p_ready)
+      with jax.named_scope("pv"):
+        alpha = plgpu.load(row_smem, layout=row_layout)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc = pv(acc, k_smem.at[slot, :, pl.ds(half, half)])
       plgpu.barrier_arrive(p_consumed)
       if coop:
-        pl.when(i + 1 < n)(lambda: coop_fill(i + 1, 1))
+        with jax.named_scope("widen"):
+          pl.when(i + 1 < n)(lambda: coop_fill(i + 1, 1))
       else:
         plgpu.barrier_arrive(k_consumed.at[slot])
       return acc
@@ -371,7 +383,8 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       @pl.loop(0, n)
       def _(i):
         slot = lax.rem(i, jnp.int32(stages))
-        pl.when(i >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+        with jax.named_scope("wait_free"):
+          pl.when(i >= stages)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
         tile_copy(i, k_smem.at[slot], k_bars.at[slot])
 
       @pl.loop(jnp.maximum(n - stages, 0), n)
@@ -384,7 +397,8 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       @pl.loop(0, n)
       def _(i):
         r = lax.rem(i, jnp.int32(stages))
-        pl.when(i >= stages)(lambda: plgpu.barrier_wait(raw_free.at[r]))
+        with jax.named_scope("wait_free"):
+          pl.when(i >= stages)(lambda: plgpu.barrier_wait(raw_free.at[r]))
         tile_copy(i, raw_smem.at[r], raw_bars.at[r])
 
       @pl.loop(jnp.maximum(n - stages, 0), n)
@@ -405,14 +419,17 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
     @pl.loop(0, n)
     def _(i):
       r = lax.rem(i, jnp.int32(stages))
-      plgpu.barrier_wait(raw_bars.at[r])
-      pl.when(i >= 1)(lambda: plgpu.barrier_wait(k_consumed.at[0]))
-      if zero_tail:
-        pl.when(i < n - 1)(lambda: widen(r))
-        pl.when(i == n - 1)(lambda: widen(r, seq_len - i * block_k))
-      else:
-        widen(r)
-      plgpu.commit_smem()          # the f16 tile is visible to wgmma; raw slot r's reads are done
+      with jax.named_scope("wait_raw"):
+        plgpu.barrier_wait(raw_bars.at[r])
+      with jax.named_scope("wait_free"):
+        pl.when(i >= 1)(lambda: plgpu.barrier_wait(k_consumed.at[0]))
+      with jax.named_scope("widen"):
+        if zero_tail:
+          pl.when(i < n - 1)(lambda: widen(r))
+          pl.when(i == n - 1)(lambda: widen(r, seq_len - i * block_k))
+        else:
+          widen(r)
+        plgpu.commit_smem()          # the f16 tile is visible to wgmma; raw slot r's reads are done
       plgpu.barrier_arrive(k_bars.at[0])
 
       @pl.when(i + stages < n)
@@ -463,13 +480,17 @@ def supported(q_latent, q_rope, latent_pages, page_table, seq_lens, query_start,
   return smem_bytes(tiles, R, Dr, is_fp8(latent_pages.dtype)) <= 227 * 1024 - 1024
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret", "profile_dir"))
 def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Array,
                     page_table: jax.Array, seq_lens: jax.Array, query_start: jax.Array, *,
                     scale: float, latent_scale=1.0, tiles: MLAMgpuTiles | None = None,
-                    interpret: bool | plgpu.InterpretGPUParams = False) -> jax.Array:
+                    interpret: bool | plgpu.InterpretGPUParams = False,
+                    profile_dir: str = "") -> jax.Array:
   """Absorbed MLA decode (one new token per sequence) -> [T, H, kv_lora_rank] bf16; see the module
-  docstring. ``interpret`` (True or an InterpretGPUParams) runs the Mosaic GPU interpreter on CPU."""
+  docstring. ``interpret`` (True or an InterpretGPUParams) runs the Mosaic GPU interpreter on CPU.
+  ``profile_dir`` (GPU): record the kernel's named phases (qk, softmax, publish, pv, waits, widen)
+  per warpgroup with Mosaic GPU's profiler and write a Perfetto trace there; the buffer lives in
+  the ~2 KB of shared memory left, so only the first few tiles of each warpgroup are kept."""
   fp8 = is_fp8(latent_pages.dtype)
   tiles = tiles or default_tiles(fp8)
   check_shapes(q_latent, q_rope, latent_pages, page_table, seq_lens, query_start, tiles)
@@ -517,7 +538,10 @@ def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Ar
       thread_name="wg",
       # the row reductions (max, sum) of the WGMMA layout stay within a quad of threads and need no
       # shared-memory scratch; its default 2 KB would not fit next to the tiles
-      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, reduction_scratch_bytes=0,
+          **(dict(profile_space=_PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True)
+             if profile_dir else {})),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams) else
                  plgpu.InterpretGPUParams() if interpret else None),
   )(q_latent, q_rope, latent_pages, page_table.astype(jnp.int32), seq_lens.astype(jnp.int32),
