@@ -42,7 +42,7 @@ _ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,d
                           "mla,mla_mgpu")
 _MLA_MGPU = flags.DEFINE_list("mla_mgpu", ["bf16:default", "fp8:default"],
                               "mla_mgpu section: dtype:variant pairs (variants: "
-                              + "default, s1, nozt, ov, prod, prod_s1, w8, wu, wmma, prod_w8)")
+                              + "default, s1, nozt, ov, prod, prod_s1, w8, wu, wmma, prod_w8, pr, pr_w8)")
 _MLA_BATCH = flags.DEFINE_integer("mla_batch", 64, "mla_mgpu section: batch (sequences)")
 _MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context length")
 _MLA_PAGE = flags.DEFINE_integer("mla_page", 64, "mla_mgpu section: page size")
@@ -569,7 +569,9 @@ MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots 
                      "w8": MLAMgpuTiles(widen_layout="WGMMA_8BIT"),
                      "wu": MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X"),
                      "wmma": MLAMgpuTiles(widen_layout="WGMMA"),
-                     "prod_w8": MLAMgpuTiles(fp8_widen="producer", widen_layout="WGMMA_8BIT")}
+                     "prod_w8": MLAMgpuTiles(fp8_widen="producer", widen_layout="WGMMA_8BIT"),
+                     "pr": MLAMgpuTiles(p_regs=True),
+                     "pr_w8": MLAMgpuTiles(p_regs=True, widen_layout="WGMMA_8BIT")}
 
 
 def _profile_mla(ql, qr, lat_in, pt, lens, qs, sc, tiles, label):

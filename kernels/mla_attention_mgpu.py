@@ -88,13 +88,16 @@ class MLAMgpuTiles:
   or "consumers" (each consumer the columns only it reads, right after its own P.V: the two halves
   in parallel and without waiting for the other consumer; 6% faster on the H100);
   widen_layout: the register layout of the E4M3 -> f16 widening ("auto": Mosaic's inference,
-  2-byte loads; "WGMMA_8BIT" / "WGMMA_UPCAST_2X": 4-byte loads)."""
+  2-byte loads; "WGMMA_8BIT" / "WGMMA_UPCAST_2X": 4-byte loads); p_regs: consumer 0's P.V takes
+  P from registers and P is stored for consumer 1 while that MMA runs (instead of before it, and
+  read back from shared memory); not with overlap."""
   block_k: int = 64
   stages: int = 2
   zero_tail: bool = True
   overlap: bool = False
   fp8_widen: str = "consumers"
   widen_layout: str = "auto"
+  p_regs: bool = False
 
   def __post_init__(self):
     if self.block_k != 64:
@@ -137,7 +140,7 @@ def smem_bytes(tiles: MLAMgpuTiles, rank: int, rope_dim: int, fp8: bool) -> int:
 def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, scoped, *,
             block_k: int, stages: int, page_size: int, pages_per_seq: int, rank: int,
             rope_dim: int, sm_scale: float, fp8: bool, zero_tail: bool, overlap: bool,
-            coop: bool, widen_layout: str, interpret: bool):
+            coop: bool, widen_layout: str, p_regs: bool, interpret: bool):
   smem, bars = scoped
   ql_smem, qr_smem, k_smem, raw_smem, p_smem, row_smem = smem
   k_bars, k_consumed, ql_bar, qr_bar, p_ready, p_consumed, raw_bars, raw_free = bars
@@ -253,8 +256,8 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
         return s_ref[...]
       return pl.run_scoped(run, plgpu.ACC((_ROWS, block_k), jnp.float32))
 
-    def softmax_and_publish(i, s, m_i, l_i, *, masked: bool):
-      """Online softmax of S(i); P(i) and the rescale factor go to consumer 1 via shared memory."""
+    def softmax(i, s, m_i, l_i, *, masked: bool):
+      """Online softmax of S(i) -> (P(i) in the MMA dtype, rescale factor, new max, new sum)."""
       if masked:
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
         s = jnp.where(cols < seq_len - i * block_k, s, -jnp.inf)
@@ -263,13 +266,21 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
+      return p.astype(p_smem.dtype), alpha, m_new, l_i
+
+    def publish(i, p, alpha):
+      """P(i) and the rescale factor to consumer 1 through shared memory."""
       with jax.named_scope("wait_p_free"):
         pl.when(i > 0)(lambda: plgpu.barrier_wait(p_consumed))   # consumer 1 is done with P(i-1)
       with jax.named_scope("publish"):
-        p_smem[...] = p.astype(p_smem.dtype)
+        p_smem[...] = p
         row_smem[...] = alpha
         plgpu.commit_smem()
         plgpu.barrier_arrive(p_ready)
+
+    def softmax_and_publish(i, s, m_i, l_i, *, masked: bool):
+      p, alpha, m_new, l_i = softmax(i, s, m_i, l_i, masked=masked)
+      publish(i, p, alpha)
       return alpha, m_new, l_i
 
     def step(i, carry, *, masked: bool):
@@ -282,10 +293,20 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
         zero_rows(tile, seq_len - i * block_k)
       with jax.named_scope("qk"):
         s = qk(tile)
-      alpha, m_i, l_i = softmax_and_publish(i, s, m_i, l_i, masked=masked)
-      with jax.named_scope("pv"):
+      if p_regs and not interpret:   # P.V from registers, P published while it runs
+        p, alpha, m_i, l_i = softmax(i, s, m_i, l_i, masked=masked)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        acc = pv(acc, tile.at[:, pl.ds(0, half)])
+
+        def pv_regs(acc_ref):
+          plgpu.wgmma(acc_ref, p, tile.at[:, pl.ds(0, half)])
+          publish(i, p, alpha)
+        with jax.named_scope("pv"):
+          acc = pl.run_state(pv_regs)(plgpu.ACC.init(acc))
+      else:
+        alpha, m_i, l_i = softmax_and_publish(i, s, m_i, l_i, masked=masked)
+        with jax.named_scope("pv"):
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          acc = pv(acc, tile.at[:, pl.ds(0, half)])
       if coop:
         with jax.named_scope("widen"):
           pl.when(i + 1 < n)(lambda: coop_fill(i + 1, 0))
@@ -503,7 +524,7 @@ def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Ar
       _kernel, block_k=tiles.block_k, stages=stages, page_size=page_size, pages_per_seq=P,
       rank=R, rope_dim=Dr, sm_scale=scale, fp8=fp8, zero_tail=tiles.zero_tail,
       overlap=tiles.overlap and not fp8, coop=fp8 and tiles.fp8_widen == "consumers",
-      widen_layout=tiles.widen_layout,
+      widen_layout=tiles.widen_layout, p_regs=tiles.p_regs,
       interpret=bool(interpret))
   bk = tiles.block_k
   slots = 1 if fp8 else stages

@@ -120,7 +120,7 @@ def test_lowers_for_hopper_on_cpu():
     for tiles in (MLAMgpuTiles(), MLAMgpuTiles(stages=1), MLAMgpuTiles(zero_tail=False),
                   MLAMgpuTiles(overlap=True), MLAMgpuTiles(fp8_widen="producer"),
                   MLAMgpuTiles(widen_layout="WGMMA_8BIT"),
-                  MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X")):
+                  MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X"), MLAMgpuTiles(p_regs=True)):
       args = (jax.ShapeDtypeStruct((T, Hd, Rd), jnp.bfloat16),
               jax.ShapeDtypeStruct((T, Hd, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((9, ps, Rd + 64), dt), jax.ShapeDtypeStruct((B, 4), jnp.int32),
