@@ -15,43 +15,50 @@ zero. R a multiple of 128 (512 for DeepSeek), Dr a multiple of 64 (64), H a mult
 Tiling (FlashMLA's structure): grid (H / 64, B), head blocks fastest so the two CTAs reading one
 sequence's latent pages run together and share them through L2. A CTA owns 64 query rows (64 heads
 of the sequence's token) and three warpgroups:
-  * producer (40 registers): streams [block_k, R + Dr] latent tiles by TMA into ``stages``
+  * producer (40 registers): streams [64, R + Dr] latent tiles (64 keys) by TMA into ``stages``
     shared-memory slots, addressed through the page table (one copy per page when a tile spans
-    several pages, a slice of a page when it spans less; page table, lengths and query starts are
-    read as scalars from GMEM). FP8: the raw E4M3 tiles land in their own slots and the producer
-    converts each one once into a bf16 tile (scale folded into the scores and the output, not the
-    tile), which the consumers' MMAs read; see "FP8" below.
-  * consumer 0: S = Q.K^T as one [64, 576] x [576, block_k] wgmma chain (Q in shared memory, the
-    latent and rope parts of a tile are two K ranges of one slot), online softmax in base 2, P
-    (bf16) and the per-row rescale factor into shared memory for consumer 1, then its own half of
-    O += P.V: output columns [0, R/2).
+    several pages of 16/32, a slice of a page when pages are longer; page table, lengths and query
+    starts are read as scalars from GMEM).
+  * consumer 0: S = Q.K^T as one [64, 576] x [576, 64] wgmma chain (Q in shared memory as two
+    [64, R/2] halves plus the rope part; the latent and rope parts of a tile are K ranges of one
+    slot), online softmax in base 2, P (bf16) and the per-row rescale factor into shared memory
+    for consumer 1, then its own half of O += P.V: output columns [0, R/2).
   * consumer 1: waits for P, rescales its accumulator, O += P.V for output columns [R/2, R).
   The [64, 512] f32 accumulator (256 registers per thread in one warpgroup) is split 128 + 128
   registers over the two consumers; V is the latent part of the same shared-memory tile as K (MLA
   reads the cache once for both products). Consumer 1's P.V of step i overlaps consumer 0's
   Q.K^T of step i+1 on the tensor cores. The last tile's rows past the sequence's length are zeroed
   in shared memory before use (the cache may hold anything there; 0 * NaN would poison P.V) and their
-  scores masked. The output halves go registers -> shared memory (the Q buffer, free by then) -> TMA.
+  scores masked. The output halves go registers -> shared memory (the Q halves, free by then) -> TMA.
+  Options (``MLAMgpuTiles``): one slot, no tail zeroing, consumer 0 issuing Q.K^T(i+1) together
+  with its P.V(i) (``overlap``), P.V from registers (``p_regs``).
 
 FP8 (E4M3 latents): FP8 wgmma takes K-major operands only, and P.V contracts over keys, which are
-the latent tile's rows (MN-major) -- so the tile is widened once per CTA to bf16 in shared memory by
-the producer warpgroup (registers raised to 104 for it) and both products run in bf16 (Q stays
-bf16; no extra rounding beyond the cache's own E4M3). Shared memory then holds Q (72 KB), P, two
-bf16 tiles and ``stages`` raw E4M3 tiles, so FP8 runs 32-key tiles by default.
+the latent tile's rows (MN-major) -- so each tile is widened once to f16 in shared memory (sm_90
+has a pairwise E4M3 -> f16 cvt, none to bf16) and both products run in f16 with an f16 Q and P
+(no rounding beyond the cache's own E4M3 and f16's 11-bit Q/P; the scale is folded into the
+scores and the output). Shared memory holds Q (72 KB), one f16 tile (72 KB), P and ``stages`` raw
+E4M3 tiles (36 KB each): there is no room for a second f16 tile, so tile i+1 is widened only once
+both consumers are done with tile i. ``fp8_widen``: "consumers" (default) -- each consumer widens
+the columns only it reads (consumer 0 its P.V half and the rope part, consumer 1 its half) right
+after its own P.V; "producer" -- the producer widens the whole tile after both released it.
 
-Shared memory (bf16, block_k 64, 2 stages): Q 72 KB + 2 x 72 KB tiles + P 8 KB = 224 KB of 227.
+Shared memory (bf16, 2 stages): Q 72 KB + 2 x 72 KB tiles + P 8 KB + row factors = 225 KB of 227
+(Mosaic's 2 KB reduction scratch is turned off: the WGMMA-layout row reductions stay in a quad).
 
 Target roofline (H100 SXM, B=64, context 4096, 128 heads, R 512 + Dr 64): 73 GFLOP per step
 (2 * 576 + 2 * 512 per head and key), 0.093 ms at the measured 783 TFLOP/s bf16 dense GEMM
 ceiling; the latent cache is 302 MB bf16 / 151 MB FP8 (0.097 / 0.049 ms at 3.1 TB/s). The step is
 compute-bound; the issue's FP8 target (>= 70% of read bandwidth, 0.070 ms) needs > 1 PFLOP/s and is
 out of reach with bf16 MMAs (FP8 MMAs would need an E4M3 Q and a transposed copy of the cache).
-The Triton kernel (kernels/mla_attention.py) measured 0.47 ms bf16 / 0.86 ms FP8. Measured here:
-see benchmarks/attention.md ("MLA decode, Mosaic GPU").
+Shared-memory traffic matters as much: per 64-key tile the wgmmas read Q (72 KB, again every
+tile), K (72 KB), V (64 KB) and P, and TMA writes 72 KB -- ~300 KB per tile, ~1.2 us at 128 B/clk.
+Measured (H100, benchmarks/attention.md): bf16 0.169 ms (431 TFLOP/s, 2.8x the Triton kernel's
+0.47 ms), FP8 0.385 ms (2.2x Triton's 0.84 ms).
 
 Scope / not done: one new token per sequence (decode; speculative/chunked steps use the Triton
 kernel), H a multiple of 64, no split-K over the context (B * H / 64 CTAs: 128 at B=64, 128 heads;
-small batches stay on the Triton kernel, which splits).
+small batches stay on the Triton kernel, which splits: ``mla_attention.MOSAIC_MIN_CTAS``).
 """
 from __future__ import annotations
 
