@@ -29,7 +29,8 @@ bf16 0.47 ms (16 heads per program, mma.sync), FP8 0.85-0.91 ms. FP8 is slower t
 Triton converts every tile in the MMA-operand layout: with 64 heads per program (wgmma) the
 [64, 512] accumulator, the hoisted query-operand descriptors and the conversion exceed 255 registers
 and spill inside the key loop; with 16-32 heads each tile is re-converted by 4-8 programs. See
-benchmarks/attention.md. That kernel exists now on Mosaic GPU (kernels/mla_attention_mgpu.py: 0.169 ms
+benchmarks/attention.md. The FlashMLA-style kernel (each tile widened once, two warpgroups splitting the
+output columns) exists on Mosaic GPU (kernels/mla_attention_mgpu.py: 0.169 ms
 bf16, 0.385 ms FP8 at this shape); ``mla_paged_attention`` takes it on Hopper for decode batches with
 enough sequences and keeps this kernel as the fallback (several tokens per sequence, few sequences,
 head counts that are not a multiple of 64).
