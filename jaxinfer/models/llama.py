@@ -210,9 +210,10 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   the caller guarantees (1 for a decode-only step): attention then needs no runtime branch.
   ``fp8_quant_in_norm``: where the projections after a residual norm are FP8 weights
   (``quantize_projections_fp8``), the norm hands them rows already quantized
-  (``ops.add_rms_norm_fp8``; with ``fused_add_norm`` on GPU one kernel instead of three); same
-  values. ``fp8_scale_in_norm``: FP8 wo / w_down leave their output scaling to the residual norm
-  after them (``ops.ScaledRows``; the fused kernel applies it, one kernel fewer each); same values."""
+  (``ops.add_rms_norm_fp8``; with ``fused_add_norm`` on GPU one kernel instead of three).
+  ``fp8_scale_in_norm``: FP8 wo / w_down leave their output scaling to the residual norm after them
+  (``ops.ScaledRows``; the fused kernel applies it). The same math as without them; on GPU the
+  Pallas kernel's reductions round like the fused add_rms_norm's, not XLA's."""
   eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
