@@ -42,7 +42,8 @@ _ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,d
                           "mla,mla_mgpu")
 _MLA_MGPU = flags.DEFINE_list("mla_mgpu", ["bf16:default", "fp8:default"],
                               "mla_mgpu section: dtype:variant pairs (variants: "
-                              + "default, s1, nozt, ov, prod, prod_s1, w8, wu, wmma, prod_w8, pr, pr_w8)")
+                              + "default, s1, nozt, ov, prod, prod_s1, w8, wu, wmma, prod_w8, pr, pr_w8, nopr, bfw; "
+                              "dtypes bf16, fp8, f16 (f16 latents: an f16-MMA probe))")
 _MLA_BATCH = flags.DEFINE_integer("mla_batch", 64, "mla_mgpu section: batch (sequences)")
 _MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context length")
 _MLA_PAGE = flags.DEFINE_integer("mla_page", 64, "mla_mgpu section: page size")
@@ -571,7 +572,9 @@ MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots 
                      "wmma": MLAMgpuTiles(widen_layout="WGMMA"),
                      "prod_w8": MLAMgpuTiles(fp8_widen="producer", widen_layout="WGMMA_8BIT"),
                      "pr": MLAMgpuTiles(p_regs=True),
-                     "pr_w8": MLAMgpuTiles(p_regs=True, widen_layout="WGMMA_8BIT")}
+                     "pr_w8": MLAMgpuTiles(p_regs=True, widen_layout="WGMMA_8BIT"),
+                     "nopr": MLAMgpuTiles(p_regs=False),
+                     "bfw": MLAMgpuTiles(fp8_mma="bf16")}
 
 
 def _profile_mla(ql, qr, lat_in, pt, lens, qs, sc, tiles, label):
@@ -630,7 +633,8 @@ def mla_mgpu():
     by_dtype.setdefault(name, []).append(variant)
   for name, variants in by_dtype.items():
     sc = 0.5 if name == "fp8" else 1.0
-    lat_in = (lat / sc).astype(F8) if name == "fp8" else lat
+    lat_in = ((lat / sc).astype(F8) if name == "fp8" else
+              lat.astype(jnp.float16) if name == "f16" else lat)   # f16: the f16-MMA probe
     case = f"MLA decode {name} B{B} ctx{ctx} H{H} page{ps}"
     nbytes = B * ctx * (R + Dr) * lat_in.dtype.itemsize
     ref = ref_fn(ql, qr, lat_in, batch, latent_scale=sc)
@@ -659,7 +663,7 @@ def mla_mgpu():
         best["mosaic"] = min(best.get("mosaic", t), t)
       if _MLA_PROFILE.value and variant == variants[0] and not interp:
         _profile_mla(ql, qr, lat_in, pt, lens, qs, sc, tiles, f"{name}_{variant}")
-    if _MLA_TRITON.value:
+    if _MLA_TRITON.value and name != "f16":
       tiles = (MLATiles(16, 32, 4, 2) if _SMOKE.value else
                MLA_FP8[0] if name == "fp8" else MLA_BF16[0])
       fn = jax.jit(functools.partial(mla_decode_pallas, scale=0.07, latent_scale=sc, tiles=tiles,

@@ -222,9 +222,10 @@ def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.
 
 
 # The Mosaic GPU kernel runs one CTA per (64 heads, sequence) and does not split the context: below
-# this many CTAs the Triton kernel (which splits) is preferred. A guess from the per-CTA rates
-# (Triton 154 TFLOP/s in all; one Mosaic CTA ~5 TFLOP/s), not a measured crossover.
-MOSAIC_MIN_CTAS = 32
+# this many CTAs the Triton kernel (which splits) is preferred. Measured on the H100 at context 4096,
+# 128 heads (benchmarks/attention.md): bf16 Triton 0.102 vs Mosaic 0.142 ms at 8 CTAs (B=4), Mosaic
+# 0.142 vs 0.203 at 32 (B=16); FP8 Mosaic 0.319 vs Triton 1.130 ms already at 8 CTAs.
+MOSAIC_MIN_CTAS = {"bf16": 24, "fp8": 8}
 
 
 def _is_hopper() -> bool:
@@ -245,7 +246,8 @@ def mosaic_decode_wanted(q_latent, q_rope, latent_pages, batch: AttentionBatch, 
   if not mla_attention_mgpu.supported(q_latent, q_rope, latent_pages, batch.page_table,
                                       batch.seq_lens, batch.query_start):
     return False
-  return batch.num_seqs * (q_latent.shape[1] // 64) >= MOSAIC_MIN_CTAS
+  ctas = batch.num_seqs * (q_latent.shape[1] // 64)
+  return ctas >= MOSAIC_MIN_CTAS["fp8" if is_fp8(latent_pages.dtype) else "bf16"]
 
 
 def _mosaic_decode(q_latent, q_rope, latent_pages, batch: AttentionBatch, *, scale: float,
@@ -267,7 +269,7 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
   the longest chunk) and the reference otherwise. On Hopper GPUs, a decode batch (at most one new
   token per sequence: T <= B statically, checked at run time) whose shapes the Mosaic GPU kernel
   takes (``kernels/mla_attention_mgpu.py``: bf16 q, heads a multiple of 64, bf16 or E4M3 latents)
-  and that gives it at least ``MOSAIC_MIN_CTAS`` CTAs goes to that kernel instead (auto and
+  and that gives it at least ``MOSAIC_MIN_CTAS[dtype]`` CTAs goes to that kernel instead (auto and
   pallas). pallas: the same choice without the input check, the kernel in interpret mode off GPU.
   The kernel places token i of sequence b at position ``seq_lens[b] - q_len_b + i`` and returns
   zeros for padding tokens.

@@ -141,7 +141,7 @@ def test_public_op_selects_mosaic_only_on_gpu(monkeypatch):
   assert not supported(ql.astype(jnp.float16), qr, *args[2:])
   # 3 sequences x 1 head block: too few CTAs for the unsplit kernel by default
   assert not mla_attention.mosaic_decode_wanted(ql, qr, lat, batch, on_gpu=True, hopper=True)
-  monkeypatch.setattr(mla_attention, "MOSAIC_MIN_CTAS", 3)
+  monkeypatch.setattr(mla_attention, "MOSAIC_MIN_CTAS", {"bf16": 3, "fp8": 3})
   assert mla_attention.mosaic_decode_wanted(ql, qr, lat, batch, on_gpu=True, hopper=True)
   assert not mla_attention.mosaic_decode_wanted(ql, qr, lat, batch, on_gpu=False, hopper=True)
   assert not mla_attention.mosaic_decode_wanted(ql, qr, lat, batch, on_gpu=True, hopper=False)
