@@ -277,9 +277,9 @@ def mla_paged_attention(q_latent: jax.Array, q_rope: jax.Array, latent_pages: ja
   ``max_new_tokens``: a bound on every sequence's new tokens this step that the caller guarantees
   (1 for a decode-only step). When it fits the chosen kernel (1 for the Mosaic kernel, <= the
   Pallas kernel's per-sequence query bound) that kernel runs unconditionally: no runtime
-  ``lax.cond``, whose predicate costs a device -> host round trip per call on the GPU (~0.45 ms
-  of idle device per DeepSeek layer call at decode B=64, benchmarks/deepseek.md). A sequence
-  with more new tokens than that gets wrong results.
+  ``lax.cond``, whose predicate costs a device -> host round trip per call on the GPU (0.12-0.14
+  ms of wall time per DeepSeek layer call at decode B=64, cond vs static in the same run,
+  benchmarks/deepseek.md). A sequence with more new tokens than that gets wrong results.
   """
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown MLA impl {impl!r}")
