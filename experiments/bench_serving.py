@@ -403,8 +403,9 @@ def run_jax() -> dict:
     engine = engine_for(c)
     if extra:
       engine.warmup(num_threads=4, samplers=(True,))
-    # one short untimed wave first (first-call dispatch costs), then the measured closed loop
-    run_closed_loop(engine, prompts, c, c)
+    # one short untimed wave first (first-call dispatch costs), then the measured closed loop;
+    # with step copies, two (each copy's first runs: XLA records its CUDA graph on the second)
+    run_closed_loop(engine, prompts, c, c * (2 if _STEP_COPIES.value > 1 else 1))
     summary, steps = run_closed_loop(engine, prompts, c, _PER_USER.value * c)
     cache = engine.cache
     decode_steps = [(dt, st) for dt, st in steps if st is not None and st.decode_only]
