@@ -97,8 +97,10 @@ class EngineConfig:
   step_copies: int = 1                  # > 1: each step executable loaded this many times (one
                                         # compile, copies deserialized) and used in turn, so each
                                         # copy's CUDA graph sees the buffer addresses of its own last
-                                        # run (with async scheduling the step in flight holds the
-                                        # others): fewer graph-node updates per launch
+                                        # run: fewer graph-node updates per launch. With async
+                                        # scheduling the step input's buffer recurs every 2 steps and
+                                        # the sampled tokens' every 3, so 6 covers both (not yet
+                                        # GPU-timed)
 
 
 def _maybe_fuse(params, config: EngineConfig):
