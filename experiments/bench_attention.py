@@ -29,7 +29,8 @@ import numpy as np
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention, reference_paged_attention
 from kernels.flash_attention import PrefillTiles, flash_prefill, reference_prefill
 from kernels.flash_attention_mgpu import MgpuTiles, flash_prefill_dense, prepare_v_fp8
-from kernels.mla_attention import MLATiles, mla_decode_pallas, reference_mla_paged_attention
+from kernels.mla_attention import (MLATiles, mla_decode_pallas, mla_paged_attention,
+                                   reference_mla_paged_attention)
 from kernels.mla_attention_mgpu import MLAMgpuTiles, mla_decode_mgpu
 from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, DecodeTiles,
                                             paged_decode_attention)
@@ -49,6 +50,8 @@ _MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context leng
 _MLA_PAGE = flags.DEFINE_integer("mla_page", 64, "mla_mgpu section: page size")
 _MLA_PROFILE = flags.DEFINE_string("mla_profile_dir", "", "mla_mgpu section: also run each dtype's "
                                     "first variant once under Mosaic GPU's profiler, traces here")
+_MLA_PUBLIC = flags.DEFINE_bool("mla_public", False, "mla_mgpu section: also check and time the "
+                                 "public op mla_paged_attention (its kernel selection) on the inputs")
 _MLA_TRITON = flags.DEFINE_bool("mla_triton", True, "mla_mgpu section: also time the Triton kernel "
                                 "(its measured-best tiles) on the same inputs")
 _PREFILL_PEERS = flags.DEFINE_bool("prefill_peers", True, "also time jax's attention_mgpu, our "
@@ -640,6 +643,7 @@ def mla_mgpu():
     ref = ref_fn(ql, qr, lat_in, batch, latent_scale=sc)
     rref = ref_fn(ql, qr, lat_in, rbatch, latent_scale=sc)
     best = {}
+    mosaic_default = None
     for variant in variants:
       tiles = MLA_MGPU_VARIANTS[variant]
       fn = jax.jit(functools.partial(mla_decode_mgpu, scale=0.07, latent_scale=sc, tiles=tiles,
@@ -657,12 +661,33 @@ def mla_mgpu():
         continue
       check(f"{case} {label} vs reference", err, 1e-2)
       check(f"{case} {label} ragged lengths vs reference", rerr, 1e-2)
+      if variant == "default":
+        mosaic_default = out
       t = record(case, label, fn, (ql, qr, lat_in, pt, lens, qs), nbytes=nbytes, roof=read,
                  flops=flops)
       if t is not None:
         best["mosaic"] = min(best.get("mosaic", t), t)
       if _MLA_PROFILE.value and variant == variants[0] and not interp:
         _profile_mla(ql, qr, lat_in, pt, lens, qs, sc, tiles, f"{name}_{variant}")
+    if _MLA_PUBLIC.value and name != "f16":
+      # the public op as the model calls it (selector, runtime cond / static decode bound)
+      for mnt in (None, 1):
+        label = f"public op mla_paged_attention max_new_tokens={mnt}"
+        pfn = jax.jit(functools.partial(mla_paged_attention, scale=0.07, latent_scale=sc,
+                                        max_new_tokens=mnt))
+        try:
+          check(f"{case} {label} vs reference", rel(pfn(ql, qr, lat_in, batch), ref), 1e-2)
+          check(f"{case} {label} ragged vs reference", rel(pfn(ql, qr, lat_in, rbatch), rref), 1e-2)
+          if mosaic_default is not None:   # which kernel the selector took
+            same = bool(jnp.array_equal(pfn(ql, qr, lat_in, batch), mosaic_default))
+            RESULTS.setdefault("derived", {})[f"{case} {label} == Mosaic default"] = same
+            print(f"{case} {label}: bitwise equal to the Mosaic default: {same}", flush=True)
+        except Exception:
+          msg = f"{case} / {label}: {traceback.format_exc()[-3000:]}"
+          print("FAILED", msg, flush=True)
+          RESULTS["errors"].append(msg)
+          continue
+        record(case, label, pfn, (ql, qr, lat_in, batch), nbytes=nbytes, roof=read, flops=flops)
     if _MLA_TRITON.value and name != "f16":
       tiles = (MLATiles(16, 32, 4, 2) if _SMOKE.value else
                MLA_FP8[0] if name == "fp8" else MLA_BF16[0])
