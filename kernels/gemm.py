@@ -58,11 +58,14 @@ FUSED_SWIGLU: bool = True
 # ... at decode-sized groups only (rows / groups <= this: 16-row tiles), where it was measured;
 # larger groups (prefill) keep the two grouped calls.
 FUSED_SWIGLU_MAX_ROWS_PER_GROUP: int = 16
-# Kernel-layout kernels (grouped, and the dense decode kernel) on an f16 route get x cast to f16 by
-# XLA (fused into its producer) instead of converting every x tile in the K loop
-# (grouped_matmul.x_for_kl; bit-identical). Same window: grouped gate 758 vs 769 us, down 744 vs
-# 760 us.
+# Kernel-layout grouped kernels on an f16 route get x cast to f16 by XLA (fused into its
+# producer) instead of converting every x tile in the K loop (grouped_matmul.x_for_kl;
+# bit-identical). Same window: grouped gate 758 vs 769 us, down 744 vs 760 us.
 KL_X_F16: bool = True
+# The same for the dense kernel-layout decode kernel: off. H100, 23:27 UTC window (bench_gemm
+# x16in, float64-checked): mixed, 21.4 -> 27.1 us at M=8 K=4096 N=14336 and 39.4 -> 53.0 us at
+# M=64 K=14336 N=4096, 24.9 -> 24.2 / 39.8 -> 37.9 us at the two others.
+KL_X_F16_DENSE: bool = False
 
 
 def _gpu_capability() -> float | None:
@@ -92,7 +95,7 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
     wd = nvfp4.dequantize(w.modelopt_packed(), w.scale, w.global_scale, x.dtype)
     return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
   if w.layout == "kernel":
-    if KL_X_F16 and x.dtype == jnp.bfloat16:
+    if KL_X_F16_DENSE and x.dtype == jnp.bfloat16:
       t = nvfp4_kernels.default_kl_tiling(x.shape[0], w.n, w.k)
       if t.dequant != "f32":    # f16 route: cast x once here (fused into its producer by XLA)
         return nvfp4_kernels.w4a16_matmul_kl(x.astype(jnp.float16), w.packed, w.scale,

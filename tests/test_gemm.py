@@ -133,6 +133,7 @@ def test_kernel_layout_weights_dispatch(rng, monkeypatch):
 
   monkeypatch.setattr(gemm, "_gpu_capability", lambda: 9.0)
   monkeypatch.setattr(gemm, "KL_X_F16", False)
+  monkeypatch.setattr(gemm, "KL_X_F16_DENSE", False)
   monkeypatch.setattr(gemm.nvfp4_kernels, "w4a16_matmul_kl",
                       spy(gemm.nvfp4_kernels.w4a16_matmul_kl))
   monkeypatch.setattr(gemm.grouped_kernels, "grouped_matmul_nvfp4_kl",
@@ -144,9 +145,10 @@ def test_kernel_layout_weights_dispatch(rng, monkeypatch):
   y = gemm.grouped_matmul(xg, gw.to_kernel_layout(), jnp.asarray(sizes, jnp.int32))
   assert rel(y, np_ragged(f64(xg), f64(gw.dequantize()), sizes)) < 5e-3
   assert calls == ["w4a16_matmul_kl", "grouped_matmul_nvfp4_kl"]
-  # KL_X_F16: x reaches both kernels as f16, results bit-identical, outputs still bf16
+  # KL_X_F16(_DENSE): x reaches both kernels as f16, results bit-identical, outputs still bf16
   calls.clear()
   monkeypatch.setattr(gemm, "KL_X_F16", True)
+  monkeypatch.setattr(gemm, "KL_X_F16_DENSE", True)
   seen = []
   for name in ("w4a16_matmul_kl", "grouped_matmul_nvfp4_kl"):
     fn = getattr(gemm.nvfp4_kernels if name.startswith("w4") else gemm.grouped_kernels, name)
