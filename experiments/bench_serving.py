@@ -93,8 +93,6 @@ _MIN_DECODE_TOKENS = flags.DEFINE_integer(
     "min_decode_tokens", 8, "smallest decode token bucket: XLA:GPU rewrites dots of under ~10M "
     "multiply-adds (a 1-token x [4096, 1024] k/v projection) into slow multiply+reduce kernels")
 _HF_EAGER_TOO = flags.DEFINE_bool("hf_eager_too", False, "also time the eager HF run per level")
-_STEP_COPIES = flags.DEFINE_integer("step_copies", 1, "jax: EngineConfig.step_copies (each step "
-                                    "executable loaded this many times, used in turn)")
 _ASYNC = flags.DEFINE_bool("async_scheduling", True, "engine: schedule step n+1 before step n's "
                             "tokens reach the host")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/jaxinfer_step_trace", "profile: trace folder")
@@ -209,7 +207,7 @@ def engine_config(c: int, pages_per_seq: int, kv_dtype=None, min_decode: int | N
                       min_page_bucket=pages_per_seq,
                       token_buckets=tuple(sorted({max(c, min_decode), budget})),
                       kv_dtype=kv_dtype, async_scheduling=_ASYNC.value,
-                      decode_only_steps=_DECODE_ONLY.value, step_copies=_STEP_COPIES.value)
+                      decode_only_steps=_DECODE_ONLY.value)
 
 
 def model_params(cfg, weights: str, fuse: bool):
@@ -346,7 +344,7 @@ def run_jax() -> dict:
             "input_len": _INPUT.value, "output_len": _OUTPUT.value, "kv_dtype": _KV_DTYPE.value,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "requests_per_user": _PER_USER.value, "step_copies": _STEP_COPIES.value}
+            "requests_per_user": _PER_USER.value}
   on_gpu = jax.default_backend() == "gpu"
   cfg = llama.LlamaConfig(**llama_shape(_MODEL.value))
   dtype = jnp.bfloat16
@@ -403,9 +401,8 @@ def run_jax() -> dict:
     engine = engine_for(c)
     if extra:
       engine.warmup(num_threads=4, samplers=(True,))
-    # one short untimed wave first (first-call dispatch costs), then the measured closed loop;
-    # with step copies, two (each copy's first runs: XLA records its CUDA graph on the second)
-    run_closed_loop(engine, prompts, c, c * (2 if _STEP_COPIES.value > 1 else 1))
+    # one short untimed wave first (first-call dispatch costs), then the measured closed loop
+    run_closed_loop(engine, prompts, c, c)
     summary, steps = run_closed_loop(engine, prompts, c, _PER_USER.value * c)
     cache = engine.cache
     decode_steps = [(dt, st) for dt, st in steps if st is not None and st.decode_only]

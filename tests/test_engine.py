@@ -171,23 +171,6 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_stepping():
     np.testing.assert_allclose(g.logprobs, w.logprobs, rtol=1e-5, atol=1e-5)
 
 
-def test_step_copies_take_turns_with_the_same_outputs():
-  """step_copies=3: each step executable is loaded three times (one compile, two deserialized
-  copies) and the copies run in turn; outputs as with one (greedy, sampled, stops, cancels and
-  preemption in the mixed workload)."""
-  one, three = make_engine(), make_engine(step_copies=3)
-  want, got = _mixed_workload(one, 12), _mixed_workload(three, 12)
-  assert [(o.token_ids, o.finish_reason, o.text) for o in got] == \
-         [(o.token_ids, o.finish_reason, o.text) for o in want]
-  assert three._copies and not one._copies
-  for copies in three._copies.values():
-    assert len(copies) == 3
-    assert len({id(c.runtime_executable()) for c in copies}) == 3
-  assert any(turn != 0 for turn in three._copy_turn.values())
-  with pytest.raises(ValueError):
-    make_engine(step_copies=0)
-
-
 def test_async_scheduling_wastes_no_step_on_max_tokens():
   # A request bounded by max_tokens is not scheduled once its last token is pending, so async
   # stepping dispatches exactly the steps synchronous stepping does.

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
-from jax.experimental import serialize_executable
 
 from jaxinfer.engine.block_allocator import BlockAllocator
 from jaxinfer.engine.metrics import EngineMetrics
@@ -94,13 +93,6 @@ class EngineConfig:
   fuse_projections: bool = True         # Llama on one device: wq|wk|wv and w_gate|w_up as one GEMM each
   decode_only_steps: bool = True        # Llama: steps of single-token rows compile without attention's
                                         # runtime decode/prefill branch (one more compile per such shape)
-  step_copies: int = 1                  # > 1: each step executable loaded this many times (one
-                                        # compile, copies deserialized) and used in turn, so each
-                                        # copy's CUDA graph sees the buffer addresses of its own last
-                                        # run: fewer graph-node updates per launch. With async
-                                        # scheduling the step input's buffer recurs every 2 steps and
-                                        # the sampled tokens' every 3, so 6 covers both (not yet
-                                        # GPU-timed)
 
 
 def _maybe_fuse(params, config: EngineConfig):
@@ -154,10 +146,6 @@ class LLMEngine:
     # next step; _in_flight is the dispatched step whose tokens the host has not read yet.
     self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32))
     self._in_flight: _InFlight | None = None
-    if config.step_copies < 1:
-      raise ValueError(f"step_copies must be >= 1, got {config.step_copies}")
-    self._copies: dict[tuple, list] = {}       # (forward, shape, greedy) -> loaded executables
-    self._copy_turn: dict[tuple, int] = {}
 
   @classmethod
   def from_llama(cls, cfg: llama.LlamaConfig, params, *, tokenizer: TokenizerLike | None = None,
@@ -302,15 +290,8 @@ class LLMEngine:
     if self._decode_forward is not None and decode_only:
       forward = self._decode_forward
     t_call = time.perf_counter()
-    if self.config.step_copies == 1:
-      tokens, logprobs, self.cache = step_jit(self.params, hb.ints, prev_tokens, self.cache,
-                                              forward=forward, shape=shape, greedy=greedy)
-    else:
-      key = (forward, shape, greedy)
-      copies = self._step_copies(key)
-      turn = self._copy_turn.get(key, 0)
-      self._copy_turn[key] = (turn + 1) % len(copies)
-      tokens, logprobs, self.cache = copies[turn](self.params, hb.ints, prev_tokens, self.cache)
+    tokens, logprobs, self.cache = step_jit(self.params, hb.ints, prev_tokens, self.cache,
+                                            forward=forward, shape=shape, greedy=greedy)
     t_called = time.perf_counter()
     for b, c in enumerate(chunks):
       c.request.num_computed += c.num_tokens
@@ -321,23 +302,6 @@ class LLMEngine:
                       call_s=t_called - t_call)
     self.num_steps += 1
     return _InFlight(tokens, logprobs, rows, stats, t_dispatched)
-
-  def _step_copies(self, key: tuple) -> list:
-    """The ``step_copies`` loaded executables of one (forward, shape, greedy) step: the jitted
-    step's executable (``lower().compile()`` hits jit's cache) and deserialized copies of it."""
-    copies = self._copies.get(key)
-    if copies is None:
-      forward, shape, greedy = key
-      hb = build_host_batch([], self.page_size, shape)
-      first = step_jit.lower(self.params, hb.ints, self._no_prev, self.cache, forward=forward,
-                             shape=shape, greedy=greedy).compile()
-      payload = serialize_executable.serialize(first)
-      devices = list(self._no_prev.devices())             # where the step runs (one device)
-      copies = [first] + [serialize_executable.deserialize_and_load(*payload,
-                                                                     execution_devices=devices)
-                          for _ in range(self.config.step_copies - 1)]
-      self._copies[key] = copies
-    return copies
 
   def _collect(self, step: _InFlight) -> list[RequestOutput]:
     """Waits for a dispatched step's tokens and hands each to its request (unless the request
@@ -498,8 +462,6 @@ class LLMEngine:
       hb = build_host_batch([], self.page_size, shape)
       step_jit.lower(self.params, hb.ints, self._no_prev, self.cache,
                      forward=forward, shape=shape, greedy=greedy).compile()
-      if self.config.step_copies > 1:
-        self._step_copies((forward, shape, greedy))
       return shape
 
     variants = [(s, g, f) for s in shapes for g in samplers for f in forwards[s]]
