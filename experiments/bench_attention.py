@@ -43,7 +43,8 @@ _ONLY = flags.DEFINE_list("only", [], "sections to run: ceilings,check,prefill,d
                           "mla,mla_mgpu")
 _MLA_MGPU = flags.DEFINE_list("mla_mgpu", ["bf16:default", "fp8:default"],
                               "mla_mgpu section: dtype:variant pairs (variants: "
-                              + "default, s1, nozt, ov, prod, prod_s1, w8, wu, wmma, prod_w8, pr, pr_w8, nopr, bfw; "
+                              + "default, s1, nozt, ov, prod, prod_s1, w8, wu, wmma, prod_w8, pr, pr_w8, nopr, bfw, "
+                              "qk8, qk8_w8; "
                               "dtypes bf16, fp8, f16 (f16 latents: an f16-MMA probe))")
 _MLA_BATCH = flags.DEFINE_integer("mla_batch", 64, "mla_mgpu section: batch (sequences)")
 _MLA_CTX = flags.DEFINE_integer("mla_ctx", 4096, "mla_mgpu section: context length")
@@ -577,7 +578,9 @@ MLA_MGPU_VARIANTS = {"default": None, "s1": MLAMgpuTiles(stages=1),  # (3 slots 
                      "pr": MLAMgpuTiles(p_regs=True),
                      "pr_w8": MLAMgpuTiles(p_regs=True, widen_layout="WGMMA_8BIT"),
                      "nopr": MLAMgpuTiles(p_regs=False),
-                     "bfw": MLAMgpuTiles(fp8_mma="bf16")}
+                     "bfw": MLAMgpuTiles(fp8_mma="bf16"),
+                     "qk8": MLAMgpuTiles(fp8_qk="e4m3"),
+                     "qk8_w8": MLAMgpuTiles(fp8_qk="e4m3", widen_layout="WGMMA_8BIT")}
 
 
 def _profile_mla(ql, qr, lat_in, pt, lens, qs, sc, tiles, label):

@@ -42,6 +42,12 @@ E4M3 tiles (36 KB each): there is no room for a second f16 tile, so tile i+1 is 
 both consumers are done with tile i. ``fp8_widen``: "consumers" (default) -- each consumer widens
 the columns only it reads (consumer 0 its P.V half and the rope part, consumer 1 its half) right
 after its own P.V; "producer" -- the producer widens the whole tile after both released it.
+Measured, the widened tile makes Q.K^T 4x slower than on a TMA-loaded tile (benchmarks/attention.md,
+window 4). ``fp8_qk="e4m3"`` (experimental) avoids that: Q.K^T runs as E4M3 wgmmas on the raw
+TMA-loaded tile (both operands K-major as stored) with Q split into E4M3 hi + lo parts and an f32
+scale per row (``split_q_e4m3``: q ~= scale (hi + lo), ~2^-8 relative, about bf16's precision),
+and only V is widened, each consumer its own [64, R/2] half (which only it reads), consumer 0
+under its Q.K^T. Shared memory: Q hi/lo 72 KB + V halves 64 KB + 2 raw tiles 72 KB + P.
 
 Shared memory (bf16, 2 stages): Q 72 KB + 2 x 72 KB tiles + P 8 KB + row factors = 225 KB of 227
 (Mosaic's 2 KB reduction scratch is turned off: the WGMMA-layout row reductions stay in a quad).
@@ -98,7 +104,9 @@ class MLAMgpuTiles:
   2-byte loads; "WGMMA_8BIT" / "WGMMA_UPCAST_2X": 4-byte loads); p_regs: consumer 0's P.V takes
   P from registers and P is stored for consumer 1 while that MMA runs (instead of before it, and
   read back from shared memory); not with overlap; fp8_mma: the MMA dtype E4M3 tiles are widened
-  to ("f16": one cvt per pair; "bf16": through f32, and Q/P in bf16)."""
+  to ("f16": one cvt per pair; "bf16": through f32, and Q/P in bf16); fp8_qk: "widened" (Q.K^T on
+  the widened tile) or "e4m3" (Q.K^T as E4M3 MMAs on the raw tile with a hi + lo split Q; only V
+  is widened; implies the consumers widen, f16)."""
   block_k: int = 64
   stages: int = 2
   zero_tail: bool = True
@@ -107,12 +115,15 @@ class MLAMgpuTiles:
   widen_layout: str = "auto"
   p_regs: bool = False
   fp8_mma: str = "f16"
+  fp8_qk: str = "widened"
 
   def __post_init__(self):
     if self.block_k != 64:
       raise ValueError(f"block_k must be 64, got {self.block_k}")
     if self.fp8_widen not in ("producer", "consumers"):
       raise ValueError(f"fp8_widen must be 'producer' or 'consumers', got {self.fp8_widen!r}")
+    if self.fp8_qk not in ("widened", "e4m3"):
+      raise ValueError(f"fp8_qk must be 'widened' or 'e4m3', got {self.fp8_qk!r}")
     if self.fp8_mma not in ("f16", "bf16"):
       raise ValueError(f"fp8_mma must be 'f16' or 'bf16', got {self.fp8_mma!r}")
     if self.widen_layout not in ("auto", "WGMMA", "WGMMA_8BIT", "WGMMA_UPCAST_2X"):
@@ -150,10 +161,15 @@ def smem_bytes(tiles: MLAMgpuTiles, rank: int, rope_dim: int, fp8: bool) -> int:
   return n + tiles.stages * tiles.block_k * C * 2
 
 
+def _when(cond, enabled: bool):
+  """``pl.when(cond)`` if ``enabled`` else a decorator that does not trace the body."""
+  return pl.when(cond) if enabled else (lambda f: f)
+
+
 def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, scoped, *,
             block_k: int, stages: int, page_size: int, pages_per_seq: int, rank: int,
             rope_dim: int, sm_scale: float, fp8: bool, zero_tail: bool, overlap: bool,
-            coop: bool, widen_layout: str, p_regs: bool, interpret: bool):
+            coop: bool, widen_layout: str, p_regs: bool, qk8: bool, interpret: bool):
   smem, bars = scoped
   ql_smem, qr_smem, k_smem, raw_smem, p_smem, row_smem = smem
   k_bars, k_consumed, ql_bar, qr_bar, p_ready, p_consumed, raw_bars, raw_free = bars
@@ -234,13 +250,17 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
 
   def store_out(acc, inv, j):
     out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-    o_smem = ql_smem.at[j]   # Q's j-th half, no longer read by then (see consumer 0)
+    # Q's j-th half (qk8: the j-th V half), no longer read by then (see consumer 0)
+    o_smem = k_smem.at[j] if qk8 else ql_smem.at[j]
     o_smem[...] = out.astype(o_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, out_ref.at[tok, pl.ds(h0, _ROWS), pl.ds(j * half, half)])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when((wg == 0) & (n > 0))
+  if qk8:
+    _qk8_consumers(locals())
+
+  @_when((wg == 0) & (n > 0), not qk8)
   def _consumer0():
     plgpu.set_max_registers(232, action="increase")
     for j in range(2):   # Q's latent part as two [64, R/2] halves: they later hold the output halves
@@ -381,7 +401,7 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
     # consumer 0's last Q.K^T completed before P(n-1) went out, and consumer 1 never reads Q
     store_out(acc, inv, 0)
 
-  @pl.when((wg == 1) & (n > 0))
+  @_when((wg == 1) & (n > 0), not qk8)
   def _consumer1():
     plgpu.set_max_registers(232, action="increase")
 
@@ -429,7 +449,7 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
       return
 
     plgpu.set_max_registers(40, action="decrease")
-    if coop:   # FP8, the consumers widen: this warpgroup only streams the raw tiles
+    if coop or qk8:   # FP8, the consumers widen: this warpgroup only streams the raw tiles
       @pl.loop(0, n)
       def _(i):
         r = lax.rem(i, jnp.int32(stages))
@@ -473,6 +493,151 @@ def _kernel(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref, 
         tile_copy(i + stages, raw_smem.at[r], raw_bars.at[r])
 
     plgpu.barrier_wait(k_consumed.at[0])   # the last release (no phase left unobserved)
+
+
+def _qk8_consumers(env) -> None:
+  """FP8 with ``fp8_qk="e4m3"``: Q.K^T as E4M3 wgmmas straight on the TMA-loaded raw tile (Q split
+  into E4M3 hi + lo parts with a per-row scale), so only V is widened -- each consumer its own
+  [64, R/2] half, which only it reads -- and no tile is both written by stores and read by Q.K^T.
+  Consumer 0 issues Q.K^T(i) and widens its V half in the MMA's shadow."""
+  e = dict(env)
+  wg, n, ql_smem, qr_smem, k_smem, raw_smem, p_smem, row_smem = (
+      e["wg"], e["n"], e["ql_smem"], e["qr_smem"], e["k_smem"], e["raw_smem"], e["p_smem"],
+      e["row_smem"])
+  raw_bars, raw_free, ql_bar, qr_bar, p_ready, p_consumed = (
+      e["raw_bars"], e["raw_free"], e["ql_bar"], e["qr_bar"], e["p_ready"], e["p_consumed"])
+  stages, half, block_k, seq_len, tok, h0 = (e["stages"], e["half"], e["block_k"], e["seq_len"],
+                                             e["tok"], e["h0"])
+  ql_ref, qr_ref, sc_ref = e["ql_ref"], e["qr_ref"], e["sc_ref"]
+  masked_rows, widen_lay, pv, store_out, interpret = (
+      e["masked_rows"], e["widen_lay"], e["pv"], e["store_out"], e["interpret"])
+  zero_tail, sm_scale, row_layout = e["zero_tail"], e["sm_scale"], e["row_layout"]
+
+  def widen_half(i, r, w):
+    """Raw slot r (tile i) -> this consumer's V half (f16), rows past the length zeroed."""
+    def run(valid):
+      for c0 in range(w * half, (w + 1) * half, 64):
+        src = raw_smem.at[r, :, pl.ds(c0, 64)]
+        x = (src[...] if widen_lay is None else plgpu.load(src, layout=widen_lay))
+        x = x.astype(k_smem.dtype)
+        k_smem[w, :, pl.ds(c0 - w * half, 64)] = (x if valid is None else
+                                                    masked_rows(x, valid, widen_lay))
+    if zero_tail:
+      pl.when(i < n - 1)(lambda: run(None))
+      pl.when(i == n - 1)(lambda: run(seq_len - i * block_k))
+    else:
+      run(None)
+    plgpu.commit_smem()
+
+  def pv_half(acc, w):
+    if interpret:
+      return pv(acc, k_smem.at[w])
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, p_smem, k_smem.at[w])
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+  @pl.when((wg == 0) & (n > 0))
+  def _consumer0():
+    plgpu.set_max_registers(232, action="increase")
+    for j in range(2):   # hi, lo
+      plgpu.copy_gmem_to_smem(ql_ref.at[j, tok, pl.ds(h0, _ROWS)], ql_smem.at[j], ql_bar)
+    plgpu.copy_gmem_to_smem(qr_ref.at[tok, pl.ds(h0, _ROWS)], qr_smem, qr_bar)      # row scales
+    c = sm_scale * _LOG2E * sc_ref[0]
+    plgpu.barrier_wait(ql_bar)
+    plgpu.barrier_wait(qr_bar)
+    qsc = plgpu.load(qr_smem, layout=row_layout)
+
+    def step(i, carry):
+      acc, m_i, l_i = carry
+      r = lax.rem(i, jnp.int32(stages))
+      with jax.named_scope("wait_k"):
+        plgpu.barrier_wait(raw_bars.at[r])
+      raw = raw_smem.at[r]
+      with jax.named_scope("qk"):
+        if interpret:
+          def qk_run(s_ref):
+            plgpu.wgmma(s_ref, ql_smem.at[0], raw.T)
+            plgpu.wgmma(s_ref, ql_smem.at[1], raw.T)
+            return s_ref[...]
+          s = pl.run_scoped(qk_run, plgpu.ACC((_ROWS, block_k), jnp.float32))
+          widen_half(i, r, 0)
+        else:
+          def qk_run(s_ref):
+            plgpu.wgmma(s_ref, ql_smem.at[0], raw.T)
+            plgpu.wgmma(s_ref, ql_smem.at[1], raw.T)
+            widen_half(i, r, 0)          # in the MMA's shadow
+          zeros = plgpu.layout_cast(jnp.full((_ROWS, block_k), 0, jnp.float32),
+                                    plgpu.Layout.WGMMA)
+          s = pl.run_state(qk_run)(plgpu.ACC.init(zeros))
+      plgpu.barrier_arrive(raw_free.at[r])
+      with jax.named_scope("softmax"):
+        s = s * lax.broadcast_in_dim(qsc, s.shape, [0])
+        cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(cols < seq_len - i * block_k, s, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+      with jax.named_scope("publish"):
+        pl.when(i > 0)(lambda: plgpu.barrier_wait(p_consumed))
+        p_smem[...] = p.astype(p_smem.dtype)
+        row_smem[...] = alpha
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(p_ready)
+      with jax.named_scope("pv"):
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc = pv_half(acc, 0)
+      return acc, m_new, l_i
+
+    acc = plgpu.layout_cast(jnp.full((_ROWS, half), 0, jnp.float32), plgpu.Layout.WGMMA)
+    m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout)
+    l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0, jnp.float32), row_layout)
+    acc, _, l_i = lax.fori_loop(0, n, step, (acc, m_i, l_i))
+    inv = (1.0 / l_i) * sc_ref[0]
+    plgpu.barrier_wait(p_consumed)
+    row_smem[...] = inv
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(p_ready)
+    store_out(acc, inv, 0)
+
+  @pl.when((wg == 1) & (n > 0))
+  def _consumer1():
+    plgpu.set_max_registers(232, action="increase")
+
+    def step(i, acc):
+      r = lax.rem(i, jnp.int32(stages))
+      with jax.named_scope("wait_k"):
+        plgpu.barrier_wait(raw_bars.at[r])
+      with jax.named_scope("widen"):
+        widen_half(i, r, 1)
+      plgpu.barrier_arrive(raw_free.at[r])
+      with jax.named_scope("wait_p"):
+        plgpu.barrier_wait(p_ready)
+      with jax.named_scope("pv"):
+        alpha = plgpu.load(row_smem, layout=row_layout)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc = pv_half(acc, 1)
+      plgpu.barrier_arrive(p_consumed)
+      return acc
+
+    acc = plgpu.layout_cast(jnp.full((_ROWS, half), 0, jnp.float32), plgpu.Layout.WGMMA)
+    acc = lax.fori_loop(0, n, step, acc)
+    plgpu.barrier_wait(p_ready)
+    inv = plgpu.load(row_smem, layout=row_layout)
+    store_out(acc, inv, 1)
+
+
+def split_q_e4m3(q_latent: jax.Array, q_rope: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[T, H, R] + [T, H, Dr] -> (E4M3 [2, T, H, R + Dr]: hi and lo parts, f32 [T, H] row scales)
+  with q ~= scale * (hi + lo): hi = e4m3(q / scale), lo = e4m3(q / scale - hi), scale = max|q| / 448
+  per row (~2^-8 relative, about bf16's precision)."""
+  q = jnp.concatenate([q_latent, q_rope], axis=-1).astype(jnp.float32)
+  amax = jnp.max(jnp.abs(q), axis=-1)
+  scale = jnp.where(amax > 0, amax / 448.0, 1.0)
+  qn = q / scale[..., None]
+  hi = qn.astype(_FP8)
+  lo = (qn - hi.astype(jnp.float32)).astype(_FP8)
+  return jnp.stack([hi, lo]), scale
 
 
 def check_shapes(q_latent, q_rope, latent_pages, page_table, seq_lens, query_start,
@@ -535,11 +700,12 @@ def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Ar
   N, page_size, C = latent_pages.shape
   B, P = page_table.shape
   stages = tiles.stages
+  qk8 = fp8 and tiles.fp8_qk == "e4m3"
   kernel = functools.partial(
       _kernel, block_k=tiles.block_k, stages=stages, page_size=page_size, pages_per_seq=P,
       rank=R, rope_dim=Dr, sm_scale=scale, fp8=fp8, zero_tail=tiles.zero_tail,
       overlap=tiles.overlap and not fp8, coop=fp8 and tiles.fp8_widen == "consumers",
-      widen_layout=tiles.widen_layout, p_regs=tiles.p_regs,
+      widen_layout=tiles.widen_layout, p_regs=tiles.p_regs, qk8=qk8,
       interpret=bool(interpret))
   bk = tiles.block_k
   slots = 1 if fp8 else stages
@@ -548,16 +714,24 @@ def mla_decode_mgpu(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.Ar
                jnp.float16 if latent_pages.dtype == jnp.float16 else jnp.bfloat16)
   if latent_pages.dtype == jnp.float16:
     q_latent, q_rope = q_latent.astype(mma_dtype), q_rope.astype(mma_dtype)
-  if fp8:
+  if qk8:   # q_latent <- E4M3 [2, T, H, C] hi/lo parts, q_rope <- their f32 [T, H] row scales
+    mma_dtype = jnp.float16
+    q_latent, q_rope = split_q_e4m3(q_latent, q_rope)
+  elif fp8:
     q_latent, q_rope = q_latent.astype(mma_dtype), q_rope.astype(mma_dtype)
 
   def entry(ql_ref, qr_ref, lat_ref, pt_ref, lens_ref, qs_ref, sc_ref, out_ref):
-    smem = (_smem((2, _ROWS, R // 2), mma_dtype), _smem((_ROWS, Dr), mma_dtype),
-            _smem((slots, bk, C), mma_dtype),
+    if qk8:   # Q hi/lo (E4M3), row scales, the two V halves (f16)
+      q_bufs = (_smem((2, _ROWS, C), _FP8, swizzle=64), plgpu.SMEM((_ROWS,), jnp.float32),
+                _smem((2, bk, R // 2), mma_dtype))
+    else:
+      q_bufs = (_smem((2, _ROWS, R // 2), mma_dtype), _smem((_ROWS, Dr), mma_dtype),
+                _smem((slots, bk, C), mma_dtype))
+    smem = (*q_bufs,
             _smem((stages, bk, C), _FP8, swizzle=64) if fp8 else None,   # 576 = 9 x 64
             _smem((_ROWS, bk), mma_dtype), plgpu.SMEM((_ROWS,), jnp.float32))
     copies = bk // min(bk, page_size)
-    coop = fp8 and tiles.fp8_widen == "consumers"
+    coop = fp8 and (tiles.fp8_widen == "consumers" or qk8)
     bars = (plgpu.Barrier(num_arrivals=(2 if coop else 1) if fp8 else copies, num_barriers=slots),
             plgpu.Barrier(num_arrivals=2, num_barriers=slots),
             plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=1),   # Q's parts

@@ -99,6 +99,8 @@ def test_bf16_matches_float64(page_size, tiles, lens):
     (64, MLAMgpuTiles(stages=1, fp8_widen="producer", widen_layout="WGMMA_8BIT"), [64, 129]),
     # the consumers widen the tiles (each its own columns); 4 pages per tile
     (16, MLAMgpuTiles(stages=2, fp8_widen="consumers"), [77, 200, 1]),
+    # Q.K^T as E4M3 MMAs on the raw tiles (hi + lo split Q), only V widened
+    (32, MLAMgpuTiles(stages=2, fp8_qk="e4m3"), [150, 1, 64]),
 ])
 def test_fp8_latent_matches_float64(page_size, tiles, lens):
   """E4M3 latent cache with a scalar scale: vs float64 on the dequantized cache only the f16 Q
@@ -116,18 +118,20 @@ def test_lowers_for_hopper_on_cpu():
   """The compiled-only path (accumulators carried in registers across the key loop, the DeepSeek
   shape, every pipeline variant) lowers to Mosaic GPU without a GPU."""
   B, T, Hd, Rd, ps = 2, 2, 128, 512, 64
-  for dt in (jnp.bfloat16, F8):
-    for tiles in (MLAMgpuTiles(), MLAMgpuTiles(stages=1), MLAMgpuTiles(zero_tail=False),
-                  MLAMgpuTiles(overlap=True), MLAMgpuTiles(fp8_widen="producer"),
-                  MLAMgpuTiles(widen_layout="WGMMA_8BIT"),
-                  MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X"), MLAMgpuTiles(p_regs=True)):
-      args = (jax.ShapeDtypeStruct((T, Hd, Rd), jnp.bfloat16),
-              jax.ShapeDtypeStruct((T, Hd, 64), jnp.bfloat16),
-              jax.ShapeDtypeStruct((9, ps, Rd + 64), dt), jax.ShapeDtypeStruct((B, 4), jnp.int32),
-              jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B + 1,), jnp.int32))
-      fn = lambda *a, tiles=tiles: mla_decode_mgpu(*a, scale=0.1, tiles=tiles)
-      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-      assert "mosaic_gpu" in text
+  common = (MLAMgpuTiles(), MLAMgpuTiles(stages=1), MLAMgpuTiles(zero_tail=False),
+            MLAMgpuTiles(p_regs=True))
+  fp8_only = (MLAMgpuTiles(fp8_widen="producer"), MLAMgpuTiles(widen_layout="WGMMA_8BIT"),
+              MLAMgpuTiles(widen_layout="WGMMA_UPCAST_2X"), MLAMgpuTiles(fp8_qk="e4m3"))
+  cases = ([(jnp.bfloat16, t) for t in common + (MLAMgpuTiles(overlap=True),)]
+           + [(F8, t) for t in common + fp8_only])
+  for dt, tiles in cases:
+    args = (jax.ShapeDtypeStruct((T, Hd, Rd), jnp.bfloat16),
+            jax.ShapeDtypeStruct((T, Hd, 64), jnp.bfloat16),
+            jax.ShapeDtypeStruct((9, ps, Rd + 64), dt), jax.ShapeDtypeStruct((B, 4), jnp.int32),
+            jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+    fn = lambda *a, tiles=tiles: mla_decode_mgpu(*a, scale=0.1, tiles=tiles)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_public_op_selects_mosaic_only_on_gpu(monkeypatch):
@@ -166,6 +170,8 @@ def test_shape_errors():
     mla_decode_mgpu(ql, qr, lat[:, :24], pt, lens, qs, scale=0.1)
   with pytest.raises(ValueError, match="block_k"):
     MLAMgpuTiles(block_k=32)
+  with pytest.raises(ValueError, match="fp8_qk"):
+    MLAMgpuTiles(fp8_qk="fp16")
   with pytest.raises(ValueError, match="widen_layout"):
     MLAMgpuTiles(widen_layout="TILED")
   with pytest.raises(ValueError, match="fp8_widen"):
