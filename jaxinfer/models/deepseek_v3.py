@@ -502,9 +502,3 @@ forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "mla_form",
 def num_params(cfg: DeepseekV3Config) -> int:
   return sum(int(np.prod(s)) for s in jax.tree.leaves(
       param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple)))
-
-
-# Old private names, still called by experiments/bench_deepseek.py (owned elsewhere): drop them once
-# it calls attention_block / ffn_block.
-_attention_block = attention_block
-_ffn_block = ffn_block
