@@ -45,7 +45,7 @@ _WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"],
                              "norms and LM head bf16)")
 _FUSE = flags.DEFINE_bool("fuse_projections", True, "jax: wq|wk|wv and w_gate|w_up as one GEMM each "
                           "(llama.fuse_projections, what the engine does on one device)")
-_FP8_QUANT_IN_NORM = flags.DEFINE_bool("fp8_quant_in_norm", False, "jax, --weights=fp8: the norms "
+_FP8_QUANT_IN_NORM = flags.DEFINE_bool("fp8_quant_in_norm", True, "jax, --weights=fp8: the norms "
                                         "before wqkv / w_gate_up emit the E4M3 rows those FP8 "
                                         "projections take (kernels/add_rms_norm_fp8: one kernel "
                                         "for three)")

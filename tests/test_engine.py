@@ -258,6 +258,28 @@ def test_decode_only_steps_take_the_decode_forward_with_the_same_outputs(monkeyp
   assert not any(forwards[1])
 
 
+def test_fp8_engine_takes_the_norm_quantization_by_default_with_the_same_outputs():
+  """LlamaForward quantizes FP8 projections' inputs in the norms before them by default
+  (fp8_quant_in_norm); the engine's greedy outputs equal those with it off (CPU: the XLA ops)."""
+  from jaxinfer.engine.step import LlamaForward
+  from jaxinfer.models import llama
+  assert LlamaForward(CFG).fp8_quant_in_norm and not LlamaForward(CFG).fp8_scale_in_norm
+  params = llama.quantize_projections_fp8(llama.fuse_projections(PARAMS))
+  rng = np.random.default_rng(8)
+  prompts = random_prompts(rng, 3, lo=3, hi=12)
+  outs = []
+  for on in (True, False):
+    cache = llama.create_cache(CFG, num_pages=BASE.num_pages, page_size=BASE.page_size,
+                               dtype=jnp.float32)
+    eng = LLMEngine(params, LlamaForward(CFG, fp8_quant_in_norm=on), cache,
+                    vocab_size=CFG.vocab_size, max_model_len=CFG.max_position_embeddings,
+                    config=BASE)
+    ids = [eng.add_request(p, SamplingParams(max_tokens=5, ignore_eos=True)) for p in prompts]
+    got = eng.run_to_completion()
+    outs.append([got[i].token_ids for i in ids])
+  assert outs[0] == outs[1] and all(len(t) == 5 for t in outs[0])
+
+
 def test_preemption_with_tiny_kv_cache_recomputes_to_the_same_greedy_outputs():
   rng = np.random.default_rng(2)
   prompts = random_prompts(rng, 6, lo=6, hi=14)
