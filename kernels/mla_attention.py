@@ -30,8 +30,8 @@ Triton converts every tile in the MMA-operand layout: with 64 heads per program 
 [64, 512] accumulator, the hoisted query-operand descriptors and the conversion exceed 255 registers
 and spill inside the key loop; with 16-32 heads each tile is re-converted by 4-8 programs. See
 benchmarks/attention.md. The FlashMLA-style kernel (each tile widened once, two warpgroups splitting the
-output columns) exists on Mosaic GPU (kernels/mla_attention_mgpu.py: 0.169 ms
-bf16, 0.385 ms FP8 at this shape); ``mla_paged_attention`` takes it on Hopper for decode batches with
+output columns) exists on Mosaic GPU (kernels/mla_attention_mgpu.py: 0.166 ms
+bf16, 0.358 ms FP8 at this shape); ``mla_paged_attention`` takes it on Hopper for decode batches with
 enough sequences and keeps this kernel as the fallback (several tokens per sequence, few sequences,
 head counts that are not a multiple of 64).
 
@@ -224,7 +224,8 @@ def mla_decode_pallas(q_latent: jax.Array, q_rope: jax.Array, latent_pages: jax.
 # The Mosaic GPU kernel runs one CTA per (64 heads, sequence) and does not split the context: below
 # this many CTAs the Triton kernel (which splits) is preferred. Measured on the H100 at context 4096,
 # 128 heads (benchmarks/attention.md): bf16 Triton 0.102 vs Mosaic 0.142 ms at 8 CTAs (B=4), Mosaic
-# 0.142 vs 0.203 at 32 (B=16); FP8 Mosaic 0.319 vs Triton 1.130 ms already at 8 CTAs.
+# 0.142 vs 0.203 at 32 (B=16), Triton 0.122 vs Mosaic 0.141 at 16 (B=8); FP8 Mosaic 0.319 vs
+# Triton 1.130 ms already at 8 CTAs.
 MOSAIC_MIN_CTAS = {"bf16": 24, "fp8": 8}
 
 

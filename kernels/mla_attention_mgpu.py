@@ -43,11 +43,15 @@ both consumers are done with tile i. ``fp8_widen``: "consumers" (default) -- eac
 the columns only it reads (consumer 0 its P.V half and the rope part, consumer 1 its half) right
 after its own P.V; "producer" -- the producer widens the whole tile after both released it.
 Measured, the widened tile makes Q.K^T 4x slower than on a TMA-loaded tile (benchmarks/attention.md,
-window 4). ``fp8_qk="e4m3"`` (experimental) avoids that: Q.K^T runs as E4M3 wgmmas on the raw
+window 4). ``fp8_qk="e4m3"`` (experimental, NOT accurate on the H100: see below) avoids that:
+Q.K^T runs as E4M3 wgmmas on the raw
 TMA-loaded tile (both operands K-major as stored) with Q split into E4M3 hi + lo parts and an f32
 scale per row (``split_q_e4m3``: q ~= scale (hi + lo), ~2^-8 relative, about bf16's precision),
 and only V is widened, each consumer its own [64, R/2] half (which only it reads), consumer 0
 under its Q.K^T. Shared memory: Q hi/lo 72 KB + V halves 64 KB + 2 raw tiles 72 KB + P.
+Measured (window 5): 0.294 ms vs the default's 0.358 ms, but rel. err 3.5e-2 against the f32
+reference on the GPU (3e-4 in the CPU interpreter): most likely the FP8 wgmma's reduced-precision
+accumulation over K = 576 (x2 parts); promoting partial sums to f32 every 128 of K would be next.
 
 Shared memory (bf16, 2 stages): Q 72 KB + 2 x 72 KB tiles + P 8 KB + row factors = 225 KB of 227
 (Mosaic's 2 KB reduction scratch is turned off: the WGMMA-layout row reductions stay in a quad).
@@ -59,8 +63,10 @@ compute-bound; the issue's FP8 target (>= 70% of read bandwidth, 0.070 ms) needs
 out of reach with bf16 MMAs (FP8 MMAs would need an E4M3 Q and a transposed copy of the cache).
 Shared-memory traffic matters as much: per 64-key tile the wgmmas read Q (72 KB, again every
 tile), K (72 KB), V (64 KB) and P, and TMA writes 72 KB -- ~300 KB per tile, ~1.2 us at 128 B/clk.
-Measured (H100, benchmarks/attention.md): bf16 0.169 ms (431 TFLOP/s, 2.8x the Triton kernel's
-0.47 ms), FP8 0.385 ms (2.2x Triton's 0.84 ms).
+Measured (H100, benchmarks/attention.md, window 5): bf16 0.166 ms (440 TFLOP/s, 2.84x the Triton
+kernel's 0.471 ms in the same run), FP8 0.358 ms (204 TFLOP/s, 2.36x Triton's 0.844 ms). Profiled
+per 64-key tile (bf16, consumer 0): TMA wait ~1 us, Q.K^T 1.3, softmax 0.5, P hand-off 0.4, P.V 0.5;
+FP8: Q.K^T 5.7 us on the widened tile, widening 2.1.
 
 Scope / not done: one new token per sequence (decode; speculative/chunked steps use the Triton
 kernel), H a multiple of 64, no split-K over the context (B * H / 64 CTAs: 128 at B=64, 128 heads;
@@ -106,7 +112,8 @@ class MLAMgpuTiles:
   read back from shared memory); not with overlap; fp8_mma: the MMA dtype E4M3 tiles are widened
   to ("f16": one cvt per pair; "bf16": through f32, and Q/P in bf16); fp8_qk: "widened" (Q.K^T on
   the widened tile) or "e4m3" (Q.K^T as E4M3 MMAs on the raw tile with a hi + lo split Q; only V
-  is widened; implies the consumers widen, f16)."""
+  is widened; implies the consumers widen, f16; experimental: fails the 1e-2 accuracy bound on
+  the H100, 3.5e-2)."""
   block_k: int = 64
   stages: int = 2
   zero_tail: bool = True
