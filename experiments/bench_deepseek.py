@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
-import os
 import re
 import statistics
 import tempfile
@@ -32,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.gpu_trace import busy_ns, gpu_kernel_events, load_trace
 from jaxinfer.attention import SeqChunk, build_batch
 from jaxinfer.models import deepseek_v3 as ds
 from jaxinfer.models import moe
@@ -376,34 +375,13 @@ def sweep_gemms(kl_layer, key, variants, results, save) -> None:
 def kernel_breakdown(trace_dir: str, calls: int) -> dict:
   """Per-kernel GPU time per layer call from a jax.profiler trace (kernel name -> ms, count),
   plus the sum and the device-busy union."""
-  from jax.profiler import ProfileData
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
-  if not files:
+  pd = load_trace(trace_dir)
+  if pd is None:
     return {"error": f"no xplane.pb under {trace_dir}"}
-  pd = ProfileData.from_file(files[-1])
-  kernels: dict[str, list] = {}
-  intervals = []
-  planes = [p for p in pd.planes if p.name.startswith("/device:GPU")]
-  streams_only = any(ln.name.startswith("Stream") for p in planes for ln in p.lines)
-  for plane in planes:
-    for line in plane.lines:
-      if streams_only and not line.name.startswith("Stream"):
-        continue
-      for ev in line.events:
-        k = kernels.setdefault(ev.name, [0.0, 0])
-        k[0] += ev.duration_ns
-        k[1] += 1
-        intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+  kernels, intervals, _ = gpu_kernel_events(pd)
   if not intervals:
     return {"error": "no GPU kernel events"}
-  intervals.sort()
-  busy, cs, ce = 0.0, *intervals[0]
-  for a, b in intervals[1:]:
-    if a > ce:
-      busy, cs, ce = busy + ce - cs, a, b
-    else:
-      ce = max(ce, b)
-  busy += ce - cs
+  busy = busy_ns(intervals)
   groups: dict[str, list] = {}
   for name, (ns, n) in kernels.items():
     g = groups.setdefault(re.sub(r"[._]\d+$", "", name)[:100], [0.0, 0])

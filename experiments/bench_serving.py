@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.gpu_trace import busy_ns, gpu_kernel_events, load_trace
+
 _ENGINE = flags.DEFINE_enum("engine", "jax", ["jax", "hf", "report", "profile", "batch1"],
                             "what to run; profile: the batch-1 decode step, timed in parts and "
                             "broken down per GPU kernel; batch1: the engine's batch-1 decode step "
@@ -672,40 +674,15 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
   grouped also with the numeric suffix stripped), by category (gemm / attention / kv_write / reduce
   / elementwise), device busy time (union of kernel intervals) and the wall span from the first
   kernel's start to the last one's end."""
-  import glob
   import re
-
-  from jax.profiler import ProfileData
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
-  if not files:
+  pd = load_trace(trace_dir)
+  if pd is None:
     return {"error": f"no xplane.pb under {trace_dir}"}
-  pd = ProfileData.from_file(files[-1])
-  kernels: dict[str, list] = {}
-  intervals, lines = [], []
-  gpu_planes = [p for p in pd.planes if p.name.startswith("/device:GPU")]
-  streams_only = any(ln.name.startswith("Stream") for p in gpu_planes for ln in p.lines)
-  for plane in gpu_planes:
-    for line in plane.lines:
-      lines.append(line.name)
-      if streams_only and not line.name.startswith("Stream"):
-        continue
-      for ev in line.events:
-        k = kernels.setdefault(ev.name, [0.0, 0])
-        k[0] += ev.duration_ns
-        k[1] += 1
-        intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+  kernels, intervals, lines = gpu_kernel_events(pd)
   if not intervals:
     return {"error": "no GPU kernel events", "gpu_lines": sorted(set(lines))[:20],
             "host_events": host_event_breakdown(pd, num_steps)}
-  intervals.sort()
-  busy, cur_s, cur_e = 0.0, *intervals[0]
-  for s, e in intervals[1:]:
-    if s > cur_e:
-      busy += cur_e - cur_s
-      cur_s, cur_e = s, e
-    else:
-      cur_e = max(cur_e, e)
-  busy += cur_e - cur_s
+  busy = busy_ns(intervals)
   per_step_ms = lambda ns: ns / num_steps / 1e6
   cats: dict[str, list] = {}
   groups: dict[str, list] = {}
