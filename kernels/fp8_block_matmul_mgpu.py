@@ -380,7 +380,7 @@ def grouped_fp8_block_matmul(x: jax.Array, weight: jax.Array, scale_inv: jax.Arr
   """
   check_shapes(x.shape[-1], weight, scale_inv, grouped=True)
   e, n, k = weight.shape
-  grouped_matmul._check_common(x, group_sizes, e)  # noqa: SLF001 - shared input checks
+  grouped_matmul.check_grouped_inputs(x, group_sizes, e)
   t = x.shape[0]
   cfg = config or default_config(max(1, t // max(e, 1)), n, k)
   _check_config(max(t, 1), n, k, cfg)

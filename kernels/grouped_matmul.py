@@ -248,7 +248,9 @@ def _kernel(pid_t, pid_n, sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, m
                 mask=out_mask)
 
 
-def _check_common(x: jax.Array, group_sizes: jax.Array, e: int) -> None:
+def check_grouped_inputs(x: jax.Array, group_sizes: jax.Array, e: int) -> None:
+  """Input checks every grouped GEMM shares (also the Mosaic GPU FP8 one): x [T, K], integer
+  group_sizes [E]."""
   if x.ndim != 2:
     raise ShapeError(f"x must be [T, K], got {x.shape}")
   if group_sizes.ndim != 1 or group_sizes.shape[0] != e:
@@ -305,7 +307,7 @@ def grouped_matmul_dense(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   if w.ndim != 3:
     raise ShapeError(f"grouped weight must be [E, K, N], got {w.shape}")
   e, k, n = w.shape
-  _check_common(x, group_sizes, e)
+  check_grouped_inputs(x, group_sizes, e)
   if x.shape[1] != k:
     raise ShapeError(f"x has K={x.shape[1]} but the weight has K={k}")
   return _run("dense", (x, w.astype(x.dtype)), x, group_sizes, e, n, k, tiling, interpret,
@@ -321,7 +323,7 @@ def grouped_matmul_nvfp4(x: jax.Array, packed: jax.Array, scale: jax.Array,
   if packed.ndim != 3:
     raise ShapeError(f"grouped NVFP4 weight must be [E, N, K/2], got {packed.shape}")
   e, n, k = packed.shape[0], packed.shape[1], packed.shape[2] * 2
-  _check_common(x, group_sizes, e)
+  check_grouped_inputs(x, group_sizes, e)
   if x.shape[1] != k:
     raise ShapeError(f"x has K={x.shape[1]} but the weight has K={k}")
   if global_scale.shape != (e,):
@@ -466,7 +468,7 @@ def _check_nvfp4_kl(x, packed_kl, scale, global_scale, group_sizes, what: str) -
     raise ShapeError(f"grouped NVFP4 {what} weight must be [E, N, K/2], got {packed_kl.shape}")
   e, n, k = packed_kl.shape[0], packed_kl.shape[1], packed_kl.shape[2] * 2
   nvfp4.check_kernel_k(k)
-  _check_common(x, group_sizes, e)
+  check_grouped_inputs(x, group_sizes, e)
   if x.shape[1] != k:
     raise ShapeError(f"x has K={x.shape[1]} but the {what} weight has K={k}")
   if global_scale.shape != (e,):
@@ -512,7 +514,7 @@ def grouped_matmul_fp8(x: jax.Array, weight: jax.Array, scale_inv: jax.Array,
   """ragged_dot with per-expert FP8 block-scaled weights [E, N, K] / [E, N/128, K/128] -> [T, N]."""
   fp8_block_matmul.check_shapes(x.shape[-1], weight, scale_inv, grouped=True)
   e, n, k = weight.shape
-  _check_common(x, group_sizes, e)
+  check_grouped_inputs(x, group_sizes, e)
   xq, xs = fp8_block.quantize_activations(x)
   return _run("fp8", (xq, xs, weight, scale_inv), x, group_sizes, e, n, k, tiling, interpret,
               x.dtype)
