@@ -137,6 +137,18 @@ def used_tiles(sched: jax.Array, programs: int) -> jax.Array:
   return jnp.sum(sched[0] >= 0, dtype=jnp.int32).reshape(1)
 
 
+def _schedule_tile(sched_ref, pid_t, pid_n, *, bm: int, bn: int, n: int):
+  """Schedule entry pid_t (group g, rows r0..r1) and output-column tile pid_n: the group, row
+  range, first column, and the row / column / output masks of the [bm, bn] tile."""
+  g = sched_ref[0, pid_t]
+  r0 = sched_ref[1, pid_t]
+  r1 = sched_ref[2, pid_t]
+  n0 = pid_n * bn
+  row_ok = (r0 + jnp.arange(bm)) < r1
+  col_ok = (n0 + jnp.arange(bn)) < n
+  return g, r0, r1, n0, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
 def _kernel(pid_t, pid_n, sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, mask_k, x_even_odd, mode,
             w_as_a, x_scale, load_3d):
   xinv_ref = xmul_ref = None
@@ -148,13 +160,8 @@ def _kernel(pid_t, pid_n, sched_ref, *refs, fmt, e, n, k, bm, bn, bk, k_steps, m
     xq_ref, xs_ref, w_ref, ws_ref, o_ref = refs
   else:
     x_ref, w_ref, o_ref = refs
-  g = sched_ref[0, pid_t]
-  r0 = sched_ref[1, pid_t]
-  r1 = sched_ref[2, pid_t]
-  n0 = pid_n * bn
-  row_ok = (r0 + jnp.arange(bm)) < r1
-  col_ok = (n0 + jnp.arange(bn)) < n
-  out_mask = row_ok[:, None] & col_ok[None, :]
+  g, r0, r1, n0, row_ok, col_ok, out_mask = _schedule_tile(sched_ref, pid_t, pid_n,
+                                                            bm=bm, bn=bn, n=n)
 
   def both(a, b):
     return a[:, None] if b is None else a[:, None] & b[None, :]
@@ -410,13 +417,8 @@ def default_kl_tiling(t: int, num_groups: int, k: int | None = None, glu: bool =
 
 def _glu_kernel(pid_t, pid_n, sched_ref, x_ref, gq_ref, gsc_ref, ggs_ref, uq_ref, usc_ref, ugs_ref,
                 o_ref, *, e, n, bm, bn, tps, k_steps, mode):
-  g = sched_ref[0, pid_t]
-  r0 = sched_ref[1, pid_t]
-  r1 = sched_ref[2, pid_t]
-  n0 = pid_n * bn
-  row_ok = (r0 + jnp.arange(bm)) < r1
-  col_ok = (n0 + jnp.arange(bn)) < n
-  out_mask = row_ok[:, None] & col_ok[None, :]
+  g, r0, r1, n0, row_ok, col_ok, out_mask = _schedule_tile(sched_ref, pid_t, pid_n,
+                                                            bm=bm, bn=bn, n=n)
   masked_n = n % bn != 0
   half = nvfp4.KERNEL_TILE // 2
   groups = half // nvfp4.BLOCK_SIZE
