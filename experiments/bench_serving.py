@@ -41,10 +41,17 @@ _ENGINE = flags.DEFINE_enum("engine", "jax", ["jax", "hf", "report", "profile", 
                             "what to run; profile: the batch-1 decode step, timed in parts and "
                             "broken down per GPU kernel; batch1: the engine's batch-1 decode step "
                             "for each of --batch1_variants in one process (before/after)")
-_WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"],
-                             "jax weights: bf16, or fp8 (W8A8: E4M3 layer projections with "
+_WEIGHTS = flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8", "nvfp4", "nvfp4_fp8"],
+                             "jax weights: bf16; fp8 (W8A8: E4M3 layer projections with "
                              "per-channel scales, dynamic per-row activation scales; embedding, "
-                             "norms and LM head bf16)")
+                             "norms and LM head bf16); nvfp4 (W4A16 NVFP4 layer projections in the "
+                             "kernel layout, llama.quantize_projections_nvfp4); nvfp4_fp8 (NVFP4 "
+                             "for steps of <= --nvfp4_max_rows tokens, i.e. decode, FP8 for "
+                             "prefill steps: both forms kept)")
+_FP8_LM_HEAD = flags.DEFINE_bool("fp8_lm_head", False, "jax, --weights=fp8 / nvfp4_fp8: the LM head "
+                                 "as an FP8 weight too (1.05 GB -> 0.53 GB read per decode step)")
+_NVFP4_MAX_ROWS = flags.DEFINE_integer("nvfp4_max_rows", 64, "jax, --weights=nvfp4_fp8: the largest "
+                                       "step (tokens) that takes the NVFP4 form")
 _FUSE = flags.DEFINE_bool("fuse_projections", True, "jax: wq|wk|wv and w_gate|w_up as one GEMM each "
                           "(llama.fuse_projections, what the engine does on one device)")
 _FP8_QUANT_IN_NORM = flags.DEFINE_bool("fp8_quant_in_norm", True, "jax, --weights=fp8: the norms "
@@ -54,6 +61,8 @@ _FP8_QUANT_IN_NORM = flags.DEFINE_bool("fp8_quant_in_norm", True, "jax, --weight
 _FP8_SCALE_IN_NORM = flags.DEFINE_bool("fp8_scale_in_norm", False, "jax, --weights=fp8: the norms "
                                         "after wo / w_down apply those FP8 projections' output "
                                         "scales (one kernel fewer each)")
+_FUSED_ROPE_KV = flags.DEFINE_bool("fused_rope_kv", False, "jax: RoPE + K/V cache write as one "
+                                   "kernel per layer (kernels/rope_kv_write.py; fused projections)")
 _DECODE_ONLY = flags.DEFINE_bool("decode_only_steps", True, "jax: decode-only steps compile without "
                                  "attention's runtime decode/prefill branch (EngineConfig option)")
 _FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residual add + RMSNorm as "
@@ -220,16 +229,29 @@ def engine_config(c: int, pages_per_seq: int, kv_dtype=None, min_decode: int | N
 
 def model_params(cfg, weights: str, fuse: bool):
   """Random Llama params in the benchmark's layout: bf16, projections fused when ``fuse``, layer
-  projections FP8 (``llama.quantize_projections_fp8``) when ``weights == "fp8"``."""
+  projections FP8 (``llama.quantize_projections_fp8``, with the LM head when --fp8_lm_head) when
+  ``weights == "fp8"``, NVFP4 (``llama.quantize_projections_nvfp4``) for nvfp4 / nvfp4_fp8."""
   import jax
   import jax.numpy as jnp
 
+  from jaxinfer import ops
   from jaxinfer.models import llama
   params = llama.init_params(cfg, jax.random.key(_SEED.value), jnp.bfloat16)
   if fuse:
     params = llama.fuse_projections(params)
   if weights == "fp8":
-    params = jax.jit(llama.quantize_projections_fp8)(params)
+    params = jax.jit(functools.partial(llama.quantize_projections_fp8,
+                                       lm_head=_FP8_LM_HEAD.value))(params)
+  elif weights in ("nvfp4", "nvfp4_fp8"):
+    # layer by layer (one layer's intermediates at a time), then the FP8 LM head if asked
+    layers = []
+    for layer in params["layers"]:
+      layers.append(jax.block_until_ready(jax.jit(functools.partial(
+          llama.quantize_projections_nvfp4, prefill_fp8=weights == "nvfp4_fp8",
+          max_decode_rows=_NVFP4_MAX_ROWS.value))({"layers": [layer]})["layers"][0]))
+    params = {**params, "layers": layers}
+    if weights == "nvfp4_fp8" and _FP8_LM_HEAD.value:
+      params = jax.jit(lambda p: {**p, "lm_head": ops.FP8Weight.from_dense(p["lm_head"])})(params)
   return jax.block_until_ready(params)
 
 
@@ -360,17 +382,26 @@ def run_jax() -> dict:
   params = model_params(cfg, _WEIGHTS.value, _FUSE.value)
   result["init_s"] = time.perf_counter() - t
   result["weights"], result["fused_projections"] = _WEIGHTS.value, _FUSE.value
+  result["fp8_lm_head"] = _FP8_LM_HEAD.value
+  if _WEIGHTS.value == "nvfp4_fp8":
+    result["nvfp4_max_rows"] = _NVFP4_MAX_ROWS.value
   result["fused_add_norm"], result["decode_only_steps"] = _FUSED_ADD_NORM.value, _DECODE_ONLY.value
+  from jaxinfer.ops import RowSplitWeight
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   embed_bytes = params["embed"].nbytes if not cfg.tie_word_embeddings else 0
-  result["weight_bytes"], result["decode_read_bytes"] = weight_bytes, weight_bytes - embed_bytes
+  decode_form = jax.tree.map(lambda w: w.small if isinstance(w, RowSplitWeight) else w, params,
+                             is_leaf=lambda w: isinstance(w, RowSplitWeight))
+  result["weight_bytes"] = weight_bytes
+  result["decode_read_bytes"] = sum(x.nbytes for x in jax.tree.leaves(decode_form)) - embed_bytes
   kv_dtype = jnp.float8_e4m3fn if _KV_DTYPE.value == "fp8" else dtype
   cache = llama.create_cache(cfg, num_pages=_KV_PAGES.value, page_size=_PAGE.value, dtype=kv_dtype)
   pages_per_seq = -(-(_INPUT.value + _OUTPUT.value) // _PAGE.value)
   max_len = pages_per_seq * _PAGE.value
 
   forward = LlamaForward(cfg, _FUSED_ADD_NORM.value, fp8_quant_in_norm=_FP8_QUANT_IN_NORM.value,
-                         fp8_scale_in_norm=_FP8_SCALE_IN_NORM.value)
+                         fp8_scale_in_norm=_FP8_SCALE_IN_NORM.value,
+                         fused_rope_kv=_FUSED_ROPE_KV.value)
+  result["fused_rope_kv"] = _FUSED_ROPE_KV.value
   result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
   result["fp8_scale_in_norm"] = _FP8_SCALE_IN_NORM.value
 
@@ -693,7 +724,7 @@ def gpu_kernel_breakdown(trace_dir: str, num_steps: int) -> dict:
       t[1] += n / num_steps
   fmt = lambda table: {k: {"ms_per_step": v[0], "kernels_per_step": v[1]}
                        for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}
-  top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
+  top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:60]
   return {"steps": num_steps, "host_events": host_event_breakdown(pd, num_steps),
           "kernels_per_step": sum(k[1] for k in kernels.values()) / num_steps,
           "kernel_sum_ms_per_step": per_step_ms(sum(k[0] for k in kernels.values())),

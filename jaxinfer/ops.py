@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,27 @@ def linear_deferred(x: jax.Array | FP8Rows, w) -> jax.Array | ScaledRows:
   if isinstance(w, FP8Weight) and len(x.shape) == 2:
     return w.linear_deferred(x)
   return linear(x, w)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSplitWeight:
+  """One projection stored in two forms, picked per call by its row count (static under jit):
+  ``small`` for calls of at most ``max_rows`` rows, ``large`` for bigger ones. For serving: a
+  decode step (few rows) is bound by the weight read, so it wants the fewest weight bytes (e.g.
+  NVFP4 for the W4A16 decode kernels), while a prefill step is compute-bound and wants the fastest
+  tensor cores (e.g. ``FP8Weight``, W8A8). Both forms must stand for the same [K, N] matrix up to
+  their own quantization; memory is both forms' bytes together."""
+  small: Any
+  large: Any
+  max_rows: int = dataclasses.field(metadata=dict(static=True), default=64)
+
+  def pick(self, rows: int):
+    """The form a call of ``rows`` rows uses."""
+    return self.small if rows <= self.max_rows else self.large
+
+  def linear(self, x: jax.Array) -> jax.Array:
+    return linear(x, self.pick(math.prod(x.shape[:-1])))
 
 
 @jax.tree_util.register_dataclass

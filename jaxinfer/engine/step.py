@@ -39,13 +39,16 @@ class LlamaForward:
                                     # 5.35 ms, 753 -> 627 kernels/step); no effect on bf16 weights
   fp8_scale_in_norm: bool = False   # FP8 weights: the norms after wo / w_down apply their output
                                     # scales (measured: decode steps slower, prefill faster, ~even)
+  fused_rope_kv: bool = False       # fused wqkv: RoPE + K/V cache write as one kernel per layer
+                                    # (kernels/rope_kv_write.py), off until timed on the GPU
 
   def __call__(self, params, tokens, cache, batch):
     return llama.forward(params, tokens, cache, batch, self.cfg,
                          fused_add_norm=self.fused_add_norm,
                          max_new_tokens=1 if self.decode_only else None,
                          fp8_quant_in_norm=self.fp8_quant_in_norm,
-                         fp8_scale_in_norm=self.fp8_scale_in_norm)
+                         fp8_scale_in_norm=self.fp8_scale_in_norm,
+                         fused_rope_kv=self.fused_rope_kv)
 
 
 def ladder(minimum: int, maximum: int) -> tuple[int, ...]:

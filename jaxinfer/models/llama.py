@@ -27,8 +27,8 @@ import numpy as np
 from jaxinfer import attention as attention_ops
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCache, write_kv
-from jaxinfer.ops import (FP8Weight, add_rms_norm, add_rms_norm_fp8, apply_rope, linear,
-                          linear_deferred, rms_norm, rope_cos_sin, rope_inv_freq)
+from jaxinfer.ops import (FP8Weight, RowSplitWeight, add_rms_norm, add_rms_norm_fp8, apply_rope,
+                          linear, linear_deferred, rms_norm, rope_cos_sin, rope_inv_freq)
 
 Params = dict[str, Any]
 
@@ -142,19 +142,32 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
 
 def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scale,
                    batch: attention_ops.AttentionBatch, cfg: LlamaConfig,
-                   max_new_tokens: int | None = None, defer_output_scale: bool = False):
+                   max_new_tokens: int | None = None, defer_output_scale: bool = False,
+                   fused_rope_kv: bool = False):
   """Attention on normed activations h [T, H] (no residual): (Attention(q, k, v) Wo, k_pages,
   v_pages with this step's K/V written). ``max_new_tokens``: see ``attention.paged_attention``.
   ``defer_output_scale``: an FP8 Wo returns its unscaled product (``ops.ScaledRows``) for the
-  residual norm to finish."""
+  residual norm to finish. ``fused_rope_kv``: with a fused ``wqkv``, RoPE and the K/V cache write
+  as one kernel (``kernels.rope_kv_write``; Pallas interpret mode off GPU) where it takes the
+  shapes, instead of XLA's RoPE fusion and two scatters: the same values."""
   T = h.shape[0]
-  q, k, v = qkv_projections(layer, h, cfg)
-  q = q.reshape(T, cfg.num_heads, cfg.head_dim)
-  k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-  v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  k_pages = write_kv(k_pages, k, batch.slots, k_scale)
-  v_pages = write_kv(v_pages, v, batch.slots, v_scale)
+  q = None
+  if fused_rope_kv and "wqkv" in layer:
+    from kernels import rope_kv_write as rkw   # kernels import jaxinfer
+    qkv = linear(h, layer["wqkv"])
+    if rkw.supports(qkv, k_pages, cfg.num_heads, cfg.num_kv_heads):
+      q, k_pages, v_pages = rkw.rope_kv_write(
+          qkv, cos, sin, batch.slots, k_pages, v_pages, k_scale, v_scale,
+          num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+          interpret=jax.default_backend() != "gpu")
+  if q is None:
+    q, k, v = qkv_projections(layer, h, cfg)
+    q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_pages = write_kv(k_pages, k, batch.slots, k_scale)
+    v_pages = write_kv(v_pages, v, batch.slots, v_scale)
   o = attention_ops.paged_attention(q, k_pages, v_pages, batch, scale=cfg.head_dim ** -0.5,
                                     k_scale=k_scale, v_scale=v_scale,
                                     max_new_tokens=max_new_tokens)
@@ -202,7 +215,8 @@ def _takes_fp8_rows(layer: Params, names: tuple[str, ...]) -> bool:
 def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_ops.AttentionBatch,
             cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False,
             max_new_tokens: int | None = None, fp8_quant_in_norm: bool = False,
-            fp8_scale_in_norm: bool = False) -> tuple[jax.Array, KVCache]:
+            fp8_scale_in_norm: bool = False, fused_rope_kv: bool = False
+            ) -> tuple[jax.Array, KVCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache. Each residual add runs
   with the RMSNorm after it (``ops.add_rms_norm``; one Pallas kernel on GPU when
@@ -213,7 +227,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   (``ops.add_rms_norm_fp8``; with ``fused_add_norm`` on GPU one kernel instead of three).
   ``fp8_scale_in_norm``: FP8 wo / w_down leave their output scaling to the residual norm after them
   (``ops.ScaledRows``; the fused kernel applies it). The same math as without them; on GPU the
-  Pallas kernel's reductions round like the fused add_rms_norm's, not XLA's."""
+  Pallas kernel's reductions round like the fused add_rms_norm's, not XLA's. ``fused_rope_kv``:
+  see ``self_attention`` (fused projections only)."""
   eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
@@ -228,7 +243,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   for i, layer in enumerate(layers):
     o, k_pages, v_pages = self_attention(layer, h, cos, sin, cache.k[i], cache.v[i],
                                          cache.k_scale[i], cache.v_scale[i], batch, cfg,
-                                         max_new_tokens, defer_output_scale=fp8_scale_in_norm)
+                                         max_new_tokens, defer_output_scale=fp8_scale_in_norm,
+                                         fused_rope_kv=fused_rope_kv)
     x, h = add_norm(x, o, layer["mlp_norm"], layer, ("w_gate_up", "w_gate", "w_up"))
     nxt = layers[i + 1] if i + 1 < len(layers) else None
     next_norm = nxt["attn_norm"] if nxt is not None else params["final_norm"]
@@ -306,21 +322,54 @@ def unfuse_projections(params: Params, cfg: LlamaConfig) -> Params:
   return {**params, "layers": layers}
 
 
-def quantize_projections_fp8(params: Params) -> Params:
+def _is_projection(name: str, w) -> bool:
+  return not name.endswith("norm") and not hasattr(w, "linear")
+
+
+def quantize_projections_fp8(params: Params, lm_head: bool = False) -> Params:
   """Every layer projection (fused or not) as an ``ops.FP8Weight`` (E4M3, per-output-channel weight
   scales, dynamic per-row activation scales): half the weight bytes a decode step reads. The
-  embedding, the norms and the LM head stay in their dtype."""
+  embedding and the norms stay in their dtype; the LM head too unless ``lm_head`` (an untied
+  ``params["lm_head"]`` only: a tied head is the embedding table, which stays as it is). Llama-3-8B's
+  bf16 head is 1.05 GB of a decode step's 8.0 GB read with FP8 layers."""
   def quantize(name, w):
-    if name.endswith("norm") or hasattr(w, "linear"):
+    return FP8Weight.from_dense(w) if _is_projection(name, w) else w
+  layers = [{name: quantize(name, w) for name, w in layer.items()} for layer in params["layers"]]
+  out = {**params, "layers": layers}
+  if lm_head and "lm_head" in params and _is_projection("lm_head", params["lm_head"]):
+    out["lm_head"] = FP8Weight.from_dense(params["lm_head"])
+  return out
+
+
+def quantize_projections_nvfp4(params: Params, prefill_fp8: bool = False,
+                               max_decode_rows: int = 64) -> Params:
+  """Every layer projection as an NVFP4 weight (``kernels.quant.weights.NVFP4Weight``: E2M1 codes,
+  E4M3 scales per 16 inputs, one f32 global scale; ~0.56 bytes per weight), in the kernel layout
+  when K % 256 == 0 (the W4A16 decode kernels of ``kernels.gemm.nvfp4_matmul``; ModelOpt layout
+  otherwise). Embedding, norms and LM head stay in their dtype.
+
+  ``prefill_fp8``: each projection becomes an ``ops.RowSplitWeight`` holding the NVFP4 form for
+  calls of at most ``max_decode_rows`` rows (decode steps: weight-read-bound) and an
+  ``ops.FP8Weight`` of the same dense weight for larger ones (prefill: FP8 tensor cores); memory is
+  both (~1.56 bytes per weight, 12.5 GB for Llama-3-8B's layers)."""
+  from kernels.quant.weights import NVFP4Weight   # kernels import jaxinfer
+
+  def quantize(name, w):
+    if not _is_projection(name, w):
       return w
-    return FP8Weight.from_dense(w)
+    q = NVFP4Weight.from_dense(w)
+    if q.k % 256 == 0:
+      q = q.to_kernel_layout()
+    if prefill_fp8:
+      return RowSplitWeight(q, FP8Weight.from_dense(w), max_decode_rows)
+    return q
   layers = [{name: quantize(name, w) for name, w in layer.items()} for layer in params["layers"]]
   return {**params, "layers": layers}
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm",
                                                "max_new_tokens", "fp8_quant_in_norm",
-                                               "fp8_scale_in_norm"),
+                                               "fp8_scale_in_norm", "fused_rope_kv"),
                       donate_argnames=("cache",))
 
 
