@@ -25,6 +25,7 @@ import numpy as np
 from kernels import fp8_block_matmul as fp8k
 from kernels import grouped_matmul as gk
 from kernels import nvfp4_matmul as nk
+from kernels import nvfp4_matmul_mgpu as mgk
 from kernels.quant import fp8_block, nvfp4
 
 FLAGS = flags.FLAGS
@@ -58,6 +59,8 @@ flags.DEFINE_list("klcheck_variants", [], "klcheck variants (default: --kl_varia
 flags.DEFINE_string("kl_pick_from", "", "kl section: time the --kl_pick_n best float64-verified "
                     "kernel-layout variants of this earlier JSON (by geometric-mean time over its "
                     "kl shapes) instead of --kl_variants")
+flags.DEFINE_list("mgcheck_variants", ["mgpu default", "mgpu c1 s2", "mgpu c2 r2 s2 k2"],
+                  "mgcheck section: Mosaic GPU kernel tilings (mgpu_variant syntax)")
 flags.DEFINE_integer("kl_pick_n", 3, "see --kl_pick_from")
 flags.DEFINE_list("gkl_variants", ["B128 asm", "B64 asm", "A64 asm"],
                   "grouped kernel-layout variants (kl_variant syntax; split-K tokens ignored)")
@@ -528,6 +531,16 @@ def kl_variant(name: str, m: int, n: int, k: int):
   return nk.default_kl_tiling(m, n, k, **kw), x_dtype
 
 
+def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
+  """"mgpu default" (mgk.default_tiling) or "mgpu" followed by c<consumer warpgroups>,
+  r<64-row strips per consumer>, s<stages>, k<split>: each given field replaces the default's
+  (a "@small" / "@large" suffix as for kl_variant)."""
+  parts = name.split("@")[0].split()
+  fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k"}
+  kw = {fields[p[0]]: int(p[1:]) for p in parts[1:] if p != "default"}
+  return mgk.default_tiling(m, n, k, **kw)
+
+
 def kl_applies(name: str, m: int) -> bool:
   scope = name.partition("@")[2]
   return not scope or (scope == "small") == (m <= 32)
@@ -584,6 +597,25 @@ def sec_klcheck():
       except Exception as e:  # noqa: BLE001
         record("klcheck", f"modelopt m{m} n{n} k{k}", "", f"asm even/odd bm{bm}",
                error=f"{type(e).__name__}: {e}"[:400])
+
+
+def sec_mgcheck():
+  """The Mosaic GPU decode kernel at small odd shapes (M not a multiple of 8, N not of 64, K not
+  of 256) and several tilings, against float64."""
+  ks = iter(keys(64))
+  for m, n, k in [(5, 200, 272), (40, 128, 768), (1, 64, 256), (13, 384, 2048)]:
+    x = jax.random.normal(next(ks), (m, k), jnp.bfloat16)
+    p, s, g = nvfp4.quantize(jax.random.normal(next(ks), (n, k)))
+    ref = ref_f64(x, dequant_f64(p, s, g))
+    wm = mgk.to_mgpu_layout(p, s)
+    for name in FLAGS.mgcheck_variants:
+      try:
+        t = mgpu_variant(name, m, n, k)
+        y = mgk.w4a16_matmul_mgpu(x, wm, g, n=n, tiling=t, interpret=FLAGS.interpret)
+        record("mgcheck", f"mgpu m{m} n{n} k{k}", "", name, err=err64(y, ref), note=str(t))
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        record("mgcheck", f"mgpu m{m} n{n} k{k}", "", name, error=f"{type(e).__name__}: {e}"[:1500])
 
 
 def sec_diag():
@@ -665,6 +697,20 @@ def _kl_time(shapes: list[dict], ms: list[int]) -> None:
       names = (pick_variants(FLAGS.kl_pick_from, "kl", FLAGS.kl_pick_n)
                if FLAGS.kl_pick_from else FLAGS.kl_variants)
       for name in [v for v in names if kl_applies(v, m)]:
+        if name.startswith("mgpu"):   # the Mosaic GPU kernel on its own weight layout
+          if "mgsets" not in sh:
+            sh["mgsets"] = [(mgk.to_mgpu_layout(p, s), g) for p, s, g in sh["wsets"]]
+          try:
+            tm = mgpu_variant(name, m, n, k)
+          except Exception as e:  # noqa: BLE001
+            record("kl", shape, shape, f"kl {name}", error=f"{type(e).__name__}: {e}"[:400])
+            continue
+          fn = lambda x, w, g, tm=tm, n=n: mgk.w4a16_matmul_mgpu(
+              x, w, g, n=n, tiling=tm, interpret=FLAGS.interpret)
+          results.append(attempt("kl", shape, shape, f"kl {name}", fn,
+                                 [(x, *w) for x, w in zip(xs, sh["mgsets"])], wq_bytes + io,
+                                 2 * m * n * k, ref=ref, note=str(tm)))
+          continue
         t, xdt = kl_variant(name, m, n, k)
         if "x16in" in name.split("@")[0].split():   # x arrives in f16, output bf16
           fn = lambda x, p, s, g, t=t: nk.w4a16_matmul_kl(x, p, s, g, tiling=t,
@@ -816,7 +862,7 @@ def main(argv):
     nk.kl_mode_for = gk.kl_mode_for = lambda dequant, interpret: real_kl_mode_for(dequant, True)
   sections = {"ceil": sec_ceil, "check": sec_check, "decode": sec_decode,
               "prefill": sec_prefill, "grouped": sec_grouped, "fp8": sec_fp8,
-              "klcheck": sec_klcheck, "kl": sec_kl, "diag": sec_diag, "gkl": sec_gkl}
+              "klcheck": sec_klcheck, "kl": sec_kl, "mgcheck": sec_mgcheck, "diag": sec_diag, "gkl": sec_gkl}
   for name in FLAGS.sections:
     name, _, arg = name.partition(":")   # "decode:KxN" runs one decode shape
     if name not in sections:
@@ -831,7 +877,7 @@ def main(argv):
       traceback.print_exc()
   print("\n==== summary ====")
   for r in RESULTS:
-    if r["section"] in ("check", "klcheck") and "rel_err" in r and (r["rel_err"] != r["rel_err"]
+    if r["section"] in ("check", "klcheck", "mgcheck") and "rel_err" in r and (r["rel_err"] != r["rel_err"]
                                                           or r["rel_err"] > 2e-2):
       print("BAD CHECK", r["name"], r["rel_err"])
   for r in RESULTS:

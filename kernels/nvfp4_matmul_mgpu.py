@@ -1,0 +1,465 @@
+"""NVFP4 W4A16 decode GEMM on Mosaic GPU (Hopper): TMA pipeline, dequantized weight as wgmma's A.
+
+Computes y[M, N] = x[M, K] @ dequant(W)^T for small M (decode, M <= 64) as y^T = W x^T, so the
+dequantized weight tile is the wgmma's A operand, which Hopper reads from registers: the f16
+weights never touch shared memory. x^T is the B operand ([K, Mp] in shared memory, Mp = M rounded
+up to 8: wgmma's n dimension).
+
+Weight layout (``to_mgpu_layout``: a one-time, exactly invertible repack of the ModelOpt bytes
+``packed [N, K/2]`` + ``scale [N, K/16]``; ``from_mgpu_layout`` undoes it). N is padded to a
+multiple of 64 (a "strip": one wgmma M tile) and K to a multiple of 256 (a "K tile") with zero
+scales. Each (strip, K tile) is one contiguous 9216-byte record ``uint32 [N/64, K/256, 72, 32]``:
+  * bytes [0, 8192): the 64 x 256 E2M1 codes, ordered so that a thread's 16-byte loads hold
+    exactly its wgmma A fragment: thread t (of the warpgroup's 128) reads the 16 bytes at
+    c * 2048 + 16 t for c = 0..3 (each load instruction of a warp: 512 contiguous bytes);
+  * bytes [8192, 9216): the block scales (E4M3), 8 bytes per thread at 8192 + 8 t: every scale is
+    read by exactly one thread (no replication).
+  The K order inside a K tile is permuted (the same permutation is applied to x, ``x_for_mgpu``):
+  wgmma fragment column p = 8 j + 2 q + e (j = 0..31, q = lane % 4, e = 0..1) holds logical
+  k = 64 q + 2 j + e, so a thread's 64 columns per row are 4 whole 16-element scale groups.
+  Thread t = 32 w + 4 r + q owns rows 16 w + r + 8 h (h = 0, 1) of the strip; its word u = 0..15
+  (c = u // 4) covers row half h = u // 8, scale group g = (u // 2) % 4 (of its 4) and fragment
+  columns j = 8 g + 4 (u % 2) + s for nibble slot s = 0..3: element (slot s, lane e) sits at bits
+  16 e + 4 s .. 16 e + 4 s + 3 of the word (lane e = the low / high 16 bits).
+Dequantization (per 32-bit word = 8 elements, inline PTX): f16 bits of value * 2^-14 are
+``(w << (12 - 4 s)) & 0x80008000 | (w << (9 - 4 s)) & 0x0E000E00`` for slot s (sign to bit 15,
+the 3 magnitude bits to 9..11: exact, subnormals included), times the block scale as a splat f16
+pair (``mul.rn.f16x2``: exact, products are multiples of 2^-24 below 2^6). So ~3-4 ALU + 1 HMUL2
+per 2 elements and no conversion instruction; the scale bytes take one cvt.rn.f16x2.e4m3x2 per
+two scales. The accumulator (f32) is multiplied by 2^14 x the global scale at the end.
+
+Kernel structure (like kernels/mla_attention_mgpu.py): grid (N / (64 C S), split_k); per CTA
+``consumers`` (C) warpgroups of ``strips`` (S) 64-row strips each plus one producer warpgroup
+(40 registers) that streams, per K tile, the CTA's weight records and the [Mp, 256] x tile (f16,
+128-byte swizzle) by TMA into ``stages`` shared-memory slots (mbarrier per slot, plus one
+"consumed" barrier per slot that all consumers arrive on). A consumer waits for the slot,
+dequantizes each strip's record into registers (inline_mgpu: the FragmentedArray is built
+register by register in the WGMMA layout) and issues the wgmmas (m64 n=Mp k16, A from registers),
+waits for them and releases the slot. Epilogue: y[m, n] = acc[n, m] * 2^14 * global scale stored
+straight from registers (2-byte scattered stores; y is small at decode). Split-K (narrow N): f32
+partials [split, M, N] summed (and cast) by XLA.
+
+Target roofline (H100, 3.05 TB/s measured read): the NVFP4 bytes are N K (1/2 + 1/16): 33 MB for
+K=4096, N=14336 -> 10.8 us; the issue's target is >= 75% of that rate (14.5 us) and >= 3x XLA's
+bf16 dot. Per SM that is ~17.5 weight elements per clock: ~35-45 thread-instructions per clock
+for the dequantization (~30% of the issue rate), and at M=64 the f16 wgmmas need ~50-70% of the
+tensor cores. x is re-read from L2 by every CTA (Mp * 512 bytes per K tile).
+
+Interpret mode (CPU) runs the same pipeline (TMA, barriers, slots, split-K, masking) with a plain
+jnp twin of the dequantization (the same values from the same bytes) and a jnp dot instead of
+the register-A wgmma (which the interpreter does not run); the PTX and the fragment mapping are
+checked by a NumPy emulation of the per-thread code in tests/test_nvfp4_matmul_mgpu.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxinfer.errors import ShapeError
+from kernels.quant import nvfp4
+
+STRIP = 64            # weight rows per wgmma M tile
+TILE_K = 256          # K per pipeline step (one weight record)
+RECORD_WORDS = 2304   # 9216 bytes: 8192 of codes + 1024 of scales, as uint32 [72, 32]
+_CODE_ROWS = 64       # rows of 32 words holding the codes
+_GLOBAL_FACTOR = 2.0 ** 14
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuTiling:
+  """consumers: compute warpgroups per CTA; strips: 64-row strips per consumer (the CTA covers
+  64 * consumers * strips rows of N and reads each x tile once for all of them); stages: K tiles
+  in flight per CTA (shared memory: stages * (9216 * consumers * strips + 512 * Mp) bytes);
+  split_k: K ranges per output tile (grid dimension; f32 partials summed by XLA)."""
+  consumers: int = 2
+  strips: int = 1
+  stages: int = 4
+  split_k: int = 1
+
+  def __post_init__(self):
+    if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
+      raise ValueError(f"every MgpuTiling field must be >= 1, got {self}")
+
+
+_SMEM_LIMIT = 227 * 1024 - 2048
+
+
+def smem_bytes(t: MgpuTiling, mp: int) -> int:
+  return t.stages * (RECORD_WORDS * 4 * t.consumers * t.strips + mp * TILE_K * 2) + 1024
+
+
+def padded_m(m: int) -> int:
+  return -(-m // 8) * 8
+
+
+def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> MgpuTiling:
+  """Two consumer warpgroups of one strip each (128 rows per CTA; one when N is a single strip);
+  split K until the CTAs cover the SMs (each split keeping >= 4 K tiles); as many stages as fit
+  200 KB of shared memory (2..8). ``overrides`` replace fields; the split and the stages are
+  recomputed for overridden consumers / strips unless given too."""
+  mp = padded_m(m)
+  n_strips = -(-n // STRIP)
+  consumers = overrides.pop("consumers", 2 if n_strips >= 2 else 1)
+  strips = overrides.pop("strips", 1)
+  ctas = -(-n_strips // (consumers * strips))
+  tiles = -(-k // TILE_K)
+  split = 1
+  while ctas * split * 2 <= num_sms and tiles % (split * 2) == 0 and tiles // (split * 2) >= 4:
+    split *= 2
+  split = overrides.pop("split_k", split)
+  t = MgpuTiling(consumers=consumers, strips=strips, stages=1, split_k=split)
+  stages = 8
+  while stages > 2 and smem_bytes(dataclasses.replace(t, stages=stages), mp) > 200 * 1024:
+    stages -= 1
+  t = dataclasses.replace(t, stages=overrides.pop("stages", stages))
+  if overrides:
+    raise TypeError(f"unknown MgpuTiling fields {sorted(overrides)}")
+  return t
+
+
+# ----- weight layout -----
+
+def _pad_to(a: jax.Array, axis: int, size: int) -> jax.Array:
+  pad = [(0, 0)] * a.ndim
+  pad[axis] = (0, size - a.shape[axis])
+  return jnp.pad(a, pad) if size != a.shape[axis] else a
+
+
+def to_mgpu_layout(packed: jax.Array, scale: jax.Array) -> jax.Array:
+  """ModelOpt NVFP4 bytes [N, K/2] + E4M3 scales [N, K/16] -> uint32 [ceil(N/64), ceil(K/256),
+  72, 32] (see the module docstring; padding has zero codes and zero scales)."""
+  nvfp4.check_layout(packed, scale)
+  n, k = packed.shape[0], packed.shape[1] * 2
+  s_n, t_k = -(-n // STRIP), -(-k // TILE_K)
+  codes = nvfp4.unpack_nibbles(packed).astype(jnp.uint8)                      # [N, K]
+  codes = _pad_to(_pad_to(codes, 0, s_n * STRIP), 1, t_k * TILE_K)
+  # source dims: row = (S, w, h, r), k = (T, q, g_hi, g_lo, jb, s_hi, s_lo, e)
+  c = codes.reshape(s_n, 4, 2, 8, t_k, 4, 2, 2, 2, 2, 2, 2)
+  #  0:S 1:w 2:h 3:r 4:T 5:q 6:g_hi 7:g_lo 8:jb 9:s_hi 10:s_lo 11:e
+  # target: [S, T, c=(h, g_hi), t=(w, r, q), v=(g_lo, jb), byte=(e, s_hi), nibble s_lo]
+  c = c.transpose(0, 4, 2, 6, 1, 3, 5, 7, 8, 11, 9, 10)
+  b = c[..., 0] | (c[..., 1] << 4)                                             # nibble pairs
+  codes_bytes = b.reshape(s_n, t_k, 8192)
+  sc = jax.lax.bitcast_convert_type(scale, jnp.uint8)                          # [N, K/16]
+  sc = _pad_to(_pad_to(sc, 0, s_n * STRIP), 1, t_k * (TILE_K // 16))
+  # source dims: row = (S, w, h, r), group = (T, q, g); target [S, T, t=(w, r, q), (h, g)]
+  sc = sc.reshape(s_n, 4, 2, 8, t_k, 4, 4).transpose(0, 4, 1, 3, 5, 2, 6)
+  record = jnp.concatenate([codes_bytes, sc.reshape(s_n, t_k, 1024)], axis=-1)
+  return jax.lax.bitcast_convert_type(record.reshape(s_n, t_k, RECORD_WORDS, 4),
+                                      jnp.uint32).reshape(s_n, t_k, 72, 32)
+
+
+def _record_bytes(w: jax.Array) -> jax.Array:
+  """uint32 [..., 72, 32] -> uint8 [..., 9216] (little-endian)."""
+  return jax.lax.bitcast_convert_type(w, jnp.uint8).reshape(*w.shape[:-2], RECORD_WORDS * 4)
+
+
+def from_mgpu_layout(w: jax.Array, n: int, k: int) -> tuple[jax.Array, jax.Array]:
+  """Inverse of to_mgpu_layout: -> (packed uint8 [N, K/2], scale float8_e4m3fn [N, K/16])."""
+  s_n, t_k = w.shape[:2]
+  rec = _record_bytes(w)
+  b = rec[..., :8192].reshape(s_n, t_k, 2, 2, 4, 8, 4, 2, 2, 2, 2)
+  # [S, T, h, g_hi, w, r, q, g_lo, jb, e, s_hi] + nibble s_lo
+  c = jnp.stack([b & 0xF, b >> 4], axis=-1)
+  # back to (S, w, h, r, T, q, g_hi, g_lo, jb, s_hi, s_lo, e)
+  c = c.transpose(0, 4, 2, 5, 1, 6, 3, 7, 8, 10, 11, 9).reshape(s_n * STRIP, t_k * TILE_K)
+  packed = nvfp4.pack_nibbles(c[:n, :k])
+  sc = rec[..., 8192:].reshape(s_n, t_k, 4, 8, 4, 2, 4)      # [S, T, w, r, q, h, g]
+  sc = sc.transpose(0, 2, 5, 3, 1, 4, 6).reshape(s_n * STRIP, t_k * 16)
+  return packed, jax.lax.bitcast_convert_type(sc[:n, :k // 16], jnp.float8_e4m3fn)
+
+
+def x_for_mgpu(x: jax.Array, k_pad: int) -> jax.Array:
+  """x [M, K] -> f16 [Mp, k_pad]: rows padded to Mp = padded_m(M), K zero-padded to k_pad (a
+  multiple of 256), columns of each 256-wide K tile in the kernel's order (column
+  p = 8 j + 2 q + e holds k = 64 q + 2 j + e). One XLA fusion."""
+  m, k = x.shape
+  xp = jnp.pad(x.astype(jnp.float16), ((0, padded_m(m) - m), (0, k_pad - k)))
+  t = k_pad // TILE_K
+  return xp.reshape(-1, t, 4, 32, 2).transpose(0, 1, 3, 2, 4).reshape(-1, k_pad)
+
+
+def dequant_record(rec_words: jax.Array) -> jax.Array:
+  """One weight record uint32 [72, 32] -> f16 [64, 256]: the strip's K tile as the wgmma sees it
+  (columns in the kernel's permuted order), equal to value * scale * 2^-14 exactly. The jnp twin
+  of the in-register PTX dequantization."""
+  b = jax.lax.bitcast_convert_type(rec_words, jnp.uint8).reshape(RECORD_WORDS * 4)
+  codes = b[:8192].reshape(2, 2, 4, 8, 4, 2, 2, 2, 2)        # [h, g_hi, w, r, q, g_lo, jb, e, s_hi]
+  codes = jnp.stack([codes & 0xF, codes >> 4], axis=-1)      # + s_lo
+  # -> [w, h, r, g_hi, g_lo, jb, s_hi, s_lo, q, e] = rows (w, h, r), columns p = (j, q, e)
+  codes = codes.transpose(2, 0, 3, 1, 5, 6, 8, 9, 4, 7).reshape(STRIP, TILE_K)
+  mag = (codes & 7).astype(jnp.uint16) << 9
+  sign = (codes & 8).astype(jnp.uint16) << 12
+  val = jax.lax.bitcast_convert_type(mag | sign, jnp.float16)          # value * 2^-14
+  sc = jax.lax.bitcast_convert_type(b[8192:], jnp.float8_e4m3fn).astype(jnp.float16)
+  sc = sc.reshape(4, 8, 4, 2, 4).transpose(0, 3, 1, 4, 2)              # [w, h, r, g, q]
+  sc = jnp.broadcast_to(sc.reshape(4, 2, 8, 4, 1, 4, 1),
+                        (4, 2, 8, 4, 8, 4, 2)).reshape(STRIP, TILE_K)  # (j = 8 g + ., q, e)
+  return val * sc
+
+
+# ----- in-register dequantization (GPU) -----
+
+def _deq_word_ptx() -> str:
+  """$0..$3: the 4 f16x2 of nibble slots 0..3 of word $4, times the splat scale $5."""
+  lines = ["{", ".reg .b32 t, u;"]
+  for s in range(4):
+    a, b = 12 - 4 * s, 9 - 4 * s
+    lines.append(f"shl.b32 t, $4, {a};" if a > 0 else "mov.b32 t, $4;")
+    lines.append(f"shl.b32 u, $4, {b};" if b >= 0 else f"shr.b32 u, $4, {-b};")
+    lines += ["and.b32 t, t, 0x80008000;", "and.b32 u, u, 0x0E000E00;", "or.b32 t, t, u;",
+              f"mul.rn.f16x2 ${s}, t, $5;"]
+  lines.append("}")
+  return "\n".join(lines)
+
+
+# $0..$3: splat f16 pairs of the 4 E4M3 scale bytes of word $4 (byte i -> ($i, $i)).
+_SCALE_PTX = "\n".join([
+    "{", ".reg .b16 lo, hi;", ".reg .b32 a, b;", "mov.b32 {lo, hi}, $4;",
+    "cvt.rn.f16x2.e4m3x2 a, lo;", "cvt.rn.f16x2.e4m3x2 b, hi;",
+    "prmt.b32 $0, a, a, 0x1010;", "prmt.b32 $1, a, a, 0x3232;",
+    "prmt.b32 $2, b, b, 0x1010;", "prmt.b32 $3, b, b, 0x3232;", "}"])
+_DEQ_PTX = _deq_word_ptx()
+
+
+def _dequant_regs(codes, scales):
+  """codes: uint32 [64, 32] (WG_STRIDED, 4 words per register), scales: uint32 [8, 32]
+  (WG_STRIDED, 2 words) of one record -> f16 [64, 256] in the WGMMA layout (registers filled
+  straight from the PTX results: register (j, h) = fragment columns 8 j + 2 q + (0, 1) of row
+  half h)."""
+  from jax._src.lib.mlir import ir                           # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import vector              # noqa: PLC0415
+  from jax.experimental import mosaic as _mosaic             # noqa: PLC0415,F401
+  from jax.experimental.mosaic import gpu as mgpu            # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mu        # noqa: PLC0415
+
+  i32 = ir.IntegerType.get_signless(32)
+  f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+
+  def scalars(reg, n):
+    return [vector.extract(reg, [], [i]) for i in range(n)]
+
+  words = [w for reg in codes.registers.flat for w in scalars(reg, 4)]        # u = 4 c + v
+  sw = scalars(scales.registers.flat[0], 2)                                    # h = 0, 1
+  splat = {}
+  for h in range(2):
+    for g, r in enumerate(mu.inline_ptx(_SCALE_PTX, sw[h], result_types=[i32] * 4)):
+      splat[h, g] = r
+  regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((STRIP, TILE_K)), dtype=object)
+  for u in range(16):
+    h, g, jb = u // 8, (u // 2) % 4, u % 2
+    outs = mu.inline_ptx(_DEQ_PTX, words[u], splat[h, g], result_types=[i32] * 4)
+    for s, o in enumerate(outs):
+      regs[0, 8 * g + 4 * jb + s, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(o, f16x2)
+  return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _dequant_gpu(rec_ref):
+  codes = plgpu.load(rec_ref.at[pl.ds(0, _CODE_ROWS)],
+                     layout=plgpu.Layout.WG_STRIDED((_CODE_ROWS, 32), vec_size=4))
+  scales = plgpu.load(rec_ref.at[pl.ds(_CODE_ROWS, 8)],
+                      layout=plgpu.Layout.WG_STRIDED((8, 32), vec_size=2))
+  fn = plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WG_STRIDED((_CODE_ROWS, 32), vec_size=4),
+                 plgpu.Layout.WG_STRIDED((8, 32), vec_size=2)),
+      return_type=plgpu.ShapeDtypeStruct((STRIP, TILE_K), jnp.float16,
+                                         layout=plgpu.Layout.WGMMA),
+  )(lambda ctx, c, s: _dequant_regs(c, s))
+  return fn(codes, scales)
+
+
+def _store_transposed(acc, o_ref, m: int):
+  """acc [64, Mp] (WGMMA layout) -> o_ref[m', r] = acc[r, m'] for m' < m (o_ref: [m, 64] view of
+  the output), scattered element stores from registers."""
+  mp = acc.shape[1]
+
+  def body(ctx, a, ref):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    index = ir.IndexType.get()
+    i32 = ir.IntegerType.get_signless(32)
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    lane = arith.remui(tid, mu.c(32, i32))
+    row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                      arith.divui(lane, mu.c(4, i32)))
+    q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    for idx, reg in np.ndenumerate(a.registers):
+      j, h = idx[1], idx[4]
+      row = arith.index_cast(index, arith.addi(row0, mu.c(8 * h, i32)))
+      for e in range(2):
+        col32 = arith.addi(q2, mu.c(8 * j + e, i32))
+        val = vector.extract(reg, [], [e])
+        col = arith.index_cast(index, col32)
+        if 8 * (j + 1) <= m:          # the whole column block is real rows of y
+          memref.store(val, ref, [col, row])
+        else:
+          with mu.when(arith.cmpi(arith.CmpIPredicate.ult, col32, mu.c(m, i32))):
+            memref.store(val, ref, [col, row])
+    return ()
+
+  del mp
+  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=())(body)(
+      acc, o_ref)
+
+
+# ----- the kernel -----
+
+def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
+            strips: int, stages: int, steps: int, split: int, interpret: bool):
+  (w_smem, x_smem), (full, free) = scoped
+  wg = lax.axis_index("wg")
+  rows = consumers * strips
+  strip0 = lax.axis_index("n") * rows
+  sk = lax.axis_index("s")
+  t0 = sk * steps
+
+  @pl.when(wg == consumers)
+  def _producer():
+    if not interpret:
+      plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, steps)
+    def _(i):
+      slot = lax.rem(i, jnp.int32(stages))
+      pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(strip0, rows), t0 + i], w_smem.at[slot],
+                              full.at[slot])
+      plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(pl.multiple_of((t0 + i) * TILE_K, TILE_K),
+                                                TILE_K)],
+                              x_smem.at[slot], full.at[slot])
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(i):   # observe the last releases too, so no barrier phase is left unobserved
+      plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
+
+  gfac = gs_ref[0] * _GLOBAL_FACTOR
+
+  def out_view(j):
+    n0 = pl.multiple_of((strip0 + wg * strips + j) * STRIP, STRIP)
+    return (o_ref.at[sk, :, pl.ds(n0, STRIP)] if split > 1 else o_ref.at[:, pl.ds(n0, STRIP)])
+
+  @pl.when(wg < consumers)
+  def _consumer():
+    if interpret:
+      def step(i, accs):
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(full.at[slot])
+        xt = x_smem[slot].astype(jnp.float32)
+        new = []
+        for j, acc in enumerate(accs):
+          a = dequant_record(w_smem[slot, wg * strips + j]).astype(jnp.float32)
+          new.append(acc + jnp.dot(a, xt.T, precision=lax.Precision.HIGHEST))
+        plgpu.barrier_arrive(free.at[slot])
+        return tuple(new)
+      accs = lax.fori_loop(0, steps, step,
+                           tuple(jnp.zeros((STRIP, mp), jnp.float32) for _ in range(strips)))
+      for j, acc in enumerate(accs):
+        out_view(j)[...] = (acc * gfac).T[:m].astype(o_ref.dtype)
+      return
+
+    plgpu.set_max_registers(232, action="increase")
+
+    def run(acc_refs):
+      @pl.loop(0, steps)
+      def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(full.at[slot])
+        for j in range(strips):
+          a = _dequant_gpu(w_smem.at[slot, wg * strips + j])
+          plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(free.at[slot])
+      return [r[...] for r in acc_refs]
+
+    accs = pl.run_scoped(lambda *refs: run(refs),
+                         *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in range(strips)])
+    for j, acc in enumerate(accs):
+      out = plgpu.layout_cast((acc * gfac).astype(o_ref.dtype), plgpu.Layout.WGMMA)
+      _store_transposed(out, out_view(j), m)
+
+
+def _check(x, w, global_scale, n):
+  if x.ndim != 2:
+    raise ShapeError(f"x must be [M, K], got {x.shape}")
+  if w.ndim != 4 or w.shape[2:] != (72, 32) or w.dtype != jnp.uint32:
+    raise ShapeError(f"the weight must be to_mgpu_layout's uint32 [N/64, K/256, 72, 32], got "
+                     f"{w.dtype}{list(w.shape)}")
+  m, k = x.shape
+  nvfp4.check_k(k)
+  if -(-k // TILE_K) != w.shape[1]:
+    raise ShapeError(f"x has K={k} but the weight holds {w.shape[1]} K tiles of {TILE_K}")
+  if not 0 < n <= w.shape[0] * STRIP or -(-n // STRIP) != w.shape[0]:
+    raise ShapeError(f"n={n} does not match the weight's {w.shape[0]} strips of {STRIP}")
+  if m > 256:
+    raise ShapeError(f"the Mosaic decode kernel takes M <= 256 rows (wgmma n), got {m}")
+  if jnp.shape(global_scale) not in ((), (1,)):
+    raise ShapeError(f"global_scale must be a scalar, got shape {jnp.shape(global_scale)}")
+  if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    raise ShapeError(f"x must be bf16, f16 or f32, got {x.dtype}")
+
+
+@functools.partial(jax.jit, static_argnames=("n", "tiling", "interpret", "out_dtype"))
+def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n: int,
+                      tiling: MgpuTiling | None = None, interpret: bool = False,
+                      out_dtype=None) -> jax.Array:
+  """x [M, K] @ NVFP4 W [N, K]^T -> [M, N] (``out_dtype``, default x's) with W repacked by
+  ``to_mgpu_layout`` (K a multiple of 16, any N). x is cast to f16 (|x| <= 65504) and K-permuted
+  by one XLA fusion (``x_for_mgpu``)."""
+  _check(x, w, global_scale, n)
+  m, k = x.shape
+  s_n, t_k = w.shape[:2]
+  mp = padded_m(m)
+  t = tiling or default_tiling(m, n, k)
+  rows = t.consumers * t.strips
+  split = t.split_k if t_k % t.split_k == 0 else 1
+  out_dtype = out_dtype or x.dtype
+  if smem_bytes(t, mp) > _SMEM_LIMIT:
+    raise ShapeError(f"{t} needs {smem_bytes(t, mp)} bytes of shared memory at M={m}")
+  # whole CTAs: pad the strips (zero records) to a multiple of the CTA's rows
+  ctas = -(-s_n // rows)
+  if ctas * rows != s_n:
+    w = jnp.pad(w, ((0, ctas * rows - s_n), (0, 0), (0, 0), (0, 0)))
+  n_out = ctas * rows * STRIP
+  xk = x_for_mgpu(x, t_k * TILE_K)
+  gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
+  out_shape = (jax.ShapeDtypeStruct((split, m, n_out), jnp.float32) if split > 1 else
+               jax.ShapeDtypeStruct((m, n_out), out_dtype))
+  kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
+                             stages=t.stages, steps=t_k // split, split=split,
+                             interpret=bool(interpret))
+  x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def entry(x_ref, w_ref, gs_ref, o_ref):
+    smem = (plgpu.SMEM((t.stages, rows, 72, 32), jnp.uint32),
+            plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms))
+    bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+            plgpu.Barrier(num_arrivals=t.consumers, num_barriers=t.stages))
+    pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
+                  collective_axes="wg")
+
+  out = plgpu.kernel(
+      entry, out_type=out_shape, grid=(ctas, split), grid_names=("n", "s"),
+      num_threads=t.consumers + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(xk, w, gs)
+  if split > 1:
+    out = out.sum(0).astype(out_dtype)
+  return out[:, :n] if n_out != n else out
+
+
+def w4a16_reference_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, n: int
+                         ) -> jax.Array:
+  """Plain-JAX reference on the repacked weight (undoes the repack, f32 'highest' einsum)."""
+  from kernels import nvfp4_matmul   # noqa: PLC0415
+  packed, scale = from_mgpu_layout(w, n, x.shape[1])
+  return nvfp4_matmul.w4a16_reference(x, packed, scale, global_scale)
