@@ -8,7 +8,7 @@ and quantization kernels are not profiled), then ``--calls`` times between cuPro
 cuProfilerStop: every kernel of those calls is profiled (the GEMM kernel and, with split-K, XLA's
 reduction of the partials). ``--impl`` picks the kernel: ``kl`` (nvfp4_matmul.w4a16_matmul_kl
 with its default tiling or ``--kl_variant``, bench_gemm's variant syntax), ``mgpu`` (the Mosaic GPU
-decode kernel, when present), ``xla`` (the bf16 dot, for reference).
+decode kernel, nvfp4_matmul_mgpu, ``--mgpu_variant``), ``xla`` (the bf16 dot, for reference).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from experiments import bench_gemm  # the kl variant parser; also defines --interpret
 from kernels import nvfp4_matmul as nk
+from kernels import nvfp4_matmul_mgpu as mgk
 from kernels.quant import nvfp4
 
 FLAGS = flags.FLAGS
@@ -28,6 +29,7 @@ flags.DEFINE_list("shapes", ["8x4096x14336", "8x14336x4096", "64x4096x14336", "6
                   "MxKxN decode shapes")
 flags.DEFINE_list("impls", ["kl"], "kl, mgpu, xla (each shape runs every impl)")
 flags.DEFINE_string("kl_variant", "default", "bench_gemm kl_variant syntax for --impls=kl")
+flags.DEFINE_string("mgpu_variant", "mgpu default", "bench_gemm mgpu_variant syntax for --impls=mgpu")
 flags.DEFINE_integer("calls", 2, "profiled calls per shape and impl")
 flags.DEFINE_bool("no_range", False, "do not call cuProfilerStart/Stop (profile from start)")
 
@@ -72,10 +74,10 @@ def _fn(impl: str, m: int, k: int, n: int):
     return jax.jit(lambda x, p, s, g: nk.w4a16_matmul_kl(x.astype(x_dtype), p, s, g, tiling=t,
                                                              interpret=FLAGS.interpret))
   if impl == "mgpu":
-    from kernels import nvfp4_matmul_mgpu as nm  # noqa: PLC0415
-    print(f"M{m} K{k} N{n} mgpu tiling {nm.default_tiling(m, n, k)}", flush=True)
-    return jax.jit(lambda x, p, s, g: nm.w4a16_matmul_mgpu(x, p, s, g,
-                                                             interpret=FLAGS.interpret))
+    t = bench_gemm.mgpu_variant(FLAGS.mgpu_variant, m, n, k)
+    print(f"M{m} K{k} N{n} mgpu tiling {t}", flush=True)
+    return jax.jit(lambda x, w, g: mgk.w4a16_matmul_mgpu(x, w, g, n=n, tiling=t,
+                                                           interpret=FLAGS.interpret))
   raise ValueError(impl)
 
 
@@ -92,9 +94,9 @@ def main(argv):
         f, args = jax.jit(lambda x, w: x @ w), (x, w)
       else:
         p, s, g = nvfp4.quantize(jax.random.normal(kw, (n, k)))
-        pk = nvfp4.to_kernel_layout(p) if impl == "kl" else nvfp4.to_mgpu_layout(p, s)
         f = _fn(impl, m, k, n)
-        args = (x, pk, s, g) if impl == "kl" else (x, *pk, g)
+        args = ((x, nvfp4.to_kernel_layout(p), s, g) if impl == "kl" else
+                (x, mgk.to_mgpu_layout(p, s), g))
       jax.block_until_ready(f(*args))
       jax.block_until_ready(f(*args))
       rng.start()
