@@ -63,6 +63,9 @@ _FP8_SCALE_IN_NORM = flags.DEFINE_bool("fp8_scale_in_norm", False, "jax, --weigh
                                         "scales (one kernel fewer each)")
 _FUSED_ROPE_KV = flags.DEFINE_bool("fused_rope_kv", False, "jax: RoPE + K/V cache write as one "
                                    "kernel per layer (kernels/rope_kv_write.py; fused projections)")
+_FP8_ACT_QUANT = flags.DEFINE_bool("fp8_act_quant", False, "jax, FP8 weights: wo / w_down inputs "
+                                   "quantized by one kernel each, the SwiGLU in w_down's "
+                                   "(kernels/fp8_act_quant.py)")
 _DECODE_ONLY = flags.DEFINE_bool("decode_only_steps", True, "jax: decode-only steps compile without "
                                  "attention's runtime decode/prefill branch (EngineConfig option)")
 _FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residual add + RMSNorm as "
@@ -400,8 +403,9 @@ def run_jax() -> dict:
 
   forward = LlamaForward(cfg, _FUSED_ADD_NORM.value, fp8_quant_in_norm=_FP8_QUANT_IN_NORM.value,
                          fp8_scale_in_norm=_FP8_SCALE_IN_NORM.value,
-                         fused_rope_kv=_FUSED_ROPE_KV.value)
+                         fused_rope_kv=_FUSED_ROPE_KV.value, fp8_act_quant=_FP8_ACT_QUANT.value)
   result["fused_rope_kv"] = _FUSED_ROPE_KV.value
+  result["fp8_act_quant"] = _FP8_ACT_QUANT.value
   result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
   result["fp8_scale_in_norm"] = _FP8_SCALE_IN_NORM.value
 

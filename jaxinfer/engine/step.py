@@ -41,6 +41,8 @@ class LlamaForward:
                                     # scales (measured: decode steps slower, prefill faster, ~even)
   fused_rope_kv: bool = False       # fused wqkv: RoPE + K/V cache write as one kernel per layer
                                     # (kernels/rope_kv_write.py), off until timed on the GPU
+  fp8_act_quant: bool = False       # FP8 weights: wo / w_down inputs quantized by one kernel each
+                                    # (kernels/fp8_act_quant.py, SwiGLU included), off until timed
 
   def __call__(self, params, tokens, cache, batch):
     return llama.forward(params, tokens, cache, batch, self.cfg,
@@ -48,7 +50,8 @@ class LlamaForward:
                          max_new_tokens=1 if self.decode_only else None,
                          fp8_quant_in_norm=self.fp8_quant_in_norm,
                          fp8_scale_in_norm=self.fp8_scale_in_norm,
-                         fused_rope_kv=self.fused_rope_kv)
+                         fused_rope_kv=self.fused_rope_kv,
+                         fp8_act_quant=self.fp8_act_quant)
 
 
 def ladder(minimum: int, maximum: int) -> tuple[int, ...]:

@@ -27,8 +27,9 @@ import numpy as np
 from jaxinfer import attention as attention_ops
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCache, write_kv
-from jaxinfer.ops import (FP8Weight, RowSplitWeight, add_rms_norm, add_rms_norm_fp8, apply_rope,
-                          linear, linear_deferred, rms_norm, rope_cos_sin, rope_inv_freq)
+from jaxinfer.ops import (FP8Rows, FP8Weight, RowSplitWeight, add_rms_norm, add_rms_norm_fp8,
+                          apply_rope, linear, linear_deferred, rms_norm, rope_cos_sin,
+                          rope_inv_freq)
 
 Params = dict[str, Any]
 
@@ -143,13 +144,15 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
 def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scale,
                    batch: attention_ops.AttentionBatch, cfg: LlamaConfig,
                    max_new_tokens: int | None = None, defer_output_scale: bool = False,
-                   fused_rope_kv: bool = False):
+                   fused_rope_kv: bool = False, fp8_act_quant: bool = False):
   """Attention on normed activations h [T, H] (no residual): (Attention(q, k, v) Wo, k_pages,
   v_pages with this step's K/V written). ``max_new_tokens``: see ``attention.paged_attention``.
   ``defer_output_scale``: an FP8 Wo returns its unscaled product (``ops.ScaledRows``) for the
   residual norm to finish. ``fused_rope_kv``: with a fused ``wqkv``, RoPE and the K/V cache write
   as one kernel (``kernels.rope_kv_write``; Pallas interpret mode off GPU) where it takes the
-  shapes, instead of XLA's RoPE fusion and two scatters: the same values."""
+  shapes, instead of XLA's RoPE fusion and two scatters: the same values. ``fp8_act_quant``: an FP8
+  Wo's input quantized by one kernel (``kernels.fp8_act_quant.quantize_rows``; interpret mode off
+  GPU) instead of XLA's amax reduction and cast: the same values."""
   T = h.shape[0]
   q = None
   if fused_rope_kv and "wqkv" in layer:
@@ -172,7 +175,12 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
                                     k_scale=k_scale, v_scale=v_scale,
                                     max_new_tokens=max_new_tokens)
   proj = linear_deferred if defer_output_scale else linear
-  return proj(o.reshape(T, -1), layer["wo"]), k_pages, v_pages
+  o = o.reshape(T, -1)
+  if fp8_act_quant and isinstance(layer["wo"], FP8Weight):
+    from kernels import fp8_act_quant as aq   # kernels import jaxinfer
+    if aq.supports(o, glu=False):
+      o = FP8Rows(*aq.quantize_rows(o, interpret=jax.default_backend() != "gpu"), o.dtype)
+  return proj(o, layer["wo"]), k_pages, v_pages
 
 
 def qkv_projections(layer: Params, h, cfg: LlamaConfig):
@@ -184,15 +192,26 @@ def qkv_projections(layer: Params, h, cfg: LlamaConfig):
   return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
 
 
-def mlp(layer: Params, h, defer_output_scale: bool = False):
+def mlp(layer: Params, h, defer_output_scale: bool = False, fp8_act_quant: bool = False):
   """The SwiGLU on normed activations h [T, H] (no residual): (SiLU(h Wgate) * h Wup) Wdown.
-  ``defer_output_scale``: as in ``self_attention``, for an FP8 Wdown."""
+  ``defer_output_scale``: as in ``self_attention``, for an FP8 Wdown. ``fp8_act_quant``: with FP8
+  w_gate_up and w_down, the scaling of the w_gate_up product, the SwiGLU and w_down's input
+  quantization as one kernel (``kernels.fp8_act_quant.silu_mul_quantize``; interpret mode off GPU;
+  silu in float32, rounded once)."""
+  proj = linear_deferred if defer_output_scale else linear
+  if (fp8_act_quant and isinstance(layer.get("w_gate_up"), FP8Weight)
+      and isinstance(layer["w_down"], FP8Weight) and len(h.shape) == 2):
+    from kernels import fp8_act_quant as aq   # kernels import jaxinfer
+    gu = layer["w_gate_up"].linear_deferred(h)
+    if aq.supports(gu.raw, glu=True):
+      q, sx = aq.silu_mul_quantize(gu.raw, gu.row_scale, gu.col_scale,
+                                   interpret=jax.default_backend() != "gpu")
+      return proj(FP8Rows(q, sx, gu.dtype), layer["w_down"])
   if "w_gate_up" in layer:
     gate_up = linear(h, layer["w_gate_up"])
     gate, up = jnp.split(gate_up, 2, axis=-1)
   else:
     gate, up = linear(h, layer["w_gate"]), linear(h, layer["w_up"])
-  proj = linear_deferred if defer_output_scale else linear
   return proj(jax.nn.silu(gate) * up, layer["w_down"])
 
 
@@ -215,8 +234,8 @@ def _takes_fp8_rows(layer: Params, names: tuple[str, ...]) -> bool:
 def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_ops.AttentionBatch,
             cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False,
             max_new_tokens: int | None = None, fp8_quant_in_norm: bool = False,
-            fp8_scale_in_norm: bool = False, fused_rope_kv: bool = False
-            ) -> tuple[jax.Array, KVCache]:
+            fp8_scale_in_norm: bool = False, fused_rope_kv: bool = False,
+            fp8_act_quant: bool = False) -> tuple[jax.Array, KVCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache. Each residual add runs
   with the RMSNorm after it (``ops.add_rms_norm``; one Pallas kernel on GPU when
@@ -228,7 +247,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   ``fp8_scale_in_norm``: FP8 wo / w_down leave their output scaling to the residual norm after them
   (``ops.ScaledRows``; the fused kernel applies it). The same math as without them; on GPU the
   Pallas kernel's reductions round like the fused add_rms_norm's, not XLA's. ``fused_rope_kv``:
-  see ``self_attention`` (fused projections only)."""
+  see ``self_attention`` (fused projections only). ``fp8_act_quant``: the FP8 wo and w_down
+  inputs quantized by one kernel each (``self_attention``, ``mlp``)."""
   eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
@@ -244,11 +264,13 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
     o, k_pages, v_pages = self_attention(layer, h, cos, sin, cache.k[i], cache.v[i],
                                          cache.k_scale[i], cache.v_scale[i], batch, cfg,
                                          max_new_tokens, defer_output_scale=fp8_scale_in_norm,
-                                         fused_rope_kv=fused_rope_kv)
+                                         fused_rope_kv=fused_rope_kv,
+                                         fp8_act_quant=fp8_act_quant)
     x, h = add_norm(x, o, layer["mlp_norm"], layer, ("w_gate_up", "w_gate", "w_up"))
     nxt = layers[i + 1] if i + 1 < len(layers) else None
     next_norm = nxt["attn_norm"] if nxt is not None else params["final_norm"]
-    x, h = add_norm(x, mlp(layer, h, defer_output_scale=fp8_scale_in_norm), next_norm, nxt,
+    x, h = add_norm(x, mlp(layer, h, defer_output_scale=fp8_scale_in_norm,
+                           fp8_act_quant=fp8_act_quant), next_norm, nxt,
                     ("wqkv", "wq", "wk", "wv"))
     new_k.append(k_pages)
     new_v.append(v_pages)
@@ -369,7 +391,8 @@ def quantize_projections_nvfp4(params: Params, prefill_fp8: bool = False,
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm",
                                                "max_new_tokens", "fp8_quant_in_norm",
-                                               "fp8_scale_in_norm", "fused_rope_kv"),
+                                               "fp8_scale_in_norm", "fused_rope_kv",
+                                               "fp8_act_quant"),
                       donate_argnames=("cache",))
 
 
