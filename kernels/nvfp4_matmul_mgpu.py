@@ -76,23 +76,34 @@ _GLOBAL_FACTOR = 2.0 ** 14
 class MgpuTiling:
   """consumers: compute warpgroups per CTA; strips: 64-row strips per consumer (the CTA covers
   64 * consumers * strips rows of N and reads each x tile once for all of them); stages: K tiles
-  in flight per CTA (shared memory: stages * (9216 * consumers * strips + 512 * Mp) bytes);
-  split_k: K ranges per output tile (grid dimension; f32 partials summed by XLA)."""
+  in flight per CTA (shared memory: stages * (9216 * CTA strips + 512 * Mp) bytes);
+  split_k: K ranges per output tile (grid dimension; f32 partials summed by XLA);
+  k_interleave: the consumers share the CTA's strips (64 * strips rows) and take alternate K tiles
+  instead (the partial sums are added through shared memory at the end): a CTA per strip, so
+  narrow N fills the SMs without split-K (needs stages % consumers == 0)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
   split_k: int = 1
+  k_interleave: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
       raise ValueError(f"every MgpuTiling field must be >= 1, got {self}")
+    if self.k_interleave and self.stages % self.consumers:
+      raise ValueError(f"k_interleave needs stages to be a multiple of consumers, got {self}")
+
+  @property
+  def cta_strips(self) -> int:
+    return self.strips if self.k_interleave else self.consumers * self.strips
 
 
 _SMEM_LIMIT = 227 * 1024 - 2048
 
 
 def smem_bytes(t: MgpuTiling, mp: int) -> int:
-  return t.stages * (RECORD_WORDS * 4 * t.consumers * t.strips + mp * TILE_K * 2) + 1024
+  red = (t.consumers - 1) * t.strips * STRIP * mp * 4 if t.k_interleave else 0
+  return t.stages * (RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2) + red + 1024
 
 
 def padded_m(m: int) -> int:
@@ -108,16 +119,20 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   n_strips = -(-n // STRIP)
   consumers = overrides.pop("consumers", 2 if n_strips >= 2 else 1)
   strips = overrides.pop("strips", 1)
-  ctas = -(-n_strips // (consumers * strips))
+  inter = overrides.pop("k_interleave", False)
+  ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
   while ctas * split * 2 <= num_sms and tiles % (split * 2) == 0 and tiles // (split * 2) >= 4:
     split *= 2
   split = overrides.pop("split_k", split)
-  t = MgpuTiling(consumers=consumers, strips=strips, stages=1, split_k=split)
-  stages = 8
-  while stages > 2 and smem_bytes(dataclasses.replace(t, stages=stages), mp) > 200 * 1024:
-    stages -= 1
+  t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
+                 split_k=split, k_interleave=inter)
+  stages = 8 - 8 % consumers if inter else 8
+  step = consumers if inter else 1
+  while (stages - step >= max(2, step)
+         and smem_bytes(dataclasses.replace(t, stages=stages), mp) > 200 * 1024):
+    stages -= step
   t = dataclasses.replace(t, stages=overrides.pop("stages", stages))
   if overrides:
     raise TypeError(f"unknown MgpuTiling fields {sorted(overrides)}")
@@ -314,11 +329,12 @@ def _store_transposed(acc, o_ref, m: int):
 # ----- the kernel -----
 
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
-            strips: int, stages: int, steps: int, split: int, interpret: bool):
-  (w_smem, x_smem), (full, free) = scoped
+            strips: int, stages: int, steps: int, split: int, k_interleave: bool,
+            interpret: bool):
+  (w_smem, x_smem, red_smem), (full, free, red_bar) = scoped
   wg = lax.axis_index("wg")
-  rows = consumers * strips
-  strip0 = lax.axis_index("n") * rows
+  cta_strips = strips if k_interleave else consumers * strips
+  strip0 = lax.axis_index("n") * cta_strips
   sk = lax.axis_index("s")
   t0 = sk * steps
 
@@ -331,7 +347,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     def _(i):
       slot = lax.rem(i, jnp.int32(stages))
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
-      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(strip0, rows), t0 + i], w_smem.at[slot],
+      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(strip0, cta_strips), t0 + i], w_smem.at[slot],
                               full.at[slot])
       plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(pl.multiple_of((t0 + i) * TILE_K, TILE_K),
                                                 TILE_K)],
@@ -342,39 +358,75 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
 
   gfac = gs_ref[0] * _GLOBAL_FACTOR
+  # k_interleave: every consumer works on all the CTA's strips, consumer c on the K tiles
+  # i = c, c + C, ... (so slot i % stages is always the same consumer's: stages % C == 0)
+  first, stride = (wg, consumers) if k_interleave else (0, 1)
+  my_steps = (steps - first + stride - 1) // stride
+  strip_of = (lambda j: j) if k_interleave else (lambda j: wg * strips + j)
 
   def out_view(j):
-    n0 = pl.multiple_of((strip0 + wg * strips + j) * STRIP, STRIP)
+    n0 = pl.multiple_of((strip0 + strip_of(j)) * STRIP, STRIP)
     return (o_ref.at[sk, :, pl.ds(n0, STRIP)] if split > 1 else o_ref.at[:, pl.ds(n0, STRIP)])
+
+  def finish(accs, load):
+    """k_interleave: consumers >= 1 hand their partial sums to consumer 0 through shared memory;
+    the consumer(s) owning the strips store y."""
+    if k_interleave and consumers > 1:
+      @pl.when(wg > 0)
+      def _():
+        for j, acc in enumerate(accs):
+          red_smem[wg - 1, j] = acc
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(red_bar)
+
+      @pl.when(wg == 0)
+      def _():
+        plgpu.barrier_wait(red_bar)
+        total = list(accs)
+        for c in range(1, consumers):
+          for j in range(strips):
+            total[j] = total[j] + load(red_smem.at[c - 1, j])
+        store(total)
+    else:
+      store(accs)
+
+  def store(accs):
+    for j, acc in enumerate(accs):
+      if interpret:
+        out_view(j)[...] = (acc * gfac).T[:m].astype(o_ref.dtype)
+      else:
+        out = plgpu.layout_cast((acc * gfac).astype(o_ref.dtype), plgpu.Layout.WGMMA)
+        _store_transposed(out, out_view(j), m)
 
   @pl.when(wg < consumers)
   def _consumer():
     if interpret:
-      def step(i, accs):
+      def step(ii, accs):
+        i = first + ii * stride
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(full.at[slot])
         xt = x_smem[slot].astype(jnp.float32)
         new = []
         for j, acc in enumerate(accs):
-          a = dequant_record(w_smem[slot, wg * strips + j]).astype(jnp.float32)
+          a = dequant_record(w_smem[slot, strip_of(j)]).astype(jnp.float32)
           new.append(acc + jnp.dot(a, xt.T, precision=lax.Precision.HIGHEST))
         plgpu.barrier_arrive(free.at[slot])
         return tuple(new)
-      accs = lax.fori_loop(0, steps, step,
+      accs = lax.fori_loop(0, my_steps, step,
                            tuple(jnp.zeros((STRIP, mp), jnp.float32) for _ in range(strips)))
-      for j, acc in enumerate(accs):
-        out_view(j)[...] = (acc * gfac).T[:m].astype(o_ref.dtype)
+      finish(accs, lambda ref: ref[...])
       return
 
     plgpu.set_max_registers(232, action="increase")
 
     def run(acc_refs):
-      @pl.loop(0, steps)
-      def _(i):
+      @pl.loop(0, my_steps)
+      def _(ii):
+        i = first + ii * stride
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(full.at[slot])
         for j in range(strips):
-          a = _dequant_gpu(w_smem.at[slot, wg * strips + j])
+          a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
           plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(free.at[slot])
@@ -382,9 +434,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
 
     accs = pl.run_scoped(lambda *refs: run(refs),
                          *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in range(strips)])
-    for j, acc in enumerate(accs):
-      out = plgpu.layout_cast((acc * gfac).astype(o_ref.dtype), plgpu.Layout.WGMMA)
-      _store_transposed(out, out_view(j), m)
+    finish(accs, lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA))
 
 
 def _check(x, w, global_scale, n):
@@ -419,7 +469,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   s_n, t_k = w.shape[:2]
   mp = padded_m(m)
   t = tiling or default_tiling(m, n, k)
-  rows = t.consumers * t.strips
+  rows = t.cta_strips
   split = t.split_k if t_k % t.split_k == 0 else 1
   out_dtype = out_dtype or x.dtype
   if smem_bytes(t, mp) > _SMEM_LIMIT:
@@ -435,14 +485,18 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                jax.ShapeDtypeStruct((m, n_out), out_dtype))
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
                              stages=t.stages, steps=t_k // split, split=split,
-                             interpret=bool(interpret))
+                             k_interleave=t.k_interleave, interpret=bool(interpret))
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
   def entry(x_ref, w_ref, gs_ref, o_ref):
+    red = t.k_interleave and t.consumers > 1
     smem = (plgpu.SMEM((t.stages, rows, 72, 32), jnp.uint32),
-            plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms))
+            plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
+            plgpu.SMEM((t.consumers - 1, t.strips, STRIP, mp), jnp.float32) if red else None)
     bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
-            plgpu.Barrier(num_arrivals=t.consumers, num_barriers=t.stages))
+            plgpu.Barrier(num_arrivals=1 if t.k_interleave else t.consumers,
+                          num_barriers=t.stages),
+            plgpu.Barrier(num_arrivals=t.consumers - 1) if red else None)
     pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
                   collective_axes="wg")
 

@@ -189,6 +189,9 @@ CASES = [
     (13, 384, 2048, mg.MgpuTiling(consumers=2, strips=2, stages=2, split_k=2)),
     (40, 128, 768, None),
     (8, 256, 1024, mg.MgpuTiling(consumers=1, strips=1, stages=3, split_k=4)),
+    (9, 200, 1280, mg.MgpuTiling(consumers=2, strips=1, stages=2, k_interleave=True)),
+    (16, 128, 2048, mg.MgpuTiling(consumers=3, strips=2, stages=3, split_k=2,
+                                  k_interleave=True)),
 ]
 
 
@@ -250,6 +253,8 @@ def test_bad_inputs_raise(rng):
                          tiling=mg.MgpuTiling(consumers=2, strips=4, stages=8))
   with pytest.raises(ValueError):
     mg.MgpuTiling(stages=0)
+  with pytest.raises(ValueError, match="multiple of consumers"):
+    mg.MgpuTiling(consumers=2, stages=3, k_interleave=True)
   with pytest.raises(ShapeError):
     mg.to_mgpu_layout(p[:, :100], s)
 
@@ -258,7 +263,9 @@ def test_lowers_for_hopper_on_cpu():
   """The compiled path (inline_mgpu dequantization into wgmma's register operand, transposed
   register stores) lowers to Mosaic GPU for every decode shape of the issue and the variants."""
   cases = [(m, n, k, None) for m in (1, 8, 32, 64) for k, n in ((4096, 14336), (14336, 4096))]
-  cases += [(5, 200, 272, mg.MgpuTiling(2, 2, 2, 2)), (64, 4096, 14336, mg.MgpuTiling(1, 1, 4, 8))]
+  cases += [(5, 200, 272, mg.MgpuTiling(2, 2, 2, 2)), (64, 4096, 14336, mg.MgpuTiling(1, 1, 4, 8)),
+            (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 1, k_interleave=True)),
+            (64, 4096, 14336, mg.MgpuTiling(3, 1, 3, 1, k_interleave=True))]
   for m, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((-(-n // 64), -(-k // 256), 72, 32), jnp.uint32),
