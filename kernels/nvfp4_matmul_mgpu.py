@@ -338,9 +338,14 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
   sk = lax.axis_index("s")
   t0 = sk * steps
 
+  # Register split as in kernels/mla_attention_mgpu.py, for the 3-warpgroup CTA only (its launch
+  # allocation is 168 per thread: 2 x 128 x (232 - 168) = 128 x (168 - 40)); with 1 or 3+
+  # consumers the compiler's own allocation stands (an increase below it would be undefined).
+  rebalance = consumers == 2 and not interpret
+
   @pl.when(wg == consumers)
   def _producer():
-    if not interpret:
+    if rebalance:
       plgpu.set_max_registers(40, action="decrease")
 
     @pl.loop(0, steps)
@@ -417,7 +422,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       finish(accs, lambda ref: ref[...])
       return
 
-    plgpu.set_max_registers(232, action="increase")
+    if rebalance:
+      plgpu.set_max_registers(232, action="increase")
 
     def run(acc_refs):
       @pl.loop(0, my_steps)
