@@ -801,11 +801,14 @@ def sec_gkl():
     results = []
     for name in FLAGS.gkl_variants:
       t = gkl_tiling(name, t_rows, e)
+      # x16in: x handed over in f16 (the public op's path: gemm.KL_X_F16 casts x in its
+      # producer), output bf16
+      x16 = "x16in" in name.split("@")[0].split()
       results.append(attempt("gkl", shape, shape, f"kl {name}",
-                             lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4_kl(x, p, s, g, gs,
-                                                                                tiling=t),
-                             [(x, *w) for x, w in zip(xs, kl)], nv_bytes, flops, ref=ref,
-                             note=str(t)))
+                             lambda x, p, s, g, t=t: gk.grouped_matmul_nvfp4_kl(
+                                 x, p, s, g, gs, tiling=t, out_dtype=jnp.bfloat16),
+                             [(x.astype(jnp.float16) if x16 else x, *w) for x, w in zip(xs, kl)],
+                             nv_bytes, flops, ref=ref, note=str(t)))
     if "modelopt default" in FLAGS.gkl_baselines:
       results.append(attempt("gkl", shape, shape, "modelopt default",
                              lambda x, p, s, g: gk.grouped_matmul_nvfp4(x, p, s, g, gs),
