@@ -534,13 +534,16 @@ def kl_variant(name: str, m: int, n: int, k: int):
 def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   """"mgpu default" (mgk.default_tiling) or "mgpu" followed by c<consumer warpgroups>,
   r<64-row strips per consumer>, s<stages>, k<split>, i (k_interleave: the consumers share the
-  strips and alternate K tiles): each given field replaces the default's (a "@small" / "@large"
+  strips and alternate K tiles), x (x_in_kernel: x cast and permuted by the producer warpgroup
+  instead of an XLA fusion): each given field replaces the default's (a "@small" / "@large"
   suffix as for kl_variant)."""
   parts = name.split("@")[0].split()
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k"}
-  kw = {fields[p[0]]: int(p[1:]) for p in parts[1:] if p not in ("default", "i")}
+  kw = {fields[p[0]]: int(p[1:]) for p in parts[1:] if p not in ("default", "i", "x")}
   if "i" in parts[1:]:
     kw["k_interleave"] = True
+  if "x" in parts[1:]:
+    kw["x_in_kernel"] = True
   return mgk.default_tiling(m, n, k, **kw)
 
 

@@ -80,12 +80,18 @@ class MgpuTiling:
   split_k: K ranges per output tile (grid dimension; f32 partials summed by XLA);
   k_interleave: the consumers share the CTA's strips (64 * strips rows) and take alternate K tiles
   instead (the partial sums are added through shared memory at the end): a CTA per strip, so
-  narrow N fills the SMs without split-K (needs stages % consumers == 0)."""
+  narrow N fills the SMs without split-K (needs stages % consumers == 0);
+  x_in_kernel: x goes to the kernel as it is (bf16 / f16 [M, K], K % 256 == 0): the producer
+  warpgroup TMAs each raw [M, 256] tile into one of 2 staging slots and writes it, cast to f16
+  and K-permuted, into the swizzled wgmma tile itself (rows M..Mp-1 of that tile are never
+  written: they only reach accumulator columns that are not stored), instead of one XLA fusion
+  (x_for_mgpu) before the kernel."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
   split_k: int = 1
   k_interleave: bool = False
+  x_in_kernel: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -101,9 +107,13 @@ class MgpuTiling:
 _SMEM_LIMIT = 227 * 1024 - 2048
 
 
+_X_RAW_SLOTS = 2    # staging slots of the raw x tiles (x_in_kernel): one converted per step
+
+
 def smem_bytes(t: MgpuTiling, mp: int) -> int:
   red = (t.consumers - 1) * t.strips * STRIP * mp * 4 if t.k_interleave else 0
-  return t.stages * (RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2) + red + 1024
+  raw = _X_RAW_SLOTS * mp * TILE_K * 2 if t.x_in_kernel else 0
+  return t.stages * (RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2) + red + raw + 1024
 
 
 def padded_m(m: int) -> int:
@@ -120,6 +130,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   consumers = overrides.pop("consumers", 2 if n_strips >= 2 else 1)
   strips = overrides.pop("strips", 1)
   inter = overrides.pop("k_interleave", False)
+  x_in = overrides.pop("x_in_kernel", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -127,7 +138,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
     split *= 2
   split = overrides.pop("split_k", split)
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
-                 split_k=split, k_interleave=inter)
+                 split_k=split, k_interleave=inter, x_in_kernel=x_in)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -326,12 +337,78 @@ def _store_transposed(acc, o_ref, m: int):
       acc, o_ref)
 
 
+def _permute_x_tile(x: jax.Array) -> jax.Array:
+  """[rows, 256] in natural K order -> the kernel's column order (x_for_mgpu's permutation)."""
+  return x.reshape(x.shape[0], 4, 32, 2).transpose(0, 2, 1, 3).reshape(x.shape[0], TILE_K)
+
+
+# bf16 pair -> f16 pair (both through f32: exact widening, one rounding): $0 = f16x2, $1 = bf16x2
+_BF16X2_TO_F16X2 = ("{\n.reg .b32 lo, hi;\nshl.b32 lo, $1, 16;\nand.b32 hi, $1, 0xFFFF0000;\n"
+                    "cvt.rn.f16x2.f32 $0, hi, lo;\n}")
+
+
+def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
+  """raw [m, 256] (bf16 or f16, natural K order, plain shared memory) -> dst [Mp, 256] f16 in the
+  kernel's K order, 128-byte swizzled (8 x 64 tiles), rows >= m untouched. A unit = (row, q, jg):
+  16 consecutive source elements k = 64 q + 16 jg + (0..15) -> 8 f16 pairs at the fragment
+  columns p = 64 jg + 8 i + 2 q (i = 0..7: chunk i of tile jg); units spread over the 128
+  threads of the warpgroup."""
+  def body(ctx, raw, dst):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, vector        # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    index = ir.IndexType.get()
+    i32 = ir.IntegerType.get_signless(32)
+    f16 = ir.F16Type.get()
+    src_ty = ir.MemRefType(raw.type).element_type
+    dst_shape = ir.MemRefType(dst.type).shape
+    if list(dst_shape) != [mp // 8, TILE_K // 64, 8, 64]:
+      raise NotImplementedError(f"unexpected x tile memref {dst.type}")
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    units = m * 16
+    for it in range(-(-units // 128)):
+      u = arith.addi(tid, mu.c(it * 128, i32))
+
+      def unit(u=u):
+        q = arith.remui(u, mu.c(4, i32))
+        jg = arith.remui(arith.divui(u, mu.c(4, i32)), mu.c(4, i32))
+        row = arith.divui(u, mu.c(16, i32))
+        col = arith.addi(arith.muli(q, mu.c(64, i32)), arith.muli(jg, mu.c(16, i32)))
+        words = []
+        for half in range(2):
+          v = vector.load(ir.VectorType.get((8,), src_ty), raw,
+                          [arith.index_cast(index, row),
+                           arith.index_cast(index, arith.addi(col, mu.c(8 * half, i32)))])
+          v = vector.bitcast(ir.VectorType.get((4,), i32), v)
+          words += [vector.extract(v, [], [i]) for i in range(4)]
+        r8 = arith.remui(row, mu.c(8, i32))
+        tr = arith.index_cast(index, arith.divui(row, mu.c(8, i32)))
+        for i, w in enumerate(words):
+          if src_ty != f16:
+            w = mu.inline_ptx(_BF16X2_TO_F16X2, w, result_types=i32)
+          chunk = arith.xori(r8, mu.c(i, i32))                   # 128-byte swizzle
+          c = arith.addi(arith.muli(chunk, mu.c(8, i32)), arith.muli(q, mu.c(2, i32)))
+          vector.store(mu.bitcast(w, ir.VectorType.get((2,), f16)), dst,
+                       [tr, arith.index_cast(index, jg), arith.index_cast(index, r8),
+                        arith.index_cast(index, c)])
+      if (it + 1) * 128 <= units:
+        unit()
+      else:
+        from jax._src.lib.mlir.dialects import arith as _a    # noqa: PLC0415
+        with mu.when(_a.cmpi(_a.CmpIPredicate.ult, u, mu.c(units, i32))):
+          unit()
+    return ()
+
+  plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(transforms=x_transforms)),
+                    return_type=())(body)(raw_ref, dst_ref)
+
+
 # ----- the kernel -----
 
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
-            interpret: bool):
-  (w_smem, x_smem, red_smem), (full, free, red_bar) = scoped
+            x_in_kernel: bool, x_transforms, interpret: bool):
+  (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
   strip0 = lax.axis_index("n") * cta_strips
@@ -342,6 +419,22 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
   # allocation is 168 per thread: 2 x 128 x (232 - 168) = 128 x (168 - 40)); with 1 or 3+
   # consumers the compiler's own allocation stands (an increase below it would be undefined).
   rebalance = consumers == 2 and not interpret
+
+  def x_cols(i):
+    return pl.ds(pl.multiple_of((t0 + i) * TILE_K, TILE_K), TILE_K)
+
+  def convert(i):
+    """x_in_kernel: raw tile of step i -> the wgmma tile of its slot, then release that slot's
+    x half of the `full` barrier."""
+    r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
+    slot = lax.rem(i, jnp.int32(stages))
+    plgpu.barrier_wait(raw_bar.at[r])
+    if interpret:
+      x_smem[slot, pl.ds(0, m)] = _permute_x_tile(x_raw[r].astype(jnp.float16))
+    else:
+      _convert_x_gpu(x_raw.at[r], x_smem.at[slot], m, mp, x_transforms)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(full.at[slot])
 
   @pl.when(wg == consumers)
   def _producer():
@@ -354,9 +447,18 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
       plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(strip0, cta_strips), t0 + i], w_smem.at[slot],
                               full.at[slot])
-      plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(pl.multiple_of((t0 + i) * TILE_K, TILE_K),
-                                                TILE_K)],
-                              x_smem.at[slot], full.at[slot])
+      if x_in_kernel:
+        # the raw tile of step i lands while step i-1's is converted (its slot was freed when
+        # step i-2 was converted, one iteration ago)
+        plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i)],
+                                x_raw.at[lax.rem(i, jnp.int32(_X_RAW_SLOTS))],
+                                raw_bar.at[lax.rem(i, jnp.int32(_X_RAW_SLOTS))])
+        pl.when(i >= 1)(lambda: convert(i - 1))
+      else:
+        plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i)], x_smem.at[slot], full.at[slot])
+
+    if x_in_kernel:
+      convert(jnp.int32(steps - 1))
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _(i):   # observe the last releases too, so no barrier phase is left unobserved
@@ -478,6 +580,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   rows = t.cta_strips
   split = t.split_k if t_k % t.split_k == 0 else 1
   out_dtype = out_dtype or x.dtype
+  if t.x_in_kernel and x.dtype not in (jnp.bfloat16, jnp.float16):
+    x = x.astype(jnp.float16)      # the same rounding x_for_mgpu does
   if smem_bytes(t, mp) > _SMEM_LIMIT:
     raise ShapeError(f"{t} needs {smem_bytes(t, mp)} bytes of shared memory at M={m}")
   # whole CTAs: pad the strips (zero records) to a multiple of the CTA's rows
@@ -485,24 +589,27 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   if ctas * rows != s_n:
     w = jnp.pad(w, ((0, ctas * rows - s_n), (0, 0), (0, 0), (0, 0)))
   n_out = ctas * rows * STRIP
-  xk = x_for_mgpu(x, t_k * TILE_K)
+  x_in = t.x_in_kernel and k % TILE_K == 0
+  xk = x if x_in else x_for_mgpu(x, t_k * TILE_K)
   gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
   out_shape = (jax.ShapeDtypeStruct((split, m, n_out), jnp.float32) if split > 1 else
                jax.ShapeDtypeStruct((m, n_out), out_dtype))
+  x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
                              stages=t.stages, steps=t_k // split, split=split,
-                             k_interleave=t.k_interleave, interpret=bool(interpret))
-  x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
+                             k_interleave=t.k_interleave, x_in_kernel=x_in,
+                             x_transforms=x_transforms, interpret=bool(interpret))
   def entry(x_ref, w_ref, gs_ref, o_ref):
     red = t.k_interleave and t.consumers > 1
     smem = (plgpu.SMEM((t.stages, rows, 72, 32), jnp.uint32),
             plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
-            plgpu.SMEM((t.consumers - 1, t.strips, STRIP, mp), jnp.float32) if red else None)
+            plgpu.SMEM((t.consumers - 1, t.strips, STRIP, mp), jnp.float32) if red else None,
+            plgpu.SMEM((_X_RAW_SLOTS, m, TILE_K), x.dtype) if x_in else None)
     bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=1 if t.k_interleave else t.consumers,
                           num_barriers=t.stages),
-            plgpu.Barrier(num_arrivals=t.consumers - 1) if red else None)
+            plgpu.Barrier(num_arrivals=t.consumers - 1) if red else None,
+            plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS) if x_in else None)
     pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
                   collective_axes="wg")
 

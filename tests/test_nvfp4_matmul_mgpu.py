@@ -135,6 +135,10 @@ def run_ptx(ptx: str, args: list[int], n_out: int) -> list[int]:
       b = val(srcs[0])
       e4 = np.array([b & 0xFF, b >> 8], np.uint8).view(ml_dtypes.float8_e4m3fn)
       regs[d] = _u32(e4.astype(np.float16))
+    elif op == "cvt.rn.f16x2.f32":                           # a -> upper half, b -> lower
+      f = [np.array([val(v)], np.uint32).view(np.float32)[0] for v in srcs[:2]]
+      with np.errstate(over="ignore"):
+        regs[d] = _u32(np.array([f[1], f[0]], np.float32).astype(np.float16))
     elif op == "prmt.b32":
       a, b, sel = val(srcs[0]), val(srcs[1]), val(srcs[2])
       pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
@@ -181,6 +185,19 @@ def test_inline_ptx_builds_the_twin_fragment(rng):
     np.testing.assert_array_equal(got, want)
 
 
+def test_bf16_to_f16_ptx_rounds_like_astype(rng):
+  """The in-kernel x conversion (x_in_kernel) gives x.astype(f16) for bf16 pairs, including
+  values that round, overflow to inf, and f16 subnormals."""
+  v = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 6, 2000),
+                      [70000.0, -1e-7, 3e-5, 0.0, -0.0]]).astype(ml_dtypes.bfloat16)
+  v = v[: v.size // 2 * 2]
+  words = v.view(np.uint16).astype(np.uint32).reshape(-1, 2)
+  got = np.array([run_ptx(mg._BF16X2_TO_F16X2, [int(lo | (hi << 16))], 1)[0]
+                  for lo, hi in words], np.uint32)
+  got = np.stack([got & 0xFFFF, got >> 16], axis=-1).astype(np.uint16).reshape(-1)
+  np.testing.assert_array_equal(got.view(np.float16), v.astype(np.float16))
+
+
 # ----- the kernel (interpreter) -----
 
 CASES = [
@@ -192,6 +209,9 @@ CASES = [
     (9, 200, 1280, mg.MgpuTiling(consumers=2, strips=1, stages=2, k_interleave=True)),
     (16, 128, 2048, mg.MgpuTiling(consumers=3, strips=2, stages=3, split_k=2,
                                   k_interleave=True)),
+    (3, 192, 1536, mg.MgpuTiling(consumers=2, strips=1, stages=2, x_in_kernel=True)),
+    (24, 128, 2048, mg.MgpuTiling(consumers=2, strips=1, stages=4, split_k=2,
+                                  k_interleave=True, x_in_kernel=True)),
 ]
 
 
@@ -265,7 +285,10 @@ def test_lowers_for_hopper_on_cpu():
   cases = [(m, n, k, None) for m in (1, 8, 32, 64) for k, n in ((4096, 14336), (14336, 4096))]
   cases += [(5, 200, 272, mg.MgpuTiling(2, 2, 2, 2)), (64, 4096, 14336, mg.MgpuTiling(1, 1, 4, 8)),
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 1, k_interleave=True)),
-            (64, 4096, 14336, mg.MgpuTiling(3, 1, 3, 1, k_interleave=True))]
+            (64, 4096, 14336, mg.MgpuTiling(3, 1, 3, 1, k_interleave=True)),
+            (1, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True)),
+            (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 2, True, True)),
+            (64, 14336, 4096, mg.MgpuTiling(2, 1, 2, 1, x_in_kernel=True))]
   for m, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((-(-n // 64), -(-k // 256), 72, 32), jnp.uint32),
