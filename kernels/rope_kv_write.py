@@ -9,6 +9,9 @@ query heads, then the Hkv key heads, then the Hkv value heads, D each. The kerne
 returns the rotated q and writes the rotated k and v into the pages at flat slot ``slots[t]``
 (= page * page_size + offset, as ``jaxinfer.kv_cache.write_kv``; E4M3 pages store value / scale,
 rounded from the dtype-rounded value). The pages are aliased in place (the cache is donated).
+With an FP8 wqkv (``ops.FP8Weight``) qkv may come as its raw product with the row [T, 1] and column
+scales still to apply (``ops.ScaledRows``): the kernel scales it on load, which saves XLA's
+scaling kernel over [T, (Hq + 2 Hkv) D] as well.
 
 Why: XLA:GPU runs the same work as one RoPE fusion (the rotate-half concatenate) plus a scatter per
 cache (k and v): three small kernels per layer, 96 per Llama-3-8B decode step (H100 c=64 FP8 trace:
@@ -38,9 +41,13 @@ from jaxinfer.ops import apply_rope
 
 def reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array,
               k_pages: jax.Array, v_pages: jax.Array, k_scale, v_scale, *, num_heads: int,
-              num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+              num_kv_heads: int, row_scale=None, col_scale=None
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Plain JAX: split, ``ops.apply_rope`` on q and k, ``kv_cache.write_kv`` of k and v (what
-  ``models.llama.self_attention`` runs unfused)."""
+  ``models.llama.self_attention`` runs unfused); qkv scaled first when given an FP8 product's
+  scales (as ``ops.ScaledRows.apply``)."""
+  if row_scale is not None:
+    qkv = (qkv.astype(jnp.float32) * row_scale * col_scale).astype(qkv.dtype)
   T = qkv.shape[0]
   D = k_pages.shape[-1]
   nq, nkv = num_heads * D, num_kv_heads * D
@@ -67,19 +74,28 @@ def supports(qkv: jax.Array, k_pages: jax.Array, num_heads: int, num_kv_heads: i
           and (is_fp8(k_pages.dtype) or k_pages.dtype == qkv.dtype))
 
 
-def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in_ref,
-            q_ref, k_ref, v_ref, *, hq: int, hkv: int, d: int, fp8: bool):
+def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in_ref, *refs,
+            hq: int, hkv: int, d: int, fp8: bool, scaled: bool):
   del k_in_ref, v_in_ref                       # aliased to k_ref / v_ref
+  if scaled:
+    rs_ref, cs_ref, *refs = refs
+  q_ref, k_ref, v_ref = refs
   t = pl.program_id(0)
   half = d // 2
-  dtype = qkv_ref.dtype
+  dtype = q_ref.dtype
   lo, hi = pl.ds(0, half), pl.ds(half, half)
   c1, c2 = cos_ref[t, lo][None, :], cos_ref[t, hi][None, :]
   s1, s2 = sin_ref[t, lo][None, :], sin_ref[t, hi][None, :]
 
+  def load(heads, cols):
+    x = qkv_ref[t, heads, cols]
+    if scaled:   # an FP8 product: raw * row * col, rounded to the dtype (ScaledRows.apply)
+      x = (x.astype(jnp.float32) * rs_ref[t, 0] * cs_ref[heads, cols]).astype(dtype)
+    return x
+
   def rotated(heads):
-    x1 = qkv_ref[t, heads, lo].astype(jnp.float32)
-    x2 = qkv_ref[t, heads, hi].astype(jnp.float32)
+    x1 = load(heads, lo).astype(jnp.float32)
+    x2 = load(heads, hi).astype(jnp.float32)
     # apply_rope: x * cos + concat(-x2, x1) * sin, in float32, rounded to the input dtype
     return ((x1 * c1 + (-x2) * s1).astype(dtype), (x2 * c2 + x1 * s2).astype(dtype))
 
@@ -88,7 +104,7 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
   q_ref[t, :, hi] = q2
   slot = slots_ref[t]
   k1, k2 = rotated(pl.ds(hq, hkv))
-  v = qkv_ref[t, pl.ds(hq + hkv, hkv), :]
+  v = load(pl.ds(hq + hkv, hkv), pl.ds(0, d))
 
   def stored(x, scale_ref):
     if not fp8:
@@ -103,10 +119,12 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "interpret"))
 def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array,
                   k_pages: jax.Array, v_pages: jax.Array, k_scale=1.0, v_scale=1.0, *,
-                  num_heads: int, num_kv_heads: int, interpret: bool = False
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  num_heads: int, num_kv_heads: int, row_scale=None, col_scale=None,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(q rotated [T, Hq, D], k_pages, v_pages with this step's rotated k and v written at
-  ``slots``); see the module docstring. ``k_scale`` / ``v_scale``: the FP8 cache's scalar scales."""
+  ``slots``); see the module docstring. ``k_scale`` / ``v_scale``: the FP8 cache's scalar scales.
+  ``row_scale`` [T, 1] / ``col_scale`` [(Hq + 2 Hkv) D]: qkv is an FP8 projection's raw product
+  (``ops.ScaledRows``), scaled here as its ``apply`` would."""
   if not supports(qkv, k_pages, num_heads, num_kv_heads):
     raise ShapeError(f"rope_kv_write takes qkv [T, (Hq + 2 Hkv) D] and pages [N, page, Hkv, D] "
                      f"with Hq, Hkv, D/2 powers of two; got qkv {qkv.shape} {qkv.dtype}, pages "
@@ -119,20 +137,29 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
   if cos.shape != (T, D) or sin.shape != (T, D) or slots.shape != (T,):
     raise ShapeError(f"cos / sin must be [T={T}, D={D}] and slots [T]; got {cos.shape}, "
                      f"{sin.shape}, {slots.shape}")
+  scaled = row_scale is not None
+  if scaled and (row_scale.shape != (T, 1) or col_scale is None
+                 or col_scale.shape != (qkv.shape[1],)):
+    raise ShapeError(f"rope_kv_write: scales must be [T, 1] and [{qkv.shape[1]}], got "
+                     f"{row_scale.shape}, {None if col_scale is None else col_scale.shape}")
+  heads = num_heads + 2 * hkv
+  extra = ((row_scale.astype(jnp.float32), col_scale.astype(jnp.float32).reshape(heads, D))
+           if scaled else ())
   flat = (N * page, hkv, D)
   out_shape = [jax.ShapeDtypeStruct((T, num_heads, D), qkv.dtype),
                jax.ShapeDtypeStruct(flat, k_pages.dtype),
                jax.ShapeDtypeStruct(flat, v_pages.dtype)]
   scalar = lambda s: jnp.asarray(s, jnp.float32).reshape(1)
   q, k_flat, v_flat = pl.pallas_call(
-      functools.partial(_kernel, hq=num_heads, hkv=hkv, d=D, fp8=is_fp8(k_pages.dtype)),
+      functools.partial(_kernel, hq=num_heads, hkv=hkv, d=D, fp8=is_fp8(k_pages.dtype),
+                        scaled=scaled),
       grid=(T,),
       out_shape=out_shape,
       input_output_aliases={6: 1, 7: 2},
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name="rope_kv_write",
-  )(slots.astype(jnp.int32), qkv.reshape(T, num_heads + 2 * hkv, D), cos.astype(jnp.float32),
+  )(slots.astype(jnp.int32), qkv.reshape(T, heads, D), cos.astype(jnp.float32),
     sin.astype(jnp.float32), scalar(k_scale), scalar(v_scale), k_pages.reshape(flat),
-    v_pages.reshape(flat))
+    v_pages.reshape(flat), *extra)
   return q, k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)

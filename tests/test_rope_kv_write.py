@@ -89,15 +89,50 @@ def test_rope_kv_write_rejects_shapes_it_does_not_take():
                   interpret=True)
 
 
-@pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.float8_e4m3fn])
-def test_llama_forward_with_fused_rope_kv_gives_the_same_logits_and_cache(kv_dtype):
+def test_rope_kv_write_scales_an_fp8_product():
+  """qkv given as an FP8 projection's raw product with row / column scales (ops.ScaledRows): the
+  kernel scales on load, bit for bit as scaling first with XLA ops."""
+  from jaxinfer.ops import ScaledRows
+  T, hq, hkv, D = 6, 4, 2, 32
+  qkv, cos, sin, slots, k_pages, v_pages, _ = _inputs(T, hq, hkv, D, 16, 4, jnp.bfloat16,
+                                                      jnp.float8_e4m3fn, seed=5)
+  rng = np.random.default_rng(5)
+  raw = (qkv.astype(jnp.float32) * 30).astype(jnp.bfloat16)
+  rs = jnp.asarray(rng.uniform(0.01, 0.05, (T, 1)), jnp.float32)
+  cs = jnp.asarray(rng.uniform(0.5, 2.0, (hq + 2 * hkv) * D), jnp.float32)
+  got = rope_kv_write(raw, cos, sin, slots, k_pages, v_pages, 0.5, 2.0, num_heads=hq,
+                      num_kv_heads=hkv, row_scale=rs, col_scale=cs, interpret=True)
+  want = reference(ScaledRows(raw, rs, cs, jnp.bfloat16).apply(), cos, sin, slots, k_pages,
+                   v_pages, jnp.float32(0.5), jnp.float32(2.0), num_heads=hq, num_kv_heads=hkv)
+  want2 = reference(raw, cos, sin, slots, k_pages, v_pages, jnp.float32(0.5), jnp.float32(2.0),
+                    num_heads=hq, num_kv_heads=hkv, row_scale=rs, col_scale=cs)
+  real = np.asarray(slots)[:-2]
+  for g, w, w2 in zip(got, want, want2):
+    g, w, w2 = f64(g), f64(w), f64(w2)
+    if g.ndim == 4:
+      g, w, w2 = (a.reshape(-1, hkv, D)[real] for a in (g, w, w2))
+    np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(g, w2)
+  with pytest.raises(ShapeError):
+    rope_kv_write(raw, cos, sin, slots, k_pages, v_pages, num_heads=hq, num_kv_heads=hkv,
+                  row_scale=rs, col_scale=cs[:-1], interpret=True)
+
+
+@pytest.mark.parametrize("kv_dtype,fp8_weights", [(jnp.float32, False),
+                                                  (jnp.float8_e4m3fn, False),
+                                                  (jnp.bfloat16, True)])
+def test_llama_forward_with_fused_rope_kv_gives_the_same_logits_and_cache(kv_dtype, fp8_weights):
   """llama.forward(fused_rope_kv=True) over fused projections: the kernel (interpret mode here)
   in place of RoPE + write_kv, the same logits and cache as the XLA ops; a prefill chunk then a
-  decode step, so the decode step reads what the fused write stored."""
+  decode step, so the decode step reads what the fused write stored. FP8 weights: the kernel
+  takes wqkv's unscaled product."""
   from jaxinfer.attention import SeqChunk, build_batch
   from jaxinfer.models import llama
   from llama_fixtures import TINY, random_params
-  params = llama.fuse_projections(random_params(TINY, seed=31))
+  dtype = jnp.bfloat16 if fp8_weights else jnp.float32
+  params = llama.fuse_projections(random_params(TINY, seed=31, dtype=dtype))
+  if fp8_weights:
+    params = llama.quantize_projections_fp8(params)
   toks = np.random.default_rng(31).integers(0, TINY.vocab_size, 8).tolist()
   runs = []
   for fused in (False, True):

@@ -27,9 +27,9 @@ import numpy as np
 from jaxinfer import attention as attention_ops
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCache, write_kv
-from jaxinfer.ops import (FP8Rows, FP8Weight, RowSplitWeight, add_rms_norm, add_rms_norm_fp8,
-                          apply_rope, linear, linear_deferred, rms_norm, rope_cos_sin,
-                          rope_inv_freq)
+from jaxinfer.ops import (FP8Rows, FP8Weight, RowSplitWeight, ScaledRows, add_rms_norm,
+                          add_rms_norm_fp8, apply_rope, linear, linear_deferred, rms_norm,
+                          rope_cos_sin, rope_inv_freq)
 
 Params = dict[str, Any]
 
@@ -157,11 +157,13 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
   q = None
   if fused_rope_kv and "wqkv" in layer:
     from kernels import rope_kv_write as rkw   # kernels import jaxinfer
-    qkv = linear(h, layer["wqkv"])
-    if rkw.supports(qkv, k_pages, cfg.num_heads, cfg.num_kv_heads):
+    qkv = linear_deferred(h, layer["wqkv"])      # an FP8 product is scaled in the kernel
+    raw, rs, cs = ((qkv.raw, qkv.row_scale, qkv.col_scale) if isinstance(qkv, ScaledRows)
+                   else (qkv, None, None))
+    if rkw.supports(raw, k_pages, cfg.num_heads, cfg.num_kv_heads):
       q, k_pages, v_pages = rkw.rope_kv_write(
-          qkv, cos, sin, batch.slots, k_pages, v_pages, k_scale, v_scale,
-          num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+          raw, cos, sin, batch.slots, k_pages, v_pages, k_scale, v_scale,
+          num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, row_scale=rs, col_scale=cs,
           interpret=jax.default_backend() != "gpu")
   if q is None:
     q, k, v = qkv_projections(layer, h, cfg)
