@@ -66,6 +66,9 @@ _FUSED_ROPE_KV = flags.DEFINE_bool("fused_rope_kv", False, "jax: RoPE + K/V cach
 _FP8_ACT_QUANT = flags.DEFINE_bool("fp8_act_quant", False, "jax, FP8 weights: wo / w_down inputs "
                                    "quantized by one kernel each, the SwiGLU in w_down's "
                                    "(kernels/fp8_act_quant.py)")
+_STATIC_PREFILL = flags.DEFINE_bool("static_prefill_steps", False, "jax: steps holding a prefill "
+                                    "chunk take attention's prefill path with no runtime cond "
+                                    "(EngineConfig.static_prefill_steps)")
 _DECODE_ONLY = flags.DEFINE_bool("decode_only_steps", True, "jax: decode-only steps compile without "
                                  "attention's runtime decode/prefill branch (EngineConfig option)")
 _FUSED_ADD_NORM = flags.DEFINE_bool("fused_add_norm", True, "jax/profile: residual add + RMSNorm as "
@@ -227,7 +230,8 @@ def engine_config(c: int, pages_per_seq: int, kv_dtype=None, min_decode: int | N
                       min_page_bucket=pages_per_seq,
                       token_buckets=tuple(sorted({max(c, min_decode), budget})),
                       kv_dtype=kv_dtype, async_scheduling=_ASYNC.value,
-                      decode_only_steps=_DECODE_ONLY.value)
+                      decode_only_steps=_DECODE_ONLY.value,
+                      static_prefill_steps=_STATIC_PREFILL.value)
 
 
 def model_params(cfg, weights: str, fuse: bool):
@@ -406,6 +410,8 @@ def run_jax() -> dict:
                          fused_rope_kv=_FUSED_ROPE_KV.value, fp8_act_quant=_FP8_ACT_QUANT.value)
   result["fused_rope_kv"] = _FUSED_ROPE_KV.value
   result["fp8_act_quant"] = _FP8_ACT_QUANT.value
+  result["static_prefill_steps"] = _STATIC_PREFILL.value
+  result["max_num_batched_tokens"] = _BUDGET.value
   result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
   result["fp8_scale_in_norm"] = _FP8_SCALE_IN_NORM.value
 

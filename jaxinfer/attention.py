@@ -154,7 +154,7 @@ def _soft_cap(s, cap):
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: AttentionBatch, *,
                     scale: float, k_scale=1.0, v_scale=1.0, impl: str = "auto",
-                    max_new_tokens: int | None = None) -> jax.Array:
+                    max_new_tokens: int | None = None, static_prefill: bool = False) -> jax.Array:
   """Causal attention of flattened queries over the paged cache. ``impl``: auto | pallas | reference.
 
   auto: the reference on CPU, and on GPU for inputs the kernels do not take (q not bf16/f16, a
@@ -167,7 +167,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
   serving engine passes 1 for its decode-only steps); up to 8 it selects the decode kernel with no
   cond, and a sequence with more tokens than that gets wrong results. The kernels place query token i of sequence b
   at position ``seq_lens[b] - q_len_b + i`` (what ``build_batch`` produces) and return zeros for
-  padding tokens.
+  padding tokens. ``static_prefill``: a step the caller knows holds a prefill chunk (the serving
+  engine's mixed steps) takes the gather + prefill kernel path with no runtime cond; that path is
+  correct for any batch (decode rows included), so this only drops the branch (its
+  ``set_case_condition`` kernels and the idle time a conditional costs inside a CUDA graph).
+  Ignored where the shapes alone select the decode kernel or with ``max_new_tokens``.
   """
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown attention impl {impl!r}")
@@ -181,14 +185,15 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
                                      v_scale=v_scale)
   return _pallas_paged_attention(q, k_pages, v_pages, batch, scale=scale, k_scale=k_scale,
                                  v_scale=v_scale, interpret=not on_gpu,
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, static_prefill=static_prefill)
 
 
 _MAX_DECODE_TOKENS = 8  # per sequence, for the decode kernel
 
 
 def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale, k_scale, v_scale,
-                            interpret: bool, max_new_tokens: int | None = None) -> jax.Array:
+                            interpret: bool, max_new_tokens: int | None = None,
+                            static_prefill: bool = False) -> jax.Array:
   from kernels import flash_attention, paged_decode_attention as decode  # kernels import jaxinfer
 
   decode.check_decode_shapes(q, k_pages, v_pages, batch.page_table, batch.seq_lens,
@@ -217,5 +222,7 @@ def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale
 
   if static_decode:
     return run_decode()
+  if static_prefill:
+    return run_prefill()
   longest = jnp.max(jnp.diff(batch.query_start))
   return jax.lax.cond(longest <= max_q, run_decode, run_prefill)

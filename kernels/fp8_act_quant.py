@@ -100,15 +100,18 @@ def _kernel(*refs, width: int, chunk: int, glu: bool, scaled: bool, tiny: float,
       v = (v.astype(jnp.float32) * row * cs_ref[pl.ds(off, chunk)]).astype(dtype)
     return v
 
+  # every load first (independent: their latencies overlap), then the math, then the stores
+  n = width // chunk
+  xs = [load(c * chunk) for c in range(n)]
+  ups = [load(width + c * chunk) for c in range(n)] if glu else None
   hs, amax = [], None
-  for c in range(width // chunk):
-    off = c * chunk
+  for c in range(n):
     if glu:
-      g = load(off).astype(jnp.float32)
+      g = xs[c].astype(jnp.float32)
       silu = (g * jax.nn.sigmoid(g)).astype(dtype).astype(jnp.float32)
-      h = (silu * load(width + off).astype(jnp.float32)).astype(dtype)
+      h = (silu * ups[c].astype(jnp.float32)).astype(dtype)
     else:
-      h = load(off)
+      h = xs[c]
     h = h.astype(jnp.float32)
     hs.append(h)
     m = jnp.max(jnp.abs(h))

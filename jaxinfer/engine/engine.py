@@ -93,6 +93,8 @@ class EngineConfig:
   fuse_projections: bool = True         # Llama on one device: wq|wk|wv and w_gate|w_up as one GEMM each
   decode_only_steps: bool = True        # Llama: steps of single-token rows compile without attention's
                                         # runtime decode/prefill branch (one more compile per such shape)
+  static_prefill_steps: bool = False    # Llama: steps holding a prefill chunk take attention's prefill
+                                        # path with no runtime branch (decode-only steps as above)
 
 
 def _maybe_fuse(params, config: EngineConfig):
@@ -114,6 +116,10 @@ class LLMEngine:
     self._decode_forward = (dataclasses.replace(forward, decode_only=True)
                             if config.decode_only_steps and isinstance(forward, LlamaForward)
                             else None)
+    # Steps with a prefill chunk: the same, with attention's prefill path (correct for any rows).
+    self._prefill_forward = (dataclasses.replace(forward, prefill_step=True)
+                             if config.static_prefill_steps and isinstance(forward, LlamaForward)
+                             else None)
     self.cache = cache
     self.tokenizer = tokenizer
     self.config = config
@@ -289,6 +295,8 @@ class LLMEngine:
     forward = self.forward
     if self._decode_forward is not None and decode_only:
       forward = self._decode_forward
+    elif self._prefill_forward is not None and not decode_only:
+      forward = self._prefill_forward
     t_call = time.perf_counter()
     tokens, logprobs, self.cache = step_jit(self.params, hb.ints, prev_tokens, self.cache,
                                             forward=forward, shape=shape, greedy=greedy)
@@ -452,10 +460,14 @@ class LLMEngine:
     > 1 the XLA compilations run concurrently. The compiled executables land in the jit cache, so
     serving then never compiles for these shapes."""
     shapes = list(shapes or self.buckets.all_shapes())
-    forwards = {s: [self.forward] for s in shapes}
-    if self._decode_forward is not None:
-      for s in set(shapes) & self._decode_shapes():
+    # steps with a prefill chunk take _prefill_forward when there is one; decode-only steps take
+    # _decode_forward (decode shapes) when there is one, else self.forward
+    forwards = {s: [self._prefill_forward or self.forward] for s in shapes}
+    for s in set(shapes) & self._decode_shapes():
+      if self._decode_forward is not None:
         forwards[s].append(self._decode_forward)
+      elif self._prefill_forward is not None:
+        forwards[s].append(self.forward)
 
     def compile_one(variant):
       shape, greedy, forward = variant

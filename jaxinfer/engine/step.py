@@ -34,6 +34,7 @@ class LlamaForward:
   cfg: llama.LlamaConfig
   fused_add_norm: bool = True   # residual add + RMSNorm as one Pallas kernel on GPU
   decode_only: bool = False     # every sequence has one new token: attention without a runtime branch
+  prefill_step: bool = False    # the step holds a prefill chunk: attention's prefill path, no branch
   fp8_quant_in_norm: bool = True    # FP8 weights: the norms before wqkv / w_gate_up emit E4M3 rows
                                     # (H100 c=64, one run: 7664 -> 8035 tok/s, decode step 5.60 ->
                                     # 5.35 ms, 753 -> 627 kernels/step); no effect on bf16 weights
@@ -51,7 +52,8 @@ class LlamaForward:
                          fp8_quant_in_norm=self.fp8_quant_in_norm,
                          fp8_scale_in_norm=self.fp8_scale_in_norm,
                          fused_rope_kv=self.fused_rope_kv,
-                         fp8_act_quant=self.fp8_act_quant)
+                         fp8_act_quant=self.fp8_act_quant,
+                         static_prefill=self.prefill_step and not self.decode_only)
 
 
 def ladder(minimum: int, maximum: int) -> tuple[int, ...]:

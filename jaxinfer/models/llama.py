@@ -144,7 +144,8 @@ def attention_block(layer: Params, x, cos, sin, k_pages, v_pages, k_scale, v_sca
 def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scale,
                    batch: attention_ops.AttentionBatch, cfg: LlamaConfig,
                    max_new_tokens: int | None = None, defer_output_scale: bool = False,
-                   fused_rope_kv: bool = False, fp8_act_quant: bool = False):
+                   fused_rope_kv: bool = False, fp8_act_quant: bool = False,
+                   static_prefill: bool = False):
   """Attention on normed activations h [T, H] (no residual): (Attention(q, k, v) Wo, k_pages,
   v_pages with this step's K/V written). ``max_new_tokens``: see ``attention.paged_attention``.
   ``defer_output_scale``: an FP8 Wo returns its unscaled product (``ops.ScaledRows``) for the
@@ -152,7 +153,8 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
   as one kernel (``kernels.rope_kv_write``; Pallas interpret mode off GPU) where it takes the
   shapes, instead of XLA's RoPE fusion and two scatters: the same values. ``fp8_act_quant``: an FP8
   Wo's input quantized by one kernel (``kernels.fp8_act_quant.quantize_rows``; interpret mode off
-  GPU) instead of XLA's amax reduction and cast: the same values."""
+  GPU) instead of XLA's amax reduction and cast: the same values. ``static_prefill``: see
+  ``attention.paged_attention``."""
   T = h.shape[0]
   q = None
   if fused_rope_kv and "wqkv" in layer:
@@ -175,7 +177,8 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
     v_pages = write_kv(v_pages, v, batch.slots, v_scale)
   o = attention_ops.paged_attention(q, k_pages, v_pages, batch, scale=cfg.head_dim ** -0.5,
                                     k_scale=k_scale, v_scale=v_scale,
-                                    max_new_tokens=max_new_tokens)
+                                    max_new_tokens=max_new_tokens,
+                                    static_prefill=static_prefill)
   proj = linear_deferred if defer_output_scale else linear
   o = o.reshape(T, -1)
   if fp8_act_quant and isinstance(layer["wo"], FP8Weight):
@@ -237,7 +240,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
             cfg: LlamaConfig, all_logits: bool = False, fused_add_norm: bool = False,
             max_new_tokens: int | None = None, fp8_quant_in_norm: bool = False,
             fp8_scale_in_norm: bool = False, fused_rope_kv: bool = False,
-            fp8_act_quant: bool = False) -> tuple[jax.Array, KVCache]:
+            fp8_act_quant: bool = False, static_prefill: bool = False
+            ) -> tuple[jax.Array, KVCache]:
   """One step over flattened tokens [T]. Returns float32 logits — [B, V] at ``batch.logit_indices``,
   or [T, V] for every token when ``all_logits`` — and the updated cache. Each residual add runs
   with the RMSNorm after it (``ops.add_rms_norm``; one Pallas kernel on GPU when
@@ -250,7 +254,9 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   (``ops.ScaledRows``; the fused kernel applies it). The same math as without them; on GPU the
   Pallas kernel's reductions round like the fused add_rms_norm's, not XLA's. ``fused_rope_kv``:
   see ``self_attention`` (fused projections only). ``fp8_act_quant``: the FP8 wo and w_down
-  inputs quantized by one kernel each (``self_attention``, ``mlp``)."""
+  inputs quantized by one kernel each (``self_attention``, ``mlp``). ``static_prefill``: attention
+  takes its prefill path with no runtime branch (a step known to hold a prefill chunk; see
+  ``attention.paged_attention``)."""
   eps, layers = cfg.rms_norm_eps, params["layers"]
   x = params["embed"][tokens]
   cos, sin = rope_tables(cfg, batch.positions)
@@ -267,7 +273,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
                                          cache.k_scale[i], cache.v_scale[i], batch, cfg,
                                          max_new_tokens, defer_output_scale=fp8_scale_in_norm,
                                          fused_rope_kv=fused_rope_kv,
-                                         fp8_act_quant=fp8_act_quant)
+                                         fp8_act_quant=fp8_act_quant,
+                                         static_prefill=static_prefill)
     x, h = add_norm(x, o, layer["mlp_norm"], layer, ("w_gate_up", "w_gate", "w_up"))
     nxt = layers[i + 1] if i + 1 < len(layers) else None
     next_norm = nxt["attn_norm"] if nxt is not None else params["final_norm"]
@@ -394,7 +401,7 @@ def quantize_projections_nvfp4(params: Params, prefill_fp8: bool = False,
 forward_jit = jax.jit(forward, static_argnames=("cfg", "all_logits", "fused_add_norm",
                                                "max_new_tokens", "fp8_quant_in_norm",
                                                "fp8_scale_in_norm", "fused_rope_kv",
-                                               "fp8_act_quant"),
+                                               "fp8_act_quant", "static_prefill"),
                       donate_argnames=("cache",))
 
 
