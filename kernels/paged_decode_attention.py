@@ -66,6 +66,10 @@ class DecodeTiles:
   tile_upcast: bool = False   # FP8: see ``upcast``
   bits_upcast: bool = False   # FP8: E4M3 -> f16 by integer bit moves (``e4m3_bits_to_f16``)
   mask_tail: bool = True      # only tiles crossing seq_len / the causal edge are masked
+  # split-K combine of the partials: "serial" (one program per (sequence, KV head) looping over the
+  # splits), "rows" (one program per query row, all splits in one load: ``_combine_rows_kernel``),
+  # "fused" (no second kernel: the last split to finish merges, ``merge_if_last``)
+  combine: str = "serial"
 
 
 # Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 32/8 heads, D=128.
@@ -189,11 +193,14 @@ def tile_cols(rows, start: int, width: int):
   return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
 
 
-def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_init_ref,
-                   *out_refs, group: int, max_q: int, rows: int, block_k: int, page_size: int,
+def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, *refs,
+                   group: int, max_q: int, rows: int, block_k: int, page_size: int,
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
-                   page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool):
-  del o_init_ref  # aliased with the output: zeros for the rows no program writes
+                   page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool,
+                   combine: str = "serial", interpret: bool = False, num_warps: int = 4):
+  # refs: o_init (aliased with out: zeros for the rows no program writes) [, cnt_init], out_refs
+  fused = combine == "fused" and splits > 1
+  out_refs = refs[2:] if fused else refs[1:]
   kvh = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -245,7 +252,106 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
   acc, m, l = lax.fori_loop(first, last, body, carry)
   if kv_upcast is not None:
     acc = acc * (vsc_ref[0] * kv_factor)
-  write_partials(out_refs, b, kvh, split, rm, acc, m, l)
+  if fused:
+    o_ref, acc_ref, m_ref, l_ref, cnt_ref = out_refs
+    write_real_partials(acc_ref, m_ref, l_ref, b, kvh, split, rm, acc, m, l)
+    merge_if_last(o_ref, acc_ref, m_ref, l_ref, cnt_ref, rm, b, kvh, group=group, max_q=max_q,
+                  splits=splits, barrier=not interpret, num_warps=num_warps)
+  elif splits > 1 and combine == "rows":
+    write_real_partials(*out_refs, b, kvh, split, rm, acc, m, l)
+  else:
+    write_partials(out_refs, b, kvh, split, rm, acc, m, l)
+
+
+_MERGE_ELEMS = 8192   # f32 accumulator elements per merge load at 4 warps (64 registers a thread)
+
+
+def merge_row(o_ref, acc_ref, m_ref, l_ref, b, blk, r, *, splits: int, tok, head, valid,
+              num_warps: int = 4):
+  """Merges query row r's split-K partials of (sequence b, block blk) into o[tok, head]: its maxima
+  and sums over all splits (the split axis padded to a power of two, masked) as one vector load,
+  its accumulators as [chunk, D] loads (one when chunk covers the splits); nothing is stored unless
+  ``valid`` (a scalar)."""
+  s_pad, D = acc_ref.shape[2], acc_ref.shape[-1]
+  chunk = max(1, min(s_pad, _MERGE_ELEMS * num_warps // (4 * D)))
+  ok = (lax.broadcasted_iota(jnp.int32, (s_pad,), 0) < splits) & valid
+  m = plgpu.load(m_ref.at[b, blk, pl.ds(0, s_pad), r], mask=ok, other=-jnp.inf)
+  l = plgpu.load(l_ref.at[b, blk, pl.ds(0, s_pad), r], mask=ok, other=0.0)
+  mx = jnp.max(m)
+  mx = jnp.where(mx > -jnp.inf, mx, 0.0)
+  total = jnp.sum(l * jnp.exp2(m - mx))      # empty splits (m = -inf) weigh 0
+
+  def add_chunk(c, out):
+    s0 = 0 if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)
+    okc = (s0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < splits) & valid
+    mc = plgpu.load(m_ref.at[b, blk, pl.ds(s0, chunk), r], mask=okc, other=-jnp.inf)
+    a = plgpu.load(acc_ref.at[b, blk, pl.ds(s0, chunk), r, pl.ds(0, D)], mask=okc[:, None],
+                   other=0.0)
+    return out + jnp.sum(a * jnp.exp2(mc - mx)[:, None], axis=0)
+
+  if chunk == s_pad:
+    out = add_chunk(0, jnp.zeros((D,), jnp.float32))
+  else:
+    out = lax.fori_loop(0, s_pad // chunk, add_chunk, jnp.zeros((D,), jnp.float32))
+  out = out / jnp.where(total > 0, total, 1.0)
+  plgpu.store(o_ref.at[tok, head, pl.ds(0, D)], out.astype(o_ref.dtype),
+              mask=jnp.full((D,), valid))
+
+
+def merge_if_last(o_ref, acc_ref, m_ref, l_ref, cnt_ref, rm: RowMap, b, blk, *, group: int,
+                  max_q: int, splits: int, barrier: bool = True, num_warps: int = 4):
+  """Fused split-K combine: after its partials are written, a program bumps the arrival counter of
+  its (sequence, block); the one that arrives last merges every split's partials into o
+  (``merge_row`` per query row, straight-line: the rows' loads can be in flight together).
+
+  Ordering: the CTA barrier orders all threads' partial stores before the counter update, which is
+  an acq_rel atomic at GPU scope (release of the stores; for the merging program, acquire of the
+  other splits' stores, CUTLASS-semaphore style). The counter array must be zeros on entry."""
+  if barrier:                            # (interpret mode runs programs one after another)
+    plgpu.debug_barrier()
+  old = plgpu.atomic_add(cnt_ref, (b, blk), jnp.int32(1))
+
+  @pl.when(old == splits - 1)
+  def _merge():
+    for r in range(max_q * group):       # static: the rows that can hold a query token
+      tok = r // group
+      merge_row(o_ref, acc_ref, m_ref, l_ref, b, blk, jnp.int32(r), splits=splits,
+                tok=rm.q_start + tok, head=rm.first_head + r % group, valid=tok < rm.q_len,
+                num_warps=num_warps)
+
+
+def write_real_partials(acc_ref, m_ref, l_ref, b, blk, split, rm: RowMap, acc, m, l):
+  """Split-K partials (acc, max, sum) of the program's real query rows (padding rows unwritten)."""
+  plgpu.store(acc_ref.at[b, blk, split, :, :], acc, mask=rm.row_ok[:, None])
+  plgpu.store(m_ref.at[b, blk, split, :], m, mask=rm.row_ok)
+  plgpu.store(l_ref.at[b, blk, split, :], l, mask=rm.row_ok)
+
+
+def _combine_rows_kernel(qs_ref, acc_ref, m_ref, l_ref, o_init_ref, o_ref, *, group: int,
+                         splits: int):
+  """One program per (block, query row r, sequence): ``merge_row`` (all splits in one load)."""
+  del o_init_ref
+  blk, r, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  q_start = qs_ref[b]
+  tok = lax.div(r, group)
+  merge_row(o_ref, acc_ref, m_ref, l_ref, b, blk, r, splits=splits, tok=q_start + tok,
+            head=blk * group + lax.rem(r, group), valid=tok < qs_ref[b + 1] - q_start)
+
+
+def combine_rows(acc, m, l, query_start, o_init, *, group: int, max_q: int, splits: int,
+                 interpret: bool) -> jax.Array:
+  """Merges split-K partials ([B, blocks, s_pad >= splits, rows, D], ...) into o_init: grid
+  (blocks, max_q * group, B), one query row per program."""
+  B, blocks = acc.shape[:2]
+  return pl.pallas_call(
+      functools.partial(_combine_rows_kernel, group=group, splits=splits),
+      grid=(blocks, max_q * group, B),
+      out_shape=jax.ShapeDtypeStruct(o_init.shape, o_init.dtype),
+      input_output_aliases={4: 0},
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="combine_rows",
+  )(query_start, acc, m, l, o_init)
 
 
 def write_partials(out_refs, b, blk, split, rm: RowMap, acc, m, l):
@@ -382,15 +488,28 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     q = q.astype(kv_upcast)
   qs = query_start.astype(jnp.int32)
   o_init = jnp.zeros((T, H, D), out_dtype)
+  if tiles.combine not in ("serial", "rows", "fused"):
+    raise ValueError(f"unknown combine {tiles.combine!r}")
+  combine = tiles.combine if splits > 1 else "serial"
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
-      tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail)
+      tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail,
+      combine=combine, interpret=bool(interpret), num_warps=tiles.num_warps)
+  o_shape = jax.ShapeDtypeStruct((T, H, D), out_dtype)
+  extra, aliases = (), ({8: 0} if splits == 1 else {})
+  s_pad = 1 << (splits - 1).bit_length()   # rows / fused: the split axis padded to a power of two
+  if combine == "fused":   # out, partials, arrival counters
+    out_shape = (o_shape,) + split_outputs(B, KV, s_pad, rows, D, o_shape) + (
+        jax.ShapeDtypeStruct((B, KV), jnp.int32),)
+    extra, aliases = (jnp.zeros((B, KV), jnp.int32),), {8: 0, 9: 4}
+  else:
+    out_shape = split_outputs(B, KV, s_pad if combine == "rows" else splits, rows, D, o_shape)
   results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),
-      out_shape=split_outputs(B, KV, splits, rows, D, jax.ShapeDtypeStruct((T, H, D), out_dtype)),
-      input_output_aliases={8: 0} if splits == 1 else {},
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
       interpret=interpret,
@@ -398,7 +517,12 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q,
     k_pages.reshape(N * page_size, KV, D), v_pages.reshape(N * page_size, KV, D),
     jnp.asarray(k_scale, jnp.float32).reshape(1), jnp.asarray(v_scale, jnp.float32).reshape(1),
-    o_init)
+    o_init, *extra)
+  if combine == "fused":
+    return results[0]
+  if combine == "rows":
+    return combine_rows(*results, qs, o_init, group=G, max_q=max_q, splits=splits,
+                        interpret=interpret)
   return finish_splits(results, qs, o_init, group=G, max_q=max_q, rows=rows, interpret=interpret)
 
 

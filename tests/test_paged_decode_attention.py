@@ -138,6 +138,50 @@ def test_decode_fp8_kv(upcast):
   check(out, ref, 2, 1.5e-2)
 
 
+# The split-K combines "rows" (one program per query row) and "fused" (the last split of each
+# (sequence, KV head) merges the partials in the same kernel): GQA 1/4/8, splits not a power of two
+# (the padded partial slots and the padding rows stay NaN-poisoned and must be masked), empty
+# splits, FP8 with scales, several query tokens per sequence.
+@pytest.mark.parametrize("combine", ["rows", "fused"])
+@pytest.mark.parametrize("H,KV,page_size,block_k,warps,splits,fp8,max_q", [
+    (4, 4, 16, 16, 4, 3, False, 1), (8, 2, 32, 16, 4, 5, False, 1), (16, 2, 16, 32, 4, 7, False, 1),
+    (8, 2, 16, 16, 1, 19, False, 1), (8, 2, 16, 16, 4, 6, True, 1), (8, 2, 16, 16, 4, 4, False, 3)])
+def test_decode_split_k_combine(combine, H, KV, page_size, block_k, warps, splits, fp8, max_q):
+  rng = np.random.default_rng(H * splits + max_q)
+  D = 32
+  chunks = [(150, max_q), (0, 1), (37, 1)] if max_q > 1 else [(150, 1), (0, 1), (37, 1), (64, 1)]
+  real = sum(n for _, n in chunks)
+  q, kp, vp, batch = make_case(rng, H=H, KV=KV, D=D, page_size=page_size, chunks=chunks,
+                               num_tokens=real + 2, num_pages=30,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
+  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
+  if fp8:
+    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
+  tiles = DecodeTiles(block_k, num_warps=warps, splits=splits, combine=combine)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=D ** -0.5, k_scale=ks, v_scale=vs, max_q=max_q, tiles=tiles,
+                               interpret=True)
+  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.parametrize("combine", ["rows", "fused"])
+def test_decode_split_k_combine_chunked(combine, monkeypatch):
+  """A merge whose splits do not fit one load (4-split chunks here) loops over chunks."""
+  import kernels.paged_decode_attention as pda
+  monkeypatch.setattr(pda, "_MERGE_ELEMS", 4 * 32)
+  rng = np.random.default_rng(13)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16, num_pages=30,
+                               chunks=[(200, 1), (9, 1), (0, 1)], num_tokens=4)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=32 ** -0.5, tiles=DecodeTiles(16, splits=13, combine=combine),
+                               interpret=True)
+  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 3, 1e-2)
+
+
 def test_e4m3_bits_to_f16_is_exact():
   """Every finite E4M3 byte (subnormals, zeros, both signs) -> f16 = value * 2^-8 exactly."""
   b = np.arange(256, dtype=np.uint8)
