@@ -61,6 +61,9 @@ _FP8_QUANT_IN_NORM = flags.DEFINE_bool("fp8_quant_in_norm", True, "jax, --weight
 _FP8_SCALE_IN_NORM = flags.DEFINE_bool("fp8_scale_in_norm", False, "jax, --weights=fp8: the norms "
                                         "after wo / w_down apply those FP8 projections' output "
                                         "scales (one kernel fewer each)")
+_FP8_SCALE_IN_NORM_MIN = flags.DEFINE_integer("fp8_scale_in_norm_min_tokens", 0, "jax: "
+                                              "--fp8_scale_in_norm only in steps of at least "
+                                              "this many tokens (e.g. 128: prefill steps)")
 _FUSED_ROPE_KV = flags.DEFINE_bool("fused_rope_kv", False, "jax: RoPE + K/V cache write as one "
                                    "kernel per layer (kernels/rope_kv_write.py; fused projections)")
 _FP8_ACT_QUANT = flags.DEFINE_bool("fp8_act_quant", False, "jax, FP8 weights: wo / w_down inputs "
@@ -407,6 +410,7 @@ def run_jax() -> dict:
 
   forward = LlamaForward(cfg, _FUSED_ADD_NORM.value, fp8_quant_in_norm=_FP8_QUANT_IN_NORM.value,
                          fp8_scale_in_norm=_FP8_SCALE_IN_NORM.value,
+                         fp8_scale_in_norm_min_tokens=_FP8_SCALE_IN_NORM_MIN.value,
                          fused_rope_kv=_FUSED_ROPE_KV.value, fp8_act_quant=_FP8_ACT_QUANT.value)
   result["fused_rope_kv"] = _FUSED_ROPE_KV.value
   result["fp8_act_quant"] = _FP8_ACT_QUANT.value
@@ -414,6 +418,7 @@ def run_jax() -> dict:
   result["max_num_batched_tokens"] = _BUDGET.value
   result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
   result["fp8_scale_in_norm"] = _FP8_SCALE_IN_NORM.value
+  result["fp8_scale_in_norm_min_tokens"] = _FP8_SCALE_IN_NORM_MIN.value
 
   def engine_for(c: int) -> LLMEngine:
     return LLMEngine(params, forward, cache, vocab_size=cfg.vocab_size,

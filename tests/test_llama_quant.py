@@ -115,3 +115,25 @@ def test_fp8_lm_head():
   assert "lm_head" not in tq
   np.testing.assert_array_equal(_logits(tied_cfg, tq, toks, 16),
                                 _logits(tied_cfg, llama.quantize_projections_fp8(tied), toks, 16))
+
+
+def test_llama_forward_scale_in_norm_only_from_min_tokens(monkeypatch):
+  """LlamaForward(fp8_scale_in_norm=True, fp8_scale_in_norm_min_tokens=16): the option reaches
+  llama.forward only in steps of >= 16 tokens (prefill steps)."""
+  from jaxinfer.engine.step import LlamaForward
+  seen = []
+  real = llama.forward
+  monkeypatch.setattr(llama, "forward", lambda *a, **k: seen.append(k["fp8_scale_in_norm"]) or
+                      real(*a, **k))
+  params = llama.quantize_projections_fp8(llama.fuse_projections(
+      random_params(TINY, seed=26, dtype=jnp.bfloat16)))
+  fwd = LlamaForward(TINY, fused_add_norm=False, fp8_scale_in_norm=True,
+                     fp8_scale_in_norm_min_tokens=16)
+  toks = np.random.default_rng(26).integers(0, TINY.vocab_size, 6).tolist()
+  for n in (8, 16):
+    batch = build_batch([SeqChunk([1, 2, 3, 4], 0, 6)], PAGE, num_tokens=n, num_seqs=2,
+                        pages_per_seq=8)
+    cache = llama.create_cache(TINY, num_pages=16, page_size=PAGE, dtype=jnp.bfloat16)
+    fwd(params, jnp.asarray(toks + [0] * (n - 6), jnp.int32), cache, batch)
+  assert seen == [False, True]
+

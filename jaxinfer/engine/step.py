@@ -40,6 +40,8 @@ class LlamaForward:
                                     # 5.35 ms, 753 -> 627 kernels/step); no effect on bf16 weights
   fp8_scale_in_norm: bool = False   # FP8 weights: the norms after wo / w_down apply their output
                                     # scales (measured: decode steps slower, prefill faster, ~even)
+  fp8_scale_in_norm_min_tokens: int = 0   # ... only in steps of at least this many tokens (e.g.
+                                          # 128: prefill steps only)
   fused_rope_kv: bool = False       # fused wqkv: RoPE + K/V cache write as one kernel per layer
                                     # (kernels/rope_kv_write.py), off until timed on the GPU
   fp8_act_quant: bool = False       # FP8 weights: wo / w_down inputs quantized by one kernel each
@@ -50,7 +52,8 @@ class LlamaForward:
                          fused_add_norm=self.fused_add_norm,
                          max_new_tokens=1 if self.decode_only else None,
                          fp8_quant_in_norm=self.fp8_quant_in_norm,
-                         fp8_scale_in_norm=self.fp8_scale_in_norm,
+                         fp8_scale_in_norm=(self.fp8_scale_in_norm and
+                                            tokens.shape[0] >= self.fp8_scale_in_norm_min_tokens),
                          fused_rope_kv=self.fused_rope_kv,
                          fp8_act_quant=self.fp8_act_quant,
                          static_prefill=self.prefill_step and not self.decode_only)
