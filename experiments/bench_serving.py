@@ -69,6 +69,9 @@ _FUSED_ROPE_KV = flags.DEFINE_bool("fused_rope_kv", False, "jax: RoPE + K/V cach
 _FP8_ACT_QUANT = flags.DEFINE_bool("fp8_act_quant", False, "jax, FP8 weights: wo / w_down inputs "
                                    "quantized by one kernel each, the SwiGLU in w_down's "
                                    "(kernels/fp8_act_quant.py)")
+_FP8_SPLIT_K = flags.DEFINE_integer("fp8_split_k_max_rows", None, "jax: ops.FP8_SPLIT_K_MAX_ROWS "
+                                    "(FP8 products of at most this many rows as explicit split-K "
+                                    "partials that the norm / RoPE kernels sum; None: as set)")
 _STATIC_PREFILL = flags.DEFINE_bool("static_prefill_steps", False, "jax: steps holding a prefill "
                                     "chunk take attention's prefill path with no runtime cond "
                                     "(EngineConfig.static_prefill_steps)")
@@ -415,6 +418,10 @@ def run_jax() -> dict:
   result["fused_rope_kv"] = _FUSED_ROPE_KV.value
   result["fp8_act_quant"] = _FP8_ACT_QUANT.value
   result["static_prefill_steps"] = _STATIC_PREFILL.value
+  from jaxinfer import ops
+  if _FP8_SPLIT_K.value is not None:
+    ops.FP8_SPLIT_K_MAX_ROWS = _FP8_SPLIT_K.value
+  result["fp8_split_k_max_rows"] = ops.FP8_SPLIT_K_MAX_ROWS
   result["max_num_batched_tokens"] = _BUDGET.value
   result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
   result["fp8_scale_in_norm"] = _FP8_SCALE_IN_NORM.value

@@ -46,6 +46,36 @@ def quantize_fp8_per_channel(w_kn: jax.Array) -> tuple[jax.Array, jax.Array]:
   return (w32 / s).T.astype(jnp.float8_e4m3fn), s
 
 
+# FP8 projections of at most this many rows (decode steps) compute their product as explicit
+# split-K partial sums: a batched E4M3 dot over S slices of K -> f32 [S, R, N] (the form XLA:GPU
+# itself rewrites such small-M dots into: a cuBLASLt batched GEMM, then a reduction kernel), left
+# for the consumer to sum: ``ops.ScaledRows.apply``, or the residual norm / RoPE kernels
+# (kernels/add_rms_norm.py, kernels/rope_kv_write.py), which then replace XLA's reduction
+# kernel. 0: off (XLA picks its own split).
+FP8_SPLIT_K_MAX_ROWS = int(os.environ.get("JAXINFER_FP8_SPLIT_K_MAX_ROWS", "0"))
+
+
+def fp8_split_k(rows: int, k: int, n: int) -> int:
+  """Slices of K for an FP8 product of ``rows`` x [K, N] (1: a plain dot). Mirrors XLA's own choice
+  at Llama-3-8B decode sizes on the H100 (64 rows: 4 for wqkv N=6144, 8 for wo / w_down N=4096, none
+  for w_gate_up N=28672): more slices the fewer output columns there are to spread over the SMs."""
+  if rows > FP8_SPLIT_K_MAX_ROWS:
+    return 1
+  s = 8 if n <= 4096 else 4 if n <= 8192 else 1
+  while s > 1 and k % (128 * s):
+    s //= 2
+  return s
+
+
+def fp8_dot_partials(xq: jax.Array, w: jax.Array, splits: int) -> jax.Array:
+  """E4M3 xq [R, K] · w [N, K]ᵀ as ``splits`` partial sums over equal slices of K -> f32
+  [splits, R, N] (one batched dot; the sum over axis 0 is the product)."""
+  r, k = xq.shape
+  c = k // splits
+  return jax.lax.dot_general(xq.reshape(r, splits, c), w.reshape(w.shape[0], splits, c),
+                             (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.float32)
+
+
 def fp8_dot(xq: jax.Array, w: jax.Array) -> jax.Array:
   """E4M3 xq [..., K] · E4M3 w [N, K]ᵀ -> bf16 [..., N] (f32 accumulation): one 2-D dot, the form
   XLA's GEMM rewriter turns into a cuBLASLt FP8 matmul (one contracting, one free dim per operand)."""
@@ -91,7 +121,9 @@ class FP8Weight:
     """``linear`` with its output scaling left to the consumer: the raw E4M3 product [R, N] and
     the row / column scales (``ScaledRows.apply`` finishes it; ``add_rms_norm`` takes it as is)."""
     xq, sx = (x.q, x.scale) if isinstance(x, FP8Rows) else quantize_rows_fp8(x)
-    return ScaledRows(fp8_dot(xq, self.w), sx, self.scale, x.dtype)
+    splits = fp8_split_k(xq.shape[0], xq.shape[1], self.w.shape[0])
+    raw = fp8_dot(xq, self.w) if splits == 1 else fp8_dot_partials(xq, self.w, splits)
+    return ScaledRows(raw, sx, self.scale, x.dtype)
 
 
 def quantize_rows_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -105,8 +137,9 @@ def quantize_rows_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ScaledRows:
-  """An FP8 projection's output before its scaling: ``raw`` [R, N] (the E4M3 product, bf16),
-  f32 ``row_scale`` [R, 1] and ``col_scale`` [N]; ``apply()`` = (raw * row * col) in ``dtype``."""
+  """An FP8 projection's output before its scaling: ``raw`` [R, N] (the E4M3 product, bf16) or its
+  split-K partial sums [S, R, N] (f32, ``fp8_dot_partials``), f32 ``row_scale`` [R, 1] and
+  ``col_scale`` [N]; ``apply()`` = (sum of raw * row * col) in ``dtype``."""
   raw: jax.Array
   row_scale: jax.Array
   col_scale: jax.Array
@@ -114,10 +147,17 @@ class ScaledRows:
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return self.raw.shape
+    return self.raw.shape[-2:]
+
+  @property
+  def partials(self) -> bool:
+    return self.raw.ndim == 3
 
   def apply(self) -> jax.Array:
-    return (self.raw.astype(jnp.float32) * self.row_scale * self.col_scale).astype(self.dtype)
+    raw = self.raw.astype(jnp.float32)
+    if self.partials:
+      raw = jnp.sum(raw, axis=0)
+    return (raw * self.row_scale * self.col_scale).astype(self.dtype)
 
 
 def linear_deferred(x: jax.Array | FP8Rows, w) -> jax.Array | ScaledRows:

@@ -26,7 +26,9 @@ a norm (wqkv, w_gate_up). Same grid and tiling; writes T H bytes of E4M3 instead
 Both take y as an FP8 projection's raw output with its scales still to apply (``y_row_scale``
 [T, 1], ``y_col_scale`` [H], f32): y = raw * row * col rounded to x's dtype, as
 ``FP8Weight.linear`` finishes it (the wo and w_down outputs: XLA cannot fuse that scaling into a
-Pallas kernel, so it is a kernel of its own otherwise).
+Pallas kernel, so it is a kernel of its own otherwise). The raw output may also be the product's
+split-K partial sums, float32 [S, T, H] with S a power of two (``ops.fp8_dot_partials``, decode
+steps): the kernel sums them first (XLA's reduction kernel over the partials is then not needed).
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ from jax.experimental.pallas import triton as plgpu
 from jaxinfer.errors import ShapeError
 
 def _scaled(y, y_row_scale, y_col_scale, dtype):
+  if y.ndim == 3:                                       # split-K partial sums
+    y = jnp.sum(y.astype(jnp.float32), axis=0)
+    if y_row_scale is None:
+      return y.astype(dtype)
   if y_row_scale is None:
     return y
   return (y.astype(jnp.float32) * y_row_scale * y_col_scale).astype(dtype)
@@ -65,10 +71,14 @@ def reference_fp8(x: jax.Array, y: jax.Array, w: jax.Array, eps: float, y_row_sc
 
 
 def supports(x: jax.Array, y: jax.Array, w: jax.Array) -> bool:
-  """2-D x and y of one float dtype, H a power of two >= 16 (one Triton block per row)."""
+  """2-D x and y of one float dtype (or y float32 split-K partials [S, T, H], S a power of two),
+  H a power of two >= 16 (one Triton block per row)."""
   h = x.shape[-1]
-  return (x.ndim == 2 and y.shape == x.shape and w.shape == (h,) and x.dtype == y.dtype
-          and jnp.issubdtype(x.dtype, jnp.floating) and h >= 16 and not h & (h - 1))
+  partials = (y.ndim == 3 and y.shape[1:] == x.shape and y.dtype == jnp.float32
+              and not y.shape[0] & (y.shape[0] - 1))
+  return (x.ndim == 2 and (partials or (y.shape == x.shape and x.dtype == y.dtype))
+          and w.shape == (h,) and jnp.issubdtype(x.dtype, jnp.floating) and h >= 16
+          and not h & (h - 1))
 
 
 def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
@@ -79,6 +89,10 @@ def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
     rs_ref, cs_ref, *refs = refs
   dtype = refs[0].dtype
   y = y_ref[...]
+  if y.ndim == 3:                                       # split-K partials [S, 1, H]
+    y = jnp.sum(y, axis=0)
+    if not scaled:
+      y = y.astype(dtype)
   if scaled:
     y = (y.astype(jnp.float32) * rs_ref[...] * cs_ref[...][None, :]).astype(dtype)
   s = (x_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
@@ -110,7 +124,8 @@ def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name):
   block = pl.BlockSpec((1, H), lambda i: (i, 0))
   row = pl.BlockSpec((1, 1), lambda i: (i, 0))
   vec = pl.BlockSpec((H,), lambda i: (0,))
-  in_specs = [block, block, vec] + ([row, vec] if scaled else [])
+  y_block = (pl.BlockSpec((y.shape[0], 1, H), lambda i: (0, i, 0)) if y.ndim == 3 else block)
+  in_specs = [block, y_block, vec] + ([row, vec] if scaled else [])
   args = (x, y, w) + ((y_row_scale.astype(jnp.float32), y_col_scale.astype(jnp.float32))
                       if scaled else ())
   if quantize:

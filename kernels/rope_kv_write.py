@@ -11,7 +11,9 @@ returns the rotated q and writes the rotated k and v into the pages at flat slot
 rounded from the dtype-rounded value). The pages are aliased in place (the cache is donated).
 With an FP8 wqkv (``ops.FP8Weight``) qkv may come as its raw product with the row [T, 1] and column
 scales still to apply (``ops.ScaledRows``): the kernel scales it on load, which saves XLA's
-scaling kernel over [T, (Hq + 2 Hkv) D] as well.
+scaling kernel over [T, (Hq + 2 Hkv) D] as well; the raw product may be split-K partial sums,
+float32 [S, T, (Hq + 2 Hkv) D] with S a power of two (``ops.fp8_dot_partials``, decode steps),
+summed on load (no XLA reduction kernel over them).
 
 Why: XLA:GPU runs the same work as one RoPE fusion (the rotate-half concatenate) plus a scatter per
 cache (k and v): three small kernels per layer, 96 per Llama-3-8B decode step (H100 c=64 FP8 trace:
@@ -46,7 +48,10 @@ def reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array,
   """Plain JAX: split, ``ops.apply_rope`` on q and k, ``kv_cache.write_kv`` of k and v (what
   ``models.llama.self_attention`` runs unfused); qkv scaled first when given an FP8 product's
   scales (as ``ops.ScaledRows.apply``)."""
-  if row_scale is not None:
+  if qkv.ndim == 3:                          # split-K partials of an FP8 product
+    from jaxinfer.ops import ScaledRows
+    qkv = ScaledRows(qkv, row_scale, col_scale, jnp.bfloat16).apply()
+  elif row_scale is not None:
     qkv = (qkv.astype(jnp.float32) * row_scale * col_scale).astype(qkv.dtype)
   T = qkv.shape[0]
   D = k_pages.shape[-1]
@@ -63,15 +68,19 @@ def _pow2(n: int) -> bool:
 
 
 def supports(qkv: jax.Array, k_pages: jax.Array, num_heads: int, num_kv_heads: int) -> bool:
-  """2-D qkv of a 16/32-bit float dtype with Hq, Hkv and D / 2 powers of two, the pages in qkv's
-  dtype or E4M3 / E5M2."""
-  if qkv.ndim != 2 or k_pages.ndim != 4:
+  """2-D qkv of a 16/32-bit float dtype (or float32 split-K partials [S, T, W] of an FP8 product,
+  S a power of two, whose q comes out bf16) with Hq, Hkv and D / 2 powers of two, the pages in
+  q's dtype or E4M3 / E5M2."""
+  partials = qkv.ndim == 3 and qkv.dtype == jnp.float32 and _pow2(qkv.shape[0])
+  if not (qkv.ndim == 2 or partials) or k_pages.ndim != 4:
     return False
   D = k_pages.shape[-1]
-  return (qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D and k_pages.shape[2] == num_kv_heads
+  out_dtype = jnp.bfloat16 if partials else qkv.dtype
+  return (qkv.shape[-1] == (num_heads + 2 * num_kv_heads) * D
+          and k_pages.shape[2] == num_kv_heads
           and qkv.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and D % 2 == 0
           and _pow2(num_heads) and _pow2(num_kv_heads) and _pow2(D // 2)
-          and (is_fp8(k_pages.dtype) or k_pages.dtype == qkv.dtype))
+          and (is_fp8(k_pages.dtype) or k_pages.dtype == out_dtype))
 
 
 def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in_ref, *refs,
@@ -88,7 +97,10 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
   s1, s2 = sin_ref[t, lo][None, :], sin_ref[t, hi][None, :]
 
   def load(heads, cols):
-    x = qkv_ref[t, heads, cols]
+    if len(qkv_ref.shape) == 4:                # split-K partials [S, T, heads, D]: their sum
+      x = jnp.sum(qkv_ref[:, t, heads, cols], axis=0)
+    else:
+      x = qkv_ref[t, heads, cols]
     if scaled:   # an FP8 product: raw * row * col, rounded to the dtype (ScaledRows.apply)
       x = (x.astype(jnp.float32) * rs_ref[t, 0] * cs_ref[heads, cols]).astype(dtype)
     return x
@@ -132,21 +144,25 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
   if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
     raise ShapeError(f"k_pages {k_pages.shape} {k_pages.dtype} != v_pages {v_pages.shape} "
                      f"{v_pages.dtype}")
-  T = qkv.shape[0]
+  partials = qkv.ndim == 3
+  T = qkv.shape[-2]
   N, page, hkv, D = k_pages.shape
+  out_dtype = jnp.bfloat16 if partials else qkv.dtype
+  if partials and row_scale is None:
+    raise ShapeError("rope_kv_write: split-K partials need the FP8 product's scales")
   if cos.shape != (T, D) or sin.shape != (T, D) or slots.shape != (T,):
     raise ShapeError(f"cos / sin must be [T={T}, D={D}] and slots [T]; got {cos.shape}, "
                      f"{sin.shape}, {slots.shape}")
   scaled = row_scale is not None
   if scaled and (row_scale.shape != (T, 1) or col_scale is None
-                 or col_scale.shape != (qkv.shape[1],)):
-    raise ShapeError(f"rope_kv_write: scales must be [T, 1] and [{qkv.shape[1]}], got "
+                 or col_scale.shape != (qkv.shape[-1],)):
+    raise ShapeError(f"rope_kv_write: scales must be [T, 1] and [{qkv.shape[-1]}], got "
                      f"{row_scale.shape}, {None if col_scale is None else col_scale.shape}")
   heads = num_heads + 2 * hkv
   extra = ((row_scale.astype(jnp.float32), col_scale.astype(jnp.float32).reshape(heads, D))
            if scaled else ())
   flat = (N * page, hkv, D)
-  out_shape = [jax.ShapeDtypeStruct((T, num_heads, D), qkv.dtype),
+  out_shape = [jax.ShapeDtypeStruct((T, num_heads, D), out_dtype),
                jax.ShapeDtypeStruct(flat, k_pages.dtype),
                jax.ShapeDtypeStruct(flat, v_pages.dtype)]
   scalar = lambda s: jnp.asarray(s, jnp.float32).reshape(1)
@@ -159,7 +175,7 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name="rope_kv_write",
-  )(slots.astype(jnp.int32), qkv.reshape(T, heads, D), cos.astype(jnp.float32),
+  )(slots.astype(jnp.int32), qkv.reshape(*qkv.shape[:-1], heads, D), cos.astype(jnp.float32),
     sin.astype(jnp.float32), scalar(k_scale), scalar(v_scale), k_pages.reshape(flat),
     v_pages.reshape(flat), *extra)
   return q, k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
