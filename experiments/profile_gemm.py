@@ -7,8 +7,8 @@ Each shape (MxKxN) is compiled and run once outside the range (so compilation, i
 and quantization kernels are not profiled), then ``--calls`` times between cuProfilerStart and
 cuProfilerStop: every kernel of those calls is profiled (the GEMM kernel and, with split-K, XLA's
 reduction of the partials). ``--impl`` picks the kernel: ``kl`` (nvfp4_matmul.w4a16_matmul_kl
-with its default tiling or ``--kl_variant``, bench_gemm's variant syntax), ``mgpu`` (the Mosaic GPU
-decode kernel, nvfp4_matmul_mgpu, ``--mgpu_variant``), ``xla`` (the bf16 dot, for reference).
+with its default tiling and ``--kl_tiling`` overrides), ``mgpu`` (the Mosaic GPU decode kernel,
+nvfp4_matmul_mgpu, ``--mgpu_tiling`` overrides), ``xla`` (the bf16 dot, for reference).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from experiments import bench_gemm  # the kl variant parser; also defines --interpret
 from kernels import nvfp4_matmul as nk
 from kernels import nvfp4_matmul_mgpu as mgk
 from kernels.quant import nvfp4
@@ -28,8 +27,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["8x4096x14336", "8x14336x4096", "64x4096x14336", "64x14336x4096"],
                   "MxKxN decode shapes")
 flags.DEFINE_list("impls", ["kl"], "kl, mgpu, xla (each shape runs every impl)")
-flags.DEFINE_string("kl_variant", "default", "bench_gemm kl_variant syntax for --impls=kl")
-flags.DEFINE_string("mgpu_variant", "mgpu default", "bench_gemm mgpu_variant syntax for --impls=mgpu")
+flags.DEFINE_list("kl_tiling", [], "--impls=kl: key=value overrides of nvfp4_matmul.default_kl_tiling")
+flags.DEFINE_list("mgpu_tiling", [],
+                  "--impls=mgpu: key=value overrides of nvfp4_matmul_mgpu.default_tiling "
+                  "(e.g. consumers=2,x_in_kernel=1)")
+flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU dry run; implies --no_range)")
 flags.DEFINE_integer("calls", 2, "profiled calls per shape and impl")
 flags.DEFINE_bool("no_range", False, "do not call cuProfilerStart/Stop (profile from start)")
 
@@ -67,14 +69,27 @@ class _ProfilerRange:
     self._call("cuProfilerStop")
 
 
+def _overrides(items: list[str]) -> dict:
+  """["block_n=64", "dequant=asm", "x_in_kernel=1"] -> {"block_n": 64, ...} (ints where they parse;
+  0/1 stay ints, which the frozen configs accept for their bool fields)."""
+  out = {}
+  for item in items:
+    key, _, val = item.partition("=")
+    try:
+      out[key] = int(val)
+    except ValueError:
+      out[key] = val
+  return out
+
+
 def _fn(impl: str, m: int, k: int, n: int):
   if impl == "kl":
-    t, x_dtype = bench_gemm.kl_variant(FLAGS.kl_variant, m, n, k)
+    t = nk.default_kl_tiling(m, n, k, **_overrides(FLAGS.kl_tiling))
     print(f"M{m} K{k} N{n} kl tiling {t}", flush=True)
-    return jax.jit(lambda x, p, s, g: nk.w4a16_matmul_kl(x.astype(x_dtype), p, s, g, tiling=t,
+    return jax.jit(lambda x, p, s, g: nk.w4a16_matmul_kl(x, p, s, g, tiling=t,
                                                              interpret=FLAGS.interpret))
   if impl == "mgpu":
-    t = bench_gemm.mgpu_variant(FLAGS.mgpu_variant, m, n, k)
+    t = mgk.default_tiling(m, n, k, **_overrides(FLAGS.mgpu_tiling))
     print(f"M{m} K{k} N{n} mgpu tiling {t}", flush=True)
     return jax.jit(lambda x, w, g: mgk.w4a16_matmul_mgpu(x, w, g, n=n, tiling=t,
                                                            interpret=FLAGS.interpret))

@@ -16,6 +16,9 @@ NVFP4 weights in the kernel layout (kernels/quant/weights: NVFP4Weight.to_kernel
 repack; K % 256 == 0) run the kernel-layout decode kernels (nvfp4_matmul.w4a16_matmul_kl,
 grouped_matmul.grouped_matmul_nvfp4_kl: the fastest, 1.4-2.0x XLA's bf16 dot at M <= 32 and
 2.3-3.1x ragged_dot on the H100, benchmarks/gemm.md); call it once on load for decode serving.
+Weights in the Mosaic GPU layout (NVFP4Weight.to_mgpu_layout, dense only) run
+kernels/nvfp4_matmul_mgpu.w4a16_matmul_mgpu on Hopper (compute capability 9.0) up to
+MGPU_DECODE_MAX_M rows, and dequantize + XLA's dot otherwise (other GPUs, larger M).
 ModelOpt-layout weights run the original kernels: dense decode (M <= 64) on the PTX "asm" route
 with the even/odd x split (kernels.nvfp4_matmul.DECODE_DEQUANT / DECODE_EVEN_ODD), grouped decode
 on kernels.grouped_matmul.DECODE_DEQUANT ("f32", bf16 MMA). Every f16 route (the kernel layout's,
@@ -33,6 +36,7 @@ from kernels import fp8_block_matmul as fp8_kernels
 from kernels import fp8_block_matmul_mgpu as fp8_mgpu_kernels
 from kernels import grouped_matmul as grouped_kernels
 from kernels import nvfp4_matmul as nvfp4_kernels
+from kernels import nvfp4_matmul_mgpu as nvfp4_mgpu_kernels
 from kernels.quant import fp8_block, nvfp4
 from kernels.quant.weights import (FP8BlockWeight, GroupedFP8BlockWeight, GroupedNVFP4Weight,
                                    NVFP4Weight)
@@ -66,6 +70,9 @@ KL_X_F16: bool = True
 # x16in, float64-checked): mixed, 21.4 -> 27.1 us at M=8 K=4096 N=14336 and 39.4 -> 53.0 us at
 # M=64 K=14336 N=4096, 24.9 -> 24.2 / 39.8 -> 37.9 us at the two others.
 KL_X_F16_DENSE: bool = False
+# Rows up to which a weight in the Mosaic GPU layout runs the Mosaic decode kernel (the range it
+# was measured in: M = 1..64, benchmarks/gemm.md); above, dequantize + XLA's dot.
+MGPU_DECODE_MAX_M: int = 64
 
 
 def _gpu_capability() -> float | None:
@@ -86,12 +93,16 @@ def _use_kernels() -> bool:
 
 def nvfp4_matmul(x: jax.Array, w: NVFP4Weight) -> jax.Array:
   """W4A16; a weight in the kernel layout (NVFP4Weight.to_kernel_layout) runs the decode kernel
-  nvfp4_matmul.w4a16_matmul_kl below PREFILL_DEQUANT_M rows."""
+  nvfp4_matmul.w4a16_matmul_kl below PREFILL_DEQUANT_M rows, one in the Mosaic GPU layout
+  (to_mgpu_layout) nvfp4_matmul_mgpu.w4a16_matmul_mgpu on Hopper up to MGPU_DECODE_MAX_M rows."""
   if x.ndim != 2 or x.shape[1] != w.k:
     raise ShapeError(f"x must be [M, K={w.k}], got {x.shape}")
   if not _use_kernels():
     return nvfp4_kernels.w4a16_reference(x, w.modelopt_packed(), w.scale, w.global_scale)
-  if PREFILL_DEQUANT_M is not None and x.shape[0] >= PREFILL_DEQUANT_M:
+  mgpu = w.layout == "mgpu"
+  if mgpu and _gpu_capability() == 9.0 and x.shape[0] <= MGPU_DECODE_MAX_M:
+    return nvfp4_mgpu_kernels.w4a16_matmul_mgpu(x, w.packed, w.global_scale, n=w.n)
+  if mgpu or (PREFILL_DEQUANT_M is not None and x.shape[0] >= PREFILL_DEQUANT_M):
     wd = nvfp4.dequantize(w.modelopt_packed(), w.scale, w.global_scale, x.dtype)
     return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
   if w.layout == "kernel":

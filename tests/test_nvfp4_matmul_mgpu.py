@@ -296,3 +296,39 @@ def test_lowers_for_hopper_on_cpu():
     fn = lambda x, w, g, n=n, t=t: mg.w4a16_matmul_mgpu(x, w, g, n=n, tiling=t)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_weight_layout_and_public_op_dispatch(rng, monkeypatch):
+  """NVFP4Weight.to_mgpu_layout round-trips to the ModelOpt bytes; the public op gives the
+  ModelOpt weight's result on CPU, and on a (pretended) Hopper GPU runs the Mosaic kernel (here
+  interpreted) up to MGPU_DECODE_MAX_M rows, dequantize + dot above."""
+  from kernels import gemm
+  from kernels.quant import GroupedNVFP4Weight, NVFP4Weight
+  k, n = 512, 192
+  w = NVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((k, n)), jnp.float32))
+  wm = w.to_mgpu_layout()
+  assert wm.layout == "mgpu" and (wm.k, wm.n) == (k, n) and wm.to_mgpu_layout() is wm
+  np.testing.assert_array_equal(np.asarray(wm.modelopt_packed()), np.asarray(w.packed))
+  np.testing.assert_array_equal(np.asarray(wm.to_kernel_layout().packed),
+                                np.asarray(w.to_kernel_layout().packed))
+  x = jnp.asarray(rng.standard_normal((5, k)), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(gemm.nvfp4_matmul(x, wm), np.float32),
+                                np.asarray(gemm.nvfp4_matmul(x, w), np.float32))
+  calls = []
+  kernel = gemm.nvfp4_mgpu_kernels.w4a16_matmul_mgpu
+
+  def interpreted(*args, **kwargs):
+    calls.append(args[0].shape)
+    return kernel(*args, **kwargs, interpret=True)
+
+  monkeypatch.setattr(gemm, "_gpu_capability", lambda: 9.0)
+  monkeypatch.setattr(gemm.nvfp4_mgpu_kernels, "w4a16_matmul_mgpu", interpreted)
+  ref = np.asarray(x, np.float64) @ np.asarray(w.dequantize(), np.float64)
+  y = np.asarray(gemm.nvfp4_matmul(x, wm).astype(jnp.float32), np.float64)
+  assert calls == [(5, k)] and np.linalg.norm(y - ref) / np.linalg.norm(ref) < 4e-3
+  monkeypatch.setattr(gemm, "MGPU_DECODE_MAX_M", 4)
+  y = np.asarray(gemm.nvfp4_matmul(x, wm).astype(jnp.float32), np.float64)
+  assert calls == [(5, k)] and np.linalg.norm(y - ref) / np.linalg.norm(ref) < 4e-3
+  with pytest.raises(ShapeError, match="dense weights only"):
+    GroupedNVFP4Weight(jnp.zeros((2, 64, 128), jnp.uint8),
+                       jnp.zeros((2, 64, 16), jnp.float8_e4m3fn), jnp.ones((2,)), layout="mgpu")

@@ -3,10 +3,12 @@
 Storage follows the checkpoints (K last): NVFP4 as ModelOpt ([N, K/2] uint8, [N, K/16] e4m3, f32),
 FP8 as DeepSeek-V3 ([N, K] e4m3, [N/128, K/128] f32). ``from_modelopt`` / ``from_deepseek`` take
 the checkpoint tensors byte-for-byte (no repacking); ``from_dense`` quantizes a [K, N] matrix.
-NVFP4 weights carry a static ``layout``: "modelopt" (the checkpoint bytes) or "kernel" (the same
-codes K-permuted by kernels/quant/nvfp4.to_kernel_layout for the faster decode kernels, K a
-multiple of 256); ``to_kernel_layout()`` repacks once, ``to_modelopt()`` / ``modelopt_packed()``
-give the checkpoint bytes back exactly.
+NVFP4 weights carry a static ``layout``: "modelopt" (the checkpoint bytes), "kernel" (the same
+codes K-permuted by kernels/quant/nvfp4.to_kernel_layout for the Triton decode kernels, K a
+multiple of 256) or "mgpu" (dense only: codes and scales in the fragment-ordered records of the
+Mosaic GPU decode kernel, kernels/nvfp4_matmul_mgpu.to_mgpu_layout, uint32 [N/64, K/256, 72, 32];
+``scale`` keeps the ModelOpt copy); ``to_kernel_layout()`` / ``to_mgpu_layout()`` repack once,
+``to_modelopt()`` / ``modelopt_packed()`` give the checkpoint bytes back exactly.
 Grouped (MoE) variants stack experts on a leading axis E and are consumed by
 ``kernels.gemm.grouped_matmul``.
 """
@@ -36,7 +38,7 @@ def _as_f32_scale(s, shape: tuple[int, ...], name: str) -> jax.Array:
   return s.reshape(shape)
 
 
-NVFP4_LAYOUTS = ("modelopt", "kernel")
+NVFP4_LAYOUTS = ("modelopt", "kernel", "mgpu")
 
 
 def _layout_field():
@@ -56,13 +58,17 @@ class _NVFP4Layout:
 
   def modelopt_packed(self) -> jax.Array:
     """The packed codes in the ModelOpt (checkpoint) layout."""
+    if self.layout == "mgpu":
+      from kernels import nvfp4_matmul_mgpu   # noqa: PLC0415  (kernels import this module)
+      return nvfp4_matmul_mgpu.from_mgpu_layout(self.packed, self.n, self.k)[0]
     return nvfp4.from_kernel_layout(self.packed) if self.layout == "kernel" else self.packed
 
   def to_kernel_layout(self):
     """The same weight with its bytes repacked for the decode kernels (K % 256 == 0)."""
     if self.layout == "kernel":
       return self
-    return dataclasses.replace(self, packed=nvfp4.to_kernel_layout(self.packed), layout="kernel")
+    return dataclasses.replace(self, packed=nvfp4.to_kernel_layout(self.modelopt_packed()),
+                               layout="kernel")
 
   def to_modelopt_layout(self):
     if self.layout == "modelopt":
@@ -88,11 +94,20 @@ class NVFP4Weight(_NVFP4Layout):
 
   @property
   def k(self) -> int:
-    return self.packed.shape[-1] * 2
+    return self.scale.shape[-1] * 16      # the scales keep the ModelOpt layout in every layout
 
   @property
   def n(self) -> int:
-    return self.packed.shape[-2]
+    return self.scale.shape[-2]
+
+  def to_mgpu_layout(self) -> "NVFP4Weight":
+    """The same weight repacked for the Mosaic GPU decode kernel (kernels/nvfp4_matmul_mgpu)."""
+    if self.layout == "mgpu":
+      return self
+    from kernels import nvfp4_matmul_mgpu   # noqa: PLC0415
+    return dataclasses.replace(
+        self, packed=nvfp4_matmul_mgpu.to_mgpu_layout(self.modelopt_packed(), self.scale),
+        layout="mgpu")
 
   @classmethod
   def from_dense(cls, w_kn: jax.Array, global_scale: jax.Array | None = None) -> "NVFP4Weight":
@@ -176,6 +191,11 @@ class GroupedNVFP4Weight(_NVFP4Layout):
   global_scale: jax.Array
   input_scale: jax.Array | None = None
   layout: str = _layout_field()
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.layout == "mgpu":
+      raise ShapeError("the Mosaic GPU ('mgpu') NVFP4 layout is for dense weights only")
 
   @property
   def num_groups(self) -> int:
