@@ -11,6 +11,7 @@ JAX; ``paged_attention`` picks a Pallas kernel on GPU when one applies.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
@@ -189,6 +190,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
 
 
 _MAX_DECODE_TOKENS = 8  # per sequence, for the decode kernel
+# Query rows per program of the prefill kernel in static prefill steps (``static_prefill``; 0: the
+# kernel's default tiles). A serving engine's mixed step holds a few prompt chunks and many 1-token
+# decode rows, each decode row costing the kernel a whole query tile over its keys: smaller tiles
+# waste less there.
+MIXED_PREFILL_BLOCK_Q = int(os.environ.get("JAXINFER_MIXED_PREFILL_BLOCK_Q", "0"))
 
 
 def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale, k_scale, v_scale,
@@ -212,17 +218,21 @@ def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale
         q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start, scale=scale,
         k_scale=k_scale, v_scale=v_scale, max_q=max_q, interpret=interpret)
 
-  def run_prefill():
+  def run_prefill(tiles=flash_attention.PrefillTiles()):
     _, page_size, kv_heads, _ = k_pages.shape
     k = k_pages[batch.page_table].reshape(B, -1, kv_heads, k_pages.shape[-1])
     v = v_pages[batch.page_table].reshape(B, -1, kv_heads, v_pages.shape[-1])
     return flash_attention.flash_prefill(
         q, k, v, batch.query_start, batch.seq_lens, scale=scale, k_scale=k_scale,
-        v_scale=v_scale, interpret=interpret).astype(q.dtype)
+        v_scale=v_scale, tiles=tiles, interpret=interpret).astype(q.dtype)
 
   if static_decode:
     return run_decode()
   if static_prefill:
-    return run_prefill()
+    tiles = flash_attention.PrefillTiles()
+    if MIXED_PREFILL_BLOCK_Q:
+      tiles = dataclasses.replace(tiles, block_q=MIXED_PREFILL_BLOCK_Q,
+                                  num_warps=4 if MIXED_PREFILL_BLOCK_Q <= 64 else tiles.num_warps)
+    return run_prefill(tiles)
   longest = jnp.max(jnp.diff(batch.query_start))
   return jax.lax.cond(longest <= max_q, run_decode, run_prefill)

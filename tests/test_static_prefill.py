@@ -34,11 +34,15 @@ def np_attention(q, kp, vp, chunks, page_size, scale):
   return out
 
 
+@pytest.mark.parametrize("block_q", [0, 16])
 @pytest.mark.parametrize("chunks", [
     [SeqChunk([3, 1], 20, 11), SeqChunk([5], 0, 1), SeqChunk([2, 7], 16, 1)],   # mixed
     [SeqChunk([3, 1], 30, 1), SeqChunk([5], 7, 1)],                            # all decode rows
 ])
-def test_static_prefill_attention_matches_float64_without_a_cond(chunks):
+def test_static_prefill_attention_matches_float64_without_a_cond(chunks, block_q, monkeypatch):
+  """(block_q: the mixed-step prefill tiles, attention.MIXED_PREFILL_BLOCK_Q)"""
+  import jaxinfer.attention as attention
+  monkeypatch.setattr(attention, "MIXED_PREFILL_BLOCK_Q", block_q)
   rng = np.random.default_rng(len(chunks))
   H, KV, D, page = 8, 2, 32, 16
   kp = jnp.asarray(rng.standard_normal((8, page, KV, D)), jnp.bfloat16)
