@@ -19,14 +19,19 @@ scales. Each (strip, K tile) is one contiguous 9216-byte record ``uint32 [N/64, 
   k = 64 q + 2 j + e, so a thread's 64 columns per row are 4 whole 16-element scale groups.
   Thread t = 32 w + 4 r + q owns rows 16 w + r + 8 h (h = 0, 1) of the strip; its word u = 0..15
   (c = u // 4) covers row half h = u // 8, scale group g = (u // 2) % 4 (of its 4) and fragment
-  columns j = 8 g + 4 (u % 2) + s for nibble slot s = 0..3: element (slot s, lane e) sits at bits
-  16 e + 4 s .. 16 e + 4 s + 3 of the word (lane e = the low / high 16 bits).
-Dequantization (per 32-bit word = 8 elements, inline PTX): f16 bits of value * 2^-14 are
-``(w << (12 - 4 s)) & 0x80008000 | (w << (9 - 4 s)) & 0x0E000E00`` for slot s (sign to bit 15,
-the 3 magnitude bits to 9..11: exact, subnormals included), times the block scale as a splat f16
-pair (``mul.rn.f16x2``: exact, products are multiples of 2^-24 below 2^6). So ~3-4 ALU + 1 HMUL2
-per 2 elements and no conversion instruction; the scale bytes take one cvt.rn.f16x2.e4m3x2 per
-two scales. The accumulator (f32) is multiplied by 2^14 x the global scale at the end.
+  columns j = 8 g + 4 (u % 2) + s for nibble slot s = 0..3, each slot holding the two elements
+  e = 0, 1 (columns 8 j + 2 q + e). The 4 bits of element (s, e) are scattered over the word
+  (``_BIT_POS``) so that the dequantization needs few instructions: the f16 bit pattern of
+  value * 2^-14 has the sign at bit 15 and the 3 magnitude bits at 9..11 of each 16-bit half
+  (exact, subnormals included), and per word
+      slot 0: w & 0x8E008E00                      (the bits already sit there)
+      slot 1: rotr(w, 3) & 0x8E008E00
+      slot 2: (w << 6) & 0x0E000E00 | rotr(w, 1) & 0x80008000
+      slot 3: (w << 3) & 0x0E000E00 | rotr(w, 2) & 0x80008000
+  (11 ALU instructions per 8 elements: the integer pipe runs 64 lanes per clock per SM, so at
+  ~1.4 per element it stays under the memory time), each times the splat f16 block scale
+  (``mul.rn.f16x2``: exact, products are multiples of 2^-24 below 2^6). The scale bytes take one
+  cvt.rn.f16x2.e4m3x2 per two scales.
 
 Kernel structure (like kernels/mla_attention_mgpu.py): grid (N / (64 C S), split_k); per CTA
 ``consumers`` (C) warpgroups of ``strips`` (S) 64-row strips each plus one producer warpgroup
@@ -152,6 +157,40 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
 
 # ----- weight layout -----
 
+# _BIT_POS[s][e] = word bit positions of (m, e0, e1, sign) of element (slot s, lane e): the bits
+# each slot's PTX (_DEQ_PTX) moves to 9, 10, 11 and 15 of half e.
+_BIT_POS = (((9, 10, 11, 15), (25, 26, 27, 31)),
+            ((12, 13, 14, 18), (28, 29, 30, 2)),
+            ((3, 4, 5, 16), (19, 20, 21, 0)),
+            ((6, 7, 8, 17), (22, 23, 24, 1)))
+
+
+def _pack_word(nib: jax.Array) -> jax.Array:
+  """E2M1 codes [..., 4 (slot), 2 (lane)] (uint8) -> uint32 words [...] per _BIT_POS."""
+  n = nib.astype(jnp.uint32)
+  w = jnp.zeros(nib.shape[:-2], jnp.uint32)
+  for s_, lanes in enumerate(_BIT_POS):
+    for e, pos in enumerate(lanes):
+      for b, p in enumerate(pos):
+        w = w | (((n[..., s_, e] >> b) & 1) << p)
+  return w
+
+
+def _unpack_word(w: jax.Array) -> jax.Array:
+  """Inverse of _pack_word: uint32 [...] -> codes uint8 [..., 4, 2]."""
+  w = w.astype(jnp.uint32)
+  out = []
+  for lanes in _BIT_POS:
+    row = []
+    for pos in lanes:
+      c = jnp.zeros(w.shape, jnp.uint32)
+      for b, p in enumerate(pos):
+        c = c | (((w >> p) & 1) << b)
+      row.append(c)
+    out.append(jnp.stack(row, axis=-1))
+  return jnp.stack(out, axis=-2).astype(jnp.uint8)
+
+
 def _pad_to(a: jax.Array, axis: int, size: int) -> jax.Array:
   pad = [(0, 0)] * a.ndim
   pad[axis] = (0, size - a.shape[axis])
@@ -166,13 +205,13 @@ def to_mgpu_layout(packed: jax.Array, scale: jax.Array) -> jax.Array:
   s_n, t_k = -(-n // STRIP), -(-k // TILE_K)
   codes = nvfp4.unpack_nibbles(packed).astype(jnp.uint8)                      # [N, K]
   codes = _pad_to(_pad_to(codes, 0, s_n * STRIP), 1, t_k * TILE_K)
-  # source dims: row = (S, w, h, r), k = (T, q, g_hi, g_lo, jb, s_hi, s_lo, e)
-  c = codes.reshape(s_n, 4, 2, 8, t_k, 4, 2, 2, 2, 2, 2, 2)
-  #  0:S 1:w 2:h 3:r 4:T 5:q 6:g_hi 7:g_lo 8:jb 9:s_hi 10:s_lo 11:e
-  # target: [S, T, c=(h, g_hi), t=(w, r, q), v=(g_lo, jb), byte=(e, s_hi), nibble s_lo]
-  c = c.transpose(0, 4, 2, 6, 1, 3, 5, 7, 8, 11, 9, 10)
-  b = c[..., 0] | (c[..., 1] << 4)                                             # nibble pairs
-  codes_bytes = b.reshape(s_n, t_k, 8192)
+  # source dims: row = (S, w, h, r), k = (T, q, g_hi, g_lo, jb, s, e)
+  c = codes.reshape(s_n, 4, 2, 8, t_k, 4, 2, 2, 2, 4, 2)
+  #  0:S 1:w 2:h 3:r 4:T 5:q 6:g_hi 7:g_lo 8:jb 9:s 10:e
+  # target words: [S, T, c=(h, g_hi), t=(w, r, q), v=(g_lo, jb)] of (slot s, lane e)
+  c = c.transpose(0, 4, 2, 6, 1, 3, 5, 7, 8, 9, 10)
+  words = _pack_word(c).reshape(s_n, t_k, 2048)
+  codes_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(s_n, t_k, 8192)
   sc = jax.lax.bitcast_convert_type(scale, jnp.uint8)                          # [N, K/16]
   sc = _pad_to(_pad_to(sc, 0, s_n * STRIP), 1, t_k * (TILE_K // 16))
   # source dims: row = (S, w, h, r), group = (T, q, g); target [S, T, t=(w, r, q), (h, g)]
@@ -191,11 +230,10 @@ def from_mgpu_layout(w: jax.Array, n: int, k: int) -> tuple[jax.Array, jax.Array
   """Inverse of to_mgpu_layout: -> (packed uint8 [N, K/2], scale float8_e4m3fn [N, K/16])."""
   s_n, t_k = w.shape[:2]
   rec = _record_bytes(w)
-  b = rec[..., :8192].reshape(s_n, t_k, 2, 2, 4, 8, 4, 2, 2, 2, 2)
-  # [S, T, h, g_hi, w, r, q, g_lo, jb, e, s_hi] + nibble s_lo
-  c = jnp.stack([b & 0xF, b >> 4], axis=-1)
-  # back to (S, w, h, r, T, q, g_hi, g_lo, jb, s_hi, s_lo, e)
-  c = c.transpose(0, 4, 2, 5, 1, 6, 3, 7, 8, 10, 11, 9).reshape(s_n * STRIP, t_k * TILE_K)
+  words = jax.lax.bitcast_convert_type(rec[..., :8192].reshape(s_n, t_k, 2048, 4), jnp.uint32)
+  c = _unpack_word(words.reshape(s_n, t_k, 2, 2, 4, 8, 4, 2, 2))
+  # [S, T, h, g_hi, w, r, q, g_lo, jb, s, e] -> (S, w, h, r, T, q, g_hi, g_lo, jb, s, e)
+  c = c.transpose(0, 4, 2, 5, 1, 6, 3, 7, 8, 9, 10).reshape(s_n * STRIP, t_k * TILE_K)
   packed = nvfp4.pack_nibbles(c[:n, :k])
   sc = rec[..., 8192:].reshape(s_n, t_k, 4, 8, 4, 2, 4)      # [S, T, w, r, q, h, g]
   sc = sc.transpose(0, 2, 5, 3, 1, 4, 6).reshape(s_n * STRIP, t_k * 16)
@@ -217,10 +255,10 @@ def dequant_record(rec_words: jax.Array) -> jax.Array:
   (columns in the kernel's permuted order), equal to value * scale * 2^-14 exactly. The jnp twin
   of the in-register PTX dequantization."""
   b = jax.lax.bitcast_convert_type(rec_words, jnp.uint8).reshape(RECORD_WORDS * 4)
-  codes = b[:8192].reshape(2, 2, 4, 8, 4, 2, 2, 2, 2)        # [h, g_hi, w, r, q, g_lo, jb, e, s_hi]
-  codes = jnp.stack([codes & 0xF, codes >> 4], axis=-1)      # + s_lo
-  # -> [w, h, r, g_hi, g_lo, jb, s_hi, s_lo, q, e] = rows (w, h, r), columns p = (j, q, e)
-  codes = codes.transpose(2, 0, 3, 1, 5, 6, 8, 9, 4, 7).reshape(STRIP, TILE_K)
+  words = rec_words.reshape(RECORD_WORDS)[:2048].reshape(2, 2, 4, 8, 4, 2, 2)
+  codes = _unpack_word(words)          # [h, g_hi, w, r, q, g_lo, jb, s, e]
+  # -> [w, h, r, g_hi, g_lo, jb, s, q, e] = rows (w, h, r), columns p = (j, q, e)
+  codes = codes.transpose(2, 0, 3, 1, 5, 6, 7, 4, 8).reshape(STRIP, TILE_K)
   mag = (codes & 7).astype(jnp.uint16) << 9
   sign = (codes & 8).astype(jnp.uint16) << 12
   val = jax.lax.bitcast_convert_type(mag | sign, jnp.float16)          # value * 2^-14
@@ -234,16 +272,16 @@ def dequant_record(rec_words: jax.Array) -> jax.Array:
 # ----- in-register dequantization (GPU) -----
 
 def _deq_word_ptx() -> str:
-  """$0..$3: the 4 f16x2 of nibble slots 0..3 of word $4, times the splat scale $5."""
-  lines = ["{", ".reg .b32 t, u;"]
-  for s in range(4):
-    a, b = 12 - 4 * s, 9 - 4 * s
-    lines.append(f"shl.b32 t, $4, {a};" if a > 0 else "mov.b32 t, $4;")
-    lines.append(f"shl.b32 u, $4, {b};" if b >= 0 else f"shr.b32 u, $4, {-b};")
-    lines += ["and.b32 t, t, 0x80008000;", "and.b32 u, u, 0x0E000E00;", "or.b32 t, t, u;",
-              f"mul.rn.f16x2 ${s}, t, $5;"]
-  lines.append("}")
-  return "\n".join(lines)
+  """$0..$3: the 4 f16x2 of nibble slots 0..3 of word $4 (bits per _BIT_POS), times the splat
+  scale $5."""
+  return "\n".join([
+      "{", ".reg .b32 t, u;",
+      "and.b32 t, $4, 0x8E008E00;", "mul.rn.f16x2 $0, t, $5;",
+      "shf.r.wrap.b32 t, $4, $4, 3;", "and.b32 t, t, 0x8E008E00;", "mul.rn.f16x2 $1, t, $5;",
+      "shl.b32 t, $4, 6;", "and.b32 t, t, 0x0E000E00;", "shf.r.wrap.b32 u, $4, $4, 1;",
+      "and.b32 u, u, 0x80008000;", "or.b32 t, t, u;", "mul.rn.f16x2 $2, t, $5;",
+      "shl.b32 t, $4, 3;", "and.b32 t, t, 0x0E000E00;", "shf.r.wrap.b32 u, $4, $4, 2;",
+      "and.b32 u, u, 0x80008000;", "or.b32 t, t, u;", "mul.rn.f16x2 $3, t, $5;", "}"])
 
 
 # $0..$3: splat f16 pairs of the 4 E4M3 scale bytes of word $4 (byte i -> ($i, $i)).

@@ -123,6 +123,10 @@ def run_ptx(ptx: str, args: list[int], n_out: int) -> list[int]:
       regs[d] = val(srcs[0])
     elif op == "shl.b32":
       regs[d] = (val(srcs[0]) << val(srcs[1])) & m32
+    elif op == "shf.r.wrap.b32":                              # funnel shift of (b:a) = rotate
+      a, n = val(srcs[0]), val(srcs[2]) & 31
+      assert val(srcs[1]) == a
+      regs[d] = ((a >> n) | (a << (32 - n))) & m32
     elif op == "shr.b32":
       regs[d] = val(srcs[0]) >> val(srcs[1])
     elif op == "and.b32":
@@ -146,6 +150,18 @@ def run_ptx(ptx: str, args: list[int], n_out: int) -> list[int]:
     else:
       raise NotImplementedError(line)
   return [regs[f"${i}"] for i in range(n_out)]
+
+
+def test_bit_positions_cover_the_word():
+  """Every bit of a word belongs to exactly one (slot, lane, bit) of _BIT_POS, and packing is
+  inverted by unpacking for all 2^32 patterns' building blocks (all 16 codes at every place)."""
+  pos = [p for lanes in mg._BIT_POS for bits in lanes for p in bits]
+  assert sorted(pos) == list(range(32))
+  codes = np.zeros((16 * 8, 4, 2), np.uint8)
+  for i in range(16 * 8):
+    codes[i].reshape(-1)[i // 16] = i % 16
+  w = mg._pack_word(jnp.asarray(codes))
+  np.testing.assert_array_equal(np.asarray(mg._unpack_word(w)), codes)
 
 
 def test_wgmma_layout_fragment_map():
