@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -72,6 +73,9 @@ _FP8_ACT_QUANT = flags.DEFINE_bool("fp8_act_quant", False, "jax, FP8 weights: wo
 _FP8_SPLIT_K = flags.DEFINE_integer("fp8_split_k_max_rows", None, "jax: ops.FP8_SPLIT_K_MAX_ROWS "
                                     "(FP8 products of at most this many rows as explicit split-K "
                                     "partials that the norm / RoPE kernels sum; None: as set)")
+_GC_FREEZE = flags.DEFINE_bool("gc_freeze", False, "jax: gc.collect() + gc.freeze() after the "
+                                "compiles (the model and JAX's caches leave the collector's view: "
+                                "a full collection during the timed loop walks only new objects)")
 _STATIC_PREFILL = flags.DEFINE_bool("static_prefill_steps", False, "jax: steps holding a prefill "
                                     "chunk take attention's prefill path with no runtime cond "
                                     "(EngineConfig.static_prefill_steps)")
@@ -268,7 +272,45 @@ def model_params(cfg, weights: str, fuse: bool):
   return jax.block_until_ready(params)
 
 
+class GcTimer:
+  """Python garbage-collection passes while active (``gc.callbacks``): count and seconds per
+  generation; a full collection walks every live object (JAX's caches included) and shows up as
+  a host-time spike in the step it lands in."""
+
+  def __init__(self):
+    self.stats: dict[int, list] = {}
+    self._t = 0.0
+
+  def _cb(self, phase, info):
+    if phase == "start":
+      self._t = time.perf_counter()
+    else:
+      st = self.stats.setdefault(info["generation"], [0, 0.0, 0.0])
+      dt = time.perf_counter() - self._t
+      st[0] += 1
+      st[1] += dt
+      st[2] = max(st[2], dt)
+
+  def __enter__(self):
+    gc.callbacks.append(self._cb)
+    return self
+
+  def __exit__(self, *exc):
+    gc.callbacks.remove(self._cb)
+
+  def summary(self) -> dict:
+    return {f"gen{g}": {"count": n, "total_s": t, "max_s": m}
+            for g, (n, t, m) in sorted(self.stats.items())}
+
+
 def run_closed_loop(engine, prompts, concurrency: int, num_requests: int) -> tuple[dict, list]:
+  with GcTimer() as gct:
+    summary, steps = _run_closed_loop(engine, prompts, concurrency, num_requests)
+  summary["gc"] = gct.summary()
+  return summary, steps
+
+
+def _run_closed_loop(engine, prompts, concurrency: int, num_requests: int) -> tuple[dict, list]:
   from jaxinfer.sampling import SamplingParams
   params = SamplingParams(max_tokens=_OUTPUT.value, ignore_eos=True)
   records, live, steps = {}, 0, []
@@ -443,6 +485,11 @@ def run_jax() -> dict:
     list(pool.map(lambda es: es[0].warmup([es[1]], samplers=(True,)), shapes))
   result["compile_s"] = time.perf_counter() - t
   result["compiled_shapes"] = [s for _, s in shapes]
+  result["gc_freeze"] = _GC_FREEZE.value
+  if _GC_FREEZE.value:
+    gc.collect()
+    gc.freeze()
+    result["gc_frozen_objects"] = gc.get_freeze_count()
   logging.info("compiled %d shapes in %.1fs", len(shapes), result["compile_s"])
   if on_gpu and _CEILINGS.value:
     result["ceilings"] = measure_device_ceilings()
@@ -474,6 +521,12 @@ def run_jax() -> dict:
     # of the host part, the jitted call itself (input copy and the runtime's launch work)
     summary["decode_step_call_s"] = percentiles([st.call_s for _, st in decode_steps])
     summary["steps"] = len(steps)
+    # steps that took over twice their kind's median (spikes): index, kind, wall / host ms
+    med = {k: float(np.median([dt for dt, st in steps if st is not None and st.decode_only == k]
+                              or [0.0])) for k in (True, False)}
+    summary["slow_steps"] = [
+        (i, "decode" if st.decode_only else "prefill", round(1e3 * dt, 2), round(1e3 * st.host_s, 2))
+        for i, (dt, st) in enumerate(steps) if st is not None and dt > 2 * med[st.decode_only]][:20]
     # where the wall time goes: steps that prefill (any chunk longer than one token) vs
     # decode-only ones (with async scheduling a step() call waits on the step before it, so the
     # split is by the dispatched step's kind, one step off; the sums are what matters)
