@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import time
 import traceback
@@ -61,6 +62,10 @@ flags.DEFINE_string("kl_pick_from", "", "kl section: time the --kl_pick_n best f
                     "kl shapes) instead of --kl_variants")
 flags.DEFINE_list("mgcheck_variants", ["mgpu default", "mgpu c1 s2", "mgpu c2 r2 s2 k2"],
                   "mgcheck section: Mosaic GPU kernel tilings (mgpu_variant syntax)")
+flags.DEFINE_string("device_time", "",
+                    "regex: impls whose GPU kernel time per call is also read from a profiler "
+                    "trace of 3 calls (dev_us: kernel time summed, span_us: first start to last "
+                    "end, per GEMM; kernels: per-kernel us per GEMM); empty: off")
 flags.DEFINE_integer("kl_pick_n", 3, "see --kl_pick_from")
 flags.DEFINE_list("gkl_variants", ["B128 asm", "B64 asm", "A64 asm"],
                   "grouped kernel-layout variants (kl_variant syntax; split-K tokens ignored)")
@@ -81,10 +86,13 @@ def over_budget() -> bool:
   return time.time() - T0 > FLAGS.budget_s
 
 
-def bench(fn, argsets, first_out=None) -> float:
+def bench(fn, argsets, first_out=None, jitted=None) -> float:
   """Seconds per call of fn(*args), averaged over the R argsets in one jit; median of reps.
-  ``first_out`` (a list) receives fn(*argsets[0]) from the first (compiling) call."""
+  ``first_out`` (a list) receives fn(*argsets[0]) from the first (compiling) call, ``jitted``
+  (a list) the jitted function of all argsets."""
   f = jax.jit(lambda sets: [fn(*a) for a in sets])
+  if jitted is not None:
+    jitted.append(f)
   outs = jax.block_until_ready(f(argsets))
   if first_out is not None:
     first_out.append(outs[0])
@@ -144,17 +152,50 @@ def save():
                "results": RESULTS}, f, indent=1)
 
 
+def device_times(f, argsets, calls: int = 3) -> dict:
+  """GPU time per GEMM of the jitted ``f`` over ``argsets`` from a profiler trace of ``calls``
+  calls: kernel time summed (dev_us), first kernel start to last end (span_us), per kernel."""
+  import re as _re   # noqa: PLC0415
+  import tempfile    # noqa: PLC0415
+  from experiments import gpu_trace   # noqa: PLC0415
+  d = tempfile.mkdtemp(prefix="gemm_trace_")
+  jax.block_until_ready(f(argsets))
+  with jax.profiler.trace(d):
+    out = None
+    for _ in range(calls):
+      out = f(argsets)
+    jax.block_until_ready(out)
+  pd = gpu_trace.load_trace(d)
+  if pd is None:
+    return {}
+  kernels, intervals, _ = gpu_trace.gpu_kernel_events(pd)
+  n = calls * len(argsets)
+  if not intervals:
+    return {}
+  per = {_re.sub(r"\s+", " ", k)[:60]: v[0] / n / 1e3 for k, v in kernels.items()}
+  return {"dev_us": sum(v[0] for v in kernels.values()) / n / 1e3,
+          "span_us": (intervals[-1][1] - intervals[0][0]) / n / 1e3,
+          "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1])[:6])}
+
+
 def attempt(section, name, shape, impl, fn, argsets, bytes_=0, flops=0, ref=None, note=""):
   """Check fn(*argsets[0]) against ref (if given), then time it; record errors, never raise."""
   if over_budget():
     return record(section, name, shape, impl, note="skipped (budget)")
   try:
     err = None
-    first = []
-    s = bench(fn, argsets, first)
+    first, jitted = [], []
+    s = bench(fn, argsets, first, jitted)
     if ref is not None:   # checked on the timed jit's own first output (saves a compile)
       err = rel_err(first[0], ref() if callable(ref) else ref)
     del first
+    if FLAGS.device_time and re.search(FLAGS.device_time, impl):
+      try:
+        dt = device_times(jitted[0], argsets)
+        note = (f"{note} dev_us={dt.get('dev_us', float('nan')):.2f} "
+                f"span_us={dt.get('span_us', float('nan')):.2f} kernels={dt.get('kernels')}")
+      except Exception as e:  # noqa: BLE001
+        note = f"{note} device_time failed: {type(e).__name__}: {e}"[:800]
     return record(section, name, shape, impl, s, bytes_, flops, err, note)
   except Exception as e:  # noqa: BLE001 - a failing variant must not end the run
     msg = f"{type(e).__name__}: {e}"[:600]
@@ -535,11 +576,13 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   """"mgpu default" (mgk.default_tiling) or "mgpu" followed by c<consumer warpgroups>,
   r<64-row strips per consumer>, s<stages>, k<split>, i (k_interleave: the consumers share the
   strips and alternate K tiles), x (x_in_kernel: x cast and permuted by the producer warpgroup
-  instead of an XLA fusion): each given field replaces the default's (a "@small" / "@large"
+  instead of an XLA fusion), o (overlap_mma: wgmma_wait(1)): each given field replaces the default's (a "@small" / "@large"
   suffix as for kl_variant)."""
   parts = name.split("@")[0].split()
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k"}
-  kw = {fields[p[0]]: int(p[1:]) for p in parts[1:] if p not in ("default", "i", "x")}
+  kw = {fields[p[0]]: int(p[1:]) for p in parts[1:] if p not in ("default", "i", "x", "o")}
+  if "o" in parts[1:]:
+    kw["overlap_mma"] = True
   if "i" in parts[1:]:
     kw["k_interleave"] = True
   if "x" in parts[1:]:

@@ -90,13 +90,16 @@ class MgpuTiling:
   warpgroup TMAs each raw [M, 256] tile into one of 2 staging slots and writes it, cast to f16
   and K-permuted, into the swizzled wgmma tile itself (rows M..Mp-1 of that tile are never
   written: they only reach accumulator columns that are not stored), instead of one XLA fusion
-  (x_for_mgpu) before the kernel."""
+  (x_for_mgpu) before the kernel; overlap_mma: a consumer waits for step i's wgmmas only after
+  issuing step i+1's (wgmma_wait(1)), so they run under the next wait and dequantization (the
+  slot of step i is released then)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
   split_k: int = 1
   k_interleave: bool = False
   x_in_kernel: bool = False
+  overlap_mma: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -136,6 +139,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   strips = overrides.pop("strips", 1)
   inter = overrides.pop("k_interleave", False)
   x_in = overrides.pop("x_in_kernel", False)
+  overlap = overrides.pop("overlap_mma", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -143,7 +147,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
     split *= 2
   split = overrides.pop("split_k", split)
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
-                 split_k=split, k_interleave=inter, x_in_kernel=x_in)
+                 split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -445,7 +449,7 @@ def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
 
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
-            x_in_kernel: bool, x_transforms, interpret: bool):
+            x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -574,8 +578,18 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         for j in range(strips):
           a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
           plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+        if overlap_mma:   # step i's wgmmas run under step i+1's wait and dequantization
+          plgpu.wgmma_wait(1 if strips == 1 else strips)
+          prev = lax.rem(i - stride + stages, jnp.int32(stages))
+          pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
+        else:
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(free.at[slot])
+
+      if overlap_mma:
         plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(free.at[slot])
+        last = lax.rem(first + (my_steps - 1) * stride, jnp.int32(stages))
+        pl.when(my_steps > 0)(lambda: plgpu.barrier_arrive(free.at[last]))
       return [r[...] for r in acc_refs]
 
     accs = pl.run_scoped(lambda *refs: run(refs),
@@ -636,6 +650,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
                              stages=t.stages, steps=t_k // split, split=split,
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
+                             overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret))
   def entry(x_ref, w_ref, gs_ref, o_ref):
     red = t.k_interleave and t.consumers > 1
