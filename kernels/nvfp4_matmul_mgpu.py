@@ -92,7 +92,10 @@ class MgpuTiling:
   written: they only reach accumulator columns that are not stored), instead of one XLA fusion
   (x_for_mgpu) before the kernel; overlap_mma: a consumer waits for step i's wgmmas only after
   issuing step i+1's (wgmma_wait(1)), so they run under the next wait and dequantization (the
-  slot of step i is released then)."""
+  slot of step i is released then); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
+  warpgroup barrier around this kernel's shared-memory loads and stores; safe here: no thread
+  both reads and writes one region, the TMA-written tiles are only read, and the producer's
+  converted x tiles are fenced by commit_smem before the barrier that publishes them)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -100,6 +103,7 @@ class MgpuTiling:
   k_interleave: bool = False
   x_in_kernel: bool = False
   overlap_mma: bool = False
+  no_auto_barriers: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -140,6 +144,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   inter = overrides.pop("k_interleave", False)
   x_in = overrides.pop("x_in_kernel", False)
   overlap = overrides.pop("overlap_mma", False)
+  nab = overrides.pop("no_auto_barriers", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -147,7 +152,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
     split *= 2
   split = overrides.pop("split_k", split)
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
-                 split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap)
+                 split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
+                 no_auto_barriers=nab)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -669,7 +675,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   out = plgpu.kernel(
       entry, out_type=out_shape, grid=(ctas, split), grid_names=("n", "s"),
       num_threads=t.consumers + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0),
+      compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0,
+                                           unsafe_no_auto_barriers=t.no_auto_barriers),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(xk, w, gs)
   if split > 1:

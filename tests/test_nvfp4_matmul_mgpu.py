@@ -306,7 +306,9 @@ def test_lowers_for_hopper_on_cpu():
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 2, True, True)),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 2, 1, x_in_kernel=True)),
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, overlap_mma=True)),
-            (64, 4096, 14336, mg.MgpuTiling(2, 2, 2, 2, True, overlap_mma=True))]
+            (64, 4096, 14336, mg.MgpuTiling(2, 2, 2, 2, True, overlap_mma=True)),
+            (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, overlap_mma=True,
+                                           no_auto_barriers=True))]
   for m, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((-(-n // 64), -(-k // 256), 72, 32), jnp.uint32),
