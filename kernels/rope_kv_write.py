@@ -84,14 +84,13 @@ def supports(qkv: jax.Array, k_pages: jax.Array, num_heads: int, num_kv_heads: i
 
 
 def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in_ref, *refs,
-            hq: int, hkv: int, d: int, fp8: bool, scaled: bool):
+            hq: int, hkv: int, d: int, fp8: bool, scaled: bool, dtype):
   del k_in_ref, v_in_ref                       # aliased to k_ref / v_ref
   if scaled:
     rs_ref, cs_ref, *refs = refs
   q_ref, k_ref, v_ref = refs
   t = pl.program_id(0)
   half = d // 2
-  dtype = q_ref.dtype
   lo, hi = pl.ds(0, half), pl.ds(half, half)
   c1, c2 = cos_ref[t, lo][None, :], cos_ref[t, hi][None, :]
   s1, s2 = sin_ref[t, lo][None, :], sin_ref[t, hi][None, :]
@@ -111,9 +110,9 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
     # apply_rope: x * cos + concat(-x2, x1) * sin, in float32, rounded to the input dtype
     return ((x1 * c1 + (-x2) * s1).astype(dtype), (x2 * c2 + x1 * s2).astype(dtype))
 
-  q1, q2 = rotated(pl.ds(0, hq))
-  q_ref[t, :, lo] = q1
-  q_ref[t, :, hi] = q2
+  q1, q2 = rotated(pl.ds(0, hq))         # rounded to dtype like the XLA path, then q's dtype
+  q_ref[t, :, lo] = q1.astype(q_ref.dtype)
+  q_ref[t, :, hi] = q2.astype(q_ref.dtype)
   slot = slots_ref[t]
   k1, k2 = rotated(pl.ds(hq, hkv))
   v = load(pl.ds(hq + hkv, hkv), pl.ds(0, d))
@@ -128,15 +127,19 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
   v_ref[slot, :, :] = stored(v, vs_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "q_dtype", "interpret"))
 def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array,
                   k_pages: jax.Array, v_pages: jax.Array, k_scale=1.0, v_scale=1.0, *,
                   num_heads: int, num_kv_heads: int, row_scale=None, col_scale=None,
-                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  q_dtype=None, interpret: bool = False
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(q rotated [T, Hq, D], k_pages, v_pages with this step's rotated k and v written at
   ``slots``); see the module docstring. ``k_scale`` / ``v_scale``: the FP8 cache's scalar scales.
   ``row_scale`` [T, 1] / ``col_scale`` [(Hq + 2 Hkv) D]: qkv is an FP8 projection's raw product
-  (``ops.ScaledRows``), scaled here as its ``apply`` would."""
+  (``ops.ScaledRows``), scaled here as its ``apply`` would. ``q_dtype``: the rotated q's dtype
+  (default: qkv's, bf16 for partials), e.g. float16 for the attention kernels over an FP8 cache,
+  which take f16 queries (no XLA convert kernel in between); k and v round to the default dtype
+  either way."""
   if not supports(qkv, k_pages, num_heads, num_kv_heads):
     raise ShapeError(f"rope_kv_write takes qkv [T, (Hq + 2 Hkv) D] and pages [N, page, Hkv, D] "
                      f"with Hq, Hkv, D/2 powers of two; got qkv {qkv.shape} {qkv.dtype}, pages "
@@ -162,13 +165,13 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
   extra = ((row_scale.astype(jnp.float32), col_scale.astype(jnp.float32).reshape(heads, D))
            if scaled else ())
   flat = (N * page, hkv, D)
-  out_shape = [jax.ShapeDtypeStruct((T, num_heads, D), out_dtype),
+  out_shape = [jax.ShapeDtypeStruct((T, num_heads, D), q_dtype or out_dtype),
                jax.ShapeDtypeStruct(flat, k_pages.dtype),
                jax.ShapeDtypeStruct(flat, v_pages.dtype)]
   scalar = lambda s: jnp.asarray(s, jnp.float32).reshape(1)
   q, k_flat, v_flat = pl.pallas_call(
       functools.partial(_kernel, hq=num_heads, hkv=hkv, d=D, fp8=is_fp8(k_pages.dtype),
-                        scaled=scaled),
+                        scaled=scaled, dtype=out_dtype),
       grid=(T,),
       out_shape=out_shape,
       input_output_aliases={6: 1, 7: 2},

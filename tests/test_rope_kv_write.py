@@ -151,3 +151,42 @@ def test_llama_forward_with_fused_rope_kv_gives_the_same_logits_and_cache(kv_dty
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
   for g, w in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
     np.testing.assert_allclose(f64(g)[1:], f64(w)[1:], rtol=1e-6, atol=1e-6)  # page 0: padding
+
+
+def test_rope_kv_write_f16_queries_and_the_fp8_forward():
+  """q_dtype=float16: the rotated q rounded as before (to qkv's dtype), then to f16: exact; an FP8
+  Llama over an FP8 cache with fused_rope_kv + fp8_act_quant takes that path (f16 queries into
+  attention, its f16 output quantized for wo) with logits close to the unfused forward's."""
+  qkv, cos, sin, slots, kp, vp, _ = _inputs(6, 4, 2, 32, 16, 4, jnp.bfloat16, jnp.float8_e4m3fn,
+                                            seed=9)
+  q16, _, _ = rope_kv_write(qkv, cos, sin, slots, kp, vp, num_heads=4, num_kv_heads=2,
+                            q_dtype=jnp.float16, interpret=True)
+  q, _, _ = rope_kv_write(qkv, cos, sin, slots, kp, vp, num_heads=4, num_kv_heads=2,
+                          interpret=True)
+  assert q16.dtype == jnp.float16
+  np.testing.assert_array_equal(f64(q16), f64(q))
+
+  from jaxinfer.attention import SeqChunk, build_batch
+  from jaxinfer.models import llama
+  from llama_fixtures import TINY, random_params
+  import kernels.rope_kv_write as rkw
+  params = llama.quantize_projections_fp8(llama.fuse_projections(
+      random_params(TINY, seed=33, dtype=jnp.bfloat16)))
+  toks = np.random.default_rng(33).integers(0, TINY.vocab_size, 7).tolist()
+  batch = build_batch([SeqChunk([3, 9], 0, 7)], 4, num_tokens=8, num_seqs=2, pages_per_seq=4)
+  flat = jnp.asarray(toks + [0], jnp.int32)
+  seen = []
+  real = rkw.rope_kv_write
+  rkw.rope_kv_write = lambda *a, **k: seen.append(k.get("q_dtype")) or real(*a, **k)
+  try:
+    outs = []
+    for fused in (False, True):
+      cache = llama.create_cache(TINY, num_pages=16, page_size=4, dtype=jnp.float8_e4m3fn)
+      logits, _ = llama.forward(params, flat, cache, batch, TINY, all_logits=True,
+                                fused_rope_kv=fused, fp8_act_quant=True)
+      outs.append(f64(logits)[:7])
+  finally:
+    rkw.rope_kv_write = real
+  assert seen == [jnp.float16] * TINY.num_layers
+  rel = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+  assert rel < 0.05, rel

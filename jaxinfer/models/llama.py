@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxinfer import attention as attention_ops
 from jaxinfer.errors import UnsupportedModelError
-from jaxinfer.kv_cache import KVCache, write_kv
+from jaxinfer.kv_cache import KVCache, is_fp8, write_kv
 from jaxinfer.ops import (FP8Rows, FP8Weight, RowSplitWeight, ScaledRows, add_rms_norm,
                           add_rms_norm_fp8, apply_rope, linear, linear_deferred, rms_norm,
                           rope_cos_sin, rope_inv_freq)
@@ -157,16 +157,21 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
   ``attention.paged_attention``."""
   T = h.shape[0]
   q = None
+  dtype = h.dtype
   if fused_rope_kv and "wqkv" in layer:
     from kernels import rope_kv_write as rkw   # kernels import jaxinfer
     qkv = linear_deferred(h, layer["wqkv"])      # an FP8 product is scaled in the kernel
     raw, rs, cs = ((qkv.raw, qkv.row_scale, qkv.col_scale) if isinstance(qkv, ScaledRows)
                    else (qkv, None, None))
+    # Over an FP8 cache the attention kernels take f16 queries: emit them so (no convert
+    # kernel); the attention output is then f16 too, and the FP8 wo quantizes it as it is.
+    f16_q = (is_fp8(k_pages.dtype) and fp8_act_quant and isinstance(layer["wo"], FP8Weight)
+             and dtype == jnp.bfloat16)
     if rkw.supports(raw, k_pages, cfg.num_heads, cfg.num_kv_heads):
       q, k_pages, v_pages = rkw.rope_kv_write(
           raw, cos, sin, batch.slots, k_pages, v_pages, k_scale, v_scale,
           num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, row_scale=rs, col_scale=cs,
-          interpret=jax.default_backend() != "gpu")
+          q_dtype=jnp.float16 if f16_q else None, interpret=jax.default_backend() != "gpu")
   if q is None:
     q, k, v = qkv_projections(layer, h, cfg)
     q = q.reshape(T, cfg.num_heads, cfg.head_dim)
@@ -184,7 +189,9 @@ def self_attention(layer: Params, h, cos, sin, k_pages, v_pages, k_scale, v_scal
   if fp8_act_quant and isinstance(layer["wo"], FP8Weight):
     from kernels import fp8_act_quant as aq   # kernels import jaxinfer
     if aq.supports(o, glu=False):
-      o = FP8Rows(*aq.quantize_rows(o, interpret=jax.default_backend() != "gpu"), o.dtype)
+      o = FP8Rows(*aq.quantize_rows(o, interpret=jax.default_backend() != "gpu"), dtype)
+  if not isinstance(o, FP8Rows):
+    o = o.astype(dtype)
   return proj(o, layer["wo"]), k_pages, v_pages
 
 
