@@ -122,7 +122,14 @@ def _kernel(*refs, width: int, chunk: int, glu: bool, scaled: bool, tiny: float,
   sx_ref[pl.ds(t, 1), :] = jnp.full((1, 1), sx, jnp.float32)
 
 
-def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str):
+def default_num_warps(width: int, rows: int) -> int:
+  """Warps per row program: 8 for wide rows (Llama-8B's 4096 / 14336), fewer for narrow ones."""
+  del rows
+  return 8 if width >= 4096 else 4
+
+
+def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
+          num_warps: int | None = None):
   from jaxinfer.ops import _TINY_AMAX, E4M3_MAX
   if not supports(x, glu):
     raise ShapeError(f"{name} takes x [T, K] of a float dtype with its {'half ' if glu else ''}"
@@ -142,22 +149,27 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str):
       grid=(T,),
       out_shape=[jax.ShapeDtypeStruct((T, width), jnp.float8_e4m3fn),
                  jax.ShapeDtypeStruct((T, 1), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=8 if width >= 4096 else 4, num_stages=1),
+      compiler_params=plgpu.CompilerParams(
+          num_warps=num_warps or default_num_warps(width, T), num_stages=1),
       interpret=interpret,
       name=name,
   )(*args))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def quantize_rows(x: jax.Array, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """(E4M3 rows [T, K], f32 scales [T, 1]) of x [T, K], as ``ops.quantize_rows_fp8``."""
-  return _call(x, None, None, glu=False, interpret=interpret, name="quantize_rows_fp8")
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+def quantize_rows(x: jax.Array, *, interpret: bool = False, num_warps: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(E4M3 rows [T, K], f32 scales [T, 1]) of x [T, K], as ``ops.quantize_rows_fp8``.
+  ``num_warps``: per row program (None: ``default_num_warps``)."""
+  return _call(x, None, None, glu=False, interpret=interpret, name="quantize_rows_fp8",
+               num_warps=num_warps)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
 def silu_mul_quantize(gate_up: jax.Array, row_scale=None, col_scale=None, *,
-                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                      interpret: bool = False, num_warps: int | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
   """(E4M3 rows of silu(gate) * up [T, I], f32 scales [T, 1]) of gate_up [T, 2I] (with the FP8
   product's row / column scales, if given); see the module docstring."""
   return _call(gate_up, row_scale, col_scale, glu=True, interpret=interpret,
-               name="silu_mul_fp8")
+               name="silu_mul_fp8", num_warps=num_warps)
