@@ -15,11 +15,17 @@ streams ``block_k``-token K/V tiles with an online softmax. When the page size i
 block_k a tile lies inside one page: one scalar page-table read and base-plus-constant addresses
 (``key_tile``); smaller pages are gathered slot by slot. FP8 tiles are upcast to f16 in registers
 (one cvt per pair on Hopper), their scales folded into the query and output scaling. Query rows
-are loaded and written as one block when they are one token's consecutive heads, else gathered. With one split the program normalises and writes its rows straight into out; with few
-sequences the key range is split across ``splits`` programs (split-K) writing (acc, max, sum)
-partials that a small Pallas combine kernel merges into out. Rows of no query (padding) stay zero
-(out is aliased to zeros). ``key_tile``, ``split_range``, ``row_map``/``load_rows``/``store_rows``
-and the split-K epilogue are shared with the MLA decode kernel (kernels/mla_attention.py).
+are loaded and written as one block when they are one token's consecutive heads, else gathered.
+With one split the program normalises and writes its rows straight into out; with few sequences
+the key range is split across ``splits`` programs (split-K, ``programs_per_sm`` programs per SM)
+writing (acc, max, sum) partials, merged into out by ``DecodeTiles.combine``: "rows" (the split-K
+default) a second kernel with one program per query row (and column chunk) that reads all splits'
+partials of its row in one load; "serial" a program per (sequence, KV head) looping over the splits
+(MLA's combine, ``finish_splits``); "fused" no second kernel: the last split of a (sequence, KV
+head) to finish, found with an atomic arrival counter, merges (``merge_if_last``). Rows of no query
+(padding) stay zero (out is aliased to zeros). ``key_tile``, ``split_range``,
+``row_map``/``load_rows``/``store_rows`` and the serial split-K epilogue are shared with the MLA
+decode kernel (kernels/mla_attention.py).
 
 Target roofline: decode reads each cached K/V byte once, so time >= KV bytes / ~3.0 TB/s measured
 read bandwidth (H100). B=64, 4096 context, 8 KV heads, D=128: 1.07 GB bf16 -> 0.35 ms; FP8 0.17 ms.
@@ -30,8 +36,19 @@ memory, a cvt per pair, ~1.6x the instructions per key of bf16), which leaves th
 more tiles in flight per SM (1 warp, deep pipeline) hides it better than 4 warps x 4 stages (0.27 ms).
 Tried and dropped: 64/128-key tiles, 8 warps, a transposed form with keys as the MMA M dimension
 (E4M3 scores cost 10x the error), and an integer bit-trick upcast (``bits_upcast``, 20-35% slower:
-still lowered in the operand layout). Split-K (B=1, 32768 context): SPLIT_K_TILES, 76.7 us bf16 (57%
-of read) / 64.0 us FP8, 1.31x / 1.52x the B=64 tiles (benchmarks/attention.md, session 4).
+still lowered in the operand layout).
+
+Split-K, B=1, 32768 context, 32/8 heads, page 64 (134 MB bf16 KV: 44 us at the 3.04 TB/s read
+ceiling of the same run; H100, benchmarks/attention.md session 5, device time from a profiler
+trace): SPLIT_K_TILES (64-key tiles, 4 warps, 3 stages, 33 splits) 49.2 us split kernel + 3.3 us
+per-row combine = 52.0 us, 85% of the read ceiling; the serial combine took 11.4 us (61 us, 73%),
+the fused merge made the split kernel 7.7 us longer (its last program per KV head merges 33 splits
+alone, at the end of the kernel, while the rest of the GPU idles). Remaining gap (8 us): the split
+kernel itself runs at 90% of the ceiling (ncu: 2.6 TB/s DRAM, 2 programs of 4 warps per SM, 128
+registers), i.e. per-program pipeline fill/drain over its 16 tiles; then the combine (3.3 us, of
+which most is latency: 32 programs, L2-resident partials). FP8 (SPLIT_K_FP8_TILES: 32-key tiles,
+1 warp, 8 stages, 4 programs per SM): 35.3 us with 66 splits vs 50.0 us with the B=1 tiles of
+session 4 and the serial combine.
 """
 from __future__ import annotations
 
@@ -70,6 +87,7 @@ class DecodeTiles:
   # splits), "rows" (one program per query row, all splits in one load: ``_combine_rows_kernel``),
   # "fused" (no second kernel: the last split to finish merges, ``merge_if_last``)
   combine: str = "serial"
+  programs_per_sm: int = 2    # splits=None: enough splits for this many programs per SM
 
 
 # Fastest measured on the H100 (benchmarks/attention.md), B=64, 4096 context, 32/8 heads, D=128.
@@ -77,21 +95,25 @@ class DecodeTiles:
 # and 5 stages keep more independent tiles in flight per SM than 4 warps x 4 stages.
 BF16_TILES = DecodeTiles()
 FP8_TILES = DecodeTiles(16, num_warps=1, num_stages=8)
-# Split-K (few sequences, long contexts), fastest in the B=1, 32768-context, page-64 sweep on the
-# H100 (benchmarks/attention.md, "B=1, context 32768"): at the default 33 splits, 64-key tiles x 4
-# warps x 3 stages took 76.7 us (bf16) / 64.0 us (FP8) against 100.9 / 97.3 us with the tiles above,
-# which were tuned for B=64 (one split, many programs). Each split streams ~16 tiles, so fewer,
-# larger tiles amortise the pipeline prologue; more splits (66, 128) were slower (combine, tails).
-SPLIT_K_TILES = DecodeTiles(64, num_warps=4, num_stages=3)
+# Split-K (few sequences, long contexts): fastest in the B=1, 32768-context, page-64 sweeps on the
+# H100 (benchmarks/attention.md, "B=1, context 32768", session 5; device time from a profiler
+# trace): bf16 64-key tiles x 4 warps x 3 stages, 2 programs per SM (33 splits) and the per-row
+# combine kernel: 49.2 us split kernel + 3.3 us combine = 52.0 us, 85% of the read ceiling (the serial
+# combine took 11.4 us; the fused one added 7.7 us to the split kernel). FP8: 32-key tiles, 1 warp,
+# 8 stages with 4 programs per SM (more independent tiles in flight hide the upcast, as at B=64).
+SPLIT_K_TILES = DecodeTiles(64, num_warps=4, num_stages=3, combine="rows")
+SPLIT_K_FP8_TILES = DecodeTiles(32, num_warps=1, num_stages=8, combine="rows", programs_per_sm=4)
 
 
 def default_tiles(fp8: bool, num_seqs: int, kv_heads: int, context: int,
                   page_size: int) -> DecodeTiles:
-  """The measured best tiles: SPLIT_K_TILES when the key range will be split and a 64-key tile lies
-  inside one page, else BF16_TILES / FP8_TILES."""
-  split = default_splits(num_seqs, kv_heads, pl.cdiv(context, SPLIT_K_TILES.block_k)) > 1
-  if split and page_size % SPLIT_K_TILES.block_k == 0:
-    return SPLIT_K_TILES
+  """The measured best tiles: SPLIT_K_TILES / SPLIT_K_FP8_TILES when the key range will be split
+  (fewer sequences x KV heads than two programs per SM) and a tile lies inside one page, else
+  BF16_TILES / FP8_TILES."""
+  split_tiles = SPLIT_K_FP8_TILES if fp8 else SPLIT_K_TILES
+  split = default_splits(num_seqs, kv_heads, pl.cdiv(context, split_tiles.block_k)) > 1
+  if split and page_size % split_tiles.block_k == 0:
+    return split_tiles
   return FP8_TILES if fp8 else BF16_TILES
 
 
@@ -267,13 +289,14 @@ _MERGE_ELEMS = 8192   # f32 accumulator elements per merge load at 4 warps (64 r
 
 
 def merge_row(o_ref, acc_ref, m_ref, l_ref, b, blk, r, *, splits: int, tok, head, valid,
-              num_warps: int = 4):
-  """Merges query row r's split-K partials of (sequence b, block blk) into o[tok, head]: its maxima
-  and sums over all splits (the split axis padded to a power of two, masked) as one vector load,
-  its accumulators as [chunk, D] loads (one when chunk covers the splits); nothing is stored unless
-  ``valid`` (a scalar)."""
-  s_pad, D = acc_ref.shape[2], acc_ref.shape[-1]
-  chunk = max(1, min(s_pad, _MERGE_ELEMS * num_warps // (4 * D)))
+              num_warps: int = 4, col0=0, cols: int | None = None):
+  """Merges query row r's split-K partials of (sequence b, block blk) into o[tok, head] (columns
+  col0 .. col0+cols, all by default): its maxima and sums over all splits (the split axis padded to
+  a power of two, masked) as one vector load, its accumulators as [chunk, cols] loads (one when
+  chunk covers the splits); nothing is stored unless ``valid`` (a scalar)."""
+  s_pad = acc_ref.shape[2]
+  cols = cols or acc_ref.shape[-1]
+  chunk = max(1, min(s_pad, _MERGE_ELEMS * num_warps // (4 * cols)))
   ok = (lax.broadcasted_iota(jnp.int32, (s_pad,), 0) < splits) & valid
   m = plgpu.load(m_ref.at[b, blk, pl.ds(0, s_pad), r], mask=ok, other=-jnp.inf)
   l = plgpu.load(l_ref.at[b, blk, pl.ds(0, s_pad), r], mask=ok, other=0.0)
@@ -285,17 +308,17 @@ def merge_row(o_ref, acc_ref, m_ref, l_ref, b, blk, r, *, splits: int, tok, head
     s0 = 0 if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)
     okc = (s0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < splits) & valid
     mc = plgpu.load(m_ref.at[b, blk, pl.ds(s0, chunk), r], mask=okc, other=-jnp.inf)
-    a = plgpu.load(acc_ref.at[b, blk, pl.ds(s0, chunk), r, pl.ds(0, D)], mask=okc[:, None],
+    a = plgpu.load(acc_ref.at[b, blk, pl.ds(s0, chunk), r, pl.ds(col0, cols)], mask=okc[:, None],
                    other=0.0)
     return out + jnp.sum(a * jnp.exp2(mc - mx)[:, None], axis=0)
 
   if chunk == s_pad:
-    out = add_chunk(0, jnp.zeros((D,), jnp.float32))
+    out = add_chunk(0, jnp.zeros((cols,), jnp.float32))
   else:
-    out = lax.fori_loop(0, s_pad // chunk, add_chunk, jnp.zeros((D,), jnp.float32))
+    out = lax.fori_loop(0, s_pad // chunk, add_chunk, jnp.zeros((cols,), jnp.float32))
   out = out / jnp.where(total > 0, total, 1.0)
-  plgpu.store(o_ref.at[tok, head, pl.ds(0, D)], out.astype(o_ref.dtype),
-              mask=jnp.full((D,), valid))
+  plgpu.store(o_ref.at[tok, head, pl.ds(col0, cols)], out.astype(o_ref.dtype),
+              mask=jnp.full((cols,), valid))
 
 
 def merge_if_last(o_ref, acc_ref, m_ref, l_ref, cnt_ref, rm: RowMap, b, blk, *, group: int,
@@ -327,28 +350,38 @@ def write_real_partials(acc_ref, m_ref, l_ref, b, blk, split, rm: RowMap, acc, m
   plgpu.store(l_ref.at[b, blk, split, :], l, mask=rm.row_ok)
 
 
+_COMBINE_COLS = 128   # output columns per combine program (D is split into D // this programs)
+
+
 def _combine_rows_kernel(qs_ref, acc_ref, m_ref, l_ref, o_init_ref, o_ref, *, group: int,
-                         splits: int):
-  """One program per (block, query row r, sequence): ``merge_row`` (all splits in one load)."""
+                         splits: int, cols: int, num_warps: int):
+  """One program per (block, query row r, sequence and column chunk): ``merge_row``."""
   del o_init_ref
-  blk, r, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  blk, r = pl.program_id(0), pl.program_id(1)
+  nc = acc_ref.shape[-1] // cols
+  b, c = lax.div(pl.program_id(2), nc), lax.rem(pl.program_id(2), nc)
   q_start = qs_ref[b]
   tok = lax.div(r, group)
   merge_row(o_ref, acc_ref, m_ref, l_ref, b, blk, r, splits=splits, tok=q_start + tok,
-            head=blk * group + lax.rem(r, group), valid=tok < qs_ref[b + 1] - q_start)
+            head=blk * group + lax.rem(r, group), valid=tok < qs_ref[b + 1] - q_start,
+            num_warps=num_warps, col0=pl.multiple_of(c * cols, cols), cols=cols)
 
 
 def combine_rows(acc, m, l, query_start, o_init, *, group: int, max_q: int, splits: int,
                  interpret: bool) -> jax.Array:
   """Merges split-K partials ([B, blocks, s_pad >= splits, rows, D], ...) into o_init: grid
-  (blocks, max_q * group, B), one query row per program."""
+  (blocks, max_q * group, B * D / _COMBINE_COLS), one query row's column chunk per program."""
   B, blocks = acc.shape[:2]
+  D = acc.shape[-1]
+  cols = min(D, _COMBINE_COLS)
+  num_warps = 4 if cols >= 128 else max(1, cols // 32)
   return pl.pallas_call(
-      functools.partial(_combine_rows_kernel, group=group, splits=splits),
-      grid=(blocks, max_q * group, B),
+      functools.partial(_combine_rows_kernel, group=group, splits=splits, cols=cols,
+                        num_warps=num_warps),
+      grid=(blocks, max_q * group, B * (D // cols)),
       out_shape=jax.ShapeDtypeStruct(o_init.shape, o_init.dtype),
       input_output_aliases={4: 0},
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="combine_rows",
   )(query_start, acc, m, l, o_init)
@@ -448,8 +481,8 @@ def kernel_supports(q: jax.Array, k_pages: jax.Array) -> bool:
           and (is_fp8(k_pages.dtype) or k_pages.dtype == q.dtype))
 
 
-def default_splits(num_seqs: int, kv_heads: int, max_blocks: int) -> int:
-  want = pl.cdiv(2 * _NUM_SMS, num_seqs * kv_heads)
+def default_splits(num_seqs: int, kv_heads: int, max_blocks: int, programs_per_sm: int = 2) -> int:
+  want = pl.cdiv(programs_per_sm * _NUM_SMS, num_seqs * kv_heads)
   return max(1, min(want, max_blocks, 64))
 
 
@@ -473,7 +506,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     raise ShapeError(f"block_k {block_k} and page size {page_size} must divide one another")
   rows = max(_MIN_ROWS, 1 << (max_q * G - 1).bit_length())
   max_blocks = pl.cdiv(P * page_size, block_k)
-  splits = tiles.splits or default_splits(B, KV, max_blocks)
+  splits = tiles.splits or default_splits(B, KV, max_blocks, tiles.programs_per_sm)
   # e4m3 -> f16 is one conversion instruction on Hopper (-> bf16 takes three), and f16 holds
   # every e4m3 value; queries are cast to f16 for the tensor-core dot.
   kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None

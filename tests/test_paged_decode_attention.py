@@ -10,8 +10,8 @@ import pytest
 
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention
 from jaxinfer.errors import ShapeError
-from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, SPLIT_K_TILES, DecodeTiles,
-                                            default_tiles, e4m3_bits_to_f16,
+from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, SPLIT_K_FP8_TILES, SPLIT_K_TILES,
+                                            DecodeTiles, default_tiles, e4m3_bits_to_f16,
                                             paged_decode_attention)
 
 F8 = jnp.float8_e4m3fn
@@ -85,25 +85,34 @@ def test_decode_bf16(H, KV, page_size, block_k, splits, page_blocks):
 
 
 def test_default_tiles_by_regime():
-  """Split-K regimes (few sequences) take the 64-key tiles when a tile fits in a page; many
-  sequences (one split) keep the per-dtype tiles; so do pages smaller than 64 tokens."""
+  """Split-K regimes (few sequences) take the split-K tiles when a tile fits in a page; many
+  sequences (one split, also for FP8's 4 programs per SM) keep the per-dtype tiles; so do pages
+  smaller than the split-K tile."""
   for fp8 in (False, True):
-    assert default_tiles(fp8, 1, 8, 32768, 64) == SPLIT_K_TILES
+    assert default_tiles(fp8, 1, 8, 32768, 64) == (SPLIT_K_FP8_TILES if fp8 else SPLIT_K_TILES)
     assert default_tiles(fp8, 64, 8, 4096, 64) == (FP8_TILES if fp8 else BF16_TILES)
     assert default_tiles(fp8, 1, 8, 32768, 16) == (FP8_TILES if fp8 else BF16_TILES)
+  assert default_tiles(True, 1, 8, 32768, 32) == SPLIT_K_FP8_TILES      # 32-key FP8 tiles
+  assert default_tiles(False, 1, 8, 32768, 32) == BF16_TILES
   assert default_tiles(False, 1, 8, 64, 64) == BF16_TILES   # one 64-key block: nothing to split
 
 
-def test_decode_default_tiles_split_k():
-  """tiles=None in the split-K regime (page 64): SPLIT_K_TILES, ragged lengths, against float64."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_default_tiles_split_k(fp8):
+  """tiles=None in the split-K regime (page 64): SPLIT_K_TILES / SPLIT_K_FP8_TILES (per-row
+  combine), ragged lengths, against float64 (FP8: on the dequantized cache, with scales)."""
   rng = np.random.default_rng(21)
   q, kp, vp, batch = make_case(rng, H=8, KV=2, D=64, page_size=64, num_pages=12,
-                               chunks=[(150, 1), (0, 1), (70, 1)], num_tokens=4)
+                               chunks=[(150, 1), (0, 1), (70, 1)], num_tokens=4,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
+  ks, vs = (0.5, 2.0) if fp8 else (1.0, 1.0)
+  if fp8:
+    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
   out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
-                               scale=64 ** -0.5, interpret=True)
-  ref = np_paged(f64(q), f64(kp), f64(vp), np.asarray(batch.page_table),
+                               scale=64 ** -0.5, k_scale=ks, v_scale=vs, interpret=True)
+  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
-  check(out, ref, 3, 1e-2)
+  check(out, ref, 3, 1.5e-2 if fp8 else 1e-2)
 
 
 def test_decode_several_query_tokens():
@@ -168,9 +177,11 @@ def test_decode_split_k_combine(combine, H, KV, page_size, block_k, warps, split
 
 @pytest.mark.parametrize("combine", ["rows", "fused"])
 def test_decode_split_k_combine_chunked(combine, monkeypatch):
-  """A merge whose splits do not fit one load (4-split chunks here) loops over chunks."""
+  """A merge whose splits do not fit one load (4 / 2-split chunks here) loops over chunks; the
+  combine kernel's programs take 16 of the 32 columns each."""
   import kernels.paged_decode_attention as pda
   monkeypatch.setattr(pda, "_MERGE_ELEMS", 4 * 32)
+  monkeypatch.setattr(pda, "_COMBINE_COLS", 16)
   rng = np.random.default_rng(13)
   q, kp, vp, batch = make_case(rng, H=8, KV=2, D=32, page_size=16, num_pages=30,
                                chunks=[(200, 1), (9, 1), (0, 1)], num_tokens=4)
