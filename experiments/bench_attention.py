@@ -32,8 +32,8 @@ from kernels.flash_attention_mgpu import MgpuTiles, flash_prefill_dense, prepare
 from kernels.mla_attention import (MLATiles, mla_decode_pallas, mla_paged_attention,
                                    reference_mla_paged_attention)
 from kernels.mla_attention_mgpu import MLAMgpuTiles, mla_decode_mgpu
-from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, DecodeTiles,
-                                            paged_decode_attention)
+from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, SPLIT_K_FP8_TILES,
+                                            SPLIT_K_TILES, DecodeTiles, paged_decode_attention)
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode, no peers: checks the script")
 _OUT = flags.DEFINE_string("out", "", "JSON output path")
@@ -396,8 +396,10 @@ DECODE_FP8 = [FP8_TILES, DecodeTiles(32, 1, 5), DecodeTiles(32, 1, 6), DecodeTil
               DecodeTiles(32, 2, 5), DecodeTiles(16, 1, 8, bits_upcast=True),
               DecodeTiles(16, 1, 8, tile_upcast=True), DecodeTiles(32, 4, 4),
               DecodeTiles(32, 4, 4, mask_tail=False)]
-LONG_BF16 = [DecodeTiles(64, 4, 3), DecodeTiles(32, 4, 4), DecodeTiles(64, 4, 3, page_blocks=False)]
-LONG_FP8 = [DecodeTiles(64, 4, 3), FP8_TILES, DecodeTiles(64, 4, 3, tile_upcast=True)]
+LONG_BF16 = [SPLIT_K_TILES, DecodeTiles(64, 4, 3, combine="serial"), DecodeTiles(32, 4, 4),
+             DecodeTiles(64, 4, 3, page_blocks=False)]
+LONG_FP8 = [SPLIT_K_FP8_TILES, DecodeTiles(64, 4, 3), DecodeTiles(64, 4, 3, combine="serial"),
+            FP8_TILES]
 MLA_FP8 = [MLATiles(64, 32, 8, 2), MLATiles(16, 64, 4, 2, tile_upcast=True),
            MLATiles(32, 32, 8, 2, tile_upcast=True), MLATiles(16, 32, 8, 2, tile_upcast=True)]
 MLA_BF16 = [MLATiles(16, 64, 4, 2), MLATiles(64, 64, 8, 2)]
@@ -406,7 +408,8 @@ MLA_BF16 = [MLATiles(16, 64, 4, 2), MLATiles(64, 64, 8, 2)]
 def _tiles_name(t: DecodeTiles) -> str:
   return (f"bk{t.block_k} w{t.num_warps} s{t.num_stages} splits{t.splits or 'auto'}"
           + ("" if t.page_blocks else " slot-gather") + (" tile-upcast" if t.tile_upcast else "")
-          + (" bits-upcast" if t.bits_upcast else "") + ("" if t.mask_tail else " mask-all"))
+          + (" bits-upcast" if t.bits_upcast else "") + ("" if t.mask_tail else " mask-all")
+          + f" {t.combine} combine" + (f" {t.programs_per_sm}/SM" if t.programs_per_sm != 2 else ""))
 
 
 def _decode_case(B, ctx, page_size, bf16_variants, fp8_variants, label, peers=True):
