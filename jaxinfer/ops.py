@@ -154,10 +154,17 @@ class ScaledRows:
     return self.raw.ndim == 3
 
   def apply(self) -> jax.Array:
-    raw = self.raw.astype(jnp.float32)
-    if self.partials:
-      raw = jnp.sum(raw, axis=0)
+    raw = sum_partials(self.raw) if self.partials else self.raw.astype(jnp.float32)
     return (raw * self.row_scale * self.col_scale).astype(self.dtype)
+
+
+def sum_partials(parts: jax.Array) -> jax.Array:
+  """f32 sum of split-K partials [S, ...] over S, one slice after the other (the order the norm /
+  RoPE kernels add them in, so both round alike)."""
+  out = parts[0].astype(jnp.float32)
+  for i in range(1, parts.shape[0]):
+    out = out + parts[i].astype(jnp.float32)
+  return out
 
 
 def linear_deferred(x: jax.Array | FP8Rows, w) -> jax.Array | ScaledRows:

@@ -43,7 +43,8 @@ from jaxinfer.errors import ShapeError
 
 def _scaled(y, y_row_scale, y_col_scale, dtype):
   if y.ndim == 3:                                       # split-K partial sums
-    y = jnp.sum(y.astype(jnp.float32), axis=0)
+    from jaxinfer.ops import sum_partials
+    y = sum_partials(y)
     if y_row_scale is None:
       return y.astype(dtype)
   if y_row_scale is None:
@@ -88,11 +89,14 @@ def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
   if scaled:
     rs_ref, cs_ref, *refs = refs
   dtype = refs[0].dtype
-  y = y_ref[...]
-  if y.ndim == 3:                                       # split-K partials [S, 1, H]
-    y = jnp.sum(y, axis=0)
+  if len(y_ref.shape) == 3:     # split-K partials [S, 1, H]: summed one slice at a time, in order
+    y = y_ref[0]                 # (as ops.ScaledRows.apply; a whole [S, H] block spilled registers)
+    for i in range(1, y_ref.shape[0]):
+      y = y + y_ref[i]
     if not scaled:
       y = y.astype(dtype)
+  else:
+    y = y_ref[...]
   if scaled:
     y = (y.astype(jnp.float32) * rs_ref[...] * cs_ref[...][None, :]).astype(dtype)
   s = (x_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
