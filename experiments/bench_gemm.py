@@ -26,7 +26,9 @@ import numpy as np
 from kernels import fp8_block_matmul as fp8k
 from kernels import grouped_matmul as gk
 from kernels import nvfp4_matmul as nk
+from kernels import gemm as gemm_ops
 from kernels import nvfp4_matmul_mgpu as mgk
+from kernels.quant.weights import NVFP4Weight
 from kernels.quant import fp8_block, nvfp4
 
 FLAGS = flags.FLAGS
@@ -748,6 +750,15 @@ def _kl_time(shapes: list[dict], ms: list[int]) -> None:
       names = (pick_variants(FLAGS.kl_pick_from, "kl", FLAGS.kl_pick_n)
                if FLAGS.kl_pick_from else FLAGS.kl_variants)
       for name in [v for v in names if kl_applies(v, m)]:
+        if name == "op mgpu":   # the public op on an NVFP4Weight in the Mosaic GPU layout
+          if "mgsets" not in sh:
+            sh["mgsets"] = [(mgk.to_mgpu_layout(p, s), g) for p, s, g in sh["wsets"]]
+          fn = lambda x, wm, s, g: gemm_ops.nvfp4_matmul(x, NVFP4Weight(wm, s, g, layout="mgpu"))
+          results.append(attempt("kl", shape, shape, f"kl {name}", fn,
+                                 [(x, wm, w[1], g) for x, (wm, g), w
+                                  in zip(xs, sh["mgsets"], sh["wsets"])], wq_bytes + io,
+                                 2 * m * n * k, ref=ref, note="gemm.nvfp4_matmul"))
+          continue
         if name.startswith("mgpu"):   # the Mosaic GPU kernel on its own weight layout
           if "mgsets" not in sh:
             sh["mgsets"] = [(mgk.to_mgpu_layout(p, s), g) for p, s, g in sh["wsets"]]

@@ -90,9 +90,11 @@ class MgpuTiling:
   warpgroup TMAs each raw [M, 256] tile into one of 2 staging slots and writes it, cast to f16
   and K-permuted, into the swizzled wgmma tile itself (rows M..Mp-1 of that tile are never
   written: they only reach accumulator columns that are not stored), instead of one XLA fusion
-  (x_for_mgpu) before the kernel; overlap_mma: a consumer waits for step i's wgmmas only after
-  issuing step i+1's (wgmma_wait(1)), so they run under the next wait and dequantization (the
-  slot of step i is released then); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
+  (x_for_mgpu) before the kernel; overlap_mma (EXPERIMENTAL, WRONG on the H100 at M=64: relative
+  error ~2e3 in the 2026-11-24 window 3, while M <= 32 checked out; most likely the A registers
+  of step i are reused by step i+1's dequantization while its wgmma still reads them, and it
+  gained < 1% where it was right: off by default): a consumer waits for step i's wgmmas only
+  after issuing step i+1's (wgmma_wait(1)); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
   warpgroup barrier around this kernel's shared-memory loads and stores; safe here: no thread
   both reads and writes one region, the TMA-written tiles are only read, and the producer's
   converted x tiles are fenced by commit_smem before the barrier that publishes them)."""
@@ -132,19 +134,31 @@ def padded_m(m: int) -> int:
   return -(-m // 8) * 8
 
 
+# Defaults from the H100 windows of 2026-11-24 (benchmarks/gemm.md; every variant float64-checked
+# on its timed output): x converted by the producer warpgroup up to X_IN_KERNEL_MAX_M rows (at
+# M=8 the XLA x-prep fusion cost 5-9 us of wall time; at M=64 the producer's conversion of 64-row
+# tiles made the kernel 2x slower, so larger M keep the fusion); one consumer warpgroup up to
+# ONE_CONSUMER_MAX_M rows (M=1: 15.9 / 17.6 us vs 19.9 / 20.5 us with two); no automatic
+# warpgroup barriers before the producer's TMA issues (16.3 vs 17.3 us at M=8).
+X_IN_KERNEL_MAX_M = 32
+ONE_CONSUMER_MAX_M = 4
+NO_AUTO_BARRIERS = True
+
+
 def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> MgpuTiling:
-  """Two consumer warpgroups of one strip each (128 rows per CTA; one when N is a single strip);
-  split K until the CTAs cover the SMs (each split keeping >= 4 K tiles); as many stages as fit
-  200 KB of shared memory (2..8). ``overrides`` replace fields; the split and the stages are
-  recomputed for overridden consumers / strips unless given too."""
+  """Two consumer warpgroups of one strip each (128 rows per CTA; one consumer for M <=
+  ONE_CONSUMER_MAX_M or a single-strip N); split K until the CTAs cover the SMs (each split
+  keeping >= 4 K tiles); as many stages as fit 200 KB of shared memory (2..8); x converted in
+  the kernel up to X_IN_KERNEL_MAX_M rows. ``overrides`` replace fields; the split and the stages
+  are recomputed for overridden consumers / strips unless given too."""
   mp = padded_m(m)
   n_strips = -(-n // STRIP)
-  consumers = overrides.pop("consumers", 2 if n_strips >= 2 else 1)
+  consumers = overrides.pop("consumers", 2 if n_strips >= 2 and m > ONE_CONSUMER_MAX_M else 1)
   strips = overrides.pop("strips", 1)
   inter = overrides.pop("k_interleave", False)
-  x_in = overrides.pop("x_in_kernel", False)
+  x_in = overrides.pop("x_in_kernel", m <= X_IN_KERNEL_MAX_M)
   overlap = overrides.pop("overlap_mma", False)
-  nab = overrides.pop("no_auto_barriers", False)
+  nab = overrides.pop("no_auto_barriers", NO_AUTO_BARRIERS)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
