@@ -38,17 +38,20 @@ Tried and dropped: 64/128-key tiles, 8 warps, a transposed form with keys as the
 (E4M3 scores cost 10x the error), and an integer bit-trick upcast (``bits_upcast``, 20-35% slower:
 still lowered in the operand layout).
 
-Split-K, B=1, 32768 context, 32/8 heads, page 64 (134 MB bf16 KV: 44 us at the 3.04 TB/s read
-ceiling of the same run; H100, benchmarks/attention.md session 5, device time from a profiler
-trace): SPLIT_K_TILES (64-key tiles, 4 warps, 3 stages, 33 splits) 49.2 us split kernel + 3.3 us
-per-row combine = 52.0 us, 85% of the read ceiling; the serial combine took 11.4 us (61 us, 73%),
-the fused merge made the split kernel 7.7 us longer (its last program per KV head merges 33 splits
-alone, at the end of the kernel, while the rest of the GPU idles). Remaining gap (8 us): the split
-kernel itself runs at 90% of the ceiling (ncu: 2.6 TB/s DRAM, 2 programs of 4 warps per SM, 128
-registers), i.e. per-program pipeline fill/drain over its 16 tiles; then the combine (3.3 us, of
-which most is latency: 32 programs, L2-resident partials). FP8 (SPLIT_K_FP8_TILES: 32-key tiles,
-1 warp, 8 stages, 4 programs per SM): 35.3 us with 66 splits vs 50.0 us with the B=1 tiles of
-session 4 and the serial combine.
+Split-K, B=1, 32768 context, 32/8 heads, page 64 (134 MB bf16 KV: 43.9 us at the 3.06 TB/s read
+ceiling -- a 1 GiB sum -- of the same run; H100, benchmarks/attention.md session 5, device time from
+a profiler trace): SPLIT_K_TILES (64-key tiles, 4 warps, 3 stages, 33 splits) 48.2 us split kernel
++ 2.3 us per-row combine (32 columns per program) = 50.0 us, 88% of the read ceiling; with the
+serial combine (11.5 us) it was 59.7 us (73%); the fused merge made the split kernel 7.7 us longer
+(its last program per KV head merges the 33 splits alone at the end of the kernel while the rest of
+the GPU idles). Remaining gap (6 us): the split kernel runs at 91% of the ceiling (ncu: 2.6 TB/s
+DRAM, 2 programs x 4 warps per SM, 128 registers, 39 KB shared memory): each program streams only
+16 tiles, so its pipeline fill and final store are exposed; then the combine (2.3 us: latency of a
+small kernel on L2-resident partials). FP8 (SPLIT_K_FP8_TILES: 32-key tiles, 2 warps, 6 stages,
+4 programs per SM = 64 splits): ~31.7 us vs 50.1 us with the session-4 tiles and serial combine.
+Page 16 (the engine's default), B=1, 32k: the B=64 tiles (slot gather) with the per-row combine,
+bf16 58.4 us vs 67.8 with the serial one. B=64, 4096 context (one split, unchanged): bf16 342.8 us
+device (3.13 TB/s, above the sum's ceiling), FP8 182.4 us (0.53x).
 """
 from __future__ import annotations
 
@@ -97,13 +100,14 @@ class DecodeTiles:
 BF16_TILES = DecodeTiles()
 FP8_TILES = DecodeTiles(16, num_warps=1, num_stages=8)
 # Split-K (few sequences, long contexts): fastest in the B=1, 32768-context, page-64 sweeps on the
-# H100 (benchmarks/attention.md, "B=1, context 32768", session 5; device time from a profiler
-# trace): bf16 64-key tiles x 4 warps x 3 stages, 2 programs per SM (33 splits) and the per-row
-# combine kernel: 49.2 us split kernel + 3.3 us combine = 52.0 us, 85% of the read ceiling (the serial
-# combine took 11.4 us; the fused one added 7.7 us to the split kernel). FP8: 32-key tiles, 1 warp,
-# 8 stages with 4 programs per SM (more independent tiles in flight hide the upcast, as at B=64).
+# H100 (benchmarks/attention.md, session 5; device time from a profiler trace): bf16 64-key tiles x
+# 4 warps x 3 stages, 2 programs per SM (33 splits), the per-row combine: 48.2 us split kernel +
+# 2.3 us combine = 50.0 us, 88% of the read ceiling (the serial combine took 11.5 us; the fused one
+# added 7.7 us to the split kernel). FP8: 32-key tiles, 2 warps, 6 stages, 4 programs per SM (64
+# splits): 27.8 us split kernel (1 warp x 8 stages 29.0, 64 x 4 x 3 at 33 splits 37.6); more
+# independent tiles in flight per SM hide the E4M3 upcast, as at B=64.
 SPLIT_K_TILES = DecodeTiles(64, num_warps=4, num_stages=3, combine="rows")
-SPLIT_K_FP8_TILES = DecodeTiles(32, num_warps=1, num_stages=8, combine="rows", programs_per_sm=4)
+SPLIT_K_FP8_TILES = DecodeTiles(32, num_warps=2, num_stages=6, combine="rows", programs_per_sm=4)
 
 
 def default_tiles(fp8: bool, num_seqs: int, kv_heads: int, context: int,
@@ -351,7 +355,9 @@ def write_real_partials(acc_ref, m_ref, l_ref, b, blk, split, rm: RowMap, acc, m
   plgpu.store(l_ref.at[b, blk, split, :], l, mask=rm.row_ok)
 
 
-_COMBINE_COLS = 128   # output columns per combine program (D is split into D // this programs)
+# Output columns per combine program (D // this programs per query row; 1 warp for 32): H100, B=1
+# 32k, 33 splits: 2.3 us with 32 columns vs 2.8 (64) and 3.3 (128) (benchmarks/attention.md)
+_COMBINE_COLS = 32
 
 
 def _combine_rows_kernel(qs_ref, acc_ref, m_ref, l_ref, o_init_ref, o_ref, *, group: int,
