@@ -388,6 +388,13 @@ KL_DECODE = {"block_n": 128, "block_k": 512, "num_warps": 4, "num_stages": 3, "d
 SHORT_K = 2048
 KL_DECODE_SHORT_K: dict = {"block_n": 64, "block_k": 256, "num_stages": 4}
 KL_DECODE_GLU: dict = {"block_n": 64}
+# Override for decode-sized groups (<= 16 rows per group) of the unfused grouped GEMM at any K:
+# the short-K tiling. H100, 2026-11-24 (benchmarks/gemm.md, window 4; T=64 tokens, E=32, K=7168,
+# N=2048, x in f16, float64-checked at 1.66e-3): uniform routing 124.0 us vs 132.0 us for
+# KL_DECODE (2.77x vs 2.60x ragged_dot), skewed 81.0 vs 93.1 us (4.21x vs 3.67x); bn 128 with 4
+# or 2 stages was slower (143.9 / 130.3 and 103.7 / 116.2 us). The fused gate/up kernel keeps
+# KL_DECODE + KL_DECODE_GLU (measured there), larger groups KL_DECODE.
+KL_DECODE_SMALL_GROUPS: dict = {"block_n": 64, "block_k": 256, "num_stages": 4}
 
 
 def default_kl_tiling(t: int, num_groups: int, k: int | None = None, glu: bool = False
@@ -399,6 +406,8 @@ def default_kl_tiling(t: int, num_groups: int, k: int | None = None, glu: bool =
     d.update(KL_DECODE_SHORT_K)
   if glu:
     d.update(KL_DECODE_GLU)
+  elif rows_per_group <= 16:
+    d.update(KL_DECODE_SMALL_GROUPS)
   return Tiling(bm, d["block_n"], d["block_k"], d["num_warps"], d["num_stages"],
                 dequant=d["dequant"], w_as_a=d["w_as_a"], programs=d.get("programs", 0))
 
