@@ -50,15 +50,16 @@ bf16 dot. Per SM that is ~17.5 weight elements per clock: ~35-45 thread-instruct
 for the dequantization (~30% of the issue rate), and at M=64 the f16 wgmmas need ~50-70% of the
 tensor cores. x is re-read from L2 by every CTA (Mp * 512 bytes per K tile).
 
-Measured (H100, jax 0.11.2, benchmarks/gemm.md, 2026-11-24; float64-checked on the timed output):
-M=8, K=4096, N=14336: 16.3-17.3 us per GEMM in a back-to-back loop (15.2-15.4 us of GPU kernel
-time: 2.2 TB/s of NVFP4 bytes, 72% of the 3.05 TB/s read ceiling) vs XLA's bf16 dot 43.0 us
-(2.5-2.6x) and the Triton kernel-layout kernel 21.5 us; M=1: 15.9 / 17.6 us (2.5x / 2.4x),
-M=32: ~25 us (1.9x), M=64 (first bit layout, x via XLA): 26.0 us at N=14336 (1.9x), 49.6 us at
-N=4096 (split-K 4). Where the rest goes: ~1-2 us of launch gap per call (wall vs GPU time),
-112 CTAs on 132 SMs at N=14336 (each SM runs 2 consumer warpgroups, latency- rather than
-bandwidth-bound: 3 active warps per scheduler), the XLA sum of the split-K partials at N=4096
-(~1.4 us), and at M=64 the f16 wgmmas (n=64) and the x tiles re-read from L2 by every CTA.
+Measured (H100, jax 0.11.2, benchmarks/gemm.md, 2026-11-24 window 4, committed defaults, each
+float64-checked on its timed output; wall = back-to-back loop, GPU = kernel time from a trace):
+M=8, K=4096, N=14336: 16.9 us wall / 15.5 us GPU (2.16 TB/s of NVFP4 bytes, 71% of the read
+ceiling) vs XLA's bf16 dot 43.4 us (2.57x) and the Triton kernel-layout kernel 23.2 us; M=8,
+N=4096: 17.1 us (2.49x); M=1: 16.2 / 18.9 us (2.54x / 2.26x); M=32: 25.1 us at N=14336 (1.99x);
+M=64: 22.4 / 23.7 us (2.20x / 2.11x). Where the rest goes: 1-2 us of launch gap per call (wall
+vs GPU), 112 CTAs on 132 SMs at N=14336, per-SM latency (2 consumer warpgroups, 168 registers,
+one CTA per SM: latency- rather than bandwidth-bound), XLA's sum of the split-K partials at
+N=4096 (~1.4 us), and at M >= 32 the wider wgmmas, the x conversion (in the producer up to M=32,
+an XLA fusion above) and the x tiles re-read from L2 by every CTA.
 
 Interpret mode (CPU) runs the same pipeline (TMA, barriers, slots, split-K, masking) with a plain
 jnp twin of the dequantization (the same values from the same bytes) and a jnp dot instead of
