@@ -41,8 +41,9 @@ still lowered in the operand layout).
 Split-K, B=1, 32768 context, 32/8 heads, page 64 (134 MB bf16 KV: 43.9 us at the 3.06 TB/s read
 ceiling -- a 1 GiB sum -- of the same run; H100, benchmarks/attention.md session 5, device time from
 a profiler trace): SPLIT_K_TILES (64-key tiles, 4 warps, 3 stages, 33 splits) 48.2 us split kernel
-+ 2.3 us per-row combine (32 columns per program) = 50.0 us, 88% of the read ceiling; with the
-serial combine (11.5 us) it was 59.7 us (73%); the fused merge made the split kernel 7.7 us longer
++ 2.3 us per-row combine (32 columns per program) = 50.0 us, 88% of the read ceiling (51.1 us, 86%,
+in window 4's confirmation run); with the serial combine (11.5 us) it was 59.7 us (73%); the fused
+merge made the split kernel 7.7 us longer
 (its last program per KV head merges the 33 splits alone at the end of the kernel while the rest of
 the GPU idles). Remaining gap (6 us): the split kernel runs at 91% of the ceiling (ncu: 2.6 TB/s
 DRAM, 2 programs x 4 warps per SM, 128 registers, 39 KB shared memory): each program streams only
