@@ -159,12 +159,8 @@ class ScaledRows:
 
 
 def sum_partials(parts: jax.Array) -> jax.Array:
-  """f32 sum of split-K partials [S, ...] over S, one slice after the other (the order the norm /
-  RoPE kernels add them in, so both round alike)."""
-  out = parts[0].astype(jnp.float32)
-  for i in range(1, parts.shape[0]):
-    out = out + parts[i].astype(jnp.float32)
-  return out
+  """f32 sum of split-K partials [S, ...] over S (as the norm / RoPE kernels sum them)."""
+  return jnp.sum(parts.astype(jnp.float32), axis=0)
 
 
 def linear_deferred(x: jax.Array | FP8Rows, w) -> jax.Array | ScaledRows:

