@@ -17,6 +17,13 @@ fusion, each recomputing their producer: the SwiGLU and the scaling of the w_gat
 FP8 Llama layer spends four small kernels between w_gate_up and w_down and between attention and
 wo, re-reading the [T, 2I] product twice. One kernel each, reading the input once.
 
+Measured (H100, Llama-3-8B FP8 c=64 serving, profiler, 2026-11-24): ``silu_mul_quantize`` 5.5 us per
+call at 64 rows (0.22 ms per decode step for 32 layers; XLA's amax + cast + scaling kernels took
+~0.3 ms) and 42 us at 1024 rows (1.3-1.5 ms per prefill step; XLA's pair 2.2 ms);
+``quantize_rows`` 1.5 us at 64 rows, 3.7 us at 1024. Codes match the XLA ops bit for bit in
+interpret mode; on the GPU ~4% of the SwiGLU codes differ by one E4M3 step (XLA's fusion skips the
+intermediate bf16 roundings, ``xla_allow_excess_precision``), the scales by <= 1%.
+
 Tiling: grid (T,), one program per row; the row is processed in ``chunk``-wide slices (the largest
 power of two <= 2048 dividing the row width, unrolled), all kept in registers between the amax pass
 and the store pass: 14336 float32 values per row for Llama-3-8B's I, 56 per thread at 8 warps.

@@ -19,6 +19,11 @@ Why: XLA:GPU runs the same work as one RoPE fusion (the rotate-half concatenate)
 cache (k and v): three small kernels per layer, 96 per Llama-3-8B decode step (H100 c=64 FP8 trace:
 0.26 ms of a 5.35 ms step, each kernel a few us for a few hundred KB). One kernel per layer instead.
 
+Measured (H100, Llama-3-8B FP8 c=64 serving, profiler, 2026-11-24 windows 1-4): 32 calls per decode
+step 0.12 ms (bf16 product in) / 0.155 ms (split-K partials in) against 0.32 ms for the XLA
+kernels it replaces; a 1024-token step 0.25 ms; bit-identical to the XLA ops on the GPU except for
+the q rounding where XLA skips the intermediate bf16 rounding of a scaled FP8 product.
+
 Tiling: grid (T,), one program per token: it loads its q and k heads as two [heads, D/2] halves
 (the rotate-half pairs), cos / sin halves [D/2], computes the rotation in registers, stores q and
 the rotated k and the v heads [Hkv, D] at its slot (a scalar read of ``slots``; padding tokens all
