@@ -112,16 +112,26 @@ def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
   refs[2][...] = sx
 
 
+def check_product_scales(what: str, row_scale, col_scale, rows: int, cols: int) -> bool:
+  """Whether an unscaled FP8 product [rows, cols] comes with its scales; raises if they are malformed.
+
+  The fused kernels that finish an FP8 projection (here, fp8_act_quant, rope_kv_write) take its raw
+  product with the activation's row scales [rows, 1] and the weight's column scales [cols]."""
+  if row_scale is None:
+    return False
+  if row_scale.shape != (rows, 1) or col_scale is None or col_scale.shape != (cols,):
+    raise ShapeError(f"{what} scales must be [{rows}, 1] and [{cols}], got {row_scale.shape}, "
+                     f"{None if col_scale is None else col_scale.shape}")
+  return True
+
+
 def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name):
   from jaxinfer.ops import _TINY_AMAX, E4M3_MAX
   if not supports(x, y, w):
     raise ShapeError(f"{name} takes x, y [T, H] of one float dtype with H a power of two "
                      f"and w [H]; got {x.shape} {x.dtype}, {y.shape} {y.dtype}, {w.shape}")
   T, H = x.shape
-  scaled = y_row_scale is not None
-  if scaled and (y_row_scale.shape != (T, 1) or y_col_scale is None or y_col_scale.shape != (H,)):
-    raise ShapeError(f"{name}: y scales must be [T, 1] and [H], got {y_row_scale.shape}, "
-                     f"{None if y_col_scale is None else y_col_scale.shape}")
+  scaled = check_product_scales(f"{name}: y", y_row_scale, y_col_scale, T, H)
   block = pl.BlockSpec((1, H), lambda i: (i, 0))
   row = pl.BlockSpec((1, 1), lambda i: (i, 0))
   vec = pl.BlockSpec((H,), lambda i: (0,))

@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
+from kernels.add_rms_norm import check_product_scales
 
 _MAX_CHUNK = 2048
 _MAX_CHUNKS = 32
@@ -145,10 +146,7 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
                      f"row width a multiple of a power of two in [16, 2048] (<= 32 of them); got "
                      f"{x.shape} {x.dtype}")
   T, K = x.shape
-  scaled = row_scale is not None
-  if scaled and (row_scale.shape != (T, 1) or col_scale is None or col_scale.shape != (K,)):
-    raise ShapeError(f"{name}: scales must be [T, 1] and [K={K}], got {row_scale.shape}, "
-                     f"{None if col_scale is None else col_scale.shape}")
+  scaled = check_product_scales(f"{name}:", row_scale, col_scale, T, K)
   width = K // 2 if glu else K
   chunk = chunk_width(width)
   args = (x,) + ((row_scale.astype(jnp.float32), col_scale.astype(jnp.float32)) if scaled else ())

@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
+from kernels.add_rms_norm import check_product_scales
 from jaxinfer.kv_cache import is_fp8, write_kv
 from jaxinfer.ops import apply_rope
 
@@ -161,11 +162,7 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
   if cos.shape != (T, D) or sin.shape != (T, D) or slots.shape != (T,):
     raise ShapeError(f"cos / sin must be [T={T}, D={D}] and slots [T]; got {cos.shape}, "
                      f"{sin.shape}, {slots.shape}")
-  scaled = row_scale is not None
-  if scaled and (row_scale.shape != (T, 1) or col_scale is None
-                 or col_scale.shape != (qkv.shape[-1],)):
-    raise ShapeError(f"rope_kv_write: scales must be [T, 1] and [{qkv.shape[-1]}], got "
-                     f"{row_scale.shape}, {None if col_scale is None else col_scale.shape}")
+  scaled = check_product_scales("rope_kv_write:", row_scale, col_scale, T, qkv.shape[-1])
   heads = num_heads + 2 * hkv
   extra = ((row_scale.astype(jnp.float32), col_scale.astype(jnp.float32).reshape(heads, D))
            if scaled else ())
