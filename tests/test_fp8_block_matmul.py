@@ -13,13 +13,6 @@ from kernels import fp8_block_matmul as fk
 from kernels.quant import fp8_block
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
 def f64(a):
   return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 

@@ -11,13 +11,6 @@ from kernels.quant import (FP8BlockWeight, GroupedFP8BlockWeight, GroupedNVFP4We
                            fp8_block, nvfp4)
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
 def f64(a):
   return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 

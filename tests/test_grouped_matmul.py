@@ -15,13 +15,6 @@ from kernels.quant import fp8_block, nvfp4
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float64)
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
 def f64(a):
   return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 

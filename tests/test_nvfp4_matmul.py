@@ -18,13 +18,6 @@ from kernels.quant import nvfp4
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float64)
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
 def np_dequant(packed, scale, gs):
   p = np.asarray(packed)
   codes = np.stack([p & 0xF, p >> 4], axis=-1).reshape(p.shape[0], -1)

@@ -28,13 +28,6 @@ E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -
 PERM = np.array([64 * q + 2 * j + e for j in range(32) for q in range(4) for e in range(2)])
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
 def random_nvfp4(rng, n, k):
   packed = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
   scale = rng.uniform(0.05, 400, (n, k // 16)).astype(ml_dtypes.float8_e4m3fn)

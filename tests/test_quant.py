@@ -10,13 +10,6 @@ from jaxinfer.errors import ShapeError
 from kernels.quant import (FP8BlockWeight, GroupedFP8BlockWeight, GroupedNVFP4Weight, NVFP4Weight,
                            fp8_block, nvfp4)
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)  # shown by pytest on failure
-  return np.random.default_rng(seed)
-
-
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float64)
 
 
