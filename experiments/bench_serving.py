@@ -73,6 +73,10 @@ _FP8_ACT_QUANT = flags.DEFINE_bool("fp8_act_quant", False, "jax, FP8 weights: wo
 _FP8_SPLIT_K = flags.DEFINE_integer("fp8_split_k_max_rows", None, "jax: ops.FP8_SPLIT_K_MAX_ROWS "
                                     "(FP8 products of at most this many rows as explicit split-K "
                                     "partials that the norm / RoPE kernels sum; None: as set)")
+_FP8_DECODE_KERNEL = flags.DEFINE_bool("fp8_decode_kernel", False, "jax, --weights=fp8: FP8 "
+                                       "products of <= 64 rows (decode steps) on the Mosaic GPU "
+                                       "decode GEMM (kernels/fp8_decode_matmul_mgpu.py, Hopper "
+                                       "only; ops.FP8_DECODE_KERNEL) instead of cuBLASLt")
 _GC_FREEZE = flags.DEFINE_bool("gc_freeze", False, "jax: gc.collect() + gc.freeze() after the "
                                 "compiles (the model and JAX's caches leave the collector's view: "
                                 "a full collection during the timed loop walks only new objects)")
@@ -464,6 +468,9 @@ def run_jax() -> dict:
   if _FP8_SPLIT_K.value is not None:
     ops.FP8_SPLIT_K_MAX_ROWS = _FP8_SPLIT_K.value
   result["fp8_split_k_max_rows"] = ops.FP8_SPLIT_K_MAX_ROWS
+  if _FP8_DECODE_KERNEL.value:
+    ops.FP8_DECODE_KERNEL = True
+  result["fp8_decode_kernel"] = ops.FP8_DECODE_KERNEL
   result["max_num_batched_tokens"] = _BUDGET.value
   result["fp8_quant_in_norm"] = _FP8_QUANT_IN_NORM.value
   result["fp8_scale_in_norm"] = _FP8_SCALE_IN_NORM.value

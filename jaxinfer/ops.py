@@ -55,6 +55,33 @@ def quantize_fp8_per_channel(w_kn: jax.Array) -> tuple[jax.Array, jax.Array]:
 FP8_SPLIT_K_MAX_ROWS = int(os.environ.get("JAXINFER_FP8_SPLIT_K_MAX_ROWS", "0"))
 
 
+# Opt-in: FP8 products of at most ``fp8_decode_matmul_mgpu.MAX_ROWS`` (64) rows on a Hopper GPU run
+# the Mosaic GPU decode GEMM (kernels/fp8_decode_matmul_mgpu.py) instead of XLA's cuBLASLt GEMMs, in
+# the same output form: f32 split-K partials [S, R, N] (its own S, a power of two) where the XLA
+# path would return partials (``fp8_split_k`` > 1: use it with FP8_SPLIT_K_MAX_ROWS >= 64), else
+# the bf16 product [R, N] (split 1). CPU, other GPUs and other shapes keep the XLA path.
+FP8_DECODE_KERNEL = os.environ.get("JAXINFER_FP8_DECODE_KERNEL", "0") not in ("", "0")
+# Tests: run that kernel in the Mosaic GPU interpreter off Hopper (CPU) instead of skipping it.
+FP8_DECODE_KERNEL_INTERPRET = False
+
+
+def _fp8_decode_kernel_product(xq: jax.Array, w: jax.Array, splits: int) -> jax.Array | None:
+  """The decode kernel's product for ``FP8Weight.linear_deferred``, or None where it does not
+  apply (switch off, not Hopper, shape not taken)."""
+  if not FP8_DECODE_KERNEL or xq.ndim != 2:
+    return None
+  from kernels import fp8_decode_matmul_mgpu as fd   # kernels import jaxinfer
+  hopper = fd.on_hopper()
+  if not (hopper or FP8_DECODE_KERNEL_INTERPRET):
+    return None
+  r, k = xq.shape
+  n = w.shape[0]
+  if not fd.supports(r, n, k):
+    return None
+  t = fd.default_tiling(r, n, k, num_sms=fd.num_sms(), max_split=16 if splits > 1 else 1)
+  return fd.fp8_decode_matmul(xq, w, tiling=t, interpret=not hopper)
+
+
 def fp8_split_k(rows: int, k: int, n: int) -> int:
   """Slices of K for an FP8 product of ``rows`` x [K, N] (1: a plain dot). Mirrors XLA's own choice
   at Llama-3-8B decode sizes on the H100 (64 rows: 4 for wqkv N=6144, 8 for wo / w_down N=4096, none
@@ -122,7 +149,9 @@ class FP8Weight:
     the row / column scales (``ScaledRows.apply`` finishes it; ``add_rms_norm`` takes it as is)."""
     xq, sx = (x.q, x.scale) if isinstance(x, FP8Rows) else quantize_rows_fp8(x)
     splits = fp8_split_k(xq.shape[0], xq.shape[1], self.w.shape[0])
-    raw = fp8_dot(xq, self.w) if splits == 1 else fp8_dot_partials(xq, self.w, splits)
+    raw = _fp8_decode_kernel_product(xq, self.w, splits)
+    if raw is None:
+      raw = fp8_dot(xq, self.w) if splits == 1 else fp8_dot_partials(xq, self.w, splits)
     return ScaledRows(raw, sx, self.scale, x.dtype)
 
 
