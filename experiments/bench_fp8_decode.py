@@ -32,7 +32,7 @@ flags.DEFINE_string("cases", "odd,64,1", "comma list: odd (small odd shapes, flo
                     "64 / 1 / <R> (the four Llama-3-8B shapes at R rows)")
 flags.DEFINE_string("shapes", "wqkv,wo,gate_up,down", "Llama shapes to run")
 flags.DEFINE_string("variants", "", "extra tilings per Llama shape: ';'-separated "
-                    "'shape:tile_n,split_k,tile_k,stages[,w]' (w: wait_prev), e.g. "
+                    "'shape:tile_n,split_k,tile_k,stages[,w][,p1|p2]' (w: wait_prev, p: pdl), e.g. "
                     "'wo:128,4,128,8;down:256,8,128,5,w'")
 flags.DEFINE_bool("peers", True, "time XLA's FP8 paths and the bf16 dot too")
 flags.DEFINE_bool("interpret", False, "CPU smoke: interpret mode, tiny shapes, no timing")
@@ -119,7 +119,8 @@ def parse_variants() -> dict[str, list[fd.DecodeTiling]]:
     shape, vals = spec.split(":")
     v = vals.split(",")
     out.setdefault(shape.strip(), []).append(fd.DecodeTiling(
-        int(v[0]), int(v[1]), int(v[2]), int(v[3]), wait_prev=len(v) > 4 and v[4] == "w"))
+        int(v[0]), int(v[1]), int(v[2]), int(v[3]), wait_prev="w" in v[4:],
+        pdl=2 if "p2" in v[4:] else 1 if "p1" in v[4:] else 0))
   return out
 
 

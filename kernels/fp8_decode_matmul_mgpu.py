@@ -71,18 +71,26 @@ class DecodeTiling:
   dimension; > 1 gives f32 partials [split_k, R, N]); tile_k: K per pipeline step (a multiple of
   128); stages: shared-memory slots in flight (each (tile_n + 64) * tile_k bytes); wait_prev: the
   consumer keeps one step's wgmma in flight (waits for step i-1's and releases its slot after
-  issuing step i's)."""
+  issuing step i's); pdl: programmatic dependent launch (Hopper), 0 off; 1: the kernel may start
+  while the previous kernel of the stream still runs: its producer requests the weight tiles of
+  the first ``stages`` steps, then waits (griddepcontrol.wait: the earlier grids have completed and
+  their writes are visible) before it loads any x (the output is written after x is read, so after
+  the wait too); 2: as 1, and every CTA also signals griddepcontrol.launch_dependents at its start
+  (the next PDL kernel may launch early)."""
   tile_n: int = 256
   split_k: int = 1
   tile_k: int = 128
   stages: int = 4
   wait_prev: bool = False
+  pdl: int = 0
 
   def __post_init__(self):
     if self.tile_n % 8 or not 8 <= self.tile_n <= 256:
       raise ValueError(f"tile_n must be a multiple of 8 in [8, 256], got {self}")
     if self.tile_k % K_ALIGN or self.tile_k <= 0:
       raise ValueError(f"tile_k must be a positive multiple of {K_ALIGN}, got {self}")
+    if self.pdl not in (0, 1, 2):
+      raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
     if self.split_k < 1 or self.stages < 1:
       raise ValueError(f"split_k and stages must be >= 1, got {self}")
 
@@ -201,15 +209,24 @@ def _kernel(x_ref, w_ref, o_ref, scoped, *, r: int, rp: int, n: int, t: DecodeTi
   def slot_of(i):
     return lax.rem(i, jnp.int32(stages)) if not isinstance(i, int) else i % stages
 
-  def issue(i, tail=False):
-    """Step i's W and x tiles into slot i % stages; the tail step loads the last full-width box
-    of the K range (it overlaps the previous step's; the consumer takes its last `rem` columns)."""
+  def col0(i, tail):
+    """First K column of step i; the tail step loads the last full-width box of the K range (it
+    overlaps the previous step's; the consumer takes its last `rem` columns)."""
+    return pl.multiple_of(k0 + (ks - tk if tail else i * tk), K_ALIGN)
+
+  def issue_w(i, tail=False):
     slot = slot_of(i)
-    c0 = pl.multiple_of(k0 + (ks - tk if tail else i * tk), K_ALIGN)
-    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, tn), pl.ds(c0, tk)], w_smem.at[slot],
+    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, tn), pl.ds(col0(i, tail), tk)], w_smem.at[slot],
                             full.at[slot])
-    plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(c0, tk)], x_smem.at[slot, pl.ds(0, rp)],
-                            full.at[slot])
+
+  def issue_x(i, tail=False):
+    slot = slot_of(i)
+    plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(col0(i, tail), tk)],
+                            x_smem.at[slot, pl.ds(0, rp)], full.at[slot])
+
+  # pdl: the weight tiles of the first `prefetch` steps are requested before griddepcontrol.wait
+  # (no earlier kernel writes the weights), everything that reads x after it.
+  prefetch = min(stages, steps) if t.pdl else 0
 
   def cols(ref, width):
     """The columns a step multiplies: all, or the tail step's last `width`."""
@@ -217,15 +234,28 @@ def _kernel(x_ref, w_ref, o_ref, scoped, *, r: int, rp: int, n: int, t: DecodeTi
 
   @pl.when(wg == 1)
   def _producer():
+    if t.pdl == 2 and not interpret:
+      plgpu.griddepcontrol_launch_dependents()
+    for i in range(prefetch):
+      issue_w(jnp.int32(i), tail=bool(rem) and i == full_steps)
+    if t.pdl and not interpret:
+      plgpu.griddepcontrol_wait()
+
     @pl.loop(0, full_steps)
     def _(i):
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot_of(i)]))
-      issue(i)
+      if prefetch:
+        pl.when(i >= prefetch)(lambda: issue_w(i))
+      else:
+        issue_w(i)
+      issue_x(i)
 
     if rem:
       if full_steps >= stages:
         plgpu.barrier_wait(free.at[slot_of(full_steps)])
-      issue(jnp.int32(full_steps), tail=True)
+      if full_steps >= prefetch:
+        issue_w(jnp.int32(full_steps), tail=True)
+      issue_x(jnp.int32(full_steps), tail=True)
 
     @pl.loop(max(steps - stages, 0), steps)
     def _(i):   # observe the last releases too, so no barrier phase is left unobserved

@@ -38,6 +38,8 @@ CASES = [
     (5, 136, 768, T(64, 2, 256, 2)),
     # 4 steps through 2 slots (slot reuse), split 2, one step's wgmma kept in flight
     (64, 264, 1024, T(128, 2, 128, 2, wait_prev=True)),
+    # pdl: the first stages' weight tiles requested up front (here all steps, the tail among them)
+    (8, 192, 640, T(64, 1, 256, 4, pdl=2)),
 ]
 
 
@@ -105,7 +107,8 @@ def test_bad_inputs_raise(rng):
 
 def test_lowers_for_hopper_on_cpu():
   cases = [(r, n, k, None) for r in (1, 64) for n, k in LLAMA]
-  cases += [(5, 200, 384, T(128, 1, 256, 2)), (64, 6144, 4096, T(96, 2, 128, 8, wait_prev=True))]
+  cases += [(5, 200, 384, T(128, 1, 256, 2)), (64, 6144, 4096, T(96, 2, 128, 8, wait_prev=True)),
+            (64, 4096, 14336, T(128, 4, 128, 6, pdl=1)), (8, 192, 640, T(64, 1, 256, 4, pdl=2))]
   for r, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((r, k), jnp.float8_e4m3fn),
             jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn))
