@@ -1,0 +1,414 @@
+"""Grouped (MoE) NVFP4 W4A16 decode GEMM on Mosaic GPU (Hopper): a persistent TMA stream.
+
+y[T, N] = ragged_dot(x [T, K], dequant(W) [E, K, N], group_sizes [E]) (``jax.lax.ragged_dot``
+semantics: rows are sorted by group, rows past sum(group_sizes) are zero) for decode-sized
+groups, built on the dense decode kernel of kernels/nvfp4_matmul_mgpu.py (its weight records,
+in-register dequantization into wgmma's A operand, in-kernel x conversion): y^T = W_e x_e^T per
+expert e, the dequantized weight as the wgmma's A operand (registers), the expert's rows of x as
+the B operand (f16, ``block_rows`` = Mp columns: wgmma n).
+
+Weight layout (``to_grouped_mgpu_layout``): each expert's ModelOpt bytes repacked by
+``nvfp4_matmul_mgpu.to_mgpu_layout`` into 9216-byte (64-row strip, 256-wide K tile) records,
+stacked: uint32 [E, S, K/256, 72, 32], S = ceil(N/64) rounded up to a multiple of
+``STRIP_ALIGN`` (= the CTA's strips; padded strips have zero codes and scales).
+
+Work list (a few tiny XLA ops on the router's group sizes, on device, ``make_work_list``): the
+rows of each non-empty expert are cut into chunks of Mp rows (chunk = expert, first row, end
+row); a work item is (chunk, block of ``consumers`` strips): items = chunks x S / consumers.
+Empty experts give no chunks, so they cost nothing; skewed routing gives an expert more chunks
+(its weight is read once per chunk: with Mp = 8 the skewed benchmark routing reads 20 expert
+weights for 18 active experts). Rows past the total get "zero chunks" that only store zeros.
+
+Kernel (grid = ``ctas`` persistent CTAs, 132 on the H100): CTA p takes items p, p + P, ... of the
+dynamic item count and streams, per item, its K tiles through one continuous pipeline of
+``stages`` shared-memory slots (no fill / drain between items: the producer runs ahead across
+item boundaries). Per step, the producer warpgroup TMAs the item's ``consumers`` weight records
+(one per strip, [consumers, 72, 32] from W[e, strips, t]) into the slot and the raw [Mp, 256]
+x tile (rows r..r+Mp-1 of x in natural order, r = min(chunk start, T - Mp): x is never gathered
+or copied; rows of neighbouring experts inside the tile only reach accumulator columns that are
+never stored) into one of 2 staging slots, then converts the previous step's raw tile to the
+permuted, swizzled f16 wgmma tile (nvfp4_matmul_mgpu._convert_x_gpu) and arrives on the slot's
+barrier. Each consumer warpgroup owns one strip of the item: waits for the slot, dequantizes its
+record into registers (nvfp4_matmul_mgpu._dequant_gpu), issues the 16 wgmmas (m64 nMp k16),
+waits, releases the slot; at the item's last K tile it scales by the expert's global scale and
+stores the accumulator transposed straight from registers into y rows [chunk start, chunk end)
+(masked scalar stores: y is small at decode). Then the zero items.
+
+Target roofline (H100, 3.05 TB/s measured read): T=64, E=32, K=7168, N=2048, uniform routing
+(2 rows per expert) reads all 32 experts' NVFP4 bytes, 32 x 2048 x 7168 x 9/16 = 264 MB -> 86.6
+us; the issue's target is 3.5x jax.lax.ragged_dot in bf16 (338 us in the same runs) = 96.6 us,
+89% of the read ceiling. 1024 strips x 28 K tiles = 28672 records over 132 CTAs: 3.9 items of 2
+strips per CTA (the longest CTA streams 4 x 28 = 112 steps vs 108.6 on average: 97%). Per SM at
+2.75 TB/s that is ~10 bytes per clock, one 9216-byte record every ~900 clocks: the dequantization
+(~1 k warp-instructions per record) needs ~25% of the issue slots, the wgmmas (n = 8) little.
+
+Interpret mode (CPU) runs the same pipeline (persistent loop, TMA at dynamic rows, barriers,
+slots, zero items, masking) with the dense kernel's jnp twin of the dequantization and a jnp dot
+instead of the register-A wgmma (see nvfp4_matmul_mgpu's docstring for how the PTX is checked).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxinfer.errors import ShapeError
+from kernels import nvfp4_matmul_mgpu as mg
+from kernels.quant import nvfp4
+
+STRIP = mg.STRIP
+TILE_K = mg.TILE_K
+STRIP_ALIGN = 2       # strips per expert padded to a multiple of this (the CTA's strips)
+_X_RAW_SLOTS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedMgpuTiling:
+  """block_rows: rows of x per chunk (wgmma n, a multiple of 8, <= 64): an expert with more rows
+  takes several chunks (its weight is streamed once per chunk); consumers: compute warpgroups per
+  CTA, one 64-row strip each (an item covers ``consumers`` strips; 1 or 2); stages: K tiles in
+  flight per CTA; ctas: persistent CTAs (the grid; 132 = the H100's SMs); no_auto_barriers:
+  Pallas's unsafe_no_auto_barriers (as in nvfp4_matmul_mgpu.MgpuTiling)."""
+  block_rows: int = 8
+  consumers: int = 2
+  stages: int = 8
+  ctas: int = 132
+  no_auto_barriers: bool = True
+
+  def __post_init__(self):
+    if self.block_rows % 8 or not 8 <= self.block_rows <= 64:
+      raise ValueError(f"block_rows must be a multiple of 8 in [8, 64], got {self}")
+    if self.consumers not in (1, 2) or self.stages < 2 or self.ctas < 1:
+      raise ValueError(f"need consumers in (1, 2), stages >= 2, ctas >= 1, got {self}")
+
+
+def smem_bytes(t: GroupedMgpuTiling) -> int:
+  mp = t.block_rows
+  return (t.stages * (mg.RECORD_WORDS * 4 * t.consumers + mp * TILE_K * 2)
+          + _X_RAW_SLOTS * mp * TILE_K * 2 + 1024)
+
+
+def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
+                   ) -> GroupedMgpuTiling:
+  """Mp = the mean group size rounded up to 8 (8 at T=64, E=32), two consumers, as many stages
+  as fit 200 KB of shared memory (<= 8), one CTA per SM."""
+  mean = -(-t_rows // max(1, num_groups))
+  mp = overrides.pop("block_rows", min(64, max(8, -(-mean // 8) * 8)))
+  consumers = overrides.pop("consumers", 2)
+  stages = overrides.pop("stages", None)
+  t = GroupedMgpuTiling(block_rows=mp, consumers=consumers, stages=2,
+                        ctas=overrides.pop("ctas", num_sms),
+                        no_auto_barriers=overrides.pop("no_auto_barriers", True))
+  if overrides:
+    raise TypeError(f"unknown GroupedMgpuTiling fields {sorted(overrides)}")
+  if stages is None:
+    stages = 8
+    while stages > 2 and smem_bytes(dataclasses.replace(t, stages=stages)) > 200 * 1024:
+      stages -= 1
+  return dataclasses.replace(t, stages=stages)
+
+
+# ----- weight layout -----
+
+def to_grouped_mgpu_layout(packed: jax.Array, scale: jax.Array) -> jax.Array:
+  """Per-expert ModelOpt NVFP4 [E, N, K/2] u8 + [E, N, K/16] e4m3 -> uint32 [E, S, K/256, 72,
+  32] (nvfp4_matmul_mgpu.to_mgpu_layout per expert, strips padded to a multiple of
+  STRIP_ALIGN with zero records). One expert at a time (lax.map: bounded temporaries)."""
+  nvfp4.check_layout(packed, scale)
+  if packed.ndim != 3:
+    raise ShapeError(f"grouped NVFP4 weight must be [E, N, K/2], got {packed.shape}")
+  w = lax.map(lambda ps: mg.to_mgpu_layout(*ps), (packed, scale))
+  s = w.shape[1]
+  s_pad = -(-s // STRIP_ALIGN) * STRIP_ALIGN
+  if s_pad != s:
+    w = jnp.pad(w, ((0, 0), (0, s_pad - s), (0, 0), (0, 0), (0, 0)))
+  return w
+
+
+def from_grouped_mgpu_layout(w: jax.Array, n: int, k: int) -> tuple[jax.Array, jax.Array]:
+  """Inverse of to_grouped_mgpu_layout -> (packed [E, N, K/2], scale [E, N, K/16])."""
+  s_n = -(-n // STRIP)
+  return lax.map(lambda we: mg.from_mgpu_layout(we[:s_n], n, k), w)
+
+
+# ----- work list -----
+
+def make_work_list(group_sizes: jax.Array, num_rows: int, block_rows: int) -> jax.Array:
+  """int32 [3, C + 2] for C = cdiv(T, Mp) + E chunk slots: columns 0..C-1 are chunks (expert,
+  row_start, row_end), the used ones first (in expert order), then unused (-1, 0, 0); column C
+  holds (number of chunks, number of zero chunks, total rows); column C + 1 is padding. Zero
+  chunk z covers rows [total + z Mp, min(T, total + (z + 1) Mp))."""
+  e = group_sizes.shape[0]
+  mp = block_rows
+  sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+  ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  chunks = (ends - starts + mp - 1) // mp
+  chunk_end = jnp.cumsum(chunks)
+  chunk_start = chunk_end - chunks
+  total_chunks = chunk_end[-1]
+  total = ends[-1]
+  n_slots = -(-num_rows // mp) + e
+  i = jnp.arange(n_slots, dtype=jnp.int32)
+  g = jnp.searchsorted(chunk_end, i, side="right", method="compare_all").astype(jnp.int32)
+  gc = jnp.minimum(g, e - 1)
+  r0 = starts[gc] + (i - chunk_start[gc]) * mp
+  r1 = jnp.minimum(r0 + mp, ends[gc])
+  valid = i < total_chunks
+  sched = jnp.stack([jnp.where(valid, gc, -1), jnp.where(valid, r0, 0), jnp.where(valid, r1, 0)])
+  zero_chunks = (num_rows - total + mp - 1) // mp
+  meta = jnp.stack([jnp.stack([total_chunks, zero_chunks, total]), jnp.zeros((3,), jnp.int32)],
+                   axis=1)
+  return jnp.concatenate([sched, meta.astype(jnp.int32)], axis=1)
+
+
+# ----- the kernel -----
+
+def _store_rows(acc, o_ref, rbase, r0, r1, *, mp: int, interpret: bool):
+  """acc [64, Mp] f32 (y^T of one strip; column c = row rbase + c of y) -> o_ref [T, 64] (the
+  strip's columns of y) at rows r0 <= rbase + c < r1, in o_ref's dtype."""
+  if interpret:
+    val = acc.T.astype(o_ref.dtype)
+    for c in range(mp):
+      row = rbase + c
+
+      @pl.when((row >= r0) & (row < r1))
+      def _(c=c, row=row):
+        o_ref[pl.ds(row, 1), :] = val[c:c + 1]
+    return
+  out = plgpu.layout_cast(acc.astype(o_ref.dtype), plgpu.Layout.WGMMA)
+
+  def body(ctx, a, ref, rb, lo, hi):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    index = ir.IndexType.get()
+    i32 = ir.IntegerType.get_signless(32)
+    rb, lo, hi = (v.registers.flat[0] for v in (rb, lo, hi))
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    lane = arith.remui(tid, mu.c(32, i32))
+    n0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                    arith.divui(lane, mu.c(4, i32)))
+    q2 = arith.addi(arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32)), rb)
+    for idx, reg in np.ndenumerate(a.registers):
+      j, h = idx[1], idx[4]
+      col = arith.index_cast(index, arith.addi(n0, mu.c(8 * h, i32)))
+      for e in range(2):
+        row32 = arith.addi(q2, mu.c(8 * j + e, i32))
+        ok = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, row32, lo),
+                        arith.cmpi(arith.CmpIPredicate.slt, row32, hi))
+        val = vector.extract(reg, [], [e])
+        with mu.when(ok):
+          memref.store(val, ref, [arith.index_cast(index, row32), col])
+    return ()
+
+  splat = plgpu.Layout.WG_SPLAT(shape=())
+  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), splat, splat, splat),
+                    return_type=())(body)(out, o_ref, rbase, r0, r1)
+
+
+def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: int,
+            consumers: int, stages: int, t_k: int, n_slots: int, ctas: int, x_transforms,
+            interpret: bool):
+  (w_smem, x_smem, x_raw), (full, free, raw_bar) = scoped
+  wg = lax.axis_index("wg")
+  p = lax.axis_index("c")
+  n_chunks = sched_ref[0, n_slots]
+  n_zero = sched_ref[1, n_slots]
+  total = sched_ref[2, n_slots]
+  strip_blocks = w_ref.shape[1] // consumers
+  n_items = n_chunks * strip_blocks
+  my_items = jnp.maximum(n_items - p + ctas - 1, 0) // ctas
+  rebalance = consumers == 2 and not interpret
+
+  def item_of(it):
+    item = p + it * ctas
+    c = item // strip_blocks
+    b = item - c * strip_blocks
+    r0 = sched_ref[1, c]
+    return sched_ref[0, c], r0, sched_ref[2, c], b, jnp.minimum(r0, t_rows - mp)
+
+  def convert(i):
+    r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
+    slot = lax.rem(i, jnp.int32(stages))
+    plgpu.barrier_wait(raw_bar.at[r])
+    if interpret:
+      x_smem[slot] = mg._permute_x_tile(x_raw[r].astype(jnp.float16))
+    else:
+      mg._convert_x_gpu(x_raw.at[r], x_smem.at[slot], mp, mp, x_transforms)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(full.at[slot])
+
+  @pl.when(wg == consumers)
+  def _producer():
+    if rebalance:
+      plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, my_items)
+    def _(it):
+      g, _, _, b, rbase = item_of(it)
+
+      @pl.loop(0, t_k)
+      def _(kt):
+        i = it * t_k + kt
+        slot = lax.rem(i, jnp.int32(stages))
+        pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+        plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * consumers, consumers), kt],
+                                w_smem.at[slot], full.at[slot])
+        r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
+        plgpu.copy_gmem_to_smem(
+            x_ref.at[pl.ds(rbase, mp), pl.ds(pl.multiple_of(kt * TILE_K, TILE_K), TILE_K)],
+            x_raw.at[r], raw_bar.at[r])
+        pl.when(i >= 1)(lambda: convert(i - 1))
+
+    steps = my_items * t_k
+    pl.when(steps > 0)(lambda: convert(steps - 1))
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _(i):   # observe the last releases too, so no barrier phase is left unobserved
+      plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
+
+  @pl.when(wg < consumers)
+  def _consumer():
+    if rebalance:
+      plgpu.set_max_registers(232, action="increase")
+
+    @pl.loop(0, my_items)
+    def _(it):
+      g, r0, r1, b, rbase = item_of(it)
+      strip = b * consumers + wg
+      o_view = o_ref.at[:, pl.ds(pl.multiple_of(strip * STRIP, STRIP), STRIP)]
+      gfac = gs_ref[g] * mg._GLOBAL_FACTOR
+
+      if interpret:
+        def step(kt, acc):
+          slot = lax.rem(it * t_k + kt, jnp.int32(stages))
+          plgpu.barrier_wait(full.at[slot])
+          a = mg.dequant_record(w_smem[slot, wg]).astype(jnp.float32)
+          acc = acc + jnp.dot(a, x_smem[slot].astype(jnp.float32).T,
+                              precision=lax.Precision.HIGHEST)
+          plgpu.barrier_arrive(free.at[slot])
+          return acc
+        acc = lax.fori_loop(0, t_k, step, jnp.zeros((STRIP, mp), jnp.float32))
+      else:
+        def run(acc_ref):
+          @pl.loop(0, t_k)
+          def _(kt):
+            slot = lax.rem(it * t_k + kt, jnp.int32(stages))
+            plgpu.barrier_wait(full.at[slot])
+            a = mg._dequant_gpu(w_smem.at[slot, wg])
+            plgpu.wgmma(acc_ref, a, x_smem.at[slot].T)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(free.at[slot])
+          return acc_ref[...]
+        acc = pl.run_scoped(run, plgpu.ACC((STRIP, mp), jnp.float32))
+      _store_rows(acc * gfac, o_view, rbase, r0, r1, mp=mp, interpret=interpret)
+
+    # rows past the total: zeros
+    my_zero = jnp.maximum(n_zero * strip_blocks - p + ctas - 1, 0) // ctas
+
+    @pl.loop(0, my_zero)
+    def _(it):
+      item = p + it * ctas
+      z = item // strip_blocks
+      b = item - z * strip_blocks
+      r0 = total + z * mp
+      strip = b * consumers + wg
+      o_view = o_ref.at[:, pl.ds(pl.multiple_of(strip * STRIP, STRIP), STRIP)]
+      zeros = jnp.zeros((STRIP, mp), jnp.float32)
+      if not interpret:
+        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+      _store_rows(zeros, o_view, jnp.minimum(r0, t_rows - mp), r0,
+                  jnp.minimum(r0 + mp, t_rows), mp=mp, interpret=interpret)
+
+
+def _check(x, w, global_scale, group_sizes, n):
+  if x.ndim != 2:
+    raise ShapeError(f"x must be [T, K], got {x.shape}")
+  if w.ndim != 5 or w.shape[3:] != (72, 32) or w.dtype != jnp.uint32:
+    raise ShapeError(f"the weight must be to_grouped_mgpu_layout's uint32 [E, S, K/256, 72, 32],"
+                     f" got {w.dtype}{list(w.shape)}")
+  e = w.shape[0]
+  if group_sizes.ndim != 1 or group_sizes.shape[0] != e:
+    raise ShapeError(f"group_sizes must be [E={e}], got {group_sizes.shape}")
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ShapeError(f"group_sizes must be integer, got {group_sizes.dtype}")
+  t, k = x.shape
+  nvfp4.check_k(k)
+  if -(-k // TILE_K) != w.shape[2]:
+    raise ShapeError(f"x has K={k} but the weight holds {w.shape[2]} K tiles of {TILE_K}")
+  if not 0 < n <= w.shape[1] * STRIP or -(-n // STRIP) > w.shape[1] or (
+      w.shape[1] - -(-n // STRIP) >= STRIP_ALIGN):
+    raise ShapeError(f"n={n} does not match the weight's {w.shape[1]} strips of {STRIP}")
+  if jnp.shape(global_scale) != (e,):
+    raise ShapeError(f"global_scale must be [E={e}], got shape {jnp.shape(global_scale)}")
+  if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    raise ShapeError(f"x must be bf16, f16 or f32, got {x.dtype}")
+
+
+@functools.partial(jax.jit, static_argnames=("n", "tiling", "interpret", "out_dtype"))
+def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
+                       group_sizes: jax.Array, *, n: int,
+                       tiling: GroupedMgpuTiling | None = None, interpret: bool = False,
+                       out_dtype=None) -> jax.Array:
+  """ragged_dot(x [T, K], W [E, K, N], group_sizes [E]) -> [T, N] (``out_dtype``, default x's)
+  with per-expert NVFP4 weights repacked by ``to_grouped_mgpu_layout`` (K a multiple of 16, any
+  N), global scales [E]. x is cast to f16 (|x| <= 65504) in the kernel."""
+  _check(x, w, global_scale, group_sizes, n)
+  t_rows, k = x.shape
+  e, s_n, t_k = w.shape[:3]
+  t = tiling or default_tiling(t_rows, e)
+  mp = t.block_rows
+  out_dtype = out_dtype or x.dtype
+  if smem_bytes(t) > mg._SMEM_LIMIT:
+    raise ShapeError(f"{t} needs {smem_bytes(t)} bytes of shared memory")
+  if s_n % t.consumers:
+    raise ShapeError(f"{s_n} strips are not a multiple of consumers={t.consumers}")
+  if x.dtype not in (jnp.bfloat16, jnp.float16):
+    x = x.astype(jnp.float16)
+  # raw TMA tiles are [Mp, 256] at rows min(start, T - Mp), K tiles whole: pad small T / odd K
+  rows = max(t_rows, mp)
+  if rows != t_rows or k != t_k * TILE_K:
+    x = jnp.pad(x, ((0, rows - t_rows), (0, t_k * TILE_K - k)))
+  sched = make_work_list(group_sizes, t_rows, mp)
+  n_slots = sched.shape[1] - 2
+  gs = jnp.asarray(global_scale, jnp.float32)
+  x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  kernel = functools.partial(_kernel, t_rows=rows, mp=mp, consumers=t.consumers,
+                             stages=t.stages, t_k=t_k, n_slots=n_slots, ctas=t.ctas,
+                             x_transforms=x_transforms, interpret=bool(interpret))
+
+  def entry(x_ref, w_ref, gs_ref, sched_ref, o_ref):
+    smem = (plgpu.SMEM((t.stages, t.consumers, 72, 32), jnp.uint32),
+            plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
+            plgpu.SMEM((_X_RAW_SLOTS, mp, TILE_K), x.dtype))
+    bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+            plgpu.Barrier(num_arrivals=t.consumers, num_barriers=t.stages),
+            plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS))
+    pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped), smem,
+                  bars, collective_axes="wg")
+
+  out = plgpu.kernel(
+      entry, out_type=jax.ShapeDtypeStruct((rows, s_n * STRIP), out_dtype), grid=(t.ctas,),
+      grid_names=("c",), num_threads=t.consumers + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0,
+                                           unsafe_no_auto_barriers=t.no_auto_barriers),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(x, w, gs, sched)
+  if rows != t_rows or s_n * STRIP != n:
+    out = out[:t_rows, :n]
+  return out
+
+
+def grouped_w4a16_reference_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
+                                 group_sizes: jax.Array, n: int) -> jax.Array:
+  """Plain-JAX reference on the repacked weight (undoes the repack; f32 'highest' ragged_dot)."""
+  from kernels import grouped_matmul   # noqa: PLC0415
+  packed, scale = from_grouped_mgpu_layout(w, n, x.shape[1])
+  return grouped_matmul.grouped_nvfp4_reference(x, packed, scale, global_scale, group_sizes)
