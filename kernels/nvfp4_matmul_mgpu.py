@@ -108,7 +108,16 @@ class MgpuTiling:
   after issuing step i+1's (wgmma_wait(1)); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
   warpgroup barrier around this kernel's shared-memory loads and stores; safe here: no thread
   both reads and writes one region, the TMA-written tiles are only read, and the producer's
-  converted x tiles are fenced by commit_smem before the barrier that publishes them)."""
+  converted x tiles are fenced by commit_smem before the barrier that publishes them);
+  pdl: programmatic dependent launch (Hopper): 0 off; 1: the producer issues the TMA loads of the
+  weight records of the first ``stages`` steps (the weights are never written by an earlier
+  kernel), then ``griddepcontrol.wait`` (the grids before this one complete and their memory is
+  visible), and only then reads x; y is written after x is read, so after the wait too; the
+  kernel is launched with programmatic stream serialization, so it may start while the previous
+  kernel of the stream still runs; 2: as 1, and every CTA also executes
+  ``griddepcontrol.launch_dependents`` at its start, so that the next PDL kernel of the stream
+  (e.g. the next GEMM) can be launched onto SMs this grid leaves free and prefetch its own
+  weights while this one streams (its ``wait`` still orders it after this grid's end)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -117,12 +126,15 @@ class MgpuTiling:
   x_in_kernel: bool = False
   overlap_mma: bool = False
   no_auto_barriers: bool = False
+  pdl: int = 0
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
       raise ValueError(f"every MgpuTiling field must be >= 1, got {self}")
     if self.k_interleave and self.stages % self.consumers:
       raise ValueError(f"k_interleave needs stages to be a multiple of consumers, got {self}")
+    if self.pdl not in (0, 1, 2):
+      raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
 
   @property
   def cta_strips(self) -> int:
@@ -154,6 +166,7 @@ def padded_m(m: int) -> int:
 X_IN_KERNEL_MAX_M = 32
 ONE_CONSUMER_MAX_M = 4
 NO_AUTO_BARRIERS = True
+PDL = 0   # MgpuTiling.pdl of the default tiling (not yet measured on the GPU)
 
 
 def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> MgpuTiling:
@@ -170,6 +183,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   x_in = overrides.pop("x_in_kernel", m <= X_IN_KERNEL_MAX_M)
   overlap = overrides.pop("overlap_mma", False)
   nab = overrides.pop("no_auto_barriers", NO_AUTO_BARRIERS)
+  pdl = overrides.pop("pdl", PDL)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -178,7 +192,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   split = overrides.pop("split_k", split)
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
-                 no_auto_barriers=nab)
+                 no_auto_barriers=nab, pdl=pdl)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -480,7 +494,8 @@ def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
 
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
-            x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool):
+            x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
+            pdl: int = 0):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -509,17 +524,34 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     plgpu.commit_smem()
     plgpu.barrier_arrive(full.at[slot])
 
+  # (the interpreter runs the same load order, without the grid dependency instructions)
+  if pdl == 2 and not interpret:
+    plgpu.griddepcontrol_launch_dependents()
+  prefetch = min(stages, steps) if pdl else 0
+
+  def load_w(i):
+    slot = lax.rem(i, jnp.int32(stages))
+    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(strip0, cta_strips), t0 + i], w_smem.at[slot],
+                            full.at[slot])
+
   @pl.when(wg == consumers)
   def _producer():
     if rebalance:
       plgpu.set_max_registers(40, action="decrease")
+    if pdl:   # weight records first (no earlier kernel writes them), then wait for the grids
+      for i in range(prefetch):   # before this one (x, and y's buffer) to complete
+        load_w(jnp.int32(i))
+      if not interpret:
+        plgpu.griddepcontrol_wait()
 
     @pl.loop(0, steps)
     def _(i):
       slot = lax.rem(i, jnp.int32(stages))
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
-      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(strip0, cta_strips), t0 + i], w_smem.at[slot],
-                              full.at[slot])
+      if prefetch:
+        pl.when(i >= prefetch)(lambda: load_w(i))
+      else:
+        load_w(i)
       if x_in_kernel:
         # the raw tile of step i lands while step i-1's is converted (its slot was freed when
         # step i-2 was converted, one iteration ago)
@@ -682,7 +714,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              stages=t.stages, steps=t_k // split, split=split,
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
                              overlap_mma=t.overlap_mma,
-                             x_transforms=x_transforms, interpret=bool(interpret))
+                             x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl)
   def entry(x_ref, w_ref, gs_ref, o_ref):
     red = t.k_interleave and t.consumers > 1
     smem = (plgpu.SMEM((t.stages, rows, 72, 32), jnp.uint32),

@@ -221,6 +221,10 @@ CASES = [
     (3, 192, 1536, mg.MgpuTiling(consumers=2, strips=1, stages=2, x_in_kernel=True)),
     (24, 128, 2048, mg.MgpuTiling(consumers=2, strips=1, stages=4, split_k=2,
                                   k_interleave=True, x_in_kernel=True)),
+    # pdl: the first `stages` weight loads issued before the loop (fewer steps than stages too)
+    (5, 200, 512, mg.MgpuTiling(consumers=2, strips=1, stages=4, pdl=2)),
+    (8, 128, 2048, mg.MgpuTiling(consumers=1, strips=1, stages=3, split_k=2, x_in_kernel=True,
+                                 pdl=1)),
 ]
 
 
@@ -301,7 +305,9 @@ def test_lowers_for_hopper_on_cpu():
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, overlap_mma=True)),
             (64, 4096, 14336, mg.MgpuTiling(2, 2, 2, 2, True, overlap_mma=True)),
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, overlap_mma=True,
-                                           no_auto_barriers=True))]
+                                           no_auto_barriers=True)),
+            (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True, pdl=2)),
+            (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
   for m, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((-(-n // 64), -(-k // 256), 72, 32), jnp.uint32),
