@@ -1,15 +1,21 @@
 """Grouped NVFP4 decode on Mosaic GPU (kernels/grouped_nvfp4_matmul_mgpu.py) on the GPU: float64
 checks at small odd shapes, then the issue's grouped decode target (T=64, E=32, K=7168, N=2048,
 uniform and skewed routing) against jax.lax.ragged_dot (bf16) and the Triton kernel-layout default
-(x in f16, as the public op runs it), in one run. Reuses experiments/bench_gemm.py's timing,
-checking and JSON (its flags: --out, --reps, --rep_seconds, --budget_s, --shrink, --interpret,
---device_time).
+(x in f16, as the public op runs it), in one run. Same method as experiments/bench_gemm.py's
+grouped section (self-contained: experiments are separate binaries): R = 3 weight sets per jit
+(more bytes than L2), the jit dispatched back-to-back, wall time per call, median of --reps; each
+variant float64-checked on its own timed output; optional GPU kernel time from a profiler trace.
 
   PYTHONPATH=. python3 experiments/bench_grouped_mgpu.py --out=$OUT/grouped.json \
       --gm_sections=check,target --gm_variants="mgpu,mgpu s6"
 """
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import statistics
 import time
 import traceback
 
@@ -18,12 +24,172 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_gemm as bg
 from kernels import grouped_matmul as gk
 from kernels import grouped_nvfp4_matmul_mgpu as gm
 from kernels.quant import nvfp4
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "/tmp/grouped_mgpu.json", "JSON results path")
+flags.DEFINE_integer("reps", 5, "timed repetitions (median)")
+flags.DEFINE_float("rep_seconds", 0.03, "target wall time of one repetition")
+flags.DEFINE_float("budget_s", 420.0, "skip remaining work after this many seconds")
+flags.DEFINE_integer("shrink", 1, "divide the big dims by this (CPU dry runs, with --interpret)")
+flags.DEFINE_bool("interpret", False, "run the Mosaic kernel in interpret mode (CPU dry run)")
+flags.DEFINE_string("device_time", "", "regex: impls whose GPU kernel time per call is also read "
+                    "from a profiler trace (dev_us, span_us, per kernel)")
+
+
+class _Bench:
+  """The subset of experiments/bench_gemm.py this script uses (same timing and records)."""
+  RESULTS: list[dict] = []
+  CEIL = {"read_tbs": 3.05}
+  T0 = time.time()
+  E2M1_F64 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+  @staticmethod
+  def D(x: int) -> int:
+    return max(16, x // FLAGS.shrink)
+
+  @classmethod
+  def over_budget(cls) -> bool:
+    return time.time() - cls.T0 > FLAGS.budget_s
+
+  @staticmethod
+  def bench(fn, argsets, first_out=None, jitted=None) -> float:
+    f = jax.jit(lambda sets: [fn(*a) for a in sets])
+    if jitted is not None:
+      jitted.append(f)
+    outs = jax.block_until_ready(f(argsets))
+    if first_out is not None:
+      first_out.append(outs[0])
+    del outs
+    t = time.perf_counter()
+    jax.block_until_ready(f(argsets))
+    one = time.perf_counter() - t
+    iters = int(min(50, max(2, math.ceil(FLAGS.rep_seconds / max(one, 1e-6)))))
+    times = []
+    for _ in range(FLAGS.reps):
+      t = time.perf_counter()
+      out = None
+      for _ in range(iters):
+        out = f(argsets)
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - t) / (iters * len(argsets)))
+    return statistics.median(times)
+
+  @classmethod
+  def record(cls, section, name, shape, impl, seconds=None, bytes_=0, flops=0, err=None,
+             note="", error=None):
+    r = {"section": section, "name": name, "shape": shape, "impl": impl, "note": note}
+    if seconds is not None:
+      r["us"] = seconds * 1e6
+      r["tbs"] = bytes_ / seconds / 1e12 if bytes_ else None
+      r["tflops"] = flops / seconds / 1e12 if flops else None
+      r["roofline_frac"] = bytes_ / (cls.CEIL["read_tbs"] * 1e12) / seconds if bytes_ else None
+    if err is not None:
+      r["rel_err"] = err
+    if error is not None:
+      r["error"] = error
+    cls.RESULTS.append(r)
+    us = f"{r['us']:9.1f}" if "us" in r else "        -"
+    print(f"[{section}] {name:28s} {impl:34s} {us} us  tbs={r.get('tbs') or 0:5.2f} "
+          f"roof={r.get('roofline_frac') or 0:4.2f} err={err if err is not None else '-'} "
+          f"{note} {('ERROR ' + error) if error else ''}", flush=True)
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      json.dump({"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "ceilings": cls.CEIL, "results": cls.RESULTS}, f, indent=1)
+    return r
+
+  @staticmethod
+  def device_times(f, argsets, calls: int = 3) -> dict:
+    import tempfile    # noqa: PLC0415
+    from experiments import gpu_trace   # noqa: PLC0415
+    d = tempfile.mkdtemp(prefix="grouped_trace_")
+    jax.block_until_ready(f(argsets))
+    with jax.profiler.trace(d):
+      out = None
+      for _ in range(calls):
+        out = f(argsets)
+      jax.block_until_ready(out)
+    pd = gpu_trace.load_trace(d)
+    if pd is None:
+      return {}
+    kernels, intervals, _ = gpu_trace.gpu_kernel_events(pd)
+    n = calls * len(argsets)
+    if not intervals:
+      return {}
+    per = {re.sub(r"\s+", " ", k)[:60]: v[0] / n / 1e3 for k, v in kernels.items()}
+    return {"dev_us": sum(v[0] for v in kernels.values()) / n / 1e3,
+            "span_us": (intervals[-1][1] - intervals[0][0]) / n / 1e3,
+            "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1])[:6])}
+
+  @classmethod
+  def attempt(cls, section, name, shape, impl, fn, argsets, bytes_=0, flops=0, ref=None,
+              note=""):
+    """Check fn(*argsets[0]) against ref (its timed jit's first output), then time it; record
+    errors, never raise."""
+    if cls.over_budget():
+      return cls.record(section, name, shape, impl, note="skipped (budget)")
+    try:
+      err = None
+      first, jitted = [], []
+      s = cls.bench(fn, argsets, first, jitted)
+      if ref is not None:
+        err = cls.err64(first[0], ref)
+      del first
+      if FLAGS.device_time and re.search(FLAGS.device_time, impl):
+        try:
+          dt = cls.device_times(jitted[0], argsets)
+          note = (f"{note} dev_us={dt.get('dev_us', float('nan')):.2f} "
+                  f"span_us={dt.get('span_us', float('nan')):.2f} kernels={dt.get('kernels')}")
+        except Exception as e:  # noqa: BLE001
+          note = f"{note} device_time failed: {type(e).__name__}: {e}"[:800]
+      return cls.record(section, name, shape, impl, s, bytes_, flops, err, note)
+    except Exception as e:  # noqa: BLE001 - a failing variant must not end the run
+      traceback.print_exc(limit=2)
+      return cls.record(section, name, shape, impl, note=note,
+                        error=f"{type(e).__name__}: {e}"[:600])
+
+  @staticmethod
+  def keys(n):
+    return jax.random.split(jax.random.key(int(time.time() * 1e3) % 2**31), n)
+
+  @classmethod
+  def dequant_f64(cls, packed, scale, gs) -> np.ndarray:
+    p = np.asarray(packed)
+    codes = np.stack([p & 0xF, p >> 4], axis=-1).reshape(p.shape[0], -1)
+    s = np.asarray(jnp.asarray(scale, jnp.float32), np.float64)
+    return cls.E2M1_F64[codes] * np.repeat(s, 16, axis=1) * float(gs)
+
+  @staticmethod
+  def err64(y, ref) -> float:
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    if not np.all(np.isfinite(y)):
+      return float("nan")
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+  @staticmethod
+  def _routing(t_rows, e, skewed):
+    """bench_gemm's routings: uniform, or Zipf(1.2) multinomial (seed 0), permuted."""
+    if not skewed:
+      return jnp.full((e,), t_rows // e, jnp.int32)
+    sizes = np.zeros(e, np.int64)
+    probs = 1.0 / np.arange(1, e + 1) ** 1.2
+    rng = np.random.default_rng(0)
+    sizes[:] = rng.multinomial(t_rows, probs / probs.sum())
+    return jnp.asarray(rng.permutation(sizes), jnp.int32)
+
+  @classmethod
+  def sec_ceil(cls):
+    x = jax.random.normal(jax.random.key(1), (cls.D(256 * 1024 * 1024),), jnp.float32)  # 1 GiB
+    s = cls.bench(lambda a: jnp.sum(a), [(x,)])
+    cls.CEIL["read_tbs"] = x.nbytes / s / 1e12
+    cls.record("ceil", "read stream 1GiB f32", "", "xla sum", s, x.nbytes)
+
+
+bg = _Bench
 flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes), target, ceil")
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
 flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
