@@ -193,7 +193,7 @@ bg = _Bench
 flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes), target, ceil")
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
 flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
-                  " s<stages> p<ctas> a (automatic barriers on)")
+                  " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on)")
 flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu r16 c1 s3 p7"],
                   "variants of the small-shape check")
 flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton"], "peers timed in the same run")
@@ -212,6 +212,8 @@ def variant(name: str, t_rows: int, e: int) -> gm.GroupedMgpuTiling:
       kw["ctas"] = int(p[1:])
     elif p == "a":
       kw["no_auto_barriers"] = False
+    elif p[0] == "m":
+      kw["strips"] = int(p[1:])
   return gm.default_tiling(t_rows, e, **kw)
 
 

@@ -14,7 +14,8 @@ stacked: uint32 [E, S, K/256, 72, 32], S = ceil(N/64) rounded up to a multiple o
 
 Work list (a few tiny XLA ops on the router's group sizes, on device, ``make_work_list``): the
 rows of each non-empty expert are cut into chunks of Mp rows (chunk = expert, first row, end
-row); a work item is (chunk, block of ``consumers`` strips): items = chunks x S / consumers.
+row); a work item is (chunk, block of consumers x strips 64-row strips of N): items = chunks x S
+/ (consumers x strips).
 Empty experts give no chunks, so they cost nothing; skewed routing gives an expert more chunks
 (its weight is read once per chunk: with Mp = 8 the skewed benchmark routing reads 20 expert
 weights for 18 active experts). Rows past the total get "zero chunks" that only store zeros.
@@ -22,17 +23,18 @@ weights for 18 active experts). Rows past the total get "zero chunks" that only 
 Kernel (grid = ``ctas`` persistent CTAs, 132 on the H100): CTA p takes items p, p + P, ... of the
 dynamic item count and streams, per item, its K tiles through one continuous pipeline of
 ``stages`` shared-memory slots (no fill / drain between items: the producer runs ahead across
-item boundaries). Per step, the producer warpgroup TMAs the item's ``consumers`` weight records
-(one per strip, [consumers, 72, 32] from W[e, strips, t]) into the slot and the raw [Mp, 256]
+item boundaries). Per step, the producer warpgroup TMAs the item's weight records (one per
+strip, [consumers x strips, 72, 32] from W[e, strips, t]) into the slot and the raw [Mp, 256]
 x tile (rows r..r+Mp-1 of x in natural order, r = min(chunk start, T - Mp): x is never gathered
 or copied; rows of neighbouring experts inside the tile only reach accumulator columns that are
 never stored) into one of 2 staging slots, then converts the previous step's raw tile to the
 permuted, swizzled f16 wgmma tile (nvfp4_matmul_mgpu._convert_x_gpu) and arrives on the slot's
-barrier. Each consumer warpgroup owns one strip of the item: waits for the slot, dequantizes its
-record into registers (nvfp4_matmul_mgpu._dequant_gpu), issues the 16 wgmmas (m64 nMp k16),
-waits, releases the slot; at the item's last K tile it scales by the expert's global scale and
-stores the accumulator transposed straight from registers into y rows [chunk start, chunk end)
-(masked scalar stores: y is small at decode). Then the zero items.
+barrier. Each consumer warpgroup owns ``strips`` strips of the item: waits for the slot,
+dequantizes a record into registers (nvfp4_matmul_mgpu._dequant_gpu), issues its 16 wgmmas (m64
+nMp k16), dequantizes the next strip's record while they run, ..., waits, releases the slot; at
+the item's last K tile it scales by the expert's global scale and stores the accumulators
+transposed straight from registers into y rows [chunk start, chunk end) (masked scalar stores: y
+is small at decode). Then the zero items.
 
 Target roofline (H100, 3.05 TB/s measured read): T=64, E=32, K=7168, N=2048, uniform routing
 (2 rows per expert) reads all 32 experts' NVFP4 bytes, 32 x 2048 x 7168 x 9/16 = 264 MB -> 86.6
@@ -72,25 +74,32 @@ _X_RAW_SLOTS = 2
 class GroupedMgpuTiling:
   """block_rows: rows of x per chunk (wgmma n, a multiple of 8, <= 64): an expert with more rows
   takes several chunks (its weight is streamed once per chunk); consumers: compute warpgroups per
-  CTA, one 64-row strip each (an item covers ``consumers`` strips; 1 or 2); stages: K tiles in
-  flight per CTA; ctas: persistent CTAs (the grid; 132 = the H100's SMs); no_auto_barriers:
-  Pallas's unsafe_no_auto_barriers (as in nvfp4_matmul_mgpu.MgpuTiling)."""
+  CTA (1 or 2); strips: 64-row strips per consumer (its wgmmas for strip j run while it
+  dequantizes strip j + 1; an item covers consumers x strips strips); stages: K tiles in flight
+  per CTA; ctas: persistent CTAs (the grid; 132 = the H100's SMs); no_auto_barriers: Pallas's
+  unsafe_no_auto_barriers (as in nvfp4_matmul_mgpu.MgpuTiling)."""
   block_rows: int = 8
   consumers: int = 2
   stages: int = 8
   ctas: int = 132
   no_auto_barriers: bool = True
+  strips: int = 1
 
   def __post_init__(self):
     if self.block_rows % 8 or not 8 <= self.block_rows <= 64:
       raise ValueError(f"block_rows must be a multiple of 8 in [8, 64], got {self}")
-    if self.consumers not in (1, 2) or self.stages < 2 or self.ctas < 1:
-      raise ValueError(f"need consumers in (1, 2), stages >= 2, ctas >= 1, got {self}")
+    if (self.consumers not in (1, 2) or self.stages < 2 or self.ctas < 1
+        or self.strips not in (1, 2)):
+      raise ValueError(f"need consumers and strips in (1, 2), stages >= 2, ctas >= 1, got {self}")
+
+  @property
+  def cta_strips(self) -> int:
+    return self.consumers * self.strips
 
 
 def smem_bytes(t: GroupedMgpuTiling) -> int:
   mp = t.block_rows
-  return (t.stages * (mg.RECORD_WORDS * 4 * t.consumers + mp * TILE_K * 2)
+  return (t.stages * (mg.RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2)
           + _X_RAW_SLOTS * mp * TILE_K * 2 + 1024)
 
 
@@ -103,6 +112,7 @@ def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
   consumers = overrides.pop("consumers", 2)
   stages = overrides.pop("stages", None)
   t = GroupedMgpuTiling(block_rows=mp, consumers=consumers, stages=2,
+                        strips=overrides.pop("strips", 1),
                         ctas=overrides.pop("ctas", num_sms),
                         no_auto_barriers=overrides.pop("no_auto_barriers", True))
   if overrides:
@@ -214,15 +224,16 @@ def _store_rows(acc, o_ref, rbase, r0, r1, *, mp: int, interpret: bool):
 
 
 def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: int,
-            consumers: int, stages: int, t_k: int, n_slots: int, ctas: int, x_transforms,
-            interpret: bool):
+            consumers: int, strips: int, stages: int, t_k: int, n_slots: int, ctas: int,
+            x_transforms, interpret: bool):
   (w_smem, x_smem, x_raw), (full, free, raw_bar) = scoped
   wg = lax.axis_index("wg")
   p = lax.axis_index("c")
   n_chunks = sched_ref[0, n_slots]
   n_zero = sched_ref[1, n_slots]
   total = sched_ref[2, n_slots]
-  strip_blocks = w_ref.shape[1] // consumers
+  cta_strips = consumers * strips
+  strip_blocks = w_ref.shape[1] // cta_strips
   n_items = n_chunks * strip_blocks
   my_items = jnp.maximum(n_items - p + ctas - 1, 0) // ctas
   rebalance = consumers == 2 and not interpret
@@ -259,7 +270,7 @@ def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: 
         i = it * t_k + kt
         slot = lax.rem(i, jnp.int32(stages))
         pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
-        plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * consumers, consumers), kt],
+        plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * cta_strips, cta_strips), kt],
                                 w_smem.at[slot], full.at[slot])
         r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
         plgpu.copy_gmem_to_smem(
@@ -282,33 +293,37 @@ def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: 
     @pl.loop(0, my_items)
     def _(it):
       g, r0, r1, b, rbase = item_of(it)
-      strip = b * consumers + wg
-      o_view = o_ref.at[:, pl.ds(pl.multiple_of(strip * STRIP, STRIP), STRIP)]
       gfac = gs_ref[g] * mg._GLOBAL_FACTOR
+      local = [wg * strips + j for j in range(strips)]     # the consumer's strips in the slot
 
       if interpret:
-        def step(kt, acc):
+        def step(kt, accs):
           slot = lax.rem(it * t_k + kt, jnp.int32(stages))
           plgpu.barrier_wait(full.at[slot])
-          a = mg.dequant_record(w_smem[slot, wg]).astype(jnp.float32)
-          acc = acc + jnp.dot(a, x_smem[slot].astype(jnp.float32).T,
-                              precision=lax.Precision.HIGHEST)
+          xt = x_smem[slot].astype(jnp.float32).T
+          accs = tuple(
+              acc + jnp.dot(mg.dequant_record(w_smem[slot, j]).astype(jnp.float32), xt,
+                            precision=lax.Precision.HIGHEST) for acc, j in zip(accs, local))
           plgpu.barrier_arrive(free.at[slot])
-          return acc
-        acc = lax.fori_loop(0, t_k, step, jnp.zeros((STRIP, mp), jnp.float32))
+          return accs
+        accs = lax.fori_loop(0, t_k, step,
+                             tuple(jnp.zeros((STRIP, mp), jnp.float32) for _ in local))
       else:
-        def run(acc_ref):
+        def run(*acc_refs):
           @pl.loop(0, t_k)
           def _(kt):
             slot = lax.rem(it * t_k + kt, jnp.int32(stages))
             plgpu.barrier_wait(full.at[slot])
-            a = mg._dequant_gpu(w_smem.at[slot, wg])
-            plgpu.wgmma(acc_ref, a, x_smem.at[slot].T)
+            for acc_ref, j in zip(acc_refs, local):
+              plgpu.wgmma(acc_ref, mg._dequant_gpu(w_smem.at[slot, j]), x_smem.at[slot].T)
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
-          return acc_ref[...]
-        acc = pl.run_scoped(run, plgpu.ACC((STRIP, mp), jnp.float32))
-      _store_rows(acc * gfac, o_view, rbase, r0, r1, mp=mp, interpret=interpret)
+          return [r[...] for r in acc_refs]
+        accs = pl.run_scoped(run, *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in local])
+      for acc, j in zip(accs, local):
+        n0 = pl.multiple_of((b * cta_strips + j) * STRIP, STRIP)
+        _store_rows(acc * gfac, o_ref.at[:, pl.ds(n0, STRIP)], rbase, r0, r1, mp=mp,
+                    interpret=interpret)
 
     # rows past the total: zeros
     my_zero = jnp.maximum(n_zero * strip_blocks - p + ctas - 1, 0) // ctas
@@ -319,13 +334,13 @@ def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: 
       z = item // strip_blocks
       b = item - z * strip_blocks
       r0 = total + z * mp
-      strip = b * consumers + wg
-      o_view = o_ref.at[:, pl.ds(pl.multiple_of(strip * STRIP, STRIP), STRIP)]
       zeros = jnp.zeros((STRIP, mp), jnp.float32)
       if not interpret:
         zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-      _store_rows(zeros, o_view, jnp.minimum(r0, t_rows - mp), r0,
-                  jnp.minimum(r0 + mp, t_rows), mp=mp, interpret=interpret)
+      for j in range(strips):
+        n0 = pl.multiple_of((b * cta_strips + wg * strips + j) * STRIP, STRIP)
+        _store_rows(zeros, o_ref.at[:, pl.ds(n0, STRIP)], jnp.minimum(r0, t_rows - mp), r0,
+                    jnp.minimum(r0 + mp, t_rows), mp=mp, interpret=interpret)
 
 
 def _check(x, w, global_scale, group_sizes, n):
@@ -368,8 +383,9 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
   out_dtype = out_dtype or x.dtype
   if smem_bytes(t) > mg._SMEM_LIMIT:
     raise ShapeError(f"{t} needs {smem_bytes(t)} bytes of shared memory")
-  if s_n % t.consumers:
-    raise ShapeError(f"{s_n} strips are not a multiple of consumers={t.consumers}")
+  if s_n % t.cta_strips:
+    raise ShapeError(f"{s_n} strips are not a multiple of the CTA's {t.cta_strips} (consumers x "
+                     f"strips)")
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.float16)
   # raw TMA tiles are [Mp, 256] at rows min(start, T - Mp), K tiles whole: pad small T / odd K
@@ -381,11 +397,12 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
   gs = jnp.asarray(global_scale, jnp.float32)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   kernel = functools.partial(_kernel, t_rows=rows, mp=mp, consumers=t.consumers,
+                             strips=t.strips,
                              stages=t.stages, t_k=t_k, n_slots=n_slots, ctas=t.ctas,
                              x_transforms=x_transforms, interpret=bool(interpret))
 
   def entry(x_ref, w_ref, gs_ref, sched_ref, o_ref):
-    smem = (plgpu.SMEM((t.stages, t.consumers, 72, 32), jnp.uint32),
+    smem = (plgpu.SMEM((t.stages, t.cta_strips, 72, 32), jnp.uint32),
             plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
             plgpu.SMEM((_X_RAW_SLOTS, mp, TILE_K), x.dtype))
     bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),

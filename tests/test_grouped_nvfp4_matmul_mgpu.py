@@ -90,6 +90,8 @@ CASES = [   # T, E, N, K, sizes, tiling
     (21, 4, 64, 256, [21, 0, 0, 0], gm.GroupedMgpuTiling(16, stages=2, ctas=5)),
     # T < 8 (x padded to one tile)
     (5, 2, 128, 256, [2, 3], gm.GroupedMgpuTiling(8, stages=4, ctas=2)),
+    # two strips per consumer (items of 4 strips), a group of 10 rows
+    (14, 3, 250, 512, [10, 0, 3], gm.GroupedMgpuTiling(8, stages=3, ctas=2, strips=2)),
 ]
 
 
@@ -171,10 +173,50 @@ def test_lowers_for_hopper_on_cpu():
   masked transposed stores) lowers to Mosaic GPU for the issue's shape and the variants."""
   for t_rows, e, n, k, til in [(64, 32, 2048, 7168, None),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(16, 1, 4, 132, False)),
-                               (12, 3, 200, 272, gm.GroupedMgpuTiling(8, 2, 3, 5))]:
+                               (12, 3, 200, 272, gm.GroupedMgpuTiling(8, 2, 3, 5)),
+                               (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2))]:
     s = -(-(-(-n // 64)) // 2) * 2
     args = (jax.ShapeDtypeStruct((t_rows, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((e, s, -(-k // 256), 72, 32), jnp.uint32),
             jax.ShapeDtypeStruct((e,), jnp.float32), jax.ShapeDtypeStruct((e,), jnp.int32))
     fn = lambda x, w, g, gsz, n=n, til=til: gm.grouped_w4a16_mgpu(x, w, g, gsz, n=n, tiling=til)
     assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_weight_layout_and_public_op_dispatch(rng, monkeypatch):
+  """GroupedNVFP4Weight.to_mgpu_layout round-trips to the ModelOpt bytes; gemm.grouped_matmul
+  gives the ModelOpt weight's result on CPU and on a (pretended) Hopper GPU runs the grouped
+  Mosaic kernel (here interpreted) for decode-sized groups."""
+  from kernels import gemm
+  from kernels.quant import GroupedNVFP4Weight
+  e, k, n = 3, 256, 128
+  w = GroupedNVFP4Weight.from_dense(jnp.asarray(rng.standard_normal((e, k, n)), jnp.float32))
+  wm = w.to_mgpu_layout()
+  assert wm.layout == "mgpu" and (wm.k, wm.n, wm.num_groups) == (k, n, e)
+  assert wm.to_mgpu_layout() is wm and wm.packed.shape == (e, 2, 1, 72, 32)
+  np.testing.assert_array_equal(np.asarray(wm.modelopt_packed()), np.asarray(w.packed))
+  np.testing.assert_array_equal(np.asarray(wm.to_kernel_layout().packed),
+                                np.asarray(w.to_kernel_layout().packed))
+  x = jnp.asarray(rng.standard_normal((7, k)), jnp.bfloat16)
+  sizes = jnp.asarray([3, 0, 3], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(gemm.grouped_matmul(x, wm, sizes), np.float32),
+                                np.asarray(gemm.grouped_matmul(x, w, sizes), np.float32))
+  calls = []
+  kernel = gemm.grouped_mgpu_kernels.grouped_w4a16_mgpu
+
+  def interpreted(*args, **kwargs):
+    calls.append(args[0].shape)
+    return kernel(*args, **kwargs, tiling=gm.GroupedMgpuTiling(stages=2, ctas=2),
+                  interpret=True)
+
+  monkeypatch.setattr(gemm, "_gpu_capability", lambda: 9.0)
+  monkeypatch.setattr(gemm.grouped_mgpu_kernels, "grouped_w4a16_mgpu", interpreted)
+  wd = np.asarray(w.dequantize(), np.float64)
+  xf = np.asarray(x, np.float64)
+  ref = np.zeros((7, n))
+  ref[:3], ref[3:6] = xf[:3] @ wd[0], xf[3:6] @ wd[2]
+  y = np.asarray(gemm.grouped_matmul(x, wm, sizes).astype(jnp.float32), np.float64)
+  assert calls == [(7, k)] and np.linalg.norm(y - ref) / np.linalg.norm(ref) < 4e-3
+  assert np.all(y[6] == 0)
+  with pytest.raises(ShapeError, match="to_grouped_mgpu_layout"):
+    GroupedNVFP4Weight(w.packed, w.scale, w.global_scale, layout="mgpu")
