@@ -16,9 +16,11 @@ NVFP4 weights in the kernel layout (kernels/quant/weights: NVFP4Weight.to_kernel
 repack; K % 256 == 0) run the kernel-layout decode kernels (nvfp4_matmul.w4a16_matmul_kl,
 grouped_matmul.grouped_matmul_nvfp4_kl: the fastest, 1.4-2.0x XLA's bf16 dot at M <= 32 and
 2.3-3.1x ragged_dot on the H100, benchmarks/gemm.md); call it once on load for decode serving.
-Weights in the Mosaic GPU layout (NVFP4Weight.to_mgpu_layout, dense only) run
+Weights in the Mosaic GPU layout (NVFP4Weight.to_mgpu_layout) run
 kernels/nvfp4_matmul_mgpu.w4a16_matmul_mgpu on Hopper (compute capability 9.0) up to
-MGPU_DECODE_MAX_M rows, and dequantize + XLA's dot otherwise (other GPUs, larger M).
+MGPU_DECODE_MAX_M rows, and dequantize + XLA's dot otherwise (other GPUs, larger M); grouped ones
+(GroupedNVFP4Weight.to_mgpu_layout) kernels/grouped_nvfp4_matmul_mgpu.grouped_w4a16_mgpu on
+Hopper up to MGPU_GROUPED_MAX_ROWS_PER_GROUP rows per group on average.
 ModelOpt-layout weights run the original kernels: dense decode (M <= 64) on the PTX "asm" route
 with the even/odd x split (kernels.nvfp4_matmul.DECODE_DEQUANT / DECODE_EVEN_ODD), grouped decode
 on kernels.grouped_matmul.DECODE_DEQUANT ("f32", bf16 MMA). Every f16 route (the kernel layout's,
@@ -35,6 +37,7 @@ from jaxinfer.errors import ShapeError
 from kernels import fp8_block_matmul as fp8_kernels
 from kernels import fp8_block_matmul_mgpu as fp8_mgpu_kernels
 from kernels import grouped_matmul as grouped_kernels
+from kernels import grouped_nvfp4_matmul_mgpu as grouped_mgpu_kernels
 from kernels import nvfp4_matmul as nvfp4_kernels
 from kernels import nvfp4_matmul_mgpu as nvfp4_mgpu_kernels
 from kernels.quant import fp8_block, nvfp4
@@ -73,6 +76,11 @@ KL_X_F16_DENSE: bool = False
 # Rows up to which a weight in the Mosaic GPU layout runs the Mosaic decode kernel (the range it
 # was measured in: M = 1..64, benchmarks/gemm.md); above, dequantize + XLA's dot.
 MGPU_DECODE_MAX_M: int = 64
+# Mean rows per group up to which a GroupedNVFP4Weight in the Mosaic GPU layout
+# (GroupedNVFP4Weight.to_mgpu_layout) runs the grouped Mosaic decode kernel
+# (kernels/grouped_nvfp4_matmul_mgpu) on Hopper; above, and on other GPUs, the ModelOpt-layout
+# grouped kernel on the bytes the records hold (an unpack per call: repack to "kernel" instead).
+MGPU_GROUPED_MAX_ROWS_PER_GROUP: int = 16
 
 
 def _gpu_capability() -> float | None:
@@ -181,6 +189,12 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
   """ragged_dot(x [T, K], w, group_sizes [E]) -> [T, N] in x's dtype; rows past the total are 0."""
   gpu = _use_kernels()
   if isinstance(w, GroupedNVFP4Weight):
+    if (gpu and w.layout == "mgpu" and _gpu_capability() == 9.0
+        and x.shape[0] <= MGPU_GROUPED_MAX_ROWS_PER_GROUP * w.num_groups):
+      return grouped_mgpu_kernels.grouped_w4a16_mgpu(x, w.packed, w.global_scale, group_sizes,
+                                                     n=w.n)
+    if w.layout == "mgpu":
+      w = w.to_modelopt_layout()
     if gpu and w.layout == "kernel":
       t = grouped_kernels.default_kl_tiling(x.shape[0], w.num_groups, w.k)
       return grouped_kernels.grouped_matmul_nvfp4_kl(

@@ -5,8 +5,9 @@ FP8 as DeepSeek-V3 ([N, K] e4m3, [N/128, K/128] f32). ``from_modelopt`` / ``from
 the checkpoint tensors byte-for-byte (no repacking); ``from_dense`` quantizes a [K, N] matrix.
 NVFP4 weights carry a static ``layout``: "modelopt" (the checkpoint bytes), "kernel" (the same
 codes K-permuted by kernels/quant/nvfp4.to_kernel_layout for the Triton decode kernels, K a
-multiple of 256) or "mgpu" (dense only: codes and scales in the fragment-ordered records of the
-Mosaic GPU decode kernel, kernels/nvfp4_matmul_mgpu.to_mgpu_layout, uint32 [N/64, K/256, 72, 32];
+multiple of 256) or "mgpu" (codes and scales in the fragment-ordered records of the Mosaic GPU
+decode kernels: dense kernels/nvfp4_matmul_mgpu.to_mgpu_layout, uint32 [N/64, K/256, 72, 32];
+grouped kernels/grouped_nvfp4_matmul_mgpu.to_grouped_mgpu_layout, uint32 [E, S, K/256, 72, 32];
 ``scale`` keeps the ModelOpt copy); ``to_kernel_layout()`` / ``to_mgpu_layout()`` repack once,
 ``to_modelopt()`` / ``modelopt_packed()`` give the checkpoint bytes back exactly.
 Grouped (MoE) variants stack experts on a leading axis E and are consumed by
@@ -58,6 +59,9 @@ class _NVFP4Layout:
 
   def modelopt_packed(self) -> jax.Array:
     """The packed codes in the ModelOpt (checkpoint) layout."""
+    if self.layout == "mgpu" and self.packed.ndim == 5:      # grouped records
+      from kernels import grouped_nvfp4_matmul_mgpu   # noqa: PLC0415
+      return grouped_nvfp4_matmul_mgpu.from_grouped_mgpu_layout(self.packed, self.n, self.k)[0]
     if self.layout == "mgpu":
       from kernels import nvfp4_matmul_mgpu   # noqa: PLC0415  (kernels import this module)
       return nvfp4_matmul_mgpu.from_mgpu_layout(self.packed, self.n, self.k)[0]
@@ -194,8 +198,12 @@ class GroupedNVFP4Weight(_NVFP4Layout):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.layout == "mgpu":
-      raise ShapeError("the Mosaic GPU ('mgpu') NVFP4 layout is for dense weights only")
+    p = self.packed
+    if self.layout == "mgpu" and hasattr(p, "ndim") and (p.ndim != 5 or p.dtype != jnp.uint32):
+      raise ShapeError(f"a grouped NVFP4 weight in the Mosaic GPU ('mgpu') layout holds "
+                       f"to_grouped_mgpu_layout's uint32 [E, S, K/256, 72, 32] records, got "
+                       f"{p.dtype}{list(p.shape)}: repack with to_mgpu_layout() (ModelOpt bytes "
+                       f"as the mgpu layout: valid for dense weights only)")
 
   @property
   def num_groups(self) -> int:
@@ -203,11 +211,22 @@ class GroupedNVFP4Weight(_NVFP4Layout):
 
   @property
   def k(self) -> int:
-    return self.packed.shape[-1] * 2
+    return self.scale.shape[-1] * 16      # the scales keep the ModelOpt layout in every layout
 
   @property
   def n(self) -> int:
-    return self.packed.shape[-2]
+    return self.scale.shape[-2]
+
+  def to_mgpu_layout(self) -> "GroupedNVFP4Weight":
+    """The same weight repacked for the grouped Mosaic GPU decode kernel
+    (kernels/grouped_nvfp4_matmul_mgpu)."""
+    if self.layout == "mgpu":
+      return self
+    from kernels import grouped_nvfp4_matmul_mgpu   # noqa: PLC0415
+    return dataclasses.replace(
+        self, packed=grouped_nvfp4_matmul_mgpu.to_grouped_mgpu_layout(self.modelopt_packed(),
+                                                                      self.scale),
+        layout="mgpu")
 
   @classmethod
   def from_dense(cls, w_ekn: jax.Array) -> "GroupedNVFP4Weight":
