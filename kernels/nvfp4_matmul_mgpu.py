@@ -117,7 +117,15 @@ class MgpuTiling:
   kernel of the stream still runs; 2: as 1, and every CTA also executes
   ``griddepcontrol.launch_dependents`` at its start, so that the next PDL kernel of the stream
   (e.g. the next GEMM) can be launched onto SMs this grid leaves free and prefetch its own
-  weights while this one streams (its ``wait`` still orders it after this grid's end)."""
+  weights while this one streams (its ``wait`` still orders it after this grid's end);
+  stream_k: 0 off; G > 0: a persistent stream-K schedule of G CTAs (use the number of SMs)
+  instead of the (row block, split) grid: the U = row blocks x K tiles work units, row-block
+  major, are split into G contiguous ranges of U/G (+-1) units, so every SM streams the same
+  number of records however N divides (split_k is ignored); a row block whose K range is split
+  over several CTAs is summed in the kernel: each contributing thread writes its f32 fragment to
+  a workspace slot and increments its own arrival counter (per block, strip and thread: release /
+  acquire at GPU scope), and the last to arrive adds the slots and stores y (see
+  ``streamk_plan`` and ``_streamk_fixup``)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -127,6 +135,7 @@ class MgpuTiling:
   overlap_mma: bool = False
   no_auto_barriers: bool = False
   pdl: int = 0
+  stream_k: int = 0
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -135,6 +144,8 @@ class MgpuTiling:
       raise ValueError(f"k_interleave needs stages to be a multiple of consumers, got {self}")
     if self.pdl not in (0, 1, 2):
       raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
+    if self.stream_k < 0 or (self.stream_k and self.k_interleave):
+      raise ValueError(f"stream_k must be >= 0 and excludes k_interleave, got {self}")
 
   @property
   def cta_strips(self) -> int:
@@ -155,6 +166,41 @@ def smem_bytes(t: MgpuTiling, mp: int) -> int:
 
 def padded_m(m: int) -> int:
   return -(-m // 8) * 8
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamKPlan:
+  """Static stream-K partition: ``units`` = blocks x tiles (row block major) over ``ctas`` CTAs,
+  CTA c taking units [c U // G, (c + 1) U // G); ``segments``: the most row blocks one CTA
+  touches; ``contrib[b]``: CTAs contributing to row block b (1: stored directly);
+  ``max_contrib``: workspace slots per block."""
+  ctas: int
+  blocks: int
+  tiles: int
+  segments: int
+  max_contrib: int
+  contrib: tuple[int, ...]
+
+  @property
+  def units(self) -> int:
+    return self.blocks * self.tiles
+
+  def start(self, c: int) -> int:
+    return c * self.units // self.ctas
+
+  def cta_of(self, u):
+    """The CTA whose range holds unit u (works on Python ints and traced int32 scalars)."""
+    return ((u + 1) * self.ctas - 1) // self.units
+
+
+def streamk_plan(blocks: int, tiles: int, ctas: int) -> StreamKPlan:
+  units = blocks * tiles
+  g = min(ctas, units)
+  plan = StreamKPlan(g, blocks, tiles, 0, 0, ())
+  segs = max((plan.start(c + 1) - 1) // tiles - plan.start(c) // tiles + 1 for c in range(g))
+  contrib = tuple(plan.cta_of(b * tiles + tiles - 1) - plan.cta_of(b * tiles) + 1
+                  for b in range(blocks))
+  return dataclasses.replace(plan, segments=segs, max_contrib=max(contrib), contrib=contrib)
 
 
 # Defaults from the H100 windows of 2026-11-24 (benchmarks/gemm.md; every variant float64-checked
@@ -184,6 +230,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   overlap = overrides.pop("overlap_mma", False)
   nab = overrides.pop("no_auto_barriers", NO_AUTO_BARRIERS)
   pdl = overrides.pop("pdl", PDL)
+  stream_k = overrides.pop("stream_k", 0)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -192,7 +239,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   split = overrides.pop("split_k", split)
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
-                 no_auto_barriers=nab, pdl=pdl)
+                 no_auto_barriers=nab, pdl=pdl, stream_k=stream_k)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -424,6 +471,82 @@ def _store_transposed(acc, o_ref, m: int):
       acc, o_ref)
 
 
+_ST_V2 = "{\n.reg .b64 a;\nadd.s64 a, $0, $1;\nst.global.v2.f32 [a], {$2, $3};\n}"
+_LD_V2 = "{\n.reg .b64 a;\nadd.s64 a, $2, $3;\nld.global.cg.v2.f32 {$0, $1}, [a];\n}"
+_ATOM_ADD = "{\n.reg .b64 a;\nadd.s64 a, $1, $2;\natom.acq_rel.gpu.global.add.u32 $0, [a], 1;\n}"
+_ST_ZERO = ("{\n.reg .b64 a;\n.reg .b32 z;\nmov.b32 z, 0;\nadd.s64 a, $0, $1;\n"
+            "st.relaxed.gpu.global.b32 [a], z;\n}")
+
+
+def _streamk_fixup(acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref, m: int, slot_stride: int,
+                   max_contrib: int):
+  """Stream-K combine of one 64-row strip (GPU): acc [64, Mp] f32 (WGMMA layout, already times
+  the global scale) is this CTA's partial sum. Each thread t writes its Mp/2 accumulator values
+  to its own 4 Mp bytes of ``own_ref`` (this contributor's workspace slot, f32 [64 Mp]), then
+  atomically increments its counter ``cnt_ref[t]`` (acq_rel, GPU scope: its stores are released
+  with it); the thread that sees n - 1 (n = ``n_ref[0]`` contributors) is the last: it acquires
+  the others' values (thread t of every contributor wrote the same fragment positions), adds the
+  n slots (``slot0_ref`` = slot 0, slots ``slot_stride`` f32 apart), resets its counter to 0 and
+  stores y[m', r] = sum[r, m'] for m' < m, cast to ``o_ref``'s dtype."""
+  def body(ctx, a, own, slot0, cnt, nref, ref):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    index = ir.IndexType.get()
+    i32 = ir.IntegerType.get_signless(32)
+    i64 = ir.IntegerType.get_signless(64)
+    f32 = ir.F32Type.get()
+    out_ty = ir.MemRefType(ref.type).element_type
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    regs = list(np.ndenumerate(a.registers))
+    nv = 2 * len(regs)
+    off = arith.muli(arith.extui(i64, tid), mu.c(4 * nv, i64))
+    own_p = mu.memref_ptr(own)
+    for q, (_, reg) in enumerate(regs):
+      v0, v1 = (vector.extract(reg, [], [e]) for e in range(2))
+      mu.inline_ptx(_ST_V2, own_p, arith.addi(off, mu.c(8 * q, i64)), v0, v1,
+                    has_side_effects=True)
+    n = memref.load(nref, [mu.c(0, index)])
+    cnt_p = mu.memref_ptr(cnt)
+    coff = arith.muli(arith.extui(i64, tid), mu.c(4, i64))
+    old = mu.inline_ptx(_ATOM_ADD, cnt_p, coff, result_types=i32, has_side_effects=True)
+    last = arith.cmpi(arith.CmpIPredicate.eq, old, arith.subi(n, mu.c(1, i32)))
+    with mu.when(last):
+      mu.inline_ptx(_ST_ZERO, cnt_p, coff, has_side_effects=True)
+      zero = mu.c(0.0, f32)
+      sums = [[zero, zero] for _ in regs]
+      p0 = mu.memref_ptr(slot0)
+      for r in range(max_contrib):
+        ok = arith.cmpi(arith.CmpIPredicate.slt, mu.c(r, i32), n)
+        for q in range(len(regs)):
+          o = arith.addi(off, mu.c(4 * r * slot_stride + 8 * q, i64))
+          vals = mu.inline_ptx(_LD_V2, p0, o, result_types=[f32, f32], has_side_effects=True)
+          for e in range(2):
+            sums[q][e] = arith.addf(sums[q][e], arith.select(ok, vals[e], zero))
+      lane = arith.remui(tid, mu.c(32, i32))
+      row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                        arith.divui(lane, mu.c(4, i32)))
+      q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+      for q, (idx, _) in enumerate(regs):
+        j, h = idx[1], idx[4]
+        row = arith.index_cast(index, arith.addi(row0, mu.c(8 * h, i32)))
+        for e in range(2):
+          col32 = arith.addi(q2, mu.c(8 * j + e, i32))
+          val = sums[q][e]
+          if out_ty != f32:
+            val = arith.truncf(out_ty, val)
+          col = arith.index_cast(index, col32)
+          if 8 * (j + 1) <= m:
+            memref.store(val, ref, [col, row])
+          else:
+            with mu.when(arith.cmpi(arith.CmpIPredicate.ult, col32, mu.c(m, i32))):
+              memref.store(val, ref, [col, row])
+    return ()
+
+  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) + (plgpu.RefType(),) * 5, return_type=())(
+      body)(acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref)
+
+
 def _permute_x_tile(x: jax.Array) -> jax.Array:
   """[rows, 256] in natural K order -> the kernel's column order (x_for_mgpu's permutation)."""
   return x.reshape(x.shape[0], 4, 32, 2).transpose(0, 2, 1, 3).reshape(x.shape[0], TILE_K)
@@ -495,13 +618,24 @@ def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
             x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
-            pdl: int = 0):
+            pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
   strip0 = lax.axis_index("n") * cta_strips
   sk = lax.axis_index("s")
   t0 = sk * steps
+  if plan is not None:   # stream-K: this CTA's units [u0, u1), row block major
+    u0 = lax.axis_index("n") * plan.units // plan.ctas
+    u1 = (lax.axis_index("n") + 1) * plan.units // plan.ctas
+    steps = plan.units // plan.ctas            # the fewest any CTA runs (static: prefetch)
+    n_steps = u1 - u0
+    tile_of = lambda i: lax.rem(u0 + i, plan.tiles)
+    row_of = lambda i: lax.div(u0 + i, plan.tiles) * cta_strips
+  else:
+    n_steps = steps
+    tile_of = lambda i: t0 + i
+    row_of = lambda i: strip0
 
   # Register split as in kernels/mla_attention_mgpu.py, for the 3-warpgroup CTA only (its launch
   # allocation is 168 per thread: 2 x 128 x (232 - 168) = 128 x (168 - 40)); with 1 or 3+
@@ -509,7 +643,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
   rebalance = consumers == 2 and not interpret
 
   def x_cols(i):
-    return pl.ds(pl.multiple_of((t0 + i) * TILE_K, TILE_K), TILE_K)
+    return pl.ds(pl.multiple_of(tile_of(i) * TILE_K, TILE_K), TILE_K)
 
   def convert(i):
     """x_in_kernel: raw tile of step i -> the wgmma tile of its slot, then release that slot's
@@ -531,8 +665,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
 
   def load_w(i):
     slot = lax.rem(i, jnp.int32(stages))
-    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(strip0, cta_strips), t0 + i], w_smem.at[slot],
-                            full.at[slot])
+    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(row_of(i), cta_strips), tile_of(i)],
+                            w_smem.at[slot], full.at[slot])
 
   @pl.when(wg == consumers)
   def _producer():
@@ -544,7 +678,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       if not interpret:
         plgpu.griddepcontrol_wait()
 
-    @pl.loop(0, steps)
+    @pl.loop(0, n_steps)
     def _(i):
       slot = lax.rem(i, jnp.int32(stages))
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
@@ -563,9 +697,9 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i)], x_smem.at[slot], full.at[slot])
 
     if x_in_kernel:
-      convert(jnp.int32(steps - 1))
+      convert(jnp.asarray(n_steps - 1, jnp.int32))
 
-    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
     def _(i):   # observe the last releases too, so no barrier phase is left unobserved
       plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
 
@@ -610,8 +744,88 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         out = plgpu.layout_cast((acc * gfac).astype(o_ref.dtype), plgpu.Layout.WGMMA)
         _store_transposed(out, out_view(j), m)
 
+  cnt = (pl.get_global(plgpu.SemaphoreType.REGULAR((plan.blocks * cta_strips * 128,)))
+         if plan is not None and not interpret else None)
+
+  def streamk_consumer():
+    """Stream-K: the CTA's units cover up to plan.segments row blocks; per block, the
+    accumulators restart, and at the block's end y is stored (the CTA ran all its K tiles) or the
+    partial sum goes to the block's combine (_streamk_fixup; interpreter: a workspace slot the
+    wrapper adds)."""
+    c = lax.axis_index("n")
+    b_first = u0 // plan.tiles
+    for seg in range(plan.segments):
+      b = b_first + seg
+      lo = jnp.maximum(u0, b * plan.tiles)
+      hi = jnp.minimum(u1, (b + 1) * plan.tiles)
+
+      def segment(b=b, lo=lo, hi=hi):
+        whole = (lo == b * plan.tiles) & (hi == (b + 1) * plan.tiles)
+        r = c - plan.cta_of(b * plan.tiles)
+
+        def view(j):
+          n0 = pl.multiple_of((b * cta_strips + strip_of(j)) * STRIP, STRIP)
+          return o_ref.at[:, pl.ds(n0, STRIP)]
+
+        if interpret:
+          def step(i, accs):
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(full.at[slot])
+            xt = x_smem[slot].astype(jnp.float32)
+            new = [acc + jnp.dot(dequant_record(w_smem[slot, strip_of(j)]).astype(jnp.float32),
+                                 xt.T, precision=lax.Precision.HIGHEST)
+                   for j, acc in enumerate(accs)]
+            plgpu.barrier_arrive(free.at[slot])
+            return tuple(new)
+          accs = lax.fori_loop(lo - u0, hi - u0, step,
+                               tuple(jnp.zeros((STRIP, mp), jnp.float32) for _ in range(strips)))
+          for j, acc in enumerate(accs):
+            val = acc * gfac
+            pl.when(whole)(lambda j=j, val=val: view(j).__setitem__(
+                Ellipsis, val.T[:m].astype(o_ref.dtype)))
+            pl.when(jnp.logical_not(whole))(lambda j=j, val=val: ws_ref.__setitem__(
+                (b, r, strip_of(j)), val.reshape(STRIP * mp)))
+          return
+
+        def run(acc_refs):
+          @pl.loop(lo - u0, hi - u0)
+          def _(i):
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(full.at[slot])
+            for j in range(strips):
+              a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
+              plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(free.at[slot])
+          return [ref[...] for ref in acc_refs]
+
+        accs = pl.run_scoped(lambda *refs: run(refs),
+                             *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in range(strips)])
+        for j, acc in enumerate(accs):
+          val = acc * gfac
+
+          @pl.when(whole)
+          def _(j=j, val=val):
+            out = plgpu.layout_cast(val.astype(o_ref.dtype), plgpu.Layout.WGMMA)
+            _store_transposed(out, view(j), m)
+
+          @pl.when(jnp.logical_not(whole))
+          def _(j=j, val=val):
+            st = strip_of(j)
+            c0 = pl.multiple_of((b * cta_strips + st) * 128, 128)
+            _streamk_fixup(plgpu.layout_cast(val, plgpu.Layout.WGMMA), ws_ref.at[b, r, st],
+                           ws_ref.at[b, 0, st], cnt.at[pl.ds(c0, 128)], tab_ref.at[pl.ds(b, 1)],
+                           view(j), m, cta_strips * STRIP * mp, plan.max_contrib)
+
+      pl.when(lo < hi)(segment)
+
   @pl.when(wg < consumers)
   def _consumer():
+    if plan is not None:
+      if rebalance:
+        plgpu.set_max_registers(232, action="increase")
+      streamk_consumer()
+      return
     if interpret:
       def step(ii, accs):
         i = first + ii * stride
@@ -693,7 +907,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   mp = padded_m(m)
   t = tiling or default_tiling(m, n, k)
   rows = t.cta_strips
-  split = t.split_k if t_k % t.split_k == 0 else 1
+  split = t.split_k if t_k % t.split_k == 0 and not t.stream_k else 1
   out_dtype = out_dtype or x.dtype
   if t.x_in_kernel and x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.float16)      # the same rounding x_for_mgpu does
@@ -709,13 +923,27 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
   out_shape = (jax.ShapeDtypeStruct((split, m, n_out), jnp.float32) if split > 1 else
                jax.ShapeDtypeStruct((m, n_out), out_dtype))
+  plan = streamk_plan(ctas, t_k, t.stream_k) if t.stream_k else None
+  extra_in = ()
+  if plan is not None:   # outputs y and the f32 workspace; input: contributors per row block
+    out_shape = (out_shape, jax.ShapeDtypeStruct(
+        (plan.blocks, plan.max_contrib, rows, STRIP * mp), jnp.float32))
+    extra_in = (jnp.asarray(np.array(plan.contrib, np.int32)),)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
                              stages=t.stages, steps=t_k // split, split=split,
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
                              overlap_mma=t.overlap_mma,
-                             x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl)
-  def entry(x_ref, w_ref, gs_ref, o_ref):
+                             x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
+                             plan=plan)
+
+  def entry(x_ref, w_ref, gs_ref, *refs):
+    if plan is not None:
+      tab_ref, o_ref, ws_ref = refs
+      body = functools.partial(kernel, tab_ref=tab_ref, ws_ref=ws_ref)
+    else:
+      (o_ref,) = refs
+      body = kernel
     red = t.k_interleave and t.consumers > 1
     smem = (plgpu.SMEM((t.stages, rows, 72, 32), jnp.uint32),
             plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
@@ -726,19 +954,36 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                           num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=t.consumers - 1) if red else None,
             plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS) if x_in else None)
-    pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
+    pl.run_scoped(lambda *scoped: body(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
                   collective_axes="wg")
 
   out = plgpu.kernel(
-      entry, out_type=out_shape, grid=(ctas, split), grid_names=("n", "s"),
+      entry, out_type=out_shape, grid=(plan.ctas if plan else ctas, split),
+      grid_names=("n", "s"),
       num_threads=t.consumers + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0,
                                            unsafe_no_auto_barriers=t.no_auto_barriers),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(xk, w, gs)
+  )(xk, w, gs, *extra_in)
+  if plan is not None:
+    out, ws = out
+    if interpret:   # the interpreter's combine: partial blocks are the sum of their slots
+      out = _streamk_combine_interpret(out, ws, plan, m, mp, rows)
   if split > 1:
     out = out.sum(0).astype(out_dtype)
   return out[:, :n] if n_out != n else out
+
+
+def _streamk_combine_interpret(y: jax.Array, ws: jax.Array, plan: StreamKPlan, m: int, mp: int,
+                               rows: int) -> jax.Array:
+  """y with every row block that several CTAs shared replaced by the sum of its workspace slots
+  (ws f32 [blocks, max_contrib, rows, 64 Mp], each slot [64, Mp] row-major per strip)."""
+  contrib = np.array(plan.contrib)
+  used = np.arange(plan.max_contrib)[None, :] < contrib[:, None]          # [blocks, slots]
+  tot = jnp.where(jnp.asarray(used)[:, :, None, None], ws, 0.0).sum(1)   # [blocks, rows, 64 Mp]
+  tot = tot.reshape(plan.blocks * rows * STRIP, mp).T[:m].astype(y.dtype)
+  shared = jnp.asarray(np.repeat(contrib > 1, rows * STRIP))
+  return jnp.where(shared[None, :], tot, y)
 
 
 def w4a16_reference_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, n: int

@@ -225,6 +225,12 @@ CASES = [
     (5, 200, 512, mg.MgpuTiling(consumers=2, strips=1, stages=4, pdl=2)),
     (8, 128, 2048, mg.MgpuTiling(consumers=1, strips=1, stages=3, split_k=2, x_in_kernel=True,
                                  pdl=1)),
+    # stream-K: 2 blocks x 5 tiles over 3 CTAs (every block shared, a CTA spanning two blocks)
+    (5, 200, 1280, mg.MgpuTiling(consumers=2, strips=1, stages=3, stream_k=3)),
+    # 6 blocks x 4 tiles over 5 CTAs (blocks stored directly and shared), x in kernel, M=1 strip
+    (9, 384, 1024, mg.MgpuTiling(consumers=1, strips=1, stages=2, stream_k=5, x_in_kernel=True,
+                                 pdl=2)),
+    (1, 64, 768, mg.MgpuTiling(consumers=1, strips=1, stages=2, stream_k=2)),
 ]
 
 
@@ -253,6 +259,23 @@ def test_f32_output_is_tight(rng):
   xf = np.asarray(x.astype(jnp.float16), np.float64)
   ref = xf @ np_dequant(p, s, g).T
   assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@pytest.mark.parametrize("blocks,tiles,ctas", [(112, 16, 132), (32, 56, 132), (224, 16, 264),
+                                               (6, 4, 5), (3, 2, 10), (7, 3, 7)])
+def test_streamk_plan_partitions_the_units(blocks, tiles, ctas):
+  """Every unit belongs to exactly one CTA's range; cta_of inverts the ranges; segments and
+  contributors are the true maxima / counts."""
+  plan = mg.streamk_plan(blocks, tiles, ctas)
+  g = plan.ctas
+  assert g == min(ctas, blocks * tiles)
+  owner = np.concatenate([np.full(plan.start(c + 1) - plan.start(c), c) for c in range(g)])
+  assert len(owner) == plan.units and np.all(np.diff(owner) >= 0)
+  assert all(plan.cta_of(u) == owner[u] for u in range(plan.units))
+  by_block = owner.reshape(blocks, tiles)
+  assert plan.contrib == tuple(len(set(r)) for r in by_block)
+  assert plan.max_contrib == max(plan.contrib)
+  assert plan.segments == max(len(set(np.nonzero(owner == c)[0] // tiles)) for c in range(g))
 
 
 def test_default_tiling_fills_the_h100():
@@ -307,6 +330,10 @@ def test_lowers_for_hopper_on_cpu():
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, overlap_mma=True,
                                            no_auto_barriers=True)),
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True, pdl=2)),
+            (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, stream_k=132)),
+            (1, 4096, 14336, mg.MgpuTiling(1, 1, 8, 1, x_in_kernel=True, pdl=2,
+                                           stream_k=132)),
+            (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 1, stream_k=132)),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
   for m, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
