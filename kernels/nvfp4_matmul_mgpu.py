@@ -125,7 +125,12 @@ class MgpuTiling:
   over several CTAs is summed in the kernel: each contributing thread writes its f32 fragment to
   a workspace slot and increments its own arrival counter (per block, strip and thread: release /
   acquire at GPU scope), and the last to arrive adds the slots and stores y (see
-  ``streamk_plan`` and ``_streamk_fixup``)."""
+  ``streamk_plan`` and ``_streamk_fixup``);
+  hold_a (with overlap_mma): step i's dequantized A fragment is carried through the loop and
+  kept live (an empty inline asm reading its registers) until after step i+1's wgmma_wait(1), so
+  the register allocator cannot give step i+1's dequantization the registers the in-flight
+  wgmma of step i still reads (the suspected cause of overlap_mma's wrong results at M=64);
+  costs one more A fragment (64 registers per thread)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -136,6 +141,7 @@ class MgpuTiling:
   no_auto_barriers: bool = False
   pdl: int = 0
   stream_k: int = 0
+  hold_a: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -144,6 +150,8 @@ class MgpuTiling:
       raise ValueError(f"k_interleave needs stages to be a multiple of consumers, got {self}")
     if self.pdl not in (0, 1, 2):
       raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
+    if self.hold_a and not self.overlap_mma:
+      raise ValueError(f"hold_a needs overlap_mma, got {self}")
     if self.stream_k < 0 or (self.stream_k and self.k_interleave):
       raise ValueError(f"stream_k must be >= 0 and excludes k_interleave, got {self}")
 
@@ -231,6 +239,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   nab = overrides.pop("no_auto_barriers", NO_AUTO_BARRIERS)
   pdl = overrides.pop("pdl", PDL)
   stream_k = overrides.pop("stream_k", 0)
+  hold_a = overrides.pop("hold_a", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -239,7 +248,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   split = overrides.pop("split_k", split)
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
-                 no_auto_barriers=nab, pdl=pdl, stream_k=stream_k)
+                 no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -547,6 +556,23 @@ def _streamk_fixup(acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref, m: int, slot_
       body)(acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref)
 
 
+def _keep_alive(a):
+  """An empty inline asm reading every register of the WGMMA-layout f16 array ``a`` (has side
+  effects: neither removed nor moved across the wgmma_wait before it)."""
+  def body(ctx, arr):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    i32 = ir.IntegerType.get_signless(32)
+    regs = [mu.bitcast(r, i32) for r in arr.registers.flat]
+    for c0 in range(0, len(regs), 16):
+      chunk = regs[c0:c0 + 16]
+      mu.inline_ptx("// keep " + " ".join(f"${i}" for i in range(len(chunk))), *chunk,
+                    has_side_effects=True)
+    return ()
+
+  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=())(body)(a)
+
+
 def _permute_x_tile(x: jax.Array) -> jax.Array:
   """[rows, 256] in natural K order -> the kernel's column order (x_for_mgpu's permutation)."""
   return x.reshape(x.shape[0], 4, 32, 2).transpose(0, 2, 1, 3).reshape(x.shape[0], TILE_K)
@@ -618,7 +644,8 @@ def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
             x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
-            pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None):
+            pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
+            hold_a: bool = False):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -846,7 +873,36 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     if rebalance:
       plgpu.set_max_registers(232, action="increase")
 
+    def run_held(acc_refs):
+      """overlap_mma + hold_a: step i's A fragments live until step i+1's wgmma_wait(1)."""
+      def body(ii, prev):
+        i = first + ii * stride
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(full.at[slot])
+        cur = []
+        for j in range(strips):
+          a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
+          plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+          cur.append(a)
+        plgpu.wgmma_wait(strips)          # step i-1's wgmmas are done
+        for a in prev:
+          _keep_alive(a)
+        prev_slot = lax.rem(i - stride + stages, jnp.int32(stages))
+        pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev_slot]))
+        return tuple(cur)
+
+      init = tuple(plgpu.layout_cast(jnp.zeros((STRIP, TILE_K), jnp.float16),
+                                     plgpu.Layout.WGMMA) for _ in range(strips))
+      lax.fori_loop(0, my_steps, body, init)
+      plgpu.wgmma_wait(0)
+      last = lax.rem(first + (my_steps - 1) * stride, jnp.int32(stages))
+      pl.when(my_steps > 0)(lambda: plgpu.barrier_arrive(free.at[last]))
+      return [r[...] for r in acc_refs]
+
     def run(acc_refs):
+      if hold_a:
+        return run_held(acc_refs)
+
       @pl.loop(0, my_steps)
       def _(ii):
         i = first + ii * stride
@@ -935,7 +991,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
                              overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
-                             plan=plan)
+                             plan=plan, hold_a=t.hold_a)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if plan is not None:

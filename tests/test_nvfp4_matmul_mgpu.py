@@ -309,6 +309,10 @@ def test_bad_inputs_raise(rng):
                          tiling=mg.MgpuTiling(consumers=2, strips=4, stages=8))
   with pytest.raises(ValueError):
     mg.MgpuTiling(stages=0)
+  with pytest.raises(ValueError, match="hold_a needs overlap_mma"):
+    mg.MgpuTiling(hold_a=True)
+  with pytest.raises(ValueError, match="excludes k_interleave"):
+    mg.MgpuTiling(consumers=2, stages=2, k_interleave=True, stream_k=132)
   with pytest.raises(ValueError, match="multiple of consumers"):
     mg.MgpuTiling(consumers=2, stages=3, k_interleave=True)
   with pytest.raises(ShapeError):
@@ -334,6 +338,7 @@ def test_lowers_for_hopper_on_cpu():
             (1, 4096, 14336, mg.MgpuTiling(1, 1, 8, 1, x_in_kernel=True, pdl=2,
                                            stream_k=132)),
             (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 1, stream_k=132)),
+            (64, 14336, 4096, mg.MgpuTiling(2, 1, 3, 1, overlap_mma=True, hold_a=True)),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
   for m, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
