@@ -193,7 +193,8 @@ bg = _Bench
 flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes), target, ceil")
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
 flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
-                  " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on)")
+                  " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on) k (in-kernel work"
+                  " list)")
 flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu r16 c1 s3 p7"],
                   "variants of the small-shape check")
 flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton"], "peers timed in the same run")
@@ -214,6 +215,8 @@ def variant(name: str, t_rows: int, e: int) -> gm.GroupedMgpuTiling:
       kw["no_auto_barriers"] = False
     elif p[0] == "m":
       kw["strips"] = int(p[1:])
+    elif p == "k":
+      kw["work_list"] = "kernel"
   return gm.default_tiling(t_rows, e, **kw)
 
 

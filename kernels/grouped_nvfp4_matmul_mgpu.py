@@ -77,15 +77,21 @@ class GroupedMgpuTiling:
   CTA (1 or 2); strips: 64-row strips per consumer (its wgmmas for strip j run while it
   dequantizes strip j + 1; an item covers consumers x strips strips); stages: K tiles in flight
   per CTA; ctas: persistent CTAs (the grid; 132 = the H100's SMs); no_auto_barriers: Pallas's
-  unsafe_no_auto_barriers (as in nvfp4_matmul_mgpu.MgpuTiling)."""
+  unsafe_no_auto_barriers (as in nvfp4_matmul_mgpu.MgpuTiling); work_list: "xla" (the chunk
+  table is built by a few small XLA ops before the kernel, ``make_work_list``) or "kernel" (each
+  warpgroup derives it from the group sizes itself: a scan over the E sizes per item in the
+  producer and once per CTA in the consumers; no XLA ops, no extra launches)."""
   block_rows: int = 8
   consumers: int = 2
   stages: int = 8
   ctas: int = 132
   no_auto_barriers: bool = True
   strips: int = 1
+  work_list: str = "xla"
 
   def __post_init__(self):
+    if self.work_list not in ("xla", "kernel"):
+      raise ValueError(f"work_list must be 'xla' or 'kernel', got {self}")
     if self.block_rows % 8 or not 8 <= self.block_rows <= 64:
       raise ValueError(f"block_rows must be a multiple of 8 in [8, 64], got {self}")
     if (self.consumers not in (1, 2) or self.stages < 2 or self.ctas < 1
@@ -113,6 +119,7 @@ def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
   stages = overrides.pop("stages", None)
   t = GroupedMgpuTiling(block_rows=mp, consumers=consumers, stages=2,
                         strips=overrides.pop("strips", 1),
+                        work_list=overrides.pop("work_list", "xla"),
                         ctas=overrides.pop("ctas", num_sms),
                         no_auto_barriers=overrides.pop("no_auto_barriers", True))
   if overrides:
@@ -223,27 +230,58 @@ def _store_rows(acc, o_ref, rbase, r0, r1, *, mp: int, interpret: bool):
                     return_type=())(body)(out, o_ref, rbase, r0, r1)
 
 
-def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: int,
-            consumers: int, strips: int, stages: int, t_k: int, n_slots: int, ctas: int,
-            x_transforms, interpret: bool):
-  (w_smem, x_smem, x_raw), (full, free, raw_bar) = scoped
+def _scan_groups(gsz_ref, c, *, e: int, t_real: int, mp: int):
+  """In-kernel work list: walks the E group sizes -> (number of chunks, total rows, and for chunk
+  c (if given) its expert, first row and end row). Unrolled for E <= 64."""
+  def body(g, carry):
+    cum_c, cum_r, fg, fr0, fr1 = carry
+    end = jnp.minimum(cum_r + jnp.maximum(gsz_ref[g], 0), t_real)
+    ch = lax.div(end - cum_r + (mp - 1), jnp.int32(mp))
+    if c is not None:
+      hit = (c >= cum_c) & (c < cum_c + ch)
+      r0 = cum_r + (c - cum_c) * mp
+      fg = jnp.where(hit, jnp.int32(g), fg)
+      fr0 = jnp.where(hit, r0, fr0)
+      fr1 = jnp.where(hit, jnp.minimum(r0 + mp, end), fr1)
+    return cum_c + ch, end, fg, fr0, fr1
+  carry = (jnp.int32(0),) * 5
+  if e <= 64:
+    for g in range(e):
+      carry = body(g, carry)
+    return carry
+  return lax.fori_loop(0, e, body, carry)
+
+
+def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped, *, t_rows: int, t_real: int,
+            mp: int, consumers: int, strips: int, stages: int, t_k: int, n_slots: int,
+            ctas: int, e: int, list_in_kernel: bool, x_transforms, interpret: bool):
+  (w_smem, x_smem, x_raw, info), (full, free, raw_bar) = scoped
   wg = lax.axis_index("wg")
   p = lax.axis_index("c")
-  n_chunks = sched_ref[0, n_slots]
-  n_zero = sched_ref[1, n_slots]
-  total = sched_ref[2, n_slots]
   cta_strips = consumers * strips
   strip_blocks = w_ref.shape[1] // cta_strips
-  n_items = n_chunks * strip_blocks
-  my_items = jnp.maximum(n_items - p + ctas - 1, 0) // ctas
   rebalance = consumers == 2 and not interpret
+  scan = functools.partial(_scan_groups, meta_ref, e=e, t_real=t_real, mp=mp)
 
-  def item_of(it):
+  def counts():
+    """(chunks, zero chunks, total rows)."""
+    if list_in_kernel:
+      n_chunks, total = scan(None)[:2]
+      return n_chunks, lax.div(t_real - total + (mp - 1), jnp.int32(mp)), total
+    return meta_ref[0, n_slots], meta_ref[1, n_slots], meta_ref[2, n_slots]
+
+  def chunk(c):
+    """(expert, first row, end row) of chunk c."""
+    if list_in_kernel:
+      return scan(c)[2:]
+    return meta_ref[0, c], meta_ref[1, c], meta_ref[2, c]
+
+  n_chunks, n_zero, total = counts()
+  my_items = jnp.maximum(n_chunks * strip_blocks - p + ctas - 1, 0) // ctas
+
+  def block_of(it):
     item = p + it * ctas
-    c = item // strip_blocks
-    b = item - c * strip_blocks
-    r0 = sched_ref[1, c]
-    return sched_ref[0, c], r0, sched_ref[2, c], b, jnp.minimum(r0, t_rows - mp)
+    return item // strip_blocks, lax.rem(item, jnp.int32(strip_blocks))
 
   def convert(i):
     r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
@@ -263,13 +301,21 @@ def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: 
 
     @pl.loop(0, my_items)
     def _(it):
-      g, _, _, b, rbase = item_of(it)
+      c, b = block_of(it)
+      g, r0, r1 = chunk(c)
+      rbase = jnp.minimum(r0, t_rows - mp)
 
       @pl.loop(0, t_k)
       def _(kt):
         i = it * t_k + kt
         slot = lax.rem(i, jnp.int32(stages))
         pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+
+        @pl.when(kt == 0)
+        def _():   # the item's (expert, rows) for the consumers, published with the slot
+          for f, v in enumerate((g, r0, r1, rbase)):
+            info[slot, f] = v
+
         plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * cta_strips, cta_strips), kt],
                                 w_smem.at[slot], full.at[slot])
         r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
@@ -292,14 +338,17 @@ def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: 
 
     @pl.loop(0, my_items)
     def _(it):
-      g, r0, r1, b, rbase = item_of(it)
+      _, b = block_of(it)
+      slot0 = lax.rem(it * t_k, jnp.int32(stages))
+      plgpu.barrier_wait(full.at[slot0])      # the item's first K tile: its info is in the slot
+      g, r0, r1, rbase = (info[slot0, f] for f in range(4))
       gfac = gs_ref[g] * mg._GLOBAL_FACTOR
       local = [wg * strips + j for j in range(strips)]     # the consumer's strips in the slot
 
       if interpret:
         def step(kt, accs):
           slot = lax.rem(it * t_k + kt, jnp.int32(stages))
-          plgpu.barrier_wait(full.at[slot])
+          pl.when(kt > 0)(lambda: plgpu.barrier_wait(full.at[slot]))
           xt = x_smem[slot].astype(jnp.float32).T
           accs = tuple(
               acc + jnp.dot(mg.dequant_record(w_smem[slot, j]).astype(jnp.float32), xt,
@@ -313,7 +362,7 @@ def _kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped, *, t_rows: int, mp: 
           @pl.loop(0, t_k)
           def _(kt):
             slot = lax.rem(it * t_k + kt, jnp.int32(stages))
-            plgpu.barrier_wait(full.at[slot])
+            pl.when(kt > 0)(lambda: plgpu.barrier_wait(full.at[slot]))
             for acc_ref, j in zip(acc_refs, local):
               plgpu.wgmma(acc_ref, mg._dequant_gpu(w_smem.at[slot, j]), x_smem.at[slot].T)
             plgpu.wgmma_wait(0)
@@ -392,23 +441,27 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
   rows = max(t_rows, mp)
   if rows != t_rows or k != t_k * TILE_K:
     x = jnp.pad(x, ((0, rows - t_rows), (0, t_k * TILE_K - k)))
-  sched = make_work_list(group_sizes, t_rows, mp)
-  n_slots = sched.shape[1] - 2
+  if t.work_list == "kernel":
+    meta, n_slots = group_sizes.astype(jnp.int32), 0
+  else:
+    meta = make_work_list(group_sizes, t_rows, mp)
+    n_slots = meta.shape[1] - 2
   gs = jnp.asarray(global_scale, jnp.float32)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  kernel = functools.partial(_kernel, t_rows=rows, mp=mp, consumers=t.consumers,
-                             strips=t.strips,
-                             stages=t.stages, t_k=t_k, n_slots=n_slots, ctas=t.ctas,
+  kernel = functools.partial(_kernel, t_rows=rows, t_real=t_rows, mp=mp, consumers=t.consumers,
+                             strips=t.strips, stages=t.stages, t_k=t_k, n_slots=n_slots,
+                             ctas=t.ctas, e=e, list_in_kernel=t.work_list == "kernel",
                              x_transforms=x_transforms, interpret=bool(interpret))
 
-  def entry(x_ref, w_ref, gs_ref, sched_ref, o_ref):
+  def entry(x_ref, w_ref, gs_ref, meta_ref, o_ref):
     smem = (plgpu.SMEM((t.stages, t.cta_strips, 72, 32), jnp.uint32),
             plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
-            plgpu.SMEM((_X_RAW_SLOTS, mp, TILE_K), x.dtype))
+            plgpu.SMEM((_X_RAW_SLOTS, mp, TILE_K), x.dtype),
+            plgpu.SMEM((t.stages, 4), jnp.int32))
     bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=t.consumers, num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS))
-    pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, sched_ref, o_ref, scoped), smem,
+    pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped), smem,
                   bars, collective_axes="wg")
 
   out = plgpu.kernel(
@@ -417,7 +470,7 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
       compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0,
                                            unsafe_no_auto_barriers=t.no_auto_barriers),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(x, w, gs, sched)
+  )(x, w, gs, meta)
   if rows != t_rows or s_n * STRIP != n:
     out = out[:t_rows, :n]
   return out

@@ -85,11 +85,15 @@ CASES = [   # T, E, N, K, sizes, tiling
     # rows past the total, an empty group, N % 64 != 0, K % 256 != 0
     (12, 3, 200, 272, [5, 0, 6], gm.GroupedMgpuTiling(block_rows=8, stages=3, ctas=3)),
     # skewed: a group of 20 rows (3 chunks of 8), empty groups, one consumer per CTA
-    (37, 5, 128, 512, [0, 20, 0, 9, 8], gm.GroupedMgpuTiling(8, consumers=1, stages=2, ctas=4)),
+    (37, 5, 128, 512, [0, 20, 0, 9, 8], gm.GroupedMgpuTiling(8, consumers=1, stages=2, ctas=4,
+                                                             work_list="kernel")),
     # one expert takes every row (T not a multiple of 8), 16-row chunks, more CTAs than items
     (21, 4, 64, 256, [21, 0, 0, 0], gm.GroupedMgpuTiling(16, stages=2, ctas=5)),
+    # in-kernel work list: rows past the total, empty groups, K % 256 != 0
+    (19, 6, 128, 272, [0, 9, 0, 1, 0, 4], gm.GroupedMgpuTiling(8, stages=3, ctas=3,
+                                                                work_list="kernel")),
     # T < 8 (x padded to one tile)
-    (5, 2, 128, 256, [2, 3], gm.GroupedMgpuTiling(8, stages=4, ctas=2)),
+    (5, 2, 128, 256, [2, 3], gm.GroupedMgpuTiling(8, stages=4, ctas=2, work_list="kernel")),
     # two strips per consumer (items of 4 strips), a group of 10 rows
     (14, 3, 250, 512, [10, 0, 3], gm.GroupedMgpuTiling(8, stages=3, ctas=2, strips=2)),
 ]
@@ -174,7 +178,9 @@ def test_lowers_for_hopper_on_cpu():
   for t_rows, e, n, k, til in [(64, 32, 2048, 7168, None),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(16, 1, 4, 132, False)),
                                (12, 3, 200, 272, gm.GroupedMgpuTiling(8, 2, 3, 5)),
-                               (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2))]:
+                               (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2)),
+                               (64, 32, 2048, 7168, gm.GroupedMgpuTiling(work_list="kernel")),
+                               (64, 256, 256, 512, gm.GroupedMgpuTiling(work_list="kernel"))]:
     s = -(-(-(-n // 64)) // 2) * 2
     args = (jax.ShapeDtypeStruct((t_rows, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((e, s, -(-k // 256), 72, 32), jnp.uint32),
