@@ -771,6 +771,34 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         out = plgpu.layout_cast((acc * gfac).astype(o_ref.dtype), plgpu.Layout.WGMMA)
         _store_transposed(out, out_view(j), m)
 
+  def held_loop(acc_refs, lo, hi, idx):
+    """overlap_mma + hold_a over the steps idx(ii), ii in [lo, hi): step i's wgmmas run under
+    step i+1's wait and dequantization, and its A fragments stay live until step i+1's
+    wgmma_wait(strips) (then its slot is released)."""
+    def body(ii, prev):
+      i = idx(ii)
+      slot = lax.rem(i, jnp.int32(stages))
+      plgpu.barrier_wait(full.at[slot])
+      cur = []
+      for j in range(strips):
+        a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
+        plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+        cur.append(a)
+      plgpu.wgmma_wait(strips)          # step i-1's wgmmas are done
+      for a in prev:
+        _keep_alive(a)
+      prev_slot = lax.rem(idx(ii - 1), jnp.int32(stages))
+      pl.when(ii > lo)(lambda: plgpu.barrier_arrive(free.at[prev_slot]))
+      return tuple(cur)
+
+    init = tuple(plgpu.layout_cast(jnp.zeros((STRIP, TILE_K), jnp.float16),
+                                   plgpu.Layout.WGMMA) for _ in range(strips))
+    lax.fori_loop(lo, hi, body, init)
+    plgpu.wgmma_wait(0)
+    last = lax.rem(idx(hi - 1), jnp.int32(stages))
+    pl.when(hi > lo)(lambda: plgpu.barrier_arrive(free.at[last]))
+    return [r[...] for r in acc_refs]
+
   cnt = (pl.get_global(plgpu.SemaphoreType.REGULAR((plan.blocks * cta_strips * 128,)))
          if plan is not None and not interpret else None)
 
@@ -815,6 +843,9 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
           return
 
         def run(acc_refs):
+          if hold_a:
+            return held_loop(acc_refs, lo - u0, hi - u0, lambda ii: ii)
+
           @pl.loop(lo - u0, hi - u0)
           def _(i):
             slot = lax.rem(i, jnp.int32(stages))
@@ -874,30 +905,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       plgpu.set_max_registers(232, action="increase")
 
     def run_held(acc_refs):
-      """overlap_mma + hold_a: step i's A fragments live until step i+1's wgmma_wait(1)."""
-      def body(ii, prev):
-        i = first + ii * stride
-        slot = lax.rem(i, jnp.int32(stages))
-        plgpu.barrier_wait(full.at[slot])
-        cur = []
-        for j in range(strips):
-          a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
-          plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
-          cur.append(a)
-        plgpu.wgmma_wait(strips)          # step i-1's wgmmas are done
-        for a in prev:
-          _keep_alive(a)
-        prev_slot = lax.rem(i - stride + stages, jnp.int32(stages))
-        pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev_slot]))
-        return tuple(cur)
-
-      init = tuple(plgpu.layout_cast(jnp.zeros((STRIP, TILE_K), jnp.float16),
-                                     plgpu.Layout.WGMMA) for _ in range(strips))
-      lax.fori_loop(0, my_steps, body, init)
-      plgpu.wgmma_wait(0)
-      last = lax.rem(first + (my_steps - 1) * stride, jnp.int32(stages))
-      pl.when(my_steps > 0)(lambda: plgpu.barrier_arrive(free.at[last]))
-      return [r[...] for r in acc_refs]
+      return held_loop(acc_refs, 0, my_steps, lambda ii: first + ii * stride)
 
     def run(acc_refs):
       if hold_a:
