@@ -130,7 +130,10 @@ class MgpuTiling:
   kept live (an empty inline asm reading its registers) until after step i+1's wgmma_wait(1), so
   the register allocator cannot give step i+1's dequantization the registers the in-flight
   wgmma of step i still reads (the suspected cause of overlap_mma's wrong results at M=64);
-  costs one more A fragment (64 registers per thread)."""
+  costs one more A fragment (64 registers per thread);
+  split_combine (split_k > 1): "xla" (f32 partials [split, M, N] summed by an XLA reduction) or
+  "kernel" (the split CTAs of a row block combine in the kernel as stream-K's shared blocks do:
+  workspace slot per split, per-thread arrival counters, the last adds and stores y)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -142,6 +145,7 @@ class MgpuTiling:
   pdl: int = 0
   stream_k: int = 0
   hold_a: bool = False
+  split_combine: str = "xla"
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -150,6 +154,8 @@ class MgpuTiling:
       raise ValueError(f"k_interleave needs stages to be a multiple of consumers, got {self}")
     if self.pdl not in (0, 1, 2):
       raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
+    if self.split_combine not in ("xla", "kernel"):
+      raise ValueError(f"split_combine must be 'xla' or 'kernel', got {self}")
     if self.hold_a and not self.overlap_mma:
       raise ValueError(f"hold_a needs overlap_mma, got {self}")
     if self.stream_k < 0 or (self.stream_k and self.k_interleave):
@@ -240,6 +246,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   pdl = overrides.pop("pdl", PDL)
   stream_k = overrides.pop("stream_k", 0)
   hold_a = overrides.pop("hold_a", False)
+  split_combine = overrides.pop("split_combine", "xla")
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -248,7 +255,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   split = overrides.pop("split_k", split)
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
-                 no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a)
+                 no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
+                 split_combine=split_combine)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -645,7 +653,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
             x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
             pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
-            hold_a: bool = False):
+            hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -739,7 +747,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
 
   def out_view(j):
     n0 = pl.multiple_of((strip0 + strip_of(j)) * STRIP, STRIP)
-    return (o_ref.at[sk, :, pl.ds(n0, STRIP)] if split > 1 else o_ref.at[:, pl.ds(n0, STRIP)])
+    return (o_ref.at[sk, :, pl.ds(n0, STRIP)] if split > 1 and not fused_split else
+            o_ref.at[:, pl.ds(n0, STRIP)])
 
   def finish(accs, load):
     """k_interleave: consumers >= 1 hand their partial sums to consumer 0 through shared memory;
@@ -764,6 +773,19 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       store(accs)
 
   def store(accs):
+    if fused_split:   # split_combine="kernel": the split CTAs of this row block combine here
+      b = lax.axis_index("n")
+      for j, acc in enumerate(accs):
+        st = strip_of(j)
+        n0 = pl.multiple_of((strip0 + st) * STRIP, STRIP)
+        if interpret:
+          ws_ref[b, sk, st] = (acc * gfac).reshape(STRIP * mp)
+        else:
+          c0 = pl.multiple_of((b * cta_strips + st) * 128, 128)
+          _streamk_fixup(plgpu.layout_cast(acc * gfac, plgpu.Layout.WGMMA), ws_ref.at[b, sk, st],
+                         ws_ref.at[b, 0, st], cnt.at[pl.ds(c0, 128)], tab_ref.at[pl.ds(b, 1)],
+                         o_ref.at[:, pl.ds(n0, STRIP)], m, cta_strips * STRIP * mp, split)
+      return
     for j, acc in enumerate(accs):
       if interpret:
         out_view(j)[...] = (acc * gfac).T[:m].astype(o_ref.dtype)
@@ -799,8 +821,10 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     pl.when(hi > lo)(lambda: plgpu.barrier_arrive(free.at[last]))
     return [r[...] for r in acc_refs]
 
-  cnt = (pl.get_global(plgpu.SemaphoreType.REGULAR((plan.blocks * cta_strips * 128,)))
-         if plan is not None and not interpret else None)
+  if plan is not None:
+    n_blocks = plan.blocks
+  cnt = (pl.get_global(plgpu.SemaphoreType.REGULAR((n_blocks * cta_strips * 128,)))
+         if (plan is not None or fused_split) and not interpret else None)
 
   def streamk_consumer():
     """Stream-K: the CTA's units cover up to plan.segments row blocks; per block, the
@@ -985,24 +1009,29 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   x_in = t.x_in_kernel and k % TILE_K == 0
   xk = x if x_in else x_for_mgpu(x, t_k * TILE_K)
   gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
-  out_shape = (jax.ShapeDtypeStruct((split, m, n_out), jnp.float32) if split > 1 else
-               jax.ShapeDtypeStruct((m, n_out), out_dtype))
+  fused = split > 1 and t.split_combine == "kernel"
+  out_shape = (jax.ShapeDtypeStruct((split, m, n_out), jnp.float32) if split > 1 and not fused
+               else jax.ShapeDtypeStruct((m, n_out), out_dtype))
   plan = streamk_plan(ctas, t_k, t.stream_k) if t.stream_k else None
+  if fused:   # the same combine as stream-K's, every row block shared by its split CTAs
+    combine_plan = StreamKPlan(ctas * split, ctas, t_k, 1, split, (split,) * ctas)
+  else:
+    combine_plan = plan
   extra_in = ()
-  if plan is not None:   # outputs y and the f32 workspace; input: contributors per row block
+  if combine_plan is not None:   # outputs y and the f32 workspace; input: contributors per block
     out_shape = (out_shape, jax.ShapeDtypeStruct(
-        (plan.blocks, plan.max_contrib, rows, STRIP * mp), jnp.float32))
-    extra_in = (jnp.asarray(np.array(plan.contrib, np.int32)),)
+        (combine_plan.blocks, combine_plan.max_contrib, rows, STRIP * mp), jnp.float32))
+    extra_in = (jnp.asarray(np.array(combine_plan.contrib, np.int32)),)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
                              stages=t.stages, steps=t_k // split, split=split,
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
                              overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
-                             plan=plan, hold_a=t.hold_a)
+                             plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
-    if plan is not None:
+    if combine_plan is not None:
       tab_ref, o_ref, ws_ref = refs
       body = functools.partial(kernel, tab_ref=tab_ref, ws_ref=ws_ref)
     else:
@@ -1029,11 +1058,11 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                                            unsafe_no_auto_barriers=t.no_auto_barriers),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(xk, w, gs, *extra_in)
-  if plan is not None:
+  if combine_plan is not None:
     out, ws = out
     if interpret:   # the interpreter's combine: partial blocks are the sum of their slots
-      out = _streamk_combine_interpret(out, ws, plan, m, mp, rows)
-  if split > 1:
+      out = _streamk_combine_interpret(out, ws, combine_plan, m, mp, rows)
+  elif split > 1:
     out = out.sum(0).astype(out_dtype)
   return out[:, :n] if n_out != n else out
 

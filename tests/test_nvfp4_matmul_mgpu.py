@@ -231,6 +231,11 @@ CASES = [
     (9, 384, 1024, mg.MgpuTiling(consumers=1, strips=1, stages=2, stream_k=5, x_in_kernel=True,
                                  pdl=2)),
     (1, 64, 768, mg.MgpuTiling(consumers=1, strips=1, stages=2, stream_k=2)),
+    # split-K partials combined in the kernel (no XLA reduction), k-interleaved consumers too
+    (5, 200, 2048, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=4,
+                                 split_combine="kernel")),
+    (3, 128, 1024, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=2, k_interleave=True,
+                                 split_combine="kernel")),
 ]
 
 
@@ -309,6 +314,8 @@ def test_bad_inputs_raise(rng):
                          tiling=mg.MgpuTiling(consumers=2, strips=4, stages=8))
   with pytest.raises(ValueError):
     mg.MgpuTiling(stages=0)
+  with pytest.raises(ValueError, match="split_combine"):
+    mg.MgpuTiling(split_combine="atomic")
   with pytest.raises(ValueError, match="hold_a needs overlap_mma"):
     mg.MgpuTiling(hold_a=True)
   with pytest.raises(ValueError, match="excludes k_interleave"):
@@ -339,6 +346,8 @@ def test_lowers_for_hopper_on_cpu():
                                            stream_k=132)),
             (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 1, stream_k=132)),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 3, 1, overlap_mma=True, hold_a=True)),
+            (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True,
+                                           split_combine="kernel")),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
   for m, n, k, t in cases:
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
