@@ -190,13 +190,14 @@ class _Bench:
 
 
 bg = _Bench
-flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes), target, ceil")
+flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes), target, ceil, profile (for ncu)")
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
 flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
                   " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on) k (in-kernel work"
                   " list)")
 flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu r16 c1 s3 p7"],
                   "variants of the small-shape check")
+flags.DEFINE_integer("gm_profile_calls", 2, "profile section: calls inside the profiler range")
 flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton"], "peers timed in the same run")
 
 
@@ -321,10 +322,45 @@ def sec_target():
                      f"{best['tbs'] / bg.CEIL['read_tbs']:.0%} of read bw")
 
 
+def sec_profile():
+  """The first --gm_variants tiling at the uniform target shape: compiled and run once, then
+  --gm_profile_calls calls between cuProfilerStart / cuProfilerStop (for ncu --profile-from-start
+  off)."""
+  import ctypes   # noqa: PLC0415
+  e, k, n, t_rows = 32, bg.D(7168), bg.D(2048), 64
+  p, s, g = quantized(bg.keys(1)[0], e, n, k)
+  w = jax.block_until_ready(jax.jit(gm.to_grouped_mgpu_layout)(p, s))
+  x = jax.random.normal(bg.keys(1)[0], (t_rows, k), jnp.bfloat16)
+  gs = bg._routing(t_rows, e, False)
+  t = variant(FLAGS.gm_variants[0], t_rows, e)
+  f = jax.jit(lambda x, w, g: gm.grouped_w4a16_mgpu(x, w, g, gs, n=n, tiling=t,
+                                                    interpret=FLAGS.interpret))
+  jax.block_until_ready(f(x, w, g))
+  cu = ctx = None
+  if not FLAGS.interpret:
+    cu, ctx, dev = ctypes.CDLL("libcuda.so.1"), ctypes.c_void_p(), ctypes.c_int()
+    cu.cuInit(0)
+    cu.cuDeviceGet(ctypes.byref(dev), 0)
+    cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+
+  def prof(name):
+    if cu is not None:
+      cu.cuCtxPushCurrent(ctx)
+      getattr(cu, name)()
+      cu.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p()))
+  prof("cuProfilerStart")
+  for _ in range(FLAGS.gm_profile_calls):
+    out = f(x, w, g)
+  jax.block_until_ready(out)
+  prof("cuProfilerStop")
+  print("profiled", FLAGS.gm_profile_calls, "calls of", t, flush=True)
+
+
 def main(argv):
   del argv
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
-  sections = {"ceil": bg.sec_ceil, "check": sec_check, "target": sec_target}
+  sections = {"ceil": bg.sec_ceil, "check": sec_check, "target": sec_target,
+              "profile": sec_profile}
   for name in FLAGS.gm_sections:
     if bg.over_budget():
       print("budget exhausted before", name)
