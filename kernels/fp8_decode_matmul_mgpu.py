@@ -76,19 +76,24 @@ class DecodeTiling:
   the first ``stages`` steps, then waits (griddepcontrol.wait: the earlier grids have completed and
   their writes are visible) before it loads any x (the output is written after x is read, so after
   the wait too); 2: as 1, and every CTA also signals griddepcontrol.launch_dependents at its start
-  (the next PDL kernel may launch early)."""
+  (the next PDL kernel may launch early); l2_ahead: > 0: with each step's loads the producer also
+  requests the W tile ``stages + l2_ahead - 1`` steps ahead into L2 (cp.async.bulk.prefetch), so
+  more of the weight stream is in flight than the shared-memory ring holds."""
   tile_n: int = 256
   split_k: int = 1
   tile_k: int = 128
   stages: int = 4
   wait_prev: bool = False
   pdl: int = 0
+  l2_ahead: int = 0
 
   def __post_init__(self):
     if self.tile_n % 8 or not 8 <= self.tile_n <= 256:
       raise ValueError(f"tile_n must be a multiple of 8 in [8, 256], got {self}")
     if self.tile_k % K_ALIGN or self.tile_k <= 0:
       raise ValueError(f"tile_k must be a positive multiple of {K_ALIGN}, got {self}")
+    if self.l2_ahead < 0:
+      raise ValueError(f"l2_ahead must be >= 0, got {self}")
     if self.pdl not in (0, 1, 2):
       raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
     if self.split_k < 1 or self.stages < 1:
@@ -249,6 +254,10 @@ def _kernel(x_ref, w_ref, o_ref, scoped, *, r: int, rp: int, n: int, t: DecodeTi
       else:
         issue_w(i)
       issue_x(i)
+      if t.l2_ahead and not interpret:
+        j = i + (stages + t.l2_ahead - 1)
+        pl.when(j < full_steps)(lambda: plgpu.async_prefetch(
+            w_ref.at[pl.ds(n0, tn), pl.ds(col0(j, False), tk)]))
 
     if rem:
       if full_steps >= stages:
