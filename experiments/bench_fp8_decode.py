@@ -39,6 +39,7 @@ flags.DEFINE_bool("interpret", False, "CPU smoke: interpret mode, tiny shapes, n
 flags.DEFINE_integer("min_bytes", 200 << 20, "weight bytes per timed jit (sets of weights)")
 flags.DEFINE_integer("reps", 5, "wall-time repetitions (median)")
 flags.DEFINE_float("budget_s", 170, "stop starting new cases after this many seconds")
+flags.DEFINE_bool("profile", True, "GPU time from a profiler trace (off under ncu)")
 
 LLAMA = {"wqkv": (6144, 4096), "wo": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 T0 = time.time()
@@ -125,6 +126,13 @@ def parse_variants() -> dict[str, list[fd.DecodeTiling]]:
   return out
 
 
+def short(t: fd.DecodeTiling) -> str:
+  """A tiling as the --variants syntax writes it: tile_n,split_k,tile_k,stages[,w][,p1][,l4]."""
+  return ",".join([str(t.tile_n), str(t.split_k), str(t.tile_k), str(t.stages)]
+                  + (["w"] if t.wait_prev else []) + ([f"p{t.pdl}"] if t.pdl else [])
+                  + ([f"l{t.l2_ahead}"] if t.l2_ahead else []))
+
+
 def odd_cases(interp: bool):
   key = jax.random.PRNGKey(int(time.time()))
   cases = [(5, 200, 384, fd.DecodeTiling(128, 1, 256, 2)), (1, 264, 1152, None),
@@ -141,7 +149,7 @@ def odd_cases(interp: bool):
       y = fd.fp8_decode_matmul(x, w, tiling=tt, interpret=interp)
       err = f64_check(y, x, w)
       ok = err < (8e-3 if tt.split_k == 1 else 1e-5)
-      record(case="odd", r=r, n=n, k=k, tiling=str(tt), err=err, ok=bool(ok))
+      record(case="odd", r=r, n=n, k=k, tiling=short(tt), err=err, ok=bool(ok))
     except Exception as e:   # noqa: BLE001
       record(case="odd", r=r, n=n, k=k, tiling=str(t), error=f"{type(e).__name__}: {e}"[:1500],
              tb=traceback.format_exc()[-1500:])
@@ -167,9 +175,9 @@ def llama_case(r: int, shape: str, extra: list):
     if splits > 1:
       impls["xla_fp8_dot"] = lambda xq, w: ops.fp8_dot(xq, w)
   t_def = fd.default_tiling(r, n, k)
-  impls[f"mgpu {t_def}"] = lambda xq, w, t=t_def: fd.fp8_decode_matmul(xq, w, tiling=t)
+  impls[f"mgpu default {short(t_def)}"] = lambda xq, w, t=t_def: fd.fp8_decode_matmul(xq, w, tiling=t)
   for t in extra:
-    impls[f"mgpu {t}"] = lambda xq, w, t=t: fd.fp8_decode_matmul(xq, w, tiling=t)
+    impls[f"mgpu {short(t)}"] = lambda xq, w, t=t: fd.fp8_decode_matmul(xq, w, tiling=t)
   for name, op in impls.items():
     if time.time() - T0 > FLAGS.budget_s:
       record(case=str(r), shape=shape, impl=name, note="skipped (budget)")
@@ -178,7 +186,7 @@ def llama_case(r: int, shape: str, extra: list):
       f = jax.jit(lambda xq, wl, op=op: [op(xq, w) for w in wl])
       ys = f(x, ws)
       err = f64_check(ys[0], x, ws[0], cols)
-      dt = device_times(f, (x, ws), sets)
+      dt = device_times(f, (x, ws), sets) if FLAGS.profile else {}
       wu = wall_us(f, (x, ws), sets)
       dev = dt.get("dev_us")
       record(case=str(r), shape=shape, n=n, k=k, impl=name, err=err, sets=sets,
