@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -122,14 +123,30 @@ def _cost(r: int, n: int, k: int, tile_n: int, split: int, num_sms: int) -> floa
 # H100-measured schedules (benchmarks/serving.md, kernel table): (R, N, K) -> fields.
 TUNED: dict[tuple[int, int, int], dict] = {}
 
+# Experiments (serving A/B without code edits): "field=value,..." for tile_k, stages, wait_prev,
+# pdl, l2_ahead, applied over TUNED in every default_tiling (explicit overrides still win).
+_ENV_FIELDS = ("tile_k", "stages", "wait_prev", "pdl", "l2_ahead")
+
+
+def _env_fields() -> dict:
+  spec = os.environ.get("JAXINFER_FP8_DECODE_TILING", "")
+  out = {}
+  for item in filter(None, (i.strip() for i in spec.split(","))):
+    key, _, val = item.partition("=")
+    if key not in _ENV_FIELDS:
+      raise ValueError(f"JAXINFER_FP8_DECODE_TILING: unknown field {key!r} (one of {_ENV_FIELDS})")
+    out[key] = val.lower() in ("1", "true") if key == "wait_prev" else int(val)
+  return out
+
 
 def default_tiling(r: int, n: int, k: int, num_sms: int = 132, max_split: int = 16,
                    **overrides) -> DecodeTiling:
   """The cheapest (tile_n, split_k) by ``_cost`` (tile_n a multiple of 32 in [64, 256], <= N;
   split_k a power of two <= max_split with Ks a multiple of 128 and >= 512 where possible), as
   many stages as fit ~200 KB of shared memory (2..8, at most the steps of a CTA). ``overrides``
-  replace fields (TUNED entries first)."""
+  replace fields (over JAXINFER_FP8_DECODE_TILING's, over TUNED entries)."""
   fields = dict(TUNED.get((r, n, k), {}))
+  fields.update(_env_fields())
   fields.update(overrides)
   if "tile_n" in fields and "split_k" in fields:
     tile_n, split = fields.pop("tile_n"), fields.pop("split_k")

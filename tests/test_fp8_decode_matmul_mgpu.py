@@ -149,3 +149,14 @@ def test_ops_switch_gives_the_xla_result(rng, monkeypatch, split_rows):
   calls.clear()
   w.linear_deferred(jnp.asarray(rng.standard_normal((65, k)), jnp.bfloat16))
   assert not calls
+
+
+def test_env_tiling_fields(monkeypatch):
+  monkeypatch.setenv("JAXINFER_FP8_DECODE_TILING", "tile_k=256,l2_ahead=4,wait_prev=1")
+  t = fd.default_tiling(64, 4096, 14336)
+  assert (t.tile_k, t.l2_ahead, t.wait_prev) == (256, 4, True)
+  assert fd.smem_bytes(t) <= 200 * 1024 + 1024
+  assert fd.default_tiling(64, 4096, 14336, l2_ahead=0).l2_ahead == 0
+  monkeypatch.setenv("JAXINFER_FP8_DECODE_TILING", "split_k=2")
+  with pytest.raises(ValueError):
+    fd.default_tiling(64, 4096, 14336)
