@@ -194,8 +194,9 @@ flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes),
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
 flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
                   " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on) k (in-kernel work"
-                  " list)")
-flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu r16 c1 s3 p7", "mgpu k c1 m2 s3 p5"],
+                  " list) t (stream-K tail)")
+flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu r16 c1 s3 p7", "mgpu k c1 m2 s3 p5",
+                                        "mgpu t s3 p5", "mgpu k t c1 m2 s2 p7", "mgpu t"],
                   "variants of the small-shape check")
 flags.DEFINE_integer("gm_profile_calls", 2, "profile section: calls inside the profiler range")
 flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton"], "peers timed in the same run")
@@ -218,6 +219,8 @@ def variant(name: str, t_rows: int, e: int) -> gm.GroupedMgpuTiling:
       kw["strips"] = int(p[1:])
     elif p == "k":
       kw["work_list"] = "kernel"
+    elif p == "t":
+      kw["tail"] = True
   return gm.default_tiling(t_rows, e, **kw)
 
 

@@ -80,7 +80,12 @@ class GroupedMgpuTiling:
   unsafe_no_auto_barriers (as in nvfp4_matmul_mgpu.MgpuTiling); work_list: "xla" (the chunk
   table is built by a few small XLA ops before the kernel, ``make_work_list``) or "kernel" (each
   warpgroup derives it from the group sizes itself: a scan over the E sizes per item in the
-  producer and once per CTA in the consumers; no XLA ops, no extra launches)."""
+  producer and once per CTA in the consumers; no XLA ops, no extra launches); tail: stream-K
+  tail: each CTA takes n_items // ctas whole items, and the K tiles of the n_items % ctas leftover
+  items are split evenly over all CTAs (without it the CTAs with one more item set the time:
+  4 vs 3.88 items per CTA at the target); the pieces of a split item are added in the kernel
+  (per-thread arrival counters in a persistent global semaphore array, f32 workspace: the last
+  contributor adds and stores)."""
   block_rows: int = 8
   consumers: int = 2
   stages: int = 8
@@ -88,6 +93,7 @@ class GroupedMgpuTiling:
   no_auto_barriers: bool = True
   strips: int = 1
   work_list: str = "xla"
+  tail: bool = False
 
   def __post_init__(self):
     if self.work_list not in ("xla", "kernel"):
@@ -120,6 +126,7 @@ def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
   t = GroupedMgpuTiling(block_rows=mp, consumers=consumers, stages=2,
                         strips=overrides.pop("strips", 1),
                         work_list=overrides.pop("work_list", "xla"),
+                        tail=overrides.pop("tail", False),
                         ctas=overrides.pop("ctas", num_sms),
                         no_auto_barriers=overrides.pop("no_auto_barriers", True))
   if overrides:
@@ -252,9 +259,105 @@ def _scan_groups(gsz_ref, c, *, e: int, t_real: int, mp: int):
   return lax.fori_loop(0, e, body, carry)
 
 
-def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped, *, t_rows: int, t_real: int,
-            mp: int, consumers: int, strips: int, stages: int, t_k: int, n_slots: int,
-            ctas: int, e: int, list_in_kernel: bool, x_transforms, interpret: bool):
+# per-thread stream-K combine (the same protocol as nvfp4_matmul_mgpu._streamk_fixup)
+_ST_V2 = "{\n.reg .b64 a;\nadd.s64 a, $0, $1;\nst.global.v2.f32 [a], {$2, $3};\n}"
+_LD_V2 = "{\n.reg .b64 a;\nadd.s64 a, $2, $3;\nld.global.cg.v2.f32 {$0, $1}, [a];\n}"
+_ATOM_ADD = "{\n.reg .b64 a;\nadd.s64 a, $1, $2;\natom.acq_rel.gpu.global.add.u32 $0, [a], 1;\n}"
+_ST_ZERO = ("{\n.reg .b64 a;\n.reg .b32 z;\nmov.b32 z, 0;\nadd.s64 a, $0, $1;\n"
+            "st.relaxed.gpu.global.b32 [a], z;\n}")
+
+
+def _emit_rows(vals, regs, ref, rb, lo, hi):
+  """Masked transposed stores of WGMMA-layout values (inside an inline_mgpu body): value e of
+  register idx (row r of the strip, column c) -> ref[rb + c, r] if lo <= rb + c < hi."""
+  from jax._src.lib.mlir import ir                            # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, memref        # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+  index = ir.IndexType.get()
+  i32 = ir.IntegerType.get_signless(32)
+  out_ty = ir.MemRefType(ref.type).element_type
+  tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+  lane = arith.remui(tid, mu.c(32, i32))
+  n0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                  arith.divui(lane, mu.c(4, i32)))
+  q2 = arith.addi(arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32)), rb)
+  for q, idx in enumerate(regs):
+    j, h = idx[1], idx[4]
+    col = arith.index_cast(index, arith.addi(n0, mu.c(8 * h, i32)))
+    for e in range(2):
+      row32 = arith.addi(q2, mu.c(8 * j + e, i32))
+      ok = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, row32, lo),
+                      arith.cmpi(arith.CmpIPredicate.slt, row32, hi))
+      val = vals[q][e]
+      if val.type != out_ty:
+        val = arith.truncf(out_ty, val)
+      with mu.when(ok):
+        memref.store(val, ref, [arith.index_cast(index, row32), col])
+
+
+def _fixup_gpu(acc, ws_ref, cnt_ref, o_ref, n, c_first, own, st, rbase, r0, r1, *, ctas: int,
+               cta_strips: int, mp: int, max_contrib: int):
+  """Stream-K combine of one strip of a split item (GPU). acc [64, Mp] f32 (WGMMA layout, times
+  the global scale) is this CTA's partial. Thread t writes its Mp/2 values to its place in this
+  CTA's workspace slot (f32 offset ``own`` of ws_ref [G, 2, cta_strips, 64 Mp]), then atomically
+  increments its counter ``cnt_ref[t]`` (acq_rel, GPU scope); the thread that sees n - 1 (n
+  contributors: CTAs c_first .. c_first + n - 1; c_first's piece is in its slot 1, the others' in
+  slot 0) resets its counter, adds the n slots and stores its values of y rows [r0, r1)."""
+  def body(ctx, a, ws, cnt, ref, n, cf, own, st, rb, lo, hi):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, vector        # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    n, cf, own, st, rb, lo, hi = (v.registers.flat[0] for v in (n, cf, own, st, rb, lo, hi))
+    i32 = ir.IntegerType.get_signless(32)
+    i64 = ir.IntegerType.get_signless(64)
+    f32 = ir.F32Type.get()
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    regs = list(np.ndenumerate(a.registers))
+    nv = 2 * len(regs)
+    off = arith.muli(arith.extui(i64, tid), mu.c(4 * nv, i64))
+    ws_p = mu.memref_ptr(ws)
+
+    def slot_bytes(slot_f32):   # i32 f32-offset -> i64 byte offset of this thread's values
+      return arith.addi(arith.muli(arith.extui(i64, slot_f32), mu.c(4, i64)), off)
+
+    own_b = slot_bytes(own)
+    for q, (_, reg) in enumerate(regs):
+      v0, v1 = (vector.extract(reg, [], [e]) for e in range(2))
+      mu.inline_ptx(_ST_V2, ws_p, arith.addi(own_b, mu.c(8 * q, i64)), v0, v1,
+                    has_side_effects=True)
+    cnt_p = mu.memref_ptr(cnt)
+    coff = arith.muli(arith.extui(i64, tid), mu.c(4, i64))
+    old = mu.inline_ptx(_ATOM_ADD, cnt_p, coff, result_types=i32, has_side_effects=True)
+    last = arith.cmpi(arith.CmpIPredicate.eq, old, arith.subi(n, mu.c(1, i32)))
+    with mu.when(last):
+      mu.inline_ptx(_ST_ZERO, cnt_p, coff, has_side_effects=True)
+      zero = mu.c(0.0, f32)
+      sums = [[zero, zero] for _ in regs]
+      for r in range(max_contrib):
+        ok = arith.cmpi(arith.CmpIPredicate.slt, mu.c(r, i32), n)
+        cidx = arith.minsi(arith.addi(cf, mu.c(r, i32)), mu.c(ctas - 1, i32))
+        slot = arith.addi(arith.muli(arith.addi(arith.muli(cidx, mu.c(2, i32)),
+                                                mu.c(1 if r == 0 else 0, i32)),
+                                     mu.c(cta_strips, i32)), st)
+        base = slot_bytes(arith.muli(slot, mu.c(STRIP * mp, i32)))
+        for q in range(len(regs)):
+          vals = mu.inline_ptx(_LD_V2, ws_p, arith.addi(base, mu.c(8 * q, i64)),
+                               result_types=[f32, f32], has_side_effects=True)
+          for e in range(2):
+            sums[q][e] = arith.addf(sums[q][e], arith.select(ok, vals[e], zero))
+      _emit_rows(sums, [idx for idx, _ in regs], ref, rb, lo, hi)
+    return ()
+
+  splat = plgpu.Layout.WG_SPLAT(shape=())
+  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) + (plgpu.RefType(),) * 3 + (splat,) * 7,
+                    return_type=())(body)(acc, ws_ref, cnt_ref, o_ref, n, c_first, own, st,
+                                          rbase, r0, r1)
+
+
+def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: int,
+            t_real: int, mp: int, consumers: int, strips: int, stages: int, t_k: int,
+            n_slots: int, ctas: int, e: int, list_in_kernel: bool, tail: bool, x_transforms,
+            interpret: bool):
   (w_smem, x_smem, x_raw, info), (full, free, raw_bar) = scoped
   wg = lax.axis_index("wg")
   p = lax.axis_index("c")
@@ -262,6 +365,7 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped, *, t_rows: int, t_rea
   strip_blocks = w_ref.shape[1] // cta_strips
   rebalance = consumers == 2 and not interpret
   scan = functools.partial(_scan_groups, meta_ref, e=e, t_real=t_real, mp=mp)
+  max_contrib = min(ctas, t_k + 1)
 
   def counts():
     """(chunks, zero chunks, total rows)."""
@@ -277,11 +381,29 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped, *, t_rows: int, t_rea
     return meta_ref[0, c], meta_ref[1, c], meta_ref[2, c]
 
   n_chunks, n_zero, total = counts()
-  my_items = jnp.maximum(n_chunks * strip_blocks - p + ctas - 1, 0) // ctas
+  n_items = n_chunks * strip_blocks
+  if tail:
+    # stream-K tail: every CTA takes n_items // G whole items; the K steps of the L leftover
+    # items are shared evenly, CTA p taking tail steps [lo, hi) of S = L t_k
+    n_whole = n_items // ctas
+    left = n_items - n_whole * ctas
+    s_tail = left * t_k
+    lo = p * s_tail // ctas
+    hi = (p + 1) * s_tail // ctas
+  else:
+    n_whole = jnp.maximum(n_items - p + ctas - 1, 0) // ctas
+    lo = hi = s_tail = jnp.int32(0)
+  j0 = lo // t_k
+  j1 = jnp.where(hi > lo, (hi + t_k - 1) // t_k, j0)     # tail items [j0, j1)
 
-  def block_of(it):
-    item = p + it * ctas
-    return item // strip_blocks, lax.rem(item, jnp.int32(strip_blocks))
+  def cta_of(step):   # the CTA whose tail range holds tail step `step`
+    return ((step + 1) * ctas - 1) // jnp.maximum(s_tail, 1)
+
+  def piece(j):
+    """Tail item j: (item, first K tile, end K tile, first local step)."""
+    kb = jnp.maximum(lo - j * t_k, 0)
+    ke = jnp.minimum(hi - j * t_k, t_k)
+    return n_whole * ctas + j, kb, ke, n_whole * t_k + j * t_k + kb - lo
 
   def convert(i):
     r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
@@ -294,85 +416,141 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped, *, t_rows: int, t_rea
     plgpu.commit_smem()
     plgpu.barrier_arrive(full.at[slot])
 
+  def produce(item, kb, ke, i0):
+    c = item // strip_blocks
+    b = lax.rem(item, jnp.int32(strip_blocks))
+    g, r0, r1 = chunk(c)
+    rbase = jnp.minimum(r0, t_rows - mp)
+
+    @pl.loop(kb, ke)
+    def _(kt):
+      i = i0 + kt - kb
+      slot = lax.rem(i, jnp.int32(stages))
+      pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+
+      @pl.when(kt == kb)
+      def _():   # the piece's (expert, rows) for the consumers, published with the slot
+        for f, v in enumerate((g, r0, r1, rbase)):
+          info[slot, f] = v
+
+      plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * cta_strips, cta_strips), kt],
+                              w_smem.at[slot], full.at[slot])
+      r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
+      plgpu.copy_gmem_to_smem(
+          x_ref.at[pl.ds(rbase, mp), pl.ds(pl.multiple_of(kt * TILE_K, TILE_K), TILE_K)],
+          x_raw.at[r], raw_bar.at[r])
+      pl.when(i >= 1)(lambda: convert(i - 1))
+
   @pl.when(wg == consumers)
   def _producer():
     if rebalance:
       plgpu.set_max_registers(40, action="decrease")
 
-    @pl.loop(0, my_items)
+    @pl.loop(0, n_whole)
     def _(it):
-      c, b = block_of(it)
-      g, r0, r1 = chunk(c)
-      rbase = jnp.minimum(r0, t_rows - mp)
+      produce(p + it * ctas, jnp.int32(0), jnp.int32(t_k), it * t_k)
 
-      @pl.loop(0, t_k)
-      def _(kt):
-        i = it * t_k + kt
-        slot = lax.rem(i, jnp.int32(stages))
-        pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+    if tail:
+      pl.loop(j0, j1)(lambda j: produce(*piece(j)))
 
-        @pl.when(kt == 0)
-        def _():   # the item's (expert, rows) for the consumers, published with the slot
-          for f, v in enumerate((g, r0, r1, rbase)):
-            info[slot, f] = v
-
-        plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * cta_strips, cta_strips), kt],
-                                w_smem.at[slot], full.at[slot])
-        r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
-        plgpu.copy_gmem_to_smem(
-            x_ref.at[pl.ds(rbase, mp), pl.ds(pl.multiple_of(kt * TILE_K, TILE_K), TILE_K)],
-            x_raw.at[r], raw_bar.at[r])
-        pl.when(i >= 1)(lambda: convert(i - 1))
-
-    steps = my_items * t_k
+    steps = n_whole * t_k + hi - lo
     pl.when(steps > 0)(lambda: convert(steps - 1))
 
     @pl.loop(jnp.maximum(steps - stages, 0), steps)
     def _(i):   # observe the last releases too, so no barrier phase is left unobserved
       plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
 
+  local = [wg * strips + j for j in range(strips)]     # the consumer's strips in the slot
+
+  def consume(item, kb, ke, i0):
+    """-> (accs times the global scale, strip block, rbase, r0, r1) of one piece."""
+    b = lax.rem(item, jnp.int32(strip_blocks))
+    slot0 = lax.rem(i0, jnp.int32(stages))
+    plgpu.barrier_wait(full.at[slot0])      # the piece's first K tile: its info is in the slot
+    g, r0, r1, rbase = (info[slot0, f] for f in range(4))
+    gfac = gs_ref[g] * mg._GLOBAL_FACTOR
+    if interpret:
+      def step(kt, accs):
+        slot = lax.rem(i0 + kt - kb, jnp.int32(stages))
+        pl.when(kt > kb)(lambda: plgpu.barrier_wait(full.at[slot]))
+        xt = x_smem[slot].astype(jnp.float32).T
+        accs = tuple(
+            acc + jnp.dot(mg.dequant_record(w_smem[slot, j]).astype(jnp.float32), xt,
+                          precision=lax.Precision.HIGHEST) for acc, j in zip(accs, local))
+        plgpu.barrier_arrive(free.at[slot])
+        return accs
+      accs = lax.fori_loop(kb, ke, step, tuple(jnp.zeros((STRIP, mp), jnp.float32)
+                                               for _ in local))
+    else:
+      def run(*acc_refs):
+        @pl.loop(kb, ke)
+        def _(kt):
+          slot = lax.rem(i0 + kt - kb, jnp.int32(stages))
+          pl.when(kt > kb)(lambda: plgpu.barrier_wait(full.at[slot]))
+          for acc_ref, j in zip(acc_refs, local):
+            plgpu.wgmma(acc_ref, mg._dequant_gpu(w_smem.at[slot, j]), x_smem.at[slot].T)
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(free.at[slot])
+        return [r[...] for r in acc_refs]
+      accs = pl.run_scoped(run, *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in local])
+    return [acc * gfac for acc in accs], b, rbase, r0, r1
+
+  def view(b, j):
+    return o_ref.at[:, pl.ds(pl.multiple_of((b * cta_strips + j) * STRIP, STRIP), STRIP)]
+
+  cnt = None
+  if tail and not interpret:
+    cnt = pl.get_global(plgpu.SemaphoreType.REGULAR((ctas * cta_strips * 128,)))
+
+  def combine(j, acc, b, st, rbase, r0, r1):
+    """Split tail item j, strip st of the block: this CTA's partial -> the workspace; the last
+    contributor adds them and stores y."""
+    c_first = cta_of(j * t_k)
+    n = cta_of(j * t_k + t_k - 1) - c_first + 1
+    mine = jnp.where(p == c_first, 1, 0)
+    if interpret:
+      # the interpreter runs the CTAs one after another in grid order, so the contributor with
+      # the highest index (c_first + n - 1) is the last: it adds the slots (no counters)
+      ws_ref[p, mine, st] = acc.reshape(STRIP * mp)
+
+      @pl.when(p == c_first + n - 1)
+      def _():
+        total_acc = jnp.zeros((STRIP * mp,), jnp.float32)
+        for r in range(max_contrib):
+          part = ws_ref[jnp.minimum(c_first + r, ctas - 1), 1 if r == 0 else 0, st]
+          total_acc = total_acc + jnp.where(r < n, part, 0.0)
+        _store_rows(total_acc.reshape(STRIP, mp), view(b, st), rbase, r0, r1, mp=mp,
+                    interpret=True)
+      return
+    own = ((p * 2 + mine) * cta_strips + st) * (STRIP * mp)
+    c0 = pl.multiple_of((j * cta_strips + st) * 128, 128)
+    _fixup_gpu(plgpu.layout_cast(acc, plgpu.Layout.WGMMA), ws_ref, cnt.at[pl.ds(c0, 128)],
+               view(b, st), n, c_first, own, st, rbase, r0, r1, ctas=ctas,
+               cta_strips=cta_strips, mp=mp, max_contrib=max_contrib)
+
   @pl.when(wg < consumers)
   def _consumer():
     if rebalance:
       plgpu.set_max_registers(232, action="increase")
 
-    @pl.loop(0, my_items)
+    @pl.loop(0, n_whole)
     def _(it):
-      _, b = block_of(it)
-      slot0 = lax.rem(it * t_k, jnp.int32(stages))
-      plgpu.barrier_wait(full.at[slot0])      # the item's first K tile: its info is in the slot
-      g, r0, r1, rbase = (info[slot0, f] for f in range(4))
-      gfac = gs_ref[g] * mg._GLOBAL_FACTOR
-      local = [wg * strips + j for j in range(strips)]     # the consumer's strips in the slot
-
-      if interpret:
-        def step(kt, accs):
-          slot = lax.rem(it * t_k + kt, jnp.int32(stages))
-          pl.when(kt > 0)(lambda: plgpu.barrier_wait(full.at[slot]))
-          xt = x_smem[slot].astype(jnp.float32).T
-          accs = tuple(
-              acc + jnp.dot(mg.dequant_record(w_smem[slot, j]).astype(jnp.float32), xt,
-                            precision=lax.Precision.HIGHEST) for acc, j in zip(accs, local))
-          plgpu.barrier_arrive(free.at[slot])
-          return accs
-        accs = lax.fori_loop(0, t_k, step,
-                             tuple(jnp.zeros((STRIP, mp), jnp.float32) for _ in local))
-      else:
-        def run(*acc_refs):
-          @pl.loop(0, t_k)
-          def _(kt):
-            slot = lax.rem(it * t_k + kt, jnp.int32(stages))
-            pl.when(kt > 0)(lambda: plgpu.barrier_wait(full.at[slot]))
-            for acc_ref, j in zip(acc_refs, local):
-              plgpu.wgmma(acc_ref, mg._dequant_gpu(w_smem.at[slot, j]), x_smem.at[slot].T)
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(free.at[slot])
-          return [r[...] for r in acc_refs]
-        accs = pl.run_scoped(run, *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in local])
+      accs, b, rbase, r0, r1 = consume(p + it * ctas, jnp.int32(0), jnp.int32(t_k), it * t_k)
       for acc, j in zip(accs, local):
-        n0 = pl.multiple_of((b * cta_strips + j) * STRIP, STRIP)
-        _store_rows(acc * gfac, o_ref.at[:, pl.ds(n0, STRIP)], rbase, r0, r1, mp=mp,
-                    interpret=interpret)
+        _store_rows(acc, view(b, j), rbase, r0, r1, mp=mp, interpret=interpret)
+
+    def tail_item(j):
+      item, kb, ke, i0 = piece(j)
+      accs, b, rbase, r0, r1 = consume(item, kb, ke, i0)
+      whole = (kb == 0) & (ke == t_k)
+      for acc, st in zip(accs, local):
+        pl.when(whole)(lambda acc=acc, st=st: _store_rows(acc, view(b, st), rbase, r0, r1,
+                                                          mp=mp, interpret=interpret))
+        pl.when(jnp.logical_not(whole))(
+            lambda acc=acc, st=st: combine(j, acc, b, st, rbase, r0, r1))
+
+    if tail:
+      pl.loop(j0, j1)(tail_item)
 
     # rows past the total: zeros
     my_zero = jnp.maximum(n_zero * strip_blocks - p + ctas - 1, 0) // ctas
@@ -386,9 +564,8 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped, *, t_rows: int, t_rea
       zeros = jnp.zeros((STRIP, mp), jnp.float32)
       if not interpret:
         zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-      for j in range(strips):
-        n0 = pl.multiple_of((b * cta_strips + wg * strips + j) * STRIP, STRIP)
-        _store_rows(zeros, o_ref.at[:, pl.ds(n0, STRIP)], jnp.minimum(r0, t_rows - mp), r0,
+      for j in local:
+        _store_rows(zeros, view(b, j), jnp.minimum(r0, t_rows - mp), r0,
                     jnp.minimum(r0 + mp, t_rows), mp=mp, interpret=interpret)
 
 
@@ -451,9 +628,9 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
   kernel = functools.partial(_kernel, t_rows=rows, t_real=t_rows, mp=mp, consumers=t.consumers,
                              strips=t.strips, stages=t.stages, t_k=t_k, n_slots=n_slots,
                              ctas=t.ctas, e=e, list_in_kernel=t.work_list == "kernel",
-                             x_transforms=x_transforms, interpret=bool(interpret))
+                             tail=t.tail, x_transforms=x_transforms, interpret=bool(interpret))
 
-  def entry(x_ref, w_ref, gs_ref, meta_ref, o_ref):
+  def entry(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref=None):
     smem = (plgpu.SMEM((t.stages, t.cta_strips, 72, 32), jnp.uint32),
             plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
             plgpu.SMEM((_X_RAW_SLOTS, mp, TILE_K), x.dtype),
@@ -461,16 +638,23 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
     bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=t.consumers, num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS))
-    pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, scoped), smem,
+    pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped),
+                  smem,
                   bars, collective_axes="wg")
 
+  out_type = jax.ShapeDtypeStruct((rows, s_n * STRIP), out_dtype)
+  if t.tail:   # + the f32 workspace of the split items' partial sums (2 slots per CTA)
+    out_type = (out_type, jax.ShapeDtypeStruct((t.ctas, 2, t.cta_strips, STRIP * mp),
+                                               jnp.float32))
   out = plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((rows, s_n * STRIP), out_dtype), grid=(t.ctas,),
+      entry, out_type=out_type, grid=(t.ctas,),
       grid_names=("c",), num_threads=t.consumers + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0,
                                            unsafe_no_auto_barriers=t.no_auto_barriers),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(x, w, gs, meta)
+  if t.tail:
+    out = out[0]
   if rows != t_rows or s_n * STRIP != n:
     out = out[:t_rows, :n]
   return out

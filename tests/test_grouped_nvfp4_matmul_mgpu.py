@@ -94,6 +94,13 @@ CASES = [   # T, E, N, K, sizes, tiling
                                                                 work_list="kernel")),
     # T < 8 (x padded to one tile)
     (5, 2, 128, 256, [2, 3], gm.GroupedMgpuTiling(8, stages=4, ctas=2, work_list="kernel")),
+    # stream-K tail: 4 items over 3 CTAs (one split in two pieces); in-kernel list, 5 CTAs over
+    # 12 items of 4 K tiles; 4 items of 3 K tiles over 7 CTAs (pieces of 1-2 tiles, up to 3 per item)
+    (12, 3, 200, 272, [5, 0, 6], gm.GroupedMgpuTiling(8, stages=3, ctas=3, tail=True)),
+    (37, 5, 128, 1024, [0, 20, 0, 9, 8], gm.GroupedMgpuTiling(8, consumers=1, stages=2, ctas=5,
+                                                              tail=True, work_list="kernel")),
+    (19, 4, 256, 768, [3, 4, 0, 9], gm.GroupedMgpuTiling(8, stages=3, ctas=7, tail=True,
+                                                         strips=2)),
     # two strips per consumer (items of 4 strips), a group of 10 rows
     (14, 3, 250, 512, [10, 0, 3], gm.GroupedMgpuTiling(8, stages=3, ctas=2, strips=2)),
 ]
@@ -180,6 +187,9 @@ def test_lowers_for_hopper_on_cpu():
                                (12, 3, 200, 272, gm.GroupedMgpuTiling(8, 2, 3, 5)),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2)),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(work_list="kernel")),
+                               (64, 32, 2048, 7168, gm.GroupedMgpuTiling(tail=True)),
+                               (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2,
+                                                                         tail=True)),
                                (64, 256, 256, 512, gm.GroupedMgpuTiling(work_list="kernel"))]:
     s = -(-(-(-n // 64)) // 2) * 2
     args = (jax.ShapeDtypeStruct((t_rows, k), jnp.bfloat16),
