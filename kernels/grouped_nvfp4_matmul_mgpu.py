@@ -82,7 +82,7 @@ class GroupedMgpuTiling:
   warpgroup derives it from the group sizes itself: a scan over the E sizes per item in the
   producer and once per CTA in the consumers; no XLA ops, no extra launches); tail: stream-K
   tail: each CTA takes n_items // ctas whole items, and the K tiles of the n_items % ctas leftover
-  items are split evenly over all CTAs (without it the CTAs with one more item set the time:
+  items are split evenly over all CTAs (if they are at least as many as the CTAs) (without it the CTAs with one more item set the time:
   4 vs 3.88 items per CTA at the target); the pieces of a split item are added in the kernel
   (per-thread arrival counters in a persistent global semaphore array, f32 workspace: the last
   contributor adds and stores)."""
@@ -385,9 +385,11 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: in
   if tail:
     # stream-K tail: every CTA takes n_items // G whole items; the K steps of the L leftover
     # items are shared evenly, CTA p taking tail steps [lo, hi) of S = L t_k
-    n_whole = n_items // ctas
-    left = n_items - n_whole * ctas
-    s_tail = left * t_k
+    # (only when every CTA gets >= 1 tail step, so that an item's contributors are consecutive
+    # CTAs; with fewer leftover steps the leftover items go whole to the first CTAs)
+    split = (n_items % ctas) * t_k >= ctas
+    n_whole = jnp.where(split, n_items // ctas, jnp.maximum(n_items - p + ctas - 1, 0) // ctas)
+    s_tail = jnp.where(split, (n_items % ctas) * t_k, 0)
     lo = p * s_tail // ctas
     hi = (p + 1) * s_tail // ctas
   else:

@@ -101,6 +101,8 @@ CASES = [   # T, E, N, K, sizes, tiling
                                                               tail=True, work_list="kernel")),
     (19, 4, 256, 768, [3, 4, 0, 9], gm.GroupedMgpuTiling(8, stages=3, ctas=7, tail=True,
                                                          strips=2)),
+    # fewer leftover K tiles (3 items x 3) than CTAs (11): the leftover items go whole
+    (24, 2, 128, 768, [24, 0], gm.GroupedMgpuTiling(8, stages=2, ctas=11, tail=True)),
     # two strips per consumer (items of 4 strips), a group of 10 rows
     (14, 3, 250, 512, [10, 0, 3], gm.GroupedMgpuTiling(8, stages=3, ctas=2, strips=2)),
 ]
