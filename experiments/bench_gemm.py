@@ -580,13 +580,14 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   strips and alternate K tiles), x (x_in_kernel: x cast and permuted by the producer warpgroup
   instead of an XLA fusion), o (overlap_mma: wgmma_wait(1)), b (no_auto_barriers), p<0|1|2>
   (pdl: programmatic dependent launch), g<CTAs> (stream_k: persistent stream-K grid), h
-  (overlap_mma + hold_a), f (split_combine="kernel"): each given field replaces the default's (a "@small" / "@large"
+  (overlap_mma + hold_a), f (split_combine="kernel"), T (tile_major; the bench transposes the
+  weight sets once): each given field replaces the default's (a "@small" / "@large"
   suffix as for kl_variant)."""
   parts = name.split("@")[0].split()
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k", "p": "pdl",
             "g": "stream_k"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
-        if p not in ("default", "i", "x", "o", "b", "h", "f")}
+        if p not in ("default", "i", "x", "o", "b", "h", "f", "T")}
   if "b" in parts[1:]:
     kw["no_auto_barriers"] = True
   if "o" in parts[1:]:
@@ -595,6 +596,8 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
     kw["overlap_mma"] = kw["hold_a"] = True
   if "f" in parts[1:]:   # split-K partials combined in the kernel
     kw["split_combine"] = "kernel"
+  if "T" in parts[1:]:   # K-tile-major weight (mgk.to_tile_major)
+    kw["tile_major"] = True
   if "i" in parts[1:]:
     kw["k_interleave"] = True
   if "x" in parts[1:]:
@@ -777,8 +780,11 @@ def _kl_time(shapes: list[dict], ms: list[int]) -> None:
             continue
           fn = lambda x, w, g, tm=tm, n=n: mgk.w4a16_matmul_mgpu(
               x, w, g, n=n, tiling=tm, interpret=FLAGS.interpret)
+          if tm.tile_major and "mgsets_t" not in sh:
+            sh["mgsets_t"] = [(mgk.to_tile_major(w), g) for w, g in sh["mgsets"]]
+          msets = sh["mgsets_t"] if tm.tile_major else sh["mgsets"]
           results.append(attempt("kl", shape, shape, f"kl {name}", fn,
-                                 [(x, *w) for x, w in zip(xs, sh["mgsets"])], wq_bytes + io,
+                                 [(x, *w) for x, w in zip(xs, msets)], wq_bytes + io,
                                  2 * m * n * k, ref=ref, note=str(tm)))
           continue
         t, xdt = kl_variant(name, m, n, k)

@@ -133,7 +133,11 @@ class MgpuTiling:
   costs one more A fragment (64 registers per thread);
   split_combine (split_k > 1): "xla" (f32 partials [split, M, N] summed by an XLA reduction) or
   "kernel" (the split CTAs of a row block combine in the kernel as stream-K's shared blocks do:
-  workspace slot per split, per-thread arrival counters, the last adds and stores y)."""
+  workspace slot per split, per-thread arrival counters, the last adds and stores y);
+  tile_major: the weight comes K-tile major, uint32 [K/256, N/64, 72, 32] (``to_tile_major``:
+  to_mgpu_layout's array with its first two axes swapped), so the CTAs, which all stream the
+  same K tile at about the same time, read neighbouring records (one contiguous region per K
+  tile) instead of records 147 KB apart (K=4096)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -146,6 +150,7 @@ class MgpuTiling:
   stream_k: int = 0
   hold_a: bool = False
   split_combine: str = "xla"
+  tile_major: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -247,6 +252,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   stream_k = overrides.pop("stream_k", 0)
   hold_a = overrides.pop("hold_a", False)
   split_combine = overrides.pop("split_combine", "xla")
+  tile_major = overrides.pop("tile_major", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -256,7 +262,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
-                 split_combine=split_combine)
+                 split_combine=split_combine, tile_major=tile_major)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -332,6 +338,12 @@ def to_mgpu_layout(packed: jax.Array, scale: jax.Array) -> jax.Array:
   record = jnp.concatenate([codes_bytes, sc.reshape(s_n, t_k, 1024)], axis=-1)
   return jax.lax.bitcast_convert_type(record.reshape(s_n, t_k, RECORD_WORDS, 4),
                                       jnp.uint32).reshape(s_n, t_k, 72, 32)
+
+
+def to_tile_major(w: jax.Array) -> jax.Array:
+  """to_mgpu_layout's uint32 [N/64, K/256, 72, 32] -> [K/256, N/64, 72, 32] (for
+  MgpuTiling.tile_major; a one-time copy)."""
+  return jnp.swapaxes(w, 0, 1)
 
 
 def _record_bytes(w: jax.Array) -> jax.Array:
@@ -653,7 +665,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
             x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
             pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
-            hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0):
+            hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
+            tile_major: bool = False):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -700,8 +713,9 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
 
   def load_w(i):
     slot = lax.rem(i, jnp.int32(stages))
-    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(row_of(i), cta_strips), tile_of(i)],
-                            w_smem.at[slot], full.at[slot])
+    src = (w_ref.at[tile_of(i), pl.ds(row_of(i), cta_strips)] if tile_major else
+           w_ref.at[pl.ds(row_of(i), cta_strips), tile_of(i)])
+    plgpu.copy_gmem_to_smem(src, w_smem.at[slot], full.at[slot])
 
   @pl.when(wg == consumers)
   def _producer():
@@ -989,11 +1003,11 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   """x [M, K] @ NVFP4 W [N, K]^T -> [M, N] (``out_dtype``, default x's) with W repacked by
   ``to_mgpu_layout`` (K a multiple of 16, any N). x is cast to f16 (|x| <= 65504) and K-permuted
   by one XLA fusion (``x_for_mgpu``)."""
-  _check(x, w, global_scale, n)
+  t = tiling or default_tiling(x.shape[0], n, x.shape[1])
+  _check(x, jnp.swapaxes(w, 0, 1) if t.tile_major else w, global_scale, n)
   m, k = x.shape
-  s_n, t_k = w.shape[:2]
+  s_n, t_k = w.shape[:2][::-1] if t.tile_major else w.shape[:2]
   mp = padded_m(m)
-  t = tiling or default_tiling(m, n, k)
   rows = t.cta_strips
   split = t.split_k if t_k % t.split_k == 0 and not t.stream_k else 1
   out_dtype = out_dtype or x.dtype
@@ -1004,7 +1018,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   # whole CTAs: pad the strips (zero records) to a multiple of the CTA's rows
   ctas = -(-s_n // rows)
   if ctas * rows != s_n:
-    w = jnp.pad(w, ((0, ctas * rows - s_n), (0, 0), (0, 0), (0, 0)))
+    pad = ((0, ctas * rows - s_n), (0, 0))
+    w = jnp.pad(w, (pad[::-1] if t.tile_major else pad) + ((0, 0), (0, 0)))
   n_out = ctas * rows * STRIP
   x_in = t.x_in_kernel and k % TILE_K == 0
   xk = x if x_in else x_for_mgpu(x, t_k * TILE_K)
@@ -1028,7 +1043,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
                              overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
-                             plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas)
+                             plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
+                             tile_major=t.tile_major)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if combine_plan is not None:

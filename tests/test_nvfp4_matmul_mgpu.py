@@ -236,6 +236,9 @@ CASES = [
                                  split_combine="kernel")),
     (3, 128, 1024, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=2, k_interleave=True,
                                  split_combine="kernel")),
+    # K-tile-major weight (N padded to whole CTAs along the second axis), split-K, stream-K
+    (6, 200, 1024, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=2, tile_major=True)),
+    (2, 320, 768, mg.MgpuTiling(consumers=2, strips=1, stages=2, stream_k=4, tile_major=True)),
 ]
 
 
@@ -244,7 +247,8 @@ def test_matches_float64(rng, m, n, k, tiling):
   p, s, g = random_nvfp4(rng, n, k)
   x = jnp.asarray(rng.standard_normal((m, k)) * 3, jnp.bfloat16)
   w = mg.to_mgpu_layout(p, s)
-  y = mg.w4a16_matmul_mgpu(x, w, g, n=n, tiling=tiling, interpret=True)
+  wk = mg.to_tile_major(w) if tiling is not None and tiling.tile_major else w
+  y = mg.w4a16_matmul_mgpu(x, wk, g, n=n, tiling=tiling, interpret=True)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
   ref = np.asarray(x, np.float64) @ np_dequant(p, s, g).T
   yy = np.asarray(y.astype(jnp.float32), np.float64)
@@ -348,10 +352,13 @@ def test_lowers_for_hopper_on_cpu():
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 3, 1, overlap_mma=True, hold_a=True)),
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True,
                                            split_combine="kernel")),
+            (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, tile_major=True)),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
   for m, n, k, t in cases:
+    wshape = (-(-n // 64), -(-k // 256), 72, 32)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
-            jax.ShapeDtypeStruct((-(-n // 64), -(-k // 256), 72, 32), jnp.uint32),
+            jax.ShapeDtypeStruct(wshape[1::-1] + wshape[2:] if t and t.tile_major else wshape,
+                                 jnp.uint32),
             jax.ShapeDtypeStruct((), jnp.float32))
     fn = lambda x, w, g, n=n, t=t: mg.w4a16_matmul_mgpu(x, w, g, n=n, tiling=t)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
