@@ -120,8 +120,15 @@ def _cost(r: int, n: int, k: int, tile_n: int, split: int, num_sms: int) -> floa
   return waves * num_sms * per_cta + out + 2048.0 * ctas   # + a per-CTA fixed cost (fill)
 
 
-# H100-measured schedules (benchmarks/serving.md, kernel table): (R, N, K) -> fields.
-TUNED: dict[tuple[int, int, int], dict] = {}
+# H100-measured schedules (benchmarks/serving.md, kernel table; window 2 of 2026-11-24, GPU time
+# per GEMM, R=64): (R, N, K) -> fields. w_gate_up: 256 CTAs of 112 rows, two per SM (90 KB of
+# shared memory each): 44.1 us vs 47.3 for 128 CTAs of 224 rows with 128-wide K steps.
+TUNED: dict[tuple[int, int, int], dict] = {
+    (64, 6144, 4096): dict(tile_n=96, split_k=2, tile_k=256, stages=4),      # wqkv 12.0 us
+    (64, 4096, 4096): dict(tile_n=64, split_k=2, tile_k=512, stages=3),      # wo 8.6 us
+    (64, 28672, 4096): dict(tile_n=112, split_k=1, tile_k=256, stages=2),    # w_gate_up 44.1 us
+    (64, 4096, 14336): dict(tile_n=128, split_k=4, tile_k=256, stages=4),    # w_down 24.3 us
+}
 
 # Experiments (serving A/B without code edits): "field=value,..." for tile_k, stages, wait_prev,
 # pdl, l2_ahead, applied over TUNED in every default_tiling (explicit overrides still win).
@@ -143,9 +150,14 @@ def default_tiling(r: int, n: int, k: int, num_sms: int = 132, max_split: int = 
                    **overrides) -> DecodeTiling:
   """The cheapest (tile_n, split_k) by ``_cost`` (tile_n a multiple of 32 in [64, 256], <= N;
   split_k a power of two <= max_split with Ks a multiple of 128 and >= 512 where possible), as
-  many stages as fit ~200 KB of shared memory (2..8, at most the steps of a CTA). ``overrides``
+  many stages as fit ~200 KB of shared memory (2..8, at most the steps of a CTA), K steps of 256
+  (128 for K ranges under 512), the consumer keeping one step's wgmma in flight; ``TUNED``
+  schedules where measured (unless their split exceeds max_split). ``overrides``
   replace fields (over JAXINFER_FP8_DECODE_TILING's, over TUNED entries)."""
   fields = dict(TUNED.get((r, n, k), {}))
+  if fields.get("split_k", 1) > max_split:
+    fields = {}
+  fields.setdefault("wait_prev", True)
   fields.update(_env_fields())
   fields.update(overrides)
   if "tile_n" in fields and "split_k" in fields:
@@ -166,7 +178,9 @@ def default_tiling(r: int, n: int, k: int, num_sms: int = 132, max_split: int = 
       split = fields["split_k"]
     fields.pop("tile_n", None)
     fields.pop("split_k", None)
-  tile_k = min(fields.pop("tile_k", K_ALIGN), k // split // K_ALIGN * K_ALIGN)
+  ks = k // split
+  tile_k = min(fields.pop("tile_k", 2 * K_ALIGN if ks >= 4 * K_ALIGN else K_ALIGN),
+               ks // K_ALIGN * K_ALIGN)
   steps = -(-(k // split) // tile_k)
   stages = fields.pop("stages", None)
   if stages is None:

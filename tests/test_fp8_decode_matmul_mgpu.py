@@ -83,7 +83,8 @@ def test_default_tiling_fills_the_h100():
     for n, k in LLAMA:
       t = fd.default_tiling(r, n, k)
       ctas = -(-n // t.tile_n) * t.split_k
-      assert 0.8 * 132 <= ctas <= 132, (r, n, k, t, ctas)
+      per_sm = 2 if fd.smem_bytes(t) <= 113 * 1024 else 1      # CTAs resident per SM
+      assert 0.8 * 132 * per_sm <= ctas <= 132 * per_sm, (r, n, k, t, ctas)
       assert fd.smem_bytes(t) <= 227 * 1024 and not t.split_k & (t.split_k - 1)
       assert k % (128 * t.split_k) == 0
   assert fd.default_tiling(64, 28672, 4096).split_k == 1
