@@ -507,17 +507,20 @@ _ST_ZERO = ("{\n.reg .b64 a;\n.reg .b32 z;\nmov.b32 z, 0;\nadd.s64 a, $0, $1;\n"
             "st.relaxed.gpu.global.b32 [a], z;\n}")
 
 
-def _streamk_fixup(acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref, m: int, slot_stride: int,
-                   max_contrib: int):
-  """Stream-K combine of one 64-row strip (GPU): acc [64, Mp] f32 (WGMMA layout, already times
-  the global scale) is this CTA's partial sum. Each thread t writes its Mp/2 accumulator values
-  to its own 4 Mp bytes of ``own_ref`` (this contributor's workspace slot, f32 [64 Mp]), then
-  atomically increments its counter ``cnt_ref[t]`` (acq_rel, GPU scope: its stores are released
-  with it); the thread that sees n - 1 (n = ``n_ref[0]`` contributors) is the last: it acquires
-  the others' values (thread t of every contributor wrote the same fragment positions), adds the
-  n slots (``slot0_ref`` = slot 0, slots ``slot_stride`` f32 apart), resets its counter to 0 and
-  stores y[m', r] = sum[r, m'] for m' < m, cast to ``o_ref``'s dtype."""
-  def body(ctx, a, own, slot0, cnt, nref, ref):
+def _streamk_fixup(items, m: int, slot_stride: int, max_contrib: int):
+  """Combine of the row-block strips a CTA shares with others (GPU; stream-K and
+  split_combine="kernel"). ``items``: (acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref) per strip:
+  acc [64, Mp] f32 (WGMMA layout, already times the global scale) is this CTA's partial sum,
+  own_ref its workspace slot (f32 [64 Mp]), slot0_ref the block's slot 0 (slots
+  ``slot_stride`` f32 apart), cnt_ref the strip's 128 per-thread arrival counters, n_ref[0] the
+  number of contributors (0: nothing to do for this item), o_ref the [m, 64] view of y.
+  Phases, each over all items (so their latencies overlap): (1) thread t writes its Mp/2 values
+  to own_ref (value pair q at f32 offset 2 (128 q + t): a warp writes 256 contiguous bytes);
+  (2) it increments its counter cnt_ref[t] (atom.acq_rel.gpu: its stores are released with
+  it); (3) the thread that saw n - 1 is the last: it acquires the others' values (thread t of
+  every contributor wrote the same fragment positions), adds the n slots, resets its counter to
+  0 and stores y[m', r] = sum[r, m'] for m' < m, cast to o_ref's dtype."""
+  def body(ctx, *flat):
     from jax._src.lib.mlir import ir                            # noqa: PLC0415
     from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
     from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
@@ -525,55 +528,69 @@ def _streamk_fixup(acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref, m: int, slot_
     i32 = ir.IntegerType.get_signless(32)
     i64 = ir.IntegerType.get_signless(64)
     f32 = ir.F32Type.get()
-    out_ty = ir.MemRefType(ref.type).element_type
     tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-    regs = list(np.ndenumerate(a.registers))
-    nv = 2 * len(regs)
-    off = arith.muli(arith.extui(i64, tid), mu.c(4 * nv, i64))
-    own_p = mu.memref_ptr(own)
-    for q, (_, reg) in enumerate(regs):
-      v0, v1 = (vector.extract(reg, [], [e]) for e in range(2))
-      mu.inline_ptx(_ST_V2, own_p, arith.addi(off, mu.c(8 * q, i64)), v0, v1,
-                    has_side_effects=True)
-    n = memref.load(nref, [mu.c(0, index)])
-    cnt_p = mu.memref_ptr(cnt)
-    coff = arith.muli(arith.extui(i64, tid), mu.c(4, i64))
-    old = mu.inline_ptx(_ATOM_ADD, cnt_p, coff, result_types=i32, has_side_effects=True)
-    last = arith.cmpi(arith.CmpIPredicate.eq, old, arith.subi(n, mu.c(1, i32)))
-    with mu.when(last):
-      mu.inline_ptx(_ST_ZERO, cnt_p, coff, has_side_effects=True)
-      zero = mu.c(0.0, f32)
-      sums = [[zero, zero] for _ in regs]
-      p0 = mu.memref_ptr(slot0)
-      for r in range(max_contrib):
-        ok = arith.cmpi(arith.CmpIPredicate.slt, mu.c(r, i32), n)
-        for q in range(len(regs)):
-          o = arith.addi(off, mu.c(4 * r * slot_stride + 8 * q, i64))
-          vals = mu.inline_ptx(_LD_V2, p0, o, result_types=[f32, f32], has_side_effects=True)
+    tid64 = arith.extui(i64, tid)
+    lane = arith.remui(tid, mu.c(32, i32))
+    row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                      arith.divui(lane, mu.c(4, i32)))
+    q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    groups = [flat[i:i + 6] for i in range(0, len(flat), 6)]
+    state = []
+    for a, own, slot0, cnt, nref, ref in groups:          # (1) partial sums out
+      regs = list(np.ndenumerate(a.registers))
+      n = memref.load(nref, [mu.c(0, index)])
+      valid = arith.cmpi(arith.CmpIPredicate.sgt, n, mu.c(0, i32))
+      own_p = mu.memref_ptr(own)
+      with mu.when(valid):
+        for q, (_, reg) in enumerate(regs):
+          v0, v1 = (vector.extract(reg, [], [e]) for e in range(2))
+          off = arith.muli(arith.addi(tid64, mu.c(128 * q, i64)), mu.c(8, i64))
+          mu.inline_ptx(_ST_V2, own_p, off, v0, v1, has_side_effects=True)
+      state.append((regs, n, valid))
+    lasts = []
+    for (a, own, slot0, cnt, nref, ref), (regs, n, valid) in zip(groups, state):   # (2) arrive
+      cnt_p = mu.memref_ptr(cnt)
+      coff = arith.muli(tid64, mu.c(4, i64))
+      # invalid items count on their own (never read) counters: no branch around a result
+      old = mu.inline_ptx(_ATOM_ADD, cnt_p, coff, result_types=i32, has_side_effects=True)
+      last = arith.andi(valid, arith.cmpi(arith.CmpIPredicate.eq, old,
+                                          arith.subi(n, mu.c(1, i32))))
+      lasts.append((last, cnt_p, coff))
+    for (a, own, slot0, cnt, nref, ref), (regs, n, valid), (last, cnt_p, coff) in zip(
+        groups, state, lasts):                                                     # (3) combine
+      out_ty = ir.MemRefType(ref.type).element_type
+      with mu.when(last):
+        mu.inline_ptx(_ST_ZERO, cnt_p, coff, has_side_effects=True)
+        zero = mu.c(0.0, f32)
+        sums = [[zero, zero] for _ in regs]
+        p0 = mu.memref_ptr(slot0)
+        for r in range(max_contrib):
+          ok = arith.cmpi(arith.CmpIPredicate.slt, mu.c(r, i32), n)
+          for q in range(len(regs)):
+            o = arith.addi(arith.muli(arith.addi(tid64, mu.c(128 * q, i64)), mu.c(8, i64)),
+                           mu.c(4 * r * slot_stride, i64))
+            vals = mu.inline_ptx(_LD_V2, p0, o, result_types=[f32, f32], has_side_effects=True)
+            for e in range(2):
+              sums[q][e] = arith.addf(sums[q][e], arith.select(ok, vals[e], zero))
+        for q, (idx, _) in enumerate(regs):
+          j, h = idx[1], idx[4]
+          row = arith.index_cast(index, arith.addi(row0, mu.c(8 * h, i32)))
           for e in range(2):
-            sums[q][e] = arith.addf(sums[q][e], arith.select(ok, vals[e], zero))
-      lane = arith.remui(tid, mu.c(32, i32))
-      row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                        arith.divui(lane, mu.c(4, i32)))
-      q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
-      for q, (idx, _) in enumerate(regs):
-        j, h = idx[1], idx[4]
-        row = arith.index_cast(index, arith.addi(row0, mu.c(8 * h, i32)))
-        for e in range(2):
-          col32 = arith.addi(q2, mu.c(8 * j + e, i32))
-          val = sums[q][e]
-          if out_ty != f32:
-            val = arith.truncf(out_ty, val)
-          col = arith.index_cast(index, col32)
-          if 8 * (j + 1) <= m:
-            memref.store(val, ref, [col, row])
-          else:
-            with mu.when(arith.cmpi(arith.CmpIPredicate.ult, col32, mu.c(m, i32))):
+            col32 = arith.addi(q2, mu.c(8 * j + e, i32))
+            val = sums[q][e]
+            if out_ty != f32:
+              val = arith.truncf(out_ty, val)
+            col = arith.index_cast(index, col32)
+            if 8 * (j + 1) <= m:
               memref.store(val, ref, [col, row])
+            else:
+              with mu.when(arith.cmpi(arith.CmpIPredicate.ult, col32, mu.c(m, i32))):
+                memref.store(val, ref, [col, row])
     return ()
 
-  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) + (plgpu.RefType(),) * 5, return_type=())(
-      body)(acc, own_ref, slot0_ref, cnt_ref, n_ref, o_ref)
+  flat = [v for item in items for v in item]
+  types = (plgpu.Layout.WGMMA,) + (plgpu.RefType(),) * 5
+  plgpu.inline_mgpu(arg_types=types * len(items), return_type=())(body)(*flat)
 
 
 def _keep_alive(a):
@@ -789,6 +806,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
   def store(accs):
     if fused_split:   # split_combine="kernel": the split CTAs of this row block combine here
       b = lax.axis_index("n")
+      items = []
       for j, acc in enumerate(accs):
         st = strip_of(j)
         n0 = pl.multiple_of((strip0 + st) * STRIP, STRIP)
@@ -796,9 +814,11 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
           ws_ref[b, sk, st] = (acc * gfac).reshape(STRIP * mp)
         else:
           c0 = pl.multiple_of((b * cta_strips + st) * 128, 128)
-          _streamk_fixup(plgpu.layout_cast(acc * gfac, plgpu.Layout.WGMMA), ws_ref.at[b, sk, st],
-                         ws_ref.at[b, 0, st], cnt.at[pl.ds(c0, 128)], tab_ref.at[pl.ds(b, 1)],
-                         o_ref.at[:, pl.ds(n0, STRIP)], m, cta_strips * STRIP * mp, split)
+          items.append((plgpu.layout_cast(acc * gfac, plgpu.Layout.WGMMA), ws_ref.at[b, sk, st],
+                        ws_ref.at[b, 0, st], cnt.at[pl.ds(c0, 128)], tab_ref.at[pl.ds(b, 1)],
+                        o_ref.at[:, pl.ds(n0, STRIP)]))
+      if items:
+        _streamk_fixup(items, m, cta_strips * STRIP * mp, split)
       return
     for j, acc in enumerate(accs):
       if interpret:
@@ -837,83 +857,87 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
 
   if plan is not None:
     n_blocks = plan.blocks
-  cnt = (pl.get_global(plgpu.SemaphoreType.REGULAR((n_blocks * cta_strips * 128,)))
+  cnt = (pl.get_global(plgpu.SemaphoreType.REGULAR(((n_blocks * cta_strips + 1) * 128,)))
          if (plan is not None or fused_split) and not interpret else None)
 
   def streamk_consumer():
-    """Stream-K: the CTA's units cover up to plan.segments row blocks; per block, the
-    accumulators restart, and at the block's end y is stored (the CTA ran all its K tiles) or the
-    partial sum goes to the block's combine (_streamk_fixup; interpreter: a workspace slot the
-    wrapper adds)."""
+    """Stream-K: the CTA's units cover up to plan.segments row blocks (segments may be empty:
+    zero-trip loops); per block the accumulators restart; a block the CTA ran whole is stored at
+    once, and the partial sums of the shared blocks (the first and the last segment) are
+    combined together at the end (_streamk_fixup, its latencies overlapped; the interpreter
+    writes them to workspace slots the wrapper adds), so no combine stalls the stream."""
     c = lax.axis_index("n")
     b_first = u0 // plan.tiles
+    items, ws_items = [], []
     for seg in range(plan.segments):
       b = b_first + seg
       lo = jnp.maximum(u0, b * plan.tiles)
       hi = jnp.minimum(u1, (b + 1) * plan.tiles)
+      nonempty = lo < hi
+      whole = (lo == b * plan.tiles) & (hi == (b + 1) * plan.tiles)
+      shared = nonempty & jnp.logical_not(whole)
+      r = c - plan.cta_of(b * plan.tiles)
+      bc = jnp.minimum(b, plan.blocks - 1)        # an empty last segment may lie past the end
 
-      def segment(b=b, lo=lo, hi=hi):
-        whole = (lo == b * plan.tiles) & (hi == (b + 1) * plan.tiles)
-        r = c - plan.cta_of(b * plan.tiles)
+      def view(j, b=bc):
+        n0 = pl.multiple_of((b * cta_strips + strip_of(j)) * STRIP, STRIP)
+        return o_ref.at[:, pl.ds(n0, STRIP)]
 
-        def view(j):
-          n0 = pl.multiple_of((b * cta_strips + strip_of(j)) * STRIP, STRIP)
-          return o_ref.at[:, pl.ds(n0, STRIP)]
-
-        if interpret:
-          def step(i, accs):
-            slot = lax.rem(i, jnp.int32(stages))
-            plgpu.barrier_wait(full.at[slot])
-            xt = x_smem[slot].astype(jnp.float32)
-            new = [acc + jnp.dot(dequant_record(w_smem[slot, strip_of(j)]).astype(jnp.float32),
-                                 xt.T, precision=lax.Precision.HIGHEST)
-                   for j, acc in enumerate(accs)]
-            plgpu.barrier_arrive(free.at[slot])
-            return tuple(new)
-          accs = lax.fori_loop(lo - u0, hi - u0, step,
-                               tuple(jnp.zeros((STRIP, mp), jnp.float32) for _ in range(strips)))
-          for j, acc in enumerate(accs):
-            val = acc * gfac
-            pl.when(whole)(lambda j=j, val=val: view(j).__setitem__(
-                Ellipsis, val.T[:m].astype(o_ref.dtype)))
-            pl.when(jnp.logical_not(whole))(lambda j=j, val=val: ws_ref.__setitem__(
-                (b, r, strip_of(j)), val.reshape(STRIP * mp)))
-          return
-
-        def run(acc_refs):
-          if hold_a:
-            return held_loop(acc_refs, lo - u0, hi - u0, lambda ii: ii)
-
-          @pl.loop(lo - u0, hi - u0)
-          def _(i):
-            slot = lax.rem(i, jnp.int32(stages))
-            plgpu.barrier_wait(full.at[slot])
-            for j in range(strips):
-              a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
-              plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(free.at[slot])
-          return [ref[...] for ref in acc_refs]
-
-        accs = pl.run_scoped(lambda *refs: run(refs),
-                             *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in range(strips)])
+      if interpret:
+        def step(i, accs):
+          slot = lax.rem(i, jnp.int32(stages))
+          plgpu.barrier_wait(full.at[slot])
+          xt = x_smem[slot].astype(jnp.float32)
+          new = [acc + jnp.dot(dequant_record(w_smem[slot, strip_of(j)]).astype(jnp.float32),
+                               xt.T, precision=lax.Precision.HIGHEST)
+                 for j, acc in enumerate(accs)]
+          plgpu.barrier_arrive(free.at[slot])
+          return tuple(new)
+        accs = lax.fori_loop(lo - u0, jnp.maximum(hi, lo) - u0, step,
+                             tuple(jnp.zeros((STRIP, mp), jnp.float32) for _ in range(strips)))
         for j, acc in enumerate(accs):
           val = acc * gfac
+          pl.when(nonempty & whole)(lambda j=j, val=val, view=view: view(j).__setitem__(
+              Ellipsis, val.T[:m].astype(o_ref.dtype)))
+          pl.when(shared)(lambda j=j, val=val, bc=bc, r=r: ws_ref.__setitem__(
+              (bc, r, strip_of(j)), val.reshape(STRIP * mp)))
+        continue
 
-          @pl.when(whole)
-          def _(j=j, val=val):
-            out = plgpu.layout_cast(val.astype(o_ref.dtype), plgpu.Layout.WGMMA)
-            _store_transposed(out, view(j), m)
+      def run(acc_refs, lo=lo, hi=hi):
+        if hold_a:
+          return held_loop(acc_refs, lo - u0, hi - u0, lambda ii: ii)
 
-          @pl.when(jnp.logical_not(whole))
-          def _(j=j, val=val):
-            st = strip_of(j)
-            c0 = pl.multiple_of((b * cta_strips + st) * 128, 128)
-            _streamk_fixup(plgpu.layout_cast(val, plgpu.Layout.WGMMA), ws_ref.at[b, r, st],
-                           ws_ref.at[b, 0, st], cnt.at[pl.ds(c0, 128)], tab_ref.at[pl.ds(b, 1)],
-                           view(j), m, cta_strips * STRIP * mp, plan.max_contrib)
+        @pl.loop(lo - u0, hi - u0)
+        def _(i):
+          slot = lax.rem(i, jnp.int32(stages))
+          plgpu.barrier_wait(full.at[slot])
+          for j in range(strips):
+            a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
+            plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(free.at[slot])
+        return [ref[...] for ref in acc_refs]
 
-      pl.when(lo < hi)(segment)
+      accs = pl.run_scoped(lambda *refs, run=run: run(list(refs)),
+                           *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in range(strips)])
+      for j, acc in enumerate(accs):
+        val = acc * gfac
+
+        @pl.when(nonempty & whole)
+        def _(j=j, val=val, view=view):
+          out = plgpu.layout_cast(val.astype(o_ref.dtype), plgpu.Layout.WGMMA)
+          _store_transposed(out, view(j), m)
+
+        st = strip_of(j)
+        # not shared: the item points at the zero entry of the table and the spare counters
+        c0 = pl.multiple_of(jnp.where(shared, bc * cta_strips + st, plan.blocks * cta_strips)
+                            * 128, 128)
+        items.append((plgpu.layout_cast(val, plgpu.Layout.WGMMA),
+                      ws_ref.at[bc, jnp.clip(r, 0, plan.max_contrib - 1), st],
+                      ws_ref.at[bc, 0, st], cnt.at[pl.ds(c0, 128)],
+                      tab_ref.at[pl.ds(jnp.where(shared, bc, plan.blocks), 1)], view(j)))
+    if items:
+      _streamk_fixup(items, m, cta_strips * STRIP * mp, plan.max_contrib)
 
   @pl.when(wg < consumers)
   def _consumer():
@@ -1036,7 +1060,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   if combine_plan is not None:   # outputs y and the f32 workspace; input: contributors per block
     out_shape = (out_shape, jax.ShapeDtypeStruct(
         (combine_plan.blocks, combine_plan.max_contrib, rows, STRIP * mp), jnp.float32))
-    extra_in = (jnp.asarray(np.array(combine_plan.contrib, np.int32)),)
+    extra_in = (jnp.asarray(np.array(combine_plan.contrib + (0,), np.int32)),)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
                              stages=t.stages, steps=t_k // split, split=split,
