@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/fp8dec.json", "JSON output")
 flags.DEFINE_string("cases", "odd,64,1", "comma list: odd (small odd shapes, float64 only), "
                     "64 / 1 / <R> (the four Llama-3-8B shapes at R rows)")
-flags.DEFINE_string("shapes", "wqkv,wo,gate_up,down", "Llama shapes to run")
+flags.DEFINE_string("shapes", "wqkv,wo,gate_up,down,lm_head", "Llama shapes to run")
 flags.DEFINE_string("variants", "", "extra tilings per Llama shape: ';'-separated "
                     "'shape:tile_n,split_k,tile_k,stages[,w][,p1|p2][,l<d>]' (w: wait_prev, p: pdl, l: l2_ahead), e.g. "
                     "'wo:128,4,128,8;down:256,8,128,5,w'")
@@ -41,7 +41,8 @@ flags.DEFINE_integer("reps", 5, "wall-time repetitions (median)")
 flags.DEFINE_float("budget_s", 170, "stop starting new cases after this many seconds")
 flags.DEFINE_bool("profile", True, "GPU time from a profiler trace (off under ncu)")
 
-LLAMA = {"wqkv": (6144, 4096), "wo": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LLAMA = {"wqkv": (6144, 4096), "wo": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+         "lm_head": (128256, 4096)}
 T0 = time.time()
 RESULTS: list[dict] = []
 
@@ -165,7 +166,7 @@ def llama_case(r: int, shape: str, extra: list):
   wbytes = n * k + r * k
   cols = np.unique(np.concatenate([np.random.default_rng(0).choice(n, 384, replace=False),
                                    np.arange(n - 64, n)]))
-  splits = (8 if n <= 4096 else 4 if n <= 8192 else 1)
+  splits = 8 if n <= 4096 else 4 if n <= 8192 else 1        # ops.fp8_split_k at 64 rows
   while splits > 1 and k % (128 * splits):
     splits //= 2
   impls = {}
@@ -174,7 +175,7 @@ def llama_case(r: int, shape: str, extra: list):
         else (lambda xq, w: ops.fp8_dot(xq, w))
     if splits > 1:
       impls["xla_fp8_dot"] = lambda xq, w: ops.fp8_dot(xq, w)
-  t_def = fd.default_tiling(r, n, k)
+  t_def = fd.default_tiling(r, n, k, max_split=16 if splits > 1 else 1)    # as ops picks it
   impls[f"mgpu default {short(t_def)}"] = lambda xq, w, t=t_def: fd.fp8_decode_matmul(xq, w, tiling=t)
   for t in extra:
     impls[f"mgpu {short(t)}"] = lambda xq, w, t=t: fd.fp8_decode_matmul(xq, w, tiling=t)
