@@ -161,7 +161,10 @@ def llama_case(r: int, shape: str, extra: list):
   sets = max(2, -(-FLAGS.min_bytes // (n * k)))
   key = jax.random.PRNGKey(r * 7 + n + k)
   kx, kw = jax.random.split(key)
-  x = rand_fp8(kx, (r, k))
+  # one x per weight set: with a shared x XLA merges the dots into one GEMM over the concatenated
+  # weights (a copy of all of them per call), which is not what a decode step runs
+  xs = [rand_fp8(jax.random.fold_in(kx, i), (r, k)) for i in range(sets)]
+  x = xs[0]
   ws = [rand_fp8(jax.random.fold_in(kw, i), (n, k), 4.0) for i in range(sets)]
   wbytes = n * k + r * k
   cols = np.unique(np.concatenate([np.random.default_rng(0).choice(n, 384, replace=False),
@@ -184,11 +187,11 @@ def llama_case(r: int, shape: str, extra: list):
       record(case=str(r), shape=shape, impl=name, note="skipped (budget)")
       continue
     try:
-      f = jax.jit(lambda xq, wl, op=op: [op(xq, w) for w in wl])
-      ys = f(x, ws)
+      f = jax.jit(lambda xl, wl, op=op: [op(xq, w) for xq, w in zip(xl, wl)])
+      ys = f(xs, ws)
       err = f64_check(ys[0], x, ws[0], cols)
-      dt = device_times(f, (x, ws), sets) if FLAGS.profile else {}
-      wu = wall_us(f, (x, ws), sets)
+      dt = device_times(f, (xs, ws), sets) if FLAGS.profile else {}
+      wu = wall_us(f, (xs, ws), sets)
       dev = dt.get("dev_us")
       record(case=str(r), shape=shape, n=n, k=k, impl=name, err=err, sets=sets,
              dev_us=dev, busy_us=dt.get("busy_us"), wall_us=wu,
@@ -201,10 +204,11 @@ def llama_case(r: int, shape: str, extra: list):
     try:   # bf16 dot (twice the weight bytes): fewer, bigger sets
       wb = [w.astype(jnp.bfloat16) for w in ws[:max(2, sets // 2)]]
       del ws
-      xb = x.astype(jnp.bfloat16)
-      f = jax.jit(lambda xb, wl: [jax.lax.dot_general(xb, w, (((1,), (1,)), ((), ())),
+      xb = [xq.astype(jnp.bfloat16) for xq in xs[:len(wb)]]
+      f = jax.jit(lambda xl, wl: [jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())),
                                                       preferred_element_type=jnp.float32
-                                                      ).astype(jnp.bfloat16) for w in wl])
+                                                      ).astype(jnp.bfloat16)
+                                  for xq, w in zip(xl, wl)])
       dt = device_times(f, (xb, wb), len(wb))
       wu = wall_us(f, (xb, wb), len(wb))
       record(case=str(r), shape=shape, n=n, k=k, impl="xla_bf16", dev_us=dt.get("dev_us"),
