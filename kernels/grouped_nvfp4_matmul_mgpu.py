@@ -85,7 +85,12 @@ class GroupedMgpuTiling:
   items are split evenly over all CTAs (if they are at least as many as the CTAs) (without it the CTAs with one more item set the time:
   4 vs 3.88 items per CTA at the target); the pieces of a split item are added in the kernel
   (per-thread arrival counters in a persistent global semaphore array, f32 workspace: the last
-  contributor adds and stores)."""
+  contributor adds and stores); pdl: programmatic dependent launch (Hopper): every CTA executes
+  ``griddepcontrol.launch_dependents`` at its start and then ``griddepcontrol.wait`` before it
+  reads anything (the kernel is launched with programmatic stream serialization): the next kernel
+  of the stream is launched while this one runs and its CTAs start on the SMs this persistent grid
+  frees, and this kernel's launch overlaps the previous kernel's end; ordering is unchanged (the
+  wait returns when the grids before complete and their memory is visible)."""
   block_rows: int = 8
   consumers: int = 2
   stages: int = 8
@@ -94,6 +99,7 @@ class GroupedMgpuTiling:
   strips: int = 1
   work_list: str = "xla"
   tail: bool = False
+  pdl: bool = False
 
   def __post_init__(self):
     if self.work_list not in ("xla", "kernel"):
@@ -127,6 +133,7 @@ def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
                         strips=overrides.pop("strips", 1),
                         work_list=overrides.pop("work_list", "xla"),
                         tail=overrides.pop("tail", False),
+                        pdl=overrides.pop("pdl", False),
                         ctas=overrides.pop("ctas", num_sms),
                         no_auto_barriers=overrides.pop("no_auto_barriers", True))
   if overrides:
@@ -357,8 +364,11 @@ def _fixup_gpu(acc, ws_ref, cnt_ref, o_ref, n, c_first, own, st, rbase, r0, r1, 
 def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: int,
             t_real: int, mp: int, consumers: int, strips: int, stages: int, t_k: int,
             n_slots: int, ctas: int, e: int, list_in_kernel: bool, tail: bool, x_transforms,
-            interpret: bool):
+            interpret: bool, pdl: bool = False):
   (w_smem, x_smem, x_raw, info), (full, free, raw_bar) = scoped
+  if pdl and not interpret:
+    plgpu.griddepcontrol_launch_dependents()
+    plgpu.griddepcontrol_wait()
   wg = lax.axis_index("wg")
   p = lax.axis_index("c")
   cta_strips = consumers * strips
@@ -630,7 +640,8 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
   kernel = functools.partial(_kernel, t_rows=rows, t_real=t_rows, mp=mp, consumers=t.consumers,
                              strips=t.strips, stages=t.stages, t_k=t_k, n_slots=n_slots,
                              ctas=t.ctas, e=e, list_in_kernel=t.work_list == "kernel",
-                             tail=t.tail, x_transforms=x_transforms, interpret=bool(interpret))
+                             tail=t.tail, x_transforms=x_transforms, interpret=bool(interpret),
+                             pdl=t.pdl)
 
   def entry(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref=None):
     smem = (plgpu.SMEM((t.stages, t.cta_strips, 72, 32), jnp.uint32),

@@ -190,6 +190,7 @@ def test_lowers_for_hopper_on_cpu():
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2)),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(work_list="kernel")),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(tail=True)),
+                               (64, 32, 2048, 7168, gm.GroupedMgpuTiling(pdl=True)),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2,
                                                                          tail=True)),
                                (64, 256, 256, 512, gm.GroupedMgpuTiling(work_list="kernel"))]:
