@@ -44,6 +44,17 @@ strips per CTA (the longest CTA streams 4 x 28 = 112 steps vs 108.6 on average: 
 2.75 TB/s that is ~10 bytes per clock, one 9216-byte record every ~900 clocks: the dequantization
 (~1 k warp-instructions per record) needs ~25% of the issue slots, the wgmmas (n = 8) little.
 
+Measured (H100, jax 0.11.2, benchmarks/gemm.md "Sixth session", 2026-11-24 windows 1-2; every
+row float64-checked on its timed output at 1.66e-3; wall = back-to-back calls, GPU = kernel time
+from a trace): T=64 E=32 K=7168 N=2048 uniform 99.5-101.1 us wall / 93.4-94.5 us GPU (2.83 TB/s of
+NVFP4 bytes over the kernel, 93% of the read ceiling) vs jax.lax.ragged_dot bf16 338-341 us
+(3.37-3.40x) and the Triton kernel-layout default 122.7-127.2 us; skewed 72.5-74.1 us (4.6-4.75x;
+Triton 79-87 us). Where the rest goes: 512 items on 132 CTAs (4 items on 116 CTAs, 3 on 16: ~3%),
+the pipeline fill (~2 us), and 6-7 us per call between kernels (wall minus GPU time). Measured
+slower and off by default: 16-row chunks (+6%), one consumer (+27%), the in-kernel work list
+(+1.5%), the stream-K tail (+8% GPU time, correct; plus XLA's zeroing of the semaphores), two
+strips per consumer (same uniform, +15% skewed).
+
 Interpret mode (CPU) runs the same pipeline (persistent loop, TMA at dynamic rows, barriers,
 slots, zero items, masking) with the dense kernel's jnp twin of the dequantization and a jnp dot
 instead of the register-A wgmma (see nvfp4_matmul_mgpu's docstring for how the PTX is checked).
