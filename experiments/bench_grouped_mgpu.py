@@ -194,9 +194,9 @@ flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes),
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
 flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
                   " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on) k (in-kernel work"
-                  " list) t (stream-K tail) P (programmatic dependent launch)")
-flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu k c1 m2 s3 p5", "mgpu t s3 p5",
-                                        "mgpu P s3 p5"],
+                  " list) t (stream-K tail) P (programmatic dependent launch) K<K tiles per step>")
+flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu k c1 m2 s3 p5", "mgpu P s3 p5",
+                                        "mgpu K2 s2 p5"],
                   "variants of the small-shape check")
 flags.DEFINE_integer("gm_profile_calls", 2, "profile section: calls inside the profiler range")
 flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton"], "peers timed in the same run")
@@ -207,6 +207,8 @@ def variant(name: str, t_rows: int, e: int) -> gm.GroupedMgpuTiling:
   for p in name.split("@")[0].split()[1:]:
     if p == "P":
       kw["pdl"] = True
+    elif p[0] == "K":
+      kw["k_per_step"] = int(p[1:])
     elif p[0] == "r":
       kw["block_rows"] = int(p[1:])
     elif p[0] == "c":

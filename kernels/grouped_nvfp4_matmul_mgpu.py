@@ -101,7 +101,10 @@ class GroupedMgpuTiling:
   reads anything (the kernel is launched with programmatic stream serialization): the next kernel
   of the stream is launched while this one runs and its CTAs start on the SMs this persistent grid
   frees, and this kernel's launch overlaps the previous kernel's end; ordering is unchanged (the
-  wait returns when the grids before complete and their memory is visible)."""
+  wait returns when the grids before complete and their memory is visible); k_per_step: K tiles
+  per pipeline step (1 or 2; each strip's records of a step are contiguous in memory: one TMA of
+  k_per_step x 9216 bytes per strip, fewer barrier round trips per byte; K % (256 k_per_step) == 0,
+  else 1)."""
   block_rows: int = 8
   consumers: int = 2
   stages: int = 8
@@ -111,10 +114,13 @@ class GroupedMgpuTiling:
   work_list: str = "xla"
   tail: bool = False
   pdl: bool = False
+  k_per_step: int = 1
 
   def __post_init__(self):
     if self.work_list not in ("xla", "kernel"):
       raise ValueError(f"work_list must be 'xla' or 'kernel', got {self}")
+    if self.k_per_step not in (1, 2):
+      raise ValueError(f"k_per_step must be 1 or 2, got {self}")
     if self.block_rows % 8 or not 8 <= self.block_rows <= 64:
       raise ValueError(f"block_rows must be a multiple of 8 in [8, 64], got {self}")
     if (self.consumers not in (1, 2) or self.stages < 2 or self.ctas < 1
@@ -127,9 +133,9 @@ class GroupedMgpuTiling:
 
 
 def smem_bytes(t: GroupedMgpuTiling) -> int:
-  mp = t.block_rows
-  return (t.stages * (mg.RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2)
-          + _X_RAW_SLOTS * mp * TILE_K * 2 + 1024)
+  mp, kps = t.block_rows, t.k_per_step
+  return (t.stages * kps * (mg.RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2)
+          + _X_RAW_SLOTS * mp * TILE_K * 2 * kps + 16 * t.stages + 1024)
 
 
 def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
@@ -145,6 +151,7 @@ def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
                         work_list=overrides.pop("work_list", "xla"),
                         tail=overrides.pop("tail", False),
                         pdl=overrides.pop("pdl", False),
+                        k_per_step=overrides.pop("k_per_step", 1),
                         ctas=overrides.pop("ctas", num_sms),
                         no_auto_barriers=overrides.pop("no_auto_barriers", True))
   if overrides:
@@ -375,7 +382,7 @@ def _fixup_gpu(acc, ws_ref, cnt_ref, o_ref, n, c_first, own, st, rbase, r0, r1, 
 def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: int,
             t_real: int, mp: int, consumers: int, strips: int, stages: int, t_k: int,
             n_slots: int, ctas: int, e: int, list_in_kernel: bool, tail: bool, x_transforms,
-            interpret: bool, pdl: bool = False):
+            interpret: bool, pdl: bool = False, kps: int = 1):
   (w_smem, x_smem, x_raw, info), (full, free, raw_bar) = scoped
   if pdl and not interpret:
     plgpu.griddepcontrol_launch_dependents()
@@ -432,10 +439,13 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: in
     r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
     slot = lax.rem(i, jnp.int32(stages))
     plgpu.barrier_wait(raw_bar.at[r])
-    if interpret:
-      x_smem[slot] = mg._permute_x_tile(x_raw[r].astype(jnp.float16))
-    else:
-      mg._convert_x_gpu(x_raw.at[r], x_smem.at[slot], mp, mp, x_transforms)
+    for h in range(kps):
+      src = x_raw.at[r] if kps == 1 else x_raw.at[r, h]
+      dst = x_smem.at[slot] if kps == 1 else x_smem.at[slot, h]
+      if interpret:
+        dst[...] = mg._permute_x_tile(src[...].astype(jnp.float16))
+      else:
+        mg._convert_x_gpu(src, dst, mp, mp, x_transforms)
     plgpu.commit_smem()
     plgpu.barrier_arrive(full.at[slot])
 
@@ -456,12 +466,14 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: in
         for f, v in enumerate((g, r0, r1, rbase)):
           info[slot, f] = v
 
-      plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * cta_strips, cta_strips), kt],
+      ktiles = kt if kps == 1 else pl.ds(pl.multiple_of(kt * kps, kps), kps)
+      plgpu.copy_gmem_to_smem(w_ref.at[g, pl.ds(b * cta_strips, cta_strips), ktiles],
                               w_smem.at[slot], full.at[slot])
       r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
-      plgpu.copy_gmem_to_smem(
-          x_ref.at[pl.ds(rbase, mp), pl.ds(pl.multiple_of(kt * TILE_K, TILE_K), TILE_K)],
-          x_raw.at[r], raw_bar.at[r])
+      for h in range(kps):   # (a TMA box is <= 256 elements per dimension)
+        k0 = pl.multiple_of((kt * kps + h) * TILE_K, TILE_K)
+        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(rbase, mp), pl.ds(k0, TILE_K)],
+                                x_raw.at[r] if kps == 1 else x_raw.at[r, h], raw_bar.at[r])
       pl.when(i >= 1)(lambda: convert(i - 1))
 
   @pl.when(wg == consumers)
@@ -496,10 +508,12 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: in
       def step(kt, accs):
         slot = lax.rem(i0 + kt - kb, jnp.int32(stages))
         pl.when(kt > kb)(lambda: plgpu.barrier_wait(full.at[slot]))
-        xt = x_smem[slot].astype(jnp.float32).T
-        accs = tuple(
-            acc + jnp.dot(mg.dequant_record(w_smem[slot, j]).astype(jnp.float32), xt,
-                          precision=lax.Precision.HIGHEST) for acc, j in zip(accs, local))
+        for h in range(kps):
+          xt = (x_smem[slot] if kps == 1 else x_smem[slot, h]).astype(jnp.float32).T
+          accs = tuple(
+              acc + jnp.dot(mg.dequant_record(w_smem[slot, j] if kps == 1 else
+                                              w_smem[slot, j, h]).astype(jnp.float32), xt,
+                            precision=lax.Precision.HIGHEST) for acc, j in zip(accs, local))
         plgpu.barrier_arrive(free.at[slot])
         return accs
       accs = lax.fori_loop(kb, ke, step, tuple(jnp.zeros((STRIP, mp), jnp.float32)
@@ -510,8 +524,11 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: in
         def _(kt):
           slot = lax.rem(i0 + kt - kb, jnp.int32(stages))
           pl.when(kt > kb)(lambda: plgpu.barrier_wait(full.at[slot]))
-          for acc_ref, j in zip(acc_refs, local):
-            plgpu.wgmma(acc_ref, mg._dequant_gpu(w_smem.at[slot, j]), x_smem.at[slot].T)
+          for h in range(kps):
+            for acc_ref, j in zip(acc_refs, local):
+              rec = w_smem.at[slot, j] if kps == 1 else w_smem.at[slot, j, h]
+              xs = x_smem.at[slot] if kps == 1 else x_smem.at[slot, h]
+              plgpu.wgmma(acc_ref, mg._dequant_gpu(rec), xs.T)
           plgpu.wgmma_wait(0)
           plgpu.barrier_arrive(free.at[slot])
         return [r[...] for r in acc_refs]
@@ -648,20 +665,23 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
     n_slots = meta.shape[1] - 2
   gs = jnp.asarray(global_scale, jnp.float32)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  kps = t.k_per_step if t_k % t.k_per_step == 0 else 1
   kernel = functools.partial(_kernel, t_rows=rows, t_real=t_rows, mp=mp, consumers=t.consumers,
-                             strips=t.strips, stages=t.stages, t_k=t_k, n_slots=n_slots,
+                             strips=t.strips, stages=t.stages, t_k=t_k // kps, n_slots=n_slots,
+                             kps=kps,
                              ctas=t.ctas, e=e, list_in_kernel=t.work_list == "kernel",
                              tail=t.tail, x_transforms=x_transforms, interpret=bool(interpret),
                              pdl=t.pdl)
 
   def entry(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref=None):
-    smem = (plgpu.SMEM((t.stages, t.cta_strips, 72, 32), jnp.uint32),
-            plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
-            plgpu.SMEM((_X_RAW_SLOTS, mp, TILE_K), x.dtype),
+    ks = () if kps == 1 else (kps,)
+    smem = (plgpu.SMEM((t.stages, t.cta_strips, *ks, 72, 32), jnp.uint32),
+            plgpu.SMEM((t.stages, *ks, mp, TILE_K), jnp.float16, transforms=x_transforms),
+            plgpu.SMEM((_X_RAW_SLOTS, *ks, mp, TILE_K), x.dtype),
             plgpu.SMEM((t.stages, 4), jnp.int32))
     bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=t.consumers, num_barriers=t.stages),
-            plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS))
+            plgpu.Barrier(num_arrivals=kps, num_barriers=_X_RAW_SLOTS))
     pl.run_scoped(lambda *scoped: kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped),
                   smem,
                   bars, collective_axes="wg")

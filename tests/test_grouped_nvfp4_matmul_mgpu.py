@@ -103,6 +103,9 @@ CASES = [   # T, E, N, K, sizes, tiling
                                                          strips=2)),
     # fewer leftover K tiles (3 items x 3) than CTAs (11): the leftover items go whole
     (24, 2, 128, 768, [24, 0], gm.GroupedMgpuTiling(8, stages=2, ctas=11, tail=True)),
+    # two K tiles per pipeline step (and K % 512 != 0: one per step), 16-row chunks
+    (13, 3, 128, 1024, [6, 0, 7], gm.GroupedMgpuTiling(8, stages=2, ctas=3, k_per_step=2)),
+    (9, 2, 128, 768, [9, 0], gm.GroupedMgpuTiling(16, stages=2, ctas=2, k_per_step=2)),
     # two strips per consumer (items of 4 strips), a group of 10 rows
     (14, 3, 250, 512, [10, 0, 3], gm.GroupedMgpuTiling(8, stages=3, ctas=2, strips=2)),
 ]
@@ -191,6 +194,7 @@ def test_lowers_for_hopper_on_cpu():
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(work_list="kernel")),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(tail=True)),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(pdl=True)),
+                               (64, 32, 2048, 7168, gm.default_tiling(64, 32, k_per_step=2)),
                                (64, 32, 2048, 7168, gm.GroupedMgpuTiling(8, 2, 4, strips=2,
                                                                          tail=True)),
                                (64, 256, 256, 512, gm.GroupedMgpuTiling(work_list="kernel"))]:
