@@ -32,7 +32,7 @@ flags.DEFINE_string("cases", "odd,64,1", "comma list: odd (small odd shapes, flo
                     "64 / 1 / <R> (the four Llama-3-8B shapes at R rows)")
 flags.DEFINE_string("shapes", "wqkv,wo,gate_up,down,lm_head", "Llama shapes to run")
 flags.DEFINE_string("variants", "", "extra tilings per Llama shape: ';'-separated "
-                    "'shape:tile_n,split_k,tile_k,stages[,w][,p1|p2][,l<d>]' (w: wait_prev, p: pdl, l: l2_ahead), e.g. "
+                    "'shape:tile_n,split_k,tile_k,stages[,w][,p1|p2][,l<d>][,r]' (w: wait_prev, p: pdl, l: l2_ahead, r: rotate), e.g. "
                     "'wo:128,4,128,8;down:256,8,128,5,w'")
 flags.DEFINE_bool("peers", True, "time XLA's FP8 paths and the bf16 dot too")
 flags.DEFINE_bool("interpret", False, "CPU smoke: interpret mode, tiny shapes, no timing")
@@ -123,7 +123,8 @@ def parse_variants() -> dict[str, list[fd.DecodeTiling]]:
     out.setdefault(shape.strip(), []).append(fd.DecodeTiling(
         int(v[0]), int(v[1]), int(v[2]), int(v[3]), wait_prev="w" in v[4:],
         pdl=2 if "p2" in v[4:] else 1 if "p1" in v[4:] else 0,
-        l2_ahead=next((int(f[1:]) for f in v[4:] if f.startswith("l")), 0)))
+        l2_ahead=next((int(f[1:]) for f in v[4:] if f.startswith("l")), 0),
+        rotate="r" in v[4:]))
   return out
 
 
@@ -131,7 +132,7 @@ def short(t: fd.DecodeTiling) -> str:
   """A tiling as the --variants syntax writes it: tile_n,split_k,tile_k,stages[,w][,p1][,l4]."""
   return ",".join([str(t.tile_n), str(t.split_k), str(t.tile_k), str(t.stages)]
                   + (["w"] if t.wait_prev else []) + ([f"p{t.pdl}"] if t.pdl else [])
-                  + ([f"l{t.l2_ahead}"] if t.l2_ahead else []))
+                  + ([f"l{t.l2_ahead}"] if t.l2_ahead else []) + (["r"] if t.rotate else []))
 
 
 def odd_cases(interp: bool):

@@ -79,7 +79,10 @@ class DecodeTiling:
   the wait too); 2: as 1, and every CTA also signals griddepcontrol.launch_dependents at its start
   (the next PDL kernel may launch early); l2_ahead: > 0: with each step's loads the producer also
   requests the W tile ``stages + l2_ahead - 1`` steps ahead into L2 (cp.async.bulk.prefetch), so
-  more of the weight stream is in flight than the shared-memory ring holds."""
+  more of the weight stream is in flight than the shared-memory ring holds; rotate: CTA n walks
+  its K range starting at step n mod steps (wrapping around), so that the CTAs' concurrent
+  requests are spread over the K offsets (DRAM channels / banks) instead of all at the same
+  offset (only without a tail step; the sum's order differs, not its terms)."""
   tile_n: int = 256
   split_k: int = 1
   tile_k: int = 128
@@ -87,6 +90,7 @@ class DecodeTiling:
   wait_prev: bool = False
   pdl: int = 0
   l2_ahead: int = 0
+  rotate: bool = False
 
   def __post_init__(self):
     if self.tile_n % 8 or not 8 <= self.tile_n <= 256:
@@ -132,7 +136,7 @@ TUNED: dict[tuple[int, int, int], dict] = {
 
 # Experiments (serving A/B without code edits): "field=value,..." for tile_k, stages, wait_prev,
 # pdl, l2_ahead, applied over TUNED in every default_tiling (explicit overrides still win).
-_ENV_FIELDS = ("tile_k", "stages", "wait_prev", "pdl", "l2_ahead")
+_ENV_FIELDS = ("tile_k", "stages", "wait_prev", "pdl", "l2_ahead", "rotate")
 
 
 def _env_fields() -> dict:
@@ -142,7 +146,7 @@ def _env_fields() -> dict:
     key, _, val = item.partition("=")
     if key not in _ENV_FIELDS:
       raise ValueError(f"JAXINFER_FP8_DECODE_TILING: unknown field {key!r} (one of {_ENV_FIELDS})")
-    out[key] = val.lower() in ("1", "true") if key == "wait_prev" else int(val)
+    out[key] = val.lower() in ("1", "true") if key in ("wait_prev", "rotate") else int(val)
   return out
 
 
@@ -245,10 +249,15 @@ def _kernel(x_ref, w_ref, o_ref, scoped, *, r: int, rp: int, n: int, t: DecodeTi
   def slot_of(i):
     return lax.rem(i, jnp.int32(stages)) if not isinstance(i, int) else i % stages
 
+  rot = lax.rem(lax.axis_index("n"), jnp.int32(full_steps)) if t.rotate and not rem else None
+
   def col0(i, tail):
     """First K column of step i; the tail step loads the last full-width box of the K range (it
     overlaps the previous step's; the consumer takes its last `rem` columns)."""
-    return pl.multiple_of(k0 + (ks - tk if tail else i * tk), K_ALIGN)
+    if tail:
+      return pl.multiple_of(k0 + ks - tk, K_ALIGN)
+    j = i if rot is None else lax.rem(i + rot, jnp.int32(full_steps))
+    return pl.multiple_of(k0 + j * tk, K_ALIGN)
 
   def issue_w(i, tail=False):
     slot = slot_of(i)

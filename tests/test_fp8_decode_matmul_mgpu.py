@@ -40,6 +40,8 @@ CASES = [
     (64, 264, 1024, T(128, 2, 128, 2, wait_prev=True)),
     # pdl: the first stages' weight tiles requested up front (here all steps, the tail among them)
     (8, 192, 640, T(64, 1, 256, 4, pdl=2)),
+    # rotated K walks (CTA n starts at step n mod 4), 3 N tiles
+    (16, 192, 1024, T(64, 1, 256, 2, wait_prev=True, rotate=True)),
 ]
 
 
