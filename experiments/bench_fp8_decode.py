@@ -35,6 +35,7 @@ flags.DEFINE_string("variants", "", "extra tilings per Llama shape: ';'-separate
                     "'shape:tile_n,split_k,tile_k,stages[,w][,p1|p2][,l<d>][,r]' (w: wait_prev, p: pdl, l: l2_ahead, r: rotate), e.g. "
                     "'wo:128,4,128,8;down:256,8,128,5,w'")
 flags.DEFINE_bool("peers", True, "time XLA's FP8 paths and the bf16 dot too")
+flags.DEFINE_string("peer_impls", "xla_fp8_split,xla_fp8_dot,xla_bf16", "which peers (--peers)")
 flags.DEFINE_bool("interpret", False, "CPU smoke: interpret mode, tiny shapes, no timing")
 flags.DEFINE_integer("min_bytes", 200 << 20, "weight bytes per timed jit (sets of weights)")
 flags.DEFINE_integer("reps", 5, "wall-time repetitions (median)")
@@ -174,11 +175,12 @@ def llama_case(r: int, shape: str, extra: list):
   while splits > 1 and k % (128 * splits):
     splits //= 2
   impls = {}
-  if FLAGS.peers:
+  peer = set(FLAGS.peer_impls.split(",")) if FLAGS.peers else set()
+  if "xla_fp8_split" in peer:
     impls["xla_fp8_split"] = (lambda xq, w: ops.fp8_dot_partials(xq, w, splits)) if splits > 1 \
         else (lambda xq, w: ops.fp8_dot(xq, w))
-    if splits > 1:
-      impls["xla_fp8_dot"] = lambda xq, w: ops.fp8_dot(xq, w)
+  if splits > 1 and "xla_fp8_dot" in peer:
+    impls["xla_fp8_dot"] = lambda xq, w: ops.fp8_dot(xq, w)
   t_def = fd.default_tiling(r, n, k, max_split=16 if splits > 1 else 1)    # as ops picks it
   impls[f"mgpu default {short(t_def)}"] = lambda xq, w, t=t_def: fd.fp8_decode_matmul(xq, w, tiling=t)
   for t in extra:
@@ -201,7 +203,7 @@ def llama_case(r: int, shape: str, extra: list):
     except Exception as e:   # noqa: BLE001
       record(case=str(r), shape=shape, impl=name, error=f"{type(e).__name__}: {e}"[:1500],
              tb=traceback.format_exc()[-1500:])
-  if FLAGS.peers and time.time() - T0 <= FLAGS.budget_s:
+  if "xla_bf16" in peer and time.time() - T0 <= FLAGS.budget_s:
     try:   # bf16 dot (twice the weight bytes): fewer, bigger sets
       wb = [w.astype(jnp.bfloat16) for w in ws[:max(2, sets // 2)]]
       del ws
