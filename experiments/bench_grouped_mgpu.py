@@ -194,19 +194,23 @@ flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes),
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
 flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
                   " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on) k (in-kernel work"
-                  " list) t (stream-K tail) P (programmatic dependent launch) K<K tiles per step>")
-flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu k c1 m2 s3 p5", "mgpu P s3 p5",
+                  " list) t (stream-K tail) P / P0 (programmatic dependent launch on / off) K<K tiles"
+                  " per step>")
+flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu k c1 m2 s3 p5", "mgpu K4 s2 p5",
                                         "mgpu K2 s2 p5"],
                   "variants of the small-shape check")
 flags.DEFINE_integer("gm_profile_calls", 2, "profile section: calls inside the profiler range")
-flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton"], "peers timed in the same run")
+flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton", "op"],
+                  "peers timed in the same run (op: the public gemm.grouped_matmul on the mgpu "
+                  "layout)")
 
 
-def variant(name: str, t_rows: int, e: int) -> gm.GroupedMgpuTiling:
+def variant(name: str, t_rows: int, e: int, k_of_variant: int | None = None
+            ) -> gm.GroupedMgpuTiling:
   kw = {}
   for p in name.split("@")[0].split()[1:]:
-    if p == "P":
-      kw["pdl"] = True
+    if p in ("P", "P0"):
+      kw["pdl"] = p == "P"
     elif p[0] == "K":
       kw["k_per_step"] = int(p[1:])
     elif p[0] == "r":
@@ -225,7 +229,7 @@ def variant(name: str, t_rows: int, e: int) -> gm.GroupedMgpuTiling:
       kw["work_list"] = "kernel"
     elif p == "t":
       kw["tail"] = True
-  return gm.default_tiling(t_rows, e, **kw)
+  return gm.default_tiling(t_rows, e, k=k_of_variant, **kw)
 
 
 def ref64(x, w64, sizes) -> np.ndarray:
@@ -266,7 +270,7 @@ def sec_check():
     shape = f"T{t_rows} E{e} N{n} K{k} {sizes if len(sizes) < 8 else 'uniform'}"
     for name in FLAGS.gm_check_variants:
       try:
-        t = variant(name, t_rows, e)
+        t = variant(name, t_rows, e, k)
         y = gm.grouped_w4a16_mgpu(x, w, g, gs, n=n, tiling=t, interpret=FLAGS.interpret)
         bg.record("gmcheck", shape, shape, name, err=bg.err64(y, ref), note=str(t))
       except Exception as ex:  # noqa: BLE001
@@ -307,12 +311,20 @@ def sec_target():
                         active * k * n * 2 + io, flops, note=f"active={active}")
     results = []
     for name in FLAGS.gm_variants:
-      t = variant(name, t_rows, e)
+      t = variant(name, t_rows, e, k)
       results.append(bg.attempt(
           "gm", shape, shape, name,
           lambda x, w, g, t=t: gm.grouped_w4a16_mgpu(x, w, g, gs, n=n, tiling=t,
                                                      interpret=FLAGS.interpret),
           [(x, *st["mg"]) for x, st in zip(xs, sets)], nv_bytes, flops, ref=ref, note=str(t)))
+    if "op" in FLAGS.gm_baselines and not FLAGS.interpret:   # the public op (its dispatch)
+      from kernels import gemm                                   # noqa: PLC0415
+      from kernels.quant.weights import GroupedNVFP4Weight       # noqa: PLC0415
+      results.append(bg.attempt(
+          "gm", shape, shape, "op gemm.grouped_matmul (mgpu layout)",
+          lambda x, w: gemm.grouped_matmul(x, w, gs),
+          [(x, GroupedNVFP4Weight(st["mg"][0], st["nv"][1], st["nv"][2], layout="mgpu"))
+           for x, st in zip(xs, sets)], nv_bytes, flops, ref=ref))
     if "triton" in FLAGS.gm_baselines and not FLAGS.interpret and sets[0]["kl"] is not None:
       t = gk.default_kl_tiling(t_rows, e, k)
       results.append(bg.attempt(
@@ -339,7 +351,7 @@ def sec_profile():
   w = jax.block_until_ready(jax.jit(gm.to_grouped_mgpu_layout)(p, s))
   x = jax.random.normal(bg.keys(1)[0], (t_rows, k), jnp.bfloat16)
   gs = bg._routing(t_rows, e, False)
-  t = variant(FLAGS.gm_variants[0], t_rows, e)
+  t = variant(FLAGS.gm_variants[0], t_rows, e, k)
   f = jax.jit(lambda x, w, g: gm.grouped_w4a16_mgpu(x, w, g, gs, n=n, tiling=t,
                                                     interpret=FLAGS.interpret))
   jax.block_until_ready(f(x, w, g))

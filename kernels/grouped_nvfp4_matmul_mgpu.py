@@ -102,7 +102,7 @@ class GroupedMgpuTiling:
   of the stream is launched while this one runs and its CTAs start on the SMs this persistent grid
   frees, and this kernel's launch overlaps the previous kernel's end; ordering is unchanged (the
   wait returns when the grids before complete and their memory is visible); k_per_step: K tiles
-  per pipeline step (1 or 2; each strip's records of a step are contiguous in memory: one TMA of
+  per pipeline step (1, 2 or 4; each strip's records of a step are contiguous in memory: one TMA of
   k_per_step x 9216 bytes per strip, fewer barrier round trips per byte; K % (256 k_per_step) == 0,
   else 1)."""
   block_rows: int = 8
@@ -119,8 +119,8 @@ class GroupedMgpuTiling:
   def __post_init__(self):
     if self.work_list not in ("xla", "kernel"):
       raise ValueError(f"work_list must be 'xla' or 'kernel', got {self}")
-    if self.k_per_step not in (1, 2):
-      raise ValueError(f"k_per_step must be 1 or 2, got {self}")
+    if self.k_per_step not in (1, 2, 4):
+      raise ValueError(f"k_per_step must be 1, 2 or 4, got {self}")
     if self.block_rows % 8 or not 8 <= self.block_rows <= 64:
       raise ValueError(f"block_rows must be a multiple of 8 in [8, 64], got {self}")
     if (self.consumers not in (1, 2) or self.stages < 2 or self.ctas < 1
@@ -138,10 +138,19 @@ def smem_bytes(t: GroupedMgpuTiling) -> int:
           + _X_RAW_SLOTS * mp * TILE_K * 2 * kps + 16 * t.stages + 1024)
 
 
-def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
-                   ) -> GroupedMgpuTiling:
-  """Mp = the mean group size rounded up to 8 (8 at T=64, E=32), two consumers, as many stages
-  as fit 200 KB of shared memory (<= 8), one CTA per SM."""
+# Defaults from the H100 window 3 of 2026-11-24 (benchmarks/gemm.md; float64-checked on the timed
+# outputs; T=64 E=32 K=7168 N=2048, wall / GPU us): two K tiles per step + PDL 96.9 us uniform
+# (3.54x ragged_dot) vs 99.6 / 94.5 for one K tile without PDL; two K tiles alone 100.0 / 92.3
+# (skewed 70.7 vs 74.2), PDL alone 98.2 (skewed 71.7).
+K_PER_STEP = 2
+PDL = True
+
+
+def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, k: int | None = None,
+                   **overrides) -> GroupedMgpuTiling:
+  """Mp = the mean group size rounded up to 8 (8 at T=64, E=32), two consumers, K_PER_STEP K
+  tiles per step (1 when the K tiles do not divide), PDL, as many stages as fit 200 KB of shared
+  memory (<= 8), one CTA per SM."""
   mean = -(-t_rows // max(1, num_groups))
   mp = overrides.pop("block_rows", min(64, max(8, -(-mean // 8) * 8)))
   consumers = overrides.pop("consumers", 2)
@@ -150,8 +159,10 @@ def default_tiling(t_rows: int, num_groups: int, num_sms: int = 132, **overrides
                         strips=overrides.pop("strips", 1),
                         work_list=overrides.pop("work_list", "xla"),
                         tail=overrides.pop("tail", False),
-                        pdl=overrides.pop("pdl", False),
-                        k_per_step=overrides.pop("k_per_step", 1),
+                        pdl=overrides.pop("pdl", PDL),
+                        k_per_step=overrides.pop(
+                            "k_per_step",
+                            K_PER_STEP if k is None or -(-k // TILE_K) % K_PER_STEP == 0 else 1),
                         ctas=overrides.pop("ctas", num_sms),
                         no_auto_barriers=overrides.pop("no_auto_barriers", True))
   if overrides:
@@ -644,7 +655,7 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
   _check(x, w, global_scale, group_sizes, n)
   t_rows, k = x.shape
   e, s_n, t_k = w.shape[:3]
-  t = tiling or default_tiling(t_rows, e)
+  t = tiling or default_tiling(t_rows, e, k=k)
   mp = t.block_rows
   out_dtype = out_dtype or x.dtype
   if smem_bytes(t) > mg._SMEM_LIMIT:

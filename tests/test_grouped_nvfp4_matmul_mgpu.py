@@ -144,9 +144,11 @@ def test_f32_output_is_tight(rng):
 
 
 def test_default_tiling():
-  t = gm.default_tiling(64, 32)
-  assert (t.block_rows, t.consumers, t.ctas) == (8, 2, 132)
+  t = gm.default_tiling(64, 32, k=7168)
+  assert (t.block_rows, t.consumers, t.ctas, t.k_per_step, t.pdl) == (8, 2, 132, 2, True)
   assert 4 <= t.stages <= 8 and gm.smem_bytes(t) <= 200 * 1024
+  assert gm.default_tiling(64, 32, k=768).k_per_step == 1        # 3 K tiles
+  assert gm.default_tiling(64, 32, k=768).stages == 8
   assert gm.default_tiling(256, 8).block_rows == 32
   assert gm.default_tiling(64, 32, stages=3).stages == 3
   with pytest.raises(TypeError):
