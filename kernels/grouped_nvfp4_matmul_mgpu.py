@@ -23,8 +23,9 @@ weights for 18 active experts). Rows past the total get "zero chunks" that only 
 Kernel (grid = ``ctas`` persistent CTAs, 132 on the H100): CTA p takes items p, p + P, ... of the
 dynamic item count and streams, per item, its K tiles through one continuous pipeline of
 ``stages`` shared-memory slots (no fill / drain between items: the producer runs ahead across
-item boundaries). Per step, the producer warpgroup TMAs the item's weight records (one per
-strip, [consumers x strips, 72, 32] from W[e, strips, t]) into the slot and the raw [Mp, 256]
+item boundaries). Per step (``k_per_step`` K tiles; one described here), the producer warpgroup
+TMAs the item's weight records (one per strip, [consumers x strips, 72, 32] from W[e, strips,
+t]) into the slot and the raw [Mp, 256]
 x tile (rows r..r+Mp-1 of x in natural order, r = min(chunk start, T - Mp): x is never gathered
 or copied; rows of neighbouring experts inside the tile only reach accumulator columns that are
 never stored) into one of 2 staging slots, then converts the previous step's raw tile to the
@@ -44,15 +45,20 @@ strips per CTA (the longest CTA streams 4 x 28 = 112 steps vs 108.6 on average: 
 2.75 TB/s that is ~10 bytes per clock, one 9216-byte record every ~900 clocks: the dequantization
 (~1 k warp-instructions per record) needs ~25% of the issue slots, the wgmmas (n = 8) little.
 
-Measured (H100, jax 0.11.2, benchmarks/gemm.md "Sixth session", 2026-11-24 windows 1-2; every
+Defaults (K_PER_STEP, PDL): two K tiles per pipeline step (each strip's two records are one
+contiguous 18 KB TMA; 4 stages) and programmatic dependent launch (the launch of the next kernel
+overlaps this one's end).
+
+Measured (H100, jax 0.11.2, benchmarks/gemm.md "Sixth session", 2026-11-24 windows 1-3; every
 row float64-checked on its timed output at 1.66e-3; wall = back-to-back calls, GPU = kernel time
-from a trace): T=64 E=32 K=7168 N=2048 uniform 99.5-101.1 us wall / 93.4-94.5 us GPU (2.83 TB/s of
-NVFP4 bytes over the kernel, 93% of the read ceiling) vs jax.lax.ragged_dot bf16 338-341 us
-(3.37-3.40x) and the Triton kernel-layout default 122.7-127.2 us; skewed 72.5-74.1 us (4.6-4.75x;
-Triton 79-87 us). Where the rest goes: 512 items on 132 CTAs (4 items on 116 CTAs, 3 on 16: ~3%),
-the pipeline fill (~2 us), and 6-7 us per call between kernels (wall minus GPU time). Measured
-slower and off by default: 16-row chunks (+6%), one consumer (+27%), the in-kernel work list
-(+1.5%), the stream-K tail (+8% GPU time, correct; plus XLA's zeroing of the semaphores), two
+from a trace): T=64 E=32 K=7168 N=2048 uniform, W3: defaults 96.9 us wall vs jax.lax.ragged_dot
+bf16 342.8 us (3.54x) and the Triton kernel-layout default 126.0 us; two K tiles alone 100.0 /
+92.3 us GPU (2.86 TB/s of NVFP4 bytes over the kernel, 94% of the read ceiling); one K tile, no
+PDL (W1-W3) 99.5-101.1 / 93.4-94.5 us (3.37-3.44x). Skewed: 70.7-74.2 us (4.6-4.85x; Triton
+79-87 us). Where the rest goes: 512 items on 132 CTAs (4 items on 116 CTAs, 3 on 16: ~3%), the
+pipeline fill (~2 us), and 4-7 us per call between kernels (wall minus GPU time; PDL hides part).
+Measured slower and off by default: 16-row chunks (+6%), one consumer (+27%), the in-kernel work
+list (+1.5%), the stream-K tail (+8% GPU time, correct; plus XLA's zeroing of the semaphores), two
 strips per consumer (same uniform, +15% skewed).
 
 Interpret mode (CPU) runs the same pipeline (persistent loop, TMA at dynamic rows, barriers,
