@@ -80,10 +80,10 @@ MGPU_DECODE_MAX_M: int = 64
 # (GroupedNVFP4Weight.to_mgpu_layout) runs the grouped Mosaic decode kernel
 # (kernels/grouped_nvfp4_matmul_mgpu, 8-row chunks) on Hopper; above, and on other GPUs, the
 # ModelOpt-layout grouped kernel on the bytes the records hold (an unpack per call: repack to
-# "kernel" instead). H100, 2026-11-24 windows 1-2 (benchmarks/gemm.md, float64-checked), T=64
-# E=32 K=7168 N=2048: uniform 99.5-101.1 us vs 122.7-127.2 us for the Triton kernel-layout
-# default (3.39-3.40x ragged_dot), skewed 72.5-74.1 vs 79.4-87.4 us (4.6-4.7x); measured at 2
-# rows per group on average, so the bound is the 8-row chunk.
+# "kernel" instead). H100, 2026-11-24 window 3 (benchmarks/gemm.md, float64-checked), T=64
+# E=32 K=7168 N=2048: uniform 96.9 us vs 126.0 us for the Triton kernel-layout default (3.54x
+# ragged_dot), skewed 71.8 vs 81.0 us (4.78x); measured at 2 rows per group on average, so the
+# bound is the 8-row chunk.
 MGPU_GROUPED_MAX_ROWS_PER_GROUP: int = 8
 
 
