@@ -190,12 +190,14 @@ class _Bench:
 
 
 bg = _Bench
-flags.DEFINE_list("gm_sections", ["check", "target"], "check (small odd shapes), target, ceil, profile (for ncu)")
+flags.DEFINE_list("gm_sections", ["check", "target"],
+                  "check (small odd shapes), target, ceil, profile (for ncu)")
 flags.DEFINE_list("gm_cases", ["64u", "64s"], "target routings: T + u(niform) / s(kewed)")
-flags.DEFINE_list("gm_variants", ["mgpu"], "Mosaic variants: 'mgpu' + tokens r<rows> c<consumers>"
-                  " m<strips per consumer> s<stages> p<ctas> a (automatic barriers on) k (in-kernel work"
-                  " list) t (stream-K tail) P / P0 (programmatic dependent launch on / off) K<K tiles"
-                  " per step>")
+flags.DEFINE_list("gm_variants", ["mgpu"],
+                  "Mosaic variants: 'mgpu' (the default tiling) + tokens r<rows> c<consumers> "
+                  "m<strips per consumer> s<stages> p<ctas> a (automatic barriers on) k (in-kernel "
+                  "work list) t (stream-K tail) P / P0 (programmatic dependent launch on / off) "
+                  "K<K tiles per step>")
 flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu k c1 m2 s3 p5", "mgpu K4 s2 p5",
                                         "mgpu K2 s2 p5"],
                   "variants of the small-shape check")

@@ -99,10 +99,11 @@ class GroupedMgpuTiling:
   warpgroup derives it from the group sizes itself: a scan over the E sizes per item in the
   producer and once per CTA in the consumers; no XLA ops, no extra launches); tail: stream-K
   tail: each CTA takes n_items // ctas whole items, and the K tiles of the n_items % ctas leftover
-  items are split evenly over all CTAs (if they are at least as many as the CTAs) (without it the CTAs with one more item set the time:
-  4 vs 3.88 items per CTA at the target); the pieces of a split item are added in the kernel
-  (per-thread arrival counters in a persistent global semaphore array, f32 workspace: the last
-  contributor adds and stores); pdl: programmatic dependent launch (Hopper): every CTA executes
+  items are split evenly over all CTAs if that gives every CTA at least half an item (without it
+  the CTAs with one more item set the time: 4 vs 3.88 items per CTA at the target); the <= 3
+  pieces of a split item are added in the kernel (per-thread arrival counters in a persistent
+  global semaphore array, f32 workspace: the last contributor adds and stores); pdl:
+  programmatic dependent launch (Hopper): every CTA executes
   ``griddepcontrol.launch_dependents`` at its start and then ``griddepcontrol.wait`` before it
   reads anything (the kernel is launched with programmatic stream serialization): the next kernel
   of the stream is launched while this one runs and its CTAs start on the SMs this persistent grid
@@ -410,7 +411,9 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: in
   strip_blocks = w_ref.shape[1] // cta_strips
   rebalance = consumers == 2 and not interpret
   scan = functools.partial(_scan_groups, meta_ref, e=e, t_real=t_real, mp=mp)
-  max_contrib = min(ctas, t_k + 1)
+  # a split item has <= 3 contributors: the tail is used only if every CTA's range is >= half
+  # an item (t_k / 2 steps), else the leftover items go whole
+  max_contrib = min(ctas, 3)
 
   def counts():
     """(chunks, zero chunks, total rows)."""
@@ -430,9 +433,9 @@ def _kernel(x_ref, w_ref, gs_ref, meta_ref, o_ref, ws_ref, scoped, *, t_rows: in
   if tail:
     # stream-K tail: every CTA takes n_items // G whole items; the K steps of the L leftover
     # items are shared evenly, CTA p taking tail steps [lo, hi) of S = L t_k
-    # (only when every CTA gets >= 1 tail step, so that an item's contributors are consecutive
-    # CTAs; with fewer leftover steps the leftover items go whole to the first CTAs)
-    split = (n_items % ctas) * t_k >= ctas
+    # (only when every CTA gets >= t_k / 2 tail steps: an item's contributors are then <= 3
+    # consecutive CTAs; with fewer leftover steps the leftover items go whole to the first CTAs)
+    split = (n_items % ctas) * t_k >= ctas * (-(-t_k // 2))
     n_whole = jnp.where(split, n_items // ctas, jnp.maximum(n_items - p + ctas - 1, 0) // ctas)
     s_tail = jnp.where(split, (n_items % ctas) * t_k, 0)
     lo = p * s_tail // ctas

@@ -94,13 +94,15 @@ CASES = [   # T, E, N, K, sizes, tiling
                                                                 work_list="kernel")),
     # T < 8 (x padded to one tile)
     (5, 2, 128, 256, [2, 3], gm.GroupedMgpuTiling(8, stages=4, ctas=2, work_list="kernel")),
-    # stream-K tail: 4 items over 3 CTAs (one split in two pieces); in-kernel list, 5 CTAs over
-    # 12 items of 4 K tiles; 4 items of 3 K tiles over 7 CTAs (pieces of 1-2 tiles, up to 3 per item)
-    (12, 3, 200, 272, [5, 0, 6], gm.GroupedMgpuTiling(8, stages=3, ctas=3, tail=True)),
+    # stream-K tail: 10 items of 4 K tiles over 4 CTAs (2 whole each, the last 2 split in 2
+    # pieces; in-kernel list); 5 items of 4 K tiles over 7 CTAs (ranges of 2-3 tiles: up to 3
+    # pieces per item, rows past the total); too few leftover tiles (12 items of 4 over 5 CTAs:
+    # 8 < 5 x 2) -> whole
+    (40, 2, 256, 1024, [40, 0], gm.GroupedMgpuTiling(8, stages=3, ctas=4, tail=True,
+                                                     work_list="kernel")),
+    (40, 1, 128, 1024, [37], gm.GroupedMgpuTiling(8, stages=2, ctas=7, tail=True)),
     (37, 5, 128, 1024, [0, 20, 0, 9, 8], gm.GroupedMgpuTiling(8, consumers=1, stages=2, ctas=5,
-                                                              tail=True, work_list="kernel")),
-    (19, 4, 256, 768, [3, 4, 0, 9], gm.GroupedMgpuTiling(8, stages=3, ctas=7, tail=True,
-                                                         strips=2)),
+                                                              tail=True)),
     # fewer leftover K tiles (3 items x 3) than CTAs (11): the leftover items go whole
     (24, 2, 128, 768, [24, 0], gm.GroupedMgpuTiling(8, stages=2, ctas=11, tail=True)),
     # two K tiles per pipeline step (and K % 512 != 0: one per step), 16-row chunks
