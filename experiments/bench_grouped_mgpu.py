@@ -199,7 +199,7 @@ flags.DEFINE_list("gm_variants", ["mgpu"],
                   "work list) t (stream-K tail) P / P0 (programmatic dependent launch on / off) "
                   "K<K tiles per step>")
 flags.DEFINE_list("gm_check_variants", ["mgpu", "mgpu k c1 m2 s3 p5", "mgpu K4 s2 p5",
-                                        "mgpu K2 s2 p5"],
+                                        "mgpu t s2 p4"],
                   "variants of the small-shape check")
 flags.DEFINE_integer("gm_profile_calls", 2, "profile section: calls inside the profiler range")
 flags.DEFINE_list("gm_baselines", ["ragged_dot", "triton", "op"],
