@@ -580,14 +580,14 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   strips and alternate K tiles), x (x_in_kernel: x cast and permuted by the producer warpgroup
   instead of an XLA fusion), o (overlap_mma: wgmma_wait(1)), b (no_auto_barriers), p<0|1|2>
   (pdl: programmatic dependent launch), g<CTAs> (stream_k: persistent stream-K grid), h
-  (overlap_mma + hold_a), f (split_combine="kernel"), T (tile_major; the bench transposes the
-  weight sets once): each given field replaces the default's (a "@small" / "@large"
+  (overlap_mma + hold_a), f (split_combine="kernel"), C (split_combine="cluster"), T
+  (tile_major; the bench transposes the weight sets once): each given field replaces the default's (a "@small" / "@large"
   suffix as for kl_variant)."""
   parts = name.split("@")[0].split()
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k", "p": "pdl",
             "g": "stream_k"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
-        if p not in ("default", "i", "x", "o", "b", "h", "f", "T")}
+        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C")}
   if "b" in parts[1:]:
     kw["no_auto_barriers"] = True
   if "o" in parts[1:]:
@@ -598,6 +598,8 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
     kw["split_combine"] = "kernel"
   if "T" in parts[1:]:   # K-tile-major weight (mgk.to_tile_major)
     kw["tile_major"] = True
+  if "C" in parts[1:]:   # split-K partials combined through a thread-block cluster's DSMEM
+    kw["split_combine"] = "cluster"
   if "i" in parts[1:]:
     kw["k_interleave"] = True
   if "x" in parts[1:]:

@@ -133,7 +133,10 @@ class MgpuTiling:
   costs one more A fragment (64 registers per thread);
   split_combine (split_k > 1): "xla" (f32 partials [split, M, N] summed by an XLA reduction) or
   "kernel" (the split CTAs of a row block combine in the kernel as stream-K's shared blocks do:
-  workspace slot per split, per-thread arrival counters, the last adds and stores y);
+  workspace slot per split, per-thread arrival counters, the last adds and stores y) or
+  "cluster" (the split CTAs of a row block form a thread-block cluster; each writes its partial
+  sums to its own shared memory, the cluster's block 0 adds its peers' through distributed
+  shared memory after a cluster barrier and stores y; no workspace, counters or memset);
   tile_major: the weight comes K-tile major, uint32 [K/256, N/64, 72, 32] (``to_tile_major``:
   to_mgpu_layout's array with its first two axes swapped), so the CTAs, which all stream the
   same K tile at about the same time, read neighbouring records (one contiguous region per K
@@ -159,8 +162,10 @@ class MgpuTiling:
       raise ValueError(f"k_interleave needs stages to be a multiple of consumers, got {self}")
     if self.pdl not in (0, 1, 2):
       raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
-    if self.split_combine not in ("xla", "kernel"):
-      raise ValueError(f"split_combine must be 'xla' or 'kernel', got {self}")
+    if self.split_combine not in ("xla", "kernel", "cluster"):
+      raise ValueError(f"split_combine must be 'xla', 'kernel' or 'cluster', got {self}")
+    if self.split_combine == "cluster" and (self.k_interleave or self.stream_k):
+      raise ValueError(f"split_combine='cluster' excludes k_interleave and stream_k, got {self}")
     if self.hold_a and not self.overlap_mma:
       raise ValueError(f"hold_a needs overlap_mma, got {self}")
     if self.stream_k < 0 or (self.stream_k and self.k_interleave):
@@ -180,6 +185,8 @@ _X_RAW_SLOTS = 2    # staging slots of the raw x tiles (x_in_kernel): one conver
 def smem_bytes(t: MgpuTiling, mp: int) -> int:
   red = (t.consumers - 1) * t.strips * STRIP * mp * 4 if t.k_interleave else 0
   raw = _X_RAW_SLOTS * mp * TILE_K * 2 if t.x_in_kernel else 0
+  if t.split_combine == "cluster" and t.split_k > 1:
+    red += t.cta_strips * STRIP * mp * 4
   return t.stages * (RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2) + red + raw + 1024
 
 
@@ -593,6 +600,62 @@ def _streamk_fixup(items, m: int, slot_stride: int, max_contrib: int):
   plgpu.inline_mgpu(arg_types=types * len(items), return_type=())(body)(*flat)
 
 
+_LD_PEER_V2 = ("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, $2, $3;\n"
+               "ld.shared::cluster.v2.f32 {$0, $1}, [ra];\n}")
+
+
+def _cluster_peer_sum(acc, red_ref, peers: int):
+  """acc [64, Mp] f32 (WGMMA layout) plus the same fragment positions of ``red_ref`` (this CTA's
+  shared f32 [64, Mp], row-major) in cluster blocks 1 .. peers-1, read through distributed
+  shared memory (mapa + ld.shared::cluster)."""
+  def body(ctx, a, ref):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, llvm, vector  # noqa: PLC0415
+    from jax.experimental import mosaic as _mosaic             # noqa: PLC0415,F401
+    from jax.experimental.mosaic import gpu as mgpu            # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    i32 = ir.IntegerType.get_signless(32)
+    f32 = ir.F32Type.get()
+    mp = ir.MemRefType(ref.type).shape[1]
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    lane = arith.remui(tid, mu.c(32, i32))
+    row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                      arith.divui(lane, mu.c(4, i32)))
+    q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    base = llvm.ptrtoint(i32, mu.memref_ptr(ref))
+    regs = np.empty(a.registers.shape, dtype=object)
+    for idx, reg in np.ndenumerate(a.registers):
+      j, h = idx[1], idx[4]
+      row = arith.addi(row0, mu.c(8 * h, i32))
+      col = arith.addi(q2, mu.c(8 * j, i32))
+      addr = arith.addi(base, arith.muli(arith.addi(arith.muli(row, mu.c(mp, i32)), col),
+                                         mu.c(4, i32)))
+      v = [vector.extract(reg, [], [e]) for e in range(2)]
+      for p in range(1, peers):
+        got = mu.inline_ptx(_LD_PEER_V2, addr, mu.c(p, i32), result_types=[f32, f32],
+                            has_side_effects=True)
+        v = [arith.addf(v[e], got[e]) for e in range(2)]
+      out = vector.broadcast(ir.VectorType.get((2,), f32), v[0])
+      regs[idx] = vector.insert(v[1], out, [], [1])
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
+
+  return plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=plgpu.Layout.WGMMA),
+  )(body)(acc, red_ref)
+
+
+def _fence_cluster():
+  """fence.acq_rel.cluster (orders this thread's shared-memory writes / reads against the cluster
+  barrier's arrive / wait, which alone are CTA-scoped)."""
+  def body(ctx):
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    mu.inline_ptx("fence.acq_rel.cluster;", has_side_effects=True)
+    return ()
+
+  plgpu.inline_mgpu(arg_types=(), return_type=())(body)()
+
+
 def _keep_alive(a):
   """An empty inline asm reading every register of the WGMMA-layout f16 array ``a`` (has side
   effects: neither removed nor moved across the wgmma_wait before it)."""
@@ -683,7 +746,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
             pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
             hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
-            tile_major: bool = False):
+            tile_major: bool = False, cluster_split: bool = False, cl_scoped=None):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -804,6 +867,42 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       store(accs)
 
   def store(accs):
+    if cluster_split:   # split_combine="cluster": block 0 of the cluster adds its peers' sums
+      red_cl, (ready, done) = cl_scoped
+      vals = [acc * gfac for acc in accs]
+      for j, val in enumerate(vals):
+        red_cl[strip_of(j)] = val
+      plgpu.commit_smem()
+      if not interpret:
+        _fence_cluster()
+      plgpu.barrier_arrive(ready)
+
+      @pl.when(sk == 0)
+      def _():
+        plgpu.barrier_wait(ready)
+        if not interpret:
+          _fence_cluster()
+        total = list(vals)
+        for j in range(len(total)):
+          if interpret:
+            for p in range(1, split):
+              total[j] = total[j] + plgpu.cluster_ref(red_cl, {"s": p}).at[strip_of(j)][...]
+          else:
+            total[j] = _cluster_peer_sum(plgpu.layout_cast(total[j], plgpu.Layout.WGMMA),
+                                         red_cl.at[strip_of(j)], split)
+        for j, tot in enumerate(total):
+          view = o_ref.at[:, pl.ds(pl.multiple_of((strip0 + strip_of(j)) * STRIP, STRIP),
+                                   STRIP)]
+          if interpret:
+            view[...] = tot.T[:m].astype(o_ref.dtype)
+          else:
+            _store_transposed(plgpu.layout_cast(tot.astype(o_ref.dtype), plgpu.Layout.WGMMA),
+                              view, m)
+
+      pl.when(sk != 0)(lambda: plgpu.barrier_wait(ready))
+      plgpu.barrier_arrive(done)     # block 0 after its reads: peers keep their memory till then
+      plgpu.barrier_wait(done)
+      return
     if fused_split:   # split_combine="kernel": the split CTAs of this row block combine here
       b = lax.axis_index("n")
       items = []
@@ -1048,9 +1147,13 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   x_in = t.x_in_kernel and k % TILE_K == 0
   xk = x if x_in else x_for_mgpu(x, t_k * TILE_K)
   gs = jnp.asarray(global_scale, jnp.float32).reshape(1)
-  fused = split > 1 and t.split_combine == "kernel"
-  out_shape = (jax.ShapeDtypeStruct((split, m, n_out), jnp.float32) if split > 1 and not fused
-               else jax.ShapeDtypeStruct((m, n_out), out_dtype))
+  # the interpreter has no distributed shared memory: "cluster" runs the "kernel" combine there
+  fused = split > 1 and (t.split_combine == "kernel" or
+                         (t.split_combine == "cluster" and bool(interpret)))
+  clustered = split > 1 and t.split_combine == "cluster" and not interpret
+  out_shape = (jax.ShapeDtypeStruct((split, m, n_out), jnp.float32)
+               if split > 1 and not (fused or clustered) else
+               jax.ShapeDtypeStruct((m, n_out), out_dtype))
   plan = streamk_plan(ctas, t_k, t.stream_k) if t.stream_k else None
   if fused:   # the same combine as stream-K's, every row block shared by its split CTAs
     combine_plan = StreamKPlan(ctas * split, ctas, t_k, 1, split, (split,) * ctas)
@@ -1068,7 +1171,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
                              plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
-                             tile_major=t.tile_major)
+                             tile_major=t.tile_major, cluster_split=clustered)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if combine_plan is not None:
@@ -1087,12 +1190,22 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                           num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=t.consumers - 1) if red else None,
             plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS) if x_in else None)
-    pl.run_scoped(lambda *scoped: body(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
-                  collective_axes="wg")
+    if clustered:
+      cl = (plgpu.SMEM((rows, STRIP, mp), jnp.float32),
+            (plgpu.ClusterBarrier(collective_axes=("s",), num_arrivals=t.consumers),
+             plgpu.ClusterBarrier(collective_axes=("s",), num_arrivals=t.consumers)))
+      pl.run_scoped(lambda *scoped: body(x_ref, w_ref, gs_ref, o_ref, scoped[:2],
+                                         cl_scoped=scoped[2]), smem, bars, cl,
+                    collective_axes="wg")
+    else:
+      pl.run_scoped(lambda *scoped: body(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
+                    collective_axes="wg")
 
+  grid_kw = (dict(grid=(ctas,), grid_names=("n",), cluster=(split,), cluster_names=("s",))
+             if clustered else
+             dict(grid=(plan.ctas if plan else ctas, split), grid_names=("n", "s")))
   out = plgpu.kernel(
-      entry, out_type=out_shape, grid=(plan.ctas if plan else ctas, split),
-      grid_names=("n", "s"),
+      entry, out_type=out_shape, **grid_kw,
       num_threads=t.consumers + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0,
                                            unsafe_no_auto_barriers=t.no_auto_barriers),
@@ -1102,7 +1215,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
     out, ws = out
     if interpret:   # the interpreter's combine: partial blocks are the sum of their slots
       out = _streamk_combine_interpret(out, ws, combine_plan, m, mp, rows)
-  elif split > 1:
+  elif split > 1 and not clustered:
     out = out.sum(0).astype(out_dtype)
   return out[:, :n] if n_out != n else out
 

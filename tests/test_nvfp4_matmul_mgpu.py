@@ -239,6 +239,9 @@ CASES = [
     # K-tile-major weight (N padded to whole CTAs along the second axis), split-K, stream-K
     (6, 200, 1024, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=2, tile_major=True)),
     (2, 320, 768, mg.MgpuTiling(consumers=2, strips=1, stages=2, stream_k=4, tile_major=True)),
+    # "cluster" combine: the interpreter (no distributed shared memory) runs the "kernel" one
+    (4, 192, 1024, mg.MgpuTiling(consumers=1, strips=1, stages=2, split_k=2, x_in_kernel=True,
+                                 split_combine="cluster")),
 ]
 
 
@@ -320,6 +323,8 @@ def test_bad_inputs_raise(rng):
     mg.MgpuTiling(stages=0)
   with pytest.raises(ValueError, match="split_combine"):
     mg.MgpuTiling(split_combine="atomic")
+  with pytest.raises(ValueError, match="excludes k_interleave and stream_k"):
+    mg.MgpuTiling(split_k=2, stream_k=132, split_combine="cluster")
   with pytest.raises(ValueError, match="hold_a needs overlap_mma"):
     mg.MgpuTiling(hold_a=True)
   with pytest.raises(ValueError, match="excludes k_interleave"):
@@ -353,6 +358,9 @@ def test_lowers_for_hopper_on_cpu():
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True,
                                            split_combine="kernel")),
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, tile_major=True)),
+            (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True,
+                                           split_combine="cluster", tile_major=True)),
+            (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 4, split_combine="cluster")),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
   for m, n, k, t in cases:
     wshape = (-(-n // 64), -(-k // 256), 72, 32)
