@@ -117,7 +117,9 @@ class MgpuTiling:
   kernel of the stream still runs; 2: as 1, and every CTA also executes
   ``griddepcontrol.launch_dependents`` at its start, so that the next PDL kernel of the stream
   (e.g. the next GEMM) can be launched onto SMs this grid leaves free and prefetch its own
-  weights while this one streams (its ``wait`` still orders it after this grid's end);
+  weights while this one streams (its ``wait`` still orders it after this grid's end); 3: every
+  thread executes ``launch_dependents`` and then ``wait`` at its start, before any load (no
+  prefetch: the recipe of kernels/grouped_nvfp4_matmul_mgpu.py);
   stream_k: 0 off; G > 0: a persistent stream-K schedule of G CTAs (use the number of SMs)
   instead of the (row block, split) grid: the U = row blocks x K tiles work units, row-block
   major, are split into G contiguous ranges of U/G (+-1) units, so every SM streams the same
@@ -160,8 +162,8 @@ class MgpuTiling:
       raise ValueError(f"every MgpuTiling field must be >= 1, got {self}")
     if self.k_interleave and self.stages % self.consumers:
       raise ValueError(f"k_interleave needs stages to be a multiple of consumers, got {self}")
-    if self.pdl not in (0, 1, 2):
-      raise ValueError(f"pdl must be 0, 1 or 2, got {self}")
+    if self.pdl not in (0, 1, 2, 3):
+      raise ValueError(f"pdl must be 0, 1, 2 or 3, got {self}")
     if self.split_combine not in ("xla", "kernel", "cluster"):
       raise ValueError(f"split_combine must be 'xla', 'kernel' or 'cluster', got {self}")
     if self.split_combine == "cluster" and (self.k_interleave or self.stream_k):
@@ -787,9 +789,11 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     plgpu.barrier_arrive(full.at[slot])
 
   # (the interpreter runs the same load order, without the grid dependency instructions)
-  if pdl == 2 and not interpret:
+  if pdl in (2, 3) and not interpret:
     plgpu.griddepcontrol_launch_dependents()
-  prefetch = min(stages, steps) if pdl else 0
+  if pdl == 3 and not interpret:
+    plgpu.griddepcontrol_wait()
+  prefetch = min(stages, steps) if pdl in (1, 2) else 0
 
   def load_w(i):
     slot = lax.rem(i, jnp.int32(stages))
@@ -801,7 +805,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
   def _producer():
     if rebalance:
       plgpu.set_max_registers(40, action="decrease")
-    if pdl:   # weight records first (no earlier kernel writes them), then wait for the grids
+    if prefetch:   # weight records first (no earlier kernel writes them), then wait for the grids
       for i in range(prefetch):   # before this one (x, and y's buffer) to complete
         load_w(jnp.int32(i))
       if not interpret:

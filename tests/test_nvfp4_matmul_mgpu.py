@@ -361,6 +361,7 @@ def test_lowers_for_hopper_on_cpu():
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True,
                                            split_combine="cluster", tile_major=True)),
             (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 4, split_combine="cluster")),
+            (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, pdl=3)),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
   for m, n, k, t in cases:
     wshape = (-(-n // 64), -(-k // 256), 72, 32)
