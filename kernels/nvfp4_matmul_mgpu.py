@@ -61,6 +61,21 @@ one CTA per SM: latency- rather than bandwidth-bound), XLA's sum of the split-K 
 N=4096 (~1.4 us), and at M >= 32 the wider wgmmas, the x conversion (in the producer up to M=32,
 an XLA fusion above) and the x tiles re-read from L2 by every CTA.
 
+Options measured in the sixth session (H100, windows W1-W4 of 2026-11-24, benchmarks/gemm.md; all
+float64-checked on the GPU, all off by default because none was faster where a default could use
+it): ``stream_k`` (persistent stream-K over 113-132 CTAs, shared row blocks combined in the kernel)
+18.1-21.2 us of kernel time at M=8 K=4096 N=14336 vs 15.4 (the combine's latency chain at the
+CTAs' ends outweighs the 15% better SM balance); ``split_combine="kernel"`` (split-K partials
+combined through global memory) 16.05 us = the default's 14.8 + 1.4 us XLA sum at M=8 N=4096, and
+slower at M=64; ``split_combine="cluster"`` (through a cluster's distributed shared memory) equal
+at M=1 but 2x slower at M >= 8 (clusters of four 194 KB CTAs do not all fit at once); ``pdl``
+(programmatic dependent launch, prefetching the weights before ``griddepcontrol.wait``) 3-4 us
+slower (pdl=3, the grouped kernel's recipe, is not measured); ``hold_a`` still wrong at M=64 (so
+register reuse is not what breaks overlap_mma there). ``tile_major`` (K-tile-major weight) saves
+0.7 us of kernel time at K=14336 N=4096 (M=8: 14.1 vs 14.8 us, W3 and W4; M=64: 17.6 vs 18.3) and
+nothing at K=4096; it needs the weight stored transposed (``to_tile_major``), so the public op does
+not use it. XLA's command buffers already hold the kernel (turning them off added 2.3 us per call).
+
 Interpret mode (CPU) runs the same pipeline (TMA, barriers, slots, split-K, masking) with a plain
 jnp twin of the dequantization (the same values from the same bytes) and a jnp dot instead of
 the register-A wgmma (which the interpreter does not run); the PTX and the fragment mapping are
@@ -102,9 +117,9 @@ class MgpuTiling:
   and K-permuted, into the swizzled wgmma tile itself (rows M..Mp-1 of that tile are never
   written: they only reach accumulator columns that are not stored), instead of one XLA fusion
   (x_for_mgpu) before the kernel; overlap_mma (EXPERIMENTAL, WRONG on the H100 at M=64: relative
-  error ~2e3 in the 2026-11-24 window 3, while M <= 32 checked out; most likely the A registers
-  of step i are reused by step i+1's dequantization while its wgmma still reads them, and it
-  gained < 1% where it was right: off by default): a consumer waits for step i's wgmmas only
+  error ~2e3 in the 2026-11-24 window 3, while M <= 32 checked out; keeping step i's A
+  registers live until the next wait (hold_a) did not fix it (sixth session W2: 1.7e4), so the
+  cause is not register reuse; it gained < 1% where it was right: off by default): a consumer waits for step i's wgmmas only
   after issuing step i+1's (wgmma_wait(1)); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
   warpgroup barrier around this kernel's shared-memory loads and stores; safe here: no thread
   both reads and writes one region, the TMA-written tiles are only read, and the producer's
@@ -131,8 +146,8 @@ class MgpuTiling:
   hold_a (with overlap_mma): step i's dequantized A fragment is carried through the loop and
   kept live (an empty inline asm reading its registers) until after step i+1's wgmma_wait(1), so
   the register allocator cannot give step i+1's dequantization the registers the in-flight
-  wgmma of step i still reads (the suspected cause of overlap_mma's wrong results at M=64);
-  costs one more A fragment (64 registers per thread);
+  wgmma of step i still reads (the suspected cause of overlap_mma's wrong results at M=64; H100
+  2026-11-24 W2: still wrong at M=64, and slower); costs one more A fragment (64 registers);
   split_combine (split_k > 1): "xla" (f32 partials [split, M, N] summed by an XLA reduction) or
   "kernel" (the split CTAs of a row block combine in the kernel as stream-K's shared blocks do:
   workspace slot per split, per-thread arrival counters, the last adds and stores y) or
