@@ -665,6 +665,8 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
   t_rows, k = x.shape
   e, s_n, t_k = w.shape[:3]
   t = tiling or default_tiling(t_rows, e, k=k)
+  if t_k % t.k_per_step:      # K tiles per step must divide the K tiles: else one per step
+    t = dataclasses.replace(t, k_per_step=1)
   mp = t.block_rows
   out_dtype = out_dtype or x.dtype
   if smem_bytes(t) > mg._SMEM_LIMIT:
@@ -685,7 +687,7 @@ def grouped_w4a16_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array,
     n_slots = meta.shape[1] - 2
   gs = jnp.asarray(global_scale, jnp.float32)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  kps = t.k_per_step if t_k % t.k_per_step == 0 else 1
+  kps = t.k_per_step
   kernel = functools.partial(_kernel, t_rows=rows, t_real=t_rows, mp=mp, consumers=t.consumers,
                              strips=t.strips, stages=t.stages, t_k=t_k // kps, n_slots=n_slots,
                              kps=kps,

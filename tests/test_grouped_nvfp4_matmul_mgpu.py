@@ -108,6 +108,7 @@ CASES = [   # T, E, N, K, sizes, tiling
     # two K tiles per pipeline step (and K % 512 != 0: one per step), 16-row chunks
     (13, 3, 128, 1024, [6, 0, 7], gm.GroupedMgpuTiling(8, stages=2, ctas=3, k_per_step=2)),
     (9, 2, 128, 768, [9, 0], gm.GroupedMgpuTiling(16, stages=2, ctas=2, k_per_step=2)),
+    (9, 2, 128, 768, [4, 5], gm.GroupedMgpuTiling(16, stages=2, ctas=2, k_per_step=4)),  # smem
     # two strips per consumer (items of 4 strips), a group of 10 rows
     (14, 3, 250, 512, [10, 0, 3], gm.GroupedMgpuTiling(8, stages=3, ctas=2, strips=2)),
 ]
