@@ -33,13 +33,27 @@ to stream its 32 KB at the SM's share of the HBM bandwidth).
 
 Schedule (``default_tiling``): tile_n in 64..256 (multiples of 32) and a power-of-two split_k chosen
 by a cost model (whole waves of CTAs over the SMs x per-CTA bytes + the partials' write and re-read
-+ the x tiles re-read from L2), so that all SMs stream the same bytes to the end. Llama-3-8B at
-R = 64 on 132 SMs: wqkv 6144 x 4096, wo 4096 x 4096, w_gate_up 28672 x 4096 (224 x 1: 128 CTAs),
-w_down 4096 x 14336; ``TUNED`` holds H100-measured overrides.
++ the x tiles re-read from L2), so that all SMs stream the same bytes to the end; K steps of 256
+(longer contiguous runs per weight row than 128: 2-7% faster on the H100); ``TUNED`` holds the
+H100-measured schedules of the Llama-3-8B decode shapes at R = 64 (wqkv 6144 x 4096: 256 CTAs of
+48 rows x 2 K halves, two per SM; wo 4096 x 4096: 64 x 2 with 512-wide steps; w_gate_up
+28672 x 4096: 256 CTAs of 112 rows, two per SM; w_down 4096 x 14336: 128 rows x 4 K quarters).
 
 Roofline (H100 SXM, ~3.0 TB/s measured read ceiling): the bytes are N K (weight) + R K (x, from L2)
-+ the output: wqkv 25.2 MB -> 8.4 us, wo 16.8 MB -> 5.6 us, w_gate_up 117 MB -> 39 us, w_down
-58.7 MB -> 19.6 us: 72 us per layer (XLA's cuBLASLt split-K path: ~99 us, session 6).
++ the output: wqkv 25.4 MB -> 8.5 us, wo 17.0 MB -> 5.7 us, w_gate_up 117.7 MB -> 39 us, w_down
+59.6 MB -> 19.9 us: 73 us per layer. The FP8 tensor cores are < 20% busy at R = 64.
+
+Measured (H100, jax 0.11.2, 2026-11-24 windows 3-4, GPU time per GEMM from a profiler trace, weight
+sets > 200 MB, each output float64-checked): R = 64: wqkv 11.9-12.2 us (2.1 TB/s), wo 8.8-8.9
+(1.9), w_gate_up 44.2-44.9 (2.65), w_down 24.1 (2.48), LM head 128256 x 4096 187.9 (2.80), against
+XLA's cuBLASLt path as ops runs it (split-K partials) 13.4, 11.2-11.4, 44.4-45.9, 26.9, 192.3;
+R = 1: 12.1, 9.5, 42.9 (2.74), 24.4, 174 (3.02). Where the rest goes: ~2-3 us per GEMM of pipeline
+fill and drain (wqkv / wo), and DRAM efficiency (ncu: 74-77% of the 3.35 TB/s DRAM peak for
+w_gate_up / w_down, 15-24% L2 hits: the x tiles). Tried and not kept: L2 prefetch ahead of the
+ring (l2_ahead: 10-20% slower), programmatic dependent launch (pdl: no gain in the GEMM times,
+within noise in serving), rotated K walks (rotate: no change). Accuracy: the FP8 wgmma's
+accumulation is not exact f32 (relative error ~1e-3 of the output's max over K = 2048-4096, the
+same as cuBLASLt's FP8 GEMMs: both are within the bf16 output rounding).
 
 Interpret mode (CPU, ``plgpu.InterpretGPUParams``) runs the same grid, TMA copies, barriers,
 slots, clamped tiles and the peeled tail with a jnp dot for the wgmma and a jnp store for the
@@ -124,14 +138,17 @@ def _cost(r: int, n: int, k: int, tile_n: int, split: int, num_sms: int) -> floa
   return waves * num_sms * per_cta + out + 2048.0 * ctas   # + a per-CTA fixed cost (fill)
 
 
-# H100-measured schedules (benchmarks/serving.md, kernel table; window 2 of 2026-11-24, GPU time
-# per GEMM, R=64): (R, N, K) -> fields. w_gate_up: 256 CTAs of 112 rows, two per SM (90 KB of
-# shared memory each): 44.1 us vs 47.3 for 128 CTAs of 224 rows with 128-wide K steps.
+# H100-measured schedules (benchmarks/serving.md, kernel table; windows 2-4 of 2026-11-24, GPU
+# time per GEMM at R=64): (R, N, K) -> fields. wqkv and w_gate_up run two CTAs per SM (256 CTAs
+# of <= 113 KB of shared memory): wqkv 11.9-12.0 us vs 12.1-12.2 for 128 CTAs of 96 rows;
+# w_gate_up 44.1-44.9 us vs 47.3 for 128 CTAs of 224 rows with 128-wide K steps. wo without
+# wait_prev (8.7-8.8 vs 8.9 us).
 TUNED: dict[tuple[int, int, int], dict] = {
-    (64, 6144, 4096): dict(tile_n=96, split_k=2, tile_k=256, stages=4),      # wqkv 12.0 us
-    (64, 4096, 4096): dict(tile_n=64, split_k=2, tile_k=512, stages=3),      # wo 8.6 us
-    (64, 28672, 4096): dict(tile_n=112, split_k=1, tile_k=256, stages=2),    # w_gate_up 44.1 us
-    (64, 4096, 14336): dict(tile_n=128, split_k=4, tile_k=256, stages=4),    # w_down 24.3 us
+    (64, 6144, 4096): dict(tile_n=48, split_k=2, tile_k=256, stages=3),      # wqkv 11.9 us
+    (64, 4096, 4096): dict(tile_n=64, split_k=2, tile_k=512, stages=3,
+                           wait_prev=False),                                 # wo 8.8 us
+    (64, 28672, 4096): dict(tile_n=112, split_k=1, tile_k=256, stages=2),    # w_gate_up 44.2 us
+    (64, 4096, 14336): dict(tile_n=128, split_k=4, tile_k=256, stages=4),    # w_down 24.1 us
 }
 
 # Experiments (serving A/B without code edits): "field=value,..." for tile_k, stages, wait_prev,
