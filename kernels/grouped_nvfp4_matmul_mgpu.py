@@ -25,10 +25,9 @@ dynamic item count and streams, per item, its K tiles through one continuous pip
 ``stages`` shared-memory slots (no fill / drain between items: the producer runs ahead across
 item boundaries). Per step (``k_per_step`` K tiles; one described here), the producer warpgroup
 TMAs the item's weight records (one per strip, [consumers x strips, 72, 32] from W[e, strips,
-t]) into the slot and the raw [Mp, 256]
-x tile (rows r..r+Mp-1 of x in natural order, r = min(chunk start, T - Mp): x is never gathered
-or copied; rows of neighbouring experts inside the tile only reach accumulator columns that are
-never stored) into one of 2 staging slots, then converts the previous step's raw tile to the
+t]) into the slot and the raw [Mp, 256] x tile (rows r..r+Mp-1 of x in natural order, r =
+min(chunk start, T - Mp): x is never gathered or copied; rows of neighbouring experts inside the
+tile only reach accumulator columns that are never stored) into one of 2 staging slots, then converts the previous step's raw tile to the
 permuted, swizzled f16 wgmma tile (nvfp4_matmul_mgpu._convert_x_gpu) and arrives on the slot's
 barrier. Each consumer warpgroup owns ``strips`` strips of the item: waits for the slot,
 dequantizes a record into registers (nvfp4_matmul_mgpu._dequant_gpu), issues its 16 wgmmas (m64
@@ -49,17 +48,19 @@ Defaults (K_PER_STEP, PDL): two K tiles per pipeline step (each strip's two reco
 contiguous 18 KB TMA; 4 stages) and programmatic dependent launch (the launch of the next kernel
 overlaps this one's end).
 
-Measured (H100, jax 0.11.2, benchmarks/gemm.md "Sixth session", 2026-11-24 windows 1-3; every
+Measured (H100, jax 0.11.2, benchmarks/gemm.md "Sixth session", 2026-11-24 windows 1-4; every
 row float64-checked on its timed output at 1.66e-3; wall = back-to-back calls, GPU = kernel time
-from a trace): T=64 E=32 K=7168 N=2048 uniform, W3: defaults 96.9 us wall vs jax.lax.ragged_dot
-bf16 342.8 us (3.54x) and the Triton kernel-layout default 126.0 us; two K tiles alone 100.0 /
+from a trace): T=64 E=32 K=7168 N=2048 uniform, W3 / W4: defaults 96.9 / 95.4 us wall vs
+jax.lax.ragged_dot bf16 342.8 / 337.3 us (3.54x both) and the Triton kernel-layout default 126.0
+/ 122.3 us (the public op gemm.grouped_matmul on the mgpu layout: 96.5 us, 3.50x); two K tiles
+alone 100.0 /
 92.3 us GPU (2.86 TB/s of NVFP4 bytes over the kernel, 94% of the read ceiling); one K tile, no
-PDL (W1-W3) 99.5-101.1 / 93.4-94.5 us (3.37-3.44x). Skewed: 70.7-74.2 us (4.6-4.85x; Triton
-79-87 us). Where the rest goes: 512 items on 132 CTAs (4 items on 116 CTAs, 3 on 16: ~3%), the
+PDL (W1-W4) 99.2-101.1 / 93.4-94.5 us (3.37-3.44x). Skewed: defaults 69.7-71.8 us (4.78-4.86x;
+Triton 79-87 us). Where the rest goes: 512 items on 132 CTAs (4 items on 116 CTAs, 3 on 16: ~3%), the
 pipeline fill (~2 us), and 4-7 us per call between kernels (wall minus GPU time; PDL hides part).
 Measured slower and off by default: 16-row chunks (+6%), one consumer (+27%), the in-kernel work
-list (+1.5%), the stream-K tail (+8% GPU time, correct; plus XLA's zeroing of the semaphores), two
-strips per consumer (same uniform, +15% skewed).
+list (+1.5%), the stream-K tail (+5-8%, correct; plus XLA's zeroing of the semaphores), two
+strips per consumer (+3% uniform, +15-40% skewed), four K tiles per step (+26%).
 
 Interpret mode (CPU) runs the same pipeline (persistent loop, TMA at dynamic rows, barriers,
 slots, zero items, masking) with the dense kernel's jnp twin of the dequantization and a jnp dot
