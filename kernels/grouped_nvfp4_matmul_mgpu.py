@@ -21,20 +21,20 @@ Empty experts give no chunks, so they cost nothing; skewed routing gives an expe
 weights for 18 active experts). Rows past the total get "zero chunks" that only store zeros.
 
 Kernel (grid = ``ctas`` persistent CTAs, 132 on the H100): CTA p takes items p, p + P, ... of the
-dynamic item count and streams, per item, its K tiles through one continuous pipeline of
-``stages`` shared-memory slots (no fill / drain between items: the producer runs ahead across
-item boundaries). Per step (``k_per_step`` K tiles; one described here), the producer warpgroup
-TMAs the item's weight records (one per strip, [consumers x strips, 72, 32] from W[e, strips,
-t]) into the slot and the raw [Mp, 256] x tile (rows r..r+Mp-1 of x in natural order, r =
-min(chunk start, T - Mp): x is never gathered or copied; rows of neighbouring experts inside the
-tile only reach accumulator columns that are never stored) into one of 2 staging slots, then converts the previous step's raw tile to the
-permuted, swizzled f16 wgmma tile (nvfp4_matmul_mgpu._convert_x_gpu) and arrives on the slot's
-barrier. Each consumer warpgroup owns ``strips`` strips of the item: waits for the slot,
-dequantizes a record into registers (nvfp4_matmul_mgpu._dequant_gpu), issues its 16 wgmmas (m64
-nMp k16), dequantizes the next strip's record while they run, ..., waits, releases the slot; at
-the item's last K tile it scales by the expert's global scale and stores the accumulators
-transposed straight from registers into y rows [chunk start, chunk end) (masked scalar stores: y
-is small at decode). Then the zero items.
+dynamic item count and streams, per item, its K tiles through one continuous pipeline of ``stages``
+shared-memory slots (no fill / drain between items: the producer runs ahead across item
+boundaries). Per step (``k_per_step`` K tiles; one described here), the producer warpgroup TMAs the
+item's weight records (one per strip, [consumers x strips, 72, 32] from W[e, strips, t]) into the
+slot and the raw [Mp, 256] x tile (rows r..r+Mp-1 of x in natural order, r = min(chunk start, T -
+Mp): x is never gathered or copied; rows of neighbouring experts inside the tile only reach
+accumulator columns that are never stored) into one of 2 staging slots, then converts the previous
+step's raw tile to the permuted, swizzled f16 wgmma tile (nvfp4_matmul_mgpu._convert_x_gpu) and
+arrives on the slot's barrier. Each consumer warpgroup owns ``strips`` strips of the item: waits
+for the slot, dequantizes a record into registers (nvfp4_matmul_mgpu._dequant_gpu), issues its 16
+wgmmas (m64 nMp k16), dequantizes the next strip's record while they run, ..., waits, releases the
+slot; at the item's last K tile it scales by the expert's global scale and stores the accumulators
+transposed straight from registers into y rows [chunk start, chunk end) (masked scalar stores: y is
+small at decode). Then the zero items.
 
 Target roofline (H100, 3.05 TB/s measured read): T=64, E=32, K=7168, N=2048, uniform routing
 (2 rows per expert) reads all 32 experts' NVFP4 bytes, 32 x 2048 x 7168 x 9/16 = 264 MB -> 86.6
