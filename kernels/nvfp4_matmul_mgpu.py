@@ -1143,8 +1143,9 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                       tiling: MgpuTiling | None = None, interpret: bool = False,
                       out_dtype=None) -> jax.Array:
   """x [M, K] @ NVFP4 W [N, K]^T -> [M, N] (``out_dtype``, default x's) with W repacked by
-  ``to_mgpu_layout`` (K a multiple of 16, any N). x is cast to f16 (|x| <= 65504) and K-permuted
-  by one XLA fusion (``x_for_mgpu``)."""
+  ``to_mgpu_layout`` (K a multiple of 16, any N; with ``tiling.tile_major`` the weight is
+  ``to_tile_major``'s [K/256, N/64, 72, 32]). x is cast to f16 (|x| <= 65504) and K-permuted by
+  one XLA fusion (``x_for_mgpu``) or, with ``x_in_kernel``, by the producer warpgroup."""
   t = tiling or default_tiling(x.shape[0], n, x.shape[1])
   _check(x, jnp.swapaxes(w, 0, 1) if t.tile_major else w, global_scale, n)
   m, k = x.shape
