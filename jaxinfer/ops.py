@@ -85,8 +85,12 @@ def _fp8_decode_kernel_product(xq: jax.Array, w: jax.Array, splits: int) -> jax.
 def fp8_split_k(rows: int, k: int, n: int) -> int:
   """Slices of K for an FP8 product of ``rows`` x [K, N] (1: a plain dot). Mirrors XLA's own choice
   at Llama-3-8B decode sizes on the H100 (64 rows: 4 for wqkv N=6144, 8 for wo / w_down N=4096, none
-  for w_gate_up N=28672): more slices the fewer output columns there are to spread over the SMs."""
-  if rows > FP8_SPLIT_K_MAX_ROWS:
+  for w_gate_up N=28672): more slices the fewer output columns there are to spread over the SMs.
+  One row never splits: XLA:GPU lowers the one-row batched E4M3 dot of ``fp8_dot_partials`` to
+  reduce fusions whose result is wrong on the H100 (relative error 1.8-2.3 against float64 for the
+  Llama-3-8B wqkv / wo / w_down shapes, jax 0.11.2, five runs of 2026-11-24; benchmarks/serving.md),
+  while the plain ``fp8_dot`` is right."""
+  if rows > FP8_SPLIT_K_MAX_ROWS or rows < 2:
     return 1
   s = 8 if n <= 4096 else 4 if n <= 8192 else 1
   while s > 1 and k % (128 * s):
