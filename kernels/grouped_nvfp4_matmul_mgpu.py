@@ -48,18 +48,19 @@ Defaults (K_PER_STEP, PDL): two K tiles per pipeline step (each strip's two reco
 contiguous 18 KB TMA; 4 stages) and programmatic dependent launch (the launch of the next kernel
 overlaps this one's end).
 
-Measured (H100, jax 0.11.2, benchmarks/gemm.md "Sixth session", 2026-11-24 windows 1-4; every row
+Measured (H100, jax 0.11.2, benchmarks/gemm.md "Sixth session", 2026-11-24 windows 1-5; every row
 float64-checked on its timed output at 1.66e-3; wall = back-to-back calls, GPU = kernel time from a
-trace): T=64 E=32 K=7168 N=2048 uniform, W3 / W4: defaults 96.9 / 95.4 us wall vs
-jax.lax.ragged_dot bf16 342.8 / 337.3 us (3.54x both) and the Triton kernel-layout default 126.0 /
-122.3 us (the public op gemm.grouped_matmul on the mgpu layout: 96.5 us, 3.50x); two K tiles alone
-100.0 / 92.3 us GPU (2.86 TB/s of NVFP4 bytes over the kernel, 94% of the read ceiling); one K
-tile, no PDL (W1-W4) 99.2-101.1 / 93.4-94.5 us (3.37-3.44x). Skewed: defaults 69.7-71.8 us
-(4.78-4.86x; Triton 79-87 us). Where the rest goes: 512 items on 132 CTAs (4 items on 116 CTAs, 3
-on 16: ~3%), the pipeline fill (~2 us), and 4-7 us per call between kernels (wall minus GPU time;
-PDL hides part). Measured slower and off by default: 16-row chunks (+6%), one consumer (+27%), the
-in-kernel work list (+1.5%), the stream-K tail (+5-8%, correct; plus XLA's zeroing of the
-semaphores), two strips per consumer (+3% uniform, +15-40% skewed), four K tiles per step (+26%).
+trace): T=64 E=32 K=7168 N=2048 uniform, W3-W5: defaults 95.4-97.3 us wall vs jax.lax.ragged_dot
+bf16 337-343 us (3.51-3.54x, about 1% above the target: within the run-to-run spread) and the
+Triton kernel-layout default 122-126 us (the public op gemm.grouped_matmul on the mgpu layout:
+96.5-99.2 us, 3.45-3.51x); two K tiles alone 100.0 / 92.3 us GPU (2.86 TB/s of NVFP4 bytes over the
+kernel, 94% of the read ceiling); one K tile, no PDL (W1-W4) 99.2-101.1 / 93.4-94.5 us
+(3.37-3.44x). Skewed: defaults 69.7-71.8 us (4.78-4.86x; Triton 79-87 us). Where the rest goes: 512
+items on 132 CTAs (4 items on 116 CTAs, 3 on 16: ~3%), the pipeline fill (~2 us), and 4-7 us per
+call between kernels (wall minus GPU time; PDL hides part). Measured slower and off by default:
+16-row chunks (+6%), one consumer (+27%), the in-kernel work list (+1.5%), the stream-K tail
+(+5-8%, correct; plus XLA's zeroing of the semaphores), two strips per consumer (+3% uniform,
++15-40% skewed), four K tiles per step (+26%).
 
 Interpret mode (CPU) runs the same pipeline (persistent loop, TMA at dynamic rows, barriers,
 slots, zero items, masking) with the dense kernel's jnp twin of the dequantization and a jnp dot
