@@ -73,6 +73,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxinfer.errors import ShapeError
+from kernels.nvfp4_matmul_mgpu import wgmma_thread_origin
 
 WG_M = 64          # wgmma's M: rows of x per accumulator (R <= 64)
 K_ALIGN = 128      # K granularity (one 128-byte swizzle row of E4M3)
@@ -231,11 +232,7 @@ def _store_rows(acc, o_ref, r: int):
     from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
     index = ir.IndexType.get()
     i32 = ir.IntegerType.get_signless(32)
-    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-    lane = arith.remui(tid, mu.c(32, i32))
-    row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                      arith.divui(lane, mu.c(4, i32)))
-    q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    _, row0, q2 = wgmma_thread_origin()
     for idx, reg in np.ndenumerate(a.registers):
       j, h = idx[1], idx[4]
       row32 = arith.addi(row0, mu.c(8 * h, i32))

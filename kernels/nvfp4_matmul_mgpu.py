@@ -489,6 +489,22 @@ def _dequant_gpu(rec_ref):
   return fn(codes, scales)
 
 
+
+def wgmma_thread_origin():
+  """(tid, row0, q2), i32 MLIR values, of this thread in its warpgroup's WGMMA accumulator layout
+  (for use inside ``plgpu.inline_mgpu`` bodies): thread ``tid`` (0..127) holds, for each 64-row
+  tile, rows ``row0 + 8 h`` (h = 0, 1) and columns ``q2 + 8 j + {0, 1}``."""
+  from jax._src.lib.mlir import ir                              # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith                  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mu           # noqa: PLC0415
+  i32 = ir.IntegerType.get_signless(32)
+  tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+  lane = arith.remui(tid, mu.c(32, i32))
+  row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                    arith.divui(lane, mu.c(4, i32)))
+  q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+  return tid, row0, q2
+
 def _store_transposed(acc, o_ref, m: int):
   """acc [64, Mp] (WGMMA layout) -> o_ref[m', r] = acc[r, m'] for m' < m (o_ref: [m, 64] view of
   the output), scattered element stores from registers."""
@@ -500,11 +516,7 @@ def _store_transposed(acc, o_ref, m: int):
     from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
     index = ir.IndexType.get()
     i32 = ir.IntegerType.get_signless(32)
-    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-    lane = arith.remui(tid, mu.c(32, i32))
-    row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                      arith.divui(lane, mu.c(4, i32)))
-    q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    _, row0, q2 = wgmma_thread_origin()
     for idx, reg in np.ndenumerate(a.registers):
       j, h = idx[1], idx[4]
       row = arith.index_cast(index, arith.addi(row0, mu.c(8 * h, i32)))
@@ -552,12 +564,8 @@ def _streamk_fixup(items, m: int, slot_stride: int, max_contrib: int):
     i32 = ir.IntegerType.get_signless(32)
     i64 = ir.IntegerType.get_signless(64)
     f32 = ir.F32Type.get()
-    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    tid, row0, q2 = wgmma_thread_origin()
     tid64 = arith.extui(i64, tid)
-    lane = arith.remui(tid, mu.c(32, i32))
-    row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                      arith.divui(lane, mu.c(4, i32)))
-    q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
     groups = [flat[i:i + 6] for i in range(0, len(flat), 6)]
     state = []
     for a, own, slot0, cnt, nref, ref in groups:          # (1) partial sums out
@@ -634,11 +642,7 @@ def _cluster_peer_sum(acc, red_ref, peers: int):
     i32 = ir.IntegerType.get_signless(32)
     f32 = ir.F32Type.get()
     mp = ir.MemRefType(ref.type).shape[1]
-    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-    lane = arith.remui(tid, mu.c(32, i32))
-    row0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                      arith.divui(lane, mu.c(4, i32)))
-    q2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    _, row0, q2 = wgmma_thread_origin()
     base = llvm.ptrtoint(i32, mu.memref_ptr(ref))
     regs = np.empty(a.registers.shape, dtype=object)
     for idx, reg in np.ndenumerate(a.registers):
