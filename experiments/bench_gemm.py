@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 import traceback
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import gemm_timing
 from kernels import fp8_block_matmul as fp8k
 from kernels import grouped_matmul as gk
 from kernels import nvfp4_matmul as nk
@@ -89,29 +89,10 @@ def over_budget() -> bool:
 
 
 def bench(fn, argsets, first_out=None, jitted=None) -> float:
-  """Seconds per call of fn(*args), averaged over the R argsets in one jit; median of reps.
-  ``first_out`` (a list) receives fn(*argsets[0]) from the first (compiling) call, ``jitted``
-  (a list) the jitted function of all argsets."""
-  f = jax.jit(lambda sets: [fn(*a) for a in sets])
-  if jitted is not None:
-    jitted.append(f)
-  outs = jax.block_until_ready(f(argsets))
-  if first_out is not None:
-    first_out.append(outs[0])
-  del outs
-  t = time.perf_counter()
-  jax.block_until_ready(f(argsets))
-  one = time.perf_counter() - t
-  iters = int(min(50, max(2, math.ceil(FLAGS.rep_seconds / max(one, 1e-6)))))
-  times = []
-  for _ in range(FLAGS.reps):
-    t = time.perf_counter()
-    out = None
-    for _ in range(iters):
-      out = f(argsets)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / (iters * len(argsets)))
-  return statistics.median(times)
+  """Seconds per call (experiments/gemm_timing.wall_seconds_per_call at --reps/--rep_seconds)."""
+  return gemm_timing.wall_seconds_per_call(fn, argsets, reps=FLAGS.reps,
+                                           rep_seconds=FLAGS.rep_seconds,
+                                           first_out=first_out, jitted=jitted)
 
 
 def rel_err(y, ref) -> float:
@@ -154,30 +135,7 @@ def save():
                "results": RESULTS}, f, indent=1)
 
 
-def device_times(f, argsets, calls: int = 3) -> dict:
-  """GPU time per GEMM of the jitted ``f`` over ``argsets`` from a profiler trace of ``calls``
-  calls: kernel time summed (dev_us), first kernel start to last end (span_us), per kernel."""
-  import re as _re   # noqa: PLC0415
-  import tempfile    # noqa: PLC0415
-  from experiments import gpu_trace   # noqa: PLC0415
-  d = tempfile.mkdtemp(prefix="gemm_trace_")
-  jax.block_until_ready(f(argsets))
-  with jax.profiler.trace(d):
-    out = None
-    for _ in range(calls):
-      out = f(argsets)
-    jax.block_until_ready(out)
-  pd = gpu_trace.load_trace(d)
-  if pd is None:
-    return {}
-  kernels, intervals, _ = gpu_trace.gpu_kernel_events(pd)
-  n = calls * len(argsets)
-  if not intervals:
-    return {}
-  per = {_re.sub(r"\s+", " ", k)[:60]: v[0] / n / 1e3 for k, v in kernels.items()}
-  return {"dev_us": sum(v[0] for v in kernels.values()) / n / 1e3,
-          "span_us": (intervals[-1][1] - intervals[0][0]) / n / 1e3,
-          "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1])[:6])}
+device_times = gemm_timing.device_times
 
 
 def attempt(section, name, shape, impl, fn, argsets, bytes_=0, flops=0, ref=None, note=""):
