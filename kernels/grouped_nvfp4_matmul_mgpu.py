@@ -253,27 +253,11 @@ def _store_rows(acc, o_ref, rbase, r0, r1, *, mp: int, interpret: bool):
   out = plgpu.layout_cast(acc.astype(o_ref.dtype), plgpu.Layout.WGMMA)
 
   def body(ctx, a, ref, rb, lo, hi):
-    from jax._src.lib.mlir import ir                            # noqa: PLC0415
-    from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
-    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
-    index = ir.IndexType.get()
-    i32 = ir.IntegerType.get_signless(32)
+    from jax._src.lib.mlir.dialects import vector               # noqa: PLC0415
     rb, lo, hi = (v.registers.flat[0] for v in (rb, lo, hi))
-    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-    lane = arith.remui(tid, mu.c(32, i32))
-    n0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                    arith.divui(lane, mu.c(4, i32)))
-    q2 = arith.addi(arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32)), rb)
-    for idx, reg in np.ndenumerate(a.registers):
-      j, h = idx[1], idx[4]
-      col = arith.index_cast(index, arith.addi(n0, mu.c(8 * h, i32)))
-      for e in range(2):
-        row32 = arith.addi(q2, mu.c(8 * j + e, i32))
-        ok = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, row32, lo),
-                        arith.cmpi(arith.CmpIPredicate.slt, row32, hi))
-        val = vector.extract(reg, [], [e])
-        with mu.when(ok):
-          memref.store(val, ref, [arith.index_cast(index, row32), col])
+    regs = list(np.ndenumerate(a.registers))
+    vals = [[vector.extract(reg, [], [e]) for e in range(2)] for _, reg in regs]
+    _emit_rows(vals, [idx for idx, _ in regs], ref, rb, lo, hi)
     return ()
 
   splat = plgpu.Layout.WG_SPLAT(shape=())
@@ -320,11 +304,8 @@ def _emit_rows(vals, regs, ref, rb, lo, hi):
   index = ir.IndexType.get()
   i32 = ir.IntegerType.get_signless(32)
   out_ty = ir.MemRefType(ref.type).element_type
-  tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-  lane = arith.remui(tid, mu.c(32, i32))
-  n0 = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                  arith.divui(lane, mu.c(4, i32)))
-  q2 = arith.addi(arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32)), rb)
+  _, n0, q2 = mg.wgmma_thread_origin()
+  q2 = arith.addi(q2, rb)
   for q, idx in enumerate(regs):
     j, h = idx[1], idx[4]
     col = arith.index_cast(index, arith.addi(n0, mu.c(8 * h, i32)))
