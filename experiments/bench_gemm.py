@@ -394,14 +394,7 @@ def sec_prefill():
   del base
 
 
-def _routing(t_rows, e, skewed):
-  if not skewed:
-    return jnp.full((e,), t_rows // e, jnp.int32)
-  sizes = np.zeros(e, np.int64)
-  probs = 1.0 / np.arange(1, e + 1) ** 1.2
-  rng = np.random.default_rng(0)
-  sizes[:] = rng.multinomial(t_rows, probs / probs.sum())
-  return jnp.asarray(rng.permutation(sizes), jnp.int32)
+_routing = gemm_timing.routing_group_sizes
 
 
 def sec_grouped():

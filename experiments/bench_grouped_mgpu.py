@@ -133,16 +133,7 @@ class _Bench:
       return float("nan")
     return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
 
-  @staticmethod
-  def _routing(t_rows, e, skewed):
-    """bench_gemm's routings: uniform, or Zipf(1.2) multinomial (seed 0), permuted."""
-    if not skewed:
-      return jnp.full((e,), t_rows // e, jnp.int32)
-    sizes = np.zeros(e, np.int64)
-    probs = 1.0 / np.arange(1, e + 1) ** 1.2
-    rng = np.random.default_rng(0)
-    sizes[:] = rng.multinomial(t_rows, probs / probs.sum())
-    return jnp.asarray(rng.permutation(sizes), jnp.int32)
+  _routing = staticmethod(gemm_timing.routing_group_sizes)
 
   @classmethod
   def sec_ceil(cls):

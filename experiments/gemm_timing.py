@@ -1,6 +1,6 @@
-"""Timing helpers shared by the GEMM benchmarks (bench_gemm, bench_grouped_mgpu): wall time per
-call of a function over R independent argument sets in one jit, and GPU kernel time from a
-profiler trace of that jit."""
+"""Helpers shared by the GEMM benchmarks (bench_gemm, bench_grouped_mgpu): wall time per call of a
+function over R independent argument sets in one jit, GPU kernel time from a profiler trace of
+that jit, and the MoE routings the grouped cases time."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,8 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def wall_seconds_per_call(fn, argsets, *, reps: int, rep_seconds: float, first_out=None,
@@ -63,3 +65,14 @@ def device_times(f, argsets, calls: int = 3, prefix: str = "gemm_trace_") -> dic
   return {"dev_us": sum(v[0] for v in kernels.values()) / n / 1e3,
           "span_us": (intervals[-1][1] - intervals[0][0]) / n / 1e3,
           "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1])[:6])}
+
+
+def routing_group_sizes(t_rows: int, e: int, skewed: bool) -> jax.Array:
+  """Rows per expert for ``t_rows`` routed rows over ``e`` experts: uniform, or a Zipf(1.2)
+  multinomial (seed 0) over randomly permuted experts."""
+  if not skewed:
+    return jnp.full((e,), t_rows // e, jnp.int32)
+  probs = 1.0 / np.arange(1, e + 1) ** 1.2
+  rng = np.random.default_rng(0)
+  sizes = rng.multinomial(t_rows, probs / probs.sum())
+  return jnp.asarray(rng.permutation(sizes), jnp.int32)
