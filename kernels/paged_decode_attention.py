@@ -87,6 +87,8 @@ class DecodeTiles:
   tile_upcast: bool = False   # FP8: see ``upcast``
   bits_upcast: bool = False   # FP8: E4M3 -> f16 by integer bit moves (``e4m3_bits_to_f16``)
   mask_tail: bool = True      # only tiles crossing seq_len / the causal edge are masked
+  peel_tail: bool = False     # mask_tail: the masked tail tiles as straight-line code, loaded
+                              # before the unmasked loop (not a second pipelined loop)
   # split-K combine of the partials: "rows" (one program per query row and column chunk, all
   # splits in one load: ``combine_rows``; 2.3 us vs 11.5 at 33 splits on the H100), "serial" (one
   # program per (sequence, KV head) looping over the splits), "fused" (no second kernel: the last
@@ -225,6 +227,7 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
                    group: int, max_q: int, rows: int, block_k: int, page_size: int,
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
                    page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool,
+                   peel_tail: bool = False,
                    combine: str = "serial", interpret: bool = False, num_warps: int = 4):
   # refs: o_init (aliased with out: zeros for the rows no program writes) [, cnt_init], out_refs
   fused = combine == "fused" and splits > 1
@@ -242,19 +245,27 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
     score_scale = score_scale * (ksc_ref[0] * kv_factor)
   q = load_rows(q_ref, rm, 0, D)
 
-  def body(kb, carry, *, masked: bool = True):
-    acc, m_prev, l_prev = carry
+  def load_tile(kb, *, masked: bool, limit=None):
+    """Keys and K/V of tile kb; masked: keys >= seq_len (and the whole tile unless kb < limit)
+    read as zeros."""
     keys, rows_ix = key_tile(pt_ref, b, kb, block_k=block_k, page_size=page_size,
                              pages_per_seq=pages_per_seq, page_blocks=page_blocks)
     cols = tile_cols(rows_ix, 0, D)
     if masked:
-      key_ok = (keys < seq_len)[:, None]
+      ok = keys < seq_len
+      if limit is not None:
+        ok = ok & (kb < limit)
       zero = 0 if bits_upcast else 0.0   # uint8 bit patterns or a float cache
-      k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=key_ok, other=zero)
-      v = plgpu.load(v_ref.at[rows_ix, kvh, cols], mask=key_ok, other=zero)
+      k = plgpu.load(k_ref.at[rows_ix, kvh, cols], mask=ok[:, None], other=zero)
+      v = plgpu.load(v_ref.at[rows_ix, kvh, cols], mask=ok[:, None], other=zero)
     else:
       k = plgpu.load(k_ref.at[rows_ix, kvh, cols])
       v = plgpu.load(v_ref.at[rows_ix, kvh, cols])
+    return keys, k, v
+
+  def update(kb, keys, k, v, carry, *, masked: bool, limit=None):
+    """Online-softmax step over one loaded tile; limit: the tile counts only if kb < limit."""
+    acc, m_prev, l_prev = carry
     if bits_upcast:
       k, v = e4m3_bits_to_f16(k), e4m3_bits_to_f16(v)
     elif kv_upcast is not None:
@@ -262,22 +273,44 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
       v = upcast(v, kv_upcast, tile_upcast)
     s = plgpu.dot(q, k, trans_b=True) * score_scale
     if masked:
-      s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
+      vis = keys[None, :] <= q_pos[:, None]
+      if limit is not None:
+        vis = vis & (kb < limit)
+      s = jnp.where(vis, s, _MASK)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp2(m_prev - m_new)
     p = jnp.exp2(s - m_new[:, None])
+    if limit is not None:   # a tile wholly outside the range adds nothing, even before any key
+      p = jnp.where(vis, p, 0.0)
     l_new = l_prev * correction + jnp.sum(p, axis=1)
     acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_new, l_new
+
+  def body(kb, carry, *, masked: bool = True):
+    keys, k, v = load_tile(kb, masked=masked)
+    return update(kb, keys, k, v, carry, masked=masked)
 
   carry = (jnp.zeros((rows, D), jnp.float32),
            jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
   first, last = split_range(seq_len, block_k, split, splits)
   if mask_tail:   # tiles whose keys every query row sees (all < seq_len - q_len + 1) run unmasked
     full = jnp.clip(lax.div(seq_len - rm.q_len + 1, block_k), first, last)
-    carry = lax.fori_loop(first, full, functools.partial(body, masked=False), carry)
-    first = full
-  acc, m, l = lax.fori_loop(first, last, body, carry)
+    if peel_tail:
+      # The masked tail is at most n_tail tiles (the last query row's partial tile and the
+      # (max_q - 1) keys of the others): straight-line code whose loads are issued before the
+      # unmasked loop, so their latency hides behind it (a second pipelined loop would wait a
+      # full memory latency after the first). Tiles at or past ``last`` count for nothing.
+      n_tail = (max_q - 1 + block_k - 1) // block_k + 1
+      tail = [(full + i,) + load_tile(full + i, masked=True, limit=last) for i in range(n_tail)]
+      carry = lax.fori_loop(first, full, functools.partial(body, masked=False), carry)
+      for kb, keys, k, v in tail:
+        carry = update(kb, keys, k, v, carry, masked=True, limit=last)
+      acc, m, l = carry
+    else:
+      carry = lax.fori_loop(first, full, functools.partial(body, masked=False), carry)
+      acc, m, l = lax.fori_loop(full, last, body, carry)
+  else:
+    acc, m, l = lax.fori_loop(first, last, body, carry)
   if kv_upcast is not None:
     acc = acc * (vsc_ref[0] * kv_factor)
   if fused:
@@ -536,6 +569,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
       tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail,
+      peel_tail=tiles.peel_tail,
       combine=combine, interpret=bool(interpret), num_warps=tiles.num_warps)
   o_shape = jax.ShapeDtypeStruct((T, H, D), out_dtype)
   extra, aliases = (), ({8: 0} if splits == 1 else {})

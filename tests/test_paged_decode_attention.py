@@ -268,3 +268,31 @@ def test_errors():
                     scale=1.0, impl="pallas")
   with pytest.raises(ValueError, match="impl"):
     paged_attention(q, kp, vp, batch, scale=1.0, impl="xqa")
+
+
+# peel_tail: the masked tail tiles as straight-line code loaded before the unmasked loop. Lengths
+# a multiple of the tile (no tail: the peeled tile lies past the end), not, 1, and a padding row;
+# one split (the serving shape's grid) and split-K (splits with no tail, empty splits, the fused
+# and per-row combines), several query tokens (n_tail > 1), FP8 with scales and bf16.
+@pytest.mark.parametrize("block_k,warps,splits,combine,max_q,fp8", [
+    (16, 1, 1, "rows", 1, True), (16, 1, 1, "rows", 1, False), (16, 1, 3, "fused", 1, True),
+    (32, 2, 2, "rows", 1, True), (16, 4, 1, "rows", 3, False), (16, 1, 5, "fused", 3, True)])
+def test_decode_peel_tail(block_k, warps, splits, combine, max_q, fp8):
+  rng = np.random.default_rng(block_k + splits + max_q)
+  D = 32
+  chunks = ([(96 - max_q, max_q), (0, 1), (37, 1), (15, 1)] if max_q > 1
+            else [(63, 1), (0, 1), (37, 1), (95, 1), (16, 1)])
+  real = sum(n for _, n in chunks)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
+                               num_tokens=real + 2, num_pages=30,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
+  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
+  if fp8:
+    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
+  tiles = DecodeTiles(block_k, num_warps=warps, splits=splits, combine=combine, peel_tail=True)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=D ** -0.5, k_scale=ks, v_scale=vs, max_q=max_q, tiles=tiles,
+                               interpret=True)
+  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
