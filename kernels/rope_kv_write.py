@@ -35,6 +35,7 @@ replaces.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def supports(qkv: jax.Array, k_pages: jax.Array, num_heads: int, num_kv_heads: i
 
 
 def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in_ref, *refs,
-            hq: int, hkv: int, d: int, fp8: bool, scaled: bool, dtype):
+            hq: int, hkv: int, d: int, fp8: bool, scaled: bool, dtype, head_block: int = 0):
   del k_in_ref, v_in_ref                       # aliased to k_ref / v_ref
   if scaled:
     rs_ref, cs_ref, *refs = refs
@@ -116,28 +117,61 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
     # apply_rope: x * cos + concat(-x2, x1) * sin, in float32, rounded to the input dtype
     return ((x1 * c1 + (-x2) * s1).astype(dtype), (x2 * c2 + x1 * s2).astype(dtype))
 
-  q1, q2 = rotated(pl.ds(0, hq))         # rounded to dtype like the XLA path, then q's dtype
-  q_ref[t, :, lo] = q1.astype(q_ref.dtype)
-  q_ref[t, :, hi] = q2.astype(q_ref.dtype)
-  slot = slots_ref[t]
-  k1, k2 = rotated(pl.ds(hq, hkv))
-  v = load(pl.ds(hq + hkv, hkv), pl.ds(0, d))
-
   def stored(x, scale_ref):
     if not fp8:
       return x.astype(k_ref.dtype)
     return (x.astype(jnp.float32) / scale_ref[0]).astype(k_ref.dtype)   # as write_kv
 
-  k_ref[slot, :, lo] = stored(k1, ks_ref)
-  k_ref[slot, :, hi] = stored(k2, ks_ref)
-  v_ref[slot, :, :] = stored(v, vs_ref)
+  if not head_block:                     # one program per token: all its heads
+    q1, q2 = rotated(pl.ds(0, hq))       # rounded to dtype like the XLA path, then q's dtype
+    q_ref[t, :, lo] = q1.astype(q_ref.dtype)
+    q_ref[t, :, hi] = q2.astype(q_ref.dtype)
+    slot = slots_ref[t]
+    k1, k2 = rotated(pl.ds(hq, hkv))
+    v = load(pl.ds(hq + hkv, hkv), pl.ds(0, d))
+    k_ref[slot, :, lo] = stored(k1, ks_ref)
+    k_ref[slot, :, hi] = stored(k2, ks_ref)
+    v_ref[slot, :, :] = stored(v, vs_ref)
+    return
+  # head_block heads per program: program g of token t takes qkv heads g*hb .. (hb, a power of
+  # two dividing Hkv): q heads for g < Hq/hb, then k heads, then v heads
+  hb = head_block
+  g = pl.program_id(1)
+  nq, nk = hq // hb, hkv // hb
+  src = pl.ds(pl.multiple_of(g * hb, hb), hb)
+
+  @pl.when(g < nq)
+  def _q():
+    q1, q2 = rotated(src)
+    q_ref[t, src, lo] = q1.astype(q_ref.dtype)
+    q_ref[t, src, hi] = q2.astype(q_ref.dtype)
+
+  @pl.when((g >= nq) & (g < nq + nk))
+  def _k():
+    k1, k2 = rotated(src)
+    dst = pl.ds(pl.multiple_of((g - nq) * hb, hb), hb)
+    slot = slots_ref[t]
+    k_ref[slot, dst, lo] = stored(k1, ks_ref)
+    k_ref[slot, dst, hi] = stored(k2, ks_ref)
+
+  @pl.when(g >= nq + nk)
+  def _v():
+    v = load(src, pl.ds(0, d))
+    dst = pl.ds(pl.multiple_of((g - nq - nk) * hb, hb), hb)
+    v_ref[slots_ref[t], dst, :] = stored(v, vs_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "q_dtype", "interpret"))
+# Heads per program (0: one program per token, all heads). JAXINFER_ROPE_KV_HEAD_BLOCK sets the
+# default; see ``rope_kv_write``'s head_block.
+HEAD_BLOCK = int(os.environ.get("JAXINFER_ROPE_KV_HEAD_BLOCK", "0"))
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "q_dtype", "interpret",
+                                             "head_block"))
 def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Array,
                   k_pages: jax.Array, v_pages: jax.Array, k_scale=1.0, v_scale=1.0, *,
                   num_heads: int, num_kv_heads: int, row_scale=None, col_scale=None,
-                  q_dtype=None, interpret: bool = False
+                  q_dtype=None, interpret: bool = False, head_block: int | None = None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(q rotated [T, Hq, D], k_pages, v_pages with this step's rotated k and v written at
   ``slots``); see the module docstring. ``k_scale`` / ``v_scale``: the FP8 cache's scalar scales.
@@ -145,7 +179,9 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
   (``ops.ScaledRows``), scaled here as its ``apply`` would. ``q_dtype``: the rotated q's dtype
   (default: qkv's, bf16 for partials), e.g. float16 for the attention kernels over an FP8 cache,
   which take f16 queries (no XLA convert kernel in between); k and v round to the default dtype
-  either way."""
+  either way. ``head_block``: heads per program (None: ``HEAD_BLOCK``; 0: all of a token's heads in
+  one program, grid (T,)); else grid (T, (Hq + 2 Hkv) / head_block), a power of two dividing Hkv
+  (clamped to Hkv): more, smaller programs for a few tokens (decode), the same values."""
   if not supports(qkv, k_pages, num_heads, num_kv_heads):
     raise ShapeError(f"rope_kv_write takes qkv [T, (Hq + 2 Hkv) D] and pages [N, page, Hkv, D] "
                      f"with Hq, Hkv, D/2 powers of two; got qkv {qkv.shape} {qkv.dtype}, pages "
@@ -164,6 +200,11 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
                      f"{sin.shape}, {slots.shape}")
   scaled = check_product_scales("rope_kv_write:", row_scale, col_scale, T, qkv.shape[-1])
   heads = num_heads + 2 * hkv
+  hb = HEAD_BLOCK if head_block is None else head_block
+  if hb:
+    hb = min(hb, hkv)
+    if not _pow2(hb):
+      raise ShapeError(f"rope_kv_write: head_block must be a power of two, got {hb}")
   extra = ((row_scale.astype(jnp.float32), col_scale.astype(jnp.float32).reshape(heads, D))
            if scaled else ())
   flat = (N * page, hkv, D)
@@ -173,8 +214,8 @@ def rope_kv_write(qkv: jax.Array, cos: jax.Array, sin: jax.Array, slots: jax.Arr
   scalar = lambda s: jnp.asarray(s, jnp.float32).reshape(1)
   q, k_flat, v_flat = pl.pallas_call(
       functools.partial(_kernel, hq=num_heads, hkv=hkv, d=D, fp8=is_fp8(k_pages.dtype),
-                        scaled=scaled, dtype=out_dtype),
-      grid=(T,),
+                        scaled=scaled, dtype=out_dtype, head_block=hb),
+      grid=(T, heads // hb) if hb else (T,),
       out_shape=out_shape,
       input_output_aliases={6: 1, 7: 2},
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),

@@ -32,17 +32,22 @@ def np_rope(x, positions, D):
                          x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
 
 
-@pytest.mark.parametrize("T,hq,hkv,D,dtype,kv_dtype,scales", [
-    (8, 4, 2, 16, jnp.bfloat16, jnp.bfloat16, (1.0, 1.0)),
-    (12, 8, 2, 32, jnp.bfloat16, jnp.float8_e4m3fn, (0.5, 2.0)),
-    (6, 4, 4, 16, jnp.float32, jnp.float32, (1.0, 1.0)),
+# head_block: 0 one program per token; else that many heads per program (2 of Hkv=2 and 4: one
+# and two programs for k and for v; 8 is clamped to Hkv)
+@pytest.mark.parametrize("T,hq,hkv,D,dtype,kv_dtype,scales,head_block", [
+    (8, 4, 2, 16, jnp.bfloat16, jnp.bfloat16, (1.0, 1.0), 0),
+    (12, 8, 2, 32, jnp.bfloat16, jnp.float8_e4m3fn, (0.5, 2.0), 0),
+    (6, 4, 4, 16, jnp.float32, jnp.float32, (1.0, 1.0), 0),
+    (12, 8, 2, 32, jnp.bfloat16, jnp.float8_e4m3fn, (0.5, 2.0), 2),
+    (6, 4, 4, 16, jnp.float32, jnp.float32, (1.0, 1.0), 2),
+    (8, 4, 2, 16, jnp.bfloat16, jnp.bfloat16, (1.0, 1.0), 8),
 ])
-def test_rope_kv_write_matches_float64_and_xla(T, hq, hkv, D, dtype, kv_dtype, scales):
+def test_rope_kv_write_matches_float64_and_xla(T, hq, hkv, D, dtype, kv_dtype, scales, head_block):
   qkv, cos, sin, slots, k_pages, v_pages, positions = _inputs(T, hq, hkv, D, 16, 4, dtype,
                                                               kv_dtype, seed=T * D)
   ks, vs = scales
   q, k_new, v_new = rope_kv_write(qkv, cos, sin, slots, k_pages, v_pages, ks, vs, num_heads=hq,
-                                  num_kv_heads=hkv, interpret=True)
+                                  num_kv_heads=hkv, interpret=True, head_block=head_block)
   rq, rk, rv = reference(qkv, cos, sin, slots, k_pages, v_pages, jnp.float32(ks), jnp.float32(vs),
                          num_heads=hq, num_kv_heads=hkv)
   assert q.shape == (T, hq, D) and q.dtype == dtype
@@ -89,7 +94,8 @@ def test_rope_kv_write_rejects_shapes_it_does_not_take():
                   interpret=True)
 
 
-def test_rope_kv_write_scales_an_fp8_product():
+@pytest.mark.parametrize("head_block", [0, 1])
+def test_rope_kv_write_scales_an_fp8_product(head_block):
   """qkv given as an FP8 projection's raw product with row / column scales (ops.ScaledRows): the
   kernel scales on load, bit for bit as scaling first with XLA ops."""
   from jaxinfer.ops import ScaledRows
@@ -101,7 +107,8 @@ def test_rope_kv_write_scales_an_fp8_product():
   rs = jnp.asarray(rng.uniform(0.01, 0.05, (T, 1)), jnp.float32)
   cs = jnp.asarray(rng.uniform(0.5, 2.0, (hq + 2 * hkv) * D), jnp.float32)
   got = rope_kv_write(raw, cos, sin, slots, k_pages, v_pages, 0.5, 2.0, num_heads=hq,
-                      num_kv_heads=hkv, row_scale=rs, col_scale=cs, interpret=True)
+                      num_kv_heads=hkv, row_scale=rs, col_scale=cs, interpret=True,
+                      head_block=head_block)
   want = reference(ScaledRows(raw, rs, cs, jnp.bfloat16).apply(), cos, sin, slots, k_pages,
                    v_pages, jnp.float32(0.5), jnp.float32(2.0), num_heads=hq, num_kv_heads=hkv)
   want2 = reference(raw, cos, sin, slots, k_pages, v_pages, jnp.float32(0.5), jnp.float32(2.0),
@@ -190,3 +197,30 @@ def test_rope_kv_write_f16_queries_and_the_fp8_forward():
   assert seen == [jnp.float16] * TINY.num_layers
   rel = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
   assert rel < 0.05, rel
+
+
+@pytest.mark.parametrize("head_block", [1, 2])
+def test_rope_kv_write_head_blocks_sum_partials_like_one_program(head_block):
+  """Split-K partials of an FP8 product (the decode path) with a few heads per program: bit for bit
+  the one-program-per-token kernel and the XLA ops (sum, scale, RoPE, cache write)."""
+  from jaxinfer.ops import ScaledRows
+  T, hq, hkv, D, S = 5, 4, 2, 32, 2
+  rng = np.random.default_rng(head_block)
+  parts = jnp.asarray(rng.standard_normal((S, T, (hq + 2 * hkv) * D)) * 10, jnp.float32)
+  rs = jnp.asarray(rng.uniform(0.01, 0.05, (T, 1)), jnp.float32)
+  cs = jnp.asarray(rng.uniform(0.5, 2.0, (hq + 2 * hkv) * D), jnp.float32)
+  _, cos, sin, slots, kp, vp, _ = _inputs(T, hq, hkv, D, 16, 4, jnp.bfloat16, jnp.float8_e4m3fn,
+                                          seed=head_block)
+  run = lambda hb: rope_kv_write(parts, cos, sin, slots, kp, vp, 0.5, 2.0, num_heads=hq,
+                                 num_kv_heads=hkv, row_scale=rs, col_scale=cs, q_dtype=jnp.float16,
+                                 interpret=True, head_block=hb)
+  got, one = run(head_block), run(0)
+  want = reference(ScaledRows(parts, rs, cs, jnp.bfloat16).apply(), cos, sin, slots, kp, vp,
+                   jnp.float32(0.5), jnp.float32(2.0), num_heads=hq, num_kv_heads=hkv)
+  real = np.asarray(slots)[:-2]
+  for g, o, w in zip(got, one, want):
+    g, o, w = f64(g), f64(o), f64(w)
+    if g.ndim == 4:
+      g, o, w = (a.reshape(-1, hkv, D)[real] for a in (g, o, w))
+    np.testing.assert_array_equal(g, o)
+    np.testing.assert_array_equal(g, w)
