@@ -172,7 +172,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
   engine's mixed steps) takes the gather + prefill kernel path with no runtime cond; that path is
   correct for any batch (decode rows included), so this only drops the branch (its
   ``set_case_condition`` kernels and the idle time a conditional costs inside a CUDA graph).
-  Ignored where the shapes alone select the decode kernel or with ``max_new_tokens``.
+  Ignored where the shapes alone select the decode kernel or with ``max_new_tokens``. With
+  ``PAGED_PREFILL`` (JAXINFER_PAGED_PREFILL=1) those steps run kernels/paged_prefill_attention.py
+  instead: one kernel reading K/V through the page table (no gather), decode rows included.
   """
   if impl not in ("auto", "pallas", "reference"):
     raise ValueError(f"unknown attention impl {impl!r}")
@@ -195,6 +197,11 @@ _MAX_DECODE_TOKENS = 8  # per sequence, for the decode kernel
 # decode rows, each decode row costing the kernel a whole query tile over its keys: smaller tiles
 # waste less there.
 MIXED_PREFILL_BLOCK_Q = int(os.environ.get("JAXINFER_MIXED_PREFILL_BLOCK_Q", "0"))
+# Static prefill steps on kernels/paged_prefill_attention.py (K/V read through the page table, no
+# gathered copy; opt-in): JAXINFER_PAGED_PREFILL=1. JAXINFER_PAGED_PREFILL_TILES="block_q,block_k,
+# num_warps,num_stages[,page_blocks]" overrides its default tiles.
+PAGED_PREFILL = os.environ.get("JAXINFER_PAGED_PREFILL", "0") == "1"
+PAGED_PREFILL_TILES = os.environ.get("JAXINFER_PAGED_PREFILL_TILES", "")
 
 
 def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale, k_scale, v_scale,
@@ -228,6 +235,15 @@ def _pallas_paged_attention(q, k_pages, v_pages, batch: AttentionBatch, *, scale
 
   if static_decode:
     return run_decode()
+  if static_prefill and PAGED_PREFILL:
+    from kernels import paged_prefill_attention as paged_prefill  # kernels import jaxinfer
+    tiles = paged_prefill.PagedPrefillTiles()
+    if PAGED_PREFILL_TILES:
+      vals = [int(x) for x in PAGED_PREFILL_TILES.split(",")]
+      tiles = paged_prefill.PagedPrefillTiles(*vals[:4], *map(bool, vals[4:]))
+    return paged_prefill.paged_prefill_attention(
+        q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.query_start, scale=scale,
+        k_scale=k_scale, v_scale=v_scale, tiles=tiles, interpret=interpret)
   if static_prefill:
     tiles = flash_attention.PrefillTiles()
     if MIXED_PREFILL_BLOCK_Q:

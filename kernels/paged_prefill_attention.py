@@ -1,0 +1,218 @@
+"""Paged prefill attention in Pallas Triton: mixed prefill + decode steps straight from the paged
+(FP8 or bf16) cache, no gathered K/V copy.
+
+Layout (``jaxinfer.attention``, like ``kernels/paged_decode_attention.py``):
+  q [T, H, D]                       flattened tokens (bf16/f16); sequence b owns rows query_start[b] ..
+                                    query_start[b+1]-1 (a prompt chunk, or one decode token); rows from
+                                    query_start[B] on are padding
+  k_pages, v_pages [N, page, KV, D] bf16/f16 (q's dtype), or E4M3 with scalar k_scale / v_scale
+  page_table [B, P], seq_lens [B]   token s of b is slot page_table[b, s // page] * page + s % page
+  out [T, H, D]                     q's dtype; query row i of b sits at position seq_lens[b] - q_len_b + i
+                                    and attends keys <= its position; padding rows are written as zeros.
+
+Work items: one program per (KV head, work item); a work item is ``block_q`` consecutive query tokens
+of one sequence (tile j of sequence b), listed by ``work_items`` from query_start alone (a tiny XLA
+computation on B + 1 ints that every layer of a step shares). The grid is the static bound
+W = ceil((T + B (block_q - 1)) / block_q) per KV head, which is never below the real tiles plus the
+ceil(padding tokens / block_q) tiles that zero the padding rows, so no program is empty unless the
+step has fewer sequences than B (each of those idles at once). A decode row is a one-token item.
+
+Tiling: a program's rows are its tokens x the G = H/KV query heads of its KV head (row r: token
+r // G, head kvh*G + r % G), so each K/V tile is read once for all G heads: ``block_q * G`` rows
+(>= 16 for the tensor cores). K/V tiles of ``block_k`` keys come straight from the cache through the
+page table (``paged_decode_attention.key_tile``: a block when a tile lies inside one page, else a
+slot gather of rows), FP8 converted to f16 in registers (q cast to f16 in the kernel; the scales
+folded into the score and output scaling). Key tiles wholly below the causal diagonal of the
+program's first token run unmasked; the diagonal tiles (and the sequence end) are masked. Online
+softmax in base 2, f32 accumulator.
+
+Roofline (H100, the c=64 serving mixed step: T=1024 = 7-8 prompt chunks of 128 tokens + up to 56
+decode rows, 32/8 heads, D=128, contexts <= 192, FP8 cache): ~1 GFLOP of useful attention per layer
+(nothing), K/V read ~10-20 MB (the decode rows' contexts; 3-7 us at 3 TB/s), q read + out write
+16 MB (5 us): a latency-bound kernel of ~10 us per layer; the gather + ``flash_prefill`` path it
+replaces took 44 + 16 + 6 us per layer (H100, 2026-11-24).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxinfer.errors import ShapeError
+from jaxinfer.kv_cache import is_fp8
+from kernels.paged_decode_attention import check_decode_shapes, key_tile, tile_cols
+
+_LOG2E = math.log2(math.e)
+_MASK = -1e30
+_MIN_ROWS = 16  # smallest M of a tensor-core dot in Triton
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedPrefillTiles:
+  block_q: int = 16     # query tokens per program; rows = block_q * G (padded to >= 16)
+  block_k: int = 32     # keys per K/V tile
+  num_warps: int = 4
+  num_stages: int = 3
+  page_blocks: bool = True   # key tiles inside one page read as blocks (else slot gather)
+
+
+def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
+  """Static bound on the work items of a step: real tiles + padding tiles never exceed it."""
+  return -(-(num_tokens + num_seqs * (block_q - 1)) // block_q)
+
+
+def work_items(query_start: jax.Array, num_tokens: int, block_q: int) -> jax.Array:
+  """[2, W] int32: item w is (b, j) = tile j (tokens j*block_q ..) of sequence b for the real tiles
+  in sequence order, then (-1, i): the i-th block_q tokens of padding from query_start[B] on."""
+  B = query_start.shape[0] - 1
+  W = num_work_items(num_tokens, B, block_q)
+  qs = query_start.astype(jnp.int32)
+  n = (jnp.maximum(qs[1:] - qs[:-1], 0) + block_q - 1) // block_q        # tiles of each sequence
+  cum = jnp.cumsum(n)                                                   # inclusive
+  w = jnp.arange(W, dtype=jnp.int32)
+  b = jnp.sum(cum[None, :] <= w[:, None], axis=1).astype(jnp.int32)      # sequence holding item w
+  total = cum[-1]
+  real = w < total
+  bc = jnp.minimum(b, B - 1)
+  j = w - (cum[bc] - n[bc])
+  return jnp.stack([jnp.where(real, bc, -1), jnp.where(real, j, w - total)]).astype(jnp.int32)
+
+
+def _kernel(work_ref, qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *,
+            group: int, rows: int, block_q: int, block_k: int, page_size: int, pages_per_seq: int,
+            num_seqs: int, sm_scale: float, kv_upcast, page_blocks: bool):
+  kvh = pl.program_id(0)
+  w = pl.program_id(1)
+  b = work_ref[0, w]
+  j = work_ref[1, w]
+  T = q_ref.shape[0]
+  D = k_ref.shape[-1]
+  dv = o_ref.shape[-1]
+  r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+  tok = j * block_q + lax.div(r, group)                 # token of row r within the item
+  head = kvh * group + lax.rem(r, group)
+  real_row = r < block_q * group
+
+  @pl.when(b >= 0)
+  def _attend():
+    q_start = qs_ref[b]
+    q_len = qs_ref[b + 1] - q_start
+    seq_len = lens_ref[b]
+    row_ok = real_row & (tok < q_len)
+    q_pos = seq_len - q_len + tok
+    cols = lax.broadcasted_iota(jnp.int32, (1, D), 1)
+    q = plgpu.load(q_ref.at[(q_start + tok)[:, None], head[:, None], cols], mask=row_ok[:, None],
+                   other=0.0)
+    score_scale = sm_scale * _LOG2E
+    if kv_upcast is not None:
+      q = q.astype(kv_upcast)
+      score_scale = score_scale * ksc_ref[0]
+
+    def body(kb, carry, *, masked: bool):
+      acc, m_prev, l_prev = carry
+      keys, rows_ix = key_tile(pt_ref, b, kb, block_k=block_k, page_size=page_size,
+                               pages_per_seq=pages_per_seq, page_blocks=page_blocks)
+      kc, vc = tile_cols(rows_ix, 0, D), tile_cols(rows_ix, 0, dv)
+      if masked:
+        key_ok = (keys < seq_len)[:, None]
+        k = plgpu.load(k_ref.at[rows_ix, kvh, kc], mask=key_ok, other=0.0)
+        v = plgpu.load(v_ref.at[rows_ix, kvh, vc], mask=key_ok, other=0.0)
+      else:
+        k = plgpu.load(k_ref.at[rows_ix, kvh, kc])
+        v = plgpu.load(v_ref.at[rows_ix, kvh, vc])
+      if kv_upcast is not None:
+        k, v = k.astype(kv_upcast), v.astype(kv_upcast)
+      s = plgpu.dot(q, k, trans_b=True) * score_scale
+      if masked:
+        s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      correction = jnp.exp2(m_prev - m_new)
+      p = jnp.exp2(s - m_new[:, None])
+      l_new = l_prev * correction + jnp.sum(p, axis=1)
+      acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+      return acc, m_new, l_new
+
+    carry = (jnp.zeros((rows, dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    pos0 = seq_len - q_len + j * block_q                 # position of the item's first token
+    last_pos = jnp.minimum(pos0 + block_q, seq_len) - 1
+    num_blocks = lax.div(last_pos + block_k, block_k)
+    num_full = jnp.minimum(lax.div(pos0 + 1, block_k), num_blocks)
+    carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
+    acc, _, l = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
+    out_scale = vsc_ref[0] if kv_upcast is not None else 1.0
+    out = acc * (out_scale / jnp.where(l > 0, l, 1.0))[:, None]
+    ocols = lax.broadcasted_iota(jnp.int32, (1, dv), 1)
+    plgpu.store(o_ref.at[(q_start + tok)[:, None], head[:, None], ocols], out.astype(o_ref.dtype),
+                mask=row_ok[:, None])
+
+  @pl.when(b < 0)
+  def _zero_padding():
+    t = qs_ref[num_seqs] + tok                           # j-th block of padding tokens
+    ok = real_row & (t < T)
+    ocols = lax.broadcasted_iota(jnp.int32, (1, dv), 1)
+    plgpu.store(o_ref.at[t[:, None], head[:, None], ocols],   # (t < T where stored)
+                jnp.zeros((rows, dv), o_ref.dtype), mask=ok[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
+def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                            page_table: jax.Array, seq_lens: jax.Array, query_start: jax.Array, *,
+                            scale: float, k_scale=1.0, v_scale=1.0,
+                            tiles: PagedPrefillTiles = PagedPrefillTiles(),
+                            interpret: bool = False) -> jax.Array:
+  """Causal attention of any number of query tokens per sequence over the paged cache -> [T, H, D]
+  in q's dtype (padding rows zero); see the module docstring."""
+  check_decode_shapes(q, k_pages, v_pages, page_table, seq_lens, query_start)
+  T, H, D = q.shape
+  N, page_size, KV, _ = k_pages.shape
+  B, P = page_table.shape
+  G = H // KV
+  if tiles.block_k % page_size and page_size % tiles.block_k:
+    raise ShapeError(f"block_k {tiles.block_k} and page size {page_size} must divide one another")
+  rows = max(_MIN_ROWS, 1 << (tiles.block_q * G - 1).bit_length())
+  kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None
+  work = work_items(query_start, T, tiles.block_q)
+  kernel = functools.partial(
+      _kernel, group=G, rows=rows, block_q=tiles.block_q, block_k=tiles.block_k,
+      page_size=page_size, pages_per_seq=P, num_seqs=B, sm_scale=scale, kv_upcast=kv_upcast,
+      page_blocks=tiles.page_blocks)
+  return pl.pallas_call(
+      kernel,
+      grid=(KV, work.shape[1]),
+      out_shape=jax.ShapeDtypeStruct((T, H, D), q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="paged_prefill_attention",
+  )(work, query_start.astype(jnp.int32), seq_lens.astype(jnp.int32),
+    page_table.astype(jnp.int32), q, k_pages.reshape(N * page_size, KV, D),
+    v_pages.reshape(N * page_size, KV, D), jnp.asarray(k_scale, jnp.float32).reshape(1),
+    jnp.asarray(v_scale, jnp.float32).reshape(1))
+
+
+def reference_paged_prefill(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
+                            scale: float, k_scale=1.0, v_scale=1.0) -> jax.Array:
+  """Plain-JAX float32 reference (same semantics): every query row of every sequence, padding 0."""
+  T, H, D = q.shape
+  N, page_size, KV, _ = k_pages.shape
+  B, P = page_table.shape
+  S = P * page_size
+  G = H // KV
+  k = (k_pages.astype(jnp.float32) * k_scale)[page_table].reshape(B, S, KV, D)
+  v = (v_pages.astype(jnp.float32) * v_scale)[page_table].reshape(B, S, KV, D)
+  t = jnp.arange(T)
+  seq = jnp.clip(jnp.searchsorted(query_start, t, side="right") - 1, 0, B - 1)
+  q_len = query_start[seq + 1] - query_start[seq]
+  pos = seq_lens[seq] - q_len + t - query_start[seq]
+  s = jnp.einsum("thd,tshd->ths", q.astype(jnp.float32), jnp.repeat(k[seq], G, axis=2)) * scale
+  s = jnp.where((jnp.arange(S)[None, :] <= pos[:, None])[:, None, :], s, -jnp.inf)
+  o = jnp.einsum("ths,tshd->thd", jax.nn.softmax(s, axis=-1), jnp.repeat(v[seq], G, axis=2))
+  valid = t < query_start[B]
+  return jnp.where(valid[:, None, None], o, 0.0).astype(q.dtype)
