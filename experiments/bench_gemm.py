@@ -532,13 +532,19 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   instead of an XLA fusion), o (overlap_mma: wgmma_wait(1)), b (no_auto_barriers), p<0|1|2>
   (pdl: programmatic dependent launch), g<CTAs> (stream_k: persistent stream-K grid), h
   (overlap_mma + hold_a), f (split_combine="kernel"), C (split_combine="cluster"), T
-  (tile_major; the bench transposes the weight sets once): each given field replaces the default's (a "@small" / "@large"
-  suffix as for kl_variant)."""
+  (tile_major; the bench transposes the weight sets once), P (overlap_pairs: overlap_mma over
+  pairs of steps), X (x_in_kernel=False: x cast and permuted by an XLA fusion), K<n>
+  (k_per_step): each given field replaces the default's (a "@small" / "@large" suffix as for
+  kl_variant)."""
   parts = name.split("@")[0].split()
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k", "p": "pdl",
-            "g": "stream_k"}
+            "g": "stream_k", "K": "k_per_step"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
-        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C")}
+        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X")}
+  if "P" in parts[1:]:   # overlap_mma over pairs of steps (distinct A registers per step)
+    kw["overlap_pairs"] = True
+  if "X" in parts[1:]:   # x through the XLA fusion, not converted in the kernel
+    kw["x_in_kernel"] = False
   if "b" in parts[1:]:
     kw["no_auto_barriers"] = True
   if "o" in parts[1:]:

@@ -157,7 +157,16 @@ class MgpuTiling:
   tile_major: the weight comes K-tile major, uint32 [K/256, N/64, 72, 32] (``to_tile_major``:
   to_mgpu_layout's array with its first two axes swapped), so the CTAs, which all stream the
   same K tile at about the same time, read neighbouring records (one contiguous region per K
-  tile) instead of records 147 KB apart (K=4096)."""
+  tile) instead of records 147 KB apart (K=4096);
+  overlap_pairs: overlap_mma done right (excludes k_interleave and hold_a): a consumer issues
+  step i's wgmmas, then waits only for step i-1's (wgmma_wait(strips)) and releases that slot,
+  so step i's tensor-core work runs under step i+1's barrier wait and dequantization; the loop
+  is unrolled over pairs of steps, so consecutive steps' A fragments are different registers
+  already in the PTX. (In overlap_mma's plain loop every iteration redefines the same PTX
+  registers: step i+1's dequantization writes the A registers that step i's in-flight wgmmas
+  still read -- undefined in the PTX model (A registers must not be written before the
+  wait_group that retires their wgmma) and a race on the GPU, lost when the wgmmas are slow
+  (n = 64: wrong at M=64). hold_a kept a *copy* live, so it did not help.)"""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -171,6 +180,7 @@ class MgpuTiling:
   hold_a: bool = False
   split_combine: str = "xla"
   tile_major: bool = False
+  overlap_pairs: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -187,6 +197,9 @@ class MgpuTiling:
       raise ValueError(f"hold_a needs overlap_mma, got {self}")
     if self.stream_k < 0 or (self.stream_k and self.k_interleave):
       raise ValueError(f"stream_k must be >= 0 and excludes k_interleave, got {self}")
+    if self.overlap_pairs and (self.k_interleave or self.overlap_mma or self.stream_k):
+      raise ValueError(f"overlap_pairs excludes k_interleave, overlap_mma / hold_a and stream_k,"
+                       f" got {self}")
 
   @property
   def cta_strips(self) -> int:
@@ -277,6 +290,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   hold_a = overrides.pop("hold_a", False)
   split_combine = overrides.pop("split_combine", "xla")
   tile_major = overrides.pop("tile_major", False)
+  overlap_pairs = overrides.pop("overlap_pairs", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -286,7 +300,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
-                 split_combine=split_combine, tile_major=tile_major)
+                 split_combine=split_combine, tile_major=tile_major,
+                 overlap_pairs=overlap_pairs)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -767,7 +782,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
             pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
             hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
-            tile_major: bool = False, cluster_split: bool = False, cl_scoped=None):
+            tile_major: bool = False, cluster_split: bool = False, cl_scoped=None,
+            overlap_pairs: bool = False):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -1091,9 +1107,40 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     def run_held(acc_refs):
       return held_loop(acc_refs, 0, my_steps, lambda ii: first + ii * stride)
 
+    def run_pairs(acc_refs):
+      """overlap_pairs: step ii's wgmmas are waited for after step ii+1's are issued; the loop
+      body is two steps, so the two steps' A fragments are distinct PTX registers (a step's
+      dequantization never writes registers an in-flight wgmma reads)."""
+      def issue(ii):
+        i = first + ii * stride
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(full.at[slot])
+        for j in range(strips):
+          a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
+          plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+        plgpu.wgmma_wait(strips)        # step ii-1's groups (one per strip) are done
+        prev = lax.rem(i - stride + stages, jnp.int32(stages))
+        pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
+
+      assert isinstance(my_steps, int), my_steps      # static without k_interleave
+
+      @pl.loop(0, my_steps // 2)
+      def _(pp):
+        issue(2 * pp)
+        issue(2 * pp + 1)
+
+      if my_steps % 2:
+        issue(jnp.int32(my_steps - 1))
+      plgpu.wgmma_wait(0)
+      if my_steps:
+        plgpu.barrier_arrive(free.at[(first + (my_steps - 1) * stride) % stages])
+      return [r[...] for r in acc_refs]
+
     def run(acc_refs):
       if hold_a:
         return run_held(acc_refs)
+      if overlap_pairs:
+        return run_pairs(acc_refs)
 
       @pl.loop(0, my_steps)
       def _(ii):
@@ -1195,7 +1242,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
                              plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
-                             tile_major=t.tile_major, cluster_split=clustered)
+                             tile_major=t.tile_major, cluster_split=clustered,
+                             overlap_pairs=t.overlap_pairs)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if combine_plan is not None:

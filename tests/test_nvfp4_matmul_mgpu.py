@@ -239,6 +239,8 @@ CASES = [
                                  split_combine="kernel")),
     # K-tile-major weight (N padded to whole CTAs along the second axis), split-K
     (6, 200, 1024, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=2, tile_major=True)),
+    # overlap_pairs (the interpreter runs its data path; the GPU schedule is lowered below)
+    (5, 200, 1280, mg.MgpuTiling(consumers=2, strips=1, stages=2, overlap_pairs=True)),
 ]
 
 
@@ -328,6 +330,8 @@ def test_bad_inputs_raise(rng):
     mg.MgpuTiling(consumers=2, stages=2, k_interleave=True, stream_k=132)
   with pytest.raises(ValueError, match="multiple of consumers"):
     mg.MgpuTiling(consumers=2, stages=3, k_interleave=True)
+  with pytest.raises(ValueError, match="overlap_pairs excludes"):
+    mg.MgpuTiling(overlap_pairs=True, overlap_mma=True)
   with pytest.raises(ShapeError):
     mg.to_mgpu_layout(p[:, :100], s)
 
@@ -359,7 +363,13 @@ def test_lowers_for_hopper_on_cpu():
                                            split_combine="cluster", tile_major=True)),
             (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 4, split_combine="cluster")),
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, pdl=3)),
-            (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1))]
+            (64, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, pdl=1)),
+            # overlap_pairs: even (16, 14) and odd (7: the unpaired last step) steps per CTA
+            (64, 14336, 4096, mg.MgpuTiling(2, 1, 3, 1, overlap_pairs=True)),
+            (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 4, overlap_pairs=True)),
+            (32, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, x_in_kernel=True, overlap_pairs=True)),
+            (1, 4096, 14336, mg.MgpuTiling(1, 1, 8, 8, x_in_kernel=True, overlap_pairs=True)),
+            (8, 4096, 14336, mg.MgpuTiling(2, 2, 2, 4, overlap_pairs=True))]
   for m, n, k, t in cases:
     wshape = (-(-n // 64), -(-k // 256), 72, 32)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
