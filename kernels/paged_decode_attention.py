@@ -89,6 +89,8 @@ class DecodeTiles:
   mask_tail: bool = True      # only tiles crossing seq_len / the causal edge are masked
   peel_tail: bool = False     # mask_tail: the masked tail tiles as straight-line code, loaded
                               # before the unmasked loop (not a second pipelined loop)
+  zero_pad: bool = False      # one query per sequence, T <= B, one split or the fused combine:
+                              # program b zeroes row b if a padding token (no zeros buffer in)
   # split-K combine of the partials: "rows" (one program per query row and column chunk, all
   # splits in one load: ``combine_rows``; 2.3 us vs 11.5 at 33 splits on the H100), "serial" (one
   # program per (sequence, KV head) looping over the splits), "fused" (no second kernel: the last
@@ -227,11 +229,12 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
                    group: int, max_q: int, rows: int, block_k: int, page_size: int,
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
                    page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool,
-                   peel_tail: bool = False,
+                   peel_tail: bool = False, zero_pad: bool = False,
                    combine: str = "serial", interpret: bool = False, num_warps: int = 4):
-  # refs: o_init (aliased with out: zeros for the rows no program writes) [, cnt_init], out_refs
+  # refs: [o_init (aliased with out: zeros for the rows no program writes; not with zero_pad)]
+  # [, cnt_init], out_refs
   fused = combine == "fused" and splits > 1
-  out_refs = refs[2:] if fused else refs[1:]
+  out_refs = refs[(0 if zero_pad else 1) + (1 if fused else 0):]
   kvh = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -322,6 +325,12 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
     write_real_partials(*out_refs, b, kvh, split, rm, acc, m, l)
   else:
     write_partials(out_refs, b, kvh, split, rm, acc, m, l)
+  if zero_pad:   # row b, if a padding token (one query per sequence, T <= B): zeros
+    o_ref = out_refs[0]
+    T = o_ref.shape[0]
+    pad = (b >= qs_ref[qs_ref.shape[0] - 1]) & (b < T) & (split == 0)
+    plgpu.store(o_ref.at[jnp.minimum(b, T - 1), pl.ds(kvh * group, group), :],
+                jnp.zeros((group, D), o_ref.dtype), mask=jnp.full((group, D), pad))
 
 
 _MERGE_ELEMS = 8192   # f32 accumulator elements per merge load at 4 warps (64 registers a thread)
@@ -565,11 +574,15 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   if tiles.combine not in ("serial", "rows", "fused"):
     raise ValueError(f"unknown combine {tiles.combine!r}")
   combine = tiles.combine if splits > 1 else "serial"
+  # zero_pad: the kernel writes every output row (padding tokens' rows as zeros), so out needs no
+  # zeros buffer aliased in (XLA copies one in per call)
+  zero_pad = (tiles.zero_pad and max_q == 1 and T <= B and not G & (G - 1)
+              and (splits == 1 or combine == "fused"))
   kernel = functools.partial(
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
       tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail,
-      peel_tail=tiles.peel_tail,
+      peel_tail=tiles.peel_tail, zero_pad=zero_pad,
       combine=combine, interpret=bool(interpret), num_warps=tiles.num_warps)
   o_shape = jax.ShapeDtypeStruct((T, H, D), out_dtype)
   extra, aliases = (), ({8: 0} if splits == 1 else {})
@@ -580,6 +593,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     extra, aliases = (jnp.zeros((B, KV), jnp.int32),), {8: 0, 9: 4}
   else:
     out_shape = split_outputs(B, KV, s_pad if combine == "rows" else splits, rows, D, o_shape)
+  if zero_pad:   # no o_init operand
+    aliases = {k - 1: v for k, v in aliases.items() if k != 8}
   results = pl.pallas_call(
       kernel,
       grid=(KV, splits, B),
@@ -592,7 +607,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   )(qs, seq_lens.astype(jnp.int32), page_table.astype(jnp.int32), q,
     k_pages.reshape(N * page_size, KV, D), v_pages.reshape(N * page_size, KV, D),
     jnp.asarray(k_scale, jnp.float32).reshape(1), jnp.asarray(v_scale, jnp.float32).reshape(1),
-    o_init, *extra)
+    *(() if zero_pad else (o_init,)), *extra)
   if combine == "fused":
     return results[0]
   if combine == "rows":

@@ -296,3 +296,30 @@ def test_decode_peel_tail(block_k, warps, splits, combine, max_q, fp8):
   ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+
+
+# zero_pad: no zeros buffer aliased into the output; program b writes zeros into row b when it is a
+# padding token (T <= B). Padding rows after the real ones, T < B, and T > B (falls back to the
+# zeros buffer); one split and the fused split-K combine (the rows combine keeps the buffer).
+@pytest.mark.parametrize("num_tokens,splits,combine,fp8", [
+    (5, 1, "rows", True), (5, 3, "fused", True), (4, 1, "rows", False), (8, 1, "rows", False),
+    (5, 2, "rows", False)])
+def test_decode_zero_pad(num_tokens, splits, combine, fp8):
+  rng = np.random.default_rng(num_tokens + splits)
+  D = 32
+  chunks = [(63, 1), (0, 1), (37, 1), (16, 1)] if num_tokens != 4 else [(63, 1), (20, 1)]
+  real = len(chunks)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
+                               num_tokens=num_tokens, num_pages=30,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
+  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
+  if fp8:
+    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
+  tiles = DecodeTiles(16, num_warps=1, splits=splits, combine=combine, peel_tail=True,
+                      zero_pad=True)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=D ** -0.5, k_scale=ks, v_scale=vs, tiles=tiles,
+                               interpret=True)
+  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
