@@ -166,7 +166,16 @@ class MgpuTiling:
   registers: step i+1's dequantization writes the A registers that step i's in-flight wgmmas
   still read -- undefined in the PTX model (A registers must not be written before the
   wait_group that retires their wgmma) and a race on the GPU, lost when the wgmmas are slow
-  (n = 64: wrong at M=64). hold_a kept a *copy* live, so it did not help.)"""
+  (n = 64: wrong at M=64). hold_a kept a *copy* live, so it did not help.);
+  x_convert (x_in_kernel): 1: the producer converts 16-element units (two 16-byte loads, eight
+  4-byte stores: 8-way / 4-way shared-memory bank conflicts, 48 wavefronts per KB of x); 2: a
+  warp converts a whole row (four conflict-free 4-byte loads and one 16-byte store per lane: 16
+  wavefronts per KB, the minimum; ``_convert_x_rows_gpu``);
+  k_per_step: K tiles per pipeline step (1 or 2; excludes k_interleave, stream_k, tile_major,
+  hold_a):
+  each strip's k_per_step records of a step are contiguous in memory (one 18 KB TMA per strip
+  for 2), half the barrier round trips per byte (the grouped kernel's +2%); a CTA whose K range
+  has an odd number of tiles runs 1."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -181,6 +190,8 @@ class MgpuTiling:
   split_combine: str = "xla"
   tile_major: bool = False
   overlap_pairs: bool = False
+  x_convert: int = 1
+  k_per_step: int = 1
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -197,6 +208,12 @@ class MgpuTiling:
       raise ValueError(f"hold_a needs overlap_mma, got {self}")
     if self.stream_k < 0 or (self.stream_k and self.k_interleave):
       raise ValueError(f"stream_k must be >= 0 and excludes k_interleave, got {self}")
+    if self.k_per_step not in (1, 2) or (self.k_per_step > 1 and (
+        self.k_interleave or self.stream_k or self.tile_major or self.hold_a)):
+      raise ValueError(f"k_per_step must be 1 or 2 (2 excludes k_interleave, stream_k, "
+                       f"tile_major and hold_a), got {self}")
+    if self.x_convert not in (1, 2):
+      raise ValueError(f"x_convert must be 1 or 2, got {self}")
     if self.overlap_pairs and (self.k_interleave or self.overlap_mma or self.stream_k):
       raise ValueError(f"overlap_pairs excludes k_interleave, overlap_mma / hold_a and stream_k,"
                        f" got {self}")
@@ -214,10 +231,12 @@ _X_RAW_SLOTS = 2    # staging slots of the raw x tiles (x_in_kernel): one conver
 
 def smem_bytes(t: MgpuTiling, mp: int) -> int:
   red = (t.consumers - 1) * t.strips * STRIP * mp * 4 if t.k_interleave else 0
-  raw = _X_RAW_SLOTS * mp * TILE_K * 2 if t.x_in_kernel else 0
+  kps = t.k_per_step
+  raw = _X_RAW_SLOTS * mp * TILE_K * 2 * kps if t.x_in_kernel else 0
   if t.split_combine == "cluster" and t.split_k > 1:
     red += t.cta_strips * STRIP * mp * 4
-  return t.stages * (RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2) + red + raw + 1024
+  return (t.stages * kps * (RECORD_WORDS * 4 * t.cta_strips + mp * TILE_K * 2) + red + raw
+          + 1024)
 
 
 def padded_m(m: int) -> int:
@@ -291,17 +310,21 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   split_combine = overrides.pop("split_combine", "xla")
   tile_major = overrides.pop("tile_major", False)
   overlap_pairs = overrides.pop("overlap_pairs", False)
+  x_convert = overrides.pop("x_convert", 1)
+  kps = overrides.pop("k_per_step", 1)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
   while ctas * split * 2 <= num_sms and tiles % (split * 2) == 0 and tiles // (split * 2) >= 4:
     split *= 2
   split = overrides.pop("split_k", split)
+  if (tiles // split) % kps:           # an odd number of K tiles per CTA: one per step
+    kps = 1
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
                  split_combine=split_combine, tile_major=tile_major,
-                 overlap_pairs=overlap_pairs)
+                 overlap_pairs=overlap_pairs, x_convert=x_convert, k_per_step=kps)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -775,6 +798,64 @@ def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
                     return_type=())(body)(raw_ref, dst_ref)
 
 
+def _convert_x_rows_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
+  """As _convert_x_gpu, with shared-memory-friendly access (MgpuTiling.x_convert=2): a warp
+  converts one whole row; lane j reads the four 4-byte words k = 64 q + 2 j + (0, 1), q = 0..3
+  (a warp's load touches 32 consecutive words: one wavefront, no bank conflict), converts them
+  and writes them as one 16-byte chunk, fragment columns p = 8 j + 0..7 (tile j // 8, 128-byte
+  swizzled chunk (j % 8) ^ (row % 8): a warp's store covers 4 tiles x 8 chunks, four wavefronts
+  for 512 bytes, no conflict). _convert_x_gpu's 2 x 16-byte loads and 8 x 4-byte stores per 16
+  elements hit 8-way / 4-way conflicts (48 vs 16 wavefronts per KB of x)."""
+  def body(ctx, raw, dst):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, vector        # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    index = ir.IndexType.get()
+    i32 = ir.IntegerType.get_signless(32)
+    f16 = ir.F16Type.get()
+    src_ty = ir.MemRefType(raw.type).element_type
+    dst_shape = ir.MemRefType(dst.type).shape
+    if list(dst_shape) != [mp // 8, TILE_K // 64, 8, 64]:
+      raise NotImplementedError(f"unexpected x tile memref {dst.type}")
+    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+    units = m * 32
+    for it in range(-(-units // 128)):
+      u = arith.addi(tid, mu.c(it * 128, i32))
+
+      def unit(u=u):
+        j = arith.remui(u, mu.c(32, i32))
+        row = arith.divui(u, mu.c(32, i32))
+        row_i = arith.index_cast(index, row)
+        words = []
+        for q in range(4):
+          col = arith.addi(arith.muli(j, mu.c(2, i32)), mu.c(64 * q, i32))
+          v = vector.load(ir.VectorType.get((2,), src_ty), raw,
+                          [row_i, arith.index_cast(index, col)])
+          w = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), v), [], [0])
+          if src_ty != f16:
+            w = mu.inline_ptx(_BF16X2_TO_F16X2, w, result_types=i32)
+          words.append(w)
+        vec = vector.broadcast(ir.VectorType.get((4,), i32), words[0])
+        for q in range(1, 4):
+          vec = vector.insert(words[q], vec, [], [q])
+        r8 = arith.remui(row, mu.c(8, i32))
+        chunk = arith.xori(arith.remui(j, mu.c(8, i32)), r8)             # 128-byte swizzle
+        vector.store(vector.bitcast(ir.VectorType.get((8,), f16), vec), dst,
+                     [arith.index_cast(index, arith.divui(row, mu.c(8, i32))),
+                      arith.index_cast(index, arith.divui(j, mu.c(8, i32))),
+                      arith.index_cast(index, r8),
+                      arith.index_cast(index, arith.muli(chunk, mu.c(8, i32)))])
+      if (it + 1) * 128 <= units:
+        unit()
+      else:
+        with mu.when(arith.cmpi(arith.CmpIPredicate.ult, u, mu.c(units, i32))):
+          unit()
+    return ()
+
+  plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(transforms=x_transforms)),
+                    return_type=())(body)(raw_ref, dst_ref)
+
+
 # ----- the kernel -----
 
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
@@ -783,7 +864,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
             hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
             tile_major: bool = False, cluster_split: bool = False, cl_scoped=None,
-            overlap_pairs: bool = False):
+            overlap_pairs: bool = False, x_convert: int = 1, kps: int = 1):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -807,8 +888,12 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
   # consumers the compiler's own allocation stands (an increase below it would be undefined).
   rebalance = consumers == 2 and not interpret
 
-  def x_cols(i):
-    return pl.ds(pl.multiple_of(tile_of(i) * TILE_K, TILE_K), TILE_K)
+  def x_cols(i, h=0):
+    return pl.ds(pl.multiple_of((tile_of(i) * kps + h) * TILE_K, TILE_K), TILE_K)
+
+  def kh(ref, h):
+    """Sub-tile h of a step's shared-memory slot view (k_per_step > 1)."""
+    return ref if kps == 1 else ref.at[h]
 
   def convert(i):
     """x_in_kernel: raw tile of step i -> the wgmma tile of its slot, then release that slot's
@@ -816,10 +901,13 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
     slot = lax.rem(i, jnp.int32(stages))
     plgpu.barrier_wait(raw_bar.at[r])
-    if interpret:
-      x_smem[slot, pl.ds(0, m)] = _permute_x_tile(x_raw[r].astype(jnp.float16))
-    else:
-      _convert_x_gpu(x_raw.at[r], x_smem.at[slot], m, mp, x_transforms)
+    for h in range(kps):
+      src, dst = kh(x_raw.at[r], h), kh(x_smem.at[slot], h)
+      if interpret:
+        dst[pl.ds(0, m)] = _permute_x_tile(src[...].astype(jnp.float16))
+      else:
+        (_convert_x_rows_gpu if x_convert == 2 else _convert_x_gpu)(
+            src, dst, m, mp, x_transforms)
     plgpu.commit_smem()
     plgpu.barrier_arrive(full.at[slot])
 
@@ -832,8 +920,13 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
 
   def load_w(i):
     slot = lax.rem(i, jnp.int32(stages))
-    src = (w_ref.at[tile_of(i), pl.ds(row_of(i), cta_strips)] if tile_major else
-           w_ref.at[pl.ds(row_of(i), cta_strips), tile_of(i)])
+    if tile_major:
+      src = w_ref.at[tile_of(i), pl.ds(row_of(i), cta_strips)]
+    elif kps > 1:
+      src = w_ref.at[pl.ds(row_of(i), cta_strips),
+                     pl.ds(pl.multiple_of(tile_of(i) * kps, kps), kps)]
+    else:
+      src = w_ref.at[pl.ds(row_of(i), cta_strips), tile_of(i)]
     plgpu.copy_gmem_to_smem(src, w_smem.at[slot], full.at[slot])
 
   @pl.when(wg == consumers)
@@ -857,12 +950,14 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       if x_in_kernel:
         # the raw tile of step i lands while step i-1's is converted (its slot was freed when
         # step i-2 was converted, one iteration ago)
-        plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i)],
-                                x_raw.at[lax.rem(i, jnp.int32(_X_RAW_SLOTS))],
-                                raw_bar.at[lax.rem(i, jnp.int32(_X_RAW_SLOTS))])
+        r = lax.rem(i, jnp.int32(_X_RAW_SLOTS))
+        for h in range(kps):   # (a TMA box is <= 256 elements per dimension)
+          plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i, h)], kh(x_raw.at[r], h), raw_bar.at[r])
         pl.when(i >= 1)(lambda: convert(i - 1))
       else:
-        plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i)], x_smem.at[slot], full.at[slot])
+        for h in range(kps):
+          plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i, h)], kh(x_smem.at[slot], h),
+                                  full.at[slot])
 
     if x_in_kernel:
       convert(jnp.asarray(n_steps - 1, jnp.int32))
@@ -1089,11 +1184,12 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         i = first + ii * stride
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(full.at[slot])
-        xt = x_smem[slot].astype(jnp.float32)
-        new = []
-        for j, acc in enumerate(accs):
-          a = dequant_record(w_smem[slot, strip_of(j)]).astype(jnp.float32)
-          new.append(acc + jnp.dot(a, xt.T, precision=lax.Precision.HIGHEST))
+        new = list(accs)
+        for h in range(kps):
+          xt = kh(x_smem.at[slot], h)[...].astype(jnp.float32)
+          for j in range(len(new)):
+            a = dequant_record(kh(w_smem.at[slot, strip_of(j)], h)[...]).astype(jnp.float32)
+            new[j] = new[j] + jnp.dot(a, xt.T, precision=lax.Precision.HIGHEST)
         plgpu.barrier_arrive(free.at[slot])
         return tuple(new)
       accs = lax.fori_loop(0, my_steps, step,
@@ -1115,10 +1211,11 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         i = first + ii * stride
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(full.at[slot])
-        for j in range(strips):
-          a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
-          plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
-        plgpu.wgmma_wait(strips)        # step ii-1's groups (one per strip) are done
+        for h in range(kps):
+          for j in range(strips):
+            a = _dequant_gpu(kh(w_smem.at[slot, strip_of(j)], h))
+            plgpu.wgmma(acc_refs[j], a, kh(x_smem.at[slot], h).T)
+        plgpu.wgmma_wait(strips * kps)   # step ii-1's groups (one per strip, K tile) are done
         prev = lax.rem(i - stride + stages, jnp.int32(stages))
         pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
 
@@ -1147,9 +1244,10 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         i = first + ii * stride
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(full.at[slot])
-        for j in range(strips):
-          a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
-          plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+        for h in range(kps):
+          for j in range(strips):
+            a = _dequant_gpu(kh(w_smem.at[slot, strip_of(j)], h))
+            plgpu.wgmma(acc_refs[j], a, kh(x_smem.at[slot], h).T)
         if overlap_mma:   # step i's wgmmas run under step i+1's wait and dequantization
           plgpu.wgmma_wait(1 if strips == 1 else strips)
           prev = lax.rem(i - stride + stages, jnp.int32(stages))
@@ -1204,6 +1302,9 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   mp = padded_m(m)
   rows = t.cta_strips
   split = t.split_k if t_k % t.split_k == 0 and not t.stream_k else 1
+  if (t_k // split) % t.k_per_step:    # K tiles per step must divide the CTA's K tiles
+    t = dataclasses.replace(t, k_per_step=1)
+  kps = t.k_per_step
   out_dtype = out_dtype or x.dtype
   if t.x_in_kernel and x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.float16)      # the same rounding x_for_mgpu does
@@ -1237,13 +1338,13 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
     extra_in = (jnp.asarray(np.array(combine_plan.contrib + (0,), np.int32)),)
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
-                             stages=t.stages, steps=t_k // split, split=split,
+                             stages=t.stages, steps=t_k // split // kps, split=split,
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
                              overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
                              plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
                              tile_major=t.tile_major, cluster_split=clustered,
-                             overlap_pairs=t.overlap_pairs)
+                             overlap_pairs=t.overlap_pairs, x_convert=t.x_convert, kps=kps)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if combine_plan is not None:
@@ -1253,15 +1354,17 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
       (o_ref,) = refs
       body = kernel
     red = t.k_interleave and t.consumers > 1
-    smem = (plgpu.SMEM((t.stages, rows, 72, 32), jnp.uint32),
-            plgpu.SMEM((t.stages, mp, TILE_K), jnp.float16, transforms=x_transforms),
+    ks = () if kps == 1 else (kps,)
+    smem = (plgpu.SMEM((t.stages, rows, *ks, 72, 32), jnp.uint32),
+            plgpu.SMEM((t.stages, *ks, mp, TILE_K), jnp.float16, transforms=x_transforms),
             plgpu.SMEM((t.consumers - 1, t.strips, STRIP, mp), jnp.float32) if red else None,
-            plgpu.SMEM((_X_RAW_SLOTS, m, TILE_K), x.dtype) if x_in else None)
-    bars = (plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+            plgpu.SMEM((_X_RAW_SLOTS, *ks, m, TILE_K), x.dtype) if x_in else None)
+    # full: the weight TMA + (the producer's conversion | one x TMA per K tile)
+    bars = (plgpu.Barrier(num_arrivals=2 if x_in else 1 + kps, num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=1 if t.k_interleave else t.consumers,
                           num_barriers=t.stages),
             plgpu.Barrier(num_arrivals=t.consumers - 1) if red else None,
-            plgpu.Barrier(num_arrivals=1, num_barriers=_X_RAW_SLOTS) if x_in else None)
+            plgpu.Barrier(num_arrivals=kps, num_barriers=_X_RAW_SLOTS) if x_in else None)
     if clustered:
       cl = (plgpu.SMEM((rows, STRIP, mp), jnp.float32),
             (plgpu.ClusterBarrier(collective_axes=("s",), num_arrivals=t.consumers),

@@ -241,6 +241,13 @@ CASES = [
     (6, 200, 1024, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=2, tile_major=True)),
     # overlap_pairs (the interpreter runs its data path; the GPU schedule is lowered below)
     (5, 200, 1280, mg.MgpuTiling(consumers=2, strips=1, stages=2, overlap_pairs=True)),
+    # two K tiles per step: x in the kernel (split-K) and x through the XLA fusion; 5 K tiles
+    # (odd: falls back to one per step)
+    (9, 200, 2048, mg.MgpuTiling(consumers=2, strips=1, stages=2, split_k=2, x_in_kernel=True,
+                                 k_per_step=2, overlap_pairs=True)),
+    (3, 128, 1024, mg.MgpuTiling(consumers=1, strips=2, stages=2, k_per_step=2, pdl=2)),
+    (4, 128, 1280, mg.MgpuTiling(consumers=2, strips=1, stages=2, x_in_kernel=True,
+                                 k_per_step=2)),
 ]
 
 
@@ -330,6 +337,10 @@ def test_bad_inputs_raise(rng):
     mg.MgpuTiling(consumers=2, stages=2, k_interleave=True, stream_k=132)
   with pytest.raises(ValueError, match="multiple of consumers"):
     mg.MgpuTiling(consumers=2, stages=3, k_interleave=True)
+  with pytest.raises(ValueError, match="k_per_step must be"):
+    mg.MgpuTiling(k_per_step=2, tile_major=True)
+  with pytest.raises(ValueError, match="x_convert must be"):
+    mg.MgpuTiling(x_convert=3)
   with pytest.raises(ValueError, match="overlap_pairs excludes"):
     mg.MgpuTiling(overlap_pairs=True, overlap_mma=True)
   with pytest.raises(ShapeError):
@@ -369,7 +380,13 @@ def test_lowers_for_hopper_on_cpu():
             (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 4, overlap_pairs=True)),
             (32, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, x_in_kernel=True, overlap_pairs=True)),
             (1, 4096, 14336, mg.MgpuTiling(1, 1, 8, 8, x_in_kernel=True, overlap_pairs=True)),
-            (8, 4096, 14336, mg.MgpuTiling(2, 2, 2, 4, overlap_pairs=True))]
+            (8, 4096, 14336, mg.MgpuTiling(2, 2, 2, 4, overlap_pairs=True)),
+            # the conflict-free x conversion; two K tiles per step
+            (32, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, x_in_kernel=True, x_convert=2)),
+            (5, 200, 512, mg.MgpuTiling(2, 1, 4, 1, x_in_kernel=True, x_convert=2)),
+            (8, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, x_in_kernel=True, k_per_step=2,
+                                           x_convert=2, overlap_pairs=True)),
+            (64, 4096, 14336, mg.MgpuTiling(2, 1, 1, 4, k_per_step=2))]
   for m, n, k, t in cases:
     wshape = (-(-n // 64), -(-k // 256), 72, 32)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
