@@ -29,9 +29,16 @@ Both take y as an FP8 projection's raw output with its scales still to apply (``
 Pallas kernel, so it is a kernel of its own otherwise). The raw output may also be the product's
 split-K partial sums, float32 [S, T, H] with S a power of two (``ops.fp8_dot_partials``, decode
 steps): the kernel sums them first (XLA's reduction kernel over the partials is then not needed).
+
+``Tiling``: ``rows`` rows per program (w and the column scales read once per program), or for
+``add_rms_norm_fp8`` ``split`` column slices per row in two kernels (residual sum + per-slice sum
+of squares over T * split programs, then norm + quantization per row; the row's sum of squares is
+then a sum of slice sums: the same value up to float32 summation order). Default: one row per
+program, one kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -82,34 +89,86 @@ def supports(x: jax.Array, y: jax.Array, w: jax.Array) -> bool:
           and not h & (h - 1))
 
 
-def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
-            e4m3_max: float = 0.0):
-  """Refs: x, y, w, [row scale, col scale,] then s and h, or s, E4M3 rows and their scales."""
-  x_ref, y_ref, w_ref, *refs = refs
-  if scaled:
-    rs_ref, cs_ref, *refs = refs
-  dtype = refs[0].dtype
-  y = y_ref[...]
-  if y.ndim == 3:               # split-K partials [S, 1, H] (summed as one block: H100 window 4,
-    y = jnp.sum(y, axis=0)      # 0.34 ms per decode step, slice by slice 0.42)
-    if not scaled:
-      y = y.astype(dtype)
-  if scaled:
-    y = (y.astype(jnp.float32) * rs_ref[...] * cs_ref[...][None, :]).astype(dtype)
-  s = (x_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
-  refs[0][...] = s
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How a call is spread over programs. ``rows``: rows per program (a power of two dividing T; the
+  weight and column scales loaded once for all of them). ``split``: column slices per row (a power
+  of two; ``add_rms_norm_fp8`` only): > 1 runs two kernels, the first summing y's split-K partials
+  and the residual slice by slice (T * split programs: a decode step's partials are its bulk of
+  bytes) and writing each slice's sum of squares, the second normalising and quantizing whole rows
+  from the residual sum (one row per program). ``num_warps``: per program (None: by row width)."""
+  rows: int = 1
+  split: int = 1
+  num_warps: int | None = None
+
+
+def _finish(s, w_ref, refs, *, eps: float, quantize: bool, tiny: float, e4m3_max: float,
+            sumsq=None):
+  """From the rounded residual sum s [R, H]: h = RMSNorm(s) * w, written (refs[0]) or quantized
+  (refs[0] codes, refs[1] scales). ``sumsq`` [R, 1]: the rows' sum of squares, if given."""
+  dtype = s.dtype
   s32 = s.astype(jnp.float32)
-  inv = jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
+  if sumsq is None:
+    ms = jnp.mean(s32 * s32, axis=-1, keepdims=True)
+  else:
+    ms = sumsq / s.shape[-1]
+  inv = jax.lax.rsqrt(ms + eps)
   normed = (s32 * inv).astype(dtype).astype(jnp.float32)
   w = w_ref[...].astype(dtype).astype(jnp.float32)
   h = (w[None, :] * normed).astype(dtype)
   if not quantize:
-    refs[1][...] = h
+    refs[0][...] = h
     return
   h = h.astype(jnp.float32)                             # h as the unfused path has it
   sx = jnp.maximum(jnp.max(jnp.abs(h), axis=-1, keepdims=True), tiny) / e4m3_max
-  refs[1][...] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(refs[1].dtype)
-  refs[2][...] = sx
+  refs[0][...] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(refs[0].dtype)
+  refs[1][...] = sx
+
+
+def _residual(x_ref, y_ref, rs_ref, cs_ref, dtype):
+  """s = x + y rounded to dtype, y summed over its split-K partials and scaled first if so."""
+  y = y_ref[...]
+  if y.ndim == 3:               # split-K partials [S, R, H] (summed as one block: H100 window 4,
+    y = jnp.sum(y, axis=0)      # 0.34 ms per decode step, slice by slice 0.42)
+    if rs_ref is None:
+      y = y.astype(dtype)
+  if rs_ref is not None:
+    y = (y.astype(jnp.float32) * rs_ref[...] * cs_ref[...][None, :]).astype(dtype)
+  return (x_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+
+
+def _kernel(*refs, eps: float, scaled: bool, quantize: bool, tiny: float = 0.0,
+            e4m3_max: float = 0.0):
+  """Refs: x, y, w, [row scale, col scale,] then s and h, or s, E4M3 rows and their scales."""
+  x_ref, y_ref, w_ref, *refs = refs
+  rs_ref = cs_ref = None
+  if scaled:
+    rs_ref, cs_ref, *refs = refs
+  s = _residual(x_ref, y_ref, rs_ref, cs_ref, refs[0].dtype)
+  refs[0][...] = s
+  _finish(s, w_ref, refs[1:], eps=eps, quantize=quantize, tiny=tiny, e4m3_max=e4m3_max)
+
+
+def _sum_kernel(*refs, scaled: bool):
+  """Split, first kernel: program (t, p) writes the residual sum of row t's slice p and its sum
+  of squares (refs: x, y, [row scale, col scale,] s, sum of squares)."""
+  x_ref, y_ref, *refs = refs
+  rs_ref = cs_ref = None
+  if scaled:
+    rs_ref, cs_ref, *refs = refs
+  s_ref, ss_ref = refs
+  s = _residual(x_ref, y_ref, rs_ref, cs_ref, s_ref.dtype)
+  s_ref[...] = s
+  s32 = s.astype(jnp.float32)
+  ss_ref[...] = jnp.sum(s32 * s32, axis=-1, keepdims=True)[None]
+
+
+def _norm_kernel(s_ref, ss_ref, w_ref, q_ref, sx_ref, *, eps: float, tiny: float,
+                 e4m3_max: float):
+  """Split, second kernel: whole rows from the residual sum and the slices' sums of squares."""
+  sumsq = jnp.sum(ss_ref[...], axis=0)                  # [S, R, 1] -> [R, 1]
+  _finish(s_ref[...], w_ref, (q_ref, sx_ref), eps=eps, quantize=True, tiny=tiny,
+          e4m3_max=e4m3_max, sumsq=sumsq)
 
 
 def check_product_scales(what: str, row_scale, col_scale, rows: int, cols: int) -> bool:
@@ -125,20 +184,57 @@ def check_product_scales(what: str, row_scale, col_scale, rows: int, cols: int) 
   return True
 
 
-def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name):
+def _pow2(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
+
+
+def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name,
+          tiling: Tiling | None = None):
   from jaxinfer.ops import _TINY_AMAX, E4M3_MAX
   if not supports(x, y, w):
     raise ShapeError(f"{name} takes x, y [T, H] of one float dtype with H a power of two "
                      f"and w [H]; got {x.shape} {x.dtype}, {y.shape} {y.dtype}, {w.shape}")
   T, H = x.shape
   scaled = check_product_scales(f"{name}: y", y_row_scale, y_col_scale, T, H)
-  block = pl.BlockSpec((1, H), lambda i: (i, 0))
-  row = pl.BlockSpec((1, 1), lambda i: (i, 0))
+  t = tiling or Tiling()
+  R = t.rows if _pow2(t.rows) and T % t.rows == 0 else 1
+  P = t.split if quantize and _pow2(t.split) and H % t.split == 0 and H // t.split >= 16 else 1
+  consts = dict(tiny=_TINY_AMAX, e4m3_max=E4M3_MAX)
+  scale_args = ((y_row_scale.astype(jnp.float32), y_col_scale.astype(jnp.float32))
+                if scaled else ())
+  num_warps = t.num_warps or min(8, max(1, H // 512))
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
   vec = pl.BlockSpec((H,), lambda i: (0,))
-  y_block = (pl.BlockSpec((y.shape[0], 1, H), lambda i: (0, i, 0)) if y.ndim == 3 else block)
+  if P > 1:
+    hs = H // P
+    block = pl.BlockSpec((R, hs), lambda i, p: (i, p))
+    y_block = pl.BlockSpec((y.shape[0], R, hs), lambda i, p: (0, i, p)) if y.ndim == 3 else block
+    extra = [pl.BlockSpec((R, 1), lambda i, p: (i, 0)), pl.BlockSpec((hs,), lambda i, p: (p,))]
+    s, ss = pl.pallas_call(
+        functools.partial(_sum_kernel, scaled=scaled),
+        grid=(T // R, P),
+        in_specs=[block, y_block] + (extra if scaled else []),
+        out_specs=[block, pl.BlockSpec((1, R, 1), lambda i, p: (p, i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((T, H), x.dtype),
+                   jax.ShapeDtypeStruct((P, T, 1), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=min(num_warps, max(1, hs // 256)),
+                                             num_stages=1),
+        interpret=interpret, name=name + "_sum")(x, y, *scale_args)
+    row = pl.BlockSpec((1, H), lambda i: (i, 0))
+    q, sx = pl.pallas_call(
+        functools.partial(_norm_kernel, eps=eps, **consts),
+        grid=(T,),
+        in_specs=[row, pl.BlockSpec((P, 1, 1), lambda i: (0, i, 0)), vec],
+        out_specs=[row, pl.BlockSpec((1, 1), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((T, H), jnp.float8_e4m3fn),
+                   jax.ShapeDtypeStruct((T, 1), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, H // 512)), num_stages=1),
+        interpret=interpret, name=name)(s, ss, w)
+    return s, q, sx
+  block = pl.BlockSpec((R, H), lambda i: (i, 0))
+  row = pl.BlockSpec((R, 1), lambda i: (i, 0))
+  y_block = (pl.BlockSpec((y.shape[0], R, H), lambda i: (0, i, 0)) if y.ndim == 3 else block)
   in_specs = [block, y_block, vec] + ([row, vec] if scaled else [])
-  args = (x, y, w) + ((y_row_scale.astype(jnp.float32), y_col_scale.astype(jnp.float32))
-                      if scaled else ())
   if quantize:
     out_specs = [block, block, row]
     out_shape = [jax.ShapeDtypeStruct((T, H), x.dtype),
@@ -147,31 +243,31 @@ def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name):
   else:
     out_specs, out_shape = [block, block], [jax.ShapeDtypeStruct((T, H), x.dtype)] * 2
   return pl.pallas_call(
-      functools.partial(_kernel, eps=eps, scaled=scaled, quantize=quantize, tiny=_TINY_AMAX,
-                        e4m3_max=E4M3_MAX),
-      grid=(T,),
+      functools.partial(_kernel, eps=eps, scaled=scaled, quantize=quantize, **consts),
+      grid=(T // R,),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, H // 512)), num_stages=1),
+      compiler_params=params,
       interpret=interpret,
       name=name,
-  )(*args)
+  )(x, y, w, *scale_args)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "tiling"))
 def add_rms_norm(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_row_scale=None,
-                 y_col_scale=None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                 y_col_scale=None, interpret: bool = False, tiling: Tiling | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
   """(x + y, RMSNorm(x + y) * w) for x, y [T, H], w [H]; see the module docstring."""
   return tuple(_call(x, y, w, y_row_scale, y_col_scale, eps=eps, quantize=False,
-                     interpret=interpret, name="add_rms_norm"))
+                     interpret=interpret, name="add_rms_norm", tiling=tiling))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "tiling"))
 def add_rms_norm_fp8(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_row_scale=None,
-                     y_col_scale=None, interpret: bool = False
+                     y_col_scale=None, interpret: bool = False, tiling: Tiling | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(x + y, E4M3 rows of RMSNorm(x + y) * w [T, H], f32 row scales [T, 1]); see the module
-  docstring."""
+  docstring. ``tiling``: None for ``Tiling()`` (one row per program, one kernel)."""
   return tuple(_call(x, y, w, y_row_scale, y_col_scale, eps=eps, quantize=True,
-                     interpret=interpret, name="add_rms_norm_fp8"))
+                     interpret=interpret, name="add_rms_norm_fp8", tiling=tiling))

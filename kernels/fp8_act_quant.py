@@ -24,15 +24,23 @@ call at 64 rows (0.22 ms per decode step for 32 layers; XLA's amax + cast + scal
 interpret mode; on the GPU ~4% of the SwiGLU codes differ by one E4M3 step (XLA's fusion skips the
 intermediate bf16 roundings, ``xla_allow_excess_precision``), the scales by <= 1%.
 
-Tiling: grid (T,), one program per row; the row is processed in ``chunk``-wide slices (the largest
-power of two <= 2048 dividing the row width, unrolled), all kept in registers between the amax pass
-and the store pass: 14336 float32 values per row for Llama-3-8B's I, 56 per thread at 8 warps.
+Tiling (``Tiling``, ``default_tiling``): by default grid (T,), one program per row; the row is
+processed in ``chunk``-wide slices (the largest power of two <= 2048 dividing the row width,
+unrolled), all kept in registers between the amax pass and the store pass: 14336 float32 values
+per row for Llama-3-8B's I, 28 per thread at 16 warps; the row amax is an elementwise max over the
+slices, then one reduction. Options: ``rows`` rows per program (the column scales, f32 [2I], are
+read once per program instead of once per row: at T = 1024 they are 117 MB of L2 reads per call
+with one row per program), ``reload`` (the store pass re-reads the row instead of holding it), and
+``split`` column slices per row in two kernels (slice values + slice amax, then scales + codes:
+T * split programs, for decode steps whose T rows use only T of the SMs). Every option gives the
+same bits (max is exact, the per-element math is unchanged).
 Roofline: reads 2 T 2I + writes T I bytes (T = 64, I = 14336: 4.6 MB, ~1.5 us at 3 TB/s); at decode
-sizes it is launch-bound like the kernels it replaces, at prefill sizes (T = 1024: 73 MB) it halves
-the reads of the XLA pair.
+sizes it is launch/latency-bound (one SM streams a whole 57 KB row, plus 114 KB of column scales),
+at prefill sizes (T = 1024: 73 MB, ~24 us) bandwidth-bound.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -45,12 +53,30 @@ from kernels.add_rms_norm import check_product_scales
 
 _MAX_CHUNK = 2048
 _MAX_CHUNKS = 32
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How a call is spread over programs.
+
+  ``rows``: rows per program (a power of two dividing T; their column scales are loaded once for
+  all of them). ``num_warps``: per program (None: ``default_num_warps``). ``split``: column slices
+  per row (a power of two): > 1 runs two kernels, the first computing each slice's values (written
+  in the activation dtype, exact: they are rounded to it anyway) and amax, the second the row
+  scales from the slice amaxes and the codes; T * split programs instead of T. ``reload``: the
+  store pass re-reads the row (L2) and recomputes its values instead of holding them in
+  registers (single kernel only)."""
+  rows: int = 1
+  num_warps: int | None = None
+  split: int = 1
+  reload: bool = False
 
 
 def _scaled(y, row, col, dtype):
   if row is None:
     return y
-  return (y.astype(jnp.float32) * row * col).astype(dtype)
+  return (y.astype(_F32) * row * col).astype(dtype)
 
 
 def reference_silu_mul(gate_up: jax.Array, row_scale=None, col_scale=None) -> jax.Array:
@@ -58,9 +84,9 @@ def reference_silu_mul(gate_up: jax.Array, row_scale=None, col_scale=None) -> ja
   dtype = gate_up.dtype
   y = _scaled(gate_up, row_scale, col_scale, dtype)
   gate, up = jnp.split(y, 2, axis=-1)
-  g = gate.astype(jnp.float32)
+  g = gate.astype(_F32)
   silu = (g * jax.nn.sigmoid(g)).astype(dtype)
-  return (silu.astype(jnp.float32) * up.astype(jnp.float32)).astype(dtype)
+  return (silu.astype(_F32) * up.astype(_F32)).astype(dtype)
 
 
 def reference_silu_mul_quantize(gate_up: jax.Array, row_scale=None, col_scale=None
@@ -93,41 +119,125 @@ def supports(x: jax.Array, glu: bool) -> bool:
   return chunk_width(k) is not None
 
 
-def _kernel(*refs, width: int, chunk: int, glu: bool, scaled: bool, tiny: float, e4m3_max: float):
-  x_ref, *refs = refs
-  if scaled:
-    rs_ref, cs_ref, *refs = refs
-  q_ref, sx_ref = refs
-  t = pl.program_id(0)
+def _rows(ref, t0, rows: int, cols):
+  """Rows [t0, t0 + rows) of ref at columns ``cols``: 1-D for one row, else [rows, ...]."""
+  return ref[t0, cols] if rows == 1 else ref[pl.ds(t0, rows), cols]
+
+
+def _set_rows(ref, t0, rows: int, cols, v):
+  if rows == 1:
+    ref[t0, cols] = v
+  else:
+    ref[pl.ds(t0, rows), cols] = v
+
+
+def _loader(x_ref, rs_ref, cs_ref, t0, rows: int, chunk: int):
+  """load(off) -> the [rows, chunk] (1-D for one row) slice of x at column off, scaled by the
+  product's row / column scales first if there are any, in x's dtype."""
   dtype = x_ref.dtype
-  row = rs_ref[t, 0] if scaled else None
+  row = None
+  if rs_ref is not None:
+    row = rs_ref[t0, 0] if rows == 1 else rs_ref[pl.ds(t0, rows), :]
 
   def load(off):
-    v = x_ref[t, pl.ds(off, chunk)]
-    if scaled:
-      v = (v.astype(jnp.float32) * row * cs_ref[pl.ds(off, chunk)]).astype(dtype)
+    v = _rows(x_ref, t0, rows, pl.ds(off, chunk))
+    if row is not None:
+      col = cs_ref[pl.ds(off, chunk)]
+      v = (v.astype(_F32) * row * (col if rows == 1 else col[None, :])).astype(dtype)
     return v
+  return load
 
-  # every load first (independent: their latencies overlap), then the math, then the stores
+
+def _value(x, up, dtype):
+  """The value to quantize (in the activation dtype): silu(x) * up for a SwiGLU, else x."""
+  if up is None:
+    return x
+  g = x.astype(_F32)
+  silu = (g * jax.nn.sigmoid(g)).astype(dtype).astype(_F32)
+  return (silu * up.astype(_F32)).astype(dtype)
+
+
+def _amax(hs) -> jax.Array:
+  """Row amax of the chunks ``hs``: an elementwise max over the chunks, then one reduction (one
+  cross-warp reduction per row instead of one per chunk; the same value)."""
+  m = None
+  for h in hs:
+    a = jnp.abs(h.astype(_F32))
+    m = a if m is None else jnp.maximum(m, a)
+  return jnp.max(m, axis=-1)
+
+
+def _split_refs(refs, scaled: bool):
+  x_ref, *refs = refs
+  rs_ref = cs_ref = None
+  if scaled:
+    rs_ref, cs_ref, *refs = refs
+  return x_ref, rs_ref, cs_ref, refs
+
+
+def _kernel(*refs, width: int, chunk: int, rows: int, glu: bool, scaled: bool, reload: bool,
+            tiny: float, e4m3_max: float):
+  """One program: ``rows`` whole rows (amax pass, then the store pass)."""
+  x_ref, rs_ref, cs_ref, (q_ref, sx_ref) = _split_refs(refs, scaled)
+  t0 = pl.program_id(0) * rows
+  dtype = x_ref.dtype
+  load = _loader(x_ref, rs_ref, cs_ref, t0, rows, chunk)
   n = width // chunk
-  xs = [load(c * chunk) for c in range(n)]
-  ups = [load(width + c * chunk) for c in range(n)] if glu else None
-  hs, amax = [], None
-  for c in range(n):
-    if glu:
-      g = xs[c].astype(jnp.float32)
-      silu = (g * jax.nn.sigmoid(g)).astype(dtype).astype(jnp.float32)
-      h = (silu * ups[c].astype(jnp.float32)).astype(dtype)
-    else:
-      h = xs[c]
-    h = h.astype(jnp.float32)
-    hs.append(h)
-    m = jnp.max(jnp.abs(h))
-    amax = m if amax is None else jnp.maximum(amax, m)
-  sx = jnp.maximum(amax, tiny) / e4m3_max
+
+  def values():
+    # every load first (independent: their latencies overlap), then the math
+    xs = [load(c * chunk) for c in range(n)]
+    ups = [load(width + c * chunk) for c in range(n)] if glu else [None] * n
+    return [_value(x, u, dtype) for x, u in zip(xs, ups)]
+
+  hs = values()
+  sx = jnp.maximum(_amax(hs), tiny) / e4m3_max
+  if reload:
+    hs = values()
+  if rows > 1:
+    sx = sx[:, None]
   for c, h in enumerate(hs):
-    q_ref[t, pl.ds(c * chunk, chunk)] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
-  sx_ref[pl.ds(t, 1), :] = jnp.full((1, 1), sx, jnp.float32)
+    q = jnp.clip(h.astype(_F32) / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
+    _set_rows(q_ref, t0, rows, pl.ds(c * chunk, chunk), q)
+  sx_ref[pl.ds(t0, rows), :] = (jnp.full((1, 1), sx, _F32) if rows == 1 else sx)
+
+
+def _slice_kernel(*refs, width: int, slice_w: int, chunk: int, rows: int, glu: bool,
+                  scaled: bool):
+  """Split, first kernel: program (i, p) computes the values of column slice p of its rows,
+  writes them (activation dtype) and their amax [rows, 1] at column p of the amax array."""
+  x_ref, rs_ref, cs_ref, (h_ref, am_ref) = _split_refs(refs, scaled)
+  t0, p = pl.program_id(0) * rows, pl.program_id(1)
+  dtype = x_ref.dtype
+  load = _loader(x_ref, rs_ref, cs_ref, t0, rows, chunk)
+  n = slice_w // chunk
+  base = p * slice_w
+  xs = [load(base + c * chunk) for c in range(n)]
+  ups = [load(width + base + c * chunk) for c in range(n)] if glu else [None] * n
+  hs = [_value(x, u, dtype) for x, u in zip(xs, ups)]
+  for c, h in enumerate(hs):
+    _set_rows(h_ref, t0, rows, pl.ds(base + c * chunk, chunk), h)
+  amax = _amax(hs)
+  am_ref[pl.ds(t0, rows), pl.ds(p, 1)] = (jnp.full((1, 1), amax, _F32) if rows == 1
+                                          else amax[:, None])
+
+
+def _quantize_kernel(h_ref, am_ref, q_ref, sx_ref, *, slice_w: int, chunk: int, rows: int,
+                     tiny: float, e4m3_max: float):
+  """Split, second kernel: the row scales from the slice amaxes, the codes of slice p."""
+  t0, p = pl.program_id(0) * rows, pl.program_id(1)
+  sx = jnp.maximum(jnp.max(_rows(am_ref, t0, rows, slice(None)), axis=-1), tiny) / e4m3_max
+  if rows > 1:
+    sx = sx[:, None]
+  base = p * slice_w
+  hs = [_rows(h_ref, t0, rows, pl.ds(base + c * chunk, chunk)) for c in range(slice_w // chunk)]
+  for c, h in enumerate(hs):
+    q = jnp.clip(h.astype(_F32) / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
+    _set_rows(q_ref, t0, rows, pl.ds(base + c * chunk, chunk), q)
+
+  @pl.when(p == 0)
+  def _():
+    sx_ref[pl.ds(t0, rows), :] = (jnp.full((1, 1), sx, _F32) if rows == 1 else sx)
 
 
 def default_num_warps(width: int, rows: int) -> int:
@@ -138,8 +248,18 @@ def default_num_warps(width: int, rows: int) -> int:
   return 16 if width >= 8192 else 4
 
 
+def default_tiling(width: int, t: int, glu: bool) -> Tiling:
+  """The tiling a call of t rows of ``width`` outputs uses."""
+  del width, t, glu
+  return Tiling()
+
+
+def _pow2(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
+
+
 def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
-          num_warps: int | None = None):
+          tiling: Tiling | None):
   from jaxinfer.ops import _TINY_AMAX, E4M3_MAX
   if not supports(x, glu):
     raise ShapeError(f"{name} takes x [T, K] of a float dtype with its {'half ' if glu else ''}"
@@ -148,35 +268,52 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
   T, K = x.shape
   scaled = check_product_scales(f"{name}:", row_scale, col_scale, T, K)
   width = K // 2 if glu else K
-  chunk = chunk_width(width)
-  args = (x,) + ((row_scale.astype(jnp.float32), col_scale.astype(jnp.float32)) if scaled else ())
+  t = tiling or default_tiling(width, T, glu)
+  rows = t.rows if _pow2(t.rows) and T % t.rows == 0 else 1
+  split = t.split if _pow2(t.split) and width % t.split == 0 else 1
+  if split > 1 and chunk_width(width // split) is None:
+    split = 1
+  num_warps = t.num_warps or default_num_warps(width, T)
+  args = (x,) + ((row_scale.astype(_F32), col_scale.astype(_F32)) if scaled else ())
+  out_q = jax.ShapeDtypeStruct((T, width), jnp.float8_e4m3fn)
+  out_sx = jax.ShapeDtypeStruct((T, 1), _F32)
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  consts = dict(tiny=_TINY_AMAX, e4m3_max=E4M3_MAX)
+  if split == 1:
+    return tuple(pl.pallas_call(
+        functools.partial(_kernel, width=width, chunk=chunk_width(width), rows=rows, glu=glu,
+                          scaled=scaled, reload=t.reload, **consts),
+        grid=(T // rows,), out_shape=[out_q, out_sx], compiler_params=params,
+        interpret=interpret, name=name)(*args))
+  slice_w = width // split
+  chunk = chunk_width(slice_w)
+  h, am = pl.pallas_call(
+      functools.partial(_slice_kernel, width=width, slice_w=slice_w, chunk=chunk, rows=rows,
+                        glu=glu, scaled=scaled),
+      grid=(T // rows, split),
+      out_shape=[jax.ShapeDtypeStruct((T, width), x.dtype), jax.ShapeDtypeStruct((T, split), _F32)],
+      compiler_params=params, interpret=interpret, name=name + "_slices")(*args)
   return tuple(pl.pallas_call(
-      functools.partial(_kernel, width=width, chunk=chunk, glu=glu, scaled=scaled,
-                        tiny=_TINY_AMAX, e4m3_max=E4M3_MAX),
-      grid=(T,),
-      out_shape=[jax.ShapeDtypeStruct((T, width), jnp.float8_e4m3fn),
-                 jax.ShapeDtypeStruct((T, 1), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(
-          num_warps=num_warps or default_num_warps(width, T), num_stages=1),
-      interpret=interpret,
-      name=name,
-  )(*args))
+      functools.partial(_quantize_kernel, slice_w=slice_w, chunk=chunk, rows=rows, **consts),
+      grid=(T // rows, split), out_shape=[out_q, out_sx], compiler_params=params,
+      interpret=interpret, name=name)(h, am))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
-def quantize_rows(x: jax.Array, *, interpret: bool = False, num_warps: int | None = None
+@functools.partial(jax.jit, static_argnames=("interpret", "tiling"))
+def quantize_rows(x: jax.Array, *, interpret: bool = False, tiling: Tiling | None = None
                   ) -> tuple[jax.Array, jax.Array]:
   """(E4M3 rows [T, K], f32 scales [T, 1]) of x [T, K], as ``ops.quantize_rows_fp8``.
-  ``num_warps``: per row program (None: ``default_num_warps``)."""
+  ``tiling``: None for ``default_tiling``."""
   return _call(x, None, None, glu=False, interpret=interpret, name="quantize_rows_fp8",
-               num_warps=num_warps)
+               tiling=tiling)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("interpret", "tiling"))
 def silu_mul_quantize(gate_up: jax.Array, row_scale=None, col_scale=None, *,
-                      interpret: bool = False, num_warps: int | None = None
+                      interpret: bool = False, tiling: Tiling | None = None
                       ) -> tuple[jax.Array, jax.Array]:
   """(E4M3 rows of silu(gate) * up [T, I], f32 scales [T, 1]) of gate_up [T, 2I] (with the FP8
-  product's row / column scales, if given); see the module docstring."""
+  product's row / column scales, if given); see the module docstring. ``tiling``: None for
+  ``default_tiling``."""
   return _call(gate_up, row_scale, col_scale, glu=True, interpret=interpret,
-               name="silu_mul_fp8", num_warps=num_warps)
+               name="silu_mul_fp8", tiling=tiling)

@@ -101,3 +101,30 @@ def test_add_rms_norm_applies_the_fp8_output_scales_of_y(quantize):
                              atol=2e-2)
   with pytest.raises(ShapeError):
     add_rms_norm(x, raw, w, eps=1e-5, y_row_scale=rs[:3], y_col_scale=cs, interpret=True)
+
+
+@pytest.mark.parametrize("tiling", [(2, 1), (4, 1), (1, 2), (1, 8), (2, 4)])
+def test_add_rms_norm_fp8_tilings(tiling):
+  """Rows per program and the two-kernel column split, over split-K partials with scales and over
+  a plain y: the same sums, codes and scales as the XLA ops (interpret mode), float64-close."""
+  from kernels.add_rms_norm import Tiling
+  from jaxinfer.ops import ScaledRows
+  T, H = 8, 256
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((T, H)) * 2, jnp.bfloat16)
+  parts = jnp.asarray(rng.standard_normal((4, T, H)) * 20, jnp.float32)
+  rs = jnp.asarray(rng.uniform(0.001, 0.05, (T, 1)), jnp.float32)
+  cs = jnp.asarray(rng.uniform(0.5, 2.0, H), jnp.float32)
+  w = jnp.asarray(rng.uniform(0.5, 1.5, H), jnp.bfloat16)
+  t = Tiling(rows=tiling[0], split=tiling[1])
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  for y, scales in [(parts, (rs, cs)), (jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16),
+                                        (None, None))]:
+    got = add_rms_norm_fp8(x, y, w, eps=1e-5, y_row_scale=scales[0], y_col_scale=scales[1],
+                           interpret=True, tiling=t)
+    yy = ScaledRows(y, rs, cs, jnp.bfloat16).apply() if scales[0] is not None else y
+    for g, r in zip(got, reference_fp8(x, yy, w, 1e-5)):
+      np.testing.assert_array_equal(f64(g), f64(r))
+    _, want_h = np_add_rms_norm(f64(x), f64(yy), f64(w), 1e-5)
+    deq = f64(got[1]) * f64(got[2])
+    np.testing.assert_allclose(deq, want_h, rtol=0.07, atol=0.07 * np.abs(want_h).max())

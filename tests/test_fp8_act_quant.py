@@ -6,7 +6,7 @@ import pytest
 
 from jaxinfer.errors import ShapeError
 from jaxinfer.ops import E4M3_MAX, quantize_rows_fp8
-from kernels.fp8_act_quant import (chunk_width, quantize_rows, reference_silu_mul,
+from kernels.fp8_act_quant import (Tiling, chunk_width, quantize_rows, reference_silu_mul,
                                    reference_silu_mul_quantize, silu_mul_quantize, supports)
 
 f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
@@ -54,6 +54,31 @@ def test_silu_mul_quantize_matches_float64_and_reference(T, I, dtype, scaled):
   g, u = y[:, :I], y[:, I:]
   _check_quantized(q, sx, g / (1 + np.exp(-g)) * u)
   rq, rsx = reference_silu_mul_quantize(raw, rs, cs)
+  np.testing.assert_array_equal(f64(q), f64(rq))
+  np.testing.assert_array_equal(f64(sx), f64(rsx))
+
+
+@pytest.mark.parametrize("tiling", [Tiling(rows=2), Tiling(rows=4, reload=True),
+                                    Tiling(split=2), Tiling(rows=2, split=4, num_warps=2)])
+def test_tilings_give_the_same_codes(tiling):
+  """Rows per program, reloading, and the two-kernel column split: float64-close and bit for bit
+  the plain-JAX references (SwiGLU with the product's scales, and plain rows)."""
+  T, I = 4, 7 * 64                                # 7 slices of 64 per row: odd slice counts
+  rng = np.random.default_rng(17)
+  raw = jnp.asarray(rng.standard_normal((T, 2 * I)) * 40, jnp.bfloat16)
+  rs = jnp.asarray(rng.uniform(0.01, 0.1, (T, 1)), jnp.float32)
+  cs = jnp.asarray(rng.uniform(0.5, 2.0, 2 * I), jnp.float32)
+  q, sx = silu_mul_quantize(raw, rs, cs, interpret=True, tiling=tiling)
+  y = f64(raw) * f64(rs) * f64(cs)
+  g, u = y[:, :I], y[:, I:]
+  _check_quantized(q, sx, g / (1 + np.exp(-g)) * u)
+  rq, rsx = reference_silu_mul_quantize(raw, rs, cs)
+  np.testing.assert_array_equal(f64(q), f64(rq))
+  np.testing.assert_array_equal(f64(sx), f64(rsx))
+  x = jnp.asarray(rng.standard_normal((T, I)) * rng.uniform(0.1, 10, (T, 1)), jnp.float16)
+  q, sx = quantize_rows(x, interpret=True, tiling=tiling)
+  _check_quantized(q, sx, f64(x))
+  rq, rsx = quantize_rows_fp8(x)
   np.testing.assert_array_equal(f64(q), f64(rq))
   np.testing.assert_array_equal(f64(sx), f64(rsx))
 
