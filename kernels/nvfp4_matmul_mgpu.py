@@ -175,7 +175,13 @@ class MgpuTiling:
   hold_a):
   each strip's k_per_step records of a step are contiguous in memory (one 18 KB TMA per strip
   for 2), half the barrier round trips per byte (the grouped kernel's +2%); a CTA whose K range
-  has an odd number of tiles runs 1."""
+  has an odd number of tiles runs 1;
+  x_multicast (x through the XLA fusion, i.e. x_in_kernel off; excludes k_interleave, stream_k
+  and the in-kernel split combines): CTAs of neighbouring row blocks form clusters of 2 and each
+  x tile is TMA-multicast to both (each CTA loads half): the x bytes read from L2 per step halve
+  (at M=64 every CTA reads a 32 KB x tile per 18 KB of weights: 57 MB of L2 reads at N=14336);
+  the slots' "consumed" barriers become cluster barriers (a slot is refilled once the consumers
+  of both CTAs released it)."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -192,6 +198,7 @@ class MgpuTiling:
   overlap_pairs: bool = False
   x_convert: int = 1
   k_per_step: int = 1
+  x_multicast: bool = False
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -212,6 +219,10 @@ class MgpuTiling:
         self.k_interleave or self.stream_k or self.tile_major or self.hold_a)):
       raise ValueError(f"k_per_step must be 1 or 2 (2 excludes k_interleave, stream_k, "
                        f"tile_major and hold_a), got {self}")
+    if self.x_multicast and (self.x_in_kernel or self.k_interleave or self.stream_k
+                             or self.split_combine != "xla"):
+      raise ValueError(f"x_multicast excludes x_in_kernel, k_interleave, stream_k and the "
+                       f"in-kernel split combines, got {self}")
     if self.x_convert not in (1, 2):
       raise ValueError(f"x_convert must be 1 or 2, got {self}")
     if self.overlap_pairs and (self.k_interleave or self.overlap_mma or self.stream_k):
@@ -312,6 +323,9 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   overlap_pairs = overrides.pop("overlap_pairs", False)
   x_convert = overrides.pop("x_convert", 1)
   kps = overrides.pop("k_per_step", 1)
+  x_multicast = overrides.pop("x_multicast", False)
+  if x_multicast:
+    x_in = False
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -324,7 +338,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
                  split_combine=split_combine, tile_major=tile_major,
-                 overlap_pairs=overlap_pairs, x_convert=x_convert, k_per_step=kps)
+                 overlap_pairs=overlap_pairs, x_convert=x_convert, k_per_step=kps,
+                 x_multicast=x_multicast)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
   while (stages - step >= max(2, step)
@@ -864,11 +879,14 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
             hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
             tile_major: bool = False, cluster_split: bool = False, cl_scoped=None,
-            overlap_pairs: bool = False, x_convert: int = 1, kps: int = 1):
+            overlap_pairs: bool = False, x_convert: int = 1, kps: int = 1,
+            multicast: bool = False):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
-  strip0 = lax.axis_index("n") * cta_strips
+  # x_multicast: the grid indexes clusters of two CTAs (neighbouring row blocks)
+  cta = lax.axis_index("n") * 2 + lax.axis_index("c") if multicast else lax.axis_index("n")
+  strip0 = cta * cta_strips
   sk = lax.axis_index("s")
   t0 = sk * steps
   if plan is not None:   # stream-K: this CTA's units [u0, u1), row block major
@@ -957,7 +975,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       else:
         for h in range(kps):
           plgpu.copy_gmem_to_smem(x_ref.at[:, x_cols(i, h)], kh(x_smem.at[slot], h),
-                                  full.at[slot])
+                                  full.at[slot], collective_axes="c" if multicast else None)
 
     if x_in_kernel:
       convert(jnp.asarray(n_steps - 1, jnp.int32))
@@ -1311,7 +1329,10 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   if smem_bytes(t, mp) > _SMEM_LIMIT:
     raise ShapeError(f"{t} needs {smem_bytes(t, mp)} bytes of shared memory at M={m}")
   # whole CTAs: pad the strips (zero records) to a multiple of the CTA's rows
+  mc = t.x_multicast and not interpret     # (the interpreter: plain per-CTA x copies)
   ctas = -(-s_n // rows)
+  if mc:
+    ctas += ctas % 2
   if ctas * rows != s_n:
     pad = ((0, ctas * rows - s_n), (0, 0))
     w = jnp.pad(w, (pad[::-1] if t.tile_major else pad) + ((0, 0), (0, 0)))
@@ -1344,7 +1365,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
                              plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
                              tile_major=t.tile_major, cluster_split=clustered,
-                             overlap_pairs=t.overlap_pairs, x_convert=t.x_convert, kps=kps)
+                             overlap_pairs=t.overlap_pairs, x_convert=t.x_convert, kps=kps,
+                             multicast=mc)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if combine_plan is not None:
@@ -1361,8 +1383,10 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
             plgpu.SMEM((_X_RAW_SLOTS, *ks, m, TILE_K), x.dtype) if x_in else None)
     # full: the weight TMA + (the producer's conversion | one x TMA per K tile)
     bars = (plgpu.Barrier(num_arrivals=2 if x_in else 1 + kps, num_barriers=t.stages),
-            plgpu.Barrier(num_arrivals=1 if t.k_interleave else t.consumers,
-                          num_barriers=t.stages),
+            (plgpu.ClusterBarrier(collective_axes=("c",), num_arrivals=t.consumers,
+                                  num_barriers=t.stages) if mc else
+             plgpu.Barrier(num_arrivals=1 if t.k_interleave else t.consumers,
+                           num_barriers=t.stages)),
             plgpu.Barrier(num_arrivals=t.consumers - 1) if red else None,
             plgpu.Barrier(num_arrivals=kps, num_barriers=_X_RAW_SLOTS) if x_in else None)
     if clustered:
@@ -1376,9 +1400,13 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
       pl.run_scoped(lambda *scoped: body(x_ref, w_ref, gs_ref, o_ref, scoped), smem, bars,
                     collective_axes="wg")
 
-  grid_kw = (dict(grid=(ctas,), grid_names=("n",), cluster=(split,), cluster_names=("s",))
-             if clustered else
-             dict(grid=(plan.ctas if plan else ctas, split), grid_names=("n", "s")))
+  if clustered:
+    grid_kw = dict(grid=(ctas,), grid_names=("n",), cluster=(split,), cluster_names=("s",))
+  elif mc:
+    grid_kw = dict(grid=(ctas // 2, split), grid_names=("n", "s"), cluster=(2,),
+                   cluster_names=("c",))
+  else:
+    grid_kw = dict(grid=(plan.ctas if plan else ctas, split), grid_names=("n", "s"))
   out = plgpu.kernel(
       entry, out_type=out_shape, **grid_kw,
       num_threads=t.consumers + 1, thread_name="wg",

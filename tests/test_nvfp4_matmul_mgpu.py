@@ -248,6 +248,8 @@ CASES = [
     (3, 128, 1024, mg.MgpuTiling(consumers=1, strips=2, stages=2, k_per_step=2, pdl=2)),
     (4, 128, 1280, mg.MgpuTiling(consumers=2, strips=1, stages=2, x_in_kernel=True,
                                  k_per_step=2)),
+    # x_multicast (the interpreter runs plain per-CTA copies: odd CTA count padded)
+    (7, 320, 1024, mg.MgpuTiling(consumers=2, strips=1, stages=2, x_multicast=True)),
 ]
 
 
@@ -339,6 +341,8 @@ def test_bad_inputs_raise(rng):
     mg.MgpuTiling(consumers=2, stages=3, k_interleave=True)
   with pytest.raises(ValueError, match="k_per_step must be"):
     mg.MgpuTiling(k_per_step=2, tile_major=True)
+  with pytest.raises(ValueError, match="x_multicast excludes"):
+    mg.MgpuTiling(x_multicast=True, x_in_kernel=True)
   with pytest.raises(ValueError, match="x_convert must be"):
     mg.MgpuTiling(x_convert=3)
   with pytest.raises(ValueError, match="overlap_pairs excludes"):
@@ -386,7 +390,11 @@ def test_lowers_for_hopper_on_cpu():
             (5, 200, 512, mg.MgpuTiling(2, 1, 4, 1, x_in_kernel=True, x_convert=2)),
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 4, 1, x_in_kernel=True, k_per_step=2,
                                            x_convert=2, overlap_pairs=True)),
-            (64, 4096, 14336, mg.MgpuTiling(2, 1, 1, 4, k_per_step=2))]
+            (64, 4096, 14336, mg.MgpuTiling(2, 1, 1, 4, k_per_step=2)),
+            # x tiles multicast to clusters of two CTAs (odd CTA count padded: 5 strips, M=5)
+            (64, 14336, 4096, mg.MgpuTiling(2, 1, 3, 1, x_multicast=True, overlap_pairs=True)),
+            (8, 4096, 14336, mg.MgpuTiling(2, 1, 4, 4, x_multicast=True, k_per_step=2)),
+            (5, 300, 512, mg.MgpuTiling(1, 1, 4, 1, x_multicast=True))]
   for m, n, k, t in cases:
     wshape = (-(-n // 64), -(-k // 256), 72, 32)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
