@@ -91,6 +91,8 @@ class DecodeTiles:
                               # before the unmasked loop (not a second pipelined loop)
   zero_pad: bool = False      # one query per sequence, T <= B, one split or the fused combine:
                               # program b zeroes row b if a padding token (no zeros buffer in)
+  pt_regs: int = 0            # page tables of <= this many pages per sequence are loaded into
+                              # registers once per program (no page-table load per tile)
   # split-K combine of the partials: "rows" (one program per query row and column chunk, all
   # splits in one load: ``combine_rows``; 2.3 us vs 11.5 at 33 splits on the H100), "serial" (one
   # program per (sequence, KV head) looping over the splits), "fused" (no second kernel: the last
@@ -178,18 +180,30 @@ def split_range(seq_len, block_k: int, split, splits: int):
   return first, jnp.minimum(first + per_split, num_blocks)
 
 
+def load_page_row(pt_ref, b, pages_per_seq: int) -> jax.Array:
+  """Sequence b's page-table row [pages_per_seq, a power of two] as a register vector, for
+  ``key_tile(pt_row=...)``."""
+  return pt_ref[b, pl.ds(0, pages_per_seq)]
+
+
 def key_tile(pt_ref, b, kb, *, block_k: int, page_size: int, pages_per_seq: int,
-             page_blocks: bool = True):
+             page_blocks: bool = True, pt_row=None):
   """Keys ``kb*block_k ..`` of sequence b -> (keys [block_k], rows of the flat [N*page, ...] cache).
 
   A tile inside one page (page_size a multiple of block_k) is a contiguous ``pl.ds`` of rows: one
   scalar page-table read and base-plus-constant addresses. Otherwise rows is a [block_k, 1] gather
   of slots through the page table. Index the cache with ``tile_cols(rows, ...)`` for the columns.
+  ``pt_row`` (``load_page_row``): the page comes out of the registers (a masked sum over the row)
+  instead of a dependent global load per tile.
   """
   keys = kb * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
   if page_blocks and page_size % block_k == 0:
     start = kb * block_k
-    page = pt_ref[b, jnp.minimum(lax.div(start, page_size), pages_per_seq - 1)]
+    idx = jnp.minimum(lax.div(start, page_size), pages_per_seq - 1)
+    if pt_row is not None:
+      page = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, pt_row.shape, 0) == idx, pt_row, 0))
+    else:
+      page = pt_ref[b, idx]
     row0 = pl.multiple_of(page * page_size + lax.rem(start, page_size), block_k)
     return keys, pl.ds(row0, block_k)
   page = plgpu.load(pt_ref.at[b, lax.div(keys, page_size)],
@@ -229,7 +243,7 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
                    group: int, max_q: int, rows: int, block_k: int, page_size: int,
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
                    page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool,
-                   peel_tail: bool = False, zero_pad: bool = False,
+                   peel_tail: bool = False, zero_pad: bool = False, pt_regs: int = 0,
                    combine: str = "serial", interpret: bool = False, num_warps: int = 4):
   # refs: [o_init (aliased with out: zeros for the rows no program writes; not with zero_pad)]
   # [, cnt_init], out_refs
@@ -247,12 +261,15 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
   if kv_upcast is not None:
     score_scale = score_scale * (ksc_ref[0] * kv_factor)
   q = load_rows(q_ref, rm, 0, D)
+  pt_row = (load_page_row(pt_ref, b, pages_per_seq)
+            if pages_per_seq <= pt_regs and not pages_per_seq & (pages_per_seq - 1)
+            and page_blocks and page_size % block_k == 0 else None)
 
   def load_tile(kb, *, masked: bool, limit=None):
     """Keys and K/V of tile kb; masked: keys >= seq_len (and the whole tile unless kb < limit)
     read as zeros."""
     keys, rows_ix = key_tile(pt_ref, b, kb, block_k=block_k, page_size=page_size,
-                             pages_per_seq=pages_per_seq, page_blocks=page_blocks)
+                             pages_per_seq=pages_per_seq, page_blocks=page_blocks, pt_row=pt_row)
     cols = tile_cols(rows_ix, 0, D)
     if masked:
       ok = keys < seq_len
@@ -582,7 +599,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       _decode_kernel, group=G, max_q=max_q, rows=rows, block_k=block_k, page_size=page_size,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
       tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail,
-      peel_tail=tiles.peel_tail, zero_pad=zero_pad,
+      peel_tail=tiles.peel_tail, zero_pad=zero_pad, pt_regs=tiles.pt_regs,
       combine=combine, interpret=bool(interpret), num_warps=tiles.num_warps)
   o_shape = jax.ShapeDtypeStruct((T, H, D), out_dtype)
   extra, aliases = (), ({8: 0} if splits == 1 else {})

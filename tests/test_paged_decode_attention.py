@@ -323,3 +323,32 @@ def test_decode_zero_pad(num_tokens, splits, combine, fp8):
   ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+
+
+# pt_regs: the page-table row in registers (pages_per_seq a power of two <= pt_regs), one split and
+# split-K, FP8 and bf16; pages_per_seq not a power of two (5) falls back to a load per tile.
+@pytest.mark.parametrize("chunks,splits,fp8,in_regs", [
+    ([(100, 1), (0, 1), (37, 1), (63, 1)], 1, True, True), ([(40, 1), (0, 1), (20, 1)], 3, False, True),
+    ([(63, 1), (20, 1), (47, 1)], 2, True, False)])
+def test_decode_pt_regs(chunks, splits, fp8, in_regs, monkeypatch):
+  import kernels.paged_decode_attention as pda
+  calls = []
+  real_load = pda.load_page_row
+  monkeypatch.setattr(pda, "load_page_row", lambda *a: calls.append(a) or real_load(*a))
+  rng = np.random.default_rng(len(chunks) + splits)
+  D = 32
+  real = len(chunks)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
+                               num_tokens=real + 1, num_pages=30,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
+  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
+  if fp8:
+    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
+  tiles = DecodeTiles(16, num_warps=1, splits=splits, combine="fused", zero_pad=True, pt_regs=64)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=D ** -0.5, k_scale=ks, v_scale=vs, tiles=tiles,
+                               interpret=True)
+  assert bool(calls) == in_regs
+  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
