@@ -56,10 +56,11 @@ _MIN_ROWS = 16  # smallest M of a tensor-core dot in Triton
 @dataclasses.dataclass(frozen=True)
 class PagedPrefillTiles:
   block_q: int = 16     # query tokens per program; rows = block_q * G (padded to >= 16)
-  block_k: int = 32     # keys per K/V tile
+  block_k: int = 64     # keys per K/V tile (page-sized or smaller: blocks; larger: slot gather)
   num_warps: int = 4
   num_stages: int = 3
   page_blocks: bool = True   # key tiles inside one page read as blocks (else slot gather)
+  sort_items: bool = False   # work items heaviest first (else in sequence order)
 
 
 def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
@@ -67,52 +68,64 @@ def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
   return -(-(num_tokens + num_seqs * (block_q - 1)) // block_q)
 
 
-def work_items(query_start: jax.Array, num_tokens: int, block_q: int) -> jax.Array:
-  """[2, W] int32: item w is (b, j) = tile j (tokens j*block_q ..) of sequence b for the real tiles
-  in sequence order, then (-1, i): the i-th block_q tokens of padding from query_start[B] on."""
+def work_items(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, block_q: int,
+               sort: bool = False) -> jax.Array:
+  """[4, W] int32, one column per work item: (b, first token, tokens, position of the first token).
+
+  The real items are the block_q-token tiles of every sequence (b >= 0; tile j of b starts at token
+  query_start[b] + j*block_q, at position seq_lens[b] - q_len_b + j*block_q), in sequence order, or
+  with ``sort`` heaviest (most keys) first; then the padding items (b = -1): block_q-token pieces of
+  the padding rows from query_start[B] on (tokens may be 0), whose programs write zeros."""
   B = query_start.shape[0] - 1
   W = num_work_items(num_tokens, B, block_q)
   qs = query_start.astype(jnp.int32)
-  n = (jnp.maximum(qs[1:] - qs[:-1], 0) + block_q - 1) // block_q        # tiles of each sequence
+  q_len = jnp.maximum(qs[1:] - qs[:-1], 0)
+  n = (q_len + block_q - 1) // block_q                                  # tiles of each sequence
   cum = jnp.cumsum(n)                                                   # inclusive
   w = jnp.arange(W, dtype=jnp.int32)
-  b = jnp.sum(cum[None, :] <= w[:, None], axis=1).astype(jnp.int32)      # sequence holding item w
+  b = jnp.minimum(jnp.sum(cum[None, :] <= w[:, None], axis=1), B - 1).astype(jnp.int32)
   total = cum[-1]
   real = w < total
-  bc = jnp.minimum(b, B - 1)
-  j = w - (cum[bc] - n[bc])
-  return jnp.stack([jnp.where(real, bc, -1), jnp.where(real, j, w - total)]).astype(jnp.int32)
+  j = w - (cum[b] - n[b])
+  first = jnp.where(real, qs[b] + j * block_q, qs[B] + (w - total) * block_q)
+  count = jnp.where(real, jnp.minimum(block_q, q_len[b] - j * block_q),
+                    jnp.clip(num_tokens - first, 0, block_q))
+  pos0 = jnp.where(real, seq_lens.astype(jnp.int32)[b] - q_len[b] + j * block_q, -1)
+  items = jnp.stack([jnp.where(real, b, -1), first, count, pos0]).astype(jnp.int32)
+  if sort:   # keys of an item: pos0 + count (padding: -1, last); stable, so ties keep their order
+    items = items[:, jnp.argsort(-(pos0 + jnp.where(real, count, 0)), stable=True)]
+  return items
 
 
-def _kernel(work_ref, qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *,
-            group: int, rows: int, block_q: int, block_k: int, page_size: int, pages_per_seq: int,
-            num_seqs: int, sm_scale: float, kv_upcast, page_blocks: bool):
+def _kernel(work_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *, group: int,
+            rows: int, block_q: int, block_k: int, page_size: int, pages_per_seq: int,
+            sm_scale: float, kv_upcast, page_blocks: bool):
   kvh = pl.program_id(0)
   w = pl.program_id(1)
   b = work_ref[0, w]
-  j = work_ref[1, w]
-  T = q_ref.shape[0]
+  first = work_ref[1, w]
+  count = work_ref[2, w]
   D = k_ref.shape[-1]
   dv = o_ref.shape[-1]
   r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
-  tok = j * block_q + lax.div(r, group)                 # token of row r within the item
+  tok = lax.div(r, group)                               # token of row r within the item
   head = kvh * group + lax.rem(r, group)
-  real_row = r < block_q * group
+  row_ok = (r < block_q * group) & (tok < count)
+  ocols = lax.broadcasted_iota(jnp.int32, (1, dv), 1)
+  o_idx = ((first + tok)[:, None], head[:, None], ocols)
 
   @pl.when(b >= 0)
   def _attend():
-    q_start = qs_ref[b]
-    q_len = qs_ref[b + 1] - q_start
-    seq_len = lens_ref[b]
-    row_ok = real_row & (tok < q_len)
-    q_pos = seq_len - q_len + tok
+    pos0 = work_ref[3, w]                               # position of the item's first token
+    q_pos = pos0 + tok
     cols = lax.broadcasted_iota(jnp.int32, (1, D), 1)
-    q = plgpu.load(q_ref.at[(q_start + tok)[:, None], head[:, None], cols], mask=row_ok[:, None],
+    q = plgpu.load(q_ref.at[(first + tok)[:, None], head[:, None], cols], mask=row_ok[:, None],
                    other=0.0)
     score_scale = sm_scale * _LOG2E
     if kv_upcast is not None:
       q = q.astype(kv_upcast)
       score_scale = score_scale * ksc_ref[0]
+    last_pos = pos0 + count - 1
 
     def body(kb, carry, *, masked: bool):
       acc, m_prev, l_prev = carry
@@ -120,7 +133,7 @@ def _kernel(work_ref, qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vs
                                pages_per_seq=pages_per_seq, page_blocks=page_blocks)
       kc, vc = tile_cols(rows_ix, 0, D), tile_cols(rows_ix, 0, dv)
       if masked:
-        key_ok = (keys < seq_len)[:, None]
+        key_ok = (keys <= last_pos)[:, None]
         k = plgpu.load(k_ref.at[rows_ix, kvh, kc], mask=key_ok, other=0.0)
         v = plgpu.load(v_ref.at[rows_ix, kvh, vc], mask=key_ok, other=0.0)
       else:
@@ -140,25 +153,17 @@ def _kernel(work_ref, qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vs
 
     carry = (jnp.zeros((rows, dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
              jnp.zeros((rows,), jnp.float32))
-    pos0 = seq_len - q_len + j * block_q                 # position of the item's first token
-    last_pos = jnp.minimum(pos0 + block_q, seq_len) - 1
     num_blocks = lax.div(last_pos + block_k, block_k)
     num_full = jnp.minimum(lax.div(pos0 + 1, block_k), num_blocks)
     carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
     acc, _, l = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
     out_scale = vsc_ref[0] if kv_upcast is not None else 1.0
     out = acc * (out_scale / jnp.where(l > 0, l, 1.0))[:, None]
-    ocols = lax.broadcasted_iota(jnp.int32, (1, dv), 1)
-    plgpu.store(o_ref.at[(q_start + tok)[:, None], head[:, None], ocols], out.astype(o_ref.dtype),
-                mask=row_ok[:, None])
+    plgpu.store(o_ref.at[o_idx], out.astype(o_ref.dtype), mask=row_ok[:, None])
 
   @pl.when(b < 0)
   def _zero_padding():
-    t = qs_ref[num_seqs] + tok                           # j-th block of padding tokens
-    ok = real_row & (t < T)
-    ocols = lax.broadcasted_iota(jnp.int32, (1, dv), 1)
-    plgpu.store(o_ref.at[t[:, None], head[:, None], ocols],   # (t < T where stored)
-                jnp.zeros((rows, dv), o_ref.dtype), mask=ok[:, None])
+    plgpu.store(o_ref.at[o_idx], jnp.zeros((rows, dv), o_ref.dtype), mask=row_ok[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "tiles", "interpret"))
@@ -178,10 +183,10 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     raise ShapeError(f"block_k {tiles.block_k} and page size {page_size} must divide one another")
   rows = max(_MIN_ROWS, 1 << (tiles.block_q * G - 1).bit_length())
   kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None
-  work = work_items(query_start, T, tiles.block_q)
+  work = work_items(query_start, seq_lens, T, tiles.block_q, tiles.sort_items)
   kernel = functools.partial(
       _kernel, group=G, rows=rows, block_q=tiles.block_q, block_k=tiles.block_k,
-      page_size=page_size, pages_per_seq=P, num_seqs=B, sm_scale=scale, kv_upcast=kv_upcast,
+      page_size=page_size, pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast,
       page_blocks=tiles.page_blocks)
   return pl.pallas_call(
       kernel,
@@ -191,8 +196,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="paged_prefill_attention",
-  )(work, query_start.astype(jnp.int32), seq_lens.astype(jnp.int32),
-    page_table.astype(jnp.int32), q, k_pages.reshape(N * page_size, KV, D),
+  )(work, page_table.astype(jnp.int32), q, k_pages.reshape(N * page_size, KV, D),
     v_pages.reshape(N * page_size, KV, D), jnp.asarray(k_scale, jnp.float32).reshape(1),
     jnp.asarray(v_scale, jnp.float32).reshape(1))
 

@@ -69,7 +69,7 @@ MIXED = [(21, 13), (40, 1), (0, 9), (5, 1), (16, 17)]
 @pytest.mark.parametrize("H,KV,D,tiles", [
     (8, 2, 32, PagedPrefillTiles(block_q=4, block_k=16)),                     # GQA 4, page blocks
     (8, 2, 32, PagedPrefillTiles(block_q=2, block_k=32)),                     # 8 rows -> 16, gather
-    (8, 1, 64, PagedPrefillTiles(block_q=4, block_k=8)),                      # GQA 8, 2 tiles/page
+    (8, 1, 64, PagedPrefillTiles(block_q=4, block_k=8, sort_items=True)),     # GQA 8, 2 tiles/page
     (4, 4, 32, PagedPrefillTiles(block_q=16, block_k=16, page_blocks=False)),  # MHA, slot gather
 ])
 def test_fp8_cache_mixed_step_matches_float64(H, KV, D, tiles):
@@ -124,31 +124,38 @@ def test_all_padding_and_full_steps():
     assert np.linalg.norm(out[:real] - want[:real]) / np.linalg.norm(want[:real]) < 1e-2
 
 
-@pytest.mark.parametrize("block_q", [1, 3, 16])
-def test_work_items_cover_every_tile_and_padding_token_once(block_q):
-  rng = np.random.default_rng(block_q)
+@pytest.mark.parametrize("block_q,sort", [(1, False), (3, True), (16, False), (16, True)])
+def test_work_items_cover_every_token_once(block_q, sort):
+  """Every real token in exactly one item of its sequence (first tokens block_q apart, positions
+  right), every padding token in one padding item; sorted: heaviest first, padding last."""
+  rng = np.random.default_rng(block_q + sort)
   for _ in range(20):
     T, B = int(rng.integers(8, 80)), int(rng.integers(1, 12))
     n = int(rng.integers(0, B + 1))
     lens = rng.multinomial(int(rng.integers(0, T + 1)), np.ones(n) / n) if n else np.zeros(0, int)
     qs = np.full(B + 1, lens.sum(), np.int32)
     qs[:n] = np.cumsum(lens) - lens
-    work = np.asarray(work_items(jnp.asarray(qs), T, block_q))
-    assert work.shape == (2, num_work_items(T, B, block_q))
+    seq_lens = np.zeros(B, np.int32)
+    seq_lens[:n] = lens + rng.integers(0, 50, n)
+    work = np.asarray(work_items(jnp.asarray(qs), jnp.asarray(seq_lens), T, block_q, sort))
+    assert work.shape == (4, num_work_items(T, B, block_q))
     covered = np.zeros(T, int)
-    for b, j in work.T:
+    for b, first, count, pos0 in work.T:
       if b >= 0:
         q_len = qs[b + 1] - qs[b]
-        assert 0 <= j * block_q < q_len
-        covered[qs[b] + j * block_q:qs[b] + min((j + 1) * block_q, q_len)] += 1
+        assert 1 <= count <= block_q and (first - qs[b]) % block_q == 0
+        assert qs[b] <= first and first + count <= qs[b + 1]
+        assert pos0 == seq_lens[b] - q_len + first - qs[b]
       else:
-        t0 = qs[B] + j * block_q
-        covered[t0:min(t0 + block_q, T)] += 1
+        assert qs[B] <= first and 0 <= count <= block_q and (count == 0 or first + count <= T)
+      covered[first:first + count] += 1
     assert (covered == 1).all()
-    # real items come first, in sequence order
-    b = work[0]
-    real = b[b >= 0]
-    assert (np.diff(real) >= 0).all() and (b[len(real):] == -1).all()
+    real = work[:, work[0] >= 0]
+    assert (work[0, real.shape[1]:] == -1).all()           # padding items last
+    if sort:
+      assert (np.diff(real[3] + real[2]) <= 0).all()
+    else:
+      assert (np.diff(real[0]) >= 0).all() and (np.diff(real[1]) > 0).all()
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, F8])
