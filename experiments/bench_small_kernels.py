@@ -33,16 +33,15 @@ _SMALL = flags.DEFINE_bool("small", False, "tiny shapes (smoke runs)")
 _BUDGET = flags.DEFINE_float("budget_s", 120.0, "stop starting cases past this")
 _OUT = flags.DEFINE_string("out", "/tmp/bench_small_kernels.json", "JSON output")
 
-# Tilings per case: (rows, num_warps, split, reload); None = the module default.
+# Tilings per case: (rows, num_warps, split, reload); None = the module default; (0, C): the
+# Mosaic GPU cluster kernel (kernels/fp8_act_quant_mgpu.py) with C CTAs per row.
 VARIANTS = {
-    "silu64": [None, (1, 8, 1, 0), (1, 8, 2, 0), (1, 4, 4, 0), (1, 8, 4, 0), (1, 4, 8, 0),
-               (2, 8, 4, 0), (1, 16, 2, 0)],
-    "silu1024": [None, (2, 16, 1, 0), (4, 32, 1, 0), (4, 16, 1, 1), (8, 16, 1, 1), (2, 8, 1, 1),
-                 (1, 8, 1, 1), (4, 8, 4, 0)],
-    "rows64": [None, (1, 4, 2, 0), (1, 4, 4, 0), (1, 2, 4, 0)],
-    "rows1024": [None, (2, 4, 1, 0), (4, 8, 1, 0), (4, 4, 1, 1)],
-    "norm64": [None, (1, None, 2, 0), (1, None, 4, 0), (1, None, 8, 0), (1, 4, 4, 0)],
-    "norm1024": [None, (2, 8, 1, 0), (4, 8, 1, 0), (4, 16, 1, 0), (8, 16, 1, 0)],
+    "silu64": [None, (0, 4), (0, 8), (1, 8, 2, 0), (1, 4, 4, 0), (1, 4, 8, 0)],
+    "silu1024": [None, (0, 4), (2, 16, 1, 0), (4, 16, 1, 1), (2, 8, 1, 1), (4, 32, 1, 0)],
+    "rows64": [None, (0, 4), (0, 8), (1, 4, 2, 0)],
+    "rows1024": [None, (2, 4, 1, 0), (4, 8, 1, 0)],
+    "norm64": [None, (1, None, 2, 0), (1, None, 4, 0), (1, None, 8, 0)],
+    "norm1024": [None, (2, 8, 1, 0), (4, 8, 1, 0), (4, 16, 1, 0)],
 }
 
 
@@ -71,6 +70,7 @@ def main(argv):
   from experiments.gemm_timing import device_times
   from kernels import add_rms_norm as arn
   from kernels import fp8_act_quant as aq
+  from kernels import fp8_act_quant_mgpu as am
   from jaxinfer.ops import E4M3_MAX
 
   old_act = old_norm = None
@@ -121,6 +121,11 @@ def main(argv):
     return x, y, w, rs, cs
 
   def fn_of(case: str, tiling, old: bool):
+    if isinstance(tiling, am.ClusterTiling):
+      if case.startswith("silu"):
+        return lambda raw, rs, cs: am.silu_mul_quantize(raw, rs, cs, interpret=interp,
+                                                        tiling=tiling)
+      return lambda x: am.quantize_rows(x, interpret=interp, tiling=tiling)
     if case.startswith("silu"):
       if old:
         return lambda raw, rs, cs: old_act.silu_mul_quantize(raw, rs, cs, interpret=interp)
@@ -170,12 +175,18 @@ def main(argv):
     base = None
     if old_act is not None:
       base = jax.block_until_ready(jax.jit(fn_of(case, None, True))(*args0))
-    entries = ([("old", None, True)] if old_act is not None else []) + [
-        ("default" if v is None else "r%d_w%s_s%d%s" % (v[0], v[1], v[2], "_reload" if v[3] else ""),
-         None if v is None else (aq.Tiling(rows=v[0], num_warps=v[1], split=v[2], reload=bool(v[3]))
-                                 if not case.startswith("norm") else
-                                 arn.Tiling(rows=v[0], num_warps=v[1], split=v[2])), False)
-        for v in variants.get(case, [None])]
+    def entry(v):
+      if v is None:
+        return "default", None, False
+      if v[0] == 0:
+        return f"mgpu_c{v[1]}", am.ClusterTiling(v[1]), False
+      label = "r%d_w%s_s%d%s" % (v[0], v[1], v[2], "_reload" if v[3] else "")
+      if case.startswith("norm"):
+        return label, arn.Tiling(rows=v[0], num_warps=v[1], split=v[2]), False
+      return label, aq.Tiling(rows=v[0], num_warps=v[1], split=v[2], reload=bool(v[3])), False
+
+    entries = (([("old", None, True)] if old_act is not None else [])
+               + [entry(v) for v in variants.get(case, [None])])
     for label, tiling, old in entries:
       rec = {"case": case, "variant": label, "tiling": str(tiling)}
       try:

@@ -188,6 +188,12 @@ def _pow2(n: int) -> bool:
   return n > 0 and not n & (n - 1)
 
 
+def default_tiling(t: int, h: int, partials: bool, quantize: bool) -> Tiling:
+  """The tiling a call of t rows of width h uses (``partials``: y is split-K partial sums)."""
+  del t, h, partials, quantize
+  return Tiling()
+
+
 def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name,
           tiling: Tiling | None = None):
   from jaxinfer.ops import _TINY_AMAX, E4M3_MAX
@@ -196,7 +202,7 @@ def _call(x, y, w, y_row_scale, y_col_scale, *, eps, quantize, interpret, name,
                      f"and w [H]; got {x.shape} {x.dtype}, {y.shape} {y.dtype}, {w.shape}")
   T, H = x.shape
   scaled = check_product_scales(f"{name}: y", y_row_scale, y_col_scale, T, H)
-  t = tiling or Tiling()
+  t = tiling or default_tiling(T, H, y.ndim == 3, quantize)
   R = t.rows if _pow2(t.rows) and T % t.rows == 0 else 1
   P = t.split if quantize and _pow2(t.split) and H % t.split == 0 and H // t.split >= 16 else 1
   consts = dict(tiny=_TINY_AMAX, e4m3_max=E4M3_MAX)
