@@ -34,13 +34,13 @@ _BUDGET = flags.DEFINE_float("budget_s", 120.0, "stop starting cases past this")
 _OUT = flags.DEFINE_string("out", "/tmp/bench_small_kernels.json", "JSON output")
 
 # Tilings per case: (rows, num_warps, split, reload); None = the module default; (0, C): the
-# Mosaic GPU cluster kernel (kernels/fp8_act_quant_mgpu.py) with C CTAs per row.
+# Mosaic GPU cluster kernels (kernels/fp8_act_quant_mgpu.py, add_rms_norm_mgpu.py), C CTAs per row.
 VARIANTS = {
     "silu64": [None, (0, 4), (0, 8), (1, 8, 2, 0), (1, 4, 4, 0), (1, 4, 8, 0)],
     "silu1024": [None, (0, 4), (2, 16, 1, 0), (4, 16, 1, 1), (2, 8, 1, 1), (4, 32, 1, 0)],
     "rows64": [None, (0, 4), (0, 8), (1, 4, 2, 0)],
     "rows1024": [None, (2, 4, 1, 0), (4, 8, 1, 0)],
-    "norm64": [None, (1, None, 2, 0), (1, None, 4, 0), (1, None, 8, 0)],
+    "norm64": [None, (0, 4), (0, 8), (1, None, 2, 0), (1, None, 4, 0), (1, None, 8, 0)],
     "norm1024": [None, (2, 8, 1, 0), (4, 8, 1, 0), (4, 16, 1, 0)],
 }
 
@@ -70,6 +70,7 @@ def main(argv):
   from experiments.gemm_timing import device_times
   from kernels import add_rms_norm as arn
   from kernels import fp8_act_quant as aq
+  from kernels import add_rms_norm_mgpu as nm
   from kernels import fp8_act_quant_mgpu as am
   from jaxinfer.ops import E4M3_MAX
 
@@ -122,6 +123,9 @@ def main(argv):
 
   def fn_of(case: str, tiling, old: bool):
     if isinstance(tiling, am.ClusterTiling):
+      if case.startswith("norm"):
+        return lambda x, y, w, rs, cs: nm.add_rms_norm_fp8(
+            x, y, w, eps=1e-5, y_row_scale=rs, y_col_scale=cs, interpret=interp, tiling=tiling)
       if case.startswith("silu"):
         return lambda raw, rs, cs: am.silu_mul_quantize(raw, rs, cs, interpret=interp,
                                                         tiling=tiling)
