@@ -61,6 +61,7 @@ class PagedPrefillTiles:
   num_stages: int = 3
   page_blocks: bool = True   # key tiles inside one page read as blocks (else slot gather)
   sort_items: bool = False   # work items heaviest first (else in sequence order)
+  small_items: bool = False  # items of few tokens (decode rows) on a tile of max(16, G) rows
 
 
 def num_work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
@@ -98,8 +99,8 @@ def work_items(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, blo
 
 
 def _kernel(work_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *, group: int,
-            rows: int, block_q: int, block_k: int, page_size: int, pages_per_seq: int,
-            sm_scale: float, kv_upcast, page_blocks: bool):
+            rows: int, small_rows: int, block_q: int, block_k: int, page_size: int,
+            pages_per_seq: int, sm_scale: float, kv_upcast, page_blocks: bool):
   kvh = pl.program_id(0)
   w = pl.program_id(1)
   b = work_ref[0, w]
@@ -107,15 +108,17 @@ def _kernel(work_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *, g
   count = work_ref[2, w]
   D = k_ref.shape[-1]
   dv = o_ref.shape[-1]
-  r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
-  tok = lax.div(r, group)                               # token of row r within the item
-  head = kvh * group + lax.rem(r, group)
-  row_ok = (r < block_q * group) & (tok < count)
-  ocols = lax.broadcasted_iota(jnp.int32, (1, dv), 1)
-  o_idx = ((first + tok)[:, None], head[:, None], ocols)
 
-  @pl.when(b >= 0)
-  def _attend():
+  def row_index(n: int):
+    r = lax.broadcasted_iota(jnp.int32, (n,), 0)
+    tok = lax.div(r, group)                             # token of row r within the item
+    head = kvh * group + lax.rem(r, group)
+    row_ok = (r < block_q * group) & (tok < count)
+    ocols = lax.broadcasted_iota(jnp.int32, (1, dv), 1)
+    return tok, head, row_ok, ((first + tok)[:, None], head[:, None], ocols)
+
+  def attend(n: int):
+    tok, head, row_ok, o_idx = row_index(n)
     pos0 = work_ref[3, w]                               # position of the item's first token
     q_pos = pos0 + tok
     cols = lax.broadcasted_iota(jnp.int32, (1, D), 1)
@@ -151,8 +154,8 @@ def _kernel(work_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *, g
       acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
       return acc, m_new, l_new
 
-    carry = (jnp.zeros((rows, dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
+    carry = (jnp.zeros((n, dv), jnp.float32), jnp.full((n,), -jnp.inf, jnp.float32),
+             jnp.zeros((n,), jnp.float32))
     num_blocks = lax.div(last_pos + block_k, block_k)
     num_full = jnp.minimum(lax.div(pos0 + 1, block_k), num_blocks)
     carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
@@ -161,8 +164,16 @@ def _kernel(work_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *, g
     out = acc * (out_scale / jnp.where(l > 0, l, 1.0))[:, None]
     plgpu.store(o_ref.at[o_idx], out.astype(o_ref.dtype), mask=row_ok[:, None])
 
+  if small_rows < rows:   # items of <= small_rows / G tokens (decode rows) on a smaller tile
+    small = count * group <= small_rows
+    pl.when((b >= 0) & small)(lambda: attend(small_rows))
+    pl.when((b >= 0) & jnp.logical_not(small))(lambda: attend(rows))
+  else:
+    pl.when(b >= 0)(lambda: attend(rows))
+
   @pl.when(b < 0)
   def _zero_padding():
+    _, _, row_ok, o_idx = row_index(rows)
     plgpu.store(o_ref.at[o_idx], jnp.zeros((rows, dv), o_ref.dtype), mask=row_ok[:, None])
 
 
@@ -182,12 +193,13 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
   if tiles.block_k % page_size and page_size % tiles.block_k:
     raise ShapeError(f"block_k {tiles.block_k} and page size {page_size} must divide one another")
   rows = max(_MIN_ROWS, 1 << (tiles.block_q * G - 1).bit_length())
+  small_rows = min(rows, max(_MIN_ROWS, 1 << (G - 1).bit_length())) if tiles.small_items else rows
   kv_upcast = jnp.float16 if is_fp8(k_pages.dtype) else None
   work = work_items(query_start, seq_lens, T, tiles.block_q, tiles.sort_items)
   kernel = functools.partial(
-      _kernel, group=G, rows=rows, block_q=tiles.block_q, block_k=tiles.block_k,
-      page_size=page_size, pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast,
-      page_blocks=tiles.page_blocks)
+      _kernel, group=G, rows=rows, small_rows=small_rows, block_q=tiles.block_q,
+      block_k=tiles.block_k, page_size=page_size, pages_per_seq=P, sm_scale=scale,
+      kv_upcast=kv_upcast, page_blocks=tiles.page_blocks)
   return pl.pallas_call(
       kernel,
       grid=(KV, work.shape[1]),

@@ -68,6 +68,7 @@ MIXED = [(21, 13), (40, 1), (0, 9), (5, 1), (16, 17)]
 
 @pytest.mark.parametrize("H,KV,D,tiles", [
     (8, 2, 32, PagedPrefillTiles(block_q=4, block_k=16)),                     # GQA 4, page blocks
+    (8, 2, 32, PagedPrefillTiles(block_q=8, block_k=32, small_items=True)),   # decode rows: 16
     (8, 2, 32, PagedPrefillTiles(block_q=2, block_k=32)),                     # 8 rows -> 16, gather
     (8, 1, 64, PagedPrefillTiles(block_q=4, block_k=8, sort_items=True)),     # GQA 8, 2 tiles/page
     (4, 4, 32, PagedPrefillTiles(block_q=16, block_k=16, page_blocks=False)),  # MHA, slot gather
