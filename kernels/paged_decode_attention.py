@@ -85,6 +85,7 @@ class DecodeTiles:
   splits: int | None = None   # None: enough programs to fill the SMs programs_per_sm times
   page_blocks: bool = True    # tiles inside one page read as blocks (False: slot gather, to compare)
   tile_upcast: bool = False   # FP8: see ``upcast``
+  tile_upcast_v: bool = False # FP8: tile_upcast for V only (its MMA operand is the byte-gathered one)
   bits_upcast: bool = False   # FP8: E4M3 -> f16 by integer bit moves (``e4m3_bits_to_f16``)
   mask_tail: bool = True      # only tiles crossing seq_len / the causal edge are masked
   peel_tail: bool = False     # mask_tail: the masked tail tiles as straight-line code, loaded
@@ -244,6 +245,7 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
                    page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool,
                    peel_tail: bool = False, zero_pad: bool = False, pt_regs: int = 0,
+                   tile_upcast_v: bool = False,
                    combine: str = "serial", interpret: bool = False, num_warps: int = 4):
   # refs: [o_init (aliased with out: zeros for the rows no program writes; not with zero_pad)]
   # [, cnt_init], out_refs
@@ -290,7 +292,7 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
       k, v = e4m3_bits_to_f16(k), e4m3_bits_to_f16(v)
     elif kv_upcast is not None:
       k = upcast(k, kv_upcast, tile_upcast)
-      v = upcast(v, kv_upcast, tile_upcast)
+      v = upcast(v, kv_upcast, tile_upcast or tile_upcast_v)
     s = plgpu.dot(q, k, trans_b=True) * score_scale
     if masked:
       vis = keys[None, :] <= q_pos[:, None]
@@ -600,6 +602,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
       tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail,
       peel_tail=tiles.peel_tail, zero_pad=zero_pad, pt_regs=tiles.pt_regs,
+      tile_upcast_v=tiles.tile_upcast_v,
       combine=combine, interpret=bool(interpret), num_warps=tiles.num_warps)
   o_shape = jax.ShapeDtypeStruct((T, H, D), out_dtype)
   extra, aliases = (), ({8: 0} if splits == 1 else {})

@@ -128,7 +128,7 @@ def test_decode_several_query_tokens():
   check(out, ref, 6, 1e-2)
 
 
-@pytest.mark.parametrize("upcast", ["cvt", "tile", "bits", "cvt-all-masked"])
+@pytest.mark.parametrize("upcast", ["cvt", "tile", "tile-v", "bits", "cvt-all-masked"])
 def test_decode_fp8_kv(upcast):
   """E4M3 K/V with scalar scales: <= 1.5e-2 vs float64 on the dequantized cache, for each way of
   upcasting the tiles (and once with every tile masked, not only the tail)."""
@@ -139,6 +139,7 @@ def test_decode_fp8_kv(upcast):
   out = paged_decode_attention(q, kp8, vp8, batch.page_table, batch.seq_lens, batch.query_start,
                                scale=0.125, k_scale=0.25, v_scale=3.0,
                                tiles=DecodeTiles(16, splits=2, tile_upcast=upcast == "tile",
+                                                 tile_upcast_v=upcast == "tile-v",
                                                  bits_upcast=upcast == "bits",
                                                  mask_tail=upcast != "cvt-all-masked"),
                                interpret=True)
