@@ -86,6 +86,8 @@ class DecodeTiles:
   page_blocks: bool = True    # tiles inside one page read as blocks (False: slot gather, to compare)
   tile_upcast: bool = False   # FP8: see ``upcast``
   tile_upcast_v: bool = False # FP8: tile_upcast for V only (its MMA operand is the byte-gathered one)
+  lazy_rescale: bool = False  # the accumulator is rescaled only in tiles where some row's max grew
+                              # (a warp-uniform branch; bit-identical: the factor is exactly 1 else)
   bits_upcast: bool = False   # FP8: E4M3 -> f16 by integer bit moves (``e4m3_bits_to_f16``)
   mask_tail: bool = True      # only tiles crossing seq_len / the causal edge are masked
   peel_tail: bool = False     # mask_tail: the masked tail tiles as straight-line code, loaded
@@ -245,7 +247,7 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
                    pages_per_seq: int, sm_scale: float, kv_upcast, splits: int,
                    page_blocks: bool, tile_upcast: bool, bits_upcast: bool, mask_tail: bool,
                    peel_tail: bool = False, zero_pad: bool = False, pt_regs: int = 0,
-                   tile_upcast_v: bool = False,
+                   tile_upcast_v: bool = False, lazy_rescale: bool = False,
                    combine: str = "serial", interpret: bool = False, num_warps: int = 4):
   # refs: [o_init (aliased with out: zeros for the rows no program writes; not with zero_pad)]
   # [, cnt_init], out_refs
@@ -305,7 +307,12 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
     if limit is not None:   # a tile wholly outside the range adds nothing, even before any key
       p = jnp.where(vis, p, 0.0)
     l_new = l_prev * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    if lazy_rescale:   # rows whose max did not grow have correction == 1 exactly: skip the multiply
+      grew = jnp.max(jnp.where(m_new > m_prev, 1, 0)) > 0
+      acc = lax.cond(grew, lambda a: a * correction[:, None], lambda a: a, acc)
+    else:
+      acc = acc * correction[:, None]
+    acc = acc + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_new, l_new
 
   def body(kb, carry, *, masked: bool = True):
@@ -602,7 +609,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       pages_per_seq=P, sm_scale=scale, kv_upcast=kv_upcast, splits=splits, page_blocks=tiles.page_blocks,
       tile_upcast=tiles.tile_upcast, bits_upcast=bits_upcast, mask_tail=tiles.mask_tail,
       peel_tail=tiles.peel_tail, zero_pad=zero_pad, pt_regs=tiles.pt_regs,
-      tile_upcast_v=tiles.tile_upcast_v,
+      tile_upcast_v=tiles.tile_upcast_v, lazy_rescale=tiles.lazy_rescale,
       combine=combine, interpret=bool(interpret), num_warps=tiles.num_warps)
   o_shape = jax.ShapeDtypeStruct((T, H, D), out_dtype)
   extra, aliases = (), ({8: 0} if splits == 1 else {})

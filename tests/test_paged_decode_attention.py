@@ -353,3 +353,28 @@ def test_decode_pt_regs(chunks, splits, fp8, in_regs, monkeypatch):
   ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
                  np.asarray(batch.seq_lens), np.asarray(batch.query_start))
   check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.parametrize("splits,max_q,fp8", [(1, 1, True), (3, 1, False), (2, 3, True)])
+def test_decode_lazy_rescale_is_bit_identical(splits, max_q, fp8):
+  """lazy_rescale skips the accumulator's rescale in tiles where no row's max grew (the factor is
+  exactly 1 there): the same bits as the eager rescale, and float64-close."""
+  rng = np.random.default_rng(splits + max_q)
+  D = 32
+  chunks = [(96 - max_q, max_q), (0, 1), (37, 1), (150, 1)]
+  real = sum(n for _, n in chunks)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
+                               num_tokens=real + 2, num_pages=30,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
+  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
+  if fp8:
+    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
+  run = lambda lazy: paged_decode_attention(
+      q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start, scale=D ** -0.5,
+      k_scale=ks, v_scale=vs, max_q=max_q, interpret=True,
+      tiles=DecodeTiles(16, num_warps=1, splits=splits, combine="fused", lazy_rescale=lazy))
+  out = run(True)
+  np.testing.assert_array_equal(f64(out), f64(run(False)))
+  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
