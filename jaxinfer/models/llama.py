@@ -18,6 +18,7 @@ for XLA to strength-reduce into a multiply+reduce). ``forward`` takes either lay
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -269,6 +270,7 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   cos, sin = rope_tables(cfg, batch.positions)
   h = rms_norm(x, layers[0]["attn_norm"], eps)
   new_k, new_v = [], []
+  k_scales, v_scales = layer_kv_scales(cache)
 
   def add_norm(x, y, w, next_layer, names):
     if fp8_quant_in_norm and next_layer is not None and _takes_fp8_rows(next_layer, names):
@@ -277,7 +279,7 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
 
   for i, layer in enumerate(layers):
     o, k_pages, v_pages = self_attention(layer, h, cos, sin, cache.k[i], cache.v[i],
-                                         cache.k_scale[i], cache.v_scale[i], batch, cfg,
+                                         k_scales[i], v_scales[i], batch, cfg,
                                          max_new_tokens, defer_output_scale=fp8_scale_in_norm,
                                          fused_rope_kv=fused_rope_kv,
                                          fp8_act_quant=fp8_act_quant,
@@ -293,6 +295,26 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
   if not all_logits:
     h = h[batch.logit_indices]
   return lm_head(params, h, cfg), dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
+
+
+# On one GPU, every layer's KV scale comes from one small kernel (kernels/scalar_split.py) instead
+# of a slice of the scale vectors per layer, each of which XLA copies into a buffer of its own for
+# the custom calls that take it (64 CUDA-graph memcpys, ~1.2 us each, per Llama-3-8B step). The
+# same values. 0: off.
+SPLIT_KV_SCALES = os.environ.get("JAXINFER_SPLIT_KV_SCALES", "1") not in ("", "0")
+
+
+def layer_kv_scales(cache: KVCache) -> tuple[list, list]:
+  """(k scales, v scales) of every layer, 0-d arrays: ``SPLIT_KV_SCALES`` on one GPU, else by
+  indexing the cache's scale vectors."""
+  n = cache.k_scale.shape[0]
+  if (SPLIT_KV_SCALES and jax.default_backend() == "gpu" and jax.device_count() == 1
+      and cache.k_scale.dtype == cache.v_scale.dtype == jnp.float32):
+    from kernels.scalar_split import MAX_LEN, split_scalars   # kernels import jaxinfer
+    if 0 < n <= MAX_LEN:
+      s = split_scalars(cache.k_scale, cache.v_scale)
+      return list(s[:n]), list(s[n:])
+  return [cache.k_scale[i] for i in range(n)], [cache.v_scale[i] for i in range(n)]
 
 
 def lm_logits(params: Params, x, cfg: LlamaConfig) -> jax.Array:
