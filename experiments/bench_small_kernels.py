@@ -27,7 +27,7 @@ _VARIANTS = flags.DEFINE_string("variants", "", "case=tiling;tiling|case=... ove
 _OLD_DIR = flags.DEFINE_string("old_dir", "gpu_jobs/probe", "folder with the baseline kernels "
                                "(dsmall_old_act.py, dsmall_old_norm.py); '' to skip")
 _ARGSETS = flags.DEFINE_integer("argsets", 4, "independent input sets per timed jit")
-_CALLS = flags.DEFINE_integer("calls", 5, "traced calls of the jit")
+_CALLS = flags.DEFINE_integer("calls", 5, "traced calls of the jit (0: no trace, e.g. under ncu)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke runs)")
 _SMALL = flags.DEFINE_bool("small", False, "tiny shapes (smoke runs)")
 _BUDGET = flags.DEFINE_float("budget_s", 120.0, "stop starting cases past this")
@@ -202,7 +202,7 @@ def main(argv):
           if case.startswith(("silu", "rows")) or case.startswith("norm"):
             qa, qb = (out[0], base[0]) if not case.startswith("norm") else (out[1], base[1])
             rec["max_code_diff"] = float(np.abs(f64(qa) - f64(qb)).max())
-        if not interp:
+        if not interp and _CALLS.value > 0:
           f = jax.jit(lambda sets: [fn(*a) for a in sets])
           rec.update(device_times(f, argsets, calls=_CALLS.value, prefix="small_trace_"))
       except Exception as e:   # noqa: BLE001
