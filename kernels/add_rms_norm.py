@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,14 @@ def check_product_scales(what: str, row_scale, col_scale, rows: int, cols: int) 
   return True
 
 
+# ``add_rms_norm_fp8`` calls of at most CLUSTER_MAX_ROWS rows (decode steps) on a Hopper GPU run
+# the Mosaic GPU kernel with each row split over a thread-block cluster of this many CTAs
+# (kernels/add_rms_norm_mgpu.py) instead of the Triton kernel, where it takes the shapes: the same
+# values up to the float32 summation order of the row's sum of squares. 0: off.
+CLUSTER = int(os.environ.get("JAXINFER_ADD_NORM_CLUSTER", "0"))
+CLUSTER_MAX_ROWS = 64
+
+
 def _pow2(n: int) -> bool:
   return n > 0 and not n & (n - 1)
 
@@ -274,6 +283,12 @@ def add_rms_norm_fp8(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_
                      y_col_scale=None, interpret: bool = False, tiling: Tiling | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(x + y, E4M3 rows of RMSNorm(x + y) * w [T, H], f32 row scales [T, 1]); see the module
-  docstring. ``tiling``: None for ``Tiling()`` (one row per program, one kernel)."""
+  docstring. ``tiling``: None for ``default_tiling`` (or the cluster kernel: ``CLUSTER``)."""
+  if (tiling is None and not interpret and CLUSTER and x.ndim == 2
+      and x.shape[0] <= CLUSTER_MAX_ROWS):
+    from kernels import add_rms_norm_mgpu as nm
+    if nm.on_hopper() and nm.supports(x, y, w, CLUSTER):
+      return nm.add_rms_norm_fp8(x, y, w, eps=eps, y_row_scale=y_row_scale,
+                                 y_col_scale=y_col_scale, tiling=nm.ClusterTiling(CLUSTER))
   return tuple(_call(x, y, w, y_row_scale, y_col_scale, eps=eps, quantize=True,
                      interpret=interpret, name="add_rms_norm_fp8", tiling=tiling))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -254,6 +255,22 @@ def default_tiling(width: int, t: int, glu: bool) -> Tiling:
   return Tiling()
 
 
+# Calls of at most CLUSTER_MAX_ROWS rows (decode steps) on a Hopper GPU run the Mosaic GPU kernel
+# with each row split over a thread-block cluster of this many CTAs (kernels/fp8_act_quant_mgpu.py)
+# instead of the Triton kernel, where it takes the shape: the same values. 0: off.
+CLUSTER = int(os.environ.get("JAXINFER_ACT_QUANT_CLUSTER", "0"))
+CLUSTER_MAX_ROWS = 64
+
+
+def _cluster_for(x: jax.Array, glu: bool, interpret: bool, tiling) -> int:
+  """The cluster size of the Mosaic GPU kernel this call runs, or 0 for the Triton kernel."""
+  if (tiling is not None or interpret or not CLUSTER or x.ndim != 2
+      or x.shape[0] > CLUSTER_MAX_ROWS):
+    return 0
+  from kernels import fp8_act_quant_mgpu as am
+  return CLUSTER if am.on_hopper() and am.supports(x, glu, CLUSTER) else 0
+
+
 def _pow2(n: int) -> bool:
   return n > 0 and not n & (n - 1)
 
@@ -303,7 +320,10 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
 def quantize_rows(x: jax.Array, *, interpret: bool = False, tiling: Tiling | None = None
                   ) -> tuple[jax.Array, jax.Array]:
   """(E4M3 rows [T, K], f32 scales [T, 1]) of x [T, K], as ``ops.quantize_rows_fp8``.
-  ``tiling``: None for ``default_tiling``."""
+  ``tiling``: None for ``default_tiling`` (or the cluster kernel: ``CLUSTER``)."""
+  if c := _cluster_for(x, False, interpret, tiling):
+    from kernels import fp8_act_quant_mgpu as am
+    return am.quantize_rows(x, tiling=am.ClusterTiling(c))
   return _call(x, None, None, glu=False, interpret=interpret, name="quantize_rows_fp8",
                tiling=tiling)
 
@@ -314,6 +334,9 @@ def silu_mul_quantize(gate_up: jax.Array, row_scale=None, col_scale=None, *,
                       ) -> tuple[jax.Array, jax.Array]:
   """(E4M3 rows of silu(gate) * up [T, I], f32 scales [T, 1]) of gate_up [T, 2I] (with the FP8
   product's row / column scales, if given); see the module docstring. ``tiling``: None for
-  ``default_tiling``."""
+  ``default_tiling`` (or the cluster kernel: ``CLUSTER``)."""
+  if c := _cluster_for(gate_up, True, interpret, tiling):
+    from kernels import fp8_act_quant_mgpu as am
+    return am.silu_mul_quantize(gate_up, row_scale, col_scale, tiling=am.ClusterTiling(c))
   return _call(gate_up, row_scale, col_scale, glu=True, interpret=interpret,
                name="silu_mul_fp8", tiling=tiling)

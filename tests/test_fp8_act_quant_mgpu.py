@@ -51,3 +51,19 @@ def test_shapes_it_does_not_take():
   assert not am.supports(jnp.ones((2, 640)), glu=False, cluster=4)
   with pytest.raises(ShapeError):
     am.quantize_rows(jnp.ones((2, 640), jnp.bfloat16), interpret=True)
+
+
+def test_triton_entry_points_dispatch_decode_calls_to_the_cluster_kernel(monkeypatch):
+  """kernels.fp8_act_quant with JAXINFER_ACT_QUANT_CLUSTER set: calls of <= 64 rows on Hopper
+  (not interpreted, no explicit tiling, a shape the cluster kernel takes) go to it."""
+  import kernels.fp8_act_quant as aq
+  monkeypatch.setattr(aq, "CLUSTER", 4)
+  monkeypatch.setattr(am, "on_hopper", lambda: True)
+  x = jnp.ones((64, 2 * 14336), jnp.bfloat16)
+  assert aq._cluster_for(x, True, False, None) == 4
+  assert aq._cluster_for(jnp.ones((65, 2 * 14336), jnp.bfloat16), True, False, None) == 0
+  assert aq._cluster_for(x, True, True, None) == 0
+  assert aq._cluster_for(x, True, False, aq.Tiling()) == 0
+  assert aq._cluster_for(jnp.ones((64, 640), jnp.bfloat16), False, False, None) == 0
+  monkeypatch.setattr(aq, "CLUSTER", 0)
+  assert aq._cluster_for(x, True, False, None) == 0
