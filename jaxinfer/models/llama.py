@@ -300,8 +300,8 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, batch: attention_
 # On one GPU, every layer's KV scale comes from one small kernel (kernels/scalar_split.py) instead
 # of a slice of the scale vectors per layer, each of which XLA copies into a buffer of its own for
 # the custom calls that take it (64 CUDA-graph memcpys, ~1.2 us each, per Llama-3-8B step). The
-# same values. 0: off.
-SPLIT_KV_SCALES = os.environ.get("JAXINFER_SPLIT_KV_SCALES", "1") not in ("", "0")
+# same values. Opt-in (=1) until checked on the GPU.
+SPLIT_KV_SCALES = os.environ.get("JAXINFER_SPLIT_KV_SCALES", "0") not in ("", "0")
 
 
 def layer_kv_scales(cache: KVCache) -> tuple[list, list]:
