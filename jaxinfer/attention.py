@@ -199,7 +199,8 @@ _MAX_DECODE_TOKENS = 8  # per sequence, for the decode kernel
 MIXED_PREFILL_BLOCK_Q = int(os.environ.get("JAXINFER_MIXED_PREFILL_BLOCK_Q", "0"))
 # Static prefill steps on kernels/paged_prefill_attention.py (K/V read through the page table, no
 # gathered copy; opt-in): JAXINFER_PAGED_PREFILL=1. JAXINFER_PAGED_PREFILL_TILES="block_q,block_k,
-# num_warps,num_stages[,page_blocks]" overrides its default tiles.
+# num_warps,num_stages[,page_blocks,sort_items,small_items]" overrides its default tiles (the
+# omitted fields keep their defaults).
 PAGED_PREFILL = os.environ.get("JAXINFER_PAGED_PREFILL", "0") == "1"
 PAGED_PREFILL_TILES = os.environ.get("JAXINFER_PAGED_PREFILL_TILES", "")
 
