@@ -11,26 +11,34 @@ Layout (``jaxinfer.attention``, like ``kernels/paged_decode_attention.py``):
                                     and attends keys <= its position; padding rows are written as zeros.
 
 Work items: one program per (KV head, work item); a work item is ``block_q`` consecutive query tokens
-of one sequence (tile j of sequence b), listed by ``work_items`` from query_start alone (a tiny XLA
-computation on B + 1 ints that every layer of a step shares). The grid is the static bound
-W = ceil((T + B (block_q - 1)) / block_q) per KV head, which is never below the real tiles plus the
-ceil(padding tokens / block_q) tiles that zero the padding rows, so no program is empty unless the
-step has fewer sequences than B (each of those idles at once). A decode row is a one-token item.
+of one sequence, listed by ``work_items`` from query_start and seq_lens alone as (sequence, first
+token, tokens, position of the first token): a tiny XLA computation on B + 1 ints that every layer
+of a step shares (XLA's CSE leaves one per step), so a program needs one dependent load before it
+reads q and the page table. The grid is the static bound W = ceil((T + B (block_q - 1)) / block_q)
+per KV head, never below the real tiles plus the ceil(padding tokens / block_q) items that write
+the padding rows' zeros, so no program is empty unless the step has fewer sequences than B. A decode
+row is a one-token item. ``sort_items`` orders the items heaviest (most keys) first, so the long
+decode rows do not end up in the last wave.
 
 Tiling: a program's rows are its tokens x the G = H/KV query heads of its KV head (row r: token
 r // G, head kvh*G + r % G), so each K/V tile is read once for all G heads: ``block_q * G`` rows
-(>= 16 for the tensor cores). K/V tiles of ``block_k`` keys come straight from the cache through the
-page table (``paged_decode_attention.key_tile``: a block when a tile lies inside one page, else a
-slot gather of rows), FP8 converted to f16 in registers (q cast to f16 in the kernel; the scales
-folded into the score and output scaling). Key tiles wholly below the causal diagonal of the
-program's first token run unmasked; the diagonal tiles (and the sequence end) are masked. Online
-softmax in base 2, f32 accumulator.
+(>= 16 for the tensor cores; ``small_items`` runs items of <= 16/G tokens on a 16-row branch of the
+same kernel). K/V tiles of ``block_k`` keys come straight from the cache through the page table
+(``paged_decode_attention.key_tile``: a block when a tile lies inside one page, else a slot gather
+of rows), FP8 converted to f16 in registers (q cast to f16 in the kernel; the scales folded into the
+score and output scaling). Key tiles wholly below the causal diagonal of the item's first token run
+unmasked; the diagonal tiles are masked. Online softmax in base 2, f32 accumulator.
 
 Roofline (H100, the c=64 serving mixed step: T=1024 = 7-8 prompt chunks of 128 tokens + up to 56
 decode rows, 32/8 heads, D=128, contexts <= 192, FP8 cache): ~1 GFLOP of useful attention per layer
-(nothing), K/V read ~10-20 MB (the decode rows' contexts; 3-7 us at 3 TB/s), q read + out write
-16 MB (5 us): a latency-bound kernel of ~10 us per layer; the gather + ``flash_prefill`` path it
-replaces took 44 + 16 + 6 us per layer (H100, 2026-11-24).
+(nothing), K/V read ~20 MB (mostly the decode rows' contexts; 7 us at 3 TB/s), q read + out write
+16 MB (from / to L2 in serving): a latency-bound kernel. Measured (H100, 2026-11-24, jax 0.11.2,
+benchmarks/serving.md "pattn"): in the serving benchmark's prefill steps 0.673 ms per step (21 us
+per layer) with 64-row tiles on 4 warps, against 2.26 ms for the gather + ``flash_prefill`` +
+select fusions it replaces (c=64 tok/s +4%). Kernel probe (16 layers, cold caches, 7 chunks + 56
+decode rows): 64-row tiles on 4 warps 34.7 us (ncu: 182 registers, 2 CTAs per SM, 12.5%
+occupancy, 3.8 waves: latency-bound); the default 16-row tiles on 1 warp, heaviest first, 24.5 us;
+the old path 111 us.
 """
 from __future__ import annotations
 
