@@ -24,13 +24,19 @@ step 0.12 ms (bf16 product in) / 0.155 ms (split-K partials in) against 0.32 ms 
 kernels it replaces; a 1024-token step 0.25 ms; bit-identical to the XLA ops on the GPU except for
 the q rounding where XLA skips the intermediate bf16 rounding of a scaled FP8 product.
 
-Tiling: grid (T,), one program per token: it loads its q and k heads as two [heads, D/2] halves
-(the rotate-half pairs), cos / sin halves [D/2], computes the rotation in registers, stores q and
-the rotated k and the v heads [Hkv, D] at its slot (a scalar read of ``slots``; padding tokens all
-write the null page's slot 0, whose contents nobody reads). Hq, Hkv and D/2 must be powers of two
-(Triton block shapes). Roofline: reads and writes ~2 (Hq + 2 Hkv) D elements per token (T = 64,
-Llama-3-8B: ~1.5 MB, well under a microsecond of HBM time): launch-bound, like the kernels it
-replaces.
+Tiling: grid (T, (Hq + 2 Hkv) / head_block): program (t, g) takes qkv heads g*hb .. g*hb + hb - 1
+of token t (hb = ``head_block``, a power of two dividing Hkv; default ``HEAD_BLOCK`` = 8, clamped
+to Hkv): q heads for g < Hq / hb, then k heads, then v heads. It loads its heads as two [hb, D/2]
+halves (the rotate-half pairs) and the cos / sin halves [D/2], rotates in registers and stores q,
+or the rotated k / the v heads at the token's slot (a scalar read of ``slots``; padding tokens all
+write the null page's slot 0, whose contents nobody reads). head_block=0: grid (T,), one program
+per token for all its heads. Hq, Hkv and D/2 must be powers of two (Triton block shapes).
+Roofline: reads and writes ~2 (Hq + 2 Hkv) D elements per token (T = 64, Llama-3-8B: ~1.5 MB, well
+under a microsecond of HBM time): launch- and latency-bound, like the kernels it replaces; the
+head blocks give a decode step's 64 tokens 384 programs for the 132 SMs instead of 64. H100,
+2026-11-24 (benchmarks/attention.md, helper "dattn"; profiler device time per call, FP8 cache, f16
+q, bit-identical outputs): T=64 with wqkv's split-K partials 2.52 us (8 heads per program) vs 3.75
+(one program per token), 2.96 with 4 heads; T=1024 (raw bf16 product with scales) 9.76 vs 10.6 us.
 """
 from __future__ import annotations
 
@@ -161,9 +167,9 @@ def _kernel(slots_ref, qkv_ref, cos_ref, sin_ref, ks_ref, vs_ref, k_in_ref, v_in
     v_ref[slots_ref[t], dst, :] = stored(v, vs_ref)
 
 
-# Heads per program (0: one program per token, all heads). JAXINFER_ROPE_KV_HEAD_BLOCK sets the
-# default; see ``rope_kv_write``'s head_block.
-HEAD_BLOCK = int(os.environ.get("JAXINFER_ROPE_KV_HEAD_BLOCK", "0"))
+# Heads per program (clamped to Hkv; 0: one program per token, all heads): 8 measured fastest on
+# the H100 at T=64 and T=1024 (module docstring). JAXINFER_ROPE_KV_HEAD_BLOCK overrides it.
+HEAD_BLOCK = int(os.environ.get("JAXINFER_ROPE_KV_HEAD_BLOCK", "8"))
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "q_dtype", "interpret",
