@@ -535,13 +535,16 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   (tile_major; the bench transposes the weight sets once), P (overlap_pairs: overlap_mma over
   pairs of steps), X (x_in_kernel=False: x cast and permuted by an XLA fusion), K<n>
   (k_per_step), V (x_convert=2: the conflict-free row-per-warp x conversion; implies x): each
-  given field (M: x_multicast, implies X) replaces the default's (a "@small" / "@large" suffix as for
+  given field (M: x_multicast, implies X; "old": the sixth session's defaults, i.e. x in the
+  kernel up to M=32 with x_convert=1, no overlap_pairs, one K tile per step) replaces the default's (a "@small" / "@large" suffix as for
   kl_variant)."""
   parts = name.split("@")[0].split()
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k", "p": "pdl",
             "g": "stream_k", "K": "k_per_step"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
-        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X", "V", "M")}
+        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X", "V", "M", "old")}
+  if "old" in parts[1:]:   # the sixth session's default tiling
+    kw.update(x_in_kernel=m <= 32, x_convert=1, overlap_pairs=False, k_per_step=1)
   if "M" in parts[1:]:   # x tiles multicast to clusters of two CTAs
     kw["x_multicast"], kw["x_in_kernel"] = True, False
   if "V" in parts[1:]:   # the conflict-free x conversion (in the kernel)

@@ -76,6 +76,15 @@ register reuse is not what breaks overlap_mma there). ``tile_major`` (K-tile-maj
 nothing at K=4096; it needs the weight stored transposed (``to_tile_major``), so the public op does
 not use it. XLA's command buffers already hold the kernel (turning them off added 2.3 us per call).
 
+Seventh session (H100, 2026-11-24 windows W2-W5, benchmarks/gemm.md "Seventh session"): why
+``overlap_mma`` is wrong at M=64: its PTX (W2 dump) redefines the A-fragment registers of the
+wgmma inside the loop (e.g. ``mul.rn.f16x2 %r104, ...`` feeds ``wgmma ... {%r104, ...}``; after
+``wgmma.wait_group 1`` the next iteration writes %r104 again while that wgmma may still read it)
+-- undefined in the PTX model, a race on the GPU that the slow n=64 wgmmas lose (rel. error 3.8e3
+in W2, reproduced); ``overlap_pairs`` unrolls the loop over two steps, so consecutive steps use
+distinct PTX registers, and is right at every M (1.66e-3). ``x_convert=2`` (a warp per row,
+conflict-free shared-memory access) made the in-kernel x conversion 3.5 / 2.6 us cheaper at M=32.
+
 Interpret mode (CPU) runs the same pipeline (TMA, barriers, slots, split-K, masking) with a plain
 jnp twin of the dequantization (the same values from the same bytes) and a jnp dot instead of
 the register-A wgmma (which the interpreter does not run); the PTX and the fragment mapping are
@@ -295,24 +304,40 @@ def streamk_plan(blocks: int, tiles: int, ctas: int) -> StreamKPlan:
 # tiles made the kernel 2x slower, so larger M keep the fusion); one consumer warpgroup up to
 # ONE_CONSUMER_MAX_M rows (M=1: 15.9 / 17.6 us vs 19.9 / 20.5 us with two); no automatic
 # warpgroup barriers before the producer's TMA issues (16.3 vs 17.3 us at M=8).
+# Seventh session (W2/W3, GPU kernel time per GEMM): the conflict-free x conversion (x_convert=2)
+# everywhere x is converted in the kernel (M=32: 19.6 vs 22.9-23.1 us at N=14336, 17.2 vs 19.7-19.8
+# at N=4096; M=8: -0.15..-0.3 us); above X_FUSION_MIN_M rows without split-K (N=14336) x goes
+# through the XLA fusion and the consumers overlap their wgmmas (overlap_pairs): M=32 16.6 + 1.6
+# us vs 19.6 in the kernel; with split-K (N=4096) the fusion ties (15.2 + 1.9 vs 17.2) and x stays
+# in the kernel; above X_IN_KERNEL_MAX_M rows overlap_pairs with 4 stages (up to the 225 KB
+# shared-memory limit: it holds two slots per consumer): M=64 18.9-19.1 vs 19.6 us and 17.2 vs
+# 18.5; two K tiles per step up to K_PER_STEP_MAX_M rows without split-K (M=8 N=14336: 15.0 vs
+# 15.4-15.5 us with x_convert=2; with split-K (N=4096) it measured +0.2 us).
 X_IN_KERNEL_MAX_M = 32
+X_FUSION_MIN_M = 9
+K_PER_STEP_MAX_M = 8
+X_CONVERT = 2
 ONE_CONSUMER_MAX_M = 4
 NO_AUTO_BARRIERS = True
-PDL = 0   # MgpuTiling.pdl of the default tiling (not yet measured on the GPU)
+PDL = 0   # MgpuTiling.pdl of the default tiling (pdl=1/2 measured slower, 3 no faster)
+_PAIRS_MIN_STAGES = 4   # overlap_pairs: one step in flight, one dequantized, two loading
 
 
 def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> MgpuTiling:
   """Two consumer warpgroups of one strip each (128 rows per CTA; one consumer for M <=
   ONE_CONSUMER_MAX_M or a single-strip N); split K until the CTAs cover the SMs (each split
-  keeping >= 4 K tiles); as many stages as fit 200 KB of shared memory (2..8); x converted in
-  the kernel up to X_IN_KERNEL_MAX_M rows. ``overrides`` replace fields; the split and the stages
-  are recomputed for overridden consumers / strips unless given too."""
+  keeping >= 4 K tiles); x converted in the kernel (x_convert=2) up to X_IN_KERNEL_MAX_M rows,
+  except from X_FUSION_MIN_M rows without split-K, where x comes from the XLA fusion; overlap_pairs
+  wherever x comes from the fusion above K_PER_STEP_MAX_M rows; two K tiles per step up to
+  K_PER_STEP_MAX_M rows without split-K; as many stages as fit 200 KB of shared memory (2..8; at
+  least 4 under the hardware limit with overlap_pairs). ``overrides`` replace fields; the split
+  and the stages are recomputed for overridden consumers / strips unless given too."""
   mp = padded_m(m)
   n_strips = -(-n // STRIP)
   consumers = overrides.pop("consumers", 2 if n_strips >= 2 and m > ONE_CONSUMER_MAX_M else 1)
   strips = overrides.pop("strips", 1)
   inter = overrides.pop("k_interleave", False)
-  x_in = overrides.pop("x_in_kernel", m <= X_IN_KERNEL_MAX_M)
+  x_in = overrides.pop("x_in_kernel", None)
   overlap = overrides.pop("overlap_mma", False)
   nab = overrides.pop("no_auto_barriers", NO_AUTO_BARRIERS)
   pdl = overrides.pop("pdl", PDL)
@@ -320,18 +345,25 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   hold_a = overrides.pop("hold_a", False)
   split_combine = overrides.pop("split_combine", "xla")
   tile_major = overrides.pop("tile_major", False)
-  overlap_pairs = overrides.pop("overlap_pairs", False)
-  x_convert = overrides.pop("x_convert", 1)
-  kps = overrides.pop("k_per_step", 1)
+  overlap_pairs = overrides.pop("overlap_pairs", None)
+  x_convert = overrides.pop("x_convert", X_CONVERT)
+  kps = overrides.pop("k_per_step", None)
   x_multicast = overrides.pop("x_multicast", False)
-  if x_multicast:
-    x_in = False
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
   while ctas * split * 2 <= num_sms and tiles % (split * 2) == 0 and tiles // (split * 2) >= 4:
     split *= 2
   split = overrides.pop("split_k", split)
+  if x_in is None:
+    x_in = (not x_multicast and m <= X_IN_KERNEL_MAX_M
+            and (m < X_FUSION_MIN_M or (split > 1 and not stream_k)))
+  if overlap_pairs is None:
+    overlap_pairs = (m > K_PER_STEP_MAX_M and not x_in
+                     and not (inter or overlap or hold_a or stream_k))
+  if kps is None:
+    kps = 2 if (m <= K_PER_STEP_MAX_M and split == 1
+                and not (inter or stream_k or tile_major or hold_a)) else 1
   if (tiles // split) % kps:           # an odd number of K tiles per CTA: one per step
     kps = 1
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
@@ -342,9 +374,13 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
                  x_multicast=x_multicast)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
-  while (stages - step >= max(2, step)
-         and smem_bytes(dataclasses.replace(t, stages=stages), mp) > 200 * 1024):
+
+  def fits(st, budget):
+    return smem_bytes(dataclasses.replace(t, stages=st), mp) <= budget
+  while stages - step >= max(2, step) and not fits(stages, 200 * 1024):
     stages -= step
+  if overlap_pairs and stages < _PAIRS_MIN_STAGES and fits(_PAIRS_MIN_STAGES, _SMEM_LIMIT):
+    stages = _PAIRS_MIN_STAGES
   t = dataclasses.replace(t, stages=overrides.pop("stages", stages))
   if overrides:
     raise TypeError(f"unknown MgpuTiling fields {sorted(overrides)}")

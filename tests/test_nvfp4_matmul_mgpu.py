@@ -303,9 +303,19 @@ def test_default_tiling_fills_the_h100():
     t = mg.default_tiling(m, n, k)
     ctas = -(-n // (64 * t.consumers * t.strips)) * t.split_k
     assert 100 <= ctas <= 132 or t.split_k == 1
-    assert mg.smem_bytes(t, mg.padded_m(m)) <= 200 * 1024
+    # 200 KB, or the hardware limit for overlap_pairs' 4 stages (M=64)
+    assert mg.smem_bytes(t, mg.padded_m(m)) <= (mg._SMEM_LIMIT if t.overlap_pairs else 200 * 1024)
+    assert t.overlap_pairs == (m == 64) and (t.stages >= 4 or not t.overlap_pairs)
     assert (k // 256) % t.split_k == 0
   assert mg.default_tiling(8, 4096, 14336, stages=2).stages == 2
+  # the seventh session's rules: x through the XLA fusion + overlap_pairs from 9 rows without
+  # split-K, in the kernel (x_convert=2) with split-K; two K tiles per step up to 8 rows unsplit
+  t32, t32s = mg.default_tiling(32, 14336, 4096), mg.default_tiling(32, 4096, 14336)
+  assert (not t32.x_in_kernel and t32.overlap_pairs and t32.split_k == 1
+          and t32s.x_in_kernel and t32s.x_convert == 2 and not t32s.overlap_pairs)
+  assert mg.default_tiling(8, 14336, 4096).k_per_step == 2
+  assert mg.default_tiling(8, 4096, 14336).k_per_step == 1          # split-K
+  assert not mg.default_tiling(64, 14336, 4096, stream_k=132).overlap_pairs
   with pytest.raises(TypeError):
     mg.default_tiling(8, 4096, 14336, block_n=3)
 
