@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -118,17 +119,28 @@ FP8_TILES = DecodeTiles(16, num_warps=1, num_stages=8)
 # independent tiles in flight per SM hide the E4M3 upcast, as at B=64.
 SPLIT_K_TILES = DecodeTiles(64, num_warps=4, num_stages=3, combine="rows")
 SPLIT_K_FP8_TILES = DecodeTiles(32, num_warps=2, num_stages=6, combine="rows", programs_per_sm=4)
+# FP8, one split, short contexts (the c=64 serving decode: B=64, 129..192 keys, page 16; H100,
+# 2026-11-24, benchmarks/attention.md "dattn"): every tile masked in one pipelined loop
+# (mask_tail=False) instead of an unmasked loop plus a masked tail loop, whose second pipeline fill
+# and duplicated code cost more than the masks: 13.04 vs 13.51 us at c=64, 43.2 vs 46.9 us at
+# c=256 (same lengths). JAXINFER_DECODE_SHORT_TILES=0 keeps FP8_TILES.
+FP8_SHORT_TILES = dataclasses.replace(FP8_TILES, mask_tail=False)
+SHORT_CONTEXT = 1024   # page-table capacity (pages_per_seq * page_size) up to which it applies
+SHORT_TILES = os.environ.get("JAXINFER_DECODE_SHORT_TILES", "1") not in ("", "0")
 
 
 def default_tiles(fp8: bool, num_seqs: int, kv_heads: int, context: int,
                   page_size: int) -> DecodeTiles:
   """The measured best tiles: SPLIT_K_TILES / SPLIT_K_FP8_TILES when the key range will be split
   (fewer sequences x KV heads than two programs per SM) and a tile lies inside one page, else
-  BF16_TILES / FP8_TILES."""
+  BF16_TILES / FP8_TILES (FP8_SHORT_TILES for one split over at most SHORT_CONTEXT keys)."""
   split_tiles = SPLIT_K_FP8_TILES if fp8 else SPLIT_K_TILES
   split = default_splits(num_seqs, kv_heads, pl.cdiv(context, split_tiles.block_k)) > 1
   if split and page_size % split_tiles.block_k == 0:
     return split_tiles
+  if (fp8 and SHORT_TILES and context <= SHORT_CONTEXT
+      and default_splits(num_seqs, kv_heads, pl.cdiv(context, FP8_TILES.block_k)) == 1):
+    return FP8_SHORT_TILES
   return FP8_TILES if fp8 else BF16_TILES
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention
 from jaxinfer.errors import ShapeError
-from kernels.paged_decode_attention import (BF16_TILES, FP8_TILES, SPLIT_K_FP8_TILES, SPLIT_K_TILES,
+from kernels.paged_decode_attention import (BF16_TILES, FP8_SHORT_TILES, FP8_TILES,
+                                            SPLIT_K_FP8_TILES, SPLIT_K_TILES,
                                             DecodeTiles, default_tiles, e4m3_bits_to_f16,
                                             paged_decode_attention)
 
@@ -95,6 +96,35 @@ def test_default_tiles_by_regime():
   assert default_tiles(True, 1, 8, 32768, 32) == SPLIT_K_FP8_TILES      # 32-key FP8 tiles
   assert default_tiles(False, 1, 8, 32768, 32) == BF16_TILES
   assert default_tiles(False, 1, 8, 64, 64) == BF16_TILES   # one 64-key block: nothing to split
+  # FP8, one split, short contexts (the c=64 serving decode): every tile masked in one loop
+  assert default_tiles(True, 64, 8, 256, 16) == FP8_SHORT_TILES
+  assert default_tiles(True, 256, 8, 1024, 16) == FP8_SHORT_TILES
+  assert default_tiles(True, 64, 8, 2048, 16) == FP8_TILES
+  assert default_tiles(True, 1, 8, 256, 16) == FP8_TILES     # split-K: the masked tail loop stays
+  assert default_tiles(False, 64, 8, 256, 16) == BF16_TILES
+
+
+def test_short_tiles_switch(monkeypatch):
+  import kernels.paged_decode_attention as pda
+  monkeypatch.setattr(pda, "SHORT_TILES", False)
+  assert default_tiles(True, 64, 8, 256, 16) == FP8_TILES
+
+
+def test_decode_fp8_short_tiles_one_split():
+  """FP8_SHORT_TILES (mask_tail off: every tile masked in one loop) with one split, ragged lengths
+  (multiples of the tile and not, 1) and a padding row, against float64."""
+  import dataclasses
+  rng = np.random.default_rng(17)
+  chunks = [(95, 1), (0, 1), (37, 1), (160, 1)]
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=64, page_size=16, num_pages=30, chunks=chunks,
+                               num_tokens=5, dtype=jnp.float32)
+  kp, vp = (kp / 0.5).astype(F8), (vp / 2.0).astype(F8)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=0.125, k_scale=0.5, v_scale=2.0, interpret=True,
+                               tiles=dataclasses.replace(FP8_SHORT_TILES, splits=1))
+  ref = np_paged(f64(q), f64(kp) * 0.5, f64(vp) * 2.0, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 4, 1.5e-2)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
