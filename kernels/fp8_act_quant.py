@@ -67,11 +67,15 @@ class Tiling:
   in the activation dtype, exact: they are rounded to it anyway) and amax, the second the row
   scales from the slice amaxes and the codes; T * split programs instead of T. ``reload``: the
   store pass re-reads the row (L2) and recomputes its values instead of holding them in
-  registers (single kernel only)."""
+  registers (single kernel only). ``amax_once``: the row amax as an elementwise max over the
+  chunks and one reduction, the chunks held in the activation dtype; False: one reduction per chunk,
+  the chunks held in float32 (the first kernel's form; single kernel, one row per program). The
+  same values either way."""
   rows: int = 1
   num_warps: int | None = None
   split: int = 1
   reload: bool = False
+  amax_once: bool = True
 
 
 def _scaled(y, row, col, dtype):
@@ -177,13 +181,28 @@ def _split_refs(refs, scaled: bool):
 
 
 def _kernel(*refs, width: int, chunk: int, rows: int, glu: bool, scaled: bool, reload: bool,
-            tiny: float, e4m3_max: float):
+            amax_once: bool, tiny: float, e4m3_max: float):
   """One program: ``rows`` whole rows (amax pass, then the store pass)."""
   x_ref, rs_ref, cs_ref, (q_ref, sx_ref) = _split_refs(refs, scaled)
   t0 = pl.program_id(0) * rows
   dtype = x_ref.dtype
   load = _loader(x_ref, rs_ref, cs_ref, t0, rows, chunk)
   n = width // chunk
+  if not amax_once:              # one row; float32 chunks, a reduction per chunk
+    xs = [load(c * chunk) for c in range(n)]
+    ups = [load(width + c * chunk) for c in range(n)] if glu else [None] * n
+    hs, amax = [], None
+    for x, u in zip(xs, ups):
+      h = _value(x, u, dtype).astype(_F32)
+      hs.append(h)
+      m = jnp.max(jnp.abs(h))
+      amax = m if amax is None else jnp.maximum(amax, m)
+    sx = jnp.maximum(amax, tiny) / e4m3_max
+    for c, h in enumerate(hs):
+      q_ref[t0, pl.ds(c * chunk, chunk)] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(
+          q_ref.dtype)
+    sx_ref[pl.ds(t0, 1), :] = jnp.full((1, 1), sx, _F32)
+    return
 
   def values():
     # every load first (independent: their latencies overlap), then the math
@@ -250,9 +269,11 @@ def default_num_warps(width: int, rows: int) -> int:
 
 
 def default_tiling(width: int, t: int, glu: bool) -> Tiling:
-  """The tiling a call of t rows of ``width`` outputs uses."""
-  del width, t, glu
-  return Tiling()
+  """The tiling a call of t rows of ``width`` outputs uses: one row per program; the row amax as
+  one reduction above 64 rows (H100, SwiGLU rows of 14336 at 1024 rows: 38.7 vs 43.1 us), one
+  per chunk up to 64 (decode: 5.65 vs 5.74 us isolated, and 7.0 vs 8.4 us per call in serving)."""
+  del width, glu
+  return Tiling(amax_once=t > 64)
 
 
 # Calls of at most CLUSTER_MAX_ROWS rows (decode steps) on a Hopper GPU run the Mosaic GPU kernel
@@ -290,6 +311,7 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
   split = t.split if _pow2(t.split) and width % t.split == 0 else 1
   if split > 1 and chunk_width(width // split) is None:
     split = 1
+  amax_once = t.amax_once or rows > 1 or split > 1 or t.reload
   num_warps = t.num_warps or default_num_warps(width, T)
   args = (x,) + ((row_scale.astype(_F32), col_scale.astype(_F32)) if scaled else ())
   out_q = jax.ShapeDtypeStruct((T, width), jnp.float8_e4m3fn)
@@ -299,7 +321,7 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
   if split == 1:
     return tuple(pl.pallas_call(
         functools.partial(_kernel, width=width, chunk=chunk_width(width), rows=rows, glu=glu,
-                          scaled=scaled, reload=t.reload, **consts),
+                          scaled=scaled, reload=t.reload, amax_once=amax_once, **consts),
         grid=(T // rows,), out_shape=[out_q, out_sx], compiler_params=params,
         interpret=interpret, name=name)(*args))
   slice_w = width // split
