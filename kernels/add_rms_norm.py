@@ -289,6 +289,7 @@ def add_rms_norm_fp8(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_
     from kernels import add_rms_norm_mgpu as nm
     if nm.on_hopper() and nm.supports(x, y, w, CLUSTER):
       return nm.add_rms_norm_fp8(x, y, w, eps=eps, y_row_scale=y_row_scale,
-                                 y_col_scale=y_col_scale, tiling=nm.ClusterTiling(CLUSTER))
+                                 y_col_scale=y_col_scale,
+                                 tiling=nm.ClusterTiling(CLUSTER, nm.DIRECT))
   return tuple(_call(x, y, w, y_row_scale, y_col_scale, eps=eps, quantize=True,
                      interpret=interpret, name="add_rms_norm_fp8", tiling=tiling))

@@ -36,7 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels.add_rms_norm import check_product_scales
-from kernels.fp8_act_quant_mgpu import LANES, ClusterTiling, on_hopper  # noqa: F401
+from kernels.fp8_act_quant_mgpu import DIRECT, LANES, ClusterTiling, on_hopper  # noqa: F401
 
 _F32 = jnp.float32
 
@@ -51,6 +51,54 @@ def supports(x: jax.Array, y: jax.Array, w: jax.Array, cluster: int = 4) -> bool
     return False
   h = x.shape[1]
   return cluster in (1, 2, 4, 8) and h % (LANES * cluster) == 0 and h // cluster <= 32 * LANES
+
+
+def _direct_kernel(*refs, h: int, cluster: int, parts: int, scaled: bool, eps: float,
+                   tiny: float, e4m3_max: float):
+  """``_kernel`` with plain global-memory loads and stores (``ClusterTiling.direct``)."""
+  it = iter(refs)
+  x_ref, y_ref, w_ref = next(it), next(it), next(it)
+  rs_ref, cs_ref = (next(it), next(it)) if scaled else (None, None)
+  s_ref, q_ref, sx_ref, ex_ref, cbar = next(it), next(it), next(it), next(it), next(it)
+  dtype = x_ref.dtype
+  t, c = lax.axis_index("t"), lax.axis_index("c")
+  n = h // cluster // LANES
+  cols = pl.ds(c * n, n)
+  if parts:
+    y = y_ref[0, t, cols]
+    for p in range(1, parts):
+      y = y + y_ref[p, t, cols]
+    if not scaled:
+      y = y.astype(dtype)
+  else:
+    y = y_ref[t, cols]
+  if scaled:
+    y = (y.astype(_F32) * rs_ref[t] * cs_ref[cols]).astype(dtype)
+  s = (x_ref[t, cols].astype(_F32) + y.astype(_F32)).astype(dtype)
+  s_ref[t, cols] = s
+  s32 = s.astype(_F32)
+  sumsq = _exchange(ex_ref, cbar, t, c, cluster, jnp.sum(s32 * s32), 0)
+  inv = lax.rsqrt(sumsq / h + eps)
+  normed = (s32 * inv).astype(dtype).astype(_F32)
+  hv = (w_ref[cols].astype(dtype).astype(_F32) * normed).astype(dtype).astype(_F32)
+  amax = _exchange(ex_ref, cbar, t, c, cluster, jnp.max(jnp.abs(hv)), 1)
+  sx = jnp.maximum(amax, tiny) / e4m3_max
+  q_ref[t, cols] = jnp.clip(hv / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
+
+  @pl.when(c == 0)
+  def _():
+    sx_ref[t, 0] = sx
+
+
+def _exchange(ex_ref, cbar, t, c, cluster: int, v, k: int):
+  """The sum (k = 0) or max (k = 1) over the row's cluster of the CTAs' scalars v."""
+  ex_ref[k, t, c] = v
+  plgpu.barrier_arrive(cbar.at[k])
+  plgpu.barrier_wait(cbar.at[k])
+  tot = ex_ref[k, t, 0]
+  for p in range(1, cluster):
+    tot = tot + ex_ref[k, t, p] if k == 0 else jnp.maximum(tot, ex_ref[k, t, p])
+  return tot
 
 
 def _kernel(*refs, h: int, cluster: int, parts: int, scaled: bool, eps: float, tiny: float,
@@ -93,14 +141,7 @@ def _kernel(*refs, h: int, cluster: int, parts: int, scaled: bool, eps: float, t
   s32 = s.astype(_F32)
 
   def exchange(v, k):
-    """The sum (k = 0) or max (k = 1) over the row's cluster of the CTAs' scalars v."""
-    ex_ref[k, t, c] = v
-    plgpu.barrier_arrive(cbar.at[k])
-    plgpu.barrier_wait(cbar.at[k])
-    tot = ex_ref[k, t, 0]
-    for p in range(1, cluster):
-      tot = tot + ex_ref[k, t, p] if k == 0 else jnp.maximum(tot, ex_ref[k, t, p])
-    return tot
+    return _exchange(ex_ref, cbar, t, c, cluster, v, k)
 
   sumsq = exchange(jnp.sum(s32 * s32), 0)
   inv = lax.rsqrt(sumsq / h + eps)
@@ -126,7 +167,8 @@ def add_rms_norm_fp8(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_
   """(x + y, E4M3 rows of RMSNorm(x + y) * w [T, H], f32 row scales [T, 1]); see the module
   docstring."""
   from jaxinfer.ops import _TINY_AMAX, E4M3_MAX
-  C = (tiling or ClusterTiling()).cluster
+  til = tiling or ClusterTiling()
+  C = til.cluster
   if not supports(x, y, w, C):
     raise ShapeError(f"add_rms_norm_fp8_mgpu takes x [T, H] (16-bit float), y [T, H] or f32 "
                      f"partials [S <= 16, T, H], w [H], H a multiple of {LANES} * {C}; got "
@@ -139,17 +181,20 @@ def add_rms_norm_fp8(x: jax.Array, y: jax.Array, w: jax.Array, *, eps: float, y_
   args = [tile(x), tile(y), tile(w)]
   if scaled:
     args += [y_row_scale.astype(_F32).reshape(T), tile(y_col_scale.astype(_F32))]
-  scratch = [plgpu.SMEM((n, LANES), x.dtype),
-             plgpu.SMEM((parts, n, LANES) if parts else (n, LANES), y.dtype),
-             plgpu.SMEM((n, LANES), w.dtype)]
-  if scaled:
-    scratch.append(plgpu.SMEM((n, LANES), _F32))
-  scratch += [plgpu.SMEM((n, LANES), x.dtype), plgpu.SMEM((n, LANES), jnp.float8_e4m3fn),
-              plgpu.Barrier(num_arrivals=4 if scaled else 3),
-              plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=2)]
+  cbar = plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=2)
+  if til.direct:
+    scratch = [cbar]
+  else:
+    scratch = [plgpu.SMEM((n, LANES), x.dtype),
+               plgpu.SMEM((parts, n, LANES) if parts else (n, LANES), y.dtype),
+               plgpu.SMEM((n, LANES), w.dtype)]
+    if scaled:
+      scratch.append(plgpu.SMEM((n, LANES), _F32))
+    scratch += [plgpu.SMEM((n, LANES), x.dtype), plgpu.SMEM((n, LANES), jnp.float8_e4m3fn),
+                plgpu.Barrier(num_arrivals=4 if scaled else 3), cbar]
   s, q, sx, _ = plgpu.kernel(
-      functools.partial(_kernel, h=H, cluster=C, parts=parts, scaled=scaled, eps=eps,
-                        tiny=_TINY_AMAX, e4m3_max=E4M3_MAX),
+      functools.partial(_direct_kernel if til.direct else _kernel, h=H, cluster=C, parts=parts,
+                        scaled=scaled, eps=eps, tiny=_TINY_AMAX, e4m3_max=E4M3_MAX),
       out_type=(jax.ShapeDtypeStruct((T, H // LANES, LANES), x.dtype),
                 jax.ShapeDtypeStruct((T, H // LANES, LANES), jnp.float8_e4m3fn),
                 jax.ShapeDtypeStruct((T, 1), _F32), jax.ShapeDtypeStruct((2, T, C), _F32)),

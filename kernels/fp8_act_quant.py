@@ -345,7 +345,7 @@ def quantize_rows(x: jax.Array, *, interpret: bool = False, tiling: Tiling | Non
   ``tiling``: None for ``default_tiling`` (or the cluster kernel: ``CLUSTER``)."""
   if c := _cluster_for(x, False, interpret, tiling):
     from kernels import fp8_act_quant_mgpu as am
-    return am.quantize_rows(x, tiling=am.ClusterTiling(c))
+    return am.quantize_rows(x, tiling=am.ClusterTiling(c, am.DIRECT))
   return _call(x, None, None, glu=False, interpret=interpret, name="quantize_rows_fp8",
                tiling=tiling)
 
@@ -359,6 +359,7 @@ def silu_mul_quantize(gate_up: jax.Array, row_scale=None, col_scale=None, *,
   ``default_tiling`` (or the cluster kernel: ``CLUSTER``)."""
   if c := _cluster_for(gate_up, True, interpret, tiling):
     from kernels import fp8_act_quant_mgpu as am
-    return am.silu_mul_quantize(gate_up, row_scale, col_scale, tiling=am.ClusterTiling(c))
+    return am.silu_mul_quantize(gate_up, row_scale, col_scale,
+                                tiling=am.ClusterTiling(c, am.DIRECT))
   return _call(gate_up, row_scale, col_scale, glu=True, interpret=interpret,
                name="silu_mul_fp8", tiling=tiling)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -41,14 +42,20 @@ from jaxinfer.errors import ShapeError
 from kernels.add_rms_norm import check_product_scales
 
 LANES = 128       # the minor dimension of every shared-memory tile (TMA box <= 256)
+# The form the kernels take when dispatched from kernels/fp8_act_quant.py / add_rms_norm.py
+# (their CLUSTER switches): plain global loads / stores (1) or TMA through shared memory (0).
+DIRECT = os.environ.get("JAXINFER_CLUSTER_DIRECT", "0") not in ("", "0")
 MAX_CLUSTER = 8   # portable thread-block cluster size
 _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterTiling:
-  """``cluster``: CTAs per row (a power of two <= 8 whose slices are whole multiples of 128)."""
+  """``cluster``: CTAs per row (a power of two <= 8 whose slices are whole multiples of 128).
+  ``direct``: the slices loaded from global memory into registers and the codes stored from
+  registers (no TMA, no shared-memory staging, no barrier wait before the math)."""
   cluster: int = 4
+  direct: bool = False
 
 
 def supports(x: jax.Array, glu: bool, cluster: int = 4) -> bool:
@@ -72,6 +79,47 @@ def on_hopper() -> bool:
     return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
   except RuntimeError:
     return False
+
+
+def _direct_kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: float,
+                   e4m3_max: float):
+  """``_kernel`` with plain global-memory loads and stores (``ClusterTiling.direct``)."""
+  it = iter(refs)
+  x_ref = next(it)
+  rs_ref, cs_ref = (next(it), next(it)) if scaled else (None, None)
+  q_ref, sx_ref, am_ref, cbar = next(it), next(it), next(it), next(it)
+  dtype = x_ref.dtype
+  t, c = lax.axis_index("t"), lax.axis_index("c")
+  n = width // cluster // LANES
+  b = c * n
+  half = width // LANES
+  row = rs_ref[t] if scaled else None
+
+  def load(off):
+    v = x_ref[t, pl.ds(off, n)]
+    if scaled:
+      v = (v.astype(_F32) * row * cs_ref[pl.ds(off, n)]).astype(dtype)
+    return v
+
+  h = load(b)
+  if glu:
+    up = load(half + b)
+    g = h.astype(_F32)
+    silu = (g * jax.nn.sigmoid(g)).astype(dtype).astype(_F32)
+    h = (silu * up.astype(_F32)).astype(dtype)
+  h = h.astype(_F32)
+  am_ref[t, c] = jnp.max(jnp.abs(h))
+  plgpu.barrier_arrive(cbar)
+  plgpu.barrier_wait(cbar)
+  amax = am_ref[t, 0]
+  for p in range(1, cluster):
+    amax = jnp.maximum(amax, am_ref[t, p])
+  sx = jnp.maximum(amax, tiny) / e4m3_max
+  q_ref[t, pl.ds(b, n)] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
+
+  @pl.when(c == 0)
+  def _():
+    sx_ref[t, 0] = sx
 
 
 def _kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: float,
@@ -149,15 +197,18 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
   args = [x.reshape(T, K // LANES, LANES)]
   if scaled:
     args += [row_scale.astype(_F32).reshape(T), col_scale.astype(_F32).reshape(K // LANES, LANES)]
-  scratch = [plgpu.SMEM((n, LANES), x.dtype)] * (2 if glu else 1)
-  if scaled:
-    scratch += [plgpu.SMEM((n, LANES), _F32)] * (2 if glu else 1)
-  copies = (2 if glu else 1) * (2 if scaled else 1)   # TMA copies arriving on the barrier
-  scratch += [plgpu.SMEM((n, LANES), jnp.float8_e4m3fn), plgpu.Barrier(num_arrivals=copies),
-              plgpu.ClusterBarrier(collective_axes=("c",))]
+  if t.direct:
+    scratch = [plgpu.ClusterBarrier(collective_axes=("c",))]
+  else:
+    scratch = [plgpu.SMEM((n, LANES), x.dtype)] * (2 if glu else 1)
+    if scaled:
+      scratch += [plgpu.SMEM((n, LANES), _F32)] * (2 if glu else 1)
+    copies = (2 if glu else 1) * (2 if scaled else 1)   # TMA copies arriving on the barrier
+    scratch += [plgpu.SMEM((n, LANES), jnp.float8_e4m3fn), plgpu.Barrier(num_arrivals=copies),
+                plgpu.ClusterBarrier(collective_axes=("c",))]
   q, sx, _ = plgpu.kernel(
-      functools.partial(_kernel, width=width, cluster=C, glu=glu, scaled=scaled,
-                        tiny=_TINY_AMAX, e4m3_max=E4M3_MAX),
+      functools.partial(_direct_kernel if t.direct else _kernel, width=width, cluster=C,
+                        glu=glu, scaled=scaled, tiny=_TINY_AMAX, e4m3_max=E4M3_MAX),
       out_type=(jax.ShapeDtypeStruct((T, width // LANES, LANES), jnp.float8_e4m3fn),
                 jax.ShapeDtypeStruct((T, 1), _F32), jax.ShapeDtypeStruct((T, C), _F32)),
       scratch_types=scratch,

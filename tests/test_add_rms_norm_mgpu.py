@@ -13,8 +13,9 @@ from kernels.add_rms_norm import reference_fp8
 f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
 
 
-@pytest.mark.parametrize("cluster,partials", [(2, 4), (4, 2), (4, 0)])
-def test_add_rms_norm_fp8_cluster(cluster, partials):
+@pytest.mark.parametrize("cluster,partials,direct", [(2, 4, False), (4, 2, False), (4, 0, False),
+                                                     (2, 4, True), (4, 0, True)])
+def test_add_rms_norm_fp8_cluster(cluster, partials, direct):
   T, H = 3, 1024
   rng = np.random.default_rng(cluster * 10 + partials)
   x = jnp.asarray(rng.standard_normal((T, H)) * 2, jnp.bfloat16)
@@ -29,7 +30,7 @@ def test_add_rms_norm_fp8_cluster(cluster, partials):
     y = yy = jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16)
     kw = {}
   s, q, sx = nm.add_rms_norm_fp8(x, y, w, eps=1e-5, interpret=True,
-                                 tiling=nm.ClusterTiling(cluster), **kw)
+                                 tiling=nm.ClusterTiling(cluster, direct), **kw)
   assert s.shape == q.shape == (T, H) and q.dtype == jnp.float8_e4m3fn and sx.shape == (T, 1)
   want_s = f64(x) + (f64(y).sum(0) * f64(kw["y_row_scale"]) * f64(kw["y_col_scale"])
                      if partials else f64(y))

@@ -21,26 +21,27 @@ def _check(q, sx, want, ref):
   np.testing.assert_array_equal(sx64, f64(ref[1]))
 
 
-@pytest.mark.parametrize("cluster", [2, 4])
-def test_silu_mul_quantize_cluster(cluster):
+@pytest.mark.parametrize("cluster,direct", [(2, False), (4, False), (4, True)])
+def test_silu_mul_quantize_cluster(cluster, direct):
   T, I = 3, 1024
   rng = np.random.default_rng(cluster)
   raw = jnp.asarray(rng.standard_normal((T, 2 * I)) * 40, jnp.bfloat16)
   rs = jnp.asarray(rng.uniform(0.01, 0.1, (T, 1)), jnp.float32)
   cs = jnp.asarray(rng.uniform(0.5, 2.0, 2 * I), jnp.float32)
-  q, sx = am.silu_mul_quantize(raw, rs, cs, interpret=True, tiling=am.ClusterTiling(cluster))
+  q, sx = am.silu_mul_quantize(raw, rs, cs, interpret=True,
+                               tiling=am.ClusterTiling(cluster, direct))
   assert q.shape == (T, I) and q.dtype == jnp.float8_e4m3fn and sx.shape == (T, 1)
   y = f64(raw) * f64(rs) * f64(cs)
   g, u = y[:, :I], y[:, I:]
   _check(q, sx, g / (1 + np.exp(-g)) * u, reference_silu_mul_quantize(raw, rs, cs))
 
 
-@pytest.mark.parametrize("cluster", [2, 8])
-def test_quantize_rows_cluster(cluster):
+@pytest.mark.parametrize("cluster,direct", [(2, False), (8, False), (8, True)])
+def test_quantize_rows_cluster(cluster, direct):
   T, K = 2, 2048
   rng = np.random.default_rng(10 + cluster)
   x = jnp.asarray(rng.standard_normal((T, K)) * rng.uniform(0.1, 10, (T, 1)), jnp.float16)
-  q, sx = am.quantize_rows(x, interpret=True, tiling=am.ClusterTiling(cluster))
+  q, sx = am.quantize_rows(x, interpret=True, tiling=am.ClusterTiling(cluster, direct))
   _check(q, sx, f64(x), quantize_rows_fp8(x))
 
 
