@@ -33,9 +33,9 @@ _SMALL = flags.DEFINE_bool("small", False, "tiny shapes (smoke runs)")
 _BUDGET = flags.DEFINE_float("budget_s", 120.0, "stop starting cases past this")
 _OUT = flags.DEFINE_string("out", "/tmp/bench_small_kernels.json", "JSON output")
 
-# Tilings per case: (rows, num_warps, split, reload); None = the module default; (0, C): the
-# Mosaic GPU cluster kernels (kernels/fp8_act_quant_mgpu.py, add_rms_norm_mgpu.py), C CTAs per row;
-# (0, C, 1): the same with plain global loads / stores (ClusterTiling.direct).
+# Tilings per case: (rows, num_warps, split, reload[, interleave]); None = the module default;
+# (0, C): the Mosaic GPU cluster kernels (kernels/fp8_act_quant_mgpu.py, add_rms_norm_mgpu.py),
+# C CTAs per row; (0, C, 1): the same with plain global loads / stores (ClusterTiling.direct).
 VARIANTS = {
     "silu64": [None, (0, 4), (0, 8), (1, 8, 2, 0), (1, 4, 4, 0), (1, 4, 8, 0)],
     "silu1024": [None, (0, 4), (2, 16, 1, 0), (4, 16, 1, 1), (2, 8, 1, 1), (4, 32, 1, 0)],
@@ -187,10 +187,13 @@ def main(argv):
         direct = len(v) > 2 and bool(v[2])
         return (f"mgpu_c{v[1]}{'_direct' if direct else ''}", am.ClusterTiling(v[1], direct),
                 False)
-      label = "r%d_w%s_s%d%s" % (v[0], v[1], v[2], "_reload" if v[3] else "")
+      inter = len(v) > 4 and bool(v[4])
+      label = "r%d_w%s_s%d%s%s" % (v[0], v[1], v[2], "_reload" if v[3] else "",
+                                   "_inter" if inter else "")
       if case.startswith("norm"):
         return label, arn.Tiling(rows=v[0], num_warps=v[1], split=v[2]), False
-      return label, aq.Tiling(rows=v[0], num_warps=v[1], split=v[2], reload=bool(v[3])), False
+      return label, aq.Tiling(rows=v[0], num_warps=v[1], split=v[2], reload=bool(v[3]),
+                              interleave=inter), False
 
     entries = (([("old", None, True)] if old_act is not None else [])
                + [entry(v) for v in variants.get(case, [None])])

@@ -58,8 +58,8 @@ def test_silu_mul_quantize_matches_float64_and_reference(T, I, dtype, scaled):
   np.testing.assert_array_equal(f64(sx), f64(rsx))
 
 
-@pytest.mark.parametrize("tiling", [Tiling(amax_once=False), Tiling(rows=2),
-                                    Tiling(rows=4, reload=True),
+@pytest.mark.parametrize("tiling", [Tiling(amax_once=False), Tiling(interleave=True),
+                                    Tiling(rows=2), Tiling(rows=4, reload=True),
                                     Tiling(split=2), Tiling(rows=2, split=4, num_warps=2)])
 def test_tilings_give_the_same_codes(tiling):
   """Rows per program, reloading, and the two-kernel column split: float64-close and bit for bit
