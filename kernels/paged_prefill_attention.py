@@ -2,23 +2,23 @@
 (FP8 or bf16) cache, no gathered K/V copy.
 
 Layout (``jaxinfer.attention``, like ``kernels/paged_decode_attention.py``):
-  q [T, H, D]                       flattened tokens (bf16/f16); sequence b owns rows query_start[b] ..
-                                    query_start[b+1]-1 (a prompt chunk, or one decode token); rows from
-                                    query_start[B] on are padding
-  k_pages, v_pages [N, page, KV, D] bf16/f16 (q's dtype), or E4M3 with scalar k_scale / v_scale
-  page_table [B, P], seq_lens [B]   token s of b is slot page_table[b, s // page] * page + s % page
-  out [T, H, D]                     q's dtype; query row i of b sits at position seq_lens[b] - q_len_b + i
-                                    and attends keys <= its position; padding rows are written as zeros.
+  q [T, H, D]             flattened tokens (bf16/f16); sequence b owns rows query_start[b] ..
+                          query_start[b+1]-1 (a prompt chunk, or one decode token); rows from
+                          query_start[B] on are padding
+  k_pages, v_pages [N, page, KV, D]   bf16/f16 (q's dtype), or E4M3 with scalar k_scale / v_scale
+  page_table [B, P], seq_lens [B]     token s of b: slot page_table[b, s // page] * page + s % page
+  out [T, H, D]           q's dtype; query row i of b sits at position seq_lens[b] - q_len_b + i
+                          and attends keys <= its position; padding rows are written as zeros.
 
-Work items: one program per (KV head, work item); a work item is ``block_q`` consecutive query tokens
-of one sequence, listed by ``work_items`` from query_start and seq_lens alone as (sequence, first
-token, tokens, position of the first token): a tiny XLA computation on B + 1 ints that every layer
-of a step shares (XLA's CSE leaves one per step), so a program needs one dependent load before it
-reads q and the page table. The grid is the static bound W = ceil((T + B (block_q - 1)) / block_q)
-per KV head, never below the real tiles plus the ceil(padding tokens / block_q) items that write
-the padding rows' zeros, so no program is empty unless the step has fewer sequences than B. A decode
-row is a one-token item. ``sort_items`` orders the items heaviest (most keys) first, so the long
-decode rows do not end up in the last wave.
+Work items: one program per (KV head, work item); a work item is ``block_q`` consecutive query
+tokens of one sequence, listed by ``work_items`` from query_start and seq_lens alone as (sequence,
+first token, tokens, position of the first token): a tiny XLA computation on B + 1 ints that every
+layer of a step shares (XLA's CSE leaves one per step), so a program needs one dependent load before
+it reads q and the page table. The grid is the static bound W = ceil((T + B (block_q - 1)) /
+block_q) per KV head, never below the real tiles plus the ceil(padding tokens / block_q) items that
+write the padding rows' zeros, so no program is empty unless the step has fewer sequences than B. A
+decode row is a one-token item. ``sort_items`` orders the items heaviest (most keys) first, so the
+long decode rows do not end up in the last wave.
 
 Tiling: a program's rows are its tokens x the G = H/KV query heads of its KV head (row r: token
 r // G, head kvh*G + r % G), so each K/V tile is read once for all G heads: ``block_q * G`` rows

@@ -1,9 +1,9 @@
-"""Paged prefill attention (kernels/paged_prefill_attention.py) and its static-prefill dispatch, in
-Pallas interpret mode, against float64 NumPy on fresh random inputs: mixed steps (prompt chunks
+"""Paged prefill attention (kernels/paged_prefill_attention.py) and its static-prefill dispatch,
+in Pallas interpret mode, against float64 NumPy on fresh random inputs: mixed steps (prompt chunks
 continuing a cached prefix, decode rows, padding tokens, odd lengths), FP8 and bf16 caches.
 
-Interpret mode fills kernel outputs with NaN before the kernel runs, so an unwritten element shows up
-as NaN: every check asserts finiteness, and padding tokens must come back as zeros.
+Interpret mode fills kernel outputs with NaN before the kernel runs, so an unwritten element shows
+up as NaN: every check asserts finiteness, and padding tokens must come back as zeros.
 """
 import jax
 import jax.extend
@@ -163,7 +163,7 @@ def test_work_items_cover_every_token_once(block_q, sort):
 def test_static_prefill_dispatch_uses_the_paged_kernel(dtype, monkeypatch):
   """attention.PAGED_PREFILL: static prefill steps run the paged kernel (no gather, no cond)."""
   import jaxinfer.attention as attention
-  monkeypatch.setattr(attention, "PAGED_PREFILL", True)
+  monkeypatch.setattr(attention, "PAGED_PREFILL", "1")
   monkeypatch.setattr(attention, "PAGED_PREFILL_TILES", "4,16,4,2")
   rng = np.random.default_rng(9)
   q, kp, vp, batch, chunks = mixed_case(rng, H=8, KV=2, D=32, page=16, spec=MIXED[:4],
@@ -194,6 +194,28 @@ def test_static_prefill_dispatch_uses_the_paged_kernel(dtype, monkeypatch):
   want = np_attention(f64(q), f64(kp) * scales[0], f64(vp) * scales[1], chunks, 16, 0.2)
   assert np.isfinite(got).all() and (got[real:] == 0).all()
   assert np.linalg.norm(got[:real] - want[:real]) / np.linalg.norm(want[:real]) < 1e-2
+
+
+def test_auto_dispatch_by_page_table_span(monkeypatch):
+  """PAGED_PREFILL="auto": the paged kernel where page tables span <= PAGED_PREFILL_MAX_KEYS keys,
+  else gather + flash_prefill; "0" never."""
+  import jaxinfer.attention as attention
+  rng = np.random.default_rng(4)
+  q, kp, vp, batch, _ = mixed_case(rng, H=8, KV=2, D=32, page=16, spec=MIXED[:4], num_tokens=32,
+                                   num_seqs=6, dtype=F8)
+  span = batch.page_table.shape[1] * 16
+
+  def kernels():   # a fresh function each time: traces are cached per function
+    fn = lambda q, kp, vp, batch: paged_attention(q, kp, vp, batch, scale=0.2, impl="pallas",
+                                                  static_prefill=True)
+    text = str(jax.make_jaxpr(fn)(q, kp, vp, batch))
+    return "paged_prefill_attention" in text, "flash_prefill" in text
+
+  for mode, max_keys, want in (("auto", span, (True, False)), ("auto", span - 1, (False, True)),
+                               ("0", 10 ** 6, (False, True)), ("1", 0, (True, False))):
+    monkeypatch.setattr(attention, "PAGED_PREFILL", mode)
+    monkeypatch.setattr(attention, "PAGED_PREFILL_MAX_KEYS", max_keys)
+    assert kernels() == want, (mode, max_keys)
 
 
 def test_shape_errors():

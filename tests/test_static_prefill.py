@@ -43,6 +43,7 @@ def test_static_prefill_attention_matches_float64_without_a_cond(chunks, block_q
   """(block_q: the mixed-step prefill tiles, attention.MIXED_PREFILL_BLOCK_Q)"""
   import jaxinfer.attention as attention
   monkeypatch.setattr(attention, "MIXED_PREFILL_BLOCK_Q", block_q)
+  monkeypatch.setattr(attention, "PAGED_PREFILL", "0")   # the gather + flash_prefill path
   rng = np.random.default_rng(len(chunks))
   H, KV, D, page = 8, 2, 32, 16
   kp = jnp.asarray(rng.standard_normal((8, page, KV, D)), jnp.bfloat16)
