@@ -125,6 +125,11 @@ SPLIT_K_FP8_TILES = DecodeTiles(32, num_warps=2, num_stages=6, combine="rows", p
 # and duplicated code cost more than the masks: 13.04 vs 13.51 us at c=64, 43.2 vs 46.9 us at
 # c=256 (same lengths). JAXINFER_DECODE_SHORT_TILES=0 keeps FP8_TILES.
 FP8_SHORT_TILES = dataclasses.replace(FP8_TILES, mask_tail=False)
+# FP8 split-K over pages smaller than SPLIT_K_FP8_TILES' 32-key tiles (page 16, the engine's
+# default): 16-key tiles, 2 warps, 8 stages, 4 programs per SM (H100, 2026-11-24, B=1, page 16,
+# device time per call incl. the per-row combine: 8k context 13.0 vs 15.6 us with FP8_TILES; 2 warps
+# at 2 programs per SM: 1k 6.6 vs 7.2, 4k 9.9 vs 10.9, 32k 39.9 vs 43.7).
+SPLIT_K_FP8_SMALL_PAGE_TILES = DecodeTiles(16, num_warps=2, num_stages=8, programs_per_sm=4)
 SHORT_CONTEXT = 1024   # page-table capacity (pages_per_seq * page_size) up to which it applies
 SHORT_TILES = os.environ.get("JAXINFER_DECODE_SHORT_TILES", "1") not in ("", "0")
 
@@ -132,12 +137,17 @@ SHORT_TILES = os.environ.get("JAXINFER_DECODE_SHORT_TILES", "1") not in ("", "0"
 def default_tiles(fp8: bool, num_seqs: int, kv_heads: int, context: int,
                   page_size: int) -> DecodeTiles:
   """The measured best tiles: SPLIT_K_TILES / SPLIT_K_FP8_TILES when the key range will be split
-  (fewer sequences x KV heads than two programs per SM) and a tile lies inside one page, else
-  BF16_TILES / FP8_TILES (FP8_SHORT_TILES for one split over at most SHORT_CONTEXT keys)."""
+  (fewer sequences x KV heads than two programs per SM) and a tile lies inside one page (FP8 over
+  smaller pages: SPLIT_K_FP8_SMALL_PAGE_TILES), else BF16_TILES / FP8_TILES (FP8_SHORT_TILES for
+  one split over at most SHORT_CONTEXT keys)."""
   split_tiles = SPLIT_K_FP8_TILES if fp8 else SPLIT_K_TILES
   split = default_splits(num_seqs, kv_heads, pl.cdiv(context, split_tiles.block_k)) > 1
   if split and page_size % split_tiles.block_k == 0:
     return split_tiles
+  small = SPLIT_K_FP8_SMALL_PAGE_TILES
+  if (fp8 and page_size % small.block_k == 0
+      and default_splits(num_seqs, kv_heads, pl.cdiv(context, small.block_k)) > 1):
+    return small
   if (fp8 and SHORT_TILES and context <= SHORT_CONTEXT
       and default_splits(num_seqs, kv_heads, pl.cdiv(context, FP8_TILES.block_k)) == 1):
     return FP8_SHORT_TILES

@@ -11,7 +11,8 @@ import pytest
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention
 from jaxinfer.errors import ShapeError
 from kernels.paged_decode_attention import (BF16_TILES, FP8_SHORT_TILES, FP8_TILES,
-                                            SPLIT_K_FP8_TILES, SPLIT_K_TILES,
+                                            SPLIT_K_FP8_SMALL_PAGE_TILES, SPLIT_K_FP8_TILES,
+                                            SPLIT_K_TILES,
                                             DecodeTiles, default_tiles, e4m3_bits_to_f16,
                                             paged_decode_attention)
 
@@ -86,13 +87,14 @@ def test_decode_bf16(H, KV, page_size, block_k, splits, page_blocks):
 
 
 def test_default_tiles_by_regime():
-  """Split-K regimes (few sequences) take the split-K tiles when a tile fits in a page; many
-  sequences (one split, also for FP8's 4 programs per SM) keep the per-dtype tiles; so do pages
-  smaller than the split-K tile."""
+  """Split-K regimes (few sequences) take the split-K tiles when a tile fits in a page (FP8 over
+  16-token pages: SPLIT_K_FP8_SMALL_PAGE_TILES); many sequences (one split, also for FP8's 4
+  programs per SM) keep the per-dtype tiles; so do bf16 pages smaller than the split-K tile."""
   for fp8 in (False, True):
     assert default_tiles(fp8, 1, 8, 32768, 64) == (SPLIT_K_FP8_TILES if fp8 else SPLIT_K_TILES)
     assert default_tiles(fp8, 64, 8, 4096, 64) == (FP8_TILES if fp8 else BF16_TILES)
-    assert default_tiles(fp8, 1, 8, 32768, 16) == (FP8_TILES if fp8 else BF16_TILES)
+    assert default_tiles(fp8, 1, 8, 32768, 16) == (SPLIT_K_FP8_SMALL_PAGE_TILES if fp8
+                                                   else BF16_TILES)
   assert default_tiles(True, 1, 8, 32768, 32) == SPLIT_K_FP8_TILES      # 32-key FP8 tiles
   assert default_tiles(False, 1, 8, 32768, 32) == BF16_TILES
   assert default_tiles(False, 1, 8, 64, 64) == BF16_TILES   # one 64-key block: nothing to split
@@ -100,8 +102,25 @@ def test_default_tiles_by_regime():
   assert default_tiles(True, 64, 8, 256, 16) == FP8_SHORT_TILES
   assert default_tiles(True, 256, 8, 1024, 16) == FP8_SHORT_TILES
   assert default_tiles(True, 64, 8, 2048, 16) == FP8_TILES
-  assert default_tiles(True, 1, 8, 256, 16) == FP8_TILES     # split-K: the masked tail loop stays
+  assert default_tiles(True, 1, 8, 256, 16) == SPLIT_K_FP8_SMALL_PAGE_TILES   # split-K
   assert default_tiles(False, 64, 8, 256, 16) == BF16_TILES
+
+
+def test_decode_default_tiles_fp8_split_k_page_16():
+  """tiles=None, FP8, few sequences over 16-token pages: SPLIT_K_FP8_SMALL_PAGE_TILES (2 warps,
+  4 programs per SM, per-row combine), against float64."""
+  rng = np.random.default_rng(23)
+  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=64, page_size=16, num_pages=30,
+                               chunks=[(150, 1), (0, 1), (70, 1)], num_tokens=4,
+                               dtype=jnp.float32)
+  assert default_tiles(True, 4, 2, batch.page_table.shape[1] * 16, 16) == \
+      SPLIT_K_FP8_SMALL_PAGE_TILES
+  kp, vp = (kp / 0.5).astype(F8), (vp / 2.0).astype(F8)
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=0.125, k_scale=0.5, v_scale=2.0, interpret=True)
+  ref = np_paged(f64(q), f64(kp) * 0.5, f64(vp) * 2.0, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, 3, 1.5e-2)
 
 
 def test_short_tiles_switch(monkeypatch):
