@@ -311,8 +311,9 @@ def streamk_plan(blocks: int, tiles: int, ctas: int) -> StreamKPlan:
 # us vs 19.6 in the kernel; with split-K (N=4096) the fusion ties (15.2 + 1.9 vs 17.2) and x stays
 # in the kernel; above X_IN_KERNEL_MAX_M rows overlap_pairs with 4 stages (up to the 225 KB
 # shared-memory limit: it holds two slots per consumer): M=64 18.9-19.1 vs 19.6 us and 17.2 vs
-# 18.5; two K tiles per step up to K_PER_STEP_MAX_M rows without split-K (M=8 N=14336: 15.0 vs
-# 15.4-15.5 us with x_convert=2; with split-K (N=4096) it measured +0.2 us).
+# 18.5; two K tiles per step from ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K
+# (M=8 N=14336: 14.9-15.0 vs 15.4-15.5 us with x_convert=2; with split-K (N=4096) it measured
+# +0.2 us, and at M=1 N=14336 (one consumer, 224 CTAs) 17.8 vs 14.7 us in W4).
 X_IN_KERNEL_MAX_M = 32
 X_FUSION_MIN_M = 9
 K_PER_STEP_MAX_M = 8
@@ -328,8 +329,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   ONE_CONSUMER_MAX_M or a single-strip N); split K until the CTAs cover the SMs (each split
   keeping >= 4 K tiles); x converted in the kernel (x_convert=2) up to X_IN_KERNEL_MAX_M rows,
   except from X_FUSION_MIN_M rows without split-K, where x comes from the XLA fusion; overlap_pairs
-  wherever x comes from the fusion above K_PER_STEP_MAX_M rows; two K tiles per step up to
-  K_PER_STEP_MAX_M rows without split-K; as many stages as fit 200 KB of shared memory (2..8; at
+  wherever x comes from the fusion above K_PER_STEP_MAX_M rows; two K tiles per step from
+  ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K; as many stages as fit 200 KB of shared memory (2..8; at
   least 4 under the hardware limit with overlap_pairs). ``overrides`` replace fields; the split
   and the stages are recomputed for overridden consumers / strips unless given too."""
   mp = padded_m(m)
@@ -362,7 +363,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
     overlap_pairs = (m > K_PER_STEP_MAX_M and not x_in
                      and not (inter or overlap or hold_a or stream_k))
   if kps is None:
-    kps = 2 if (m <= K_PER_STEP_MAX_M and split == 1
+    kps = 2 if (ONE_CONSUMER_MAX_M < m <= K_PER_STEP_MAX_M and split == 1
                 and not (inter or stream_k or tile_major or hold_a)) else 1
   if (tiles // split) % kps:           # an odd number of K tiles per CTA: one per step
     kps = 1

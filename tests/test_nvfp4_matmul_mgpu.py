@@ -315,6 +315,7 @@ def test_default_tiling_fills_the_h100():
           and t32s.x_in_kernel and t32s.x_convert == 2 and not t32s.overlap_pairs)
   assert mg.default_tiling(8, 14336, 4096).k_per_step == 2
   assert mg.default_tiling(8, 4096, 14336).k_per_step == 1          # split-K
+  assert mg.default_tiling(1, 14336, 4096).k_per_step == 1          # one consumer
   assert not mg.default_tiling(64, 14336, 4096, stream_k=132).overlap_pairs
   with pytest.raises(TypeError):
     mg.default_tiling(8, 4096, 14336, block_n=3)
