@@ -38,6 +38,16 @@ Tried and dropped: 64/128-key tiles, 8 warps, a transposed form with keys as the
 (E4M3 scores cost 10x the error), and an integer bit-trick upcast (``bits_upcast``, 20-35% slower:
 still lowered in the operand layout).
 
+Short contexts, many sequences (the c=64 serving decode: B=64, 129..192 keys, page 16, FP8; H100,
+2026-11-24, benchmarks/attention.md "dattn"): 21.3 MB of K/V (7.1 us at 3.0 TB/s) take 13.0 us with
+FP8_SHORT_TILES (mask_tail off; 13.5 with FP8_TILES' masked tail loop), 11.2 us even with K/V in L2:
+the 512 one-warp programs (one per scheduler) are bound by a warp's instruction latency, 543
+instructions per 16-key tile at 2.8 cycles each, ~140 of them gathering V's MMA operand byte by
+byte from shared memory. Split-K, 2-4 warps per program, other tile sizes and stage counts, a
+register-resident page table, peeled tails and lazy rescaling all measured the same or slower (more
+warps per SM raise each warp's cycles per instruction as much). ~8 us needs V dequantized in one
+vectorised pass and read transposed (ldmatrix.trans), which Pallas Triton does not express.
+
 Split-K, B=1, 32768 context, 32/8 heads, page 64 (134 MB bf16 KV: 43.9 us at the 3.06 TB/s read
 ceiling -- a 1 GiB sum -- of the same run; H100, benchmarks/attention.md session 5, device time from
 a profiler trace): SPLIT_K_TILES (64-key tiles, 4 warps, 3 stages, 33 splits) 48.2 us split kernel
