@@ -27,6 +27,9 @@ _VARIANTS = flags.DEFINE_string("variants", "", "case=tiling;tiling|case=... ove
 _OLD_DIR = flags.DEFINE_string("old_dir", "gpu_jobs/probe", "folder with the baseline kernels "
                                "(dsmall_old_act.py, dsmall_old_norm.py); '' to skip")
 _ARGSETS = flags.DEFINE_integer("argsets", 4, "independent input sets per timed jit")
+_CHECK_ALL = flags.DEFINE_bool("check_all", False, "bit-compare every input set (not only the "
+                                "first) with the baseline: differ_all = fraction of differing "
+                                "codes / scales over all of them")
 _CALLS = flags.DEFINE_integer("calls", 5, "traced calls of the jit (0: no trace, e.g. under ncu)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke runs)")
 _SMALL = flags.DEFINE_bool("small", False, "tiny shapes (smoke runs)")
@@ -208,6 +211,13 @@ def main(argv):
           if case.startswith(("silu", "rows")) or case.startswith("norm"):
             qa, qb = (out[0], base[0]) if not case.startswith("norm") else (out[1], base[1])
             rec["max_code_diff"] = float(np.abs(f64(qa) - f64(qb)).max())
+        if _CHECK_ALL.value and old_act is not None and not old:
+          fo, fb = jax.jit(fn), jax.jit(fn_of(case, None, True))
+          diffs = []
+          for a in argsets:
+            o, b = fo(*a), fb(*a)
+            diffs.append([float((f64(x) != f64(y)).mean()) for x, y in zip(o, b)])
+          rec["differ_all"] = [max(d[i] for d in diffs) for i in range(len(diffs[0]))]
         if not interp and _CALLS.value > 0:
           f = jax.jit(lambda sets: [fn(*a) for a in sets])
           rec.update(device_times(f, argsets, calls=_CALLS.value, prefix="small_trace_"))
@@ -217,6 +227,7 @@ def main(argv):
       save()
       print(f"[small] {case:9} {label:18} dev_us={rec.get('dev_us', float('nan')):7.2f} "
             f"span_us={rec.get('span_us', float('nan')):7.2f} differ={rec.get('differ')} "
+            f"{'differ_all=' + str(rec['differ_all']) + ' ' if 'differ_all' in rec else ''}"
             f"deq_err={rec.get('deq_err', float('nan')):.4f} sx_err={rec.get('sx_rel_err', 0):.2e} "
             f"{rec.get('error', '')[:300]} {rec.get('kernels', '')}", flush=True)
   save()

@@ -14,9 +14,14 @@ H100's 132 SMs each stream a whole row (for the SwiGLU 57 KB of bf16 product plu
 column scales) and do its 14336 sigmoids and divisions: latency-bound, 7 us per call in serving.
 Splitting a row over several programs needs the row amax across them; here the C programs of a row
 are one thread-block cluster (C <= 8, co-scheduled by the hardware), so they can wait for each
-other: each writes its slice's amax to a small f32 [T, C] buffer in global memory (every slot is
-written before it is read: no initialisation), arrives on a cluster barrier (release / acquire at
-cluster scope), then reads the C slice amaxes of its row. T * C CTAs of one warpgroup each.
+other: each stores its slice's amax into its 16-byte slot of a small f32 [T, C, 4] buffer in
+global memory with TMA (every slot is written before it is read: no initialisation) and waits for
+the store, arrives on a cluster barrier (release), waits (acquire), then loads its row's C slots
+with TMA and takes their max (``cluster_reduce``). T * C CTAs of one warpgroup each.
+
+The first form of the exchange (plain global stores and loads of the slots) was wrong on the H100
+at 1024 rows (0.5-1.1% of the rows got a wrong scale: a stale or early read; right at 64 rows in
+every check): TMA reads go through L2, and their issue follows the barrier wait.
 
 Layout / tiling: inputs viewed as [T, K / 128, 128] (a free reshape; TMA boxes of at most 256 per
 dimension): CTA (t, c) copies its row's slice c of W = K / C columns (W / 128 rows of 128: gate
@@ -81,13 +86,39 @@ def on_hopper() -> bool:
     return False
 
 
+EX = 4   # f32 words per exchange slot: 16 bytes, the smallest TMA box
+
+
+def cluster_reduce(v, am_ref, ex_s, all_s, bar, cbar, t, c, cluster: int, op=jnp.maximum):
+  """``op`` (max, or e.g. add) over the row's cluster of each CTA's scalar v, in the order of the
+  CTAs, through global memory by TMA only:
+  each CTA stores its value ([1, EX] from shared memory) into its slot of am_ref [T, C, EX] and
+  waits for the store to complete, arrives on the cluster barrier (release), waits for every
+  CTA (acquire), then loads the row's C slots with TMA (through L2: no stale L1 line, no plain
+  load the compiler could hoist above the wait)."""
+  for i in range(EX):
+    ex_s[0, i] = v
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(ex_s, am_ref.at[t, pl.ds(c, 1)])
+  plgpu.wait_smem_to_gmem(0)
+  plgpu.barrier_arrive(cbar)
+  plgpu.barrier_wait(cbar)
+  plgpu.copy_gmem_to_smem(am_ref.at[t], all_s, bar)
+  plgpu.barrier_wait(bar)
+  m = all_s[0, 0]
+  for p in range(1, cluster):
+    m = op(m, all_s[p, 0])
+  return m
+
+
 def _direct_kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: float,
                    e4m3_max: float):
   """``_kernel`` with plain global-memory loads and stores (``ClusterTiling.direct``)."""
   it = iter(refs)
   x_ref = next(it)
   rs_ref, cs_ref = (next(it), next(it)) if scaled else (None, None)
-  q_ref, sx_ref, am_ref, cbar = next(it), next(it), next(it), next(it)
+  q_ref, sx_ref, am_ref = next(it), next(it), next(it)
+  ex_s, all_s, xbar, cbar = next(it), next(it), next(it), next(it)
   dtype = x_ref.dtype
   t, c = lax.axis_index("t"), lax.axis_index("c")
   n = width // cluster // LANES
@@ -108,12 +139,7 @@ def _direct_kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tin
     silu = (g * jax.nn.sigmoid(g)).astype(dtype).astype(_F32)
     h = (silu * up.astype(_F32)).astype(dtype)
   h = h.astype(_F32)
-  am_ref[t, c] = jnp.max(jnp.abs(h))
-  plgpu.barrier_arrive(cbar)
-  plgpu.barrier_wait(cbar)
-  amax = am_ref[t, 0]
-  for p in range(1, cluster):
-    amax = jnp.maximum(amax, am_ref[t, p])
+  amax = cluster_reduce(jnp.max(jnp.abs(h)), am_ref, ex_s, all_s, xbar, cbar, t, c, cluster)
   sx = jnp.maximum(amax, tiny) / e4m3_max
   q_ref[t, pl.ds(b, n)] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
 
@@ -135,7 +161,7 @@ def _kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: floa
   u_s = next(it) if glu else None
   cg_s = next(it) if scaled else None
   cu_s = next(it) if scaled and glu else None
-  q_s, bar, cbar = next(it), next(it), next(it)
+  q_s, bar, ex_s, all_s, xbar, cbar = next(it), next(it), next(it), next(it), next(it), next(it)
   dtype = x_ref.dtype
   t, c = lax.axis_index("t"), lax.axis_index("c")
   n = width // cluster // LANES                    # tile rows of this CTA's slice
@@ -163,12 +189,7 @@ def _kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: floa
     silu = (g * jax.nn.sigmoid(g)).astype(dtype).astype(_F32)
     h = (silu * load(u_s, cu_s).astype(_F32)).astype(dtype)
   h = h.astype(_F32)
-  am_ref[t, c] = jnp.max(jnp.abs(h))
-  plgpu.barrier_arrive(cbar)                       # release: the amax store before the arrival
-  plgpu.barrier_wait(cbar)
-  amax = am_ref[t, 0]
-  for p in range(1, cluster):
-    amax = jnp.maximum(amax, am_ref[t, p])
+  amax = cluster_reduce(jnp.max(jnp.abs(h)), am_ref, ex_s, all_s, xbar, cbar, t, c, cluster)
   sx = jnp.maximum(amax, tiny) / e4m3_max
   q_s[...] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(q_s.dtype)
   plgpu.commit_smem()
@@ -197,20 +218,22 @@ def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
   args = [x.reshape(T, K // LANES, LANES)]
   if scaled:
     args += [row_scale.astype(_F32).reshape(T), col_scale.astype(_F32).reshape(K // LANES, LANES)]
+  exchange = [plgpu.SMEM((1, EX), _F32), plgpu.SMEM((C, EX), _F32),
+              plgpu.Barrier(num_arrivals=1), plgpu.ClusterBarrier(collective_axes=("c",))]
   if t.direct:
-    scratch = [plgpu.ClusterBarrier(collective_axes=("c",))]
+    scratch = exchange
   else:
     scratch = [plgpu.SMEM((n, LANES), x.dtype)] * (2 if glu else 1)
     if scaled:
       scratch += [plgpu.SMEM((n, LANES), _F32)] * (2 if glu else 1)
     copies = (2 if glu else 1) * (2 if scaled else 1)   # TMA copies arriving on the barrier
     scratch += [plgpu.SMEM((n, LANES), jnp.float8_e4m3fn), plgpu.Barrier(num_arrivals=copies),
-                plgpu.ClusterBarrier(collective_axes=("c",))]
+                *exchange]
   q, sx, _ = plgpu.kernel(
       functools.partial(_direct_kernel if t.direct else _kernel, width=width, cluster=C,
                         glu=glu, scaled=scaled, tiny=_TINY_AMAX, e4m3_max=E4M3_MAX),
       out_type=(jax.ShapeDtypeStruct((T, width // LANES, LANES), jnp.float8_e4m3fn),
-                jax.ShapeDtypeStruct((T, 1), _F32), jax.ShapeDtypeStruct((T, C), _F32)),
+                jax.ShapeDtypeStruct((T, 1), _F32), jax.ShapeDtypeStruct((T, C, EX), _F32)),
       scratch_types=scratch,
       grid=(T,), grid_names=("t",), cluster=(C,), cluster_names=("c",),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
