@@ -281,16 +281,18 @@ def default_tiling(width: int, t: int, glu: bool) -> Tiling:
   return Tiling(amax_once=t > 64)
 
 
-# Calls of at most CLUSTER_MAX_ROWS rows (decode steps) on a Hopper GPU run the Mosaic GPU kernel
-# with each row split over a thread-block cluster of this many CTAs (kernels/fp8_act_quant_mgpu.py)
-# instead of the Triton kernel, where it takes the shape: the same values. 0: off.
+# SwiGLU calls (``silu_mul_quantize``) of at most CLUSTER_MAX_ROWS rows (decode steps) on a Hopper
+# GPU run the Mosaic GPU kernel with each row split over a thread-block cluster of this many CTAs
+# (kernels/fp8_act_quant_mgpu.py) instead of the Triton kernel, where it takes the shape: the same
+# values (H100, 64 x 2x14336: 4.3-4.6 vs 5.65 us per call; in serving 0.167 vs 0.224 ms per
+# decode step). ``quantize_rows`` stays on the Triton kernel (1.5 vs 2.2-2.5 us). 0: off.
 CLUSTER = int(os.environ.get("JAXINFER_ACT_QUANT_CLUSTER", "0"))
 CLUSTER_MAX_ROWS = 64
 
 
 def _cluster_for(x: jax.Array, glu: bool, interpret: bool, tiling) -> int:
   """The cluster size of the Mosaic GPU kernel this call runs, or 0 for the Triton kernel."""
-  if (tiling is not None or interpret or not CLUSTER or x.ndim != 2
+  if (not glu or tiling is not None or interpret or not CLUSTER or x.ndim != 2
       or x.shape[0] > CLUSTER_MAX_ROWS):
     return 0
   from kernels import fp8_act_quant_mgpu as am

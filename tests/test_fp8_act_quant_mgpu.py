@@ -55,8 +55,9 @@ def test_shapes_it_does_not_take():
 
 
 def test_triton_entry_points_dispatch_decode_calls_to_the_cluster_kernel(monkeypatch):
-  """kernels.fp8_act_quant with JAXINFER_ACT_QUANT_CLUSTER set: calls of <= 64 rows on Hopper
-  (not interpreted, no explicit tiling, a shape the cluster kernel takes) go to it."""
+  """kernels.fp8_act_quant with JAXINFER_ACT_QUANT_CLUSTER set: SwiGLU calls of <= 64 rows on
+  Hopper (not interpreted, no explicit tiling, a shape the cluster kernel takes) go to it;
+  quantize_rows never does."""
   import kernels.fp8_act_quant as aq
   monkeypatch.setattr(aq, "CLUSTER", 4)
   monkeypatch.setattr(am, "on_hopper", lambda: True)
@@ -65,6 +66,7 @@ def test_triton_entry_points_dispatch_decode_calls_to_the_cluster_kernel(monkeyp
   assert aq._cluster_for(jnp.ones((65, 2 * 14336), jnp.bfloat16), True, False, None) == 0
   assert aq._cluster_for(x, True, True, None) == 0
   assert aq._cluster_for(x, True, False, aq.Tiling()) == 0
-  assert aq._cluster_for(jnp.ones((64, 640), jnp.bfloat16), False, False, None) == 0
+  assert aq._cluster_for(jnp.ones((64, 640), jnp.bfloat16), True, False, None) == 0
+  assert aq._cluster_for(jnp.ones((64, 4096), jnp.bfloat16), False, False, None) == 0  # rows
   monkeypatch.setattr(aq, "CLUSTER", 0)
   assert aq._cluster_for(x, True, False, None) == 0
