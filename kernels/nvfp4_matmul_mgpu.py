@@ -40,7 +40,11 @@ Kernel structure (like kernels/mla_attention_mgpu.py): grid (N / (64 C S), split
 "consumed" barrier per slot that all consumers arrive on). A consumer waits for the slot,
 dequantizes each strip's record into registers (inline_mgpu: the FragmentedArray is built
 register by register in the WGMMA layout) and issues the wgmmas (m64 n=Mp k16, A from registers),
-waits for them and releases the slot. Epilogue: y[m, n] = acc[n, m] * 2^14 * global scale stored
+waits for them and releases the slot (with ``overlap_pairs``, the default where x comes from the
+XLA fusion above 8 rows: waits only for the previous step's, so the wgmmas run under the next
+step's dequantization). x is either converted to that tile by the producer warpgroup from the raw
+bf16 tile (``x_in_kernel``, default up to 8 rows and with split-K up to 32) or cast and permuted
+by one XLA fusion before the kernel. Epilogue: y[m, n] = acc[n, m] * 2^14 * global scale stored
 straight from registers (2-byte scattered stores; y is small at decode). Split-K (narrow N): f32
 partials [split, M, N] summed (and cast) by XLA.
 
@@ -50,16 +54,16 @@ bf16 dot. Per SM that is ~17.5 weight elements per clock: ~35-45 thread-instruct
 for the dequantization (~30% of the issue rate), and at M=64 the f16 wgmmas need ~50-70% of the
 tensor cores. x is re-read from L2 by every CTA (Mp * 512 bytes per K tile).
 
-Measured (H100, jax 0.11.2, benchmarks/gemm.md, 2026-11-24 window 4, committed defaults, each
-float64-checked on its timed output; wall = back-to-back loop, GPU = kernel time from a trace):
-M=8, K=4096, N=14336: 16.9 us wall / 15.5 us GPU (2.16 TB/s of NVFP4 bytes, 71% of the read
-ceiling) vs XLA's bf16 dot 43.4 us (2.57x) and the Triton kernel-layout kernel 23.2 us; M=8,
-N=4096: 17.1 us (2.49x); M=1: 16.2 / 18.9 us (2.54x / 2.26x); M=32: 25.1 us at N=14336 (1.99x);
-M=64: 22.4 / 23.7 us (2.20x / 2.11x). Where the rest goes: 1-2 us of launch gap per call (wall
-vs GPU), 112 CTAs on 132 SMs at N=14336, per-SM latency (2 consumer warpgroups, 168 registers,
-one CTA per SM: latency- rather than bandwidth-bound), XLA's sum of the split-K partials at
-N=4096 (~1.4 us), and at M >= 32 the wider wgmmas, the x conversion (in the producer up to M=32,
-an XLA fusion above) and the x tiles re-read from L2 by every CTA.
+Measured (H100, jax 0.11.2, benchmarks/gemm.md "Seventh session", 2026-11-24 W4, the defaults
+below, each float64-checked on its timed output; GPU = every kernel of the call from a trace, per
+GEMM, vs XLA's bf16 dot in the same run): M=8 K=4096 N=14336 14.9 us (2.22 TB/s of NVFP4 bytes,
+73% of the read ceiling; XLA 42.3 us: 2.84x); M=8 K=14336 N=4096 14.7 + 1.5 us (XLA's split-K
+sum); M=1 14.7 / 15.8 + 1.2 us; M=32 16.9 + 1.6 us (x fusion) / 17.2 + 1.6 us; M=64 19.0 + 1.7 /
+17.3 + 2.4 + 2.1 us. Wall time adds 1-2 us of launch gap per kernel. Where the rest goes: 112 CTAs
+on 132 SMs at N=14336, per-SM latency (2 consumer warpgroups, 168 registers, one CTA per SM:
+issue slots ~30% busy, ~0.6 eligible warps per scheduler), the pipeline fill, XLA's split-K sum
+at N=4096 (1.2-2.1 us) and at M >= 32 the x conversion (in the producer, or an XLA fusion: 1.6-2.4
+us) and the wgmmas (7.5 GFLOP at M=64: the tensor / f16 pipe ~54% busy on the active SMs).
 
 Options measured in the sixth session (H100, windows W1-W4 of 2026-11-24, benchmarks/gemm.md; all
 float64-checked on the GPU, all off by default because none was faster where a default could use
@@ -125,11 +129,11 @@ class MgpuTiling:
   warpgroup TMAs each raw [M, 256] tile into one of 2 staging slots and writes it, cast to f16
   and K-permuted, into the swizzled wgmma tile itself (rows M..Mp-1 of that tile are never
   written: they only reach accumulator columns that are not stored), instead of one XLA fusion
-  (x_for_mgpu) before the kernel; overlap_mma (EXPERIMENTAL, WRONG on the H100 at M=64: relative
-  error ~2e3 in the 2026-11-24 window 3, while M <= 32 checked out; keeping step i's A
-  registers live until the next wait (hold_a) did not fix it (sixth session W2: 1.7e4), so the
-  cause is not register reuse; it gained < 1% where it was right: off by default): a consumer waits for step i's wgmmas only
-  after issuing step i+1's (wgmma_wait(1)); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
+  (x_for_mgpu) before the kernel; overlap_mma (WRONG, kept to document the bug: relative error
+  2e3-4e3 at M=64 on the H100; its loop redefines the PTX registers of the A fragment that the
+  previous step's wgmma, still in flight after wgmma_wait(1), reads -- see overlap_pairs, the
+  fixed version): a consumer waits for step i's wgmmas only after issuing step i+1's
+  (wgmma_wait(1)); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
   warpgroup barrier around this kernel's shared-memory loads and stores; safe here: no thread
   both reads and writes one region, the TMA-written tiles are only read, and the producer's
   converted x tiles are fenced by commit_smem before the barrier that publishes them);
