@@ -319,7 +319,7 @@ def streamk_plan(blocks: int, tiles: int, ctas: int) -> StreamKPlan:
 # (M=8 N=14336: 14.9-15.0 vs 15.4-15.5 us with x_convert=2; with split-K (N=4096) it measured
 # +0.2 us, and at M=1 N=14336 (one consumer, 224 CTAs) 17.8 vs 14.7 us in W4).
 X_IN_KERNEL_MAX_M = 32
-X_FUSION_MIN_M = 9
+X_FUSION_MIN_M = 17   # between the measured M=8 (in the kernel) and M=32 (fusion); 9..31 unmeasured
 K_PER_STEP_MAX_M = 8
 X_CONVERT = 2
 ONE_CONSUMER_MAX_M = 4
