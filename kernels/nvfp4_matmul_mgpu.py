@@ -41,9 +41,9 @@ Kernel structure (like kernels/mla_attention_mgpu.py): grid (N / (64 C S), split
 dequantizes each strip's record into registers (inline_mgpu: the FragmentedArray is built
 register by register in the WGMMA layout) and issues the wgmmas (m64 n=Mp k16, A from registers),
 waits for them and releases the slot (with ``overlap_pairs``, the default where x comes from the
-XLA fusion above 8 rows: waits only for the previous step's, so the wgmmas run under the next
+XLA fusion: waits only for the previous step's, so the wgmmas run under the next
 step's dequantization). x is either converted to that tile by the producer warpgroup from the raw
-bf16 tile (``x_in_kernel``, default up to 8 rows and with split-K up to 32) or cast and permuted
+bf16 tile (``x_in_kernel``, default up to 16 rows and with split-K up to 32) or cast and permuted
 by one XLA fusion before the kernel. Epilogue: y[m, n] = acc[n, m] * 2^14 * global scale stored
 straight from registers (2-byte scattered stores; y is small at decode). Split-K (narrow N): f32
 partials [split, M, N] summed (and cast) by XLA.
