@@ -129,37 +129,40 @@ FP8_TILES = DecodeTiles(16, num_warps=1, num_stages=8)
 # independent tiles in flight per SM hide the E4M3 upcast, as at B=64.
 SPLIT_K_TILES = DecodeTiles(64, num_warps=4, num_stages=3, combine="rows")
 SPLIT_K_FP8_TILES = DecodeTiles(32, num_warps=2, num_stages=6, combine="rows", programs_per_sm=4)
-# FP8, one split, short contexts (the c=64 serving decode: B=64, 129..192 keys, page 16; H100,
-# 2026-11-24, benchmarks/attention.md "dattn"): every tile masked in one pipelined loop
-# (mask_tail=False) instead of an unmasked loop plus a masked tail loop, whose second pipeline fill
-# and duplicated code cost more than the masks: 13.04 vs 13.51 us at c=64, 43.2 vs 46.9 us at
-# c=256 (same lengths). JAXINFER_DECODE_SHORT_TILES=0 keeps FP8_TILES.
-FP8_SHORT_TILES = dataclasses.replace(FP8_TILES, mask_tail=False)
-# FP8 split-K over pages smaller than SPLIT_K_FP8_TILES' 32-key tiles (page 16, the engine's
-# default): 16-key tiles, 2 warps, 8 stages, 4 programs per SM (H100, 2026-11-24, B=1, page 16,
-# device time per call incl. the per-row combine: 8k context 13.0 vs 15.6 us with FP8_TILES; 2 warps
-# at 2 programs per SM: 1k 6.6 vs 7.2, 4k 9.9 vs 10.9, 32k 39.9 vs 43.7).
-SPLIT_K_FP8_SMALL_PAGE_TILES = DecodeTiles(16, num_warps=2, num_stages=8, programs_per_sm=4)
+# FP8, short contexts, enough sequences x KV heads for every SM (the c=64 serving decode: B=64,
+# 129..192 keys, page 16; H100, 2026-11-24, benchmarks/attention.md "dattn"): one split, every tile
+# masked in one pipelined loop (mask_tail=False) instead of an unmasked loop plus a masked tail loop,
+# whose second pipeline fill and duplicated code cost more than the masks: 13.0 vs 13.5 us at c=64,
+# 42.9 vs 46.7 at c=256; at c=32 (256 sequence-heads, which FP8_TILES splits in 2 + a per-row combine)
+# 11.1 vs 12.4 us. JAXINFER_DECODE_SHORT_TILES=0 keeps FP8_TILES.
+FP8_SHORT_TILES = dataclasses.replace(FP8_TILES, mask_tail=False, splits=1)
 SHORT_CONTEXT = 1024   # page-table capacity (pages_per_seq * page_size) up to which it applies
 SHORT_TILES = os.environ.get("JAXINFER_DECODE_SHORT_TILES", "1") not in ("", "0")
+# FP8 split-K over pages smaller than SPLIT_K_FP8_TILES' 32-key tiles (page 16, the engine's
+# default) for at most SMALL_PAGE_MAX_PAIRS sequences x KV heads: 16-key tiles, 2 warps, 8 stages, 4
+# programs per SM (H100, 2026-11-24, B=1, page 16, device time per call incl. the per-row combine,
+# vs FP8_TILES: 1k 6.7 vs 7.2 us, 4k 9.7 vs 10.8, 8k 12.8 vs 15.4, 32k 32.4 vs 43.0). At B=8 (64
+# sequence-heads, 2k keys) it measured 22.0 vs 21.6, at B=32 short contexts 13.3 vs 12.4: not there.
+SPLIT_K_FP8_SMALL_PAGE_TILES = DecodeTiles(16, num_warps=2, num_stages=8, programs_per_sm=4)
+SMALL_PAGE_MAX_PAIRS = 32
 
 
 def default_tiles(fp8: bool, num_seqs: int, kv_heads: int, context: int,
                   page_size: int) -> DecodeTiles:
   """The measured best tiles: SPLIT_K_TILES / SPLIT_K_FP8_TILES when the key range will be split
   (fewer sequences x KV heads than two programs per SM) and a tile lies inside one page (FP8 over
-  smaller pages: SPLIT_K_FP8_SMALL_PAGE_TILES), else BF16_TILES / FP8_TILES (FP8_SHORT_TILES for
-  one split over at most SHORT_CONTEXT keys)."""
+  smaller pages, at most SMALL_PAGE_MAX_PAIRS sequence-heads: SPLIT_K_FP8_SMALL_PAGE_TILES), else
+  BF16_TILES / FP8_TILES (FP8_SHORT_TILES, one split, over at most SHORT_CONTEXT keys when there
+  are at least as many sequence-heads as SMs)."""
   split_tiles = SPLIT_K_FP8_TILES if fp8 else SPLIT_K_TILES
   split = default_splits(num_seqs, kv_heads, pl.cdiv(context, split_tiles.block_k)) > 1
   if split and page_size % split_tiles.block_k == 0:
     return split_tiles
   small = SPLIT_K_FP8_SMALL_PAGE_TILES
-  if (fp8 and page_size % small.block_k == 0
+  if (fp8 and page_size % small.block_k == 0 and num_seqs * kv_heads <= SMALL_PAGE_MAX_PAIRS
       and default_splits(num_seqs, kv_heads, pl.cdiv(context, small.block_k)) > 1):
     return small
-  if (fp8 and SHORT_TILES and context <= SHORT_CONTEXT
-      and default_splits(num_seqs, kv_heads, pl.cdiv(context, FP8_TILES.block_k)) == 1):
+  if fp8 and SHORT_TILES and context <= SHORT_CONTEXT and num_seqs * kv_heads >= _NUM_SMS:
     return FP8_SHORT_TILES
   return FP8_TILES if fp8 else BF16_TILES
 

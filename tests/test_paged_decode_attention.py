@@ -103,6 +103,10 @@ def test_default_tiles_by_regime():
   assert default_tiles(True, 256, 8, 1024, 16) == FP8_SHORT_TILES
   assert default_tiles(True, 64, 8, 2048, 16) == FP8_TILES
   assert default_tiles(True, 1, 8, 256, 16) == SPLIT_K_FP8_SMALL_PAGE_TILES   # split-K
+  assert default_tiles(True, 4, 8, 8192, 16) == SPLIT_K_FP8_SMALL_PAGE_TILES
+  assert default_tiles(True, 32, 8, 256, 16) == FP8_SHORT_TILES   # one split (FP8_TILES: 2)
+  assert default_tiles(True, 8, 8, 256, 16) == FP8_TILES          # 64 sequence-heads
+  assert default_tiles(True, 8, 8, 2048, 16) == FP8_TILES
   assert default_tiles(False, 64, 8, 256, 16) == BF16_TILES
 
 
