@@ -198,8 +198,14 @@ def _pow2(n: int) -> bool:
 
 
 def default_tiling(t: int, h: int, partials: bool, quantize: bool) -> Tiling:
-  """The tiling a call of t rows of width h uses (``partials``: y is split-K partial sums)."""
-  del t, h, partials, quantize
+  """The tiling a call of t rows of width h uses (``partials``: y is split-K partial sums): one
+  row per program; ``add_rms_norm_fp8`` calls of at most 64 rows (decode) with 16 warps (H100,
+  64 x 4096 over 4-way partials: 3.23 / 4.70 us vs 3.47 / 5.50 at 8 warps in two windows; the
+  row's sum of squares is then summed in another order: float32-rounding differences are
+  possible, none seen in 8 x 64 checked rows)."""
+  del partials
+  if quantize and t <= 64 and h >= 4096:
+    return Tiling(num_warps=16)
   return Tiling()
 
 
