@@ -33,8 +33,10 @@ steps): the kernel sums them first (XLA's reduction kernel over the partials is 
 ``Tiling``: ``rows`` rows per program (w and the column scales read once per program), or for
 ``add_rms_norm_fp8`` ``split`` column slices per row in two kernels (residual sum + per-slice sum
 of squares over T * split programs, then norm + quantization per row; the row's sum of squares is
-then a sum of slice sums: the same value up to float32 summation order). Default: one row per
-program, one kernel.
+then a sum of slice sums: the same value up to float32 summation order). Default
+(``default_tiling``): one row per program, one kernel, 16 warps for ``add_rms_norm_fp8`` at <= 64
+rows. ``CLUSTER``: decode calls on the Mosaic GPU cluster kernel (kernels/add_rms_norm_mgpu.py;
+opt-in, not faster).
 """
 from __future__ import annotations
 
