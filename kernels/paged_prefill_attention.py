@@ -33,14 +33,15 @@ Roofline (H100, the c=64 serving mixed step: T=1024 = 7-8 prompt chunks of 128 t
 decode rows, 32/8 heads, D=128, contexts <= 192, FP8 cache): ~1 GFLOP of useful attention per layer
 (nothing), K/V read ~20 MB (mostly the decode rows' contexts; 7 us at 3 TB/s), q read + out write 16
 MB (from / to L2 in serving): a latency-bound kernel. Measured (H100, 2026-11-24, jax 0.11.2,
-benchmarks/serving.md "pattn"): in the serving benchmark's prefill steps 0.55-0.58 ms per step
-(17-18 us per layer; 0.62-0.67 with 64-row tiles on 4 warps) against 2.26 ms for the gather +
-``flash_prefill`` + select fusions it replaces (c=64 tok/s +3-5%). Kernel probe (16 layers, cold
-caches, 7 chunks + 56 decode rows): 64-row tiles on 4 warps 34.7 us (ncu: 182 registers, 2 CTAs per
-SM, 12.5% occupancy, 3.8 waves: latency-bound); 16-row tiles on 1 warp, heaviest first, 24.5 us
-(ncu: 164 registers, 12 CTAs/SM) and 22.8 us with 6 stages (the default); the old path 111 us. Long
-contexts (T=1024 in 4 chunks at 1k keys / 2 at 2k): 129.7 / 234.7 us vs 153.5 / 244.8 for the old
-path, so ``jaxinfer.attention`` uses it by default up to 1024 keys.
+benchmarks/serving.md "pattn"): in the serving benchmark's prefill steps 0.55-0.58 ms per step with
+4 stages and 0.58-0.61 with the default 6 (17-19 us per layer; 0.62-0.67 with 64-row tiles on 4
+warps) against 2.26 ms for the gather + ``flash_prefill`` + select fusions it replaces (c=64 tok/s
++3-5%). Kernel probe (16 layers, cold caches, 7 chunks + 56 decode rows): 64-row tiles on 4 warps
+34.7 us (ncu: 182 registers, 2 CTAs per SM, 12.5% occupancy, 3.8 waves: latency-bound); 16-row tiles
+on 1 warp, heaviest first, 24.5 us (ncu: 164 registers, 12 CTAs/SM) and 22.8 us with 6 stages (the
+default); the old path 111 us. Long contexts (T=1024 in 4 chunks at 1k keys / 2 at 2k): 129.7 /
+234.7 us vs 153.5 / 244.8 for the old path, so ``jaxinfer.attention`` uses it by default up to 1024
+keys.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ _MIN_ROWS = 16  # smallest M of a tensor-core dot in Triton
 class PagedPrefillTiles:
   # Defaults: fastest at the c=64 serving mixed step on the H100 (windows 3-5, 2026-11-24): 16-row
   # tiles (4 tokens x G=4 heads) on one warp, heaviest items first, page-sized key tiles, 6 stages
-  # (22.8-23.0 us vs 24.4-24.6 with 4, 24.5 with 8).
+  # (probe 22.8-23.4 us vs 24.4-24.6 with 4, 24.5 with 8; in serving, where q and the chunks' K/V
+  # are L2-hot, 0.58-0.61 ms per step vs 0.55-0.58 with 4 stages, within run-to-run spread).
   block_q: int = 4      # query tokens per program; rows = block_q * G (padded to >= 16)
   block_k: int = 16     # keys per K/V tile (page-sized or smaller: blocks; larger: slot gather)
   num_warps: int = 1
