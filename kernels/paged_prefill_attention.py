@@ -57,7 +57,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from jaxinfer.kv_cache import is_fp8
-from kernels.paged_decode_attention import check_decode_shapes, key_tile, tile_cols
+from kernels.paged_decode_attention import (check_decode_shapes, key_tile, reference_paged_decode,
+                                            tile_cols)
 
 _LOG2E = math.log2(math.e)
 _MASK = -1e30
@@ -230,20 +231,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
 
 def reference_paged_prefill(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
                             scale: float, k_scale=1.0, v_scale=1.0) -> jax.Array:
-  """Plain-JAX float32 reference (same semantics): every query row of every sequence, padding 0."""
-  T, H, D = q.shape
-  N, page_size, KV, _ = k_pages.shape
-  B, P = page_table.shape
-  S = P * page_size
-  G = H // KV
-  k = (k_pages.astype(jnp.float32) * k_scale)[page_table].reshape(B, S, KV, D)
-  v = (v_pages.astype(jnp.float32) * v_scale)[page_table].reshape(B, S, KV, D)
-  t = jnp.arange(T)
-  seq = jnp.clip(jnp.searchsorted(query_start, t, side="right") - 1, 0, B - 1)
-  q_len = query_start[seq + 1] - query_start[seq]
-  pos = seq_lens[seq] - q_len + t - query_start[seq]
-  s = jnp.einsum("thd,tshd->ths", q.astype(jnp.float32), jnp.repeat(k[seq], G, axis=2)) * scale
-  s = jnp.where((jnp.arange(S)[None, :] <= pos[:, None])[:, None, :], s, -jnp.inf)
-  o = jnp.einsum("ths,tshd->thd", jax.nn.softmax(s, axis=-1), jnp.repeat(v[seq], G, axis=2))
-  valid = t < query_start[B]
-  return jnp.where(valid[:, None, None], o, 0.0).astype(q.dtype)
+  """Plain-JAX float32 reference (same semantics): every query row of every sequence, padding 0.
+  The decode kernel's reference already handles any number of query rows per sequence."""
+  return reference_paged_decode(q, k_pages, v_pages, page_table, seq_lens, query_start,
+                                scale=scale, k_scale=k_scale, v_scale=v_scale).astype(q.dtype)

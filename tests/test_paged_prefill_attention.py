@@ -16,33 +16,13 @@ from jaxinfer.errors import ShapeError
 from kernels.paged_prefill_attention import (PagedPrefillTiles, num_work_items,
                                              paged_prefill_attention, reference_paged_prefill,
                                              work_items)
+from paged_reference import np_chunk_attention
 
 F8 = jnp.float8_e4m3fn
 
 
 def f64(x):
   return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
-
-
-def np_attention(q, kp, vp, chunks, page_size, scale):
-  """float64: each chunk's queries (token i at position start + i) over its sequence's keys."""
-  T, H, D = q.shape
-  KV = kp.shape[2]
-  out, t = np.zeros((T, H, vp.shape[-1])), 0
-  for c in chunks:
-    n_keys = c.start + c.num_tokens
-    slots = [c.pages[s // page_size] * page_size + s % page_size for s in range(n_keys)]
-    k = kp.reshape(-1, KV, kp.shape[-1])[slots]
-    v = vp.reshape(-1, KV, vp.shape[-1])[slots]
-    for i in range(c.num_tokens):
-      pos = c.start + i
-      for h in range(H):
-        g = h // (H // KV)
-        s = (k[:pos + 1, g] @ q[t + i, h]) * scale
-        p = np.exp(s - s.max())
-        out[t + i, h] = (p / p.sum()) @ v[:pos + 1, g]
-    t += c.num_tokens
-  return out
 
 
 def mixed_case(rng, *, H, KV, D, page, spec, num_tokens, num_seqs, num_pages=48,
@@ -83,7 +63,7 @@ def test_fp8_cache_mixed_step_matches_float64(H, KV, D, tiles):
   assert out.shape == q.shape and out.dtype == q.dtype
   got = f64(out)
   real = sum(c.num_tokens for c in chunks)
-  want = np_attention(f64(q), f64(kp) * 0.5, f64(vp) * 2.0, chunks, 16, D ** -0.5)
+  want = np_chunk_attention(f64(q), f64(kp) * 0.5, f64(vp) * 2.0, chunks, 16, D ** -0.5)
   assert np.isfinite(got).all() and (got[real:] == 0).all()
   err = np.linalg.norm(got[:real] - want[:real]) / np.linalg.norm(want[:real])
   assert err < 1e-2, err    # bf16 q (f16 in the kernel), f16 P, bf16 output
@@ -100,7 +80,7 @@ def test_bf16_cache_matches_float64_and_plain_jax_reference(page, tiles):
                                 scale=0.2, tiles=tiles, interpret=True)
   got = f64(out)
   real = sum(c.num_tokens for c in chunks)
-  want = np_attention(f64(q), f64(kp), f64(vp), chunks, page, 0.2)
+  want = np_chunk_attention(f64(q), f64(kp), f64(vp), chunks, page, 0.2)
   assert np.isfinite(got).all() and (got[real:] == 0).all()
   assert np.linalg.norm(got[:real] - want[:real]) / np.linalg.norm(want[:real]) < 1e-2
   ref = f64(reference_paged_prefill(q, kp, vp, batch.page_table, batch.seq_lens,
@@ -120,7 +100,7 @@ def test_all_padding_and_full_steps():
                                       tiles=PagedPrefillTiles(block_q=4, block_k=16),
                                       interpret=True))
     real = sum(c.num_tokens for c in chunks)
-    want = np_attention(f64(q), f64(kp), f64(vp), chunks, 16, 0.25)
+    want = np_chunk_attention(f64(q), f64(kp), f64(vp), chunks, 16, 0.25)
     assert np.isfinite(out).all() and (out[real:] == 0).all()
     assert np.linalg.norm(out[:real] - want[:real]) / np.linalg.norm(want[:real]) < 1e-2
 
@@ -191,7 +171,7 @@ def test_static_prefill_dispatch_uses_the_paged_kernel(dtype, monkeypatch):
   assert "cond" not in prims and "page gather" not in prims, prims
   got = f64(fn(q, kp, vp, batch))
   real = sum(c.num_tokens for c in chunks)
-  want = np_attention(f64(q), f64(kp) * scales[0], f64(vp) * scales[1], chunks, 16, 0.2)
+  want = np_chunk_attention(f64(q), f64(kp) * scales[0], f64(vp) * scales[1], chunks, 16, 0.2)
   assert np.isfinite(got).all() and (got[real:] == 0).all()
   assert np.linalg.norm(got[:real] - want[:real]) / np.linalg.norm(want[:real]) < 1e-2
 

@@ -10,28 +10,9 @@ import numpy as np
 import pytest
 
 from jaxinfer.attention import SeqChunk, build_batch, paged_attention
+from paged_reference import np_chunk_attention
 
 f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-
-
-def np_attention(q, kp, vp, chunks, page_size, scale):
-  """Causal attention of each chunk's queries over its sequence's cached keys, float64."""
-  H, KV = q.shape[1], kp.shape[2]
-  out, t = np.zeros_like(q), 0
-  for c in chunks:
-    n_keys = c.start + c.num_tokens
-    slots = [c.pages[s // page_size] * page_size + s % page_size for s in range(n_keys)]
-    k = kp.reshape(-1, KV, kp.shape[-1])[slots]
-    v = vp.reshape(-1, KV, vp.shape[-1])[slots]
-    for i in range(c.num_tokens):
-      pos = c.start + i
-      for h in range(H):
-        g = h // (H // KV)
-        s = (k[:pos + 1, g] @ q[t + i, h]) * scale
-        p = np.exp(s - s.max())
-        out[t + i, h] = (p / p.sum()) @ v[:pos + 1, g]
-    t += c.num_tokens
-  return out
 
 
 @pytest.mark.parametrize("block_q", [0, 16])
@@ -57,7 +38,7 @@ def test_static_prefill_attention_matches_float64_without_a_cond(chunks, block_q
   assert top_conds(fn(False)) == 1 and top_conds(fn(True)) == 0
   out = f64(fn(True)(q, kp, vp, batch))
   real = sum(c.num_tokens for c in chunks)
-  want = np_attention(f64(q), f64(kp), f64(vp), chunks, page, D ** -0.5)
+  want = np_chunk_attention(f64(q), f64(kp), f64(vp), chunks, page, D ** -0.5)
   np.testing.assert_allclose(out[:real], want[:real], rtol=2e-2, atol=2e-2)
   assert (out[real:] == 0).all()
   np.testing.assert_allclose(out, f64(fn(False)(q, kp, vp, batch)), rtol=1e-2, atol=1e-2)
