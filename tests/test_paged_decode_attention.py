@@ -324,6 +324,29 @@ def test_errors():
     paged_attention(q, kp, vp, batch, scale=1.0, impl="xqa")
 
 
+def scaled_case(seed, chunks, *, fp8, num_tokens, D=32):
+  """make_case (8/2 heads, page 16, 30 pages); FP8: the cache stored as E4M3 with scales 0.25 / 3."""
+  q, kp, vp, batch = make_case(np.random.default_rng(seed), H=8, KV=2, D=D, page_size=16,
+                               chunks=chunks, num_tokens=num_tokens, num_pages=30,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
+  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
+  if fp8:
+    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
+  return q, kp, vp, batch, ks, vs
+
+
+def run_checked(case, tiles, *, real, fp8, max_q=1):
+  """The kernel (interpret mode) on a scaled_case, checked against float64; returns its output."""
+  q, kp, vp, batch, ks, vs = case
+  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
+                               scale=q.shape[-1] ** -0.5, k_scale=ks, v_scale=vs, max_q=max_q,
+                               tiles=tiles, interpret=True)
+  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
+                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
+  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+  return out
+
+
 # peel_tail: the masked tail tiles as straight-line code loaded before the unmasked loop. Lengths
 # a multiple of the tile (no tail: the peeled tile lies past the end), not, 1, and a padding row;
 # one split (the serving shape's grid) and split-K (splits with no tail, empty splits, the fused
@@ -332,24 +355,12 @@ def test_errors():
     (16, 1, 1, "rows", 1, True), (16, 1, 1, "rows", 1, False), (16, 1, 3, "fused", 1, True),
     (32, 2, 2, "rows", 1, True), (16, 4, 1, "rows", 3, False), (16, 1, 5, "fused", 3, True)])
 def test_decode_peel_tail(block_k, warps, splits, combine, max_q, fp8):
-  rng = np.random.default_rng(block_k + splits + max_q)
-  D = 32
   chunks = ([(96 - max_q, max_q), (0, 1), (37, 1), (15, 1)] if max_q > 1
             else [(63, 1), (0, 1), (37, 1), (95, 1), (16, 1)])
   real = sum(n for _, n in chunks)
-  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
-                               num_tokens=real + 2, num_pages=30,
-                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
-  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
-  if fp8:
-    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
-  tiles = DecodeTiles(block_k, num_warps=warps, splits=splits, combine=combine, peel_tail=True)
-  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
-                               scale=D ** -0.5, k_scale=ks, v_scale=vs, max_q=max_q, tiles=tiles,
-                               interpret=True)
-  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
-                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
-  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+  case = scaled_case(block_k + splits + max_q, chunks, fp8=fp8, num_tokens=real + 2)
+  run_checked(case, DecodeTiles(block_k, num_warps=warps, splits=splits, combine=combine,
+                                peel_tail=True), real=real, fp8=fp8, max_q=max_q)
 
 
 # zero_pad: no zeros buffer aliased into the output; program b writes zeros into row b when it is a
@@ -359,24 +370,10 @@ def test_decode_peel_tail(block_k, warps, splits, combine, max_q, fp8):
     (5, 1, "rows", True), (5, 3, "fused", True), (4, 1, "rows", False), (8, 1, "rows", False),
     (5, 2, "rows", False)])
 def test_decode_zero_pad(num_tokens, splits, combine, fp8):
-  rng = np.random.default_rng(num_tokens + splits)
-  D = 32
   chunks = [(63, 1), (0, 1), (37, 1), (16, 1)] if num_tokens != 4 else [(63, 1), (20, 1)]
-  real = len(chunks)
-  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
-                               num_tokens=num_tokens, num_pages=30,
-                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
-  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
-  if fp8:
-    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
-  tiles = DecodeTiles(16, num_warps=1, splits=splits, combine=combine, peel_tail=True,
-                      zero_pad=True)
-  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
-                               scale=D ** -0.5, k_scale=ks, v_scale=vs, tiles=tiles,
-                               interpret=True)
-  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
-                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
-  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+  case = scaled_case(num_tokens + splits, chunks, fp8=fp8, num_tokens=num_tokens)
+  run_checked(case, DecodeTiles(16, num_warps=1, splits=splits, combine=combine, peel_tail=True,
+                                zero_pad=True), real=len(chunks), fp8=fp8)
 
 
 # pt_regs: the page-table row in registers (pages_per_seq a power of two <= pt_regs), one split and
@@ -389,45 +386,21 @@ def test_decode_pt_regs(chunks, splits, fp8, in_regs, monkeypatch):
   calls = []
   real_load = pda.load_page_row
   monkeypatch.setattr(pda, "load_page_row", lambda *a: calls.append(a) or real_load(*a))
-  rng = np.random.default_rng(len(chunks) + splits)
-  D = 32
-  real = len(chunks)
-  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
-                               num_tokens=real + 1, num_pages=30,
-                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
-  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
-  if fp8:
-    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
-  tiles = DecodeTiles(16, num_warps=1, splits=splits, combine="fused", zero_pad=True, pt_regs=64)
-  out = paged_decode_attention(q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start,
-                               scale=D ** -0.5, k_scale=ks, v_scale=vs, tiles=tiles,
-                               interpret=True)
+  case = scaled_case(len(chunks) + splits, chunks, fp8=fp8, num_tokens=len(chunks) + 1)
+  run_checked(case, DecodeTiles(16, num_warps=1, splits=splits, combine="fused", zero_pad=True,
+                                pt_regs=64), real=len(chunks), fp8=fp8)
   assert bool(calls) == in_regs
-  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
-                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
-  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
 
 
 @pytest.mark.parametrize("splits,max_q,fp8", [(1, 1, True), (3, 1, False), (2, 3, True)])
 def test_decode_lazy_rescale_is_bit_identical(splits, max_q, fp8):
   """lazy_rescale skips the accumulator's rescale in tiles where no row's max grew (the factor is
   exactly 1 there): the same bits as the eager rescale, and float64-close."""
-  rng = np.random.default_rng(splits + max_q)
-  D = 32
   chunks = [(96 - max_q, max_q), (0, 1), (37, 1), (150, 1)]
   real = sum(n for _, n in chunks)
-  q, kp, vp, batch = make_case(rng, H=8, KV=2, D=D, page_size=16, chunks=chunks,
-                               num_tokens=real + 2, num_pages=30,
-                               dtype=jnp.float32 if fp8 else jnp.bfloat16)
-  ks, vs = (0.25, 3.0) if fp8 else (1.0, 1.0)
-  if fp8:
-    kp, vp = (kp / ks).astype(F8), (vp / vs).astype(F8)
-  run = lambda lazy: paged_decode_attention(
-      q, kp, vp, batch.page_table, batch.seq_lens, batch.query_start, scale=D ** -0.5,
-      k_scale=ks, v_scale=vs, max_q=max_q, interpret=True,
-      tiles=DecodeTiles(16, num_warps=1, splits=splits, combine="fused", lazy_rescale=lazy))
-  out = run(True)
-  np.testing.assert_array_equal(f64(out), f64(run(False)))
-  ref = np_paged(f64(q), f64(kp) * ks, f64(vp) * vs, np.asarray(batch.page_table),
-                 np.asarray(batch.seq_lens), np.asarray(batch.query_start))
-  check(out, ref, real, 1.5e-2 if fp8 else 1e-2)
+  case = scaled_case(splits + max_q, chunks, fp8=fp8, num_tokens=real + 2)
+  tiles = lambda lazy: DecodeTiles(16, num_warps=1, splits=splits, combine="fused",
+                                   lazy_rescale=lazy)
+  out = run_checked(case, tiles(True), real=real, fp8=fp8, max_q=max_q)
+  np.testing.assert_array_equal(f64(out), f64(run_checked(case, tiles(False), real=real, fp8=fp8,
+                                                          max_q=max_q)))

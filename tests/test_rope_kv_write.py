@@ -24,6 +24,16 @@ def _inputs(T, hq, hkv, D, pages, page, dtype, kv_dtype, seed):
   return qkv, cos, sin, jnp.asarray(slots, jnp.int32), k_pages, v_pages, positions
 
 
+def assert_same_at_slots(got, wants, slots):
+  """(q, k_pages, v_pages) bit-equal to each of wants: q everywhere, the pages at the real tokens'
+  slots (the last two tokens are padding, both written to the null page's slot 0)."""
+  real = np.asarray(slots)[:-2]
+  pick = lambda a: (f64(a).reshape(-1, *a.shape[2:])[real] if a.ndim == 4 else f64(a))
+  for want in wants:
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(pick(g), pick(w))
+
+
 def np_rope(x, positions, D):
   inv = 1.0 / 10000.0 ** (np.arange(0, D, 2) / D)
   ang = positions[:, None, None] * inv[None, None, :]
@@ -113,13 +123,7 @@ def test_rope_kv_write_scales_an_fp8_product(head_block):
                    v_pages, jnp.float32(0.5), jnp.float32(2.0), num_heads=hq, num_kv_heads=hkv)
   want2 = reference(raw, cos, sin, slots, k_pages, v_pages, jnp.float32(0.5), jnp.float32(2.0),
                     num_heads=hq, num_kv_heads=hkv, row_scale=rs, col_scale=cs)
-  real = np.asarray(slots)[:-2]
-  for g, w, w2 in zip(got, want, want2):
-    g, w, w2 = f64(g), f64(w), f64(w2)
-    if g.ndim == 4:
-      g, w, w2 = (a.reshape(-1, hkv, D)[real] for a in (g, w, w2))
-    np.testing.assert_array_equal(g, w)
-    np.testing.assert_array_equal(g, w2)
+  assert_same_at_slots(got, [want, want2], slots)
   with pytest.raises(ShapeError):
     rope_kv_write(raw, cos, sin, slots, k_pages, v_pages, num_heads=hq, num_kv_heads=hkv,
                   row_scale=rs, col_scale=cs[:-1], interpret=True)
@@ -217,10 +221,4 @@ def test_rope_kv_write_head_blocks_sum_partials_like_one_program(head_block):
   got, one = run(head_block), run(0)
   want = reference(ScaledRows(parts, rs, cs, jnp.bfloat16).apply(), cos, sin, slots, kp, vp,
                    jnp.float32(0.5), jnp.float32(2.0), num_heads=hq, num_kv_heads=hkv)
-  real = np.asarray(slots)[:-2]
-  for g, o, w in zip(got, one, want):
-    g, o, w = f64(g), f64(o), f64(w)
-    if g.ndim == 4:
-      g, o, w = (a.reshape(-1, hkv, D)[real] for a in (g, o, w))
-    np.testing.assert_array_equal(g, o)
-    np.testing.assert_array_equal(g, w)
+  assert_same_at_slots(got, [one, want], slots)
