@@ -25,8 +25,10 @@ every check): TMA reads go through L2, and their issue follows the barrier wait.
 ``direct`` form (plain loads of the data, plain stores of the codes) matched the Triton kernel bit
 for bit in every H100 check (w5: 8 input sets at 64 rows, 4 at 1024, 4 and 8 CTAs; a 2-layer
 decode step's logprobs), but the TMA-staged form still gave a wrong scale in ~0.1% of the rows at
-1024 rows (4 CTAs; cause not found): it is not used by the dispatch (``DIRECT``). The direct
-form with 8 CTAs per row is the default for decode SwiGLU calls (``kernels.fp8_act_quant.CLUSTER``).
+1024 rows (4 CTAs; cause not found): it is not used by the dispatch (``DIRECT``). OPEN BUG: in
+the final H100 check (w6) the direct form with 8 CTAs also gave codes different from the Triton
+kernel at 1024 rows (0.024% of the codes over 8 input sets, the scales identical); never at 64 rows.
+Until found, the dispatch (``kernels.fp8_act_quant.CLUSTER``) is off by default: experiments only.
 
 Measured (H100, profiler, 64 x 2x14336, SwiGLU with scales): direct, 8 CTAs per row 4.28 / 4.53 us
 vs the Triton kernel's 5.64-5.69 / 7.23 (w4 / w5); in serving (w4, the first exchange) 0.167 vs
