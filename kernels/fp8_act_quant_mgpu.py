@@ -56,6 +56,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxinfer.errors import ShapeError
 from kernels.add_rms_norm import check_product_scales
+from kernels.fp8_decode_matmul_mgpu import on_hopper  # noqa: F401  (re-exported for the dispatch)
 
 LANES = 128       # the minor dimension of every shared-memory tile (TMA box <= 256)
 # The form the kernels take when dispatched from kernels/fp8_act_quant.py / add_rms_norm.py
@@ -87,15 +88,6 @@ def supports(x: jax.Array, glu: bool, cluster: int = 4) -> bool:
     k //= 2
   return (cluster in (1, 2, 4, 8) and k % (LANES * cluster) == 0
           and k // cluster <= 32 * LANES)
-
-
-def on_hopper() -> bool:
-  """Whether the default device is a Hopper GPU (compute capability 9.x)."""
-  try:
-    d = jax.devices()[0]
-    return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
-  except RuntimeError:
-    return False
 
 
 EX = 4   # f32 words per exchange slot: 16 bytes, the smallest TMA box
