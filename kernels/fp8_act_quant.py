@@ -29,12 +29,12 @@ processed in ``chunk``-wide slices (the largest power of two <= 2048 dividing th
 unrolled), all kept in registers between the amax pass and the store pass: 14336 float32 values
 per row for Llama-3-8B's I, 28 per thread at 16 warps; above 64 rows the row amax is an
 elementwise max over the slices, then one reduction (H100, 1024 x 2x14336: 38.7 vs 43.1 us per
-call), up to 64 rows one reduction per slice (decode: faster in serving). Options: ``rows`` rows per program (the column scales, f32 [2I], are
-read once per program instead of once per row: at T = 1024 they are 117 MB of L2 reads per call
-with one row per program), ``reload`` (the store pass re-reads the row instead of holding it), and
-``split`` column slices per row in two kernels (slice values + slice amax, then scales + codes:
-T * split programs, for decode steps whose T rows use only T of the SMs). Every option gives the
-same bits (max is exact, the per-element math is unchanged).
+call), up to 64 rows one reduction per slice (decode: faster in serving). Options (none faster
+on the H100 at the serving shapes): ``rows`` rows per program (the column scales, f32 [2I], read
+once per program instead of once per row), ``reload`` (the store pass re-reads the row instead of
+holding it), ``interleave``, and ``split`` column slices per row in two kernels (slice values +
+slice amax, then scales + codes: T * split programs). Every option gives the same bits (max is
+exact, the per-element math is unchanged).
 Roofline: reads 2 T 2I + writes T I bytes (T = 64, I = 14336: 4.6 MB, ~1.5 us at 3 TB/s); at decode
 sizes it is launch/latency-bound (one SM streams a whole 57 KB row, plus 114 KB of column scales),
 at prefill sizes (T = 1024: 73 MB, ~24 us) bandwidth-bound.
