@@ -56,6 +56,8 @@ flags.DEFINE_list("old_routes", ["asm even/odd"],
                   "kl section: ModelOpt-layout routes also timed ('default', 'previous default' "
                   "= the f32 route, 'asm even/odd')")
 flags.DEFINE_bool("ceil_read_only", False, "ceil section: only the read-bandwidth ceiling")
+flags.DEFINE_float("ceil_small_mb", 0.0, "ceil section: also time a sum over --kl_sets arrays "
+                   "of this many MB each in one jit (a decode GEMM's bytes; 0: off)")
 flags.DEFINE_integer("kl_sets", 8, "kl section: independent weight sets per jit (> L2 in bytes)")
 flags.DEFINE_list("klcheck_shapes", ["5x200x1024", "40x128x768"], "klcheck MxNxK shapes")
 flags.DEFINE_list("klcheck_variants", [], "klcheck variants (default: --kl_variants + 3 routes)")
@@ -184,6 +186,12 @@ def sec_ceil():
   CEIL["read_tbs"] = x.nbytes / s / 1e12
   record("ceil", "read stream 1GiB f32", "", "xla sum", s, x.nbytes)
   del x
+  if FLAGS.ceil_small_mb:   # the same read in calls of a decode GEMM's size (fill and tail count)
+    words = D(int(FLAGS.ceil_small_mb * 1e6)) // 4
+    sets = [(jax.random.bits(kk, (words,), jnp.uint32),) for kk in keys(FLAGS.kl_sets)]
+    attempt("ceil", f"read stream {FLAGS.ceil_small_mb:g}MB x{len(sets)}", "", "xla sum small",
+            lambda a: jnp.sum(a), sets, words * 4)
+    del sets
   if FLAGS.ceil_read_only:
     return
   n = D(8192)
@@ -533,16 +541,22 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   (pdl: programmatic dependent launch), g<CTAs> (stream_k: persistent stream-K grid), h
   (overlap_mma + hold_a), f (split_combine="kernel"), C (split_combine="cluster"), T
   (tile_major; the bench transposes the weight sets once), P (overlap_pairs: overlap_mma over
-  pairs of steps), X (x_in_kernel=False: x cast and permuted by an XLA fusion), K<n>
+  pairs of steps), X (x_in_kernel=False: x cast and permuted by an XLA fusion), a<n> (mma_parts:
+  a record dequantized and multiplied in n K parts), K<n>
   (k_per_step), V (x_convert=2: the conflict-free row-per-warp x conversion; implies x): each
-  given field (M: x_multicast, implies X; "old": the sixth session's defaults, i.e. x in the
+  given field (S / Q / D: the measurement probes "stream" / "mma" / "deq" (y is wrong: their
+  rel. error is not a check); M: x_multicast, implies X; "old": the sixth session's defaults, i.e. x in the
   kernel up to M=32 with x_convert=1, no overlap_pairs, one K tile per step) replaces the default's (a "@small" / "@large" suffix as for
   kl_variant)."""
   parts = name.split("@")[0].split()
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k", "p": "pdl",
-            "g": "stream_k", "K": "k_per_step"}
+            "g": "stream_k", "K": "k_per_step", "a": "mma_parts"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
-        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X", "V", "M", "old")}
+        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X", "V", "M", "old",
+                     "S", "Q", "D")}
+  for letter, probe in (("S", "stream"), ("Q", "mma"), ("D", "deq")):
+    if letter in parts[1:]:
+      kw["probe"] = probe
   if "old" in parts[1:]:   # the sixth session's default tiling
     kw.update(x_in_kernel=m <= 32, x_convert=1, overlap_pairs=False, k_per_step=1)
   if "M" in parts[1:]:   # x tiles multicast to clusters of two CTAs

@@ -194,7 +194,17 @@ class MgpuTiling:
   x tile is TMA-multicast to both (each CTA loads half): the x bytes read from L2 per step halve
   (at M=64 every CTA reads a 32 KB x tile per 18 KB of weights: 57 MB of L2 reads at N=14336);
   the slots' "consumed" barriers become cluster barriers (a slot is refilled once the consumers
-  of both CTAs released it)."""
+  of both CTAs released it);
+  mma_parts (1, 2 or 4): a record is dequantized and multiplied in this many K parts (of 256 /
+  mma_parts columns, each its own wgmma group): part p's wgmmas are issued before part p + 1 is
+  dequantized, so the tensor core works while the ALU still converts (the A registers stay
+  distinct PTX values, as in one group);
+  probe (a measurement, not a product: y is wrong): "" off; "stream": the consumers release each
+  slot as soon as it is full (no dequantization, no wgmma: the floor of this TMA pipeline and
+  grid); "mma": the wgmmas run on a constant A fragment (no shared-memory loads of the record, no
+  dequantization); "deq": the dequantization runs and its registers are kept live, no wgmma.
+  ``experiments/bench_gemm.py`` times them to split a kernel's time into stream, dequantization
+  and MMA."""
   consumers: int = 2
   strips: int = 1
   stages: int = 4
@@ -212,6 +222,8 @@ class MgpuTiling:
   x_convert: int = 1
   k_per_step: int = 1
   x_multicast: bool = False
+  mma_parts: int = 1
+  probe: str = ""
 
   def __post_init__(self):
     if self.consumers < 1 or self.strips < 1 or self.stages < 1 or self.split_k < 1:
@@ -238,6 +250,14 @@ class MgpuTiling:
                        f"in-kernel split combines, got {self}")
     if self.x_convert not in (1, 2):
       raise ValueError(f"x_convert must be 1 or 2, got {self}")
+    if self.mma_parts not in (1, 2, 4) or (self.mma_parts > 1 and (
+        self.stream_k or self.overlap_mma)):
+      raise ValueError(f"mma_parts must be 1, 2 or 4 (more than 1 excludes stream_k and "
+                       f"overlap_mma / hold_a), got {self}")
+    if self.probe not in ("", "stream", "mma", "deq") or (self.probe and (
+        self.stream_k or self.hold_a or self.k_interleave)):
+      raise ValueError(f"probe must be '', 'stream', 'mma' or 'deq' (excludes stream_k, hold_a "
+                       f"and k_interleave), got {self}")
     if self.overlap_pairs and (self.k_interleave or self.overlap_mma or self.stream_k):
       raise ValueError(f"overlap_pairs excludes k_interleave, overlap_mma / hold_a and stream_k,"
                        f" got {self}")
@@ -325,6 +345,12 @@ X_CONVERT = 2
 ONE_CONSUMER_MAX_M = 4
 NO_AUTO_BARRIERS = True
 PDL = 0   # MgpuTiling.pdl of the default tiling (pdl=1/2 measured slower, 3 no faster)
+# Eighth session (W3/W4, GPU time per GEMM, float64-checked): a record's dequantization and
+# wgmmas in two K parts (the tensor core starts on the first half while the ALU converts the
+# second): M=1 14.08-14.37 vs 14.42-14.53 us (N=14336), 16.17 vs 17.06 (N=4096); M=8 14.65-14.74
+# vs 14.92-14.95 / 15.96 vs 16.02; M=32 17.55 vs 18.16 / 18.95 vs 18.81; M=64 20.52 vs 20.72 /
+# 21.55 vs 21.89. Four parts: no better.
+MMA_PARTS = 2
 _PAIRS_MIN_STAGES = 4   # overlap_pairs: one step in flight, one dequantized, two loading
 
 
@@ -334,7 +360,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   keeping >= 4 K tiles); x converted in the kernel (x_convert=2) up to X_IN_KERNEL_MAX_M rows,
   except from X_FUSION_MIN_M rows without split-K, where x comes from the XLA fusion; overlap_pairs
   wherever x comes from the fusion above K_PER_STEP_MAX_M rows; two K tiles per step from
-  ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K; as many stages as fit 200 KB of shared memory (2..8; at
+  ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K; records in MMA_PARTS K parts
+  (except with stream_k / overlap_mma); as many stages as fit 200 KB of shared memory (2..8; at
   least 4 under the hardware limit with overlap_pairs). ``overrides`` replace fields; the split
   and the stages are recomputed for overridden consumers / strips unless given too."""
   mp = padded_m(m)
@@ -354,6 +381,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   x_convert = overrides.pop("x_convert", X_CONVERT)
   kps = overrides.pop("k_per_step", None)
   x_multicast = overrides.pop("x_multicast", False)
+  probe = overrides.pop("probe", "")
+  mma_parts = overrides.pop("mma_parts", None)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -371,12 +400,14 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
                 and not (inter or stream_k or tile_major or hold_a)) else 1
   if (tiles // split) % kps:           # an odd number of K tiles per CTA: one per step
     kps = 1
+  if mma_parts is None:
+    mma_parts = 1 if (stream_k or overlap or hold_a) else MMA_PARTS
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
                  split_combine=split_combine, tile_major=tile_major,
                  overlap_pairs=overlap_pairs, x_convert=x_convert, k_per_step=kps,
-                 x_multicast=x_multicast)
+                 x_multicast=x_multicast, mma_parts=mma_parts, probe=probe)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
 
@@ -536,11 +567,12 @@ _SCALE_PTX = "\n".join([
 _DEQ_PTX = _deq_word_ptx()
 
 
-def _dequant_regs(codes, scales):
+def _dequant_regs(codes, scales, part: int = 0, parts: int = 1):
   """codes: uint32 [64, 32] (WG_STRIDED, 4 words per register), scales: uint32 [8, 32]
-  (WG_STRIDED, 2 words) of one record -> f16 [64, 256] in the WGMMA layout (registers filled
-  straight from the PTX results: register (j, h) = fragment columns 8 j + 2 q + (0, 1) of row
-  half h)."""
+  (WG_STRIDED, 2 words) of one record -> f16 [64, 256 / parts]: fragment columns [256 part / parts,
+  256 (part + 1) / parts) in the WGMMA layout (registers filled straight from the PTX results:
+  register (j, h) = fragment columns 8 j + 2 q + (0, 1) of row half h). Part p uses only the
+  words of its scale groups g (4 / parts of them)."""
   from jax._src.lib.mlir import ir                           # noqa: PLC0415
   from jax._src.lib.mlir.dialects import vector              # noqa: PLC0415
   from jax.experimental import mosaic as _mosaic             # noqa: PLC0415,F401
@@ -560,27 +592,39 @@ def _dequant_regs(codes, scales):
   for h in range(2):
     for g, r in enumerate(mu.inline_ptx(_SCALE_PTX, sw[h], result_types=[i32] * 4)):
       splat[h, g] = r
-  regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((STRIP, TILE_K)), dtype=object)
+  groups = 4 // parts
+  regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((STRIP, TILE_K // parts)), dtype=object)
   for u in range(16):
     h, g, jb = u // 8, (u // 2) % 4, u % 2
+    if g // groups != part:
+      continue
     outs = mu.inline_ptx(_DEQ_PTX, words[u], splat[h, g], result_types=[i32] * 4)
     for s, o in enumerate(outs):
-      regs[0, 8 * g + 4 * jb + s, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(o, f16x2)
+      regs[0, 8 * (g % groups) + 4 * jb + s, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(o, f16x2)
   return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
-def _dequant_gpu(rec_ref):
+def _load_record(rec_ref):
+  """A record's code and scale words into registers (each thread: its 16 + 2 words)."""
   codes = plgpu.load(rec_ref.at[pl.ds(0, _CODE_ROWS)],
                      layout=plgpu.Layout.WG_STRIDED((_CODE_ROWS, 32), vec_size=4))
   scales = plgpu.load(rec_ref.at[pl.ds(_CODE_ROWS, 8)],
                       layout=plgpu.Layout.WG_STRIDED((8, 32), vec_size=2))
+  return codes, scales
+
+
+def _dequant_part(codes, scales, part: int = 0, parts: int = 1):
   fn = plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WG_STRIDED((_CODE_ROWS, 32), vec_size=4),
                  plgpu.Layout.WG_STRIDED((8, 32), vec_size=2)),
-      return_type=plgpu.ShapeDtypeStruct((STRIP, TILE_K), jnp.float16,
+      return_type=plgpu.ShapeDtypeStruct((STRIP, TILE_K // parts), jnp.float16,
                                          layout=plgpu.Layout.WGMMA),
-  )(lambda ctx, c, s: _dequant_regs(c, s))
+  )(lambda ctx, c, s: _dequant_regs(c, s, part, parts))
   return fn(codes, scales)
+
+
+def _dequant_gpu(rec_ref):
+  return _dequant_part(*_load_record(rec_ref))
 
 
 
@@ -921,7 +965,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
             tile_major: bool = False, cluster_split: bool = False, cl_scoped=None,
             overlap_pairs: bool = False, x_convert: int = 1, kps: int = 1,
-            multicast: bool = False):
+            multicast: bool = False, probe: str = "", parts: int = 1):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -1231,6 +1275,24 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     if items:
       _streamk_fixup(items, m, cta_strips * STRIP * mp, plan.max_contrib)
 
+  def mma(acc_ref, rec_ref, x_tile):
+    """acc += dequant(record) @ x_tile^T as ``parts`` wgmma groups, one per K part (the probes
+    leave pieces out)."""
+    if probe == "stream":
+      return
+    words = _load_record(rec_ref) if probe != "mma" else None
+    width = TILE_K // parts
+    for p in range(parts):
+      if probe == "mma":
+        a = plgpu.layout_cast(jnp.full((STRIP, width), 1.0, jnp.float16), plgpu.Layout.WGMMA)
+      else:
+        a = _dequant_part(*words, p, parts)
+      if probe == "deq":
+        _keep_alive(a)
+      else:
+        xv = x_tile if parts == 1 else x_tile.at[:, pl.ds(p * width, width)]
+        plgpu.wgmma(acc_ref, a, xv.T)
+
   @pl.when(wg < consumers)
   def _consumer():
     if plan is not None:
@@ -1246,8 +1308,9 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         new = list(accs)
         for h in range(kps):
           xt = kh(x_smem.at[slot], h)[...].astype(jnp.float32)
-          for j in range(len(new)):
-            a = dequant_record(kh(w_smem.at[slot, strip_of(j)], h)[...]).astype(jnp.float32)
+          for j in range(len(new) if probe in ("", "mma") else 0):
+            a = (jnp.ones((STRIP, TILE_K), jnp.float32) if probe == "mma" else
+                 dequant_record(kh(w_smem.at[slot, strip_of(j)], h)[...]).astype(jnp.float32))
             new[j] = new[j] + jnp.dot(a, xt.T, precision=lax.Precision.HIGHEST)
         plgpu.barrier_arrive(free.at[slot])
         return tuple(new)
@@ -1272,9 +1335,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         plgpu.barrier_wait(full.at[slot])
         for h in range(kps):
           for j in range(strips):
-            a = _dequant_gpu(kh(w_smem.at[slot, strip_of(j)], h))
-            plgpu.wgmma(acc_refs[j], a, kh(x_smem.at[slot], h).T)
-        plgpu.wgmma_wait(strips * kps)   # step ii-1's groups (one per strip, K tile) are done
+            mma(acc_refs[j], kh(w_smem.at[slot, strip_of(j)], h), kh(x_smem.at[slot], h))
+        plgpu.wgmma_wait(strips * kps * parts)   # step ii-1's groups (one per strip, K tile) are done
         prev = lax.rem(i - stride + stages, jnp.int32(stages))
         pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
 
@@ -1305,8 +1367,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         plgpu.barrier_wait(full.at[slot])
         for h in range(kps):
           for j in range(strips):
-            a = _dequant_gpu(kh(w_smem.at[slot, strip_of(j)], h))
-            plgpu.wgmma(acc_refs[j], a, kh(x_smem.at[slot], h).T)
+            mma(acc_refs[j], kh(w_smem.at[slot, strip_of(j)], h), kh(x_smem.at[slot], h))
         if overlap_mma:   # step i's wgmmas run under step i+1's wait and dequantization
           plgpu.wgmma_wait(1 if strips == 1 else strips)
           prev = lax.rem(i - stride + stages, jnp.int32(stages))
@@ -1407,7 +1468,7 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
                              tile_major=t.tile_major, cluster_split=clustered,
                              overlap_pairs=t.overlap_pairs, x_convert=t.x_convert, kps=kps,
-                             multicast=mc)
+                             multicast=mc, probe=t.probe, parts=t.mma_parts)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if combine_plan is not None:

@@ -281,6 +281,27 @@ def test_f32_output_is_tight(rng):
   assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 1e-5
 
 
+@pytest.mark.parametrize("probe", ["stream", "deq", "mma"])
+def test_probes_leave_out_their_parts(rng, probe):
+  """The probes run the pipeline without its math: "stream" and "deq" never add to the
+  accumulators (y = 0); "mma" multiplies by a constant A of ones, so y = 2^14 gs * row sums of
+  x (x cast to f16, exactly as the kernel's operand)."""
+  m, n, k = 5, 200, 1280
+  p, s, g = random_nvfp4(rng, n, k)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  for split in (1, 2):
+    t = mg.default_tiling(m, n, k, probe=probe, split_k=split)
+    y = np.asarray(mg.w4a16_matmul_mgpu(x, mg.to_mgpu_layout(p, s), g, n=n, tiling=t,
+                                        interpret=True), np.float64)
+    want = np.zeros((m, n))
+    if probe == "mma":
+      rows = np.asarray(x.astype(jnp.float16), np.float64).sum(1, keepdims=True)
+      want = np.broadcast_to(rows * 2.0 ** 14 * float(g), (m, n))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-3)
+  with pytest.raises(ValueError, match="probe"):
+    mg.MgpuTiling(probe="dma")
+
+
 @pytest.mark.parametrize("blocks,tiles,ctas", [(112, 16, 132), (32, 56, 132), (224, 16, 264),
                                                (6, 4, 5), (3, 2, 10), (7, 3, 7)])
 def test_streamk_plan_partitions_the_units(blocks, tiles, ctas):
@@ -405,7 +426,16 @@ def test_lowers_for_hopper_on_cpu():
             # x tiles multicast to clusters of two CTAs (odd CTA count padded: 5 strips, M=5)
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 3, 1, x_multicast=True, overlap_pairs=True)),
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 4, 4, x_multicast=True, k_per_step=2)),
-            (5, 300, 512, mg.MgpuTiling(1, 1, 4, 1, x_multicast=True))]
+            (5, 300, 512, mg.MgpuTiling(1, 1, 4, 1, x_multicast=True)),
+            # records dequantized and multiplied in K parts (with k_per_step=2, overlap_pairs)
+            (1, 14336, 4096, mg.default_tiling(1, 14336, 4096, mma_parts=2)),
+            (8, 14336, 4096, mg.default_tiling(8, 14336, 4096, mma_parts=4)),
+            (64, 4096, 14336, mg.default_tiling(64, 4096, 14336, mma_parts=2)),
+            (8, 14336, 4096, mg.default_tiling(8, 14336, 4096, mma_parts=2, probe="mma")),
+            # the measurement probes (stream only, constant-A wgmmas, dequantization only)
+            (8, 4096, 14336, mg.default_tiling(8, 4096, 14336, probe="stream")),
+            (64, 14336, 4096, mg.default_tiling(64, 14336, 4096, probe="mma")),
+            (1, 14336, 4096, mg.default_tiling(1, 14336, 4096, probe="deq"))]
   for m, n, k, t in cases:
     wshape = (-(-n // 64), -(-k // 256), 72, 32)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
