@@ -542,7 +542,7 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   (overlap_mma + hold_a), f (split_combine="kernel"), C (split_combine="cluster"), T
   (tile_major; the bench transposes the weight sets once), P (overlap_pairs: overlap_mma over
   pairs of steps), X (x_in_kernel=False: x cast and permuted by an XLA fusion), a<n> (mma_parts:
-  a record dequantized and multiplied in n K parts), K<n>
+  a record dequantized and multiplied in n K parts; A: an accumulator per part), K<n>
   (k_per_step), V (x_convert=2: the conflict-free row-per-warp x conversion; implies x): each
   given field (S / Q / D: the measurement probes "stream" / "mma" / "deq" (y is wrong: their
   rel. error is not a check); M: x_multicast, implies X; "old": the sixth session's defaults, i.e. x in the
@@ -553,7 +553,9 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
             "g": "stream_k", "K": "k_per_step", "a": "mma_parts"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
         if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X", "V", "M", "old",
-                     "S", "Q", "D")}
+                     "S", "Q", "D", "A")}
+  if "A" in parts[1:]:   # an accumulator per K part (independent wgmma chains)
+    kw["split_acc"] = True
   for letter, probe in (("S", "stream"), ("Q", "mma"), ("D", "deq")):
     if letter in parts[1:]:
       kw["probe"] = probe

@@ -198,7 +198,9 @@ class MgpuTiling:
   mma_parts (1, 2 or 4): a record is dequantized and multiplied in this many K parts (of 256 /
   mma_parts columns, each its own wgmma group): part p's wgmmas are issued before part p + 1 is
   dequantized, so the tensor core works while the ALU still converts (the A registers stay
-  distinct PTX values, as in one group);
+  distinct PTX values, as in one group); split_acc: each K part accumulates into its own
+  accumulator (added at the end), so the parts' wgmmas are independent chains, not one chain
+  through a single accumulator;
   probe (a measurement, not a product: y is wrong): "" off; "stream": the consumers release each
   slot as soon as it is full (no dequantization, no wgmma: the floor of this TMA pipeline and
   grid); "mma": the wgmmas run on a constant A fragment (no shared-memory loads of the record, no
@@ -223,6 +225,7 @@ class MgpuTiling:
   k_per_step: int = 1
   x_multicast: bool = False
   mma_parts: int = 1
+  split_acc: bool = False
   probe: str = ""
 
   def __post_init__(self):
@@ -254,6 +257,8 @@ class MgpuTiling:
         self.stream_k or self.overlap_mma)):
       raise ValueError(f"mma_parts must be 1, 2 or 4 (more than 1 excludes stream_k and "
                        f"overlap_mma / hold_a), got {self}")
+    if self.split_acc and (self.mma_parts == 1 or self.hold_a):
+      raise ValueError(f"split_acc needs mma_parts > 1 (and excludes hold_a), got {self}")
     if self.probe not in ("", "stream", "mma", "deq") or (self.probe and (
         self.stream_k or self.hold_a or self.k_interleave)):
       raise ValueError(f"probe must be '', 'stream', 'mma' or 'deq' (excludes stream_k, hold_a "
@@ -383,6 +388,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   x_multicast = overrides.pop("x_multicast", False)
   probe = overrides.pop("probe", "")
   mma_parts = overrides.pop("mma_parts", None)
+  split_acc = overrides.pop("split_acc", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
   split = 1
@@ -407,7 +413,8 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
                  split_combine=split_combine, tile_major=tile_major,
                  overlap_pairs=overlap_pairs, x_convert=x_convert, k_per_step=kps,
-                 x_multicast=x_multicast, mma_parts=mma_parts, probe=probe)
+                 x_multicast=x_multicast, mma_parts=mma_parts, split_acc=split_acc,
+                 probe=probe)
   stages = 8 - 8 % consumers if inter else 8
   step = consumers if inter else 1
 
@@ -965,7 +972,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
             hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
             tile_major: bool = False, cluster_split: bool = False, cl_scoped=None,
             overlap_pairs: bool = False, x_convert: int = 1, kps: int = 1,
-            multicast: bool = False, probe: str = "", parts: int = 1):
+            multicast: bool = False, probe: str = "", parts: int = 1,
+            split_acc: bool = False):
   (w_smem, x_smem, red_smem, x_raw), (full, free, red_bar, raw_bar) = scoped
   wg = lax.axis_index("wg")
   cta_strips = strips if k_interleave else consumers * strips
@@ -1275,9 +1283,9 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     if items:
       _streamk_fixup(items, m, cta_strips * STRIP * mp, plan.max_contrib)
 
-  def mma(acc_ref, rec_ref, x_tile):
-    """acc += dequant(record) @ x_tile^T as ``parts`` wgmma groups, one per K part (the probes
-    leave pieces out)."""
+  def mma(accs, rec_ref, x_tile):
+    """acc += dequant(record) @ x_tile^T as ``parts`` wgmma groups, one per K part, part p into
+    accs[p % len(accs)] (the probes leave pieces out)."""
     if probe == "stream":
       return
     words = _load_record(rec_ref) if probe != "mma" else None
@@ -1291,7 +1299,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         _keep_alive(a)
       else:
         xv = x_tile if parts == 1 else x_tile.at[:, pl.ds(p * width, width)]
-        plgpu.wgmma(acc_ref, a, xv.T)
+        plgpu.wgmma(accs[p % len(accs)], a, xv.T)
 
   @pl.when(wg < consumers)
   def _consumer():
@@ -1322,6 +1330,16 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
     if rebalance:
       plgpu.set_max_registers(232, action="increase")
 
+    n_acc = parts if split_acc else 1
+
+    def acc_group(acc_refs, j):
+      return acc_refs[j * n_acc:(j + 1) * n_acc] if n_acc > 1 else (acc_refs[j],)
+
+    def collect(acc_refs):
+      """Each strip's accumulator (the sum of its per-part accumulators with split_acc)."""
+      vals = [r[...] for r in acc_refs]
+      return [sum(vals[j * n_acc + 1:(j + 1) * n_acc], vals[j * n_acc]) for j in range(strips)]
+
     def run_held(acc_refs):
       return held_loop(acc_refs, 0, my_steps, lambda ii: first + ii * stride)
 
@@ -1335,7 +1353,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         plgpu.barrier_wait(full.at[slot])
         for h in range(kps):
           for j in range(strips):
-            mma(acc_refs[j], kh(w_smem.at[slot, strip_of(j)], h), kh(x_smem.at[slot], h))
+            mma(acc_group(acc_refs, j), kh(w_smem.at[slot, strip_of(j)], h),
+                kh(x_smem.at[slot], h))
         plgpu.wgmma_wait(strips * kps * parts)   # step ii-1's groups (one per strip, K tile) are done
         prev = lax.rem(i - stride + stages, jnp.int32(stages))
         pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
@@ -1352,7 +1371,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       plgpu.wgmma_wait(0)
       if my_steps:
         plgpu.barrier_arrive(free.at[(first + (my_steps - 1) * stride) % stages])
-      return [r[...] for r in acc_refs]
+      return collect(acc_refs)
 
     def run(acc_refs):
       if hold_a:
@@ -1367,7 +1386,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         plgpu.barrier_wait(full.at[slot])
         for h in range(kps):
           for j in range(strips):
-            mma(acc_refs[j], kh(w_smem.at[slot, strip_of(j)], h), kh(x_smem.at[slot], h))
+            mma(acc_group(acc_refs, j), kh(w_smem.at[slot, strip_of(j)], h),
+                kh(x_smem.at[slot], h))
         if overlap_mma:   # step i's wgmmas run under step i+1's wait and dequantization
           plgpu.wgmma_wait(1 if strips == 1 else strips)
           prev = lax.rem(i - stride + stages, jnp.int32(stages))
@@ -1380,10 +1400,10 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         plgpu.wgmma_wait(0)
         last = lax.rem(first + (my_steps - 1) * stride, jnp.int32(stages))
         pl.when(my_steps > 0)(lambda: plgpu.barrier_arrive(free.at[last]))
-      return [r[...] for r in acc_refs]
+      return collect(acc_refs)
 
     accs = pl.run_scoped(lambda *refs: run(refs),
-                         *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in range(strips)])
+                         *[plgpu.ACC((STRIP, mp), jnp.float32) for _ in range(strips * n_acc)])
     finish(accs, lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA))
 
 
@@ -1468,7 +1488,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
                              plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
                              tile_major=t.tile_major, cluster_split=clustered,
                              overlap_pairs=t.overlap_pairs, x_convert=t.x_convert, kps=kps,
-                             multicast=mc, probe=t.probe, parts=t.mma_parts)
+                             multicast=mc, probe=t.probe, parts=t.mma_parts,
+                             split_acc=t.split_acc)
 
   def entry(x_ref, w_ref, gs_ref, *refs):
     if combine_plan is not None:

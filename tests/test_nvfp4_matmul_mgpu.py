@@ -432,6 +432,10 @@ def test_lowers_for_hopper_on_cpu():
             (8, 14336, 4096, mg.default_tiling(8, 14336, 4096, mma_parts=4)),
             (64, 4096, 14336, mg.default_tiling(64, 4096, 14336, mma_parts=2)),
             (8, 14336, 4096, mg.default_tiling(8, 14336, 4096, mma_parts=2, probe="mma")),
+            # an accumulator per K part (plain loop, overlap_pairs, two strips per consumer)
+            (1, 4096, 14336, mg.default_tiling(1, 4096, 14336, mma_parts=4, split_acc=True)),
+            (64, 14336, 4096, mg.default_tiling(64, 14336, 4096, split_acc=True)),
+            (8, 14336, 4096, mg.MgpuTiling(1, 2, 4, 1, mma_parts=2, split_acc=True)),
             # the measurement probes (stream only, constant-A wgmmas, dequantization only)
             (8, 4096, 14336, mg.default_tiling(8, 4096, 14336, probe="stream")),
             (64, 14336, 4096, mg.default_tiling(64, 14336, 4096, probe="mma")),
