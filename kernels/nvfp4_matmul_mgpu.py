@@ -204,7 +204,8 @@ class MgpuTiling:
   probe (a measurement, not a product: y is wrong): "" off; "stream": the consumers release each
   slot as soon as it is full (no dequantization, no wgmma: the floor of this TMA pipeline and
   grid); "mma": the wgmmas run on a constant A fragment (no shared-memory loads of the record, no
-  dequantization); "deq": the dequantization runs and its registers are kept live, no wgmma.
+  dequantization); "deq": the dequantization runs and its registers are kept live, no wgmma
+  (the interpreter's stream-K path ignores probes).
   ``experiments/bench_gemm.py`` times them to split a kernel's time into stream, dequantization
   and MMA."""
   consumers: int = 2
@@ -253,16 +254,15 @@ class MgpuTiling:
                        f"in-kernel split combines, got {self}")
     if self.x_convert not in (1, 2):
       raise ValueError(f"x_convert must be 1 or 2, got {self}")
-    if self.mma_parts not in (1, 2, 4) or (self.mma_parts > 1 and (
-        self.stream_k or self.overlap_mma)):
-      raise ValueError(f"mma_parts must be 1, 2 or 4 (more than 1 excludes stream_k and "
-                       f"overlap_mma / hold_a), got {self}")
+    if self.mma_parts not in (1, 2, 4) or (self.mma_parts > 1 and self.overlap_mma):
+      raise ValueError(f"mma_parts must be 1, 2 or 4 (more than 1 excludes overlap_mma / "
+                       f"hold_a), got {self}")
     if self.split_acc and (self.mma_parts == 1 or self.hold_a):
       raise ValueError(f"split_acc needs mma_parts > 1 (and excludes hold_a), got {self}")
     if self.probe not in ("", "stream", "mma", "deq") or (self.probe and (
-        self.stream_k or self.hold_a or self.k_interleave)):
-      raise ValueError(f"probe must be '', 'stream', 'mma' or 'deq' (excludes stream_k, hold_a "
-                       f"and k_interleave), got {self}")
+        self.hold_a or self.k_interleave)):
+      raise ValueError(f"probe must be '', 'stream', 'mma' or 'deq' (excludes hold_a and "
+                       f"k_interleave), got {self}")
     if self.overlap_pairs and (self.k_interleave or self.overlap_mma or self.stream_k):
       raise ValueError(f"overlap_pairs excludes k_interleave, overlap_mma / hold_a and stream_k,"
                        f" got {self}")
@@ -366,7 +366,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   except from X_FUSION_MIN_M rows without split-K, where x comes from the XLA fusion; overlap_pairs
   wherever x comes from the fusion above K_PER_STEP_MAX_M rows; two K tiles per step from
   ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K; records in MMA_PARTS K parts
-  (except with stream_k / overlap_mma); as many stages as fit 200 KB of shared memory (2..8; at
+  (except with overlap_mma); as many stages as fit 200 KB of shared memory (2..8; at
   least 4 under the hardware limit with overlap_pairs). ``overrides`` replace fields; the split
   and the stages are recomputed for overridden consumers / strips unless given too."""
   mp = padded_m(m)
@@ -407,7 +407,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   if (tiles // split) % kps:           # an odd number of K tiles per CTA: one per step
     kps = 1
   if mma_parts is None:
-    mma_parts = 1 if (stream_k or overlap or hold_a) else MMA_PARTS
+    mma_parts = 1 if (overlap or hold_a) else MMA_PARTS
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
@@ -1256,8 +1256,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
           slot = lax.rem(i, jnp.int32(stages))
           plgpu.barrier_wait(full.at[slot])
           for j in range(strips):
-            a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
-            plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
+            mma((acc_refs[j],), w_smem.at[slot, strip_of(j)], x_smem.at[slot])
           plgpu.wgmma_wait(0)
           plgpu.barrier_arrive(free.at[slot])
         return [ref[...] for ref in acc_refs]

@@ -436,6 +436,8 @@ def test_lowers_for_hopper_on_cpu():
             (1, 4096, 14336, mg.default_tiling(1, 4096, 14336, mma_parts=4, split_acc=True)),
             (64, 14336, 4096, mg.default_tiling(64, 14336, 4096, split_acc=True)),
             (8, 14336, 4096, mg.MgpuTiling(1, 2, 4, 1, mma_parts=2, split_acc=True)),
+            (8, 4096, 14336, mg.default_tiling(8, 4096, 14336, stream_k=132)),
+            (1, 14336, 4096, mg.default_tiling(1, 14336, 4096, stream_k=132, probe="stream")),
             # the measurement probes (stream only, constant-A wgmmas, dequantization only)
             (8, 4096, 14336, mg.default_tiling(8, 4096, 14336, probe="stream")),
             (64, 14336, 4096, mg.default_tiling(64, 14336, 4096, probe="mma")),
