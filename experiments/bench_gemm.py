@@ -544,7 +544,8 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   pairs of steps), X (x_in_kernel=False: x cast and permuted by an XLA fusion), a<n> (mma_parts:
   a record dequantized and multiplied in n K parts; A: an accumulator per part), K<n>
   (k_per_step), V (x_convert=2: the conflict-free row-per-warp x conversion; implies x): each
-  given field (S / Q / D: the measurement probes "stream" / "mma" / "deq" (y is wrong: their
+  given field (S / Q / D / Z: the measurement probes "stream" / "mma" / "deq" / "compute" (y is
+  wrong: their
   rel. error is not a check); M: x_multicast, implies X; "old": the sixth session's defaults, i.e. x in the
   kernel up to M=32 with x_convert=1, no overlap_pairs, one K tile per step) replaces the default's (a "@small" / "@large" suffix as for
   kl_variant)."""
@@ -553,10 +554,10 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
             "g": "stream_k", "K": "k_per_step", "a": "mma_parts"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
         if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X", "V", "M", "old",
-                     "S", "Q", "D", "A")}
+                     "S", "Q", "D", "A", "Z")}
   if "A" in parts[1:]:   # an accumulator per K part (independent wgmma chains)
     kw["split_acc"] = True
-  for letter, probe in (("S", "stream"), ("Q", "mma"), ("D", "deq")):
+  for letter, probe in (("S", "stream"), ("Q", "mma"), ("D", "deq"), ("Z", "compute")):
     if letter in parts[1:]:
       kw["probe"] = probe
   if "old" in parts[1:]:   # the sixth session's default tiling

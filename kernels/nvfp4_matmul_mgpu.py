@@ -204,8 +204,10 @@ class MgpuTiling:
   probe (a measurement, not a product: y is wrong): "" off; "stream": the consumers release each
   slot as soon as it is full (no dequantization, no wgmma: the floor of this TMA pipeline and
   grid); "mma": the wgmmas run on a constant A fragment (no shared-memory loads of the record, no
-  dequantization); "deq": the dequantization runs and its registers are kept live, no wgmma
-  (the interpreter's stream-K path ignores probes).
+  dequantization); "deq": the dequantization runs and its registers are kept live, no wgmma;
+  "compute": the first ``stages`` records are loaded once and the consumers run every step on
+  them (no streaming: the consumers' own time; GPU only, one consumer loop without
+  overlap_pairs). The interpreter's stream-K path ignores probes.
   ``experiments/bench_gemm.py`` times them to split a kernel's time into stream, dequantization
   and MMA."""
   consumers: int = 2
@@ -259,10 +261,12 @@ class MgpuTiling:
                        f"hold_a), got {self}")
     if self.split_acc and (self.mma_parts == 1 or self.hold_a):
       raise ValueError(f"split_acc needs mma_parts > 1 (and excludes hold_a), got {self}")
-    if self.probe not in ("", "stream", "mma", "deq") or (self.probe and (
-        self.hold_a or self.k_interleave)):
-      raise ValueError(f"probe must be '', 'stream', 'mma' or 'deq' (excludes hold_a and "
-                       f"k_interleave), got {self}")
+    if self.probe not in ("", "stream", "mma", "deq", "compute") or (self.probe and (
+        self.hold_a or self.k_interleave)) or (self.probe == "compute" and (
+            self.overlap_pairs or self.overlap_mma or self.stream_k or self.pdl)):
+      raise ValueError(f"probe must be '', 'stream', 'mma', 'deq' or 'compute' (excludes hold_a "
+                       f"and k_interleave; compute also overlap_pairs, overlap_mma, stream_k "
+                       f"and pdl), got {self}")
     if self.overlap_pairs and (self.k_interleave or self.overlap_mma or self.stream_k):
       raise ValueError(f"overlap_pairs excludes k_interleave, overlap_mma / hold_a and stream_k,"
                        f" got {self}")
@@ -1050,7 +1054,9 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       if not interpret:
         plgpu.griddepcontrol_wait()
 
-    @pl.loop(0, n_steps)
+    n_load = min(stages, n_steps) if probe == "compute" else n_steps
+
+    @pl.loop(0, n_load)
     def _(i):
       slot = lax.rem(i, jnp.int32(stages))
       pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
@@ -1071,9 +1077,9 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
                                   full.at[slot], collective_axes="c" if multicast else None)
 
     if x_in_kernel:
-      convert(jnp.asarray(n_steps - 1, jnp.int32))
+      convert(jnp.asarray(n_load - 1, jnp.int32))
 
-    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    @pl.loop(jnp.maximum(n_load - stages, 0), n_load if probe != "compute" else 0)
     def _(i):   # observe the last releases too, so no barrier phase is left unobserved
       plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
 
@@ -1382,7 +1388,10 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       def _(ii):
         i = first + ii * stride
         slot = lax.rem(i, jnp.int32(stages))
-        plgpu.barrier_wait(full.at[slot])
+        if probe == "compute":   # the first `stages` records, loaded once, over and over
+          pl.when(ii < stages)(lambda: plgpu.barrier_wait(full.at[slot]))
+        else:
+          plgpu.barrier_wait(full.at[slot])
         for h in range(kps):
           for j in range(strips):
             mma(acc_group(acc_refs, j), kh(w_smem.at[slot, strip_of(j)], h),
@@ -1393,7 +1402,8 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
           pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
         else:
           plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(free.at[slot])
+          if probe != "compute":
+            plgpu.barrier_arrive(free.at[slot])
 
       if overlap_mma:
         plgpu.wgmma_wait(0)
@@ -1436,6 +1446,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   one XLA fusion (``x_for_mgpu``) or, with ``x_in_kernel``, by the producer warpgroup."""
   t = tiling or default_tiling(x.shape[0], n, x.shape[1])
   _check(x, jnp.swapaxes(w, 0, 1) if t.tile_major else w, global_scale, n)
+  if interpret and t.probe == "compute":
+    raise ValueError("probe='compute' runs on the GPU only")
   m, k = x.shape
   s_n, t_k = w.shape[:2][::-1] if t.tile_major else w.shape[:2]
   mp = padded_m(m)

@@ -300,6 +300,9 @@ def test_probes_leave_out_their_parts(rng, probe):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-3)
   with pytest.raises(ValueError, match="probe"):
     mg.MgpuTiling(probe="dma")
+  with pytest.raises(ValueError, match="GPU only"):
+    mg.w4a16_matmul_mgpu(x, mg.to_mgpu_layout(p, s), g, n=n, interpret=True,
+                         tiling=mg.default_tiling(m, n, k, probe="compute"))
 
 
 @pytest.mark.parametrize("blocks,tiles,ctas", [(112, 16, 132), (32, 56, 132), (224, 16, 264),
@@ -438,6 +441,8 @@ def test_lowers_for_hopper_on_cpu():
             (8, 14336, 4096, mg.MgpuTiling(1, 2, 4, 1, mma_parts=2, split_acc=True)),
             (8, 4096, 14336, mg.default_tiling(8, 4096, 14336, stream_k=132)),
             (1, 14336, 4096, mg.default_tiling(1, 14336, 4096, stream_k=132, probe="stream")),
+            (8, 14336, 4096, mg.default_tiling(8, 14336, 4096, probe="compute")),
+            (1, 4096, 14336, mg.default_tiling(1, 4096, 14336, probe="compute")),
             # the measurement probes (stream only, constant-A wgmmas, dequantization only)
             (8, 4096, 14336, mg.default_tiling(8, 4096, 14336, probe="stream")),
             (64, 14336, 4096, mg.default_tiling(64, 14336, 4096, probe="mma")),
