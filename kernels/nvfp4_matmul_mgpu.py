@@ -39,7 +39,8 @@ Kernel structure (like kernels/mla_attention_mgpu.py): grid (N / (64 C S), split
 128-byte swizzle) by TMA into ``stages`` shared-memory slots (mbarrier per slot, plus one
 "consumed" barrier per slot that all consumers arrive on). A consumer waits for the slot,
 dequantizes each strip's record into registers (inline_mgpu: the FragmentedArray is built
-register by register in the WGMMA layout) and issues the wgmmas (m64 n=Mp k16, A from registers),
+register by register in the WGMMA layout) and issues the wgmmas (m64 n=Mp k16, A from registers;
+by default in two K halves, ``mma_parts=2``: half 0's wgmmas run while half 1 is converted),
 waits for them and releases the slot (with ``overlap_pairs``, the default where x comes from the
 XLA fusion: waits only for the previous step's, so the wgmmas run under the next
 step's dequantization). x is either converted to that tile by the producer warpgroup from the raw
@@ -54,16 +55,18 @@ bf16 dot. Per SM that is ~17.5 weight elements per clock: ~35-45 thread-instruct
 for the dequantization (~30% of the issue rate), and at M=64 the f16 wgmmas need ~50-70% of the
 tensor cores. x is re-read from L2 by every CTA (Mp * 512 bytes per K tile).
 
-Measured (H100, jax 0.11.2, benchmarks/gemm.md "Seventh session", 2026-11-24 W4, the defaults
+Measured (H100, jax 0.11.2, benchmarks/gemm.md "Eighth session", 2026-11-24 W5, the defaults
 below, each float64-checked on its timed output; GPU = every kernel of the call from a trace, per
-GEMM, vs XLA's bf16 dot in the same run): M=8 K=4096 N=14336 14.9 us (2.22 TB/s of NVFP4 bytes,
-73% of the read ceiling; XLA 42.3 us: 2.84x); M=8 K=14336 N=4096 14.7 + 1.5 us (XLA's split-K
-sum); M=1 14.7 / 15.8 + 1.2 us; M=32 16.9 + 1.6 us (x fusion) / 17.2 + 1.6 us; M=64 19.0 + 1.7 /
-17.3 + 2.4 + 2.1 us. Wall time adds 1-2 us of launch gap per kernel. Where the rest goes: 112 CTAs
-on 132 SMs at N=14336, per-SM latency (2 consumer warpgroups, 168 registers, one CTA per SM:
-issue slots ~30% busy, ~0.6 eligible warps per scheduler), the pipeline fill, XLA's split-K sum
-at N=4096 (1.2-2.1 us) and at M >= 32 the x conversion (in the producer, or an XLA fusion: 1.6-2.4
-us) and the wgmmas (7.5 GFLOP at M=64: the tensor / f16 pipe ~54% busy on the active SMs).
+GEMM, vs XLA's bf16 dot in the same run): M=1 14.4 / 16.1 us (K=4096 N=14336 / K=14336 N=4096,
+the latter with XLA's split-K sum), 2.75x / 2.54x; M=8 14.6 / 15.8 us, 2.91x / 2.62x; M=32 17.3 /
+18.9 us (with the x fusion), 2.74x / 2.41x; M=64 20.6 / 21.5 us, 2.38x / 2.34x. At M=1 N=14336
+that is 2.30 TB/s of NVFP4 bytes, 75% of the read ceiling. Wall time adds 1-2 us of launch gap
+per kernel. Where the rest goes (the ``probe`` runs): the stream alone (``probe="stream"``) takes
+12.8 / 14.9 us (M=1), 13.2 / 15.0 (M=8), 15.6 / 17.4 (M=32), 16.9 / 19.2 (M=64) -- at N=4096 and
+at M=64 already more than a third of XLA's time -- and the consumers alone
+(``probe="compute"``, no streaming) 13.2 us at M=1 and 13.8 at M=8 (N=14336): the SMs are
+issue-bound on the dequantization (~290 instructions per thread per 9 KB record), and stream and
+compute overlap but not completely (~1.5 us).
 
 Options measured in the sixth session (H100, windows W1-W4 of 2026-11-24, benchmarks/gemm.md; all
 float64-checked on the GPU, all off by default because none was faster where a default could use
