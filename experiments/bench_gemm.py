@@ -537,10 +537,10 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   """"mgpu default" (mgk.default_tiling) or "mgpu" followed by c<consumer warpgroups>,
   r<64-row strips per consumer>, s<stages>, k<split>, i (k_interleave: the consumers share the
   strips and alternate K tiles), x (x_in_kernel: x cast and permuted by the producer warpgroup
-  instead of an XLA fusion), o (overlap_mma: wgmma_wait(1)), b (no_auto_barriers), p<0|1|2>
-  (pdl: programmatic dependent launch), g<CTAs> (stream_k: persistent stream-K grid), h
-  (overlap_mma + hold_a), f (split_combine="kernel"), C (split_combine="cluster"), T
-  (tile_major; the bench transposes the weight sets once), P (overlap_pairs: overlap_mma over
+  instead of an XLA fusion), b (no_auto_barriers), p<0|1|2>
+  (pdl: programmatic dependent launch), g<CTAs> (stream_k: persistent stream-K grid),
+  f (split_combine="kernel"), C (split_combine="cluster"), T
+  (tile_major; the bench transposes the weight sets once), P (overlap_pairs: wgmma overlap over
   pairs of steps), X (x_in_kernel=False: x cast and permuted by an XLA fusion), a<n> (mma_parts:
   a record dequantized and multiplied in n K parts; A: an accumulator per part), K<n>
   (k_per_step), V (x_convert=2: the conflict-free row-per-warp x conversion; implies x): each
@@ -553,7 +553,7 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
   fields = {"c": "consumers", "r": "strips", "s": "stages", "k": "split_k", "p": "pdl",
             "g": "stream_k", "K": "k_per_step", "a": "mma_parts"}
   kw = {fields[p[0]]: int(p[1:]) for p in parts[1:]
-        if p not in ("default", "i", "x", "o", "b", "h", "f", "T", "C", "P", "X", "V", "M", "old",
+        if p not in ("default", "i", "x", "b", "f", "T", "C", "P", "X", "V", "M", "old",
                      "S", "Q", "D", "A", "Z")}
   if "A" in parts[1:]:   # an accumulator per K part (independent wgmma chains)
     kw["split_acc"] = True
@@ -566,16 +566,12 @@ def mgpu_variant(name: str, m: int, n: int, k: int) -> mgk.MgpuTiling:
     kw["x_multicast"], kw["x_in_kernel"] = True, False
   if "V" in parts[1:]:   # the conflict-free x conversion (in the kernel)
     kw["x_convert"], kw["x_in_kernel"] = 2, True
-  if "P" in parts[1:]:   # overlap_mma over pairs of steps (distinct A registers per step)
+  if "P" in parts[1:]:   # wgmma overlap over pairs of steps (distinct A registers per step)
     kw["overlap_pairs"] = True
   if "X" in parts[1:]:   # x through the XLA fusion, not converted in the kernel
     kw["x_in_kernel"] = False
   if "b" in parts[1:]:
     kw["no_auto_barriers"] = True
-  if "o" in parts[1:]:
-    kw["overlap_mma"] = True
-  if "h" in parts[1:]:   # overlap_mma with the A fragments held until the next wait
-    kw["overlap_mma"] = kw["hold_a"] = True
   if "f" in parts[1:]:   # split-K partials combined in the kernel
     kw["split_combine"] = "kernel"
   if "T" in parts[1:]:   # K-tile-major weight (mgk.to_tile_major)

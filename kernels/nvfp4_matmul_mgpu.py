@@ -77,14 +77,15 @@ combined through global memory) 16.05 us = the default's 14.8 + 1.4 us XLA sum a
 slower at M=64; ``split_combine="cluster"`` (through a cluster's distributed shared memory) equal
 at M=1 but 2x slower at M >= 8 (clusters of four 194 KB CTAs do not all fit at once); ``pdl``
 (programmatic dependent launch, prefetching the weights before ``griddepcontrol.wait``) 3-4 us
-slower (pdl=3, the grouped kernel's recipe, is not measured); ``hold_a`` still wrong at M=64 (so
-register reuse is not what breaks overlap_mma there). ``tile_major`` (K-tile-major weight) saves
+slower (pdl=3, the grouped kernel's recipe, is not measured); ``hold_a`` (removed since) still
+wrong at M=64. ``tile_major`` (K-tile-major weight) saves
 0.7 us of kernel time at K=14336 N=4096 (M=8: 14.1 vs 14.8 us, W3 and W4; M=64: 17.6 vs 18.3) and
 nothing at K=4096; it needs the weight stored transposed (``to_tile_major``), so the public op does
 not use it. XLA's command buffers already hold the kernel (turning them off added 2.3 us per call).
 
 Seventh session (H100, 2026-11-24 windows W2-W5, benchmarks/gemm.md "Seventh session"): why
-``overlap_mma`` is wrong at M=64: its PTX (W2 dump) redefines the A-fragment registers of the
+``overlap_mma`` (the plain loop with wgmma_wait(1); removed in the eighth session) was wrong at
+M=64: its PTX (W2 dump) redefines the A-fragment registers of the
 wgmma inside the loop (e.g. ``mul.rn.f16x2 %r104, ...`` feeds ``wgmma ... {%r104, ...}``; after
 ``wgmma.wait_group 1`` the next iteration writes %r104 again while that wgmma may still read it)
 -- undefined in the PTX model, a race on the GPU that the slow n=64 wgmmas lose (rel. error 3.8e3
@@ -132,11 +133,7 @@ class MgpuTiling:
   warpgroup TMAs each raw [M, 256] tile into one of 2 staging slots and writes it, cast to f16
   and K-permuted, into the swizzled wgmma tile itself (rows M..Mp-1 of that tile are never
   written: they only reach accumulator columns that are not stored), instead of one XLA fusion
-  (x_for_mgpu) before the kernel; overlap_mma (WRONG, kept to document the bug: relative error
-  2e3-4e3 at M=64 on the H100; its loop redefines the PTX registers of the A fragment that the
-  previous step's wgmma, still in flight after wgmma_wait(1), reads -- see overlap_pairs, the
-  fixed version): a consumer waits for step i's wgmmas only after issuing step i+1's
-  (wgmma_wait(1)); no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
+  (x_for_mgpu) before the kernel; no_auto_barriers: Pallas's unsafe_no_auto_barriers (no
   warpgroup barrier around this kernel's shared-memory loads and stores; safe here: no thread
   both reads and writes one region, the TMA-written tiles are only read, and the producer's
   converted x tiles are fenced by commit_smem before the barrier that publishes them);
@@ -159,11 +156,6 @@ class MgpuTiling:
   a workspace slot and increments its own arrival counter (per block, strip and thread: release /
   acquire at GPU scope), and the last to arrive adds the slots and stores y (see
   ``streamk_plan`` and ``_streamk_fixup``);
-  hold_a (with overlap_mma): step i's dequantized A fragment is carried through the loop and
-  kept live (an empty inline asm reading its registers) until after step i+1's wgmma_wait(1), so
-  the register allocator cannot give step i+1's dequantization the registers the in-flight
-  wgmma of step i still reads (the suspected cause of overlap_mma's wrong results at M=64; H100
-  2026-11-24 W2: still wrong at M=64, and slower); costs one more A fragment (64 registers);
   split_combine (split_k > 1): "xla" (f32 partials [split, M, N] summed by an XLA reduction) or
   "kernel" (the split CTAs of a row block combine in the kernel as stream-K's shared blocks do:
   workspace slot per split, per-thread arrival counters, the last adds and stores y) or
@@ -174,21 +166,21 @@ class MgpuTiling:
   to_mgpu_layout's array with its first two axes swapped), so the CTAs, which all stream the
   same K tile at about the same time, read neighbouring records (one contiguous region per K
   tile) instead of records 147 KB apart (K=4096);
-  overlap_pairs: overlap_mma done right (excludes k_interleave and hold_a): a consumer issues
-  step i's wgmmas, then waits only for step i-1's (wgmma_wait(strips)) and releases that slot,
-  so step i's tensor-core work runs under step i+1's barrier wait and dequantization; the loop
-  is unrolled over pairs of steps, so consecutive steps' A fragments are different registers
-  already in the PTX. (In overlap_mma's plain loop every iteration redefines the same PTX
-  registers: step i+1's dequantization writes the A registers that step i's in-flight wgmmas
-  still read -- undefined in the PTX model (A registers must not be written before the
-  wait_group that retires their wgmma) and a race on the GPU, lost when the wgmmas are slow
-  (n = 64: wrong at M=64). hold_a kept a *copy* live, so it did not help.);
+  overlap_pairs (excludes k_interleave): a consumer issues step i's wgmmas, then waits only for
+  step i-1's (wgmma_wait(strips)) and releases that slot, so step i's tensor-core work runs under
+  step i+1's barrier wait and dequantization; the loop is unrolled over pairs of steps, so
+  consecutive steps' A fragments are different registers already in the PTX. (The plain loop
+  with wgmma_wait(1), the sixth session's ``overlap_mma``, removed in the eighth, redefined the
+  same PTX registers every iteration: step i+1's dequantization wrote the A registers that step
+  i's in-flight wgmmas still read -- undefined in the PTX model and a race on the GPU, lost
+  when the wgmmas are slow: relative error 2e3-4e3 at M=64; benchmarks/gemm.md, seventh
+  session.);
   x_convert (x_in_kernel): 1: the producer converts 16-element units (two 16-byte loads, eight
   4-byte stores: 8-way / 4-way shared-memory bank conflicts, 48 wavefronts per KB of x); 2: a
   warp converts a whole row (four conflict-free 4-byte loads and one 16-byte store per lane: 16
   wavefronts per KB, the minimum; ``_convert_x_rows_gpu``);
-  k_per_step: K tiles per pipeline step (1 or 2; excludes k_interleave, stream_k, tile_major,
-  hold_a):
+  k_per_step: K tiles per pipeline step (1 or 2; excludes k_interleave, stream_k and
+  tile_major):
   each strip's k_per_step records of a step are contiguous in memory (one 18 KB TMA per strip
   for 2), half the barrier round trips per byte (the grouped kernel's +2%); a CTA whose K range
   has an odd number of tiles runs 1;
@@ -219,11 +211,9 @@ class MgpuTiling:
   split_k: int = 1
   k_interleave: bool = False
   x_in_kernel: bool = False
-  overlap_mma: bool = False
   no_auto_barriers: bool = False
   pdl: int = 0
   stream_k: int = 0
-  hold_a: bool = False
   split_combine: str = "xla"
   tile_major: bool = False
   overlap_pairs: bool = False
@@ -245,34 +235,29 @@ class MgpuTiling:
       raise ValueError(f"split_combine must be 'xla', 'kernel' or 'cluster', got {self}")
     if self.split_combine == "cluster" and (self.k_interleave or self.stream_k):
       raise ValueError(f"split_combine='cluster' excludes k_interleave and stream_k, got {self}")
-    if self.hold_a and not self.overlap_mma:
-      raise ValueError(f"hold_a needs overlap_mma, got {self}")
     if self.stream_k < 0 or (self.stream_k and self.k_interleave):
       raise ValueError(f"stream_k must be >= 0 and excludes k_interleave, got {self}")
     if self.k_per_step not in (1, 2) or (self.k_per_step > 1 and (
-        self.k_interleave or self.stream_k or self.tile_major or self.hold_a)):
-      raise ValueError(f"k_per_step must be 1 or 2 (2 excludes k_interleave, stream_k, "
-                       f"tile_major and hold_a), got {self}")
+        self.k_interleave or self.stream_k or self.tile_major)):
+      raise ValueError(f"k_per_step must be 1 or 2 (2 excludes k_interleave, stream_k and "
+                       f"tile_major), got {self}")
     if self.x_multicast and (self.x_in_kernel or self.k_interleave or self.stream_k
                              or self.split_combine != "xla"):
       raise ValueError(f"x_multicast excludes x_in_kernel, k_interleave, stream_k and the "
                        f"in-kernel split combines, got {self}")
     if self.x_convert not in (1, 2):
       raise ValueError(f"x_convert must be 1 or 2, got {self}")
-    if self.mma_parts not in (1, 2, 4) or (self.mma_parts > 1 and self.overlap_mma):
-      raise ValueError(f"mma_parts must be 1, 2 or 4 (more than 1 excludes overlap_mma / "
-                       f"hold_a), got {self}")
-    if self.split_acc and (self.mma_parts == 1 or self.hold_a):
-      raise ValueError(f"split_acc needs mma_parts > 1 (and excludes hold_a), got {self}")
-    if self.probe not in ("", "stream", "mma", "deq", "compute") or (self.probe and (
-        self.hold_a or self.k_interleave)) or (self.probe == "compute" and (
-            self.overlap_pairs or self.overlap_mma or self.stream_k or self.pdl)):
-      raise ValueError(f"probe must be '', 'stream', 'mma', 'deq' or 'compute' (excludes hold_a "
-                       f"and k_interleave; compute also overlap_pairs, overlap_mma, stream_k "
-                       f"and pdl), got {self}")
-    if self.overlap_pairs and (self.k_interleave or self.overlap_mma or self.stream_k):
-      raise ValueError(f"overlap_pairs excludes k_interleave, overlap_mma / hold_a and stream_k,"
-                       f" got {self}")
+    if self.mma_parts not in (1, 2, 4):
+      raise ValueError(f"mma_parts must be 1, 2 or 4, got {self}")
+    if self.split_acc and self.mma_parts == 1:
+      raise ValueError(f"split_acc needs mma_parts > 1, got {self}")
+    if self.probe not in ("", "stream", "mma", "deq", "compute") or (
+        self.probe and self.k_interleave) or (self.probe == "compute" and (
+            self.overlap_pairs or self.stream_k or self.pdl)):
+      raise ValueError(f"probe must be '', 'stream', 'mma', 'deq' or 'compute' (excludes "
+                       f"k_interleave; compute also overlap_pairs, stream_k and pdl), got {self}")
+    if self.overlap_pairs and (self.k_interleave or self.stream_k):
+      raise ValueError(f"overlap_pairs excludes k_interleave and stream_k, got {self}")
 
   @property
   def cta_strips(self) -> int:
@@ -373,7 +358,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   except from X_FUSION_MIN_M rows without split-K, where x comes from the XLA fusion; overlap_pairs
   wherever x comes from the fusion above K_PER_STEP_MAX_M rows; two K tiles per step from
   ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K; records in MMA_PARTS K parts
-  (except with overlap_mma); as many stages as fit 200 KB of shared memory (2..8; at
+  ; as many stages as fit 200 KB of shared memory (2..8; at
   least 4 under the hardware limit with overlap_pairs). ``overrides`` replace fields; the split
   and the stages are recomputed for overridden consumers / strips unless given too."""
   mp = padded_m(m)
@@ -382,11 +367,9 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   strips = overrides.pop("strips", 1)
   inter = overrides.pop("k_interleave", False)
   x_in = overrides.pop("x_in_kernel", None)
-  overlap = overrides.pop("overlap_mma", False)
   nab = overrides.pop("no_auto_barriers", NO_AUTO_BARRIERS)
   pdl = overrides.pop("pdl", PDL)
   stream_k = overrides.pop("stream_k", 0)
-  hold_a = overrides.pop("hold_a", False)
   split_combine = overrides.pop("split_combine", "xla")
   tile_major = overrides.pop("tile_major", False)
   overlap_pairs = overrides.pop("overlap_pairs", None)
@@ -407,17 +390,17 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
             and (m < X_FUSION_MIN_M or (split > 1 and not stream_k)))
   if overlap_pairs is None:
     overlap_pairs = (m > K_PER_STEP_MAX_M and not x_in
-                     and not (inter or overlap or hold_a or stream_k))
+                     and not (inter or stream_k))
   if kps is None:
     kps = 2 if (ONE_CONSUMER_MAX_M < m <= K_PER_STEP_MAX_M and split == 1
-                and not (inter or stream_k or tile_major or hold_a)) else 1
+                and not (inter or stream_k or tile_major)) else 1
   if (tiles // split) % kps:           # an odd number of K tiles per CTA: one per step
     kps = 1
   if mma_parts is None:
-    mma_parts = 1 if (overlap or hold_a) else MMA_PARTS
+    mma_parts = MMA_PARTS
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
-                 split_k=split, k_interleave=inter, x_in_kernel=x_in, overlap_mma=overlap,
-                 no_auto_barriers=nab, pdl=pdl, stream_k=stream_k, hold_a=hold_a,
+                 split_k=split, k_interleave=inter, x_in_kernel=x_in,
+                 no_auto_barriers=nab, pdl=pdl, stream_k=stream_k,
                  split_combine=split_combine, tile_major=tile_major,
                  overlap_pairs=overlap_pairs, x_convert=x_convert, k_per_step=kps,
                  x_multicast=x_multicast, mma_parts=mma_parts, split_acc=split_acc,
@@ -638,6 +621,7 @@ def _dequant_part(codes, scales, part: int = 0, parts: int = 1):
 
 
 def _dequant_gpu(rec_ref):
+  """A whole record -> f16 [64, 256] in the WGMMA layout (kernels/grouped_nvfp4_matmul_mgpu.py)."""
   return _dequant_part(*_load_record(rec_ref))
 
 
@@ -974,9 +958,9 @@ def _convert_x_rows_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
 
 def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: int,
             strips: int, stages: int, steps: int, split: int, k_interleave: bool,
-            x_in_kernel: bool, overlap_mma: bool, x_transforms, interpret: bool,
+            x_in_kernel: bool, x_transforms, interpret: bool,
             pdl: int = 0, plan: StreamKPlan | None = None, tab_ref=None, ws_ref=None,
-            hold_a: bool = False, fused_split: bool = False, n_blocks: int = 0,
+            fused_split: bool = False, n_blocks: int = 0,
             tile_major: bool = False, cluster_split: bool = False, cl_scoped=None,
             overlap_pairs: bool = False, x_convert: int = 1, kps: int = 1,
             multicast: bool = False, probe: str = "", parts: int = 1,
@@ -1180,34 +1164,6 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         out = plgpu.layout_cast((acc * gfac).astype(o_ref.dtype), plgpu.Layout.WGMMA)
         _store_transposed(out, out_view(j), m)
 
-  def held_loop(acc_refs, lo, hi, idx):
-    """overlap_mma + hold_a over the steps idx(ii), ii in [lo, hi): step i's wgmmas run under
-    step i+1's wait and dequantization, and its A fragments stay live until step i+1's
-    wgmma_wait(strips) (then its slot is released)."""
-    def body(ii, prev):
-      i = idx(ii)
-      slot = lax.rem(i, jnp.int32(stages))
-      plgpu.barrier_wait(full.at[slot])
-      cur = []
-      for j in range(strips):
-        a = _dequant_gpu(w_smem.at[slot, strip_of(j)])
-        plgpu.wgmma(acc_refs[j], a, x_smem.at[slot].T)
-        cur.append(a)
-      plgpu.wgmma_wait(strips)          # step i-1's wgmmas are done
-      for a in prev:
-        _keep_alive(a)
-      prev_slot = lax.rem(idx(ii - 1), jnp.int32(stages))
-      pl.when(ii > lo)(lambda: plgpu.barrier_arrive(free.at[prev_slot]))
-      return tuple(cur)
-
-    init = tuple(plgpu.layout_cast(jnp.zeros((STRIP, TILE_K), jnp.float16),
-                                   plgpu.Layout.WGMMA) for _ in range(strips))
-    lax.fori_loop(lo, hi, body, init)
-    plgpu.wgmma_wait(0)
-    last = lax.rem(idx(hi - 1), jnp.int32(stages))
-    pl.when(hi > lo)(lambda: plgpu.barrier_arrive(free.at[last]))
-    return [r[...] for r in acc_refs]
-
   if plan is not None:
     n_blocks = plan.blocks
   cnt = (pl.get_global(plgpu.SemaphoreType.REGULAR(((n_blocks * cta_strips + 1) * 128,)))
@@ -1257,9 +1213,6 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
         continue
 
       def run(acc_refs, lo=lo, hi=hi):
-        if hold_a:
-          return held_loop(acc_refs, lo - u0, hi - u0, lambda ii: ii)
-
         @pl.loop(lo - u0, hi - u0)
         def _(i):
           slot = lax.rem(i, jnp.int32(stages))
@@ -1348,9 +1301,6 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       vals = [r[...] for r in acc_refs]
       return [sum(vals[j * n_acc + 1:(j + 1) * n_acc], vals[j * n_acc]) for j in range(strips)]
 
-    def run_held(acc_refs):
-      return held_loop(acc_refs, 0, my_steps, lambda ii: first + ii * stride)
-
     def run_pairs(acc_refs):
       """overlap_pairs: step ii's wgmmas are waited for after step ii+1's are issued; the loop
       body is two steps, so the two steps' A fragments are distinct PTX registers (a step's
@@ -1382,8 +1332,6 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
       return collect(acc_refs)
 
     def run(acc_refs):
-      if hold_a:
-        return run_held(acc_refs)
       if overlap_pairs:
         return run_pairs(acc_refs)
 
@@ -1399,19 +1347,10 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
           for j in range(strips):
             mma(acc_group(acc_refs, j), kh(w_smem.at[slot, strip_of(j)], h),
                 kh(x_smem.at[slot], h))
-        if overlap_mma:   # step i's wgmmas run under step i+1's wait and dequantization
-          plgpu.wgmma_wait(1 if strips == 1 else strips)
-          prev = lax.rem(i - stride + stages, jnp.int32(stages))
-          pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
-        else:
-          plgpu.wgmma_wait(0)
-          if probe != "compute":
-            plgpu.barrier_arrive(free.at[slot])
-
-      if overlap_mma:
         plgpu.wgmma_wait(0)
-        last = lax.rem(first + (my_steps - 1) * stride, jnp.int32(stages))
-        pl.when(my_steps > 0)(lambda: plgpu.barrier_arrive(free.at[last]))
+        if probe != "compute":
+          plgpu.barrier_arrive(free.at[slot])
+
       return collect(acc_refs)
 
     accs = pl.run_scoped(lambda *refs: run(refs),
@@ -1497,9 +1436,8 @@ def w4a16_matmul_mgpu(x: jax.Array, w: jax.Array, global_scale: jax.Array, *, n:
   kernel = functools.partial(_kernel, m=m, mp=mp, consumers=t.consumers, strips=t.strips,
                              stages=t.stages, steps=t_k // split // kps, split=split,
                              k_interleave=t.k_interleave, x_in_kernel=x_in,
-                             overlap_mma=t.overlap_mma,
                              x_transforms=x_transforms, interpret=bool(interpret), pdl=t.pdl,
-                             plan=plan, hold_a=t.hold_a, fused_split=fused, n_blocks=ctas,
+                             plan=plan, fused_split=fused, n_blocks=ctas,
                              tile_major=t.tile_major, cluster_split=clustered,
                              overlap_pairs=t.overlap_pairs, x_convert=t.x_convert, kps=kps,
                              multicast=mc, probe=t.probe, parts=t.mma_parts,

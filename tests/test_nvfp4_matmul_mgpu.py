@@ -368,8 +368,6 @@ def test_bad_inputs_raise(rng):
     mg.MgpuTiling(split_combine="atomic")
   with pytest.raises(ValueError, match="excludes k_interleave and stream_k"):
     mg.MgpuTiling(split_k=2, stream_k=132, split_combine="cluster")
-  with pytest.raises(ValueError, match="hold_a needs overlap_mma"):
-    mg.MgpuTiling(hold_a=True)
   with pytest.raises(ValueError, match="excludes k_interleave"):
     mg.MgpuTiling(consumers=2, stages=2, k_interleave=True, stream_k=132)
   with pytest.raises(ValueError, match="multiple of consumers"):
@@ -381,7 +379,7 @@ def test_bad_inputs_raise(rng):
   with pytest.raises(ValueError, match="x_convert must be"):
     mg.MgpuTiling(x_convert=3)
   with pytest.raises(ValueError, match="overlap_pairs excludes"):
-    mg.MgpuTiling(overlap_pairs=True, overlap_mma=True)
+    mg.MgpuTiling(overlap_pairs=True, stream_k=132)
   with pytest.raises(ShapeError):
     mg.to_mgpu_layout(p[:, :100], s)
 
@@ -396,16 +394,13 @@ def test_lowers_for_hopper_on_cpu():
             (1, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True)),
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 2, True, True)),
             (64, 14336, 4096, mg.MgpuTiling(2, 1, 2, 1, x_in_kernel=True)),
-            (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, overlap_mma=True)),
-            (64, 4096, 14336, mg.MgpuTiling(2, 2, 2, 2, True, overlap_mma=True)),
-            (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, overlap_mma=True,
+            (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True,
                                            no_auto_barriers=True)),
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True, pdl=2)),
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, stream_k=132)),
             (1, 4096, 14336, mg.MgpuTiling(1, 1, 8, 1, x_in_kernel=True, pdl=2,
                                            stream_k=132)),
             (64, 4096, 14336, mg.MgpuTiling(2, 1, 3, 1, stream_k=132)),
-            (64, 14336, 4096, mg.MgpuTiling(2, 1, 3, 1, overlap_mma=True, hold_a=True)),
             (8, 4096, 14336, mg.MgpuTiling(2, 1, 8, 4, x_in_kernel=True,
                                            split_combine="kernel")),
             (8, 14336, 4096, mg.MgpuTiling(2, 1, 8, 1, x_in_kernel=True, tile_major=True)),
