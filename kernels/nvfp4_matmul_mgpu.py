@@ -357,9 +357,9 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   keeping >= 4 K tiles); x converted in the kernel (x_convert=2) up to X_IN_KERNEL_MAX_M rows,
   except from X_FUSION_MIN_M rows without split-K, where x comes from the XLA fusion; overlap_pairs
   wherever x comes from the fusion above K_PER_STEP_MAX_M rows; two K tiles per step from
-  ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K; records in MMA_PARTS K parts
-  ; as many stages as fit 200 KB of shared memory (2..8; at
-  least 4 under the hardware limit with overlap_pairs). ``overrides`` replace fields; the split
+  ONE_CONSUMER_MAX_M + 1 to K_PER_STEP_MAX_M rows without split-K; records in MMA_PARTS K parts;
+  as many stages as fit 200 KB of shared memory (2..8; at least 4 under the hardware limit with
+  overlap_pairs). ``overrides`` replace fields; the split
   and the stages are recomputed for overridden consumers / strips unless given too."""
   mp = padded_m(m)
   n_strips = -(-n // STRIP)
@@ -377,7 +377,7 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
   kps = overrides.pop("k_per_step", None)
   x_multicast = overrides.pop("x_multicast", False)
   probe = overrides.pop("probe", "")
-  mma_parts = overrides.pop("mma_parts", None)
+  mma_parts = overrides.pop("mma_parts", MMA_PARTS)
   split_acc = overrides.pop("split_acc", False)
   ctas = -(-n_strips // (strips if inter else consumers * strips))
   tiles = -(-k // TILE_K)
@@ -396,8 +396,6 @@ def default_tiling(m: int, n: int, k: int, num_sms: int = 132, **overrides) -> M
                 and not (inter or stream_k or tile_major)) else 1
   if (tiles // split) % kps:           # an odd number of K tiles per CTA: one per step
     kps = 1
-  if mma_parts is None:
-    mma_parts = MMA_PARTS
   t = MgpuTiling(consumers=consumers, strips=strips, stages=consumers if inter else 1,
                  split_k=split, k_interleave=inter, x_in_kernel=x_in,
                  no_auto_barriers=nab, pdl=pdl, stream_k=stream_k,
@@ -840,60 +838,68 @@ _BF16X2_TO_F16X2 = ("{\n.reg .b32 lo, hi;\nshl.b32 lo, $1, 16;\nand.b32 hi, $1, 
                     "cvt.rn.f16x2.f32 $0, hi, lo;\n}")
 
 
-def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
-  """raw [m, 256] (bf16 or f16, natural K order, plain shared memory) -> dst [Mp, 256] f16 in the
-  kernel's K order, 128-byte swizzled (8 x 64 tiles), rows >= m untouched. A unit = (row, q, jg):
-  16 consecutive source elements k = 64 q + 16 jg + (0..15) -> 8 f16 pairs at the fragment
-  columns p = 64 jg + 8 i + 2 q (i = 0..7: chunk i of tile jg); units spread over the 128
-  threads of the warpgroup."""
+def _convert_x_units(raw_ref, dst_ref, m: int, mp: int, x_transforms, units_per_row: int,
+                     unit):
+  """The producer warpgroup's x conversion, raw [m, 256] (bf16 or f16, natural K order, plain
+  shared memory) -> dst [Mp, 256] f16 in the kernel's K order, 128-byte swizzled (8 x 64 tiles),
+  rows >= m untouched: m * units_per_row units spread over the 128 threads (the last round
+  guarded); ``unit(raw, dst, u, types)`` emits the conversion of unit u (an i32 MLIR value),
+  types = the MLIR (index, i32, f16, raw element) types."""
   def body(ctx, raw, dst):
     from jax._src.lib.mlir import ir                            # noqa: PLC0415
-    from jax._src.lib.mlir.dialects import arith, vector        # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith                # noqa: PLC0415
     from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
-    index = ir.IndexType.get()
     i32 = ir.IntegerType.get_signless(32)
-    f16 = ir.F16Type.get()
-    src_ty = ir.MemRefType(raw.type).element_type
-    dst_shape = ir.MemRefType(dst.type).shape
-    if list(dst_shape) != [mp // 8, TILE_K // 64, 8, 64]:
+    types = (ir.IndexType.get(), i32, ir.F16Type.get(), ir.MemRefType(raw.type).element_type)
+    if list(ir.MemRefType(dst.type).shape) != [mp // 8, TILE_K // 64, 8, 64]:
       raise NotImplementedError(f"unexpected x tile memref {dst.type}")
     tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-    units = m * 16
+    units = m * units_per_row
     for it in range(-(-units // 128)):
       u = arith.addi(tid, mu.c(it * 128, i32))
-
-      def unit(u=u):
-        q = arith.remui(u, mu.c(4, i32))
-        jg = arith.remui(arith.divui(u, mu.c(4, i32)), mu.c(4, i32))
-        row = arith.divui(u, mu.c(16, i32))
-        col = arith.addi(arith.muli(q, mu.c(64, i32)), arith.muli(jg, mu.c(16, i32)))
-        words = []
-        for half in range(2):
-          v = vector.load(ir.VectorType.get((8,), src_ty), raw,
-                          [arith.index_cast(index, row),
-                           arith.index_cast(index, arith.addi(col, mu.c(8 * half, i32)))])
-          v = vector.bitcast(ir.VectorType.get((4,), i32), v)
-          words += [vector.extract(v, [], [i]) for i in range(4)]
-        r8 = arith.remui(row, mu.c(8, i32))
-        tr = arith.index_cast(index, arith.divui(row, mu.c(8, i32)))
-        for i, w in enumerate(words):
-          if src_ty != f16:
-            w = mu.inline_ptx(_BF16X2_TO_F16X2, w, result_types=i32)
-          chunk = arith.xori(r8, mu.c(i, i32))                   # 128-byte swizzle
-          c = arith.addi(arith.muli(chunk, mu.c(8, i32)), arith.muli(q, mu.c(2, i32)))
-          vector.store(mu.bitcast(w, ir.VectorType.get((2,), f16)), dst,
-                       [tr, arith.index_cast(index, jg), arith.index_cast(index, r8),
-                        arith.index_cast(index, c)])
       if (it + 1) * 128 <= units:
-        unit()
+        unit(raw, dst, u, types)
       else:
-        from jax._src.lib.mlir.dialects import arith as _a    # noqa: PLC0415
-        with mu.when(_a.cmpi(_a.CmpIPredicate.ult, u, mu.c(units, i32))):
-          unit()
+        with mu.when(arith.cmpi(arith.CmpIPredicate.ult, u, mu.c(units, i32))):
+          unit(raw, dst, u, types)
     return ()
 
   plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(transforms=x_transforms)),
                     return_type=())(body)(raw_ref, dst_ref)
+
+
+def _convert_x_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
+  """_convert_x_units with 16 units per row: a unit = (row, q, jg), 16 consecutive source
+  elements k = 64 q + 16 jg + (0..15) -> 8 f16 pairs at the fragment columns p = 64 jg + 8 i + 2 q
+  (i = 0..7: chunk i of tile jg)."""
+  def unit(raw, dst, u, types):
+    from jax._src.lib.mlir import ir                            # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, vector        # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
+    index, i32, f16, src_ty = types
+    q = arith.remui(u, mu.c(4, i32))
+    jg = arith.remui(arith.divui(u, mu.c(4, i32)), mu.c(4, i32))
+    row = arith.divui(u, mu.c(16, i32))
+    col = arith.addi(arith.muli(q, mu.c(64, i32)), arith.muli(jg, mu.c(16, i32)))
+    words = []
+    for half in range(2):
+      v = vector.load(ir.VectorType.get((8,), src_ty), raw,
+                      [arith.index_cast(index, row),
+                       arith.index_cast(index, arith.addi(col, mu.c(8 * half, i32)))])
+      v = vector.bitcast(ir.VectorType.get((4,), i32), v)
+      words += [vector.extract(v, [], [i]) for i in range(4)]
+    r8 = arith.remui(row, mu.c(8, i32))
+    tr = arith.index_cast(index, arith.divui(row, mu.c(8, i32)))
+    for i, w in enumerate(words):
+      if src_ty != f16:
+        w = mu.inline_ptx(_BF16X2_TO_F16X2, w, result_types=i32)
+      chunk = arith.xori(r8, mu.c(i, i32))                     # 128-byte swizzle
+      c = arith.addi(arith.muli(chunk, mu.c(8, i32)), arith.muli(q, mu.c(2, i32)))
+      vector.store(mu.bitcast(w, ir.VectorType.get((2,), f16)), dst,
+                   [tr, arith.index_cast(index, jg), arith.index_cast(index, r8),
+                    arith.index_cast(index, c)])
+
+  _convert_x_units(raw_ref, dst_ref, m, mp, x_transforms, 16, unit)
 
 
 def _convert_x_rows_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
@@ -904,54 +910,35 @@ def _convert_x_rows_gpu(raw_ref, dst_ref, m: int, mp: int, x_transforms):
   swizzled chunk (j % 8) ^ (row % 8): a warp's store covers 4 tiles x 8 chunks, four wavefronts
   for 512 bytes, no conflict). _convert_x_gpu's 2 x 16-byte loads and 8 x 4-byte stores per 16
   elements hit 8-way / 4-way conflicts (48 vs 16 wavefronts per KB of x)."""
-  def body(ctx, raw, dst):
+  def unit(raw, dst, u, types):
     from jax._src.lib.mlir import ir                            # noqa: PLC0415
     from jax._src.lib.mlir.dialects import arith, vector        # noqa: PLC0415
     from jax.experimental.mosaic.gpu import utils as mu         # noqa: PLC0415
-    index = ir.IndexType.get()
-    i32 = ir.IntegerType.get_signless(32)
-    f16 = ir.F16Type.get()
-    src_ty = ir.MemRefType(raw.type).element_type
-    dst_shape = ir.MemRefType(dst.type).shape
-    if list(dst_shape) != [mp // 8, TILE_K // 64, 8, 64]:
-      raise NotImplementedError(f"unexpected x tile memref {dst.type}")
-    tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-    units = m * 32
-    for it in range(-(-units // 128)):
-      u = arith.addi(tid, mu.c(it * 128, i32))
+    index, i32, f16, src_ty = types
+    j = arith.remui(u, mu.c(32, i32))
+    row = arith.divui(u, mu.c(32, i32))
+    row_i = arith.index_cast(index, row)
+    words = []
+    for q in range(4):
+      col = arith.addi(arith.muli(j, mu.c(2, i32)), mu.c(64 * q, i32))
+      v = vector.load(ir.VectorType.get((2,), src_ty), raw,
+                      [row_i, arith.index_cast(index, col)])
+      w = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), v), [], [0])
+      if src_ty != f16:
+        w = mu.inline_ptx(_BF16X2_TO_F16X2, w, result_types=i32)
+      words.append(w)
+    vec = vector.broadcast(ir.VectorType.get((4,), i32), words[0])
+    for q in range(1, 4):
+      vec = vector.insert(words[q], vec, [], [q])
+    r8 = arith.remui(row, mu.c(8, i32))
+    chunk = arith.xori(arith.remui(j, mu.c(8, i32)), r8)             # 128-byte swizzle
+    vector.store(vector.bitcast(ir.VectorType.get((8,), f16), vec), dst,
+                 [arith.index_cast(index, arith.divui(row, mu.c(8, i32))),
+                  arith.index_cast(index, arith.divui(j, mu.c(8, i32))),
+                  arith.index_cast(index, r8),
+                  arith.index_cast(index, arith.muli(chunk, mu.c(8, i32)))])
 
-      def unit(u=u):
-        j = arith.remui(u, mu.c(32, i32))
-        row = arith.divui(u, mu.c(32, i32))
-        row_i = arith.index_cast(index, row)
-        words = []
-        for q in range(4):
-          col = arith.addi(arith.muli(j, mu.c(2, i32)), mu.c(64 * q, i32))
-          v = vector.load(ir.VectorType.get((2,), src_ty), raw,
-                          [row_i, arith.index_cast(index, col)])
-          w = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), v), [], [0])
-          if src_ty != f16:
-            w = mu.inline_ptx(_BF16X2_TO_F16X2, w, result_types=i32)
-          words.append(w)
-        vec = vector.broadcast(ir.VectorType.get((4,), i32), words[0])
-        for q in range(1, 4):
-          vec = vector.insert(words[q], vec, [], [q])
-        r8 = arith.remui(row, mu.c(8, i32))
-        chunk = arith.xori(arith.remui(j, mu.c(8, i32)), r8)             # 128-byte swizzle
-        vector.store(vector.bitcast(ir.VectorType.get((8,), f16), vec), dst,
-                     [arith.index_cast(index, arith.divui(row, mu.c(8, i32))),
-                      arith.index_cast(index, arith.divui(j, mu.c(8, i32))),
-                      arith.index_cast(index, r8),
-                      arith.index_cast(index, arith.muli(chunk, mu.c(8, i32)))])
-      if (it + 1) * 128 <= units:
-        unit()
-      else:
-        with mu.when(arith.cmpi(arith.CmpIPredicate.ult, u, mu.c(units, i32))):
-          unit()
-    return ()
-
-  plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(transforms=x_transforms)),
-                    return_type=())(body)(raw_ref, dst_ref)
+  _convert_x_units(raw_ref, dst_ref, m, mp, x_transforms, 32, unit)
 
 
 # ----- the kernel -----
@@ -1313,7 +1300,7 @@ def _kernel(x_ref, w_ref, gs_ref, o_ref, scoped, *, m: int, mp: int, consumers: 
           for j in range(strips):
             mma(acc_group(acc_refs, j), kh(w_smem.at[slot, strip_of(j)], h),
                 kh(x_smem.at[slot], h))
-        plgpu.wgmma_wait(strips * kps * parts)   # step ii-1's groups (one per strip, K tile) are done
+        plgpu.wgmma_wait(strips * kps * parts)   # step ii-1's groups (per strip, K tile, part)
         prev = lax.rem(i - stride + stages, jnp.int32(stages))
         pl.when(ii > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
 
