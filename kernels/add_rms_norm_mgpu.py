@@ -39,7 +39,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxinfer.errors import ShapeError
 from kernels.add_rms_norm import check_product_scales
 from kernels.fp8_act_quant_mgpu import (DIRECT, EX, LANES, ClusterTiling,  # noqa: F401
-                                        cluster_reduce, on_hopper)
+                                        cluster_reduce, on_hopper, store_codes)
 
 _F32 = jnp.float32
 
@@ -87,12 +87,7 @@ def _direct_kernel(*refs, h: int, cluster: int, parts: int, scaled: bool, eps: f
   normed = (s32 * inv).astype(dtype).astype(_F32)
   hv = (w_ref[cols].astype(dtype).astype(_F32) * normed).astype(dtype).astype(_F32)
   amax = _exchange(ex_refs, cbar, t, c, cluster, jnp.max(jnp.abs(hv)), 1)
-  sx = jnp.maximum(amax, tiny) / e4m3_max
-  q_ref[t, cols] = jnp.clip(hv / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
-
-  @pl.when(c == 0)
-  def _():
-    sx_ref[t, 0] = sx
+  store_codes(hv, amax, q_ref, sx_ref, t, c, cols, tiny=tiny, e4m3_max=e4m3_max)
 
 
 def _exchange(ex_refs, cbar, t, c, cluster: int, v, k: int):
@@ -152,16 +147,8 @@ def _kernel(*refs, h: int, cluster: int, parts: int, scaled: bool, eps: float, t
   inv = lax.rsqrt(sumsq / h + eps)
   normed = (s32 * inv).astype(dtype).astype(_F32)
   hv = (w_s[...].astype(dtype).astype(_F32) * normed).astype(dtype).astype(_F32)
-  sx = jnp.maximum(exchange(jnp.max(jnp.abs(hv)), 1), tiny) / e4m3_max
-  q_s[...] = jnp.clip(hv / sx, -e4m3_max, e4m3_max).astype(q_s.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_s, q_ref.at[t, pl.ds(b, n)])
-
-  @pl.when(c == 0)
-  def _():
-    sx_ref[t, 0] = sx
-
-  plgpu.wait_smem_to_gmem(0)
+  store_codes(hv, exchange(jnp.max(jnp.abs(hv)), 1), q_ref, sx_ref, t, c, pl.ds(b, n),
+              tiny=tiny, e4m3_max=e4m3_max, q_s=q_s)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "tiling"))

@@ -115,6 +115,27 @@ def cluster_reduce(v, am_ref, ex_s, all_s, bar, cbar, t, c, cluster: int, op=jnp
   return m
 
 
+def store_codes(v, amax, q_ref, sx_ref, t, c, cols, *, tiny: float, e4m3_max: float, q_s=None):
+  """The end of every cluster kernel here: the row's scale sx = max(amax, tiny) / E4M3 max, this
+  CTA's codes clip(v / sx) stored to q_ref[t, cols] (through q_s and a TMA store when given, the
+  store waited for at the end), and CTA 0 of the cluster writes sx_ref[t, 0]."""
+  sx = jnp.maximum(amax, tiny) / e4m3_max
+  codes = jnp.clip(v / sx, -e4m3_max, e4m3_max)
+  if q_s is None:
+    q_ref[t, cols] = codes.astype(q_ref.dtype)
+  else:
+    q_s[...] = codes.astype(q_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_s, q_ref.at[t, cols])
+
+  @pl.when(c == 0)
+  def _():
+    sx_ref[t, 0] = sx
+
+  if q_s is not None:
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _direct_kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: float,
                    e4m3_max: float):
   """``_kernel`` with plain global-memory loads and stores (``ClusterTiling.direct``)."""
@@ -144,12 +165,7 @@ def _direct_kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tin
     h = (silu * up.astype(_F32)).astype(dtype)
   h = h.astype(_F32)
   amax = cluster_reduce(jnp.max(jnp.abs(h)), am_ref, ex_s, all_s, xbar, cbar, t, c, cluster)
-  sx = jnp.maximum(amax, tiny) / e4m3_max
-  q_ref[t, pl.ds(b, n)] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(q_ref.dtype)
-
-  @pl.when(c == 0)
-  def _():
-    sx_ref[t, 0] = sx
+  store_codes(h, amax, q_ref, sx_ref, t, c, pl.ds(b, n), tiny=tiny, e4m3_max=e4m3_max)
 
 
 def _kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: float,
@@ -194,16 +210,7 @@ def _kernel(*refs, width: int, cluster: int, glu: bool, scaled: bool, tiny: floa
     h = (silu * load(u_s, cu_s).astype(_F32)).astype(dtype)
   h = h.astype(_F32)
   amax = cluster_reduce(jnp.max(jnp.abs(h)), am_ref, ex_s, all_s, xbar, cbar, t, c, cluster)
-  sx = jnp.maximum(amax, tiny) / e4m3_max
-  q_s[...] = jnp.clip(h / sx, -e4m3_max, e4m3_max).astype(q_s.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_s, q_ref.at[t, pl.ds(b, n)])
-
-  @pl.when(c == 0)
-  def _():
-    sx_ref[t, 0] = sx
-
-  plgpu.wait_smem_to_gmem(0)
+  store_codes(h, amax, q_ref, sx_ref, t, c, pl.ds(b, n), tiny=tiny, e4m3_max=e4m3_max, q_s=q_s)
 
 
 def _call(x, row_scale, col_scale, *, glu: bool, interpret: bool, name: str,
