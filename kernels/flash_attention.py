@@ -48,6 +48,20 @@ from jaxinfer.kv_cache import is_fp8
 
 _LOG2E = math.log2(math.e)
 _MASK = -1e30
+
+
+def online_softmax(s, m_prev, l_prev, keep=None):
+  """One online-softmax step (FlashAttention-2) over a tile of base-2 scores s [rows, keys]:
+  (p, correction, m_new, l_new) with the running max m_new and sum l_new, p = exp2(s - m_new)
+  (zero where ``keep`` is False, if given) and the factor by which the running output is
+  rescaled before p @ v is added. Shared by the Triton attention kernels."""
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+  correction = jnp.exp2(m_prev - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  if keep is not None:
+    p = jnp.where(keep, p, 0.0)
+  l_new = l_prev * correction + jnp.sum(p, axis=1)
+  return p, correction, m_new, l_new
 # P is in [0, 1]; scaling it by 256 before the E4M3 cast keeps small probabilities out of the
 # subnormal range (E4M3 max is 448).
 _P_FP8_SCALE = 256.0
@@ -112,10 +126,7 @@ def _prefill_kernel(qs_ref, kvlen_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, qsc_
         s = s + plgpu.dot(qr, kr.astype(qr.dtype), trans_b=True) * (sm_scale * _LOG2E)
       if masked:
         s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-      correction = jnp.exp2(m_prev - m_new)
-      p = jnp.exp2(s - m_new[:, None])
-      l_new = l_prev * correction + jnp.sum(p, axis=1)
+      p, correction, m_new, l_new = online_softmax(s, m_prev, l_prev)
       if v_transposed:
         if masked:
           v = plgpu.load(v_ref.at[b, kvh, :, pl.ds(k0, block_k)], mask=key_ok[None, :], other=0.0)

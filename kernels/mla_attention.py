@@ -52,7 +52,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxinfer.attention import AttentionBatch
 from jaxinfer.errors import ShapeError
 from jaxinfer.kv_cache import is_fp8
-from kernels.flash_attention import PrefillTiles, flash_prefill
+from kernels.flash_attention import PrefillTiles, flash_prefill, online_softmax
 from kernels.paged_decode_attention import (_LOG2E, _MASK, check_page_table, default_splits,
                                             finish_splits, key_tile, load_rows, row_map,
                                             split_outputs, split_range, tile_cols,
@@ -150,10 +150,7 @@ def _mla_decode_kernel(qs_ref, lens_ref, pt_ref, ql_ref, qr_ref, lat_ref, sc_ref
       kr = upcast_tile(kr, upcast, tile_upcast)
     s = (plgpu.dot(ql, c, trans_b=True) + plgpu.dot(qr, kr, trans_b=True)) * score_scale
     s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    correction = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_new = l_prev * correction + jnp.sum(p, axis=1)
+    p, correction, m_new, l_new = online_softmax(s, m_prev, l_prev)
     acc = acc * correction[:, None] + plgpu.dot(p.astype(c.dtype), c)
     return acc, m_new, l_new
 

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import NamedTuple
 
@@ -80,9 +79,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from jaxinfer.kv_cache import is_fp8
+from kernels.flash_attention import _LOG2E, _MASK, online_softmax  # noqa: F401 (re-exported)
 
-_LOG2E = math.log2(math.e)
-_MASK = -1e30
 _MIN_ROWS = 16  # smallest M of a tensor-core dot in Triton
 _NUM_SMS = 132  # H100 SXM
 
@@ -336,12 +334,9 @@ def _decode_kernel(qs_ref, lens_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_r
       if limit is not None:
         vis = vis & (kb < limit)
       s = jnp.where(vis, s, _MASK)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    correction = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    if limit is not None:   # a tile wholly outside the range adds nothing, even before any key
-      p = jnp.where(vis, p, 0.0)
-    l_new = l_prev * correction + jnp.sum(p, axis=1)
+    # (with a limit, a tile wholly outside the range adds nothing, even before any key)
+    p, correction, m_new, l_new = online_softmax(s, m_prev, l_prev,
+                                                 keep=vis if limit is not None else None)
     if lazy_rescale:   # rows whose max did not grow have correction == 1 exactly: skip the multiply
       grew = jnp.max(jnp.where(m_new > m_prev, 1, 0)) > 0
       acc = lax.cond(grew, lambda a: a * correction[:, None], lambda a: a, acc)

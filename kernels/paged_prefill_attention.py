@@ -57,6 +57,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxinfer.errors import ShapeError
 from jaxinfer.kv_cache import is_fp8
+from kernels.flash_attention import online_softmax
 from kernels.paged_decode_attention import (check_decode_shapes, key_tile, reference_paged_decode,
                                             tile_cols)
 
@@ -163,10 +164,7 @@ def _kernel(work_ref, pt_ref, q_ref, k_ref, v_ref, ksc_ref, vsc_ref, o_ref, *, g
       s = plgpu.dot(q, k, trans_b=True) * score_scale
       if masked:
         s = jnp.where(keys[None, :] <= q_pos[:, None], s, _MASK)
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-      correction = jnp.exp2(m_prev - m_new)
-      p = jnp.exp2(s - m_new[:, None])
-      l_new = l_prev * correction + jnp.sum(p, axis=1)
+      p, correction, m_new, l_new = online_softmax(s, m_prev, l_prev)
       acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
       return acc, m_new, l_new
 
