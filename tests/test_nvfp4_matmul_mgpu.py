@@ -380,6 +380,12 @@ def test_bad_inputs_raise(rng):
     mg.MgpuTiling(x_convert=3)
   with pytest.raises(ValueError, match="overlap_pairs excludes"):
     mg.MgpuTiling(overlap_pairs=True, stream_k=132)
+  with pytest.raises(ValueError, match="mma_parts must be"):
+    mg.MgpuTiling(mma_parts=3)
+  with pytest.raises(ValueError, match="split_acc needs"):
+    mg.MgpuTiling(split_acc=True)
+  with pytest.raises(ValueError, match="compute also"):
+    mg.MgpuTiling(probe="compute", overlap_pairs=True)
   with pytest.raises(ShapeError):
     mg.to_mgpu_layout(p[:, :100], s)
 
